@@ -1,0 +1,109 @@
+//! The 8250 UART on COM1 (vm-superio), raising IRQ 4 through an irqfd.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{BusDevice, GuestRequest};
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const UART_PORTS: u64 = 8;
+
+/// Raises the UART's interrupt by signalling an eventfd registered as a KVM irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest console goes.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        Self {
+            uart: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Input for the guest (its console's receive FIFO); returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Ok(o), [b, ..]) = (u8::try_from(offset), &mut *data) {
+            *b = self.uart.read(o);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<GuestRequest> {
+        if let (Ok(o), [b, ..]) = (u8::try_from(offset), data) {
+            if let Err(e) = self.uart.write(o, *b) {
+                tracing::debug!("serial write failed: {e:?}");
+            }
+            if o == 0 && *b == b'\n' {
+                let _ = self.uart.writer_mut().flush();
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_bytes_and_raises_the_interrupt_when_enabled() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        // Enable the "transmitter holding register empty" interrupt (IER bit 1).
+        s.write(1, &[0x02]);
+        for b in b"hi\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert!(irq.read().unwrap() >= 1);
+        // Line status: transmitter empty.
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn receives_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq, Box::new(std::io::sink()));
+        assert_eq!(s.enqueue_input(b"ab"), 2);
+        let mut d = [0u8];
+        s.read(0, &mut d);
+        assert_eq!(d[0], b'a');
+    }
+}

@@ -1,0 +1,110 @@
+//! CPUID for a vCPU: KVM's supported list, normalised for the vCPU's place in the VM.
+
+use kvm_bindings::CpuId;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_PERFMON: u32 = 0xa;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Normalises `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`: APIC IDs and
+/// topology (one socket, one thread per core), the hypervisor bit, and no PMU.
+pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                // EBX: initial APIC id [31:24], logical processors [23:16], CLFLUSH line size / 8 [15:8].
+                e.ebx = (u32::from(index) << 24) | (u32::from(count) << 16) | (8 << 8);
+                e.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing the cache - 1.
+                e.eax &= 0x3fff;
+                e.eax |= (u32::from(count.saturating_sub(1)) & 0x3f) << 26;
+            }
+            LEAF_PERFMON => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            LEAF_EXT_TOPOLOGY => {
+                // Sub-leaf 0: SMT level (1 thread per core); sub-leaf 1: core level (count cores).
+                e.edx = u32::from(index);
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = 1 << 8;
+                    }
+                    1 => {
+                        e.eax = bits_for(count);
+                        e.ebx = u32::from(count);
+                        e.ecx = (2 << 8) | 1;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The number of APIC-id bits needed to number `count` cores.
+fn bits_for(count: u8) -> u32 {
+    let n = u32::from(count.max(1));
+    32 - (n - 1).leading_zeros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_id_and_topology() {
+        let mut c =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xa, 0)])
+                .unwrap();
+        normalize(&mut c, 3, 4);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 3);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(s[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(s[0].edx & EDX_HTT, 0);
+        assert_eq!(s[1].edx, 3);
+        assert_eq!(s[2].ebx, 4);
+        assert_eq!(s[2].eax, 2);
+        assert_eq!(s[3].eax, 0);
+    }
+
+    #[test]
+    fn topology_bits() {
+        assert_eq!(bits_for(1), 0);
+        assert_eq!(bits_for(2), 1);
+        assert_eq!(bits_for(3), 2);
+        assert_eq!(bits_for(4), 2);
+        assert_eq!(bits_for(5), 3);
+    }
+}

@@ -1,0 +1,320 @@
+//! A vCPU: its boot configuration and the thread that runs it (KVM_RUN loop and exit dispatch).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+
+use kvm_bindings::{kvm_lapic_state, kvm_run, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::boot::{cpuid, msr, regs, EntryPoint};
+use super::exit::VmExit;
+use super::memory::GuestMemory;
+use super::VmError;
+use crate::devices::boot_timer::BootClock;
+use crate::devices::bus::Bus;
+use crate::devices::GuestRequest;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's kvm_run page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set while its VcpuFd lives and
+        // cleared before it is dropped; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| VmError::Kvm("sigaction", e.errno()));
+    });
+    result
+}
+
+/// What the VM's vCPU threads share: the stop flag and the first reason the VM ended for.
+#[derive(Default)]
+pub struct VmControl {
+    stop: AtomicBool,
+    exit: Mutex<Option<VmExit>>,
+    ended: Condvar,
+}
+
+impl VmControl {
+    /// Records why the VM ended (the first reason wins) and tells every vCPU to stop.
+    pub fn end(&self, reason: VmExit) {
+        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(reason);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.ended.notify_all();
+    }
+
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the VM ends or `timeout` passes; the reason, if it ended.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
+        let guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = match timeout {
+            Some(t) => {
+                self.ended
+                    .wait_timeout_while(guard, t, |e| e.is_none())
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self
+                .ended
+                .wait_while(guard, |e| e.is_none())
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+        guard.clone()
+    }
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn set_apic_delivery_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
+    let b = &mut lapic.regs[reg..reg + 4];
+    let v = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+    let v = (v & !0x700) | (mode << 8);
+    for (d, s) in b.iter_mut().zip(v.to_le_bytes()) {
+        *d = s as libc::c_char;
+    }
+}
+
+/// What a vCPU thread needs besides its vCPU.
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub ctl: Arc<VmControl>,
+    pub clock: Option<Arc<BootClock>>,
+    pub mem: GuestMemory,
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VmError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
+        Ok(Self { index, fd })
+    }
+
+    /// Sets up the state the vCPU enters the kernel with.
+    pub fn configure_boot(
+        &mut self,
+        supported_cpuid: &CpuId,
+        count: u8,
+        entry: EntryPoint,
+    ) -> Result<(), VmError> {
+        let kvm_err =
+            |what: &'static str| move |e: kvm_ioctls::Error| VmError::Kvm(what, e.errno());
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, self.index, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let msrs = msr::boot_msrs().map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::ENOMEM))?;
+        let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n != msrs.as_slice().len() {
+            return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(kvm_err("KVM_SET_FPU"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs, entry))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        set_apic_delivery_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
+        set_apic_delivery_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
+    /// ends the VM is reported through `ctl`.
+    pub fn run(mut self, cx: VcpuContext) {
+        let VcpuContext {
+            pio,
+            mmio,
+            ctl,
+            clock,
+            mem,
+        } = cx;
+        KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Some(c) = &clock {
+            if self.index == 0 {
+                if let Some(e) = c.record(|t| &mut t.first_instruction) {
+                    tracing::debug!("vCPU 0 enters the guest: {e}");
+                }
+            }
+        }
+        while !ctl.should_stop() {
+            let request = match self.fd.run() {
+                Ok(exit) => match handle_exit(exit, &pio, &mmio) {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        let reason = self.describe(&mem, reason);
+                        ctl.end(reason);
+                        break;
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
+                Err(e) => {
+                    ctl.end(VmExit::VcpuError {
+                        vcpu: self.index,
+                        errno: e.errno(),
+                    });
+                    break;
+                }
+            };
+            if let Some(r) = request {
+                let reason = match r {
+                    GuestRequest::Reset => VmExit::Reset,
+                    GuestRequest::PowerOff => VmExit::PowerOff,
+                    GuestRequest::Panic => VmExit::Panic {
+                        vcpu: self.index,
+                        rip: self.rip(),
+                    },
+                };
+                ctl.end(reason);
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Fills in the vCPU's view of a fatal exit: RIP and the code bytes there.
+    fn describe(&mut self, mem: &GuestMemory, reason: FatalExit) -> VmExit {
+        let rip = self.rip();
+        match reason {
+            FatalExit::Shutdown => VmExit::TripleFault {
+                vcpu: self.index,
+                rip,
+            },
+            FatalExit::InternalError => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
+                // one KVM filled in.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                VmExit::InternalError {
+                    vcpu: self.index,
+                    suberror,
+                    rip,
+                    code: self.code_at(mem, rip),
+                }
+            }
+            FatalExit::FailEntry(reason) => VmExit::FailEntry {
+                vcpu: self.index,
+                reason,
+                rip,
+            },
+            FatalExit::Unexpected(what) => VmExit::Unexpected {
+                vcpu: self.index,
+                what,
+                rip,
+            },
+        }
+    }
+
+    /// Up to 16 code bytes at guest virtual address `rip`, through KVM's address translation.
+    fn code_at(&self, mem: &GuestMemory, rip: u64) -> Vec<u8> {
+        let Ok(t) = self.fd.translate_gva(rip) else {
+            return Vec::new();
+        };
+        if t.valid == 0 {
+            return Vec::new();
+        }
+        (0..16u64)
+            .map_while(|i| {
+                mem.read_obj::<u8>(GuestAddress(t.physical_address + i))
+                    .ok()
+            })
+            .collect()
+    }
+}
+
+/// An exit that ends the VM, before the vCPU's registers are added to it.
+enum FatalExit {
+    Shutdown,
+    InternalError,
+    FailEntry(u64),
+    Unexpected(String),
+}
+
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    pio: &Bus,
+    mmio: &Bus,
+) -> Result<Option<GuestRequest>, FatalExit> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            Ok(None)
+        }
+        VcpuExit::IoOut(port, data) => Ok(pio.write(u64::from(port), data).unwrap_or(None)),
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                tracing::trace!("MMIO read from {addr:#x}: nothing there");
+                data.fill(0xff);
+            }
+            Ok(None)
+        }
+        VcpuExit::MmioWrite(addr, data) => Ok(mmio.write(addr, data).unwrap_or_else(|()| {
+            tracing::trace!("MMIO write to {addr:#x}: nothing there");
+            None
+        })),
+        VcpuExit::Shutdown => Err(FatalExit::Shutdown),
+        VcpuExit::InternalError => Err(FatalExit::InternalError),
+        VcpuExit::FailEntry(reason, _cpu) => Err(FatalExit::FailEntry(reason)),
+        VcpuExit::Hlt => Err(FatalExit::Unexpected("the vCPU halted (HLT exit)".into())),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(GuestRequest::PowerOff)),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ok(Some(GuestRequest::Reset)),
+            other => Err(FatalExit::Unexpected(format!("system event {other}"))),
+        },
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => Ok(None),
+        other => Err(FatalExit::Unexpected(format!("{other:?}"))),
+    }
+}
