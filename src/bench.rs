@@ -51,12 +51,7 @@ pub struct BootReport {
 
 impl fmt::Display for BootReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "ember bench boot: {} runs, {} failed",
-            self.runs,
-            self.failures.len()
-        )?;
+        writeln!(f, "ember bench boot: {} runs, {} failed", self.runs, self.failures.len())?;
         writeln!(
             f,
             "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -117,23 +112,11 @@ pub fn boot(cfg: &VmConfig, runs: usize, timeout: Duration) -> Result<BootReport
         runs,
         failures,
         rows: vec![
-            (
-                "boot start -> first guest instruction",
-                Summary::of(&first_insn),
-            ),
+            ("boot start -> first guest instruction", Summary::of(&first_insn)),
             ("VM start -> first guest instruction", Summary::of(&setup)),
-            (
-                "VM start -> kernel start (port 0x80)",
-                Summary::of(&kernel_start),
-            ),
-            (
-                "VM start -> kernel runs init (port 0x80)",
-                Summary::of(&run_init),
-            ),
-            (
-                "VM start -> boot timer (guest user space)",
-                Summary::of(&timer),
-            ),
+            ("VM start -> kernel start (port 0x80)", Summary::of(&kernel_start)),
+            ("VM start -> kernel runs init (port 0x80)", Summary::of(&run_init)),
+            ("VM start -> boot timer (guest user space)", Summary::of(&timer)),
             ("VMM CPU time at boot timer", Summary::of(&timer_cpu)),
         ],
     })
@@ -147,10 +130,7 @@ mod tests {
     fn percentiles() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         let s = Summary::of(&v).unwrap();
-        assert_eq!(
-            (s.p50, s.p90, s.p99, s.min, s.max),
-            (50.0, 90.0, 99.0, 1.0, 100.0)
-        );
+        assert_eq!((s.p50, s.p90, s.p99, s.min, s.max), (50.0, 90.0, 99.0, 1.0, 100.0));
         let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((s.p50, s.p99), (2.0, 3.0));
         assert!(Summary::of(&[]).is_none());

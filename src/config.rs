@@ -17,18 +17,12 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("vCPU count (vcpu_count, --vcpus) must be between 1 and {MAX_VCPUS}, got {0}")]
     Vcpus(u64),
-    #[error("mem_size_mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}, got {0}")]
+    #[error("guest memory (mem_size_mib, --mem-mib) must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB, got {0}")]
     Memory(u64),
     #[error("kernel command line is {0} bytes; the limit is {max}", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -70,10 +64,7 @@ fn default_mem() -> u64 {
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self {
-            vcpu_count: default_vcpus(),
-            mem_size_mib: default_mem(),
-        }
+        Self { vcpu_count: default_vcpus(), mem_size_mib: default_mem() }
     }
 }
 
@@ -90,15 +81,10 @@ pub struct VmConfig {
 impl VmConfig {
     /// Reads and validates a JSON config file. Relative paths in it are taken relative to the file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut cfg: VmConfig =
-            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -143,10 +129,7 @@ impl VmConfig {
 
     /// The kernel command line: the configured one, or ember's default.
     pub fn cmdline(&self) -> String {
-        self.boot_source
-            .boot_args
-            .clone()
-            .unwrap_or_else(crate::vmm::boot::cmdline::default_cmdline)
+        self.boot_source.boot_args.clone().unwrap_or_else(crate::vmm::boot::cmdline::default_cmdline)
     }
 }
 
@@ -192,39 +175,23 @@ mod tests {
         assert!(e.contains("missing field `boot-source`"), "{e}");
         let e = parse("{not json").unwrap_err();
         assert!(e.starts_with("invalid config file"), "{e}");
-        let e = parse(
-            r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0}}"#,
-        )
-        .unwrap_err();
-        assert!(
-            e.contains("vcpu_count must be between 1 and 32, got 0"),
-            "{e}"
-        );
-        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size_mib": 4}}"#).unwrap_err();
+        let e =
+            parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0}}"#).unwrap_err();
+        assert!(e.contains("vcpu_count must be between 1 and 32, got 0"), "{e}");
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size_mib": 4}}"#)
+            .unwrap_err();
         assert!(e.contains("mem_size_mib"), "{e}");
-        let e = VmConfig::from_file(Path::new("/nonexistent/vm.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("cannot read config file /nonexistent/vm.json"),
-            "{e}"
-        );
+        let e = VmConfig::from_file(Path::new("/nonexistent/vm.json")).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read config file /nonexistent/vm.json"), "{e}");
     }
 
     #[test]
     fn cmdline_limits() {
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         let c = VmConfig {
-            boot_source: BootSource {
-                kernel_image_path: "/k".into(),
-                initrd_path: None,
-                boot_args: Some(long),
-            },
+            boot_source: BootSource { kernel_image_path: "/k".into(), initrd_path: None, boot_args: Some(long) },
             machine_config: MachineConfig::default(),
         };
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::CmdlineTooLong(2048))
-        ));
+        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2048))));
     }
 }

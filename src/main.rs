@@ -25,9 +25,9 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until the guest powers off, reboots or crashes.
     ///
-    /// Exit status: 0 when the guest powered off or rebooted, 2 when it crashed (kernel panic,
-    /// triple fault, KVM internal error; the reason and the vCPU's RIP are printed), 3 on --timeout,
-    /// 1 for bad input or a VMM error.
+    /// Exit status: 0 when the guest powered off or rebooted; 1 for bad input or a VMM error; 2 for
+    /// a command-line usage error; 3 when the guest crashed (kernel panic, triple fault, KVM internal
+    /// error: the reason and the vCPU's RIP are printed); 4 when --timeout stopped it.
     Run(RunArgs),
     /// Measure ember.
     #[command(subcommand)]
@@ -37,12 +37,7 @@ enum Command {
 #[derive(Args, Clone)]
 struct MachineArgs {
     /// Kernel to boot: an ELF vmlinux (entered through PVH when it has the note) or a bzImage.
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "config",
-        conflicts_with = "config"
-    )]
+    #[arg(long, value_name = "PATH", required_unless_present = "config", conflicts_with = "config")]
     kernel: Option<PathBuf>,
     /// Initramfs to load (an uncompressed cpio boots fastest).
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
@@ -72,10 +67,7 @@ impl MachineArgs {
                     initrd_path: self.initrd.clone(),
                     boot_args: self.cmdline.clone(),
                 },
-                machine_config: MachineConfig {
-                    vcpu_count: self.vcpus,
-                    mem_size_mib: self.mem_mib,
-                },
+                machine_config: MachineConfig { vcpu_count: self.vcpus, mem_size_mib: self.mem_mib },
             },
             (None, None) => return Err("either --kernel or --config is required".into()),
         };
@@ -91,7 +83,7 @@ struct RunArgs {
     /// Where the guest console goes: stdout, off, or a file path (appended to).
     #[arg(long, value_name = "PATH|stdout|off", default_value = "stdout")]
     console: String,
-    /// Stop the VM (exit status 3) if the guest has not ended it after this many seconds.
+    /// Stop the VM (exit status 4) if the guest has not ended it after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
 }
@@ -130,8 +122,7 @@ fn console(spec: &str) -> Result<ConsoleOut, String> {
 }
 
 fn timeout(secs: Option<f64>) -> Result<Option<Duration>, String> {
-    secs.map(|s| Duration::try_from_secs_f64(s).map_err(|_| format!("invalid timeout {s}")))
-        .transpose()
+    secs.map(|s| Duration::try_from_secs_f64(s).map_err(|_| format!("invalid timeout {s}"))).transpose()
 }
 
 fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
@@ -149,10 +140,10 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
         Ok(ExitCode::SUCCESS)
     } else if matches!(outcome.exit, ember::vmm::exit::VmExit::Stopped(_)) {
         eprintln!("ember: {}", outcome.exit);
-        Ok(ExitCode::from(3))
+        Ok(ExitCode::from(4))
     } else {
         eprintln!("ember: VM failed: {}", outcome.exit);
-        Ok(ExitCode::from(2))
+        Ok(ExitCode::from(3))
     }
 }
 

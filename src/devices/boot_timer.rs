@@ -11,10 +11,7 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 
 /// CPU time this process has used so far.
 pub fn process_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     if rc != 0 {
@@ -53,11 +50,7 @@ pub struct BootClock {
 
 impl BootClock {
     pub fn new(process_start: Instant) -> Arc<Self> {
-        Arc::new(Self {
-            process_start,
-            vm_start: Instant::now(),
-            timeline: Mutex::new(BootTimeline::default()),
-        })
+        Arc::new(Self { process_start, vm_start: Instant::now(), timeline: Mutex::new(BootTimeline::default()) })
     }
 
     pub fn now(&self) -> BootEvent {
@@ -70,10 +63,7 @@ impl BootClock {
     }
 
     /// Records `field` now unless it was already recorded; returns the event when it is new.
-    pub fn record(
-        &self,
-        field: fn(&mut BootTimeline) -> &mut Option<BootEvent>,
-    ) -> Option<BootEvent> {
+    pub fn record(&self, field: fn(&mut BootTimeline) -> &mut Option<BootEvent>) -> Option<BootEvent> {
         let mut t = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
         let slot = field(&mut t);
         if slot.is_some() {
@@ -146,10 +136,7 @@ mod tests {
         let first = clock.timeline().boot_timer.unwrap();
         std::thread::sleep(Duration::from_millis(2));
         t.write(0, &[BOOT_TIMER_MAGIC]);
-        assert_eq!(
-            clock.timeline().boot_timer.unwrap().since_vm,
-            first.since_vm
-        );
+        assert_eq!(clock.timeline().boot_timer.unwrap().since_vm, first.since_vm);
         assert!(first.since_process >= first.since_vm);
     }
 }

@@ -32,21 +32,9 @@ impl Bus {
     }
 
     /// Adds `device` at `base..base+len`.
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::BadRange { base, len })?;
-        if self
-            .slots
-            .iter()
-            .any(|s| base < s.base + s.len && s.base < end)
-        {
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), BusError> {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange { base, len })?;
+        if self.slots.iter().any(|s| base < s.base + s.len && s.base < end) {
             return Err(BusError::Overlap { base, len });
         }
         let at = self.slots.partition_point(|s| s.base < base);
@@ -55,10 +43,7 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(&Slot, u64)> {
-        let i = self
-            .slots
-            .partition_point(|s| s.base <= addr)
-            .checked_sub(1)?;
+        let i = self.slots.partition_point(|s| s.base <= addr).checked_sub(1)?;
         let s = &self.slots[i];
         (addr - s.base < s.len).then_some((s, addr - s.base))
     }
@@ -84,9 +69,7 @@ impl Bus {
 }
 
 /// Locks a device, recovering from a poisoned lock (a panicking vCPU thread must not wedge the rest).
-fn lock<'a>(
-    m: &'a Mutex<dyn BusDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
+fn lock<'a>(m: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -114,8 +97,7 @@ mod tests {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x3f8, 8, a.clone()).unwrap();
-        bus.insert(0x60, 1, Arc::new(Mutex::new(Recorder::default())))
-            .unwrap();
+        bus.insert(0x60, 1, Arc::new(Mutex::new(Recorder::default()))).unwrap();
         let mut d = [0u8; 1];
         assert!(bus.read(0x3fd, &mut d));
         assert_eq!(d[0], 5);
@@ -129,30 +111,17 @@ mod tests {
     #[test]
     fn rejects_overlaps_and_empty_ranges() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default())))
-            .unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default()))).unwrap();
         assert_eq!(
             bus.insert(0x10f, 1, Arc::new(Mutex::new(Recorder::default()))),
-            Err(BusError::Overlap {
-                base: 0x10f,
-                len: 1
-            })
+            Err(BusError::Overlap { base: 0x10f, len: 1 })
         );
         assert_eq!(
             bus.insert(0xf8, 0x10, Arc::new(Mutex::new(Recorder::default()))),
-            Err(BusError::Overlap {
-                base: 0xf8,
-                len: 0x10
-            })
+            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
         );
-        assert!(bus
-            .insert(0x110, 1, Arc::new(Mutex::new(Recorder::default())))
-            .is_ok());
-        assert!(bus
-            .insert(0x200, 0, Arc::new(Mutex::new(Recorder::default())))
-            .is_err());
-        assert!(bus
-            .insert(u64::MAX, 2, Arc::new(Mutex::new(Recorder::default())))
-            .is_err());
+        assert!(bus.insert(0x110, 1, Arc::new(Mutex::new(Recorder::default()))).is_ok());
+        assert!(bus.insert(0x200, 0, Arc::new(Mutex::new(Recorder::default()))).is_err());
+        assert!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Recorder::default()))).is_err());
     }
 }

@@ -34,14 +34,8 @@ impl BusDevice for DebugPort {
 
     fn write(&mut self, _offset: u64, data: &[u8]) -> Option<GuestRequest> {
         let recorded = match data.first() {
-            Some(&MARKER_KERNEL_START) => self
-                .clock
-                .record(|t| &mut t.kernel_start)
-                .map(|e| ("kernel start", e)),
-            Some(&MARKER_RUN_INIT) => self
-                .clock
-                .record(|t| &mut t.run_init)
-                .map(|e| ("kernel runs init", e)),
+            Some(&MARKER_KERNEL_START) => self.clock.record(|t| &mut t.kernel_start).map(|e| ("kernel start", e)),
+            Some(&MARKER_RUN_INIT) => self.clock.record(|t| &mut t.run_init).map(|e| ("kernel runs init", e)),
             Some(code) => {
                 tracing::debug!("debug port: {code:#04x}");
                 None

@@ -28,9 +28,7 @@ pub struct I8042 {
 
 impl Default for I8042 {
     fn default() -> Self {
-        Self {
-            dev: I8042Device::new(ResetLine::default()),
-        }
+        Self { dev: I8042Device::new(ResetLine::default()) }
     }
 }
 
@@ -45,11 +43,7 @@ impl BusDevice for I8042 {
         if let (Ok(o), [b, ..]) = (u8::try_from(offset), data) {
             let _ = self.dev.write(o, *b);
         }
-        self.dev
-            .reset_evt()
-            .0
-            .swap(false, Ordering::Relaxed)
-            .then_some(GuestRequest::Reset)
+        self.dev.reset_evt().0.swap(false, Ordering::Relaxed).then_some(GuestRequest::Reset)
     }
 }
 

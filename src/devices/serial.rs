@@ -31,9 +31,7 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        Self {
-            uart: Serial::new(IrqTrigger(irq), out),
-        }
+        Self { uart: Serial::new(IrqTrigger(irq), out) }
     }
 
     /// Input for the guest (its console's receive FIFO); returns how many bytes fit.

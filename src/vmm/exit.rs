@@ -14,12 +14,7 @@ pub enum VmExit {
     /// A triple fault (KVM_EXIT_SHUTDOWN).
     TripleFault { vcpu: u8, rip: u64 },
     /// KVM could not run the guest's instruction (KVM_EXIT_INTERNAL_ERROR).
-    InternalError {
-        vcpu: u8,
-        suberror: u32,
-        rip: u64,
-        code: Vec<u8>,
-    },
+    InternalError { vcpu: u8, suberror: u32, rip: u64, code: Vec<u8> },
     /// KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY).
     FailEntry { vcpu: u8, reason: u64, rip: u64 },
     /// An exit ember does not handle.
@@ -38,10 +33,7 @@ impl VmExit {
 }
 
 fn hex(code: &[u8]) -> String {
-    code.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 impl fmt::Display for VmExit {
@@ -59,7 +51,9 @@ impl fmt::Display for VmExit {
             VmExit::FailEntry { vcpu, reason, rip } => {
                 write!(f, "KVM failed to enter the guest (hardware reason {reason:#x}) on vCPU {vcpu} at RIP {rip:#x}")
             }
-            VmExit::Unexpected { vcpu, what, rip } => write!(f, "unexpected exit on vCPU {vcpu} at RIP {rip:#x}: {what}"),
+            VmExit::Unexpected { vcpu, what, rip } => {
+                write!(f, "unexpected exit on vCPU {vcpu} at RIP {rip:#x}: {what}")
+            }
             VmExit::VcpuError { vcpu, errno } => {
                 write!(f, "KVM_RUN failed on vCPU {vcpu}: {}", std::io::Error::from_raw_os_error(*errno))
             }
@@ -82,16 +76,8 @@ mod tests {
 
     #[test]
     fn internal_error_names_rip_and_code() {
-        let e = VmExit::InternalError {
-            vcpu: 0,
-            suberror: 1,
-            rip: 0xffffffff81000000,
-            code: vec![0xcc, 0x90],
-        };
+        let e = VmExit::InternalError { vcpu: 0, suberror: 1, rip: 0xffffffff81000000, code: vec![0xcc, 0x90] };
         let s = e.to_string();
-        assert!(
-            s.contains("0xffffffff81000000") && s.contains("cc 90"),
-            "{s}"
-        );
+        assert!(s.contains("0xffffffff81000000") && s.contains("cc 90"), "{s}");
     }
 }

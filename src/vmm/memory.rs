@@ -52,10 +52,7 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     if mem_bytes <= MMIO_GAP_START {
         vec![(GuestAddress(0), mem_bytes)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START)]
     }
 }
 
@@ -78,43 +75,22 @@ pub struct MemoryMapEntry {
 /// low RAM up to the EBDA, the EBDA reserved, then RAM from 1 MiB with the MMIO gap left out.
 pub fn memory_map(mem_bytes: u64) -> Vec<MemoryMapEntry> {
     let mut map = vec![
-        MemoryMapEntry {
-            addr: 0,
-            size: EBDA_START,
-            kind: MemoryKind::Ram,
-        },
-        MemoryMapEntry {
-            addr: EBDA_START,
-            size: LOW_MEM_END - EBDA_START,
-            kind: MemoryKind::Reserved,
-        },
+        MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram },
+        MemoryMapEntry { addr: EBDA_START, size: LOW_MEM_END - EBDA_START, kind: MemoryKind::Reserved },
     ];
     for (start, size) in ram_ranges(mem_bytes) {
         let start = start.0.max(HIMEM_START);
-        let end = if start >= MMIO_GAP_END {
-            start + size
-        } else {
-            size
-        };
+        let end = if start >= MMIO_GAP_END { start + size } else { size };
         if end > start {
-            map.push(MemoryMapEntry {
-                addr: start,
-                size: end - start,
-                kind: MemoryKind::Ram,
-            });
+            map.push(MemoryMapEntry { addr: start, size: end - start, kind: MemoryKind::Ram });
         }
     }
     map
 }
 
 /// Allocates guest RAM (anonymous, MAP_NORESERVE: pages cost nothing until touched).
-pub fn create_guest_memory(
-    mem_bytes: u64,
-) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
-        .into_iter()
-        .map(|(a, s)| (a, s as usize))
-        .collect();
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
     GuestMemory::from_ranges(&ranges)
 }
 
@@ -142,21 +118,9 @@ mod tests {
         assert_eq!(
             m,
             vec![
-                MemoryMapEntry {
-                    addr: 0,
-                    size: EBDA_START,
-                    kind: MemoryKind::Ram
-                },
-                MemoryMapEntry {
-                    addr: EBDA_START,
-                    size: 0x400,
-                    kind: MemoryKind::Reserved
-                },
-                MemoryMapEntry {
-                    addr: HIMEM_START,
-                    size: 128 * MIB - HIMEM_START,
-                    kind: MemoryKind::Ram
-                },
+                MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram },
+                MemoryMapEntry { addr: EBDA_START, size: 0x400, kind: MemoryKind::Reserved },
+                MemoryMapEntry { addr: HIMEM_START, size: 128 * MIB - HIMEM_START, kind: MemoryKind::Ram },
             ]
         );
     }
@@ -166,16 +130,9 @@ mod tests {
         for mib in [16, 128, 3328, 3329, 8192] {
             for e in memory_map(mib * MIB) {
                 let end = e.addr + e.size;
-                assert!(
-                    end <= MMIO_GAP_START || e.addr >= MMIO_GAP_END,
-                    "{mib} MiB: {e:?}"
-                );
+                assert!(end <= MMIO_GAP_START || e.addr >= MMIO_GAP_END, "{mib} MiB: {e:?}");
             }
-            let ram: u64 = memory_map(mib * MIB)
-                .iter()
-                .filter(|e| e.kind == MemoryKind::Ram)
-                .map(|e| e.size)
-                .sum();
+            let ram: u64 = memory_map(mib * MIB).iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
             assert_eq!(ram, mib * MIB - (HIMEM_START - EBDA_START));
         }
     }

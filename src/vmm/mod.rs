@@ -10,12 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -29,6 +27,9 @@ use boot::BootError;
 use exit::VmExit;
 use memory::{GuestMemory, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE};
 use vcpu::{Vcpu, VcpuContext, VmControl};
+
+/// Where [`Vm::with_payload`] loads its code.
+pub const PAYLOAD_START: u64 = 0x10_0000;
 
 /// Where KVM puts the TSS on Intel hosts (three pages just below the BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -76,9 +77,7 @@ pub struct RunOutcome {
 /// Registers every region of `mem` with the VM, slot by slot.
 fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Memory(0, e.to_string()))?;
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(0, e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -95,34 +94,15 @@ fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
 
 impl Vm {
     /// Builds a VM that boots `config`'s kernel. `process_start` anchors the boot timeline.
-    pub fn boot(
-        config: &VmConfig,
-        console: ConsoleOut,
-        process_start: Instant,
-    ) -> Result<Self, VmError> {
+    pub fn boot(config: &VmConfig, console: ConsoleOut, process_start: Instant) -> Result<Self, VmError> {
         config.validate()?;
         let clock = BootClock::new(process_start);
         let vcpu_count = config.vcpus();
         let mem_bytes = config.mem_bytes();
 
-        let kvm = Kvm::new()
-            .map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = memory::create_guest_memory(mem_bytes)
-            .map_err(|e| VmError::Memory(mem_bytes >> 20, e.to_string()))?;
-        // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
-        register_memory(&vm, &mem)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        // The guest's software.
+        // Guest memory and the guest's software first: bad input fails before KVM is touched.
+        let mem =
+            memory::create_guest_memory(mem_bytes).map_err(|e| VmError::Memory(mem_bytes >> 20, e.to_string()))?;
         let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
         let initrd = match &config.boot_source.initrd_path {
             Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p)?),
@@ -130,61 +110,69 @@ impl Vm {
         };
         let cmdline_size = boot::load_command_line(&mem, &config.cmdline())?;
         boot::write_boot_parameters(&mem, mem_bytes, &kernel, cmdline_size, initrd, vcpu_count)?;
-        boot::regs::write_boot_tables(&mem, kernel.entry)
-            .map_err(|e| BootError::Params(e.to_string()))?;
+        boot::regs::write_boot_tables(&mem, kernel.entry).map_err(|e| BootError::Params(e.to_string()))?;
+
+        Self::assemble(mem, vcpu_count, kernel.entry, console, clock)
+    }
+
+    /// Builds a VM whose vCPUs all start in 64-bit mode at `code` (loaded at [`PAYLOAD_START`]),
+    /// without a kernel: RBX holds the vCPU's index and RCX the vCPU count. Used to exercise the
+    /// VMM itself (every vCPU running, exits, devices) independently of a guest kernel.
+    pub fn with_payload(code: &[u8], vcpu_count: u8, console: ConsoleOut) -> Result<Self, VmError> {
+        boot::mptable::build(0, vcpu_count).map_err(|e| BootError::MpTable(e.to_string()))?;
+        let mem_bytes = memory::MIN_MEM_MIB << 20;
+        let mem =
+            memory::create_guest_memory(mem_bytes).map_err(|e| VmError::Memory(mem_bytes >> 20, e.to_string()))?;
+        let entry = boot::EntryPoint::Linux64(PAYLOAD_START);
+        mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
+        boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
+        let vm = Self::assemble(mem, vcpu_count, entry, console, BootClock::new(Instant::now()))?;
+        for v in &vm.vcpus {
+            v.start_payload(vcpu_count)?;
+        }
+        Ok(vm)
+    }
+
+    /// Creates the KVM VM around prepared guest memory: irqchip, PIT, devices, configured vCPUs.
+    fn assemble(
+        mem: GuestMemory,
+        vcpu_count: u8,
+        entry: boot::EntryPoint,
+        console: ConsoleOut,
+        clock: Arc<BootClock>,
+    ) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
+        register_memory(&vm, &mem)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         // Devices.
         let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(e.to_string());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
         let mut pio = Bus::new();
-        pio.insert(
-            COM1_PORT,
-            UART_PORTS,
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))),
-        )
-        .map_err(|e| dev_err(&e))?;
-        pio.insert(
-            I8042_DATA_PORT,
-            I8042_PORTS,
-            Arc::new(Mutex::new(I8042::default())),
-        )
-        .map_err(|e| dev_err(&e))?;
-        pio.insert(
-            DEBUG_PORT,
-            1,
-            Arc::new(Mutex::new(DebugPort::new(clock.clone()))),
-        )
-        .map_err(|e| dev_err(&e))?;
-        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)))
+        pio.insert(COM1_PORT, UART_PORTS, Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))))
             .map_err(|e| dev_err(&e))?;
+        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default()))).map_err(|e| dev_err(&e))?;
+        pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone())))).map_err(|e| dev_err(&e))?;
+        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))).map_err(|e| dev_err(&e))?;
         let mut mmio = Bus::new();
-        mmio.insert(
-            BOOT_TIMER_ADDR,
-            BOOT_TIMER_SIZE,
-            Arc::new(Mutex::new(BootTimer::new(clock.clone()))),
-        )
-        .map_err(|e| dev_err(&e))?;
+        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))
+            .map_err(|e| dev_err(&e))?;
 
         // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for i in 0..vcpu_count {
             let mut v = Vcpu::new(&vm, i)?;
-            v.configure_boot(&supported, vcpu_count, kernel.entry)?;
+            v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self {
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            clock,
-            _vm: vm,
-            mem,
-        })
+        Ok(Self { vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), clock, _vm: vm, mem })
     }
 
     /// Runs the VM until the guest ends it or `timeout` passes; stops every vCPU thread before
@@ -193,14 +181,7 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let ctl = Arc::new(VmControl::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let Vm {
-            vcpus,
-            pio,
-            mmio,
-            clock,
-            _vm,
-            mem,
-        } = self;
+        let Vm { vcpus, pio, mmio, clock, _vm, mem } = self;
         let mut spawn_error = None;
         for v in vcpus {
             let cx = VcpuContext {
@@ -210,10 +191,7 @@ impl Vm {
                 clock: Some(clock.clone()),
                 mem: mem.clone(),
             };
-            match std::thread::Builder::new()
-                .name(format!("vcpu{}", v.index))
-                .spawn(move || v.run(cx))
-            {
+            match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(VmError::Thread(e));
@@ -238,10 +216,7 @@ impl Vm {
         if let Some(e) = spawn_error {
             return Err(e);
         }
-        Ok(RunOutcome {
-            exit,
-            timeline: clock.timeline(),
-        })
+        Ok(RunOutcome { exit, timeline: clock.timeline() })
     }
 }
 

@@ -42,8 +42,7 @@ pub fn install_kick_handler() -> Result<(), VmError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), handle_kick)
-            .map_err(|e| VmError::Kvm("sigaction", e.errno()));
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(|e| VmError::Kvm("sigaction", e.errno()));
     });
     result
 }
@@ -75,16 +74,8 @@ impl VmControl {
     pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
         let guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         let guard = match timeout {
-            Some(t) => {
-                self.ended
-                    .wait_timeout_while(guard, t, |e| e.is_none())
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => self
-                .ended
-                .wait_while(guard, |e| e.is_none())
-                .unwrap_or_else(|p| p.into_inner()),
+            Some(t) => self.ended.wait_timeout_while(guard, t, |e| e.is_none()).unwrap_or_else(|p| p.into_inner()).0,
+            None => self.ended.wait_while(guard, |e| e.is_none()).unwrap_or_else(|p| p.into_inner()),
         };
         guard.clone()
     }
@@ -120,60 +111,47 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VmError> {
-        let fd = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
+        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
         Ok(Self { index, fd })
     }
 
     /// Sets up the state the vCPU enters the kernel with.
-    pub fn configure_boot(
-        &mut self,
-        supported_cpuid: &CpuId,
-        count: u8,
-        entry: EntryPoint,
-    ) -> Result<(), VmError> {
-        let kvm_err =
-            |what: &'static str| move |e: kvm_ioctls::Error| VmError::Kvm(what, e.errno());
+    pub fn configure_boot(&mut self, supported_cpuid: &CpuId, count: u8, entry: EntryPoint) -> Result<(), VmError> {
+        let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmError::Kvm(what, e.errno());
         let mut cpuid = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, self.index, count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let msrs = msr::boot_msrs().map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::ENOMEM))?;
         let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n != msrs.as_slice().len() {
             return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
         }
-        self.fd
-            .set_fpu(&regs::boot_fpu())
-            .map_err(kvm_err("KVM_SET_FPU"))?;
-        self.fd
-            .set_regs(&regs::boot_regs(entry))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        self.fd.set_regs(&regs::boot_regs(entry)).map_err(kvm_err("KVM_SET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        self.fd
-            .set_sregs(&regs::boot_sregs(sregs, entry))
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_sregs(&regs::boot_sregs(sregs, entry)).map_err(kvm_err("KVM_SET_SREGS"))?;
         let mut lapic = self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
         set_apic_delivery_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
         set_apic_delivery_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
-        self.fd
-            .set_lapic(&lapic)
-            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        self.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         Ok(())
+    }
+
+    /// Makes the vCPU run a kernel-less payload: RBX = its index, RCX = the vCPU count, and
+    /// runnable at once (application processors otherwise wait for INIT/SIPI).
+    pub fn start_payload(&self, count: u8) -> Result<(), VmError> {
+        let mut regs = self.fd.get_regs().map_err(|e| VmError::Kvm("KVM_GET_REGS", e.errno()))?;
+        regs.rbx = u64::from(self.index);
+        regs.rcx = u64::from(count);
+        self.fd.set_regs(&regs).map_err(|e| VmError::Kvm("KVM_SET_REGS", e.errno()))?;
+        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        self.fd.set_mp_state(runnable).map_err(|e| VmError::Kvm("KVM_SET_MP_STATE", e.errno()))
     }
 
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
     /// ends the VM is reported through `ctl`.
     pub fn run(mut self, cx: VcpuContext) {
-        let VcpuContext {
-            pio,
-            mmio,
-            ctl,
-            clock,
-            mem,
-        } = cx;
+        let VcpuContext { pio, mmio, ctl, clock, mem } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(c) = &clock {
             if self.index == 0 {
@@ -197,10 +175,7 @@ impl Vcpu {
                     None
                 }
                 Err(e) => {
-                    ctl.end(VmExit::VcpuError {
-                        vcpu: self.index,
-                        errno: e.errno(),
-                    });
+                    ctl.end(VmExit::VcpuError { vcpu: self.index, errno: e.errno() });
                     break;
                 }
             };
@@ -208,10 +183,7 @@ impl Vcpu {
                 let reason = match r {
                     GuestRequest::Reset => VmExit::Reset,
                     GuestRequest::PowerOff => VmExit::PowerOff,
-                    GuestRequest::Panic => VmExit::Panic {
-                        vcpu: self.index,
-                        rip: self.rip(),
-                    },
+                    GuestRequest::Panic => VmExit::Panic { vcpu: self.index, rip: self.rip() },
                 };
                 ctl.end(reason);
             }
@@ -227,32 +199,16 @@ impl Vcpu {
     fn describe(&mut self, mem: &GuestMemory, reason: FatalExit) -> VmExit {
         let rip = self.rip();
         match reason {
-            FatalExit::Shutdown => VmExit::TripleFault {
-                vcpu: self.index,
-                rip,
-            },
+            FatalExit::Shutdown => VmExit::TripleFault { vcpu: self.index, rip },
             FatalExit::InternalError => {
                 let run = self.fd.get_kvm_run();
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
                 // one KVM filled in.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                VmExit::InternalError {
-                    vcpu: self.index,
-                    suberror,
-                    rip,
-                    code: self.code_at(mem, rip),
-                }
+                VmExit::InternalError { vcpu: self.index, suberror, rip, code: self.code_at(mem, rip) }
             }
-            FatalExit::FailEntry(reason) => VmExit::FailEntry {
-                vcpu: self.index,
-                reason,
-                rip,
-            },
-            FatalExit::Unexpected(what) => VmExit::Unexpected {
-                vcpu: self.index,
-                what,
-                rip,
-            },
+            FatalExit::FailEntry(reason) => VmExit::FailEntry { vcpu: self.index, reason, rip },
+            FatalExit::Unexpected(what) => VmExit::Unexpected { vcpu: self.index, what, rip },
         }
     }
 
@@ -264,12 +220,7 @@ impl Vcpu {
         if t.valid == 0 {
             return Vec::new();
         }
-        (0..16u64)
-            .map_while(|i| {
-                mem.read_obj::<u8>(GuestAddress(t.physical_address + i))
-                    .ok()
-            })
-            .collect()
+        (0..16u64).map_while(|i| mem.read_obj::<u8>(GuestAddress(t.physical_address + i)).ok()).collect()
     }
 }
 
@@ -281,11 +232,7 @@ enum FatalExit {
     Unexpected(String),
 }
 
-fn handle_exit(
-    exit: VcpuExit<'_>,
-    pio: &Bus,
-    mmio: &Bus,
-) -> Result<Option<GuestRequest>, FatalExit> {
+fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<Option<GuestRequest>, FatalExit> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !pio.read(u64::from(port), data) {

@@ -52,9 +52,7 @@ fn init() -> io::Result<()> {
     // fork + exec + wait: a child that is this same binary.
     let status = Command::new("/init").arg(CHILD_ARG).status()?;
     if status.code() != Some(CHILD_EXIT_CODE) {
-        return Err(io::Error::other(format!(
-            "child exited with {status}, expected {CHILD_EXIT_CODE}"
-        )));
+        return Err(io::Error::other(format!("child exited with {status}, expected {CHILD_EXIT_CODE}")));
     }
 
     let mut random = [0u8; 16];
@@ -66,10 +64,7 @@ fn init() -> io::Result<()> {
     let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
 
     let mut out = io::stdout().lock();
-    writeln!(
-        out,
-        "{MARKER} uptime={uptime} child_exit={CHILD_EXIT_CODE} random={random}"
-    )?;
+    writeln!(out, "{MARKER} uptime={uptime} child_exit={CHILD_EXIT_CODE} random={random}")?;
     out.flush()
 }
 
@@ -78,15 +73,7 @@ fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
     let c = |s: &str| CString::new(s).map_err(io::Error::other);
     let (src, tgt, fst) = (c(source)?, c(target)?, c(fstype)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fst.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -98,10 +85,7 @@ fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
 
 /// Writes the boot-timer byte through /dev/mem.
 fn boot_timer() -> io::Result<()> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/mem")?;
+    let f = fs::OpenOptions::new().read(true).write(true).open("/dev/mem")?;
     use std::os::fd::AsRawFd;
     // SAFETY: maps one page of /dev/mem at the boot timer's address; the mapping is used for a single
     // volatile byte store below and unmapped right after.
@@ -116,10 +100,7 @@ fn boot_timer() -> io::Result<()> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(io::Error::other(format!(
-            "mmap /dev/mem: {}",
-            io::Error::last_os_error()
-        )));
+        return Err(io::Error::other(format!("mmap /dev/mem: {}", io::Error::last_os_error())));
     }
     // SAFETY: `p` is a live, writable mapping of at least one byte.
     unsafe {

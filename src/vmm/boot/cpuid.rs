@@ -75,18 +75,12 @@ mod tests {
     use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ..Default::default() }
     }
 
     #[test]
     fn apic_id_and_topology() {
-        let mut c =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xa, 0)])
-                .unwrap();
+        let mut c = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xa, 0)]).unwrap();
         normalize(&mut c, 3, 4);
         let s = c.as_slice();
         assert_eq!(s[0].ebx >> 24, 3);

@@ -12,12 +12,8 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The GDT for the 64-bit Linux boot protocol: null, 64-bit code, data, TSS.
-pub const GDT_64BIT: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const GDT_64BIT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// The GDT for PVH entry (32-bit protected mode, flat): null, 32-bit code, data, TSS.
 pub const GDT_PVH: [u64; 4] = [
@@ -73,29 +69,20 @@ mod tests {
     #[test]
     fn code64_segment() {
         let s = segment(GDT_64BIT[1], 1);
-        assert_eq!(
-            (s.selector, s.type_, s.present, s.l, s.db, s.s, s.g),
-            (8, 0xb, 1, 1, 0, 1, 1)
-        );
+        assert_eq!((s.selector, s.type_, s.present, s.l, s.db, s.s, s.g), (8, 0xb, 1, 1, 0, 1, 1));
         assert_eq!((s.base, s.limit), (0, 0xffff_ffff));
     }
 
     #[test]
     fn data_segment() {
         let s = segment(GDT_64BIT[2], 2);
-        assert_eq!(
-            (s.selector, s.type_, s.present, s.l, s.db, s.s),
-            (16, 0x3, 1, 0, 1, 1)
-        );
+        assert_eq!((s.selector, s.type_, s.present, s.l, s.db, s.s), (16, 0x3, 1, 0, 1, 1));
     }
 
     #[test]
     fn pvh_code32_segment_is_flat() {
         let s = segment(GDT_PVH[1], 1);
-        assert_eq!(
-            (s.base, s.limit, s.db, s.l, s.type_),
-            (0, 0xffff_ffff, 1, 0, 0xb)
-        );
+        assert_eq!((s.base, s.limit, s.db, s.l, s.type_), (0, 0xffff_ffff, 1, 0, 0xb));
     }
 
     #[test]

@@ -35,10 +35,7 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |s, b| s.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Builds the MP floating pointer structure followed by the configuration table, for a table that
@@ -131,11 +128,7 @@ mod tests {
             assert_eq!(sum(table), 0);
             let count = u16::from_le_bytes([table[34], table[35]]);
             assert_eq!(count as usize, n as usize + 2 + IOAPIC_PINS as usize + 2);
-            assert!(
-                t.len() <= 1024,
-                "{n} vCPUs: {} bytes do not fit the EBDA",
-                t.len()
-            );
+            assert!(t.len() <= 1024, "{n} vCPUs: {} bytes do not fit the EBDA", t.len());
         }
     }
 
@@ -154,9 +147,6 @@ mod tests {
     #[test]
     fn rejects_bad_counts() {
         assert_eq!(build(0, 0), Err(MpTableError::VcpuCount(0)));
-        assert_eq!(
-            build(0, MAX_VCPUS + 1),
-            Err(MpTableError::VcpuCount(MAX_VCPUS + 1))
-        );
+        assert_eq!(build(0, MAX_VCPUS + 1), Err(MpTableError::VcpuCount(MAX_VCPUS + 1)));
     }
 }

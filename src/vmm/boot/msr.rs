@@ -20,11 +20,7 @@ const MTRR_MEM_TYPE_WB: u64 = 6;
 
 /// Boot MSRs: syscall MSRs cleared, TSC at zero, fast strings on, MTRRs on with write-back default.
 pub fn boot_msrs() -> Result<Msrs, vmm_sys_util::fam::Error> {
-    let entry = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     Msrs::from_entries(&[
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),

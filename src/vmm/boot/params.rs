@@ -11,8 +11,8 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::GuestAddress;
 
 use crate::vmm::memory::{
-    memory_map, GuestMemory, MemoryMapEntry, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, ZERO_PAGE_START,
+    memory_map, GuestMemory, MemoryMapEntry, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
+    ZERO_PAGE_START,
 };
 
 /// Where the initramfs was loaded.
@@ -43,14 +43,8 @@ pub fn write_pvh_start_info(
             reserved: 0,
         })
         .collect();
-    let modules: Vec<hvm_modlist_entry> = initrd
-        .map(|i| hvm_modlist_entry {
-            paddr: i.addr,
-            size: i.size,
-            ..Default::default()
-        })
-        .into_iter()
-        .collect();
+    let modules: Vec<hvm_modlist_entry> =
+        initrd.map(|i| hvm_modlist_entry { paddr: i.addr, size: i.size, ..Default::default() }).into_iter().collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
@@ -58,11 +52,7 @@ pub fn write_pvh_start_info(
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         nr_modules: modules.len() as u32,
-        modlist_paddr: if modules.is_empty() {
-            0
-        } else {
-            PVH_MODLIST_START
-        },
+        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START },
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
@@ -96,27 +86,15 @@ pub fn zero_page(
         params.hdr.ramdisk_size = i.size as u32;
     }
     let map = memory_map(mem_bytes);
-    for (slot, e) in params
-        .e820_table
-        .iter_mut()
-        .zip(map.iter())
-        .take(E820_MAX_ENTRIES)
-    {
-        *slot = boot_e820_entry {
-            addr: e.addr,
-            size: e.size,
-            r#type: e.kind as u32,
-        };
+    for (slot, e) in params.e820_table.iter_mut().zip(map.iter()).take(E820_MAX_ENTRIES) {
+        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind as u32 };
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     params
 }
 
 /// Writes the zero page.
-pub fn write_zero_page(
-    mem: &GuestMemory,
-    params: &boot_params,
-) -> Result<(), linux_loader::configurator::Error> {
+pub fn write_zero_page(mem: &GuestMemory, params: &boot_params) -> Result<(), linux_loader::configurator::Error> {
     let bp = BootParams::new(params, GuestAddress(ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem)
 }
@@ -129,10 +107,7 @@ mod tests {
 
     #[test]
     fn zero_page_fields() {
-        let initrd = InitrdLocation {
-            addr: 0x700_0000,
-            size: 0x1234,
-        };
+        let initrd = InitrdLocation { addr: 0x700_0000, size: 0x1234 };
         let p = zero_page(None, 128 * MIB, 100, Some(initrd));
         let hdr = p.hdr;
         assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
@@ -143,19 +118,13 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!(
-            ({ last.addr }, { last.size }, { last.r#type }),
-            (0x10_0000, 127 * MIB, 1)
-        );
+        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (0x10_0000, 127 * MIB, 1));
     }
 
     #[test]
     fn pvh_start_info_is_written() {
         let mem = create_guest_memory(32 * MIB).unwrap();
-        let initrd = InitrdLocation {
-            addr: 0x100_0000,
-            size: 4096,
-        };
+        let initrd = InitrdLocation { addr: 0x100_0000, size: 4096 };
         write_pvh_start_info(&mem, 32 * MIB, Some(initrd)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
@@ -163,9 +132,7 @@ mod tests {
         assert_eq!(info.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x100_0000, 4096));
-        let e: hvm_memmap_table_entry = mem
-            .read_obj(GuestAddress(info.memmap_paddr + 2 * 24))
-            .unwrap();
+        let e: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr + 2 * 24)).unwrap();
         assert_eq!((e.addr, e.size, e.type_), (0x10_0000, 31 * MIB, 1));
     }
 }

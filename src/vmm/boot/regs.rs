@@ -6,8 +6,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::gdt::{segment, GDT_64BIT, GDT_PVH};
 use super::EntryPoint;
 use crate::vmm::memory::{
-    GuestMemory, BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START,
-    PVH_INFO_START, ZERO_PAGE_START,
+    GuestMemory, BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
 };
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -20,12 +20,7 @@ const EFER_LMA: u64 = 1 << 10;
 /// General-purpose registers at kernel entry.
 pub fn boot_regs(entry: EntryPoint) -> kvm_regs {
     match entry {
-        EntryPoint::Pvh(rip) => kvm_regs {
-            rflags: 0x2,
-            rip,
-            rbx: PVH_INFO_START,
-            ..Default::default()
-        },
+        EntryPoint::Pvh(rip) => kvm_regs { rflags: 0x2, rip, rbx: PVH_INFO_START, ..Default::default() },
         EntryPoint::Linux64(rip) => kvm_regs {
             rflags: 0x2,
             rip,
@@ -39,19 +34,12 @@ pub fn boot_regs(entry: EntryPoint) -> kvm_regs {
 
 /// The x87/SSE state Linux expects: FCW 0x37f, MXCSR 0x1f80.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 /// Writes the boot GDT (and an empty IDT) for `entry` and, for 64-bit entry, identity page tables for
 /// the first GiB.
-pub fn write_boot_tables(
-    mem: &GuestMemory,
-    entry: EntryPoint,
-) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_boot_tables(mem: &GuestMemory, entry: EntryPoint) -> Result<(), vm_memory::GuestMemoryError> {
     let gdt: &[u64; 4] = match entry {
         EntryPoint::Pvh(_) => &GDT_PVH,
         EntryPoint::Linux64(_) => &GDT_64BIT,

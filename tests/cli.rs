@@ -1,0 +1,120 @@
+//! Bad input to `ember run`: a one-line error naming the problem and a non-zero exit, never a panic
+//! or a hang. These need no KVM: inputs are checked before KVM is touched.
+
+mod common;
+
+use common::{ember, text};
+
+/// Asserts a failed run: exit status `code`, one `ember: error:` line containing `needle`, no panic.
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    let out = ember(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "ember {args:?}: {err}");
+    assert!(err.contains(needle), "ember {args:?}: expected {needle:?} in {err:?}");
+    assert!(!err.contains("panicked"), "ember {args:?} panicked: {err}");
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn missing_kernel() {
+    assert_fails(&["run", "--kernel", "/nonexistent/vmlinux"], 1, "cannot read kernel /nonexistent/vmlinux");
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    let d = tmp();
+    let k = d.path().join("kernel");
+    std::fs::write(&k, b"this is not a kernel at all, just some text").unwrap();
+    assert_fails(&["run", "--kernel", k.to_str().unwrap()], 1, "is neither an ELF vmlinux nor a bzImage");
+    std::fs::write(&k, b"").unwrap();
+    assert_fails(&["run", "--kernel", k.to_str().unwrap()], 1, "is neither an ELF vmlinux nor a bzImage");
+}
+
+#[test]
+fn truncated_elf_kernel() {
+    let d = tmp();
+    let k = d.path().join("vmlinux");
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(80, 0);
+    std::fs::write(&k, &elf).unwrap();
+    assert_fails(&["run", "--kernel", k.to_str().unwrap()], 1, "cannot load kernel");
+}
+
+#[test]
+fn kernel_is_a_directory() {
+    assert_fails(&["run", "--kernel", "/"], 1, "cannot read kernel /");
+}
+
+#[test]
+fn zero_and_too_many_vcpus() {
+    assert_fails(&["run", "--kernel", "/k", "--vcpus", "0"], 1, "must be between 1 and 32, got 0");
+    assert_fails(&["run", "--kernel", "/k", "--vcpus", "33"], 1, "must be between 1 and 32, got 33");
+}
+
+#[test]
+fn too_little_memory() {
+    assert_fails(&["run", "--kernel", "/k", "--mem-mib", "1"], 1, "guest memory (mem_size_mib, --mem-mib)");
+}
+
+#[test]
+fn command_line_too_long() {
+    let long = "x".repeat(3000);
+    assert_fails(&["run", "--kernel", "/k", "--cmdline", &long], 1, "kernel command line is 3000 bytes");
+}
+
+#[test]
+fn config_file_errors() {
+    assert_fails(&["run", "--config", "/nonexistent.json"], 1, "cannot read config file /nonexistent.json");
+    let d = tmp();
+    let c = d.path().join("vm.json");
+    std::fs::write(&c, r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": []}"#).unwrap();
+    assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "unknown field `network-interfaces`");
+    std::fs::write(&c, r#"{"boot-source": {"kernel_image_path": "/k", "initrd": "/i"}}"#).unwrap();
+    assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "unknown field `initrd`");
+    std::fs::write(&c, "{").unwrap();
+    assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "invalid config file");
+}
+
+#[test]
+fn usage_errors() {
+    assert_fails(&["run"], 2, "--kernel");
+    assert_fails(&["run", "--kernel", "/k", "--config", "/c"], 2, "cannot be used with");
+    assert_fails(&["run", "--kernel", "/k", "--vcpus", "many"], 2, "invalid value 'many'");
+}
+
+#[test]
+fn bad_console_and_timeout() {
+    assert_fails(&["run", "--kernel", "/k", "--console", "/nonexistent/dir/log"], 1, "cannot open console file");
+    assert_fails(&["run", "--kernel", "/k", "--timeout=-1"], 1, "invalid timeout");
+}
+
+#[test]
+fn missing_initrd_and_no_room() {
+    let Some((kernel, _)) = common::images("missing_initrd_and_no_room") else { return };
+    let k = kernel.to_str().unwrap();
+    assert_fails(&["run", "--kernel", k, "--initrd", "/nonexistent.cpio"], 1, "cannot read initramfs /nonexistent.cpio");
+    // The kernel loads at 16 MiB: a 16 MiB guest cannot hold it.
+    assert_fails(&["run", "--kernel", k, "--mem-mib", "16"], 1, "into 16 MiB of guest memory");
+    // A 40 MiB initramfs does not fit a 48 MiB guest beside the kernel.
+    let d = tmp();
+    let big = d.path().join("big.cpio");
+    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+    assert_fails(
+        &["run", "--kernel", k, "--initrd", big.to_str().unwrap(), "--mem-mib", "48"],
+        1,
+        "too small for the kernel",
+    );
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = ember(&["run", "--help"]);
+    let help = text(&out.stdout);
+    assert!(out.status.success());
+    for flag in ["--kernel", "--initrd", "--cmdline", "--vcpus", "--mem-mib", "--console", "--config", "--timeout"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
