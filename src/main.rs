@@ -86,6 +86,9 @@ struct RunArgs {
     /// Stop the VM (exit status 4) if the guest has not ended it after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Do not confine the vCPU threads with seccomp (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Subcommand)]
@@ -130,7 +133,8 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
     let out = console(&args.console)?;
     let timeout = timeout(args.timeout)?;
     let vm = Vm::boot(&cfg, out, process_start).map_err(|e| e.to_string())?;
-    let outcome = vm.run(timeout).map_err(|e| e.to_string())?;
+    let options = ember::vmm::RunOptions { timeout, seccomp: !args.no_seccomp };
+    let outcome = vm.run_with(options).map_err(|e| e.to_string())?;
     let t = outcome.timeline;
     if let Some(e) = t.boot_timer {
         tracing::debug!("boot timer: {e}");

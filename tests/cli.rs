@@ -95,7 +95,11 @@ fn bad_console_and_timeout() {
 fn missing_initrd_and_no_room() {
     let Some((kernel, _)) = common::images("missing_initrd_and_no_room") else { return };
     let k = kernel.to_str().unwrap();
-    assert_fails(&["run", "--kernel", k, "--initrd", "/nonexistent.cpio"], 1, "cannot read initramfs /nonexistent.cpio");
+    assert_fails(
+        &["run", "--kernel", k, "--initrd", "/nonexistent.cpio"],
+        1,
+        "cannot read initramfs /nonexistent.cpio",
+    );
     // The kernel loads at 16 MiB: a 16 MiB guest cannot hold it.
     assert_fails(&["run", "--kernel", k, "--mem-mib", "16"], 1, "into 16 MiB of guest memory");
     // A 40 MiB initramfs does not fit a 48 MiB guest beside the kernel.

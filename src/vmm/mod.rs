@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod exit;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,8 @@ pub enum VmError {
     Devices(String),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot build the vCPU seccomp filter: {0}")]
+    Seccomp(String),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -65,6 +68,21 @@ pub struct Vm {
     clock: Arc<BootClock>,
     _vm: VmFd,
     mem: GuestMemory,
+}
+
+/// How to run a VM.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Stop the VM if the guest has not ended it after this long.
+    pub timeout: Option<Duration>,
+    /// Confine every vCPU thread with [`seccomp::vcpu_filter`] (on by default).
+    pub seccomp: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { timeout: None, seccomp: true }
+    }
 }
 
 /// How a run ended, with the boot's timeline.
@@ -178,7 +196,17 @@ impl Vm {
     /// Runs the VM until the guest ends it or `timeout` passes; stops every vCPU thread before
     /// returning.
     pub fn run(self, timeout: Option<Duration>) -> Result<RunOutcome, VmError> {
+        self.run_with(RunOptions { timeout, ..RunOptions::default() })
+    }
+
+    /// Runs the VM with `options`.
+    pub fn run_with(self, options: RunOptions) -> Result<RunOutcome, VmError> {
+        let timeout = options.timeout;
         vcpu::install_kick_handler()?;
+        let filter = match options.seccomp {
+            true => Some(Arc::new(seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)),
+            false => None,
+        };
         let ctl = Arc::new(VmControl::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let Vm { vcpus, pio, mmio, clock, _vm, mem } = self;
@@ -190,6 +218,7 @@ impl Vm {
                 ctl: ctl.clone(),
                 clock: Some(clock.clone()),
                 mem: mem.clone(),
+                seccomp: filter.clone(),
             };
             match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
                 Ok(t) => threads.push(t),

@@ -102,6 +102,8 @@ pub struct VcpuContext {
     pub ctl: Arc<VmControl>,
     pub clock: Option<Arc<BootClock>>,
     pub mem: GuestMemory,
+    /// The seccomp filter to confine this thread with, if any.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 pub struct Vcpu {
@@ -151,8 +153,14 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
     /// ends the VM is reported through `ctl`.
     pub fn run(mut self, cx: VcpuContext) {
-        let VcpuContext { pio, mmio, ctl, clock, mem } = cx;
+        let VcpuContext { pio, mmio, ctl, clock, mem, seccomp } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Some(filter) = seccomp {
+            if let Err(e) = super::seccomp::apply(&filter) {
+                ctl.end(VmExit::Stopped(format!("vCPU {}: cannot apply the seccomp filter: {e}", self.index)));
+                return;
+            }
+        }
         if let Some(c) = &clock {
             if self.index == 0 {
                 if let Some(e) = c.record(|t| &mut t.first_instruction) {
