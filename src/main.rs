@@ -80,7 +80,8 @@ impl MachineArgs {
 struct RunArgs {
     #[command(flatten)]
     machine: MachineArgs,
-    /// Where the guest console goes: stdout, off, or a file path (appended to).
+    /// Where the guest console goes: stdout (and then ember's stdin is the console's input), off, or
+    /// a file path (appended to).
     #[arg(long, value_name = "PATH|stdout|off", default_value = "stdout")]
     console: String,
     /// Stop the VM (exit status 4) if the guest has not ended it after this many seconds.
@@ -133,7 +134,12 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
     let out = console(&args.console)?;
     let timeout = timeout(args.timeout)?;
     let vm = Vm::boot(&cfg, out, process_start).map_err(|e| e.to_string())?;
-    let options = ember::vmm::RunOptions { timeout, seccomp: !args.no_seccomp };
+    // The guest console's input is ember's stdin when its output is ember's stdout.
+    let console_input = match args.console.as_str() {
+        "stdout" => Some(ember::devices::console_input::stdin().map_err(|e| format!("cannot use stdin: {e}"))?),
+        _ => None,
+    };
+    let options = ember::vmm::RunOptions { timeout, seccomp: !args.no_seccomp, console_input };
     let outcome = vm.run_with(options).map_err(|e| e.to_string())?;
     let t = outcome.timeline;
     if let Some(e) = t.boot_timer {

@@ -2,6 +2,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod console_input;
 pub mod debug_port;
 pub mod i8042;
 pub mod serial;

@@ -7,6 +7,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::boot_timer::{BootClock, BootTimeline, BootTimer};
 use crate::devices::bus::Bus;
+use crate::devices::console_input::ConsoleInputLoop;
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
@@ -63,6 +65,7 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     // Field order is drop order: vCPUs and devices before the VM fd, guest memory last.
     vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     clock: Arc<BootClock>,
@@ -71,17 +74,19 @@ pub struct Vm {
 }
 
 /// How to run a VM.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct RunOptions {
     /// Stop the VM if the guest has not ended it after this long.
     pub timeout: Option<Duration>,
     /// Confine every vCPU thread with [`seccomp::vcpu_filter`] (on by default).
     pub seccomp: bool,
+    /// Bytes read from this fd go to the guest console (the UART's receive FIFO).
+    pub console_input: Option<OwnedFd>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { timeout: None, seccomp: true }
+        Self { timeout: None, seccomp: true, console_input: None }
     }
 }
 
@@ -173,8 +178,8 @@ impl Vm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
         let mut pio = Bus::new();
-        pio.insert(COM1_PORT, UART_PORTS, Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))))
-            .map_err(|e| dev_err(&e))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+        pio.insert(COM1_PORT, UART_PORTS, serial.clone()).map_err(|e| dev_err(&e))?;
         pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default()))).map_err(|e| dev_err(&e))?;
         pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone())))).map_err(|e| dev_err(&e))?;
         pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))).map_err(|e| dev_err(&e))?;
@@ -190,7 +195,7 @@ impl Vm {
             v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), clock, _vm: vm, mem })
+        Ok(Self { vcpus, serial, pio: Arc::new(pio), mmio: Arc::new(mmio), clock, _vm: vm, mem })
     }
 
     /// Runs the VM until the guest ends it or `timeout` passes; stops every vCPU thread before
@@ -209,7 +214,11 @@ impl Vm {
         };
         let ctl = Arc::new(VmControl::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let Vm { vcpus, pio, mmio, clock, _vm, mem } = self;
+        let Vm { vcpus, serial, pio, mmio, clock, _vm, mem } = self;
+        let input = match options.console_input {
+            Some(fd) => Some(ConsoleInputLoop::start(fd, serial).map_err(|e| VmError::Devices(e.to_string()))?),
+            None => None,
+        };
         let mut spawn_error = None;
         for v in vcpus {
             let cx = VcpuContext {
@@ -242,6 +251,9 @@ impl Vm {
             VmExit::Stopped(why)
         });
         stop_vcpus(&ctl, threads);
+        if let Some(l) = input {
+            l.stop();
+        }
         if let Some(e) = spawn_error {
             return Err(e);
         }
