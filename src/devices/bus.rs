@@ -14,6 +14,10 @@ pub enum BusError {
     BadRange { base: u64, len: u64 },
 }
 
+/// No device claims the address of an access.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unclaimed;
+
 struct Slot {
     base: u64,
     len: u64,
@@ -59,11 +63,11 @@ impl Bus {
         }
     }
 
-    /// Writes to the device at `addr`; `Err(())` when nothing is there.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<Option<GuestRequest>, ()> {
+    /// Writes to the device at `addr`; `Err(Unclaimed)` when nothing is there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<Option<GuestRequest>, Unclaimed> {
         match self.find(addr) {
             Some((slot, offset)) => Ok(lock(&slot.device).write(offset, data)),
-            None => Err(()),
+            None => Err(Unclaimed),
         }
     }
 }
@@ -105,7 +109,7 @@ mod tests {
         assert!(!bus.read(0x3f7, &mut d));
         assert_eq!(bus.write(0x3f9, &[7]), Ok(None));
         assert_eq!(a.lock().unwrap().last, Some((1, vec![7])));
-        assert_eq!(bus.write(0x61, &[7]), Err(()));
+        assert_eq!(bus.write(0x61, &[7]), Err(Unclaimed));
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 /// The smallest guest ember accepts; the kernel and initramfs must also fit (checked when loading).
 pub const MIN_MEM_MIB: u64 = 16;
 
+// The fixed boot structures must not overlap (checked at compile time).
+const _: () = assert!(GDT_START + 4 * 8 <= IDT_START);
+const _: () = assert!(PVH_MODLIST_START >= PVH_INFO_START + 56);
+const _: () = assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER + 16);
+const _: () = assert!(PD_START + PAGE_SIZE <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+
 /// The RAM ranges of a guest of `mem_bytes`: one below the MMIO gap and, for large guests, one above
 /// 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
@@ -135,14 +142,5 @@ mod tests {
             let ram: u64 = memory_map(mib * MIB).iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
             assert_eq!(ram, mib * MIB - (HIMEM_START - EBDA_START));
         }
-    }
-
-    #[test]
-    fn fixed_addresses_do_not_overlap() {
-        assert!(GDT_START + 4 * 8 <= IDT_START);
-        assert!(PVH_MODLIST_START >= PVH_INFO_START + 56);
-        assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER + 16);
-        assert!(PD_START + PAGE_SIZE <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

@@ -256,7 +256,7 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<Option<Guest
             }
             Ok(None)
         }
-        VcpuExit::MmioWrite(addr, data) => Ok(mmio.write(addr, data).unwrap_or_else(|()| {
+        VcpuExit::MmioWrite(addr, data) => Ok(mmio.write(addr, data).unwrap_or_else(|_| {
             tracing::trace!("MMIO write to {addr:#x}: nothing there");
             None
         })),
