@@ -33,5 +33,8 @@ log "ember is at target/release/ember"
 
 if [[ ${1:-} != --no-demo && -e /dev/kvm ]]; then
   log "demo: booting the guest (on hosts whose KVM emulates guest kernel mode this takes ~10-20 s)"
-  target/release/ember run --kernel images/vmlinux --initrd images/initramfs.cpio --timeout 300
+  if ! target/release/ember run --kernel images/vmlinux --initrd images/initramfs.cpio --timeout 300; then
+    log "the demo guest did not finish (see README, Status: the guest does not reach init yet on hosts"
+    log "whose KVM emulates guest kernel mode)"
+  fi
 fi

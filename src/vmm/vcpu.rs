@@ -197,6 +197,20 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        let stopped_by_ember = matches!(*ctl.exit.lock().unwrap_or_else(|p| p.into_inner()), Some(VmExit::Stopped(_)));
+        if stopped_by_ember {
+            // Where the guest was when ember stopped it: the first clue to a hung guest.
+            let (cs, cr2) = self.fd.get_sregs().map(|s| (s.cs.selector, s.cr2)).unwrap_or_default();
+            let regs = self.fd.get_regs().unwrap_or_default();
+            tracing::info!(
+                "vCPU {} stopped at RIP {:#x} (CS {cs:#x}, CR2 {cr2:#x}, RSP {:#x}, RCX {:#x}, RAX {:#x})",
+                self.index,
+                regs.rip,
+                regs.rsp,
+                regs.rcx,
+                regs.rax
+            );
+        }
     }
 
     fn rip(&self) -> u64 {
@@ -246,9 +260,13 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<Option<Guest
             if !pio.read(u64::from(port), data) {
                 data.fill(0xff);
             }
+            tracing::trace!("in {port:#x} -> {data:02x?}");
             Ok(None)
         }
-        VcpuExit::IoOut(port, data) => Ok(pio.write(u64::from(port), data).unwrap_or(None)),
+        VcpuExit::IoOut(port, data) => {
+            tracing::trace!("out {port:#x} <- {data:02x?}");
+            Ok(pio.write(u64::from(port), data).unwrap_or(None))
+        }
         VcpuExit::MmioRead(addr, data) => {
             if !mmio.read(addr, data) {
                 tracing::trace!("MMIO read from {addr:#x}: nothing there");
