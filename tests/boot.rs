@@ -56,7 +56,6 @@ fn booted(test: &str) -> Option<&'static Booted> {
 }
 
 #[test]
-#[ignore = "not finished: the guest kernel stalls before init on this host (README, Status)"]
 fn guest_reaches_init_and_powers_off() {
     let Some(b) = booted("guest_reaches_init_and_powers_off") else { return };
     assert!(b.console.contains("Run /init as init process"), "kernel did not start init");
@@ -65,7 +64,6 @@ fn guest_reaches_init_and_powers_off() {
 }
 
 #[test]
-#[ignore = "not finished: the guest kernel stalls before init on this host (README, Status)"]
 fn guest_system_calls_work() {
     let Some(b) = booted("guest_system_calls_work") else { return };
     let line = b.console.lines().find(|l| l.contains(MARKER)).expect("marker line");
@@ -81,7 +79,6 @@ fn guest_system_calls_work() {
 }
 
 #[test]
-#[ignore = "not finished: the guest kernel stalls before init on this host (README, Status)"]
 fn boot_timer_and_kernel_markers_arrive_in_order() {
     let Some(b) = booted("boot_timer_and_kernel_markers_arrive_in_order") else { return };
     let t = b.outcome.timeline;

@@ -26,7 +26,6 @@ fn run_guest(test: &str, extra_cmdline: &str) -> Option<std::process::Output> {
 }
 
 #[test]
-#[ignore = "not finished: the guest kernel stalls before init on this host (README, Status)"]
 fn guest_kernel_panic_is_a_crash_with_rip() {
     let Some(out) = run_guest("guest_kernel_panic_is_a_crash_with_rip", "ember_exit=panic") else { return };
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -36,7 +35,6 @@ fn guest_kernel_panic_is_a_crash_with_rip() {
 }
 
 #[test]
-#[ignore = "not finished: the guest kernel stalls before init on this host (README, Status)"]
 fn guest_reboot_ends_the_vm_cleanly() {
     let Some(out) = run_guest("guest_reboot_ends_the_vm_cleanly", "ember_exit=reboot") else { return };
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));

@@ -55,9 +55,12 @@ fn init() -> io::Result<()> {
         return Err(io::Error::other(format!("child exited with {status}, expected {CHILD_EXIT_CODE}")));
     }
 
+    // GRND_INSECURE: this early the kernel's CRNG may not be initialised yet, and waiting for it
+    // means waiting for timer-jitter entropy (seconds of emulated kernel work on some hosts). The
+    // bytes only show that getrandom works; a workload that needs secrets gets a seeded CRNG.
     let mut random = [0u8; 16];
     // SAFETY: getrandom writes at most `random.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), libc::GRND_INSECURE) };
     if n != random.len() as isize {
         return Err(io::Error::last_os_error());
     }
