@@ -8,4 +8,5 @@
 pub mod bench;
 pub mod config;
 pub mod devices;
+pub mod snapshot;
 pub mod vmm;

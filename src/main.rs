@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ember::bench;
 use ember::config::{BootSource, MachineConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use ember::devices::serial::ConsoleOut;
+use ember::vmm::exit::VmExit;
 use ember::vmm::Vm;
 
 /// ember: a minimal KVM microVM manager.
@@ -29,6 +30,13 @@ enum Command {
     /// a command-line usage error; 3 when the guest crashed (kernel panic, triple fault, KVM internal
     /// error: the reason and the vCPU's RIP are printed); 4 when --timeout stopped it.
     Run(RunArgs),
+    /// Run clones of a snapshot (made with `ember run --snapshot-on-ready DIR`).
+    ///
+    /// Each clone is a new VM whose memory maps the snapshot's memory file copy-on-write, with all
+    /// of the snapshot's vCPU, VM and device state; it goes on from the snapshot point with its own
+    /// clone id (1..N) and fresh RNG seed material. With N > 1 each console line is prefixed with
+    /// `[clone I]`. Exit status as for `run`, for the worst clone.
+    Restore(RestoreArgs),
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -90,6 +98,29 @@ struct RunArgs {
     /// Do not confine the vCPU threads with seccomp (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Make a template: when the guest agent signals "ready" (the control page's doorbell), pause
+    /// the VM, snapshot it into DIR (files `state` and `memory`) and stop it (exit status 0).
+    #[arg(long, value_name = "DIR")]
+    snapshot_on_ready: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// How many clones to run at once in this process.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    clones: u32,
+    /// Where the clones' consoles go: stdout, off, or a file path (appended to).
+    #[arg(long, value_name = "PATH|stdout|off", default_value = "stdout")]
+    console: String,
+    /// Stop a clone (exit status 4) if its guest has not ended it after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Do not confine the vCPU threads with seccomp (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Subcommand)]
@@ -139,21 +170,120 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
         "stdout" => Some(ember::devices::console_input::stdin().map_err(|e| format!("cannot use stdin: {e}"))?),
         _ => None,
     };
-    let options = ember::vmm::RunOptions { timeout, seccomp: !args.no_seccomp, console_input };
-    let outcome = vm.run_with(options).map_err(|e| e.to_string())?;
-    let t = outcome.timeline;
-    if let Some(e) = t.boot_timer {
-        tracing::debug!("boot timer: {e}");
+    let options = ember::vmm::RunOptions {
+        timeout,
+        seccomp: !args.no_seccomp,
+        console_input,
+        pause_on_ready: args.snapshot_on_ready.is_some(),
+    };
+    let Some(dir) = args.snapshot_on_ready else {
+        let outcome = vm.run_with(options).map_err(|e| e.to_string())?;
+        return Ok(exit_status(&outcome.exit));
+    };
+    let running = vm.start(options).map_err(|e| e.to_string())?;
+    if !running.wait_ready(timeout.unwrap_or(Duration::MAX)) {
+        let outcome = running.wait(Some(Duration::ZERO));
+        eprintln!("ember: the guest never signalled ready, no snapshot taken");
+        return Ok(exit_status(&outcome.exit));
     }
-    if outcome.exit.is_clean() {
-        tracing::info!("VM ended: {}", outcome.exit);
-        Ok(ExitCode::SUCCESS)
-    } else if matches!(outcome.exit, ember::vmm::exit::VmExit::Stopped(_)) {
-        eprintln!("ember: {}", outcome.exit);
-        Ok(ExitCode::from(4))
+    let t = Instant::now();
+    running.pause().map_err(|e| e.to_string())?;
+    let paused = t.elapsed();
+    running.snapshot(&dir).map_err(|e| format!("cannot snapshot into {}: {e}", dir.display()))?;
+    tracing::info!(
+        "snapshot written to {} (pause {:.3} ms, save {:.3} ms)",
+        dir.display(),
+        paused.as_secs_f64() * 1e3,
+        (t.elapsed() - paused).as_secs_f64() * 1e3
+    );
+    running.stop("snapshot taken");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// ember's exit status for how a VM ended (the CLI's contract, see `ember run --help`).
+fn exit_status(exit: &VmExit) -> ExitCode {
+    if exit.is_clean() {
+        tracing::info!("VM ended: {exit}");
+        ExitCode::SUCCESS
+    } else if matches!(exit, VmExit::Stopped(_)) {
+        eprintln!("ember: {exit}");
+        ExitCode::from(4)
     } else {
-        eprintln!("ember: VM failed: {}", outcome.exit);
-        Ok(ExitCode::from(3))
+        eprintln!("ember: VM failed: {exit}");
+        ExitCode::from(3)
+    }
+}
+
+/// Severity of an exit status, for reporting the worst of several clones.
+fn severity(exit: &VmExit) -> u8 {
+    match exit {
+        e if e.is_clean() => 0,
+        VmExit::Stopped(_) => 1,
+        _ => 2,
+    }
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
+    let timeout = timeout(args.timeout)?;
+    let paths = ember::snapshot::SnapshotPaths::new(&args.snapshot);
+    let state = ember::snapshot::read_state(&paths).map_err(|e| e.to_string())?;
+    let memory = ember::snapshot::MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(console(&args.console)?));
+    let mut running = Vec::new();
+    for id in 1..=u64::from(args.clones) {
+        let out: ConsoleOut = match args.clones {
+            1 => Box::new(SharedConsole { inner: shared.clone(), prefix: None, at_line_start: true }),
+            _ => Box::new(SharedConsole {
+                inner: shared.clone(),
+                prefix: Some(format!("[clone {id}] ")),
+                at_line_start: true,
+            }),
+        };
+        let t = Instant::now();
+        let vm = Vm::restore(&state, &memory, id, out).map_err(|e| format!("clone {id}: {e}"))?;
+        let options = ember::vmm::RunOptions { seccomp: !args.no_seccomp, ..Default::default() };
+        running.push(vm.start(options).map_err(|e| format!("clone {id}: {e}"))?);
+        tracing::debug!("clone {id} restored and started in {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut worst: Option<VmExit> = None;
+    for (i, vm) in running.into_iter().enumerate() {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let exit = vm.wait(left).exit;
+        if !exit.is_clean() {
+            eprintln!("ember: clone {}: {exit}", i + 1);
+        }
+        if worst.as_ref().is_none_or(|w| severity(&exit) > severity(w)) {
+            worst = Some(exit);
+        }
+    }
+    Ok(worst.map(|w| exit_status(&w)).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// One clone's console on an output shared by several clones, whole lines at a time, each line
+/// optionally prefixed with the clone's name.
+struct SharedConsole {
+    inner: std::sync::Arc<std::sync::Mutex<ConsoleOut>>,
+    prefix: Option<String>,
+    at_line_start: bool,
+}
+
+impl std::io::Write for SharedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(prefix) = &self.prefix else { return out.write(buf) };
+        for line in buf.split_inclusive(|&b| b == b'\n') {
+            if self.at_line_start {
+                out.write_all(prefix.as_bytes())?;
+            }
+            out.write_all(line)?;
+            self.at_line_start = line.ends_with(b"\n");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).flush()
     }
 }
 
@@ -170,6 +300,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, process_start),
+        Command::Restore(args) => restore(args),
         Command::Bench(BenchCommand::Boot(args)) => args
             .machine
             .to_config()

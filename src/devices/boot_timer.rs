@@ -39,6 +39,8 @@ pub struct BootTimeline {
     pub run_init: Option<BootEvent>,
     /// The guest's init wrote the boot-timer byte.
     pub boot_timer: Option<BootEvent>,
+    /// The guest's first port or MMIO access: for a restored clone, its first observable action.
+    pub first_io: Option<BootEvent>,
 }
 
 /// The clock boot events are measured against, shared by the VMM and its timing devices.

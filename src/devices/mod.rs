@@ -3,6 +3,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod console_input;
+pub mod control;
 pub mod debug_port;
 pub mod i8042;
 pub mod serial;
@@ -16,6 +17,15 @@ pub enum GuestRequest {
     PowerOff,
     /// The guest kernel panicked (ember's exit port).
     Panic,
+    /// The guest agent is ready: the snapshot point (the control page's doorbell).
+    Ready,
+}
+
+/// The state of every device that has state worth keeping, as saved in a snapshot. A device with
+/// state adds its field here and nowhere else.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub serial: serial::UartState,
 }
 
 /// A device on the port-I/O or MMIO bus. `offset` is relative to the device's base.

@@ -2,7 +2,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,9 +30,69 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOut>,
 }
 
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`, in a serde-encodable shape).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for UartState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&UartState> for SerialState {
+    fn from(s: &UartState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
         Self { uart: Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// A UART in the state `state` (a snapshot's); fails if the state is not one a UART can be in.
+    pub fn from_state(state: &UartState, irq: EventFd, out: ConsoleOut) -> Result<Self, String> {
+        let uart = Serial::from_state(&SerialState::from(state), IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("bad UART state: {e:?}"))?;
+        Ok(Self { uart })
+    }
+
+    pub fn state(&self) -> UartState {
+        self.uart.state().into()
     }
 
     /// Input for the guest (its console's receive FIFO); returns how many bytes fit.
@@ -93,6 +154,25 @@ mod tests {
         let mut lsr = [0u8];
         s.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        s.write(1, &[0x02]);
+        s.write(7, &[0x5a]);
+        s.enqueue_input(b"xy");
+        let st = s.state();
+        let mut r = SerialDevice::from_state(&st, irq.try_clone().unwrap(), Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.state(), st);
+        let mut d = [0u8];
+        r.read(7, &mut d);
+        assert_eq!(d[0], 0x5a);
+        r.read(0, &mut d);
+        assert_eq!(d[0], b'x');
+        let bad = UartState { in_buffer: vec![0; 4096], ..st };
+        assert!(SerialDevice::from_state(&bad, irq, Box::new(std::io::sink())).is_err());
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod exit;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
+pub mod vcpu_state;
+pub mod vm_state;
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -23,13 +25,17 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::boot_timer::{BootClock, BootTimeline, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::console_input::ConsoleInputLoop;
+use crate::devices::control::{ControlPage, CONTROL_ADDR, CONTROL_SIZE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
-use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::serial::{ConsoleOut, SerialDevice, UartState, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::DevicesState;
+use crate::snapshot::{self, MachineInfo, MemoryFile, SnapshotError, SnapshotState};
 use boot::BootError;
 use exit::VmExit;
 use memory::{GuestMemory, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE};
 use vcpu::{Vcpu, VcpuContext, VmControl};
+use vm_state::VmState;
 
 /// Where [`Vm::with_payload`] loads its code.
 pub const PAYLOAD_START: u64 = 0x10_0000;
@@ -55,6 +61,12 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("cannot build the vCPU seccomp filter: {0}")]
     Seccomp(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("the snapshot does not fit this host: {0}")]
+    Restore(String),
+    #[error("the VM is not running (it ended: {0})")]
+    Ended(VmExit),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -65,12 +77,52 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     // Field order is drop order: vCPUs and devices before the VM fd, guest memory last.
     vcpus: Vec<Vcpu>,
+    devices: Devices,
+    clock: Arc<BootClock>,
+    vm: VmFd,
+    mem: GuestMemory,
+    mem_bytes: u64,
+}
+
+/// The VM's devices and the buses the vCPUs reach them through.
+struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    clock: Arc<BootClock>,
-    _vm: VmFd,
-    mem: GuestMemory,
+}
+
+impl Devices {
+    /// Creates every device and wires its interrupt; `serial` is a snapshot's UART state, if any.
+    fn create(
+        vm: &VmFd,
+        console: ConsoleOut,
+        clock: &Arc<BootClock>,
+        serial: Option<&UartState>,
+        clone_id: u64,
+    ) -> Result<Self, VmError> {
+        let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(e.to_string());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(match serial {
+            Some(state) => SerialDevice::from_state(state, serial_irq, console).map_err(|e| dev_err(&e))?,
+            None => SerialDevice::new(serial_irq, console),
+        }));
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT, UART_PORTS, serial.clone()).map_err(|e| dev_err(&e))?;
+        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default()))).map_err(|e| dev_err(&e))?;
+        pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone())))).map_err(|e| dev_err(&e))?;
+        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))).map_err(|e| dev_err(&e))?;
+        let mut mmio = Bus::new();
+        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))
+            .map_err(|e| dev_err(&e))?;
+        let control = ControlPage::new(clone_id).map_err(|e| dev_err(&e))?;
+        mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control))).map_err(|e| dev_err(&e))?;
+        Ok(Self { serial, pio: Arc::new(pio), mmio: Arc::new(mmio) })
+    }
+
+    fn state(&self) -> DevicesState {
+        DevicesState { serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state() }
+    }
 }
 
 /// How to run a VM.
@@ -82,11 +134,14 @@ pub struct RunOptions {
     pub seccomp: bool,
     /// Bytes read from this fd go to the guest console (the UART's receive FIFO).
     pub console_input: Option<OwnedFd>,
+    /// Pause the VM the moment the guest signals ready (the snapshot point), so that it has run
+    /// nothing past it when [`RunningVm::snapshot`] saves it.
+    pub pause_on_ready: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { timeout: None, seccomp: true, console_input: None }
+        Self { timeout: None, seccomp: true, console_input: None, pause_on_ready: false }
     }
 }
 
@@ -135,7 +190,7 @@ impl Vm {
         boot::write_boot_parameters(&mem, mem_bytes, &kernel, cmdline_size, initrd, vcpu_count)?;
         boot::regs::write_boot_tables(&mem, kernel.entry).map_err(|e| BootError::Params(e.to_string()))?;
 
-        Self::assemble(mem, vcpu_count, kernel.entry, console, clock)
+        Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, console, clock)
     }
 
     /// Builds a VM whose vCPUs all start in 64-bit mode at `code` (loaded at [`PAYLOAD_START`]),
@@ -149,7 +204,7 @@ impl Vm {
         let entry = boot::EntryPoint::Linux64(PAYLOAD_START);
         mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
         boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
-        let vm = Self::assemble(mem, vcpu_count, entry, console, BootClock::new(Instant::now()))?;
+        let vm = Self::assemble(mem, mem_bytes, vcpu_count, entry, console, BootClock::new(Instant::now()))?;
         for v in &vm.vcpus {
             v.start_payload(vcpu_count)?;
         }
@@ -159,35 +214,14 @@ impl Vm {
     /// Creates the KVM VM around prepared guest memory: irqchip, PIT, devices, configured vCPUs.
     fn assemble(
         mem: GuestMemory,
+        mem_bytes: u64,
         vcpu_count: u8,
         entry: boot::EntryPoint,
         console: ConsoleOut,
         clock: Arc<BootClock>,
     ) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
-        register_memory(&vm, &mem)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        // Devices.
-        let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(e.to_string());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-        let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
-        pio.insert(COM1_PORT, UART_PORTS, serial.clone()).map_err(|e| dev_err(&e))?;
-        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default()))).map_err(|e| dev_err(&e))?;
-        pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone())))).map_err(|e| dev_err(&e))?;
-        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))).map_err(|e| dev_err(&e))?;
-        let mut mmio = Bus::new();
-        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))
-            .map_err(|e| dev_err(&e))?;
-
-        // vCPUs.
+        let (kvm, vm) = create_vm(&mem)?;
+        let devices = Devices::create(&vm, console, &clock, None, 0)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for i in 0..vcpu_count {
@@ -195,7 +229,30 @@ impl Vm {
             v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, serial, pio: Arc::new(pio), mmio: Arc::new(mmio), clock, _vm: vm, mem })
+        Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes })
+    }
+
+    /// Builds a clone of a snapshot: a new VM whose RAM maps `memory` copy-on-write, with every
+    /// vCPU, VM and device state of the snapshot restored, ready to run from the snapshot point.
+    /// `clone_id` (1 and up) is what the guest reads from its control page, with fresh seed material.
+    pub fn restore(
+        state: &SnapshotState,
+        memory: &MemoryFile,
+        clone_id: u64,
+        console: ConsoleOut,
+    ) -> Result<Self, VmError> {
+        let clock = BootClock::new(Instant::now());
+        let mem = memory.map_private()?;
+        let (_kvm, vm) = create_vm(&mem)?;
+        state.vm.restore(&vm)?;
+        let devices = Devices::create(&vm, console, &clock, Some(&state.devices.serial), clone_id)?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let v = Vcpu::new(&vm, i as u8)?;
+            s.restore(&v.fd)?;
+            vcpus.push(v);
+        }
+        Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes: state.machine.mem_bytes })
     }
 
     /// Runs the VM until the guest ends it or `timeout` passes; stops every vCPU thread before
@@ -204,66 +261,191 @@ impl Vm {
         self.run_with(RunOptions { timeout, ..RunOptions::default() })
     }
 
-    /// Runs the VM with `options`.
+    /// Runs the VM with `options` until it ends.
     pub fn run_with(self, options: RunOptions) -> Result<RunOutcome, VmError> {
         let timeout = options.timeout;
+        Ok(self.start(options)?.wait(timeout))
+    }
+
+    /// Starts the vCPU threads and returns a handle to the running VM.
+    pub fn start(self, options: RunOptions) -> Result<RunningVm, VmError> {
         vcpu::install_kick_handler()?;
         let filter = match options.seccomp {
             true => Some(Arc::new(seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)),
             false => None,
         };
-        let ctl = Arc::new(VmControl::default());
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let Vm { vcpus, serial, pio, mmio, clock, _vm, mem } = self;
+        // What a vCPU thread needs to save its state when paused, worked out before it is confined.
+        if let Some(v) = self.vcpus.first() {
+            vcpu_state::prepare(&v.fd)?;
+        }
+        let Vm { vcpus, devices, clock, vm, mem, mem_bytes } = self;
+        let ctl = Arc::new(VmControl::new(vcpus.len()));
+        ctl.set_pause_on_ready(options.pause_on_ready);
         let input = match options.console_input {
-            Some(fd) => Some(ConsoleInputLoop::start(fd, serial).map_err(|e| VmError::Devices(e.to_string()))?),
+            Some(fd) => {
+                Some(ConsoleInputLoop::start(fd, devices.serial.clone()).map_err(|e| VmError::Devices(e.to_string()))?)
+            }
             None => None,
         };
-        let mut spawn_error = None;
+        let mut running = RunningVm {
+            ctl: ctl.clone(),
+            threads: Vec::new(),
+            input,
+            devices,
+            clock: clock.clone(),
+            vm,
+            mem: mem.clone(),
+            mem_bytes,
+        };
         for v in vcpus {
             let cx = VcpuContext {
-                pio: pio.clone(),
-                mmio: mmio.clone(),
+                pio: running.devices.pio.clone(),
+                mmio: running.devices.mmio.clone(),
                 ctl: ctl.clone(),
                 clock: Some(clock.clone()),
                 mem: mem.clone(),
                 seccomp: filter.clone(),
             };
             match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
-                Ok(t) => threads.push(t),
+                Ok(t) => running.threads.push(t),
                 Err(e) => {
-                    spawn_error = Some(VmError::Thread(e));
                     ctl.end(VmExit::Stopped("a vCPU thread could not start".into()));
-                    break;
+                    running.shutdown();
+                    return Err(VmError::Thread(e));
                 }
             }
         }
-        let exit = match spawn_error {
-            Some(_) => None,
-            None => ctl.wait(timeout),
-        };
-        let exit = exit.unwrap_or_else(|| {
+        Ok(running)
+    }
+}
+
+/// A VM whose vCPU threads are running (or paused).
+pub struct RunningVm {
+    ctl: Arc<VmControl>,
+    threads: Vec<JoinHandle<()>>,
+    input: Option<ConsoleInputLoop>,
+    // Drop order: threads are joined (shutdown) before devices, the VM fd and memory go.
+    devices: Devices,
+    clock: Arc<BootClock>,
+    vm: VmFd,
+    mem: GuestMemory,
+    mem_bytes: u64,
+}
+
+impl RunningVm {
+    /// Waits until the guest ends the VM or `timeout` passes (then ember stops it), and stops every
+    /// vCPU thread.
+    pub fn wait(mut self, timeout: Option<Duration>) -> RunOutcome {
+        let exit = self.ctl.wait(timeout).unwrap_or_else(|| {
             let why = match timeout {
                 Some(t) => format!("timed out after {:.1} s", t.as_secs_f64()),
                 None => "stopped".into(),
             };
-            ctl.end(VmExit::Stopped(why.clone()));
+            self.ctl.end(VmExit::Stopped(why.clone()));
             VmExit::Stopped(why)
         });
-        stop_vcpus(&ctl, threads);
-        if let Some(l) = input {
+        self.shutdown();
+        RunOutcome { exit, timeline: self.clock.timeline() }
+    }
+
+    /// Stops the VM now.
+    pub fn stop(self, why: &str) -> RunOutcome {
+        self.ctl.end(VmExit::Stopped(why.into()));
+        self.wait(Some(Duration::ZERO))
+    }
+
+    /// Waits until the guest rings the control page's doorbell ("ready"); false if the VM ended or
+    /// `timeout` passed first.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        self.ctl.wait_ready(timeout)
+    }
+
+    /// Why the VM ended, if it has.
+    pub fn exit(&self) -> Option<VmExit> {
+        self.ctl.exit()
+    }
+
+    /// Pauses every vCPU: each leaves KVM_RUN, completes the I/O it was in the middle of, saves its
+    /// state and parks. Returns once all are parked.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.ctl.request_pause();
+        let kick = || {
+            for t in &self.threads {
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        };
+        kick();
+        while !self.ctl.wait_parked(Duration::from_millis(1)) {
+            if let Some(e) = self.ctl.exit() {
+                return Err(VmError::Ended(e));
+            }
+            kick();
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.ctl.resume();
+    }
+
+    /// The state of the paused VM (vCPUs as saved when they parked; VM and devices now).
+    pub fn state(&self) -> Result<SnapshotState, VmError> {
+        let vcpus = self.ctl.parked_states()?;
+        Ok(SnapshotState {
+            machine: MachineInfo { vcpus: vcpus.len() as u8, mem_bytes: self.mem_bytes },
+            vm: VmState::save(&self.vm)?,
+            vcpus,
+            devices: self.devices.state(),
+        })
+    }
+
+    /// Snapshots the paused VM into `dir` (`state` and `memory` files).
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmError> {
+        let state = self.state()?;
+        snapshot::write(dir, &state, &self.mem)?;
+        Ok(())
+    }
+
+    /// The boot / restore timeline so far.
+    pub fn timeline(&self) -> BootTimeline {
+        self.clock.timeline()
+    }
+
+    fn shutdown(&mut self) {
+        if !self.ctl.should_stop() {
+            self.ctl.end(VmExit::Stopped("stopped".into()));
+        }
+        stop_vcpus(&self.ctl, std::mem::take(&mut self.threads));
+        if let Some(l) = self.input.take() {
             l.stop();
         }
-        if let Some(e) = spawn_error {
-            return Err(e);
-        }
-        Ok(RunOutcome { exit, timeline: clock.timeline() })
     }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Opens KVM and creates a VM with `mem` registered, the TSS, the in-kernel irqchip and the PIT.
+fn create_vm(mem: &GuestMemory) -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
+    register_memory(&vm, mem)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it has exited, then joins it.
 fn stop_vcpus(ctl: &VmControl, threads: Vec<JoinHandle<()>>) {
     debug_assert!(ctl.should_stop());
+    ctl.resume();
     for t in threads {
         while !t.is_finished() {
             let _ = t.kill(vcpu::kick_signal());

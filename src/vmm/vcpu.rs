@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::boot::{cpuid, msr, regs, EntryPoint};
 use super::exit::VmExit;
 use super::memory::GuestMemory;
+use super::vcpu_state::VcpuState;
 use super::VmError;
 use crate::devices::boot_timer::BootClock;
 use crate::devices::bus::Bus;
@@ -47,15 +48,39 @@ pub fn install_kick_handler() -> Result<(), VmError> {
     result
 }
 
-/// What the VM's vCPU threads share: the stop flag and the first reason the VM ended for.
-#[derive(Default)]
+/// What the VM's vCPU threads and the thread controlling the VM share: the stop and pause flags,
+/// the first reason the VM ended for, and the parked vCPUs' saved state.
 pub struct VmControl {
     stop: AtomicBool,
+    pause: AtomicBool,
+    /// Pause as soon as the guest rings the doorbell, before it runs another instruction.
+    pause_on_ready: AtomicBool,
     exit: Mutex<Option<VmExit>>,
     ended: Condvar,
+    park: Mutex<Park>,
+    park_changed: Condvar,
+}
+
+struct Park {
+    ready: bool,
+    parked: usize,
+    /// Per vCPU: the state it saved when it last parked.
+    states: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl VmControl {
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            pause_on_ready: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            ended: Condvar::new(),
+            park: Mutex::new(Park { ready: false, parked: 0, states: (0..vcpus).map(|_| None).collect() }),
+            park_changed: Condvar::new(),
+        }
+    }
+
     /// Records why the VM ended (the first reason wins) and tells every vCPU to stop.
     pub fn end(&self, reason: VmExit) {
         let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
@@ -64,10 +89,17 @@ impl VmControl {
         }
         self.stop.store(true, Ordering::SeqCst);
         self.ended.notify_all();
+        drop(e);
+        let _g = self.park.lock().unwrap_or_else(|p| p.into_inner());
+        self.park_changed.notify_all();
     }
 
     pub fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn exit(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits until the VM ends or `timeout` passes; the reason, if it ended.
@@ -78,6 +110,92 @@ impl VmControl {
             None => self.ended.wait_while(guard, |e| e.is_none()).unwrap_or_else(|p| p.into_inner()),
         };
         guard.clone()
+    }
+
+    fn lock_park(&self) -> std::sync::MutexGuard<'_, Park> {
+        self.park.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_pause_on_ready(&self, on: bool) {
+        self.pause_on_ready.store(on, Ordering::SeqCst);
+    }
+
+    /// The guest rang the doorbell.
+    fn set_ready(&self) {
+        if self.pause_on_ready.load(Ordering::SeqCst) {
+            self.request_pause();
+        }
+        self.lock_park().ready = true;
+        self.park_changed.notify_all();
+    }
+
+    /// Waits for the doorbell; false if the VM ended or `timeout` passed first.
+    pub fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let g = self.lock_park();
+        let g = self
+            .park_changed
+            .wait_timeout_while(g, timeout, |p| !p.ready && !self.should_stop())
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        g.ready
+    }
+
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for every vCPU to park.
+    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
+        let g = self.lock_park();
+        let n = g.states.len();
+        let g = self
+            .park_changed
+            .wait_timeout_while(g, timeout, |p| p.parked < n && !self.should_stop())
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        g.parked == n
+    }
+
+    /// The state each parked vCPU saved (taken: a later call needs another pause).
+    pub fn parked_states(&self) -> Result<Vec<VcpuState>, VmError> {
+        let mut g = self.lock_park();
+        if g.parked != g.states.len() || !self.pause_requested() {
+            return Err(VmError::Devices("the VM is not paused".into()));
+        }
+        g.states
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| match s.take() {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(VmError::Devices(format!("vCPU {i} could not save its state: {e}"))),
+                None => Err(VmError::Devices(format!("vCPU {i} saved no state"))),
+            })
+            .collect()
+    }
+
+    pub fn resume(&self) {
+        let _g = self.lock_park();
+        self.pause.store(false, Ordering::SeqCst);
+        self.park_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread: records its state and blocks while the VM is paused.
+    fn park(&self, index: usize, state: Result<VcpuState, String>) {
+        let mut g = self.lock_park();
+        if let Some(slot) = g.states.get_mut(index) {
+            *slot = Some(state);
+        }
+        g.parked += 1;
+        self.park_changed.notify_all();
+        let mut g = self
+            .park_changed
+            .wait_while(g, |_| self.pause_requested() && !self.should_stop())
+            .unwrap_or_else(|p| p.into_inner());
+        g.parked -= 1;
     }
 }
 
@@ -168,16 +286,34 @@ impl Vcpu {
                 }
             }
         }
+        let mut first_io = true;
         while !ctl.should_stop() {
+            if ctl.pause_requested() {
+                self.park(&ctl);
+                continue;
+            }
             let request = match self.fd.run() {
-                Ok(exit) => match handle_exit(exit, &pio, &mmio) {
-                    Ok(r) => r,
-                    Err(reason) => {
-                        let reason = self.describe(&mem, reason);
-                        ctl.end(reason);
-                        break;
+                Ok(exit) => {
+                    if first_io
+                        && matches!(
+                            exit,
+                            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+                        )
+                    {
+                        first_io = false;
+                        if let Some(c) = &clock {
+                            c.record(|t| &mut t.first_io);
+                        }
                     }
-                },
+                    match handle_exit(exit, &pio, &mmio) {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            let reason = self.describe(&mem, reason);
+                            ctl.end(reason);
+                            break;
+                        }
+                    }
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     None
@@ -192,6 +328,10 @@ impl Vcpu {
                     GuestRequest::Reset => VmExit::Reset,
                     GuestRequest::PowerOff => VmExit::PowerOff,
                     GuestRequest::Panic => VmExit::Panic { vcpu: self.index, rip: self.rip() },
+                    GuestRequest::Ready => {
+                        ctl.set_ready();
+                        continue;
+                    }
                 };
                 ctl.end(reason);
             }
@@ -211,6 +351,19 @@ impl Vcpu {
                 regs.rax
             );
         }
+    }
+
+    /// Parks this vCPU while the VM is paused. KVM_RUN with immediate_exit first completes any I/O
+    /// the vCPU was in the middle of, so the saved state is consistent.
+    fn park(&mut self, ctl: &VmControl) {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
+        self.fd.set_kvm_immediate_exit(0);
+        let state = match completed {
+            Ok(()) => VcpuState::save(&self.fd).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("KVM_RUN to complete pending I/O failed: {e}")),
+        };
+        ctl.park(usize::from(self.index), state);
     }
 
     fn rip(&self) -> u64 {

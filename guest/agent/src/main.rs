@@ -2,7 +2,10 @@
 //!
 //! Today it brings the guest up and proves that user space works on ember: it mounts /dev, /proc and
 //! /sys, signals the boot timer, runs real system calls (console writes, reading /proc/uptime,
-//! fork + exec of itself, getrandom), prints its marker line, and powers the VM off.
+//! fork + exec of itself), seeds the kernel RNG from ember's control page, prints its marker line,
+//! rings the "ready" doorbell (the snapshot point), and powers the VM off. In a clone restored from
+//! a snapshot taken at the doorbell it goes on from there: it reseeds the RNG with the clone's own
+//! seed and prints `EMBER_CLONE id=N random=...` before powering off.
 //!
 //! The kernel passes unknown `key=value` command-line parameters to init as environment variables:
 //! - `ember_exit=panic`: exit instead of powering off (the kernel then panics: a guest-crash test).
@@ -13,11 +16,15 @@ use std::fs;
 use std::io::{self, Write};
 use std::process::Command;
 
+mod control;
+
 /// The boot timer: writing this byte at this guest-physical address marks "user space is up".
 const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
 const BOOT_TIMER_MAGIC: u8 = 123;
 /// The marker the host looks for on the console.
 const MARKER: &str = "EMBER_GUEST_READY";
+/// What a clone prints after a restore, with its clone id.
+const CLONE_MARKER: &str = "EMBER_CLONE";
 const CHILD_ARG: &str = "--ember-child";
 const CHILD_EXIT_CODE: i32 = 42;
 
@@ -55,20 +62,42 @@ fn init() -> io::Result<()> {
         return Err(io::Error::other(format!("child exited with {status}, expected {CHILD_EXIT_CODE}")));
     }
 
-    // GRND_INSECURE: this early the kernel's CRNG may not be initialised yet, and waiting for it
-    // means waiting for timer-jitter entropy (seconds of emulated kernel work on some hosts). The
-    // bytes only show that getrandom works; a workload that needs secrets gets a seeded CRNG.
+    // Fresh seed material from the host: the CRNG is ready at once instead of after seconds of
+    // timer-jitter entropy gathering (emulated kernel work on some hosts).
+    let control = control::ControlPage::map()?;
+    if let Some(c) = &control {
+        control::seed_kernel_rng(&c.seed())?;
+    }
+    let mut out = io::stdout().lock();
+    // Without a control page (another VMM) the CRNG may not be ready: take what it has.
+    let flags = if control.is_some() { libc::GRND_NONBLOCK } else { libc::GRND_INSECURE };
+    writeln!(out, "{MARKER} uptime={uptime} child_exit={CHILD_EXIT_CODE} random={}", random_hex(flags)?)?;
+    out.flush()?;
+    drop(out);
+
+    // The snapshot point. A VM that ember snapshots here is stopped; its clones go on from here.
+    let Some(c) = control else { return Ok(()) };
+    c.ring_ready();
+    let clone_id = c.clone_id();
+    if clone_id != 0 {
+        // A clone: its own seed, so that it shares no future randomness with its siblings.
+        control::seed_kernel_rng(&c.seed())?;
+        let mut out = io::stdout().lock();
+        writeln!(out, "{CLONE_MARKER} id={clone_id} random={}", random_hex(libc::GRND_NONBLOCK)?)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// 16 bytes from getrandom(2), in hex.
+fn random_hex(flags: libc::c_uint) -> io::Result<String> {
     let mut random = [0u8; 16];
     // SAFETY: getrandom writes at most `random.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), libc::GRND_INSECURE) };
+    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), flags) };
     if n != random.len() as isize {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::other(format!("getrandom: {}", io::Error::last_os_error())));
     }
-    let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
-
-    let mut out = io::stdout().lock();
-    writeln!(out, "{MARKER} uptime={uptime} child_exit={CHILD_EXIT_CODE} random={random}")?;
-    out.flush()
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {

@@ -1,0 +1,112 @@
+//! The control page: a small MMIO device through which ember's guest agent learns who it is and tells
+//! ember that it is ready.
+//!
+//! ```text
+//! offset 0x00  u32  magic "EMBR" (reads only)
+//! offset 0x08  u64  clone id: 0 in a VM that booted, 1.. in clones restored from a snapshot
+//! offset 0x10  32 bytes of seed material for the guest's RNG, fresh from the host for every VM
+//! offset 0x100      doorbell: a write of any value means "ready" (the snapshot point)
+//! ```
+//!
+//! Every access is an MMIO exit, so the agent reads the page once after boot and once after a
+//! restore; it is not a data channel. The page is per VM and never part of a snapshot: a clone gets
+//! its own id and seed.
+
+use super::{BusDevice, GuestRequest};
+
+/// Guest-physical address of the control page (in the MMIO gap, after the boot timer).
+pub const CONTROL_ADDR: u64 = crate::vmm::memory::MMIO_GAP_START + 0x1000;
+pub const CONTROL_SIZE: u64 = 0x1000;
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
+pub const CLONE_ID_OFFSET: u64 = 0x08;
+pub const SEED_OFFSET: u64 = 0x10;
+pub const SEED_LEN: usize = 32;
+pub const DOORBELL_OFFSET: u64 = 0x100;
+
+/// A VM's control page.
+pub struct ControlPage {
+    regs: [u8; 0x30],
+}
+
+impl ControlPage {
+    /// A page for the VM with `clone_id`, with fresh seed material from the host's RNG.
+    pub fn new(clone_id: u64) -> std::io::Result<Self> {
+        let mut seed = [0u8; SEED_LEN];
+        getrandom(&mut seed)?;
+        Ok(Self::with_seed(clone_id, seed))
+    }
+
+    pub fn with_seed(clone_id: u64, seed: [u8; SEED_LEN]) -> Self {
+        let mut regs = [0u8; 0x30];
+        regs[..4].copy_from_slice(&MAGIC.to_le_bytes());
+        regs[CLONE_ID_OFFSET as usize..][..8].copy_from_slice(&clone_id.to_le_bytes());
+        regs[SEED_OFFSET as usize..][..SEED_LEN].copy_from_slice(&seed);
+        Self { regs }
+    }
+}
+
+/// Fills `buf` from the host kernel's RNG.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into memory we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+impl BusDevice for ControlPage {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| self.regs.get(o + i)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, _data: &[u8]) -> Option<GuestRequest> {
+        (offset == DOORBELL_OFFSET).then_some(GuestRequest::Ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_doorbell() {
+        let mut p = ControlPage::with_seed(7, [0xab; SEED_LEN]);
+        let mut w = [0u8; 4];
+        p.read(0, &mut w);
+        assert_eq!(u32::from_le_bytes(w), MAGIC);
+        let mut q = [0u8; 8];
+        p.read(CLONE_ID_OFFSET, &mut q);
+        assert_eq!(u64::from_le_bytes(q), 7);
+        p.read(SEED_OFFSET + 24, &mut q);
+        assert_eq!(q, [0xab; 8]);
+        // Past the registers: zeros, never a panic.
+        p.read(0xff8, &mut q);
+        assert_eq!(q, [0; 8]);
+        p.read(u64::MAX, &mut q);
+        assert_eq!(q, [0; 8]);
+        assert_eq!(p.write(DOORBELL_OFFSET, &[1]), Some(GuestRequest::Ready));
+        assert_eq!(p.write(0, &[1]), None);
+    }
+
+    #[test]
+    fn every_page_gets_its_own_seed() {
+        let (mut a, mut b) = (ControlPage::new(1).unwrap(), ControlPage::new(1).unwrap());
+        let (mut sa, mut sb) = ([0u8; SEED_LEN], [0u8; SEED_LEN]);
+        a.read(SEED_OFFSET, &mut sa);
+        b.read(SEED_OFFSET, &mut sb);
+        assert_ne!(sa, sb);
+    }
+}

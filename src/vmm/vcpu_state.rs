@@ -1,0 +1,120 @@
+//! A vCPU's complete KVM state, as saved into a snapshot and restored into a clone.
+
+use std::sync::OnceLock;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+use super::VmError;
+
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub lapic: kvm_lapic_state,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub debugregs: kvm_debugregs,
+    /// The guest TSC frequency; a clone on a host with another frequency gets this one (when KVM can
+    /// scale the TSC) so that guest time keeps its pace.
+    pub tsc_khz: u32,
+}
+
+fn err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(what, e.errno())
+}
+
+/// The TSC-deadline MSR must be set after the TSC itself.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs this host's KVM can save for a vCPU: its MSR index list, less those that fail to read
+/// (KVM lists some that a given vCPU model rejects). Worked out once per process.
+fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l);
+    }
+    let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    let listed = kvm.get_msr_index_list().map_err(err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut ok = Vec::new();
+    for &index in listed.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+            .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+        if vcpu.get_msrs(&mut one).is_ok_and(|n| n == 1) {
+            ok.push(index);
+        }
+    }
+    // The deadline after the TSC: KVM interprets the deadline against the TSC it has when set.
+    ok.sort_by_key(|&i| i == MSR_IA32_TSC_DEADLINE);
+    Ok(LIST.get_or_init(|| ok))
+}
+
+/// Works out what saving needs from outside a confined vCPU thread (the MSR list needs /dev/kvm).
+pub fn prepare(vcpu: &VcpuFd) -> Result<(), VmError> {
+    saveable_msrs(vcpu).map(|_| ())
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running (paused, with its pending I/O completed).
+    pub fn save(vcpu: &VcpuFd) -> Result<Self, VmError> {
+        let indices = saveable_msrs(vcpu)?;
+        let entries: Vec<kvm_msr_entry> =
+            indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
+        }
+        Ok(Self {
+            cpuid: vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?.as_slice().to_vec(),
+            msrs: msrs.as_slice().to_vec(),
+            regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
+            xsave: vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
+            xcrs: vcpu.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
+            lapic: vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
+            events: vcpu.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: vcpu.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
+            debugregs: vcpu.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
+            tsc_khz: vcpu.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?,
+        })
+    }
+
+    /// Loads this state into a freshly created vCPU. The order follows what KVM needs: CPUID first
+    /// (it shapes what the rest may contain), MSRs after the registers, events last.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
+        if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
+            if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
+                tracing::warn!("cannot set the guest TSC to {} kHz ({e}); guest time may drift", self.tsc_khz);
+            }
+        }
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
+        vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        vcpu.set_mp_state(self.mp_state).map_err(err("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
+        // SAFETY: the buffer came from KVM_GET_XSAVE, legacy size: ember never enables XSAVE2-only
+        // (AMX) state in a guest's CPUID, so no larger buffer is needed.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debugregs).map_err(err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::E2BIG))?;
+        let n = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+        if n != self.msrs.len() {
+            tracing::error!("KVM refused MSR {:#x} of the snapshot", self.msrs[n].index);
+            return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
+        }
+        vcpu.set_vcpu_events(&self.events).map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
