@@ -175,6 +175,7 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
         seccomp: !args.no_seccomp,
         console_input,
         pause_on_ready: args.snapshot_on_ready.is_some(),
+        ..Default::default()
     };
     let Some(dir) = args.snapshot_on_ready else {
         let outcome = vm.run_with(options).map_err(|e| e.to_string())?;

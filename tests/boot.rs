@@ -5,29 +5,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::Capture;
 use ember::config::{BootSource, MachineConfig, VmConfig};
 use ember::vmm::exit::VmExit;
 use ember::vmm::{RunOutcome, Vm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const MARKER: &str = "EMBER_GUEST_READY";
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 struct Booted {
     console: String,
@@ -49,7 +36,7 @@ fn booted(test: &str) -> Option<&'static Booted> {
         let cap = Capture::default();
         let vm = Vm::boot(&cfg, Box::new(cap.clone()), Instant::now()).expect("build the VM");
         let outcome = vm.run(Some(BOOT_TIMEOUT)).expect("run the VM");
-        let console = String::from_utf8_lossy(&cap.0.lock().unwrap()).into_owned();
+        let console = cap.text();
         eprintln!("--- guest console ---\n{console}\n--- end ({}) ---", outcome.exit);
         Booted { console, outcome }
     }))

@@ -137,11 +137,13 @@ pub struct RunOptions {
     /// Pause the VM the moment the guest signals ready (the snapshot point), so that it has run
     /// nothing past it when [`RunningVm::snapshot`] saves it.
     pub pause_on_ready: bool,
+    /// Start paused: the vCPU threads park before running any guest code (resume or snapshot next).
+    pub start_paused: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { timeout: None, seccomp: true, console_input: None, pause_on_ready: false }
+        Self { timeout: None, seccomp: true, console_input: None, pause_on_ready: false, start_paused: false }
     }
 }
 
@@ -281,6 +283,9 @@ impl Vm {
         let Vm { vcpus, devices, clock, vm, mem, mem_bytes } = self;
         let ctl = Arc::new(VmControl::new(vcpus.len()));
         ctl.set_pause_on_ready(options.pause_on_ready);
+        if options.start_paused {
+            ctl.request_pause();
+        }
         let input = match options.console_input {
             Some(fd) => {
                 Some(ConsoleInputLoop::start(fd, devices.serial.clone()).map_err(|e| VmError::Devices(e.to_string()))?)
