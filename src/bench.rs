@@ -117,9 +117,197 @@ pub fn boot(cfg: &VmConfig, runs: usize, timeout: Duration) -> Result<BootReport
             ("VM start -> kernel start (port 0x80)", Summary::of(&kernel_start)),
             ("VM start -> kernel runs init (port 0x80)", Summary::of(&run_init)),
             ("VM start -> boot timer (guest user space)", Summary::of(&timer)),
-            ("VMM CPU time at boot timer", Summary::of(&timer_cpu)),
+            ("CPU time (VMM + vCPUs) to boot timer", Summary::of(&timer_cpu)),
         ],
     })
+}
+
+/// The result of `ember bench restore`.
+pub struct RestoreReport {
+    pub rows: Vec<(String, Option<Summary>)>,
+    pub notes: Vec<String>,
+}
+
+impl fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "ember bench restore")?;
+        writeln!(
+            f,
+            "{:<52} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "measure (ms)", "n", "p50", "p90", "p99", "min", "max"
+        )?;
+        for (name, s) in &self.rows {
+            match s {
+                Some(s) => writeln!(
+                    f,
+                    "{name:<52} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                    s.n, s.p50, s.p90, s.p99, s.min, s.max
+                )?,
+                None => writeln!(f, "{name:<52} {:>5}", 0)?,
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `ember bench restore` does.
+pub struct RestoreBench {
+    /// Sequential restores, each timed to the clone's first guest instruction and first I/O.
+    pub runs: usize,
+    /// Clones restored and held at once (idle, not started) for the memory and throughput figures.
+    pub clones: usize,
+    /// How long to wait for one clone's first action.
+    pub timeout: Duration,
+}
+
+/// The process's private memory (smaps_rollup Private_Clean + Private_Dirty), in KiB.
+pub fn private_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Raises the soft open-file limit to the hard one: a thousand VMs hold a few thousand fds.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Boots `cfg` once to its ready doorbell (the baseline), snapshots it into `dir`, then measures
+/// restores of that snapshot.
+pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Result<RestoreReport, VmError> {
+    use crate::snapshot::{read_state, MemoryFile, SnapshotPaths};
+    use crate::vmm::RunOptions;
+    raise_fd_limit();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    // The baseline: a fresh boot of the same guest, to the same point (its ready doorbell).
+    let start = Instant::now();
+    let vm = Vm::boot(cfg, Box::new(std::io::sink()), start)?;
+    let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() })?;
+    if !vm.wait_ready(b.timeout.max(Duration::from_secs(600))) {
+        return Err(VmError::Ended(vm.exit().unwrap_or(crate::vmm::exit::VmExit::Stopped("timeout".into()))));
+    }
+    let boot_ms = ms(start.elapsed());
+    let t = Instant::now();
+    vm.pause()?;
+    vm.snapshot(dir)?;
+    let snap_ms = ms(t.elapsed());
+    vm.stop("snapshot taken");
+    rows.push(("fresh boot: VM start -> guest ready (1 run)".to_string(), Summary::of(&[boot_ms])));
+    rows.push(("pause + snapshot (1 run)".to_string(), Summary::of(&[snap_ms])));
+
+    let paths = SnapshotPaths::new(dir);
+    let state = read_state(&paths)?;
+    let memory = MemoryFile::open(&paths, state.machine.mem_bytes)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(paths.memory()).map_err(|e| VmError::Devices(e.to_string()))?;
+        notes.push(format!(
+            "memory file: {} MiB guest RAM, {:.1} MiB allocated on disk (zero pages are holes)",
+            m.len() >> 20,
+            (m.blocks() * 512) as f64 / (1 << 20) as f64
+        ));
+    }
+
+    // Sequential restores, each to the clone's first instruction and first observable action:
+    // first as they come, then with the working set populated beforehand (as a pool does).
+    let ws = crate::vmm::record_working_set(&state, &memory, Duration::from_secs(10))?;
+    notes.push(format!(
+        "working set: {} pages read, {} pages written (recorded from one clone's run)",
+        ws.read_pages(),
+        ws.written_pages()
+    ));
+    let mut to_io_p50 = [0.0; 2];
+    for (k, populate) in [false, true].into_iter().enumerate() {
+        let label = if populate { " [working set populated]" } else { "" };
+        let (mut restore_call, mut to_insn, mut to_io, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for i in 0..b.runs {
+            let t = Instant::now();
+            let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
+            let call = ms(t.elapsed());
+            if populate {
+                vm.populate(&ws).map_err(|e| VmError::Devices(e.to_string()))?;
+            }
+            // The clock for "restore ->" starts at the restore call; populating happens in the
+            // pool before handoff, so it is left out of the latency.
+            let populate_ms = if populate { ms(t.elapsed()) - call } else { 0.0 };
+            restore_call.push(call);
+            let vm = vm.start(RunOptions::default())?;
+            let deadline = Instant::now() + b.timeout;
+            let timeline = loop {
+                let tl = vm.timeline();
+                if tl.first_io.is_some() || Instant::now() > deadline || vm.exit().is_some() {
+                    break tl;
+                }
+                std::thread::yield_now();
+            };
+            match (timeline.first_instruction, timeline.first_io) {
+                (Some(a), Some(io)) => {
+                    to_insn.push(ms(a.since_vm) - populate_ms);
+                    to_io.push(ms(io.since_vm) - populate_ms);
+                }
+                _ => failed += 1,
+            }
+            vm.stop("measured");
+        }
+        if !populate {
+            rows.push(("restore: Vm::restore call (new VM, state loaded)".to_string(), Summary::of(&restore_call)));
+        }
+        rows.push((format!("restore -> vCPU enters the guest{label}"), Summary::of(&to_insn)));
+        rows.push((format!("restore -> guest's first I/O{label}"), Summary::of(&to_io)));
+        if failed > 0 {
+            notes.push(format!("{failed} restores{label} did not reach a first action within the timeout"));
+        }
+        to_io_p50[k] = Summary::of(&to_io).map(|s| s.p50).unwrap_or(f64::NAN);
+    }
+    notes.push(format!(
+        "fresh boot to ready / restore to first action (p50): {:.0}x; with the working set populated: {:.0}x",
+        boot_ms / to_io_p50[0],
+        boot_ms / to_io_p50[1]
+    ));
+
+    // Many clones at once, restored and held idle as a pool holds them: without and with the
+    // working set populated.
+    for populate in [false, true] {
+        if b.clones == 0 {
+            break;
+        }
+        let before = private_kib();
+        let t = Instant::now();
+        let mut pool = Vec::with_capacity(b.clones);
+        for i in 0..b.clones {
+            let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
+            if populate {
+                vm.populate(&ws).map_err(|e| VmError::Devices(e.to_string()))?;
+            }
+            pool.push(vm);
+        }
+        let total = t.elapsed();
+        let private = private_kib().saturating_sub(before);
+        notes.push(format!(
+            "{} idle clones{} restored in {:.1} ms ({:.0} clones/s); private memory {:.1} KiB per clone",
+            b.clones,
+            if populate { " with the working set populated" } else { "" },
+            ms(total),
+            b.clones as f64 / total.as_secs_f64(),
+            private as f64 / b.clones as f64
+        ));
+        drop(pool);
+    }
+    Ok(RestoreReport { rows, notes })
 }
 
 #[cfg(test)]

@@ -121,6 +121,9 @@ struct RestoreArgs {
     /// Do not confine the vCPU threads with seccomp (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Do not populate the snapshot's recorded working set into each clone before starting it.
+    #[arg(long)]
+    no_populate: bool,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +131,10 @@ enum BenchCommand {
     /// Boot the guest N times; report p50/p90/p99 of VM start -> kernel start, -> init, -> the
     /// boot-timer write, and of process start -> first guest instruction.
     Boot(BenchBootArgs),
+    /// Boot the guest once to its ready doorbell (the baseline), snapshot it, then restore it N
+    /// times one after another (p50/p90/p99 of restore -> first guest instruction and -> the
+    /// guest's first I/O), and hold M idle clones at once (time, clones/s, private memory per clone).
+    Restore(BenchRestoreArgs),
 }
 
 #[derive(Args)]
@@ -140,6 +147,40 @@ struct BenchBootArgs {
     /// Per-boot timeout in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     timeout: f64,
+}
+
+#[derive(Args)]
+struct BenchRestoreArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Number of sequential restores to time.
+    #[arg(long, default_value_t = 1000)]
+    runs: usize,
+    /// Number of idle clones to hold at once.
+    #[arg(long, default_value_t = 1000)]
+    clones: usize,
+    /// Where to keep the snapshot (default: a temporary directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Seconds to wait for one clone's first action.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+}
+
+fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode, String> {
+    let cfg = args.machine.to_config()?;
+    let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(10));
+    let (dir, temporary) = match args.snapshot_dir {
+        Some(d) => (d, false),
+        None => (std::env::temp_dir().join(format!("ember-bench-restore-{}", std::process::id())), true),
+    };
+    let b = bench::RestoreBench { runs: args.runs, clones: args.clones, timeout: t };
+    let report = bench::restore(&cfg, &dir, &b).map_err(|e| e.to_string());
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", report?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn console(spec: &str) -> Result<ConsoleOut, String> {
@@ -198,8 +239,24 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
         (t.elapsed() - paused).as_secs_f64() * 1e3
     );
     running.stop("snapshot taken");
+
+    // The template's working set, from one clone's run, for restores to populate ahead of time.
+    let paths = ember::snapshot::SnapshotPaths::new(&dir);
+    let state = ember::snapshot::read_state(&paths).map_err(|e| e.to_string())?;
+    let memory = ember::snapshot::MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
+    let ws = ember::vmm::record_working_set(&state, &memory, WORKING_SET_WINDOW).map_err(|e| e.to_string())?;
+    ws.save(&paths.working_set()).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "working set recorded: {} pages read, {} pages written ({})",
+        ws.read_pages(),
+        ws.written_pages(),
+        paths.working_set().display()
+    );
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long the recording clone runs (it usually ends sooner: the guest agent powers off).
+const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
 
 /// ember's exit status for how a VM ended (the CLI's contract, see `ember run --help`).
 fn exit_status(exit: &VmExit) -> ExitCode {
@@ -229,6 +286,11 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let paths = ember::snapshot::SnapshotPaths::new(&args.snapshot);
     let state = ember::snapshot::read_state(&paths).map_err(|e| e.to_string())?;
     let memory = ember::snapshot::MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
+    let ws = match args.no_populate {
+        true => None,
+        false => ember::snapshot::working_set::WorkingSet::load(&paths.working_set(), state.machine.mem_bytes)
+            .map_err(|e| e.to_string())?,
+    };
     let shared = std::sync::Arc::new(std::sync::Mutex::new(console(&args.console)?));
     let mut running = Vec::new();
     for id in 1..=u64::from(args.clones) {
@@ -242,6 +304,9 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         };
         let t = Instant::now();
         let vm = Vm::restore(&state, &memory, id, out).map_err(|e| format!("clone {id}: {e}"))?;
+        if let Some(ws) = &ws {
+            vm.populate(ws).map_err(|e| format!("clone {id}: cannot populate the working set: {e}"))?;
+        }
         let options = ember::vmm::RunOptions { seccomp: !args.no_seccomp, ..Default::default() };
         running.push(vm.start(options).map_err(|e| format!("clone {id}: {e}"))?);
         tracing::debug!("clone {id} restored and started in {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
@@ -313,6 +378,7 @@ fn main() -> ExitCode {
                 println!("{report}");
                 ExitCode::SUCCESS
             }),
+        Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e}");

@@ -1,5 +1,6 @@
 //! How a real guest ends a VM, through the `ember` binary: a kernel panic is a crash (exit status 3,
-//! the reason and RIP printed), a reboot is a clean end (status 0). Each boots the guest once.
+//! the reason and RIP printed), a reboot is a clean end (status 0); a 2-vCPU guest boots. Each boots
+//! the guest once.
 
 mod common;
 
@@ -41,4 +42,28 @@ fn guest_reboot_ends_the_vm_cleanly() {
     assert!(stdout.contains("EMBER_GUEST_READY"), "console: {stdout}");
     assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
     assert!(stderr.contains("the guest reset the VM"), "stderr: {stderr}");
+}
+
+#[test]
+fn two_vcpu_guest_boots_to_init() {
+    let test = "two_vcpu_guest_boots_to_init";
+    if !common::kvm_usable(test) {
+        return;
+    }
+    let Some((kernel, initrd)) = common::images(test) else { return };
+    let out = ember(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--timeout",
+        "300",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(stdout.contains("smp: Brought up 1 node, 2 CPUs"), "console: {stdout}");
+    assert!(stdout.contains("EMBER_GUEST_READY"), "console: {stdout}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
 }

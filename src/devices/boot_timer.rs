@@ -25,6 +25,7 @@ pub fn process_cpu_time() -> Duration {
 pub struct BootEvent {
     pub since_process: Duration,
     pub since_vm: Duration,
+    /// CPU time the whole process used since the VM started (all of its threads: vCPUs included).
     pub cpu: Duration,
 }
 
@@ -47,12 +48,18 @@ pub struct BootTimeline {
 pub struct BootClock {
     process_start: Instant,
     vm_start: Instant,
+    cpu_start: Duration,
     timeline: Mutex<BootTimeline>,
 }
 
 impl BootClock {
     pub fn new(process_start: Instant) -> Arc<Self> {
-        Arc::new(Self { process_start, vm_start: Instant::now(), timeline: Mutex::new(BootTimeline::default()) })
+        Arc::new(Self {
+            process_start,
+            vm_start: Instant::now(),
+            cpu_start: process_cpu_time(),
+            timeline: Mutex::new(BootTimeline::default()),
+        })
     }
 
     pub fn now(&self) -> BootEvent {
@@ -60,7 +67,7 @@ impl BootClock {
         BootEvent {
             since_process: now.duration_since(self.process_start),
             since_vm: now.duration_since(self.vm_start),
-            cpu: process_cpu_time(),
+            cpu: process_cpu_time().saturating_sub(self.cpu_start),
         }
     }
 
@@ -89,7 +96,7 @@ impl std::fmt::Display for BootEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.3} ms since VM start, {:.3} ms since process start, {:.3} ms VMM CPU",
+            "{:.3} ms since VM start, {:.3} ms since process start, {:.3} ms CPU since VM start",
             ms(self.since_vm),
             ms(self.since_process),
             ms(self.cpu)

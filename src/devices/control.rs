@@ -68,7 +68,12 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 impl BusDevice for ControlPage {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| self.regs.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.regs.get(o))
+                .copied()
+                .unwrap_or(0);
         }
     }
 

@@ -30,6 +30,7 @@ use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, UartState, COM1_IRQ, COM1_PORT, UART_PORTS};
 use crate::devices::DevicesState;
+use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::{self, MachineInfo, MemoryFile, SnapshotError, SnapshotState};
 use boot::BootError;
 use exit::VmExit;
@@ -257,6 +258,12 @@ impl Vm {
         Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes: state.machine.mem_bytes })
     }
 
+    /// Faults a snapshot's working set into this (restored, not yet started) VM's memory from the
+    /// host side, so that the guest does not fault it in page by page.
+    pub fn populate(&self, ws: &WorkingSet) -> std::io::Result<()> {
+        ws.populate(&self.mem)
+    }
+
     /// Runs the VM until the guest ends it or `timeout` passes; stops every vCPU thread before
     /// returning.
     pub fn run(self, timeout: Option<Duration>) -> Result<RunOutcome, VmError> {
@@ -412,6 +419,11 @@ impl RunningVm {
         Ok(())
     }
 
+    /// The guest pages this VM has touched so far (for a clone: its working set).
+    pub fn record_working_set(&self) -> std::io::Result<WorkingSet> {
+        WorkingSet::record(&self.mem)
+    }
+
     /// The boot / restore timeline so far.
     pub fn timeline(&self) -> BootTimeline {
         self.clock.timeline()
@@ -432,6 +444,17 @@ impl Drop for RunningVm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Records a snapshot's working set: restores one clone (console off), lets it run until its guest
+/// ends it or `window` passes, and reads which pages it read and wrote.
+pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Duration) -> Result<WorkingSet, VmError> {
+    let vm = Vm::restore(state, memory, 1, Box::new(std::io::sink()))?.start(RunOptions::default())?;
+    let _ = vm.ctl.wait(Some(window));
+    vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
+    let ws = vm.record_working_set().map_err(|e| VmError::Devices(format!("cannot read the working set: {e}")))?;
+    vm.stop("working set recorded");
+    Ok(ws)
 }
 
 /// Opens KVM and creates a VM with `mem` registered, the TSS, the in-kernel irqchip and the PIT.

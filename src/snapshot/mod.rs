@@ -10,6 +10,8 @@
 //! A clone maps `memory` privately (copy-on-write): creating one copies no guest memory, and the file
 //! is never written to.
 
+pub mod working_set;
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -184,6 +186,9 @@ impl SnapshotPaths {
     }
     pub fn memory(&self) -> PathBuf {
         self.dir.join(MEMORY_FILE)
+    }
+    pub fn working_set(&self) -> PathBuf {
+        self.dir.join(working_set::WORKING_SET_FILE)
     }
 }
 
