@@ -337,8 +337,11 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
-        let stopped_by_ember = matches!(*ctl.exit.lock().unwrap_or_else(|p| p.into_inner()), Some(VmExit::Stopped(_)));
-        if stopped_by_ember {
+        let timed_out = matches!(
+            &*ctl.exit.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(VmExit::Stopped(why)) if why.starts_with("timed out")
+        );
+        if timed_out || tracing::enabled!(tracing::Level::DEBUG) {
             // Where the guest was when ember stopped it: the first clue to a hung guest.
             let (cs, cr2) = self.fd.get_sregs().map(|s| (s.cs.selector, s.cr2)).unwrap_or_default();
             let regs = self.fd.get_regs().unwrap_or_default();
