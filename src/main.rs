@@ -9,7 +9,8 @@ use ember::bench;
 use ember::config::{BootSource, MachineConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use ember::devices::serial::ConsoleOut;
 use ember::vmm::exit::VmExit;
-use ember::vmm::Vm;
+use ember::vmm::{RunningVm, Vm};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// ember: a minimal KVM microVM manager.
 ///
@@ -29,6 +30,9 @@ enum Command {
     /// Exit status: 0 when the guest powered off or rebooted; 1 for bad input or a VMM error; 2 for
     /// a command-line usage error; 3 when the guest crashed (kernel panic, triple fault, KVM internal
     /// error: the reason and the vCPU's RIP are printed); 4 when --timeout stopped it.
+    ///
+    /// While it runs, SIGUSR1 pauses the VM (every vCPU parked, its state saved) and SIGUSR2
+    /// resumes it.
     Run(RunArgs),
     /// Run clones of a snapshot (made with `ember run --snapshot-on-ready DIR`).
     ///
@@ -121,9 +125,11 @@ struct RestoreArgs {
     /// Do not confine the vCPU threads with seccomp (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
-    /// Do not populate the snapshot's recorded working set into each clone before starting it.
+    /// Populate the snapshot's recorded working set into each clone (host side) before starting it.
+    /// Off by default: on hosts whose KVM emulates guest kernel mode it made a clone's first action
+    /// slower, not faster (see README, Benchmarks).
     #[arg(long)]
-    no_populate: bool,
+    populate: bool,
 }
 
 #[derive(Subcommand)]
@@ -218,11 +224,10 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
         pause_on_ready: args.snapshot_on_ready.is_some(),
         ..Default::default()
     };
-    let Some(dir) = args.snapshot_on_ready else {
-        let outcome = vm.run_with(options).map_err(|e| e.to_string())?;
-        return Ok(exit_status(&outcome.exit));
-    };
     let running = vm.start(options).map_err(|e| e.to_string())?;
+    let Some(dir) = args.snapshot_on_ready else {
+        return Ok(exit_status(&run_until_end(running, timeout)?));
+    };
     if !running.wait_ready(timeout.unwrap_or(Duration::MAX)) {
         let outcome = running.wait(Some(Duration::ZERO));
         eprintln!("ember: the guest never signalled ready, no snapshot taken");
@@ -258,6 +263,44 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
 /// How long the recording clone runs (it usually ends sooner: the guest agent powers off).
 const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
 
+/// What SIGUSR1 / SIGUSR2 asked for: 1 pause, 2 resume.
+static PAUSE_REQUEST: AtomicU8 = AtomicU8::new(0);
+
+extern "C" fn on_pause_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    PAUSE_REQUEST.store(if sig == libc::SIGUSR1 { 1 } else { 2 }, Ordering::SeqCst);
+}
+
+/// Runs a started VM until it ends or `timeout` passes. SIGUSR1 pauses it, SIGUSR2 resumes it.
+fn run_until_end(running: RunningVm, timeout: Option<Duration>) -> Result<VmExit, String> {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_pause_signal)
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if let Some(exit) = running.poll(left.unwrap_or(Duration::MAX).min(Duration::from_millis(20))) {
+            let _ = exit;
+            return Ok(running.wait(Some(Duration::ZERO)).exit);
+        }
+        if left == Some(Duration::ZERO) {
+            let t = timeout.unwrap_or_default();
+            return Ok(running.stop(&format!("timed out after {:.1} s", t.as_secs_f64())).exit);
+        }
+        match PAUSE_REQUEST.swap(0, Ordering::SeqCst) {
+            1 => {
+                running.pause().map_err(|e| e.to_string())?;
+                tracing::info!("VM paused (SIGUSR2 resumes it)");
+            }
+            2 => {
+                running.resume();
+                tracing::info!("VM resumed");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// ember's exit status for how a VM ended (the CLI's contract, see `ember run --help`).
 fn exit_status(exit: &VmExit) -> ExitCode {
     if exit.is_clean() {
@@ -286,9 +329,9 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let paths = ember::snapshot::SnapshotPaths::new(&args.snapshot);
     let state = ember::snapshot::read_state(&paths).map_err(|e| e.to_string())?;
     let memory = ember::snapshot::MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
-    let ws = match args.no_populate {
-        true => None,
-        false => ember::snapshot::working_set::WorkingSet::load(&paths.working_set(), state.machine.mem_bytes)
+    let ws = match args.populate {
+        false => None,
+        true => ember::snapshot::working_set::WorkingSet::load(&paths.working_set(), state.machine.mem_bytes)
             .map_err(|e| e.to_string())?,
     };
     let shared = std::sync::Arc::new(std::sync::Mutex::new(console(&args.console)?));

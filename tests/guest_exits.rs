@@ -67,3 +67,34 @@ fn two_vcpu_guest_boots_to_init() {
     assert!(stdout.contains("EMBER_GUEST_READY"), "console: {stdout}");
     assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
 }
+
+#[test]
+fn sigusr1_pauses_and_sigusr2_resumes_a_running_guest() {
+    let test = "sigusr1_pauses_and_sigusr2_resumes_a_running_guest";
+    if !common::kvm_usable(test) {
+        return;
+    }
+    let Some((kernel, initrd)) = common::images(test) else { return };
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
+        .args(["--console", "off", "--timeout", "300"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // SAFETY: kill() on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    let out = child.wait_with_output().expect("wait for ember");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let paused = stderr.find("VM paused").unwrap_or_else(|| panic!("no pause: {stderr}"));
+    let resumed = stderr.find("VM resumed").unwrap_or_else(|| panic!("no resume: {stderr}"));
+    let ended = stderr.find("the guest powered off").unwrap_or_else(|| panic!("no power-off: {stderr}"));
+    assert!(paused < resumed && resumed < ended, "{stderr}");
+}

@@ -372,6 +372,11 @@ impl RunningVm {
         self.ctl.wait_ready(timeout)
     }
 
+    /// Waits up to `timeout` for the VM to end; why it ended, if it has.
+    pub fn poll(&self, timeout: Duration) -> Option<VmExit> {
+        self.ctl.wait(Some(timeout))
+    }
+
     /// Why the VM ended, if it has.
     pub fn exit(&self) -> Option<VmExit> {
         self.ctl.exit()
