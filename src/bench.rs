@@ -191,7 +191,7 @@ fn raise_fd_limit() {
 /// restores of that snapshot.
 pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Result<RestoreReport, VmError> {
     tracing::info!("booting the baseline guest to its ready doorbell");
-    use crate::snapshot::{read_state, MemoryFile, SnapshotPaths};
+    use crate::snapshot::{read_state, MemoryFile, SnapshotError, SnapshotPaths};
     use crate::vmm::RunOptions;
     raise_fd_limit();
     let mut rows = Vec::new();
@@ -218,7 +218,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes)?;
     {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(paths.memory()).map_err(|e| VmError::Devices(e.to_string()))?;
+        let m = std::fs::metadata(paths.memory()).map_err(|e| SnapshotError::Io(paths.memory(), e))?;
         notes.push(format!(
             "memory file: {} MiB guest RAM, {:.1} MiB allocated on disk (zero pages are holes)",
             m.len() >> 20,
@@ -244,7 +244,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
             let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
             let call = ms(t.elapsed());
             if populate {
-                vm.populate(&ws).map_err(|e| VmError::Devices(e.to_string()))?;
+                vm.populate(&ws).map_err(VmError::WorkingSet)?;
             }
             // The clock for "restore ->" starts at the restore call; populating happens in the
             // pool before handoff, so it is left out of the latency.
@@ -300,7 +300,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         for i in 0..n {
             let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
             if populate {
-                vm.populate(&ws).map_err(|e| VmError::Devices(e.to_string()))?;
+                vm.populate(&ws).map_err(VmError::WorkingSet)?;
             }
             pool.push(vm);
         }

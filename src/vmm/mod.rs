@@ -64,8 +64,10 @@ pub enum VmError {
     Seccomp(String),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
-    #[error("the snapshot does not fit this host: {0}")]
-    Restore(String),
+    #[error("cannot save the VM's state: {0}")]
+    NotPaused(String),
+    #[error("working set: {0}")]
+    WorkingSet(std::io::Error),
     #[error("the VM is not running (it ended: {0})")]
     Ended(VmExit),
 }
@@ -457,7 +459,7 @@ pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Du
     let vm = Vm::restore(state, memory, 1, Box::new(std::io::sink()))?.start(RunOptions::default())?;
     let _ = vm.ctl.wait(Some(window));
     vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
-    let ws = vm.record_working_set().map_err(|e| VmError::Devices(format!("cannot read the working set: {e}")))?;
+    let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;
     vm.stop("working set recorded");
     Ok(ws)
 }

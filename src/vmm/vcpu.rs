@@ -164,15 +164,15 @@ impl VmControl {
     pub fn parked_states(&self) -> Result<Vec<VcpuState>, VmError> {
         let mut g = self.lock_park();
         if g.parked != g.states.len() || !self.pause_requested() {
-            return Err(VmError::Devices("the VM is not paused".into()));
+            return Err(VmError::NotPaused("the VM is not paused".into()));
         }
         g.states
             .iter_mut()
             .enumerate()
             .map(|(i, s)| match s.take() {
                 Some(Ok(s)) => Ok(s),
-                Some(Err(e)) => Err(VmError::Devices(format!("vCPU {i} could not save its state: {e}"))),
-                None => Err(VmError::Devices(format!("vCPU {i} saved no state"))),
+                Some(Err(e)) => Err(VmError::NotPaused(format!("vCPU {i}: {e}"))),
+                None => Err(VmError::NotPaused(format!("vCPU {i} saved no state (one snapshot per pause)"))),
             })
             .collect()
     }
