@@ -234,20 +234,14 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         ws.read_pages(),
         ws.written_pages()
     ));
-    let mut to_io_p50 = [0.0; 3];
+    let mut to_io_p50 = [0.0; 2];
     tracing::info!("{} sequential restores, without and with the working set populated", b.runs);
-    let modes =
-        [("", false, false), (" [into a pre-created VM]", false, true), (" [working set populated]", true, false)];
-    for (k, (label, populate, shell)) in modes.into_iter().enumerate() {
+    for (k, populate) in [false, true].into_iter().enumerate() {
+        let label = if populate { " [working set populated]" } else { "" };
         let (mut restore_call, mut to_insn, mut to_io, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for i in 0..b.runs {
-            // A pool creates shells ahead of time; only the restore into one is timed.
-            let pre = if shell { Some(crate::vmm::VmShell::new(state.machine.vcpus)?) } else { None };
             let t = Instant::now();
-            let vm = match pre {
-                Some(sh) => Vm::restore_into(sh, &state, &memory, i as u64 + 1, Box::new(std::io::sink()))?,
-                None => Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?,
-            };
+            let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
             let call = ms(t.elapsed());
             if populate {
                 vm.populate(&ws).map_err(VmError::WorkingSet)?;
@@ -275,7 +269,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
             vm.stop("measured");
         }
         if !populate {
-            rows.push((format!("restore call (VM ready to start){label}"), Summary::of(&restore_call)));
+            rows.push(("restore: Vm::restore call (new VM, state loaded)".to_string(), Summary::of(&restore_call)));
         }
         rows.push((format!("restore -> vCPU enters the guest{label}"), Summary::of(&to_insn)));
         rows.push((format!("restore -> guest's first I/O{label}"), Summary::of(&to_io)));
@@ -287,7 +281,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
     notes.push(format!(
         "fresh boot to ready / restore to first action (p50): {:.0}x; with the working set populated: {:.0}x",
         boot_ms / to_io_p50[0],
-        boot_ms / to_io_p50[2]
+        boot_ms / to_io_p50[1]
     ));
 
     // Many clones at once, restored and held idle as a pool holds them: without and with the

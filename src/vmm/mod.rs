@@ -68,8 +68,6 @@ pub enum VmError {
     NotPaused(String),
     #[error("working set: {0}")]
     WorkingSet(std::io::Error),
-    #[error("a VM shell with {0} vCPUs cannot hold a snapshot of {1} vCPUs")]
-    Shell(usize, usize),
     #[error("the VM is not running (it ended: {0})")]
     Ended(VmExit),
 }
@@ -227,11 +225,7 @@ impl Vm {
         console: ConsoleOut,
         clock: Arc<BootClock>,
     ) -> Result<Self, VmError> {
-        let kvm = open_kvm()?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
-        register_memory(&vm, &mem)?;
-        add_irqchip_and_pit(&vm)?;
+        let (kvm, vm) = create_vm(&mem)?;
         let devices = Devices::create(&vm, console, &clock, None, 0)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
@@ -252,29 +246,16 @@ impl Vm {
         clone_id: u64,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
-        Self::restore_into(VmShell::new(state.machine.vcpus)?, state, memory, clone_id, console)
-    }
-
-    /// [`Vm::restore`] into an empty VM created ahead of time (a pool of shells keeps KVM VM and
-    /// vCPU creation off the restore path).
-    pub fn restore_into(
-        shell: VmShell,
-        state: &SnapshotState,
-        memory: &MemoryFile,
-        clone_id: u64,
-        console: ConsoleOut,
-    ) -> Result<Self, VmError> {
-        let VmShell { vm, vcpus } = shell;
-        if vcpus.len() != state.vcpus.len() {
-            return Err(VmError::Shell(vcpus.len(), state.vcpus.len()));
-        }
         let clock = BootClock::new(Instant::now());
         let mem = memory.map_private()?;
-        register_memory(&vm, &mem)?;
+        let (_kvm, vm) = create_vm(&mem)?;
         state.vm.restore(&vm)?;
         let devices = Devices::create(&vm, console, &clock, Some(&state.devices.serial), clone_id)?;
-        for (v, s) in vcpus.iter().zip(&state.vcpus) {
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let v = Vcpu::new(&vm, i as u8)?;
             s.restore(&v.fd)?;
+            vcpus.push(v);
         }
         Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes: state.machine.mem_bytes })
     }
@@ -483,33 +464,17 @@ pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Du
     Ok(ws)
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))
-}
-
-/// The TSS, the in-kernel irqchip and the PIT.
-fn add_irqchip_and_pit(vm: &VmFd) -> Result<(), VmError> {
+/// Opens KVM and creates a VM with `mem` registered, the TSS, the in-kernel irqchip and the PIT.
+fn create_vm(mem: &GuestMemory) -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
+    register_memory(&vm, mem)?;
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    Ok(())
-}
-
-/// An empty VM made ahead of a restore: the KVM VM with its irqchip, PIT and vCPUs, but no memory
-/// and no state yet. Creating one is the part of a restore that needs no snapshot.
-pub struct VmShell {
-    vcpus: Vec<Vcpu>,
-    vm: VmFd,
-}
-
-impl VmShell {
-    pub fn new(vcpu_count: u8) -> Result<Self, VmError> {
-        let vm = open_kvm()?.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        add_irqchip_and_pit(&vm)?;
-        let vcpus = (0..vcpu_count).map(|i| Vcpu::new(&vm, i)).collect::<Result<_, _>>()?;
-        Ok(Self { vcpus, vm })
-    }
+    Ok((kvm, vm))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it has exited, then joins it.
