@@ -338,11 +338,11 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let mut running = Vec::new();
     for id in 1..=u64::from(args.clones) {
         let out: ConsoleOut = match args.clones {
-            1 => Box::new(SharedConsole { inner: shared.clone(), prefix: None, at_line_start: true }),
+            1 => Box::new(SharedConsole { inner: shared.clone(), prefix: None, line: Vec::new() }),
             _ => Box::new(SharedConsole {
                 inner: shared.clone(),
                 prefix: Some(format!("[clone {id}] ")),
-                at_line_start: true,
+                line: Vec::new(),
             }),
         };
         let t = Instant::now();
@@ -369,30 +369,52 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     Ok(worst.map(|w| exit_status(&w)).unwrap_or(ExitCode::SUCCESS))
 }
 
-/// One clone's console on an output shared by several clones, whole lines at a time, each line
-/// optionally prefixed with the clone's name.
+/// One clone's console on an output shared by several clones. With a prefix, output is written a
+/// whole line at a time (each line prefixed with the clone's name), so that clones' lines never mix.
 struct SharedConsole {
     inner: std::sync::Arc<std::sync::Mutex<ConsoleOut>>,
     prefix: Option<String>,
-    at_line_start: bool,
+    line: Vec<u8>,
+}
+
+impl SharedConsole {
+    fn write_line(&mut self) -> std::io::Result<()> {
+        let mut out = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(prefix) = &self.prefix {
+            out.write_all(prefix.as_bytes())?;
+        }
+        out.write_all(&self.line)?;
+        self.line.clear();
+        Ok(())
+    }
 }
 
 impl std::io::Write for SharedConsole {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(prefix) = &self.prefix else { return out.write(buf) };
-        for line in buf.split_inclusive(|&b| b == b'\n') {
-            if self.at_line_start {
-                out.write_all(prefix.as_bytes())?;
+        if self.prefix.is_none() {
+            return self.inner.lock().unwrap_or_else(|p| p.into_inner()).write(buf);
+        }
+        for part in buf.split_inclusive(|&b| b == b'\n') {
+            self.line.extend_from_slice(part);
+            if part.ends_with(b"\n") {
+                self.write_line()?;
             }
-            out.write_all(line)?;
-            self.at_line_start = line.ends_with(b"\n");
         }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl Drop for SharedConsole {
+    fn drop(&mut self) {
+        // A last line without its newline.
+        if !self.line.is_empty() {
+            self.line.push(b'\n');
+            let _ = self.write_line();
+        }
     }
 }
 

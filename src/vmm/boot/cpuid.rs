@@ -6,6 +6,12 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_PERFMON: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_AMD_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+/// "AuthenticAMD": leaf 0's EBX.
+const AMD_EBX: u32 = u32::from_le_bytes(*b"Auth");
+const ECX_CMP_LEGACY: u32 = 1 << 1;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -14,8 +20,29 @@ const EDX_HTT: u32 = 1 << 28;
 /// Normalises `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`: APIC IDs and
 /// topology (one socket, one thread per core), the hypervisor bit, and no PMU.
 pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
+    let amd = cpuid.as_slice().iter().any(|e| e.function == 0 && e.ebx == AMD_EBX);
     for e in cpuid.as_mut_slice() {
         match e.function {
+            // AMD describes the package through its extended leaves: without this each vCPU looks
+            // like a package of its own (Linux: "Max logical packages: N").
+            LEAF_AMD_EXT_FEATURES if amd => {
+                if count > 1 {
+                    e.ecx |= ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !ECX_CMP_LEGACY;
+                }
+            }
+            LEAF_AMD_SIZES if amd => {
+                // ECX[15:12]: APIC-id bits for cores; ECX[7:0]: cores in the package - 1.
+                e.ecx = (e.ecx & !0xf0ff) | (bits_for(count) << 12) | u32::from(count.saturating_sub(1));
+            }
+            LEAF_AMD_TOPOLOGY if amd => {
+                // Extended APIC id; compute unit id with one thread per unit; node 0 of 1.
+                e.eax = u32::from(index);
+                e.ebx = u32::from(index);
+                e.ecx = 0;
+                e.edx = 0;
+            }
             LEAF_FEATURES => {
                 // EBX: initial APIC id [31:24], logical processors [23:16], CLFLUSH line size / 8 [15:8].
                 e.ebx = (u32::from(index) << 24) | (u32::from(count) << 16) | (8 << 8);
@@ -91,6 +118,28 @@ mod tests {
         assert_eq!(s[2].ebx, 4);
         assert_eq!(s[2].eax, 2);
         assert_eq!(s[3].eax, 0);
+    }
+
+    #[test]
+    fn amd_package_leaves() {
+        let vendor = kvm_cpuid_entry2 { function: 0, ebx: AMD_EBX, ..Default::default() };
+        let mut c = CpuId::from_entries(&[
+            vendor,
+            entry(LEAF_AMD_EXT_FEATURES, 0),
+            entry(LEAF_AMD_SIZES, 0),
+            entry(LEAF_AMD_TOPOLOGY, 0),
+        ])
+        .unwrap();
+        normalize(&mut c, 2, 4);
+        let s = c.as_slice();
+        assert_ne!(s[1].ecx & ECX_CMP_LEGACY, 0);
+        assert_eq!(s[2].ecx & 0xff, 3);
+        assert_eq!((s[2].ecx >> 12) & 0xf, 2);
+        assert_eq!((s[3].eax, s[3].ebx, s[3].ecx), (2, 2, 0));
+        // Not AMD: the AMD leaves are left alone.
+        let mut c = CpuId::from_entries(&[entry(LEAF_AMD_SIZES, 0)]).unwrap();
+        normalize(&mut c, 2, 4);
+        assert_eq!(c.as_slice()[0].ecx, 0);
     }
 
     #[test]
