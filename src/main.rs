@@ -279,8 +279,7 @@ fn run_until_end(running: RunningVm, timeout: Option<Duration>) -> Result<VmExit
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if let Some(exit) = running.poll(left.unwrap_or(Duration::MAX).min(Duration::from_millis(20))) {
-            let _ = exit;
+        if running.poll(left.unwrap_or(Duration::MAX).min(Duration::from_millis(20))).is_some() {
             return Ok(running.wait(Some(Duration::ZERO)).exit);
         }
         if left == Some(Duration::ZERO) {
