@@ -197,16 +197,24 @@ impl SnapshotPaths {
 pub fn write(dir: &Path, state: &SnapshotState, mem: &GuestMemory) -> Result<(), SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let paths = SnapshotPaths::new(dir);
-    let (state_path, mem_path) = (paths.state(), paths.memory());
-    let tmp_mem = dir.join(".memory.tmp");
-    write_memory(&tmp_mem, mem)?;
-    let tmp_state = dir.join(".state.tmp");
-    let bytes = state.encode()?;
-    let mut f = File::create(&tmp_state).map_err(io_err(&tmp_state))?;
-    f.write_all(&bytes).map_err(io_err(&tmp_state))?;
-    f.sync_all().map_err(io_err(&tmp_state))?;
-    std::fs::rename(&tmp_mem, &mem_path).map_err(io_err(&mem_path))?;
-    std::fs::rename(&tmp_state, &state_path).map_err(io_err(&state_path))?;
+    let (tmp_mem, tmp_state) = (dir.join(".memory.tmp"), dir.join(".state.tmp"));
+    let written = (|| {
+        write_memory(&tmp_mem, mem)?;
+        let bytes = state.encode()?;
+        let mut f = File::create(&tmp_state).map_err(io_err(&tmp_state))?;
+        f.write_all(&bytes).map_err(io_err(&tmp_state))?;
+        f.sync_all().map_err(io_err(&tmp_state))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp_mem);
+        let _ = std::fs::remove_file(&tmp_state);
+        return Err(e);
+    }
+    // A working set recorded for an earlier snapshot in this directory no longer applies. Renaming
+    // (rather than rewriting) also leaves running clones' mappings of an earlier memory file intact.
+    let _ = std::fs::remove_file(paths.working_set());
+    std::fs::rename(&tmp_mem, paths.memory()).map_err(io_err(&paths.memory()))?;
+    std::fs::rename(&tmp_state, paths.state()).map_err(io_err(&paths.state()))?;
     Ok(())
 }
 
