@@ -42,6 +42,27 @@ impl Summary {
     }
 }
 
+/// Writes a table of summaries, one row per measure, the first column `width` wide.
+fn write_table<'a>(
+    f: &mut fmt::Formatter<'_>,
+    heading: &str,
+    width: usize,
+    rows: impl Iterator<Item = (&'a str, &'a Option<Summary>)>,
+) -> fmt::Result {
+    writeln!(f, "{heading:<width$} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}", "n", "p50", "p90", "p99", "min", "max")?;
+    for (name, s) in rows {
+        match s {
+            Some(s) => writeln!(
+                f,
+                "{name:<width$} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                s.n, s.p50, s.p90, s.p99, s.min, s.max
+            )?,
+            None => writeln!(f, "{name:<width$} {:>5}", 0)?,
+        }
+    }
+    Ok(())
+}
+
 /// The result of `ember bench boot`.
 pub struct BootReport {
     pub runs: usize,
@@ -52,21 +73,7 @@ pub struct BootReport {
 impl fmt::Display for BootReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "ember bench boot: {} runs, {} failed", self.runs, self.failures.len())?;
-        writeln!(
-            f,
-            "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "milestone (ms)", "n", "p50", "p90", "p99", "min", "max"
-        )?;
-        for (name, s) in &self.rows {
-            match s {
-                Some(s) => writeln!(
-                    f,
-                    "{name:<44} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-                    s.n, s.p50, s.p90, s.p99, s.min, s.max
-                )?,
-                None => writeln!(f, "{name:<44} {:>5}", 0)?,
-            }
-        }
+        write_table(f, "milestone (ms)", 44, self.rows.iter().map(|(n, s)| (*n, s)))?;
         for e in &self.failures {
             writeln!(f, "failure: {e}")?;
         }
@@ -131,21 +138,7 @@ pub struct RestoreReport {
 impl fmt::Display for RestoreReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "ember bench restore")?;
-        writeln!(
-            f,
-            "{:<52} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "measure (ms)", "n", "p50", "p90", "p99", "min", "max"
-        )?;
-        for (name, s) in &self.rows {
-            match s {
-                Some(s) => writeln!(
-                    f,
-                    "{name:<52} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-                    s.n, s.p50, s.p90, s.p99, s.min, s.max
-                )?,
-                None => writeln!(f, "{name:<52} {:>5}", 0)?,
-            }
-        }
+        write_table(f, "measure (ms)", 52, self.rows.iter().map(|(n, s)| (n.as_str(), s)))?;
         for n in &self.notes {
             writeln!(f, "{n}")?;
         }

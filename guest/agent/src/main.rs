@@ -17,6 +17,7 @@ use std::io::{self, Write};
 use std::process::Command;
 
 mod control;
+mod devmem;
 
 /// The boot timer: writing this byte at this guest-physical address marks "user space is up".
 const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
@@ -117,28 +118,7 @@ fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
 
 /// Writes the boot-timer byte through /dev/mem.
 fn boot_timer() -> io::Result<()> {
-    let f = fs::OpenOptions::new().read(true).write(true).open("/dev/mem")?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: maps one page of /dev/mem at the boot timer's address; the mapping is used for a single
-    // volatile byte store below and unmapped right after.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            BOOT_TIMER_ADDR,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::other(format!("mmap /dev/mem: {}", io::Error::last_os_error())));
-    }
-    // SAFETY: `p` is a live, writable mapping of at least one byte.
-    unsafe {
-        std::ptr::write_volatile(p.cast::<u8>(), BOOT_TIMER_MAGIC);
-        libc::munmap(p, 4096);
-    }
+    devmem::PhysPage::map(BOOT_TIMER_ADDR)?.write(0, BOOT_TIMER_MAGIC);
     Ok(())
 }
 
