@@ -83,6 +83,11 @@ fn usage_errors() {
     assert_fails(&["run"], 2, "--kernel");
     assert_fails(&["run", "--kernel", "/k", "--config", "/c"], 2, "cannot be used with");
     assert_fails(&["run", "--kernel", "/k", "--vcpus", "many"], 2, "invalid value 'many'");
+    assert_fails(&["restore"], 2, "--snapshot");
+    assert_fails(&["restore", "--snapshot", "/s", "--clones", "0"], 2, "invalid value '0'");
+    assert_fails(&["restore", "--snapshot", "/s", "--clones", "5000"], 2, "invalid value '5000'");
+    assert_fails(&["restore", "--snapshot", "/nonexistent-snapshot"], 1, "/nonexistent-snapshot/state");
+    assert_fails(&["bench", "restore", "--kernel", "/k", "--runs", "x"], 2, "invalid value 'x'");
 }
 
 #[test]
