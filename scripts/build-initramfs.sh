@@ -18,9 +18,12 @@ file "$agent" 2>/dev/null | grep -q "static" || { ldd "$agent" 2>&1 | grep -q "n
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{dev,proc,sys,tmp}
+mkdir -p "$stage"/{dev,proc,sys,tmp,etc}
 install -m 0755 "$agent" "$stage/init"
 strip --strip-all "$stage/init"
+# The image's function runtime (guest/agent/src/functions.rs): `reverse`, the agent's example runtime.
+mkdir -p "$stage/etc/ember"
+echo "reverse /init --example-runtime" > "$stage/etc/ember/runtime"
 mkdir -p "$root/images"
 out=$root/images/initramfs.cpio
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$out.tmp"

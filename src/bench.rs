@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::devices::boot_timer::BootEvent;
-use crate::vmm::{Vm, VmError};
+use crate::vmm::{Channels, Vm, VmError};
 
 /// Percentiles of a sample, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,7 +98,7 @@ pub fn boot(cfg: &VmConfig, runs: usize, timeout: Duration) -> Result<BootReport
     let since_vm: Pick = |e| ms(e.since_vm);
     for i in 0..runs {
         let start = Instant::now();
-        let vm = Vm::boot(cfg, Box::new(std::io::sink()), start)?;
+        let vm = Vm::boot(cfg, &Channels::default(), Box::new(std::io::sink()), start)?;
         let out = vm.run(Some(timeout))?;
         let t = out.timeline;
         if !out.exit.is_clean() {
@@ -192,7 +192,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
 
     // The baseline: a fresh boot of the same guest, to the same point (its ready doorbell).
     let start = Instant::now();
-    let vm = Vm::boot(cfg, Box::new(std::io::sink()), start)?;
+    let vm = Vm::boot(cfg, &Channels::default(), Box::new(std::io::sink()), start)?;
     let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() })?;
     if !vm.wait_ready(b.timeout.max(Duration::from_secs(600))) {
         return Err(VmError::Ended(vm.exit().unwrap_or(crate::vmm::exit::VmExit::Stopped("timeout".into()))));
@@ -234,7 +234,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         let (mut restore_call, mut to_insn, mut to_io, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for i in 0..b.runs {
             let t = Instant::now();
-            let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
+            let vm = Vm::restore(&state, &memory, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
             let call = ms(t.elapsed());
             if populate {
                 vm.populate(&ws).map_err(VmError::WorkingSet)?;
@@ -291,7 +291,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         let t = Instant::now();
         let mut pool = Vec::with_capacity(n);
         for i in 0..n {
-            let vm = Vm::restore(&state, &memory, i as u64 + 1, Box::new(std::io::sink()))?;
+            let vm = Vm::restore(&state, &memory, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
             if populate {
                 vm.populate(&ws).map_err(VmError::WorkingSet)?;
             }
@@ -310,6 +310,110 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         drop(pool);
     }
     Ok(RestoreReport { rows, notes })
+}
+
+/// What `ember bench invoke` measures.
+pub struct InvokeBench {
+    /// Invocations per channel.
+    pub calls: usize,
+    /// Invocations of a clone whose agent has gone idle (each waits for the agent to park).
+    pub idle_calls: usize,
+    pub timeout: Duration,
+}
+
+/// The result of `ember bench invoke`.
+pub struct InvokeReport {
+    pub rows: Vec<(String, Option<Summary>)>,
+    pub notes: Vec<String>,
+}
+
+impl fmt::Display for InvokeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "ember bench invoke: round trip of a no-op invocation (echo, empty payload) on a warm clone")?;
+        write_table(f, "round trip (us)", 58, self.rows.iter().map(|(n, s)| (n.as_str(), s)))?;
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The guest's CPU ticks (user+nice, kernel incl. interrupts, idle), from the agent's `cpu-stat`.
+fn guest_cpu(vm: &crate::vmm::RunningVm, timeout: Duration) -> Result<[u64; 3], String> {
+    let opts = crate::mailbox::CallOptions { timeout, doorbell: false };
+    let r = vm.invoke("cpu-stat", b"", opts).map_err(|e| e.to_string())?;
+    let v: Vec<u64> = String::from_utf8_lossy(&r.payload).split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    match v[..] {
+        [user, nice, system, idle, iowait, irq, softirq] => Ok([user + nice, system + irq + softirq, idle + iowait]),
+        _ => Err(format!("cpu-stat answered {:?}", String::from_utf8_lossy(&r.payload))),
+    }
+}
+
+/// Restores a serving clone of the snapshot in `dir` and times invocations on each channel.
+pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<InvokeReport, VmError> {
+    use crate::mailbox::CallOptions;
+    use crate::snapshot::{read_state, MemoryFile, SnapshotPaths};
+    use crate::vmm::RunOptions;
+    let paths = SnapshotPaths::new(dir);
+    let state = read_state(&paths)?;
+    let memory = MemoryFile::open(&paths, state.machine.mem_bytes)?;
+    let channels = Channels { serve: true, ..Default::default() };
+    let vm = Vm::restore(&state, &memory, 1, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?;
+    let failed = |what: &str, e: &dyn fmt::Display| VmError::Devices(format!("{what}: {e}"));
+    // The first call waits for the clone to take its seed and start serving.
+    let t = Instant::now();
+    vm.invoke("echo", b"", CallOptions { timeout: b.timeout.max(Duration::from_secs(60)), doorbell: false })
+        .map_err(|e| failed("the clone never answered", &e))?;
+    let mut rows = vec![(
+        "restore -> first answer (1 run, includes reseeding)".to_string(),
+        Summary::of(&[ms(t.elapsed()) * 1e3]),
+    )];
+    let mut notes = Vec::new();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+
+    for doorbell in [false, true] {
+        let label = if doorbell { "mailbox, response doorbell (exit)" } else { "mailbox, host polls the response" };
+        let opts = CallOptions { timeout: b.timeout, doorbell };
+        let before = guest_cpu(&vm, b.timeout).map_err(|e| failed("cpu-stat", &e))?;
+        let mut v = Vec::with_capacity(b.calls);
+        for _ in 0..b.calls {
+            let t = Instant::now();
+            let r = vm.invoke("echo", b"", opts).map_err(|e| failed(label, &e))?;
+            v.push(us(t.elapsed()));
+            if r.status != ember_abi::Status::Ok {
+                return Err(failed(label, &r.status.describe()));
+            }
+        }
+        let after = guest_cpu(&vm, b.timeout).map_err(|e| failed("cpu-stat", &e))?;
+        let d: Vec<u64> = (0..3).map(|i| after[i].saturating_sub(before[i])).collect();
+        let total = (d[0] + d[1] + d[2]).max(1);
+        notes.push(format!(
+            "{label}: guest CPU during the run: {:.1}% user, {:.1}% kernel (incl. interrupts), {:.1}% idle ({} ticks)",
+            100.0 * d[0] as f64 / total as f64,
+            100.0 * d[1] as f64 / total as f64,
+            100.0 * d[2] as f64 / total as f64,
+            total
+        ));
+        rows.push((label.to_string(), Summary::of(&v)));
+    }
+
+    if b.idle_calls > 0 {
+        // The agent parks the vCPU host-side after 100 ms without a request; the next request
+        // wakes it.
+        let opts = CallOptions { timeout: b.timeout, doorbell: false };
+        let mut v = Vec::with_capacity(b.idle_calls);
+        for _ in 0..b.idle_calls {
+            std::thread::sleep(Duration::from_millis(150));
+            let t = Instant::now();
+            vm.invoke("echo", b"", opts).map_err(|e| failed("idle clone", &e))?;
+            v.push(us(t.elapsed()));
+        }
+        rows.push(("mailbox, clone idle 150 ms (vCPU parked host-side)".to_string(), Summary::of(&v)));
+    }
+    let p50 = |i: usize| rows.get(i).and_then(|r| r.1).map(|s| s.p50).unwrap_or(f64::NAN);
+    notes.push(format!("doorbell / polled (p50): {:.1}x", p50(2) / p50(1)));
+    vm.stop("measured");
+    Ok(InvokeReport { rows, notes })
 }
 
 #[cfg(test)]

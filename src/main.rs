@@ -41,9 +41,119 @@ enum Command {
     /// clone id (1..N) and fresh RNG seed material. With N > 1 each console line is prefixed with
     /// `[clone I]`. Exit status as for `run`, for the worst clone.
     Restore(RestoreArgs),
+    /// Invoke a function in a running VM or clone (one started with `--mailbox PATH`).
+    ///
+    /// The response payload is written to stdout as is. Exit status: 0 when the function answered
+    /// "ok"; 5 when it answered another status (printed on stderr with the payload); 1 when no
+    /// answer came (timeout, the VM ended, a malformed response) or the mailbox cannot be used;
+    /// 2 for a usage error.
+    Invoke(InvokeArgs),
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// How the host reaches the guest agent.
+#[derive(Args, Clone)]
+struct ChannelArgs {
+    /// Create the VM's mailbox at PATH (a new file, removed when the VM ends), so that `ember
+    /// invoke --mailbox PATH` can reach it; implies --serve. With several clones PATH must
+    /// contain `{id}`, replaced by each clone's id.
+    #[arg(long, value_name = "PATH")]
+    mailbox: Option<String>,
+    /// The vsock device's host socket (Firecracker's hybrid vsock: connect and send `CONNECT
+    /// <port>\n`; guest connections to host port P go to `PATH_P`); implies --serve. With several
+    /// clones PATH must contain `{id}`.
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<String>,
+    /// Have the guest agent serve invocations after "ready" instead of powering the VM off.
+    #[arg(long)]
+    serve: bool,
+}
+
+impl ChannelArgs {
+    fn for_vm(&self, id: Option<u64>) -> Result<ember::vmm::Channels, String> {
+        let path = |p: &Option<String>| match (p, id) {
+            (None, _) => None,
+            (Some(p), None) => Some(PathBuf::from(p)),
+            (Some(p), Some(id)) => Some(PathBuf::from(p.replace("{id}", &id.to_string()))),
+        };
+        let (mailbox, vsock) = (path(&self.mailbox), path(&self.vsock));
+        let serve = self.serve || mailbox.is_some() || vsock.is_some();
+        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: true })
+    }
+
+    /// Checks that per-clone paths differ.
+    fn check_clones(&self, clones: u32) -> Result<(), String> {
+        for (flag, p) in [("--mailbox", &self.mailbox), ("--vsock", &self.vsock)] {
+            match p {
+                Some(p) if clones > 1 && !p.contains("{id}") => {
+                    return Err(format!("{flag} {p}: with --clones {clones} the path must contain {{id}}"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct InvokeArgs {
+    /// The function: a built-in of the agent (echo, sha256, sleep, cpu-stat) or the image's own.
+    function: String,
+    /// Invoke through the VM's mailbox (from `ember run|restore --mailbox PATH`).
+    #[arg(long, value_name = "PATH", required_unless_present = "vsock", conflicts_with = "vsock")]
+    mailbox: Option<PathBuf>,
+    /// Invoke over vsock, through the VM's vsock socket (from `ember run|restore --vsock PATH`).
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
+    /// The payload, as a string.
+    #[arg(long, value_name = "STR", conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Read the payload from a file (`-`: stdin).
+    #[arg(long, value_name = "PATH|-")]
+    payload_file: Option<PathBuf>,
+    /// Seconds to wait for the answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    timeout: f64,
+    /// Have the agent ring the response doorbell (an exit) and sleep until it does, instead of
+    /// polling the response.
+    #[arg(long)]
+    doorbell: bool,
+}
+
+fn invoke(args: InvokeArgs) -> Result<ExitCode, String> {
+    use std::io::{Read, Write};
+    let payload = match (&args.payload, &args.payload_file) {
+        (Some(p), _) => p.as_bytes().to_vec(),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut v = Vec::new();
+            std::io::stdin().read_to_end(&mut v).map_err(|e| format!("cannot read stdin: {e}"))?;
+            v
+        }
+        (None, Some(f)) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        (None, None) => Vec::new(),
+    };
+    let timeout = timeout(Some(args.timeout))?.unwrap_or_default();
+    let r = match (&args.mailbox, &args.vsock) {
+        (Some(path), _) => {
+            let mailbox = ember::mailbox::Mailbox::open(path).map_err(|e| e.to_string())?;
+            let opts = ember::mailbox::CallOptions { timeout, doorbell: args.doorbell };
+            mailbox.call(&args.function, &payload, opts).map_err(|e| e.to_string())?
+        }
+        (None, Some(path)) => {
+            let mut conn = ember::vsock::AgentConnection::connect(path, timeout).map_err(|e| e.to_string())?;
+            conn.call(&args.function, &payload).map_err(|e| e.to_string())?
+        }
+        (None, None) => return Err("--mailbox or --vsock is required".into()),
+    };
+    if r.status != ember_abi::Status::Ok {
+        eprintln!("ember: {}: {}: {}", args.function, r.status.describe(), String::from_utf8_lossy(&r.payload));
+        return Ok(ExitCode::from(5));
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&r.payload).and_then(|_| out.flush()).map_err(|e| format!("cannot write the response: {e}"))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args, Clone)]
@@ -106,6 +216,8 @@ struct RunArgs {
     /// the VM, snapshot it into DIR (files `state` and `memory`) and stop it (exit status 0).
     #[arg(long, value_name = "DIR")]
     snapshot_on_ready: Option<PathBuf>,
+    #[command(flatten)]
+    channels: ChannelArgs,
 }
 
 #[derive(Args)]
@@ -130,6 +242,8 @@ struct RestoreArgs {
     /// slower, not faster (see README, Benchmarks).
     #[arg(long)]
     populate: bool,
+    #[command(flatten)]
+    channels: ChannelArgs,
 }
 
 #[derive(Subcommand)]
@@ -141,6 +255,26 @@ enum BenchCommand {
     /// times one after another (p50/p90/p99 of restore -> first guest instruction and -> the
     /// guest's first I/O), and hold M idle clones at once (time, clones/s, private memory per clone).
     Restore(BenchRestoreArgs),
+    /// Round trip of a no-op invocation on a warm clone, per channel: p50/p90/p99 over --calls
+    /// invocations, the guest's user/kernel CPU split during each run, and the cost of waking an
+    /// idle clone.
+    Invoke(BenchInvokeArgs),
+}
+
+#[derive(Args)]
+struct BenchInvokeArgs {
+    /// A template snapshot (`ember run --snapshot-on-ready DIR`) to restore the clone from.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Invocations per channel.
+    #[arg(long, default_value_t = 10_000)]
+    calls: usize,
+    /// Invocations of an idle clone.
+    #[arg(long, default_value_t = 20)]
+    idle_calls: usize,
+    /// Seconds to wait for one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
 }
 
 #[derive(Args)]
@@ -211,7 +345,9 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
     let cfg = args.machine.to_config()?;
     let out = console(&args.console)?;
     let timeout = timeout(args.timeout)?;
-    let vm = Vm::boot(&cfg, out, process_start).map_err(|e| e.to_string())?;
+    let mut channels = args.channels.for_vm(None)?;
+    channels.device_seccomp = !args.no_seccomp;
+    let vm = Vm::boot(&cfg, &channels, out, process_start).map_err(|e| e.to_string())?;
     // The guest console's input is ember's stdin when its output is ember's stdout.
     let console_input = match args.console.as_str() {
         "stdout" => Some(ember::devices::console_input::stdin().map_err(|e| format!("cannot use stdin: {e}"))?),
@@ -265,22 +401,53 @@ const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
 
 /// What SIGUSR1 / SIGUSR2 asked for: 1 pause, 2 resume.
 static PAUSE_REQUEST: AtomicU8 = AtomicU8::new(0);
+/// The signal (SIGINT, SIGTERM) that asked ember to stop its VMs, or 0.
+static STOP_SIGNAL: AtomicU8 = AtomicU8::new(0);
 
 extern "C" fn on_pause_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     PAUSE_REQUEST.store(if sig == libc::SIGUSR1 { 1 } else { 2 }, Ordering::SeqCst);
 }
 
-/// Runs a started VM until it ends or `timeout` passes. SIGUSR1 pauses it, SIGUSR2 resumes it.
+extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(sig as u8, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM stop the VMs cleanly (their mailbox files are removed) instead of killing
+/// ember.
+fn handle_stop_signals() -> Result<(), String> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Why ember was asked to stop, if it was.
+fn stop_requested() -> Option<&'static str> {
+    match i32::from(STOP_SIGNAL.load(Ordering::SeqCst)) {
+        0 => None,
+        libc::SIGINT => Some("SIGINT"),
+        _ => Some("SIGTERM"),
+    }
+}
+
+/// Runs a started VM until it ends or `timeout` passes. SIGUSR1 pauses it, SIGUSR2 resumes it;
+/// SIGINT / SIGTERM stop it (a clean end).
 fn run_until_end(running: RunningVm, timeout: Option<Duration>) -> Result<VmExit, String> {
     for sig in [libc::SIGUSR1, libc::SIGUSR2] {
         vmm_sys_util::signal::register_signal_handler(sig, on_pause_signal)
             .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
     }
+    handle_stop_signals()?;
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if running.poll(left.unwrap_or(Duration::MAX).min(Duration::from_millis(20))).is_some() {
             return Ok(running.wait(Some(Duration::ZERO)).exit);
+        }
+        if let Some(sig) = stop_requested() {
+            running.stop(sig);
+            return Ok(VmExit::StoppedBySignal(sig.to_string()));
         }
         if left == Some(Duration::ZERO) {
             let t = timeout.unwrap_or_default();
@@ -325,6 +492,7 @@ fn severity(exit: &VmExit) -> u8 {
 
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let timeout = timeout(args.timeout)?;
+    args.channels.check_clones(args.clones)?;
     let paths = ember::snapshot::SnapshotPaths::new(&args.snapshot);
     let state = ember::snapshot::read_state(&paths).map_err(|e| e.to_string())?;
     let memory = ember::snapshot::MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
@@ -333,6 +501,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         true => ember::snapshot::working_set::WorkingSet::load(&paths.working_set(), state.machine.mem_bytes)
             .map_err(|e| e.to_string())?,
     };
+    handle_stop_signals()?;
     let shared = std::sync::Arc::new(std::sync::Mutex::new(console(&args.console)?));
     let mut running = Vec::new();
     for id in 1..=u64::from(args.clones) {
@@ -345,7 +514,9 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
             }),
         };
         let t = Instant::now();
-        let vm = Vm::restore(&state, &memory, id, out).map_err(|e| format!("clone {id}: {e}"))?;
+        let mut channels = args.channels.for_vm(Some(id))?;
+        channels.device_seccomp = !args.no_seccomp;
+        let vm = Vm::restore(&state, &memory, id, &channels, out).map_err(|e| format!("clone {id}: {e}"))?;
         if let Some(ws) = &ws {
             vm.populate(ws).map_err(|e| format!("clone {id}: cannot populate the working set: {e}"))?;
         }
@@ -355,14 +526,31 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     }
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut worst: Option<VmExit> = None;
-    for (i, vm) in running.into_iter().enumerate() {
+    let mut running: Vec<(usize, RunningVm)> = running.into_iter().enumerate().collect();
+    while !running.is_empty() {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let exit = vm.wait(left).exit;
-        if !exit.is_clean() {
-            eprintln!("ember: clone {}: {exit}", i + 1);
+        let stop = stop_requested();
+        let mut still = Vec::with_capacity(running.len());
+        for (i, vm) in running {
+            let exit = if let Some(sig) = stop {
+                vm.stop(sig);
+                VmExit::StoppedBySignal(sig.to_string())
+            } else if vm.exit().is_some() || left == Some(Duration::ZERO) {
+                vm.wait(Some(Duration::ZERO)).exit
+            } else {
+                still.push((i, vm));
+                continue;
+            };
+            if !exit.is_clean() {
+                eprintln!("ember: clone {}: {exit}", i + 1);
+            }
+            if worst.as_ref().is_none_or(|w| severity(&exit) > severity(w)) {
+                worst = Some(exit);
+            }
         }
-        if worst.as_ref().is_none_or(|w| severity(&exit) > severity(w)) {
-            worst = Some(exit);
+        running = still;
+        if let Some((_, vm)) = running.first() {
+            vm.poll(left.unwrap_or(Duration::MAX).min(Duration::from_millis(20)));
         }
     }
     Ok(worst.map(|w| exit_status(&w)).unwrap_or(ExitCode::SUCCESS))
@@ -431,6 +619,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args, process_start),
         Command::Restore(args) => restore(args),
+        Command::Invoke(args) => invoke(args),
         Command::Bench(BenchCommand::Boot(args)) => args
             .machine
             .to_config()
@@ -443,6 +632,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }),
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
+        Command::Bench(BenchCommand::Invoke(args)) => timeout(Some(args.timeout)).and_then(|t| {
+            let b =
+                bench::InvokeBench { calls: args.calls, idle_calls: args.idle_calls, timeout: t.unwrap_or_default() };
+            let report = bench::invoke(&args.snapshot, &b).map_err(|e| e.to_string())?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e}");

@@ -34,7 +34,8 @@ fn booted(test: &str) -> Option<&'static Booted> {
             machine_config: MachineConfig::default(),
         };
         let cap = Capture::default();
-        let vm = Vm::boot(&cfg, Box::new(cap.clone()), Instant::now()).expect("build the VM");
+        let vm = Vm::boot(&cfg, &ember::vmm::Channels::default(), Box::new(cap.clone()), Instant::now())
+            .expect("build the VM");
         let outcome = vm.run(Some(BOOT_TIMEOUT)).expect("run the VM");
         let console = cap.text();
         eprintln!("--- guest console ---\n{console}\n--- end ({}) ---", outcome.exit);

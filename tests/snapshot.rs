@@ -6,60 +6,17 @@ mod common;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{ember, text, Capture};
-use ember::config::{BootSource, MachineConfig, VmConfig};
 use ember::snapshot::{self, MemoryFile, SnapshotPaths};
 use ember::vmm::exit::VmExit;
-use ember::vmm::{RunOptions, Vm};
+use ember::vmm::{Channels, RunOptions, Vm};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const CLONE_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("snapshot-test-{}", std::process::id())).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Tests in this binary run one at a time (the leak test counts the process's fds and threads).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Boots the guest to its ready doorbell and snapshots it, once per test binary.
-fn template(test: &str) -> Option<&'static Path> {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    if !common::kvm_usable(test) {
-        return None;
-    }
-    let (kernel, initrd) = common::images(test)?;
-    Some(TEMPLATE.get_or_init(|| {
-        // Earlier runs' scratch directories (snapshots are large) go first.
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("snapshot-test-") {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-        let dir = scratch("template");
-        let cfg = VmConfig {
-            boot_source: BootSource { kernel_image_path: kernel, initrd_path: Some(initrd), boot_args: None },
-            machine_config: MachineConfig::default(),
-        };
-        let cap = Capture::default();
-        let vm = Vm::boot(&cfg, Box::new(cap.clone()), Instant::now()).expect("build the VM");
-        let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() }).expect("start");
-        assert!(vm.wait_ready(BOOT_TIMEOUT), "the guest never rang the doorbell: {:?}\n{}", vm.exit(), cap.text());
-        vm.pause().expect("pause");
-        vm.snapshot(&dir).expect("snapshot");
-        vm.stop("snapshot taken");
-        assert!(cap.text().contains("EMBER_GUEST_READY"), "{}", cap.text());
-        assert!(!cap.text().contains("EMBER_CLONE"), "the template ran past its snapshot point");
-        dir
-    }))
-}
 
 fn file_hash(path: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -77,7 +34,7 @@ fn clone_random(console: &str, id: u64) -> String {
 #[test]
 fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entropy() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(dir) = template("eight_concurrent_clones") else { return };
+    let Some(dir) = common::template("eight_concurrent_clones") else { return };
     let paths = SnapshotPaths::new(dir);
     let before = file_hash(&paths.memory());
     let state = snapshot::read_state(&paths).unwrap();
@@ -85,7 +42,7 @@ fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entr
     let mut clones = Vec::new();
     for id in 1..=8u64 {
         let cap = Capture::default();
-        let vm = Vm::restore(&state, &memory, id, Box::new(cap.clone())).expect("restore");
+        let vm = Vm::restore(&state, &memory, id, &Channels::default(), Box::new(cap.clone())).expect("restore");
         clones.push((id, cap, vm.start(RunOptions::default()).expect("start")));
     }
     let mut randoms = HashSet::new();
@@ -105,14 +62,14 @@ fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entr
 #[test]
 fn a_snapshot_of_a_clone_restores_too() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(dir) = template("a_snapshot_of_a_clone_restores_too") else { return };
+    let Some(dir) = common::template("a_snapshot_of_a_clone_restores_too") else { return };
     let paths = SnapshotPaths::new(dir);
     let state = snapshot::read_state(&paths).unwrap();
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
-    let vm = Vm::restore(&state, &memory, 1, Box::new(std::io::sink())).unwrap();
+    let vm = Vm::restore(&state, &memory, 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
     let vm = vm.start(RunOptions { start_paused: true, ..Default::default() }).unwrap();
     vm.pause().unwrap();
-    let second = scratch("of-a-clone");
+    let second = common::scratch("of-a-clone");
     vm.snapshot(&second).unwrap();
     vm.stop("snapshot taken");
 
@@ -120,7 +77,7 @@ fn a_snapshot_of_a_clone_restores_too() {
     let state = snapshot::read_state(&paths).unwrap();
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
     let cap = Capture::default();
-    let vm = Vm::restore(&state, &memory, 9, Box::new(cap.clone())).unwrap();
+    let vm = Vm::restore(&state, &memory, 9, &Channels::default(), Box::new(cap.clone())).unwrap();
     let out = vm.start(RunOptions::default()).unwrap().wait(Some(CLONE_TIMEOUT));
     assert_eq!(out.exit, VmExit::PowerOff, "{}", cap.text());
     clone_random(&cap.text(), 9);
@@ -129,7 +86,7 @@ fn a_snapshot_of_a_clone_restores_too() {
 #[test]
 fn ember_restore_runs_clones_from_the_command_line() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(dir) = template("ember_restore_runs_clones_from_the_command_line") else { return };
+    let Some(dir) = common::template("ember_restore_runs_clones_from_the_command_line") else { return };
     let out = ember(&["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "2", "--timeout", "120"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
@@ -141,7 +98,7 @@ fn ember_restore_runs_clones_from_the_command_line() {
 /// A fresh directory with the template's files for a test to damage: the state file copied, the
 /// memory file hard-linked (tests replace it rather than change it).
 fn copy_of(template: &Path, name: &str) -> PathBuf {
-    let dir = scratch(name);
+    let dir = common::scratch(name);
     std::fs::copy(template.join(snapshot::STATE_FILE), dir.join(snapshot::STATE_FILE)).unwrap();
     std::fs::hard_link(template.join(snapshot::MEMORY_FILE), dir.join(snapshot::MEMORY_FILE)).unwrap();
     dir
@@ -150,11 +107,11 @@ fn copy_of(template: &Path, name: &str) -> PathBuf {
 #[test]
 fn bad_snapshots_are_refused_with_one_line() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(tpl) = template("bad_snapshots_are_refused_with_one_line") else { return };
+    let Some(tpl) = common::template("bad_snapshots_are_refused_with_one_line") else { return };
     let state_of = |d: &Path| d.join(snapshot::STATE_FILE);
     let mem_of = |d: &Path| d.join(snapshot::MEMORY_FILE);
     let good = std::fs::read(state_of(tpl)).unwrap();
-    let mut cases: Vec<(PathBuf, &str)> = vec![(scratch("missing").join("nothing-here"), "No such file")];
+    let mut cases: Vec<(PathBuf, &str)> = vec![(common::scratch("missing").join("nothing-here"), "No such file")];
 
     let d = copy_of(tpl, "magic");
     std::fs::write(state_of(&d), b"not a snapshot at all").unwrap();
@@ -207,15 +164,15 @@ fn threads() -> usize {
 #[test]
 fn clones_leak_no_fds_or_threads() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(dir) = template("clones_leak_no_fds_or_threads") else { return };
+    let Some(dir) = common::template("clones_leak_no_fds_or_threads") else { return };
     let paths = SnapshotPaths::new(dir);
     let state = snapshot::read_state(&paths).unwrap();
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
     // Warm up once (lazily created process-wide state), then count.
-    drop(Vm::restore(&state, &memory, 1, Box::new(std::io::sink())).unwrap());
+    drop(Vm::restore(&state, &memory, 1, &Channels::default(), Box::new(std::io::sink())).unwrap());
     let (fds, tasks) = (open_fds(), threads());
     for id in 0..20 {
-        let vm = Vm::restore(&state, &memory, id + 1, Box::new(std::io::sink())).unwrap();
+        let vm = Vm::restore(&state, &memory, id + 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
         if id % 2 == 0 {
             // Restored, started and stopped at once; the others are dropped without running.
             vm.start(RunOptions::default()).unwrap().stop("test");

@@ -1,44 +1,33 @@
 //! The control page: a small MMIO device through which ember's guest agent learns who it is and tells
-//! ember that it is ready.
-//!
-//! ```text
-//! offset 0x00  u32  magic "EMBR" (reads only)
-//! offset 0x08  u64  clone id: 0 in a VM that booted, 1.. in clones restored from a snapshot
-//! offset 0x10  32 bytes of seed material for the guest's RNG, fresh from the host for every VM
-//! offset 0x100      doorbell: a write of any value means "ready" (the snapshot point)
-//! ```
+//! ember what it is doing (layout: `ember_abi::control`).
 //!
 //! Every access is an MMIO exit, so the agent reads the page once after boot and once after a
 //! restore; it is not a data channel. The page is per VM and never part of a snapshot: a clone gets
 //! its own id and seed.
 
+pub use ember_abi::control::*;
+
 use super::{BusDevice, GuestRequest};
 
-/// Guest-physical address of the control page (in the MMIO gap, after the boot timer).
-pub const CONTROL_ADDR: u64 = crate::vmm::memory::MMIO_GAP_START + 0x1000;
-pub const CONTROL_SIZE: u64 = 0x1000;
-
-pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
-pub const CLONE_ID_OFFSET: u64 = 0x08;
-pub const SEED_OFFSET: u64 = 0x10;
-pub const SEED_LEN: usize = 32;
-pub const DOORBELL_OFFSET: u64 = 0x100;
+// The page sits in the MMIO gap right after the boot timer.
+const _: () = assert!(CONTROL_ADDR == crate::vmm::memory::BOOT_TIMER_ADDR + crate::vmm::memory::BOOT_TIMER_SIZE);
 
 /// A VM's control page.
 pub struct ControlPage {
-    regs: [u8; 0x30],
+    regs: [u8; REGS_LEN],
 }
 
 impl ControlPage {
     /// A page for the VM with `clone_id`, with fresh seed material from the host's RNG.
-    pub fn new(clone_id: u64) -> std::io::Result<Self> {
+    pub fn new(clone_id: u64, flags: u64) -> std::io::Result<Self> {
         let mut seed = [0u8; SEED_LEN];
         getrandom(&mut seed)?;
-        Ok(Self::with_seed(clone_id, seed))
+        Ok(Self::with_seed(clone_id, flags, seed))
     }
 
-    pub fn with_seed(clone_id: u64, seed: [u8; SEED_LEN]) -> Self {
-        let mut regs = [0u8; 0x30];
+    pub fn with_seed(clone_id: u64, flags: u64, seed: [u8; SEED_LEN]) -> Self {
+        let mut regs = [0u8; REGS_LEN];
+        regs[FLAGS_OFFSET as usize..][..8].copy_from_slice(&flags.to_le_bytes());
         regs[..4].copy_from_slice(&MAGIC.to_le_bytes());
         regs[CLONE_ID_OFFSET as usize..][..8].copy_from_slice(&clone_id.to_le_bytes());
         regs[SEED_OFFSET as usize..][..SEED_LEN].copy_from_slice(&seed);
@@ -78,7 +67,12 @@ impl BusDevice for ControlPage {
     }
 
     fn write(&mut self, offset: u64, _data: &[u8]) -> Option<GuestRequest> {
-        (offset == DOORBELL_OFFSET).then_some(GuestRequest::Ready)
+        match offset {
+            READY_DOORBELL => Some(GuestRequest::Ready),
+            RESPONSE_DOORBELL => Some(GuestRequest::MailboxResponse),
+            IDLE_DOORBELL => Some(GuestRequest::Idle),
+            _ => None,
+        }
     }
 }
 
@@ -88,13 +82,15 @@ mod tests {
 
     #[test]
     fn layout_and_doorbell() {
-        let mut p = ControlPage::with_seed(7, [0xab; SEED_LEN]);
+        let mut p = ControlPage::with_seed(7, FLAG_SERVE, [0xab; SEED_LEN]);
         let mut w = [0u8; 4];
         p.read(0, &mut w);
         assert_eq!(u32::from_le_bytes(w), MAGIC);
         let mut q = [0u8; 8];
         p.read(CLONE_ID_OFFSET, &mut q);
         assert_eq!(u64::from_le_bytes(q), 7);
+        p.read(FLAGS_OFFSET, &mut q);
+        assert_eq!(u64::from_le_bytes(q), FLAG_SERVE);
         p.read(SEED_OFFSET + 24, &mut q);
         assert_eq!(q, [0xab; 8]);
         // Past the registers: zeros, never a panic.
@@ -102,13 +98,15 @@ mod tests {
         assert_eq!(q, [0; 8]);
         p.read(u64::MAX, &mut q);
         assert_eq!(q, [0; 8]);
-        assert_eq!(p.write(DOORBELL_OFFSET, &[1]), Some(GuestRequest::Ready));
+        assert_eq!(p.write(READY_DOORBELL, &[1]), Some(GuestRequest::Ready));
+        assert_eq!(p.write(RESPONSE_DOORBELL, &[1]), Some(GuestRequest::MailboxResponse));
+        assert_eq!(p.write(IDLE_DOORBELL, &[1]), Some(GuestRequest::Idle));
         assert_eq!(p.write(0, &[1]), None);
     }
 
     #[test]
     fn every_page_gets_its_own_seed() {
-        let (mut a, mut b) = (ControlPage::new(1).unwrap(), ControlPage::new(1).unwrap());
+        let (mut a, mut b) = (ControlPage::new(1, 0).unwrap(), ControlPage::new(1, 0).unwrap());
         let (mut sa, mut sb) = ([0u8; SEED_LEN], [0u8; SEED_LEN]);
         a.read(SEED_OFFSET, &mut sa);
         b.read(SEED_OFFSET, &mut sb);

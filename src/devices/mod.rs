@@ -7,6 +7,7 @@ pub mod control;
 pub mod debug_port;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 /// What a device write asks of the VM, beyond the write itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +20,10 @@ pub enum GuestRequest {
     Panic,
     /// The guest agent is ready: the snapshot point (the control page's doorbell).
     Ready,
+    /// The agent answered a mailbox request that asked for the response doorbell.
+    MailboxResponse,
+    /// The agent has nothing to do: wait host-side for the next mailbox request.
+    Idle,
 }
 
 /// The state of every device that has state worth keeping, as saved in a snapshot. A device with
@@ -26,6 +31,7 @@ pub enum GuestRequest {
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DevicesState {
     pub serial: serial::UartState,
+    pub vsock: virtio::mmio::MmioState,
 }
 
 /// A device on the port-I/O or MMIO bus. `offset` is relative to the device's base.

@@ -28,7 +28,7 @@ use crate::vmm::vcpu_state::VcpuState;
 use crate::vmm::vm_state::VmState;
 
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 /// A state file is a few tens of KiB; anything far larger is not one of ours.

@@ -21,14 +21,16 @@ pub enum VmExit {
     Unexpected { vcpu: u8, what: String, rip: u64 },
     /// KVM_RUN itself failed.
     VcpuError { vcpu: u8, errno: i32 },
-    /// ember stopped the VM (timeout, signal, API).
+    /// ember stopped the VM (timeout, API).
     Stopped(String),
+    /// The user asked ember to stop (SIGINT, SIGTERM): a clean end.
+    StoppedBySignal(String),
 }
 
 impl VmExit {
     /// True when the guest ended the VM on purpose.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::Reset | VmExit::PowerOff)
+        matches!(self, VmExit::Reset | VmExit::PowerOff | VmExit::StoppedBySignal(_))
     }
 }
 
@@ -58,6 +60,7 @@ impl fmt::Display for VmExit {
                 write!(f, "KVM_RUN failed on vCPU {vcpu}: {}", std::io::Error::from_raw_os_error(*errno))
             }
             VmExit::Stopped(why) => write!(f, "stopped by ember: {why}"),
+            VmExit::StoppedBySignal(sig) => write!(f, "stopped on {sig}"),
         }
     }
 }

@@ -7,9 +7,11 @@
 //! 0x0000_6040  PVH module list          0x0002_0000  kernel command line
 //! 0x0000_7000  zero page / PVH memmap   0x0009_fc00  MP table (EBDA, reserved)
 //! 0x0000_8ff0  boot stack               0x0010_0000  kernel (1 MiB)
-//! 0xd000_0000 .. 0xffff_ffff  MMIO gap: ember's MMIO devices; RAM resumes at 4 GiB
+//! 0xd000_0000 .. 0xffff_ffff  MMIO gap: ember's MMIO devices, and the mailbox (0xd010_0000, 1 MiB,
+//!                             reserved in the e820 map); RAM resumes at 4 GiB
 //! ```
 
+pub use ember_abi::mailbox::{MAILBOX_ADDR, MAILBOX_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM as ember maps it: anonymous, private, lazily populated.
@@ -42,6 +44,8 @@ pub const MMIO_GAP_END: u64 = 1 << 32;
 /// The boot timer (Firecracker's address and protocol: the guest writes 123 at offset 0).
 pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+
+const _: () = assert!(MAILBOX_ADDR >= BOOT_TIMER_ADDR + 0x10_0000 && MAILBOX_ADDR + MAILBOX_SIZE <= MMIO_GAP_END);
 
 /// The smallest guest ember accepts; the kernel and initramfs must also fit (checked when loading).
 pub const MIN_MEM_MIB: u64 = 16;
@@ -79,7 +83,8 @@ pub struct MemoryMapEntry {
 }
 
 /// The memory map the guest is told about (e820 for the Linux boot protocol, the PVH memmap):
-/// low RAM up to the EBDA, the EBDA reserved, then RAM from 1 MiB with the MMIO gap left out.
+/// low RAM up to the EBDA, the EBDA reserved, RAM from 1 MiB with the MMIO gap left out, and the
+/// mailbox reserved (the guest kernel never uses it; the agent maps it through /dev/mem).
 pub fn memory_map(mem_bytes: u64) -> Vec<MemoryMapEntry> {
     let mut map = vec![
         MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram },
@@ -92,6 +97,9 @@ pub fn memory_map(mem_bytes: u64) -> Vec<MemoryMapEntry> {
             map.push(MemoryMapEntry { addr: start, size: end - start, kind: MemoryKind::Ram });
         }
     }
+    let mailbox = MemoryMapEntry { addr: MAILBOX_ADDR, size: MAILBOX_SIZE, kind: MemoryKind::Reserved };
+    let at = map.partition_point(|e| e.addr < MAILBOX_ADDR);
+    map.insert(at, mailbox);
     map
 }
 
@@ -128,6 +136,7 @@ mod tests {
                 MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram },
                 MemoryMapEntry { addr: EBDA_START, size: 0x400, kind: MemoryKind::Reserved },
                 MemoryMapEntry { addr: HIMEM_START, size: 128 * MIB - HIMEM_START, kind: MemoryKind::Ram },
+                MemoryMapEntry { addr: MAILBOX_ADDR, size: MAILBOX_SIZE, kind: MemoryKind::Reserved },
             ]
         );
     }
@@ -135,12 +144,14 @@ mod tests {
     #[test]
     fn memory_map_never_covers_the_mmio_gap() {
         for mib in [16, 128, 3328, 3329, 8192] {
-            for e in memory_map(mib * MIB) {
+            for e in memory_map(mib * MIB).into_iter().filter(|e| e.kind == MemoryKind::Ram) {
                 let end = e.addr + e.size;
                 assert!(end <= MMIO_GAP_START || e.addr >= MMIO_GAP_END, "{mib} MiB: {e:?}");
             }
             let ram: u64 = memory_map(mib * MIB).iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
             assert_eq!(ram, mib * MIB - (HIMEM_START - EBDA_START));
+            let m = memory_map(mib * MIB);
+            assert!(m.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr), "{mib} MiB: sorted, disjoint");
         }
     }
 }

@@ -25,11 +25,15 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::boot_timer::{BootClock, BootTimeline, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::console_input::ConsoleInputLoop;
-use crate::devices::control::{ControlPage, CONTROL_ADDR, CONTROL_SIZE};
+use crate::devices::control::{ControlPage, CONTROL_ADDR, CONTROL_SIZE, FLAG_SERVE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
-use crate::devices::serial::{ConsoleOut, SerialDevice, UartState, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::devices::DevicesState;
+use crate::mailbox::{CallOptions, InvokeError, Mailbox, MailboxError, Response};
 use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::{self, MachineInfo, MemoryFile, SnapshotError, SnapshotState};
 use boot::BootError;
@@ -70,6 +74,34 @@ pub enum VmError {
     WorkingSet(std::io::Error),
     #[error("the VM is not running (it ended: {0})")]
     Ended(VmExit),
+    #[error(transparent)]
+    Mailbox(#[from] MailboxError),
+}
+
+/// How the host reaches the guest agent: the mailbox (always there; a file at `mailbox` so that
+/// other processes can use it, else a memfd) and whether the agent should serve invocations after
+/// "ready" (without, it powers the VM off there: a one-shot boot).
+#[derive(Clone, Debug)]
+pub struct Channels {
+    pub mailbox: Option<std::path::PathBuf>,
+    /// The vsock device's host socket (Firecracker's hybrid vsock); none: guest connections to
+    /// the host are refused.
+    pub vsock: Option<std::path::PathBuf>,
+    pub serve: bool,
+    /// Confine device threads (vsock) with seccomp; on unless debugging (`--no-seccomp`).
+    pub device_seccomp: bool,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Self { mailbox: None, vsock: None, serve: false, device_seccomp: true }
+    }
+}
+
+/// What the kernel command line needs to find ember's virtio-mmio devices.
+pub fn virtio_cmdline() -> String {
+    use crate::devices::virtio::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE};
+    format!("virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_FIRST_IRQ}")
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -83,6 +115,7 @@ pub struct Vm {
     devices: Devices,
     clock: Arc<BootClock>,
     vm: VmFd,
+    mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     mem_bytes: u64,
 }
@@ -90,19 +123,29 @@ pub struct Vm {
 /// The VM's devices and the buses the vCPUs reach them through.
 struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
+    vsock: Arc<Mutex<MmioTransport>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
 }
 
 impl Devices {
-    /// Creates every device and wires its interrupt; `serial` is a snapshot's UART state, if any.
+    /// Creates every device and wires its interrupt; `restored` is a snapshot's device state and
+    /// the clone's id, for a clone.
     fn create(
         vm: &VmFd,
+        mem: &GuestMemory,
+        mailbox: &Arc<Mailbox>,
         console: ConsoleOut,
         clock: &Arc<BootClock>,
-        serial: Option<&UartState>,
-        clone_id: u64,
+        restored: Option<(&DevicesState, u64)>,
+        channels: &Channels,
     ) -> Result<Self, VmError> {
+        let (saved, clone_id) = match restored {
+            Some((s, id)) => (Some(s), id),
+            None => (None, 0),
+        };
+        let device_seccomp = channels.device_seccomp;
+        let serial = saved.map(|s| &s.serial);
         let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(e.to_string());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
@@ -118,13 +161,39 @@ impl Devices {
         let mut mmio = Bus::new();
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))
             .map_err(|e| dev_err(&e))?;
-        let control = ControlPage::new(clone_id).map_err(|e| dev_err(&e))?;
+        let flags = if channels.serve { FLAG_SERVE } else { 0 };
+        let control = ControlPage::new(clone_id, flags).map_err(|e| dev_err(&e))?;
         mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control))).map_err(|e| dev_err(&e))?;
-        Ok(Self { serial, pio: Arc::new(pio), mmio: Arc::new(mmio) })
+
+        let vsock_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
+        vm.register_irqfd(&vsock_irq, VIRTIO_FIRST_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        let interrupt = Arc::new(Interrupt::new(vsock_irq, mailbox.clone()));
+        let filter = match device_seccomp {
+            true => Some(Arc::new(seccomp::device_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)),
+            false => None,
+        };
+        let (device, notify) = Vsock::new(channels.vsock.as_deref(), saved.is_some(), filter)
+            .map_err(|e| VmError::Devices(format!("vsock socket {e}")))?;
+        let mut vsock = MmioTransport::new(vm, VIRTIO_MMIO_BASE, Box::new(device), notify, mem.clone(), interrupt)
+            .map_err(|e| dev_err(&e))?;
+        if let Some(s) = saved {
+            vsock.restore(&s.vsock).map_err(|e| dev_err(&format!("vsock: {e}")))?;
+        }
+        let vsock = Arc::new(Mutex::new(vsock));
+        mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, vsock.clone()).map_err(|e| dev_err(&e))?;
+        Ok(Self { serial, vsock, pio: Arc::new(pio), mmio: Arc::new(mmio) })
     }
 
     fn state(&self) -> DevicesState {
-        DevicesState { serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state() }
+        DevicesState {
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            vsock: self.vsock.lock().unwrap_or_else(|p| p.into_inner()).state(),
+        }
+    }
+
+    /// Stops the devices' own threads.
+    fn shutdown(&self) {
+        self.vsock.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     }
 }
 
@@ -157,19 +226,19 @@ pub struct RunOutcome {
     pub timeline: BootTimeline,
 }
 
-/// Registers every region of `mem` with the VM, slot by slot.
-fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
+/// Registers every region of `mem` with the VM, slot by slot, then the mailbox.
+fn register_memory(vm: &VmFd, mem: &GuestMemory, mailbox: &Mailbox) -> Result<(), VmError> {
+    let mut regions = Vec::new();
+    for region in mem.iter() {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(0, e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping of `region.len()` bytes owned by `mem`, which the Vm
-        // keeps (and drops after the VM fd), so KVM never sees it unmapped.
+        regions.push((region.start_addr().0, region.len(), host as u64));
+    }
+    regions.push((memory::MAILBOX_ADDR, memory::MAILBOX_SIZE, mailbox.host_addr()));
+    for (slot, (guest_phys_addr, memory_size, userspace_addr)) in regions.into_iter().enumerate() {
+        let r =
+            kvm_userspace_memory_region { slot: slot as u32, flags: 0, guest_phys_addr, memory_size, userspace_addr };
+        // SAFETY: each region is a live mapping of `memory_size` bytes owned by `mem` or the mailbox,
+        // which the Vm keeps (and drops after the VM fd), so KVM never sees it unmapped.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
@@ -177,7 +246,12 @@ fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
 
 impl Vm {
     /// Builds a VM that boots `config`'s kernel. `process_start` anchors the boot timeline.
-    pub fn boot(config: &VmConfig, console: ConsoleOut, process_start: Instant) -> Result<Self, VmError> {
+    pub fn boot(
+        config: &VmConfig,
+        channels: &Channels,
+        console: ConsoleOut,
+        process_start: Instant,
+    ) -> Result<Self, VmError> {
         config.validate()?;
         let clock = BootClock::new(process_start);
         let vcpu_count = config.vcpus();
@@ -191,11 +265,12 @@ impl Vm {
             Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p)?),
             None => None,
         };
-        let cmdline_size = boot::load_command_line(&mem, &config.cmdline())?;
+        let cmdline = format!("{} {}", config.cmdline(), virtio_cmdline());
+        let cmdline_size = boot::load_command_line(&mem, &cmdline)?;
         boot::write_boot_parameters(&mem, mem_bytes, &kernel, cmdline_size, initrd, vcpu_count)?;
         boot::regs::write_boot_tables(&mem, kernel.entry).map_err(|e| BootError::Params(e.to_string()))?;
 
-        Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, console, clock)
+        Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, channels, console, clock)
     }
 
     /// Builds a VM whose vCPUs all start in 64-bit mode at `code` (loaded at [`PAYLOAD_START`]),
@@ -209,7 +284,8 @@ impl Vm {
         let entry = boot::EntryPoint::Linux64(PAYLOAD_START);
         mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
         boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
-        let vm = Self::assemble(mem, mem_bytes, vcpu_count, entry, console, BootClock::new(Instant::now()))?;
+        let clock = BootClock::new(Instant::now());
+        let vm = Self::assemble(mem, mem_bytes, vcpu_count, entry, &Channels::default(), console, clock)?;
         for v in &vm.vcpus {
             v.start_payload(vcpu_count)?;
         }
@@ -222,11 +298,13 @@ impl Vm {
         mem_bytes: u64,
         vcpu_count: u8,
         entry: boot::EntryPoint,
+        channels: &Channels,
         console: ConsoleOut,
         clock: Arc<BootClock>,
     ) -> Result<Self, VmError> {
-        let (kvm, vm) = create_vm(&mem)?;
-        let devices = Devices::create(&vm, console, &clock, None, 0)?;
+        let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
+        let (kvm, vm) = create_vm(&mem, &mailbox)?;
+        let devices = Devices::create(&vm, &mem, &mailbox, console, &clock, None, channels)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for i in 0..vcpu_count {
@@ -234,7 +312,7 @@ impl Vm {
             v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes })
+        Ok(Self { vcpus, devices, clock, vm, mailbox, mem, mem_bytes })
     }
 
     /// Builds a clone of a snapshot: a new VM whose RAM maps `memory` copy-on-write, with every
@@ -244,20 +322,23 @@ impl Vm {
         state: &SnapshotState,
         memory: &MemoryFile,
         clone_id: u64,
+        channels: &Channels,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
         let clock = BootClock::new(Instant::now());
         let mem = memory.map_private()?;
-        let (_kvm, vm) = create_vm(&mem)?;
+        let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
+        let (_kvm, vm) = create_vm(&mem, &mailbox)?;
         state.vm.restore(&vm)?;
-        let devices = Devices::create(&vm, console, &clock, Some(&state.devices.serial), clone_id)?;
+        let devices =
+            Devices::create(&vm, &mem, &mailbox, console, &clock, Some((&state.devices, clone_id)), channels)?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (i, s) in state.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
             s.restore(&v.fd)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, devices, clock, vm, mem, mem_bytes: state.machine.mem_bytes })
+        Ok(Self { vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })
     }
 
     /// Faults a snapshot's working set into this (restored, not yet started) VM's memory from the
@@ -289,7 +370,7 @@ impl Vm {
         if let Some(v) = self.vcpus.first() {
             vcpu_state::prepare(&v.fd)?;
         }
-        let Vm { vcpus, devices, clock, vm, mem, mem_bytes } = self;
+        let Vm { vcpus, devices, clock, vm, mailbox, mem, mem_bytes } = self;
         let ctl = Arc::new(VmControl::new(vcpus.len()));
         ctl.set_pause_on_ready(options.pause_on_ready);
         if options.start_paused {
@@ -308,6 +389,7 @@ impl Vm {
             devices,
             clock: clock.clone(),
             vm,
+            mailbox: mailbox.clone(),
             mem: mem.clone(),
             mem_bytes,
         };
@@ -318,6 +400,7 @@ impl Vm {
                 ctl: ctl.clone(),
                 clock: Some(clock.clone()),
                 mem: mem.clone(),
+                mailbox: mailbox.clone(),
                 seccomp: filter.clone(),
             };
             match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
@@ -342,6 +425,7 @@ pub struct RunningVm {
     devices: Devices,
     clock: Arc<BootClock>,
     vm: VmFd,
+    mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     mem_bytes: u64,
 }
@@ -388,6 +472,7 @@ impl RunningVm {
     /// state and parks. Returns once all are parked.
     pub fn pause(&self) -> Result<(), VmError> {
         self.ctl.request_pause();
+        self.mailbox.wake();
         let kick = || {
             for t in &self.threads {
                 let _ = t.kill(vcpu::kick_signal());
@@ -431,6 +516,16 @@ impl RunningVm {
         WorkingSet::record(&self.mem)
     }
 
+    /// Invokes `function` in the guest through the mailbox and waits for its answer.
+    pub fn invoke(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Response, InvokeError> {
+        self.mailbox.call(function, payload, opts)
+    }
+
+    /// The VM's mailbox, for callers on other threads.
+    pub fn mailbox(&self) -> Arc<Mailbox> {
+        self.mailbox.clone()
+    }
+
     /// The boot / restore timeline so far.
     pub fn timeline(&self) -> BootTimeline {
         self.clock.timeline()
@@ -440,7 +535,9 @@ impl RunningVm {
         if !self.ctl.should_stop() {
             self.ctl.end(VmExit::Stopped("stopped".into()));
         }
+        self.mailbox.vm_ended();
         stop_vcpus(&self.ctl, std::mem::take(&mut self.threads));
+        self.devices.shutdown();
         if let Some(l) = self.input.take() {
             l.stop();
         }
@@ -456,7 +553,8 @@ impl Drop for RunningVm {
 /// Records a snapshot's working set: restores one clone (console off), lets it run until its guest
 /// ends it or `window` passes, and reads which pages it read and wrote.
 pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Duration) -> Result<WorkingSet, VmError> {
-    let vm = Vm::restore(state, memory, 1, Box::new(std::io::sink()))?.start(RunOptions::default())?;
+    let vm =
+        Vm::restore(state, memory, 1, &Channels::default(), Box::new(std::io::sink()))?.start(RunOptions::default())?;
     let _ = vm.ctl.wait(Some(window));
     vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
     let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;
@@ -464,12 +562,13 @@ pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Du
     Ok(ws)
 }
 
-/// Opens KVM and creates a VM with `mem` registered, the TSS, the in-kernel irqchip and the PIT.
-fn create_vm(mem: &GuestMemory) -> Result<(Kvm, VmFd), VmError> {
+/// Opens KVM and creates a VM with `mem` and the mailbox registered, the TSS, the in-kernel irqchip
+/// and the PIT.
+fn create_vm(mem: &GuestMemory, mailbox: &Mailbox) -> Result<(Kvm, VmFd), VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
-    register_memory(&vm, mem)?;
+    register_memory(&vm, mem, mailbox)?;
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };

@@ -30,6 +30,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, seccompiler::Error> {
         libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
+        libc::SYS_mprotect,
         libc::SYS_madvise,
         libc::SYS_brk,
         libc::SYS_clock_gettime,
@@ -49,6 +50,48 @@ pub fn vcpu_filter() -> Result<BpfProgram, seccompiler::Error> {
         libc::F_GETFD as u64,
     )?])?;
     rules.insert(libc::SYS_fcntl, vec![getfd]);
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
+}
+
+/// Builds the filter for a device's own thread (the vsock device's event loop): it handles what
+/// the guest puts in the device's queues and moves bytes between them and host sockets.
+pub fn device_filter() -> Result<BpfProgram, seccompiler::Error> {
+    let allowed = [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_accept4,
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_shutdown,
+        libc::SYS_close,
+        libc::SYS_fcntl,
+        libc::SYS_ioctl,
+        libc::SYS_futex,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_clock_gettime,
+        libc::SYS_sched_yield,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        libc::SYS_rseq,
+        libc::SYS_exit,
+    ];
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().map(|s| (*s, vec![])).collect();
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }

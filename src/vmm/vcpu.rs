@@ -144,7 +144,7 @@ impl VmControl {
         self.pause.store(true, Ordering::SeqCst);
     }
 
-    fn pause_requested(&self) -> bool {
+    pub(crate) fn pause_requested(&self) -> bool {
         self.pause.load(Ordering::SeqCst)
     }
 
@@ -220,6 +220,7 @@ pub struct VcpuContext {
     pub ctl: Arc<VmControl>,
     pub clock: Option<Arc<BootClock>>,
     pub mem: GuestMemory,
+    pub mailbox: Arc<crate::mailbox::Mailbox>,
     /// The seccomp filter to confine this thread with, if any.
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
@@ -271,7 +272,7 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
     /// ends the VM is reported through `ctl`.
     pub fn run(mut self, cx: VcpuContext) {
-        let VcpuContext { pio, mmio, ctl, clock, mem, seccomp } = cx;
+        let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(filter) = seccomp {
             if let Err(e) = super::seccomp::apply(&filter) {
@@ -287,6 +288,7 @@ impl Vcpu {
             }
         }
         let mut first_io = true;
+        let mut wake_seen = mailbox.wake_generation();
         while !ctl.should_stop() {
             if ctl.pause_requested() {
                 self.park(&ctl);
@@ -332,11 +334,21 @@ impl Vcpu {
                         ctl.set_ready();
                         continue;
                     }
+                    GuestRequest::MailboxResponse => {
+                        mailbox.response_rung();
+                        continue;
+                    }
+                    GuestRequest::Idle => {
+                        mailbox.idle_wait(&mut wake_seen, || ctl.should_stop() || ctl.pause_requested());
+                        continue;
+                    }
                 };
                 ctl.end(reason);
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        // Callers waiting on the mailbox (in this process or another) learn at once.
+        mailbox.vm_ended();
         let timed_out = matches!(
             &*ctl.exit.lock().unwrap_or_else(|p| p.into_inner()),
             Some(VmExit::Stopped(why)) if why.starts_with("timed out")

@@ -5,7 +5,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ember::config::{BootSource, MachineConfig, VmConfig};
+use ember::vmm::{Channels, RunOptions, Vm};
 
 /// A guest console captured in memory.
 #[derive(Clone, Default)]
@@ -78,4 +82,57 @@ pub fn ember(args: &[&str]) -> Output {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// How long the one real boot of a test binary may take.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn scratch_root() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let name = exe.as_ref().and_then(|e| e.file_stem()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let binary = name.split('-').next().unwrap_or("test").to_string();
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ember-test-{binary}-{}", std::process::id()))
+}
+
+/// A fresh scratch directory for this test binary's run (under the target dir).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = scratch_root().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Boots the guest to its agent's "ready" doorbell and snapshots it there, once per test binary:
+/// the template every test of the binary restores clones of.
+pub fn template(test: &str) -> Option<&'static Path> {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    if !kvm_usable(test) {
+        return None;
+    }
+    let (kernel, initrd) = images(test)?;
+    Some(TEMPLATE.get_or_init(|| {
+        // Earlier runs' scratch directories (snapshots are large) go first.
+        let root = scratch_root();
+        let prefix = root.file_name().unwrap().to_string_lossy().rsplit_once('-').unwrap().0.to_string();
+        for e in std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) && e.path() != root {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = scratch("template");
+        let cfg = VmConfig {
+            boot_source: BootSource { kernel_image_path: kernel, initrd_path: Some(initrd), boot_args: None },
+            machine_config: MachineConfig::default(),
+        };
+        let cap = Capture::default();
+        let vm = Vm::boot(&cfg, &Channels::default(), Box::new(cap.clone()), Instant::now()).expect("build the VM");
+        let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() }).expect("start");
+        assert!(vm.wait_ready(BOOT_TIMEOUT), "the guest never rang the doorbell: {:?}\n{}", vm.exit(), cap.text());
+        vm.pause().expect("pause");
+        vm.snapshot(&dir).expect("snapshot");
+        vm.stop("snapshot taken");
+        assert!(cap.text().contains("EMBER_GUEST_READY"), "{}", cap.text());
+        assert!(!cap.text().contains("EMBER_CLONE"), "the template ran past its snapshot point");
+        dir
+    }))
 }

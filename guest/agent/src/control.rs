@@ -1,6 +1,6 @@
-//! ember's control page (src/devices/control.rs on the host), reached through /dev/mem: the clone id,
-//! fresh seed material for the kernel RNG, and the "ready" doorbell. Every access is an MMIO exit, so
-//! the page is read once after boot and once after a restore.
+//! ember's control page (layout: ember_abi::control), reached through /dev/mem: the clone id, fresh
+//! seed material for the kernel RNG, the host's flags, and the doorbells. Every access is an MMIO
+//! exit, so the page is read once after boot and once after a restore.
 
 use std::fs;
 use std::io;
@@ -8,12 +8,10 @@ use std::os::fd::AsRawFd;
 
 use crate::devmem::PhysPage;
 
-const CONTROL_ADDR: libc::off_t = 0xd000_1000;
-const MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
-const CLONE_ID_OFFSET: usize = 0x08;
-const SEED_OFFSET: usize = 0x10;
-const SEED_LEN: usize = 32;
-const DOORBELL_OFFSET: usize = 0x100;
+use ember_abi::control::{
+    CLONE_ID_OFFSET, CONTROL_ADDR, FLAGS_OFFSET, FLAG_SERVE, IDLE_DOORBELL, MAGIC, READY_DOORBELL, RESPONSE_DOORBELL,
+    SEED_LEN, SEED_OFFSET,
+};
 
 pub struct ControlPage {
     page: PhysPage,
@@ -22,18 +20,23 @@ pub struct ControlPage {
 impl ControlPage {
     /// Maps the page; None when the VMM has no control page (the magic is missing).
     pub fn map() -> io::Result<Option<Self>> {
-        let page = PhysPage::map(CONTROL_ADDR)?;
+        let page = PhysPage::map(CONTROL_ADDR as libc::off_t)?;
         Ok((page.read::<u32>(0) == MAGIC).then_some(Self { page }))
     }
 
     pub fn clone_id(&self) -> u64 {
-        self.page.read(CLONE_ID_OFFSET)
+        self.page.read(CLONE_ID_OFFSET as usize)
+    }
+
+    /// Whether the host wants invocations served after "ready".
+    pub fn serve(&self) -> bool {
+        self.page.read::<u64>(FLAGS_OFFSET as usize) & FLAG_SERVE != 0
     }
 
     pub fn seed(&self) -> [u8; SEED_LEN] {
         let mut seed = [0u8; SEED_LEN];
         for (i, chunk) in seed.chunks_mut(8).enumerate() {
-            chunk.copy_from_slice(&self.page.read::<u64>(SEED_OFFSET + i * 8).to_le_bytes());
+            chunk.copy_from_slice(&self.page.read::<u64>(SEED_OFFSET as usize + i * 8).to_le_bytes());
         }
         seed
     }
@@ -41,7 +44,18 @@ impl ControlPage {
     /// Tells the VMM that the guest is ready: the snapshot point. When ember snapshots here, every
     /// clone resumes right after this write.
     pub fn ring_ready(&self) {
-        self.page.write(DOORBELL_OFFSET, 1u32);
+        self.page.write(READY_DOORBELL as usize, 1u32);
+    }
+
+    /// Tells the host that a mailbox response is written (requests that asked for it).
+    pub fn ring_response(&self) {
+        self.page.write(RESPONSE_DOORBELL as usize, 1u32);
+    }
+
+    /// Tells the host that the agent has nothing to do: the vCPU waits host-side (this write
+    /// returns) until the next mailbox request or an interrupt for the guest.
+    pub fn ring_idle(&self) {
+        self.page.write(IDLE_DOORBELL as usize, 1u32);
     }
 }
 

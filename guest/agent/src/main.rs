@@ -1,11 +1,12 @@
 //! ember-agent: PID 1 of ember's guest initramfs.
 //!
-//! Today it brings the guest up and proves that user space works on ember: it mounts /dev, /proc and
-//! /sys, signals the boot timer, runs real system calls (console writes, reading /proc/uptime,
-//! fork + exec of itself), seeds the kernel RNG from ember's control page, prints its marker line,
-//! rings the "ready" doorbell (the snapshot point), and powers the VM off. In a clone restored from
-//! a snapshot taken at the doorbell it goes on from there: it reseeds the RNG with the clone's own
-//! seed and prints `EMBER_CLONE id=N random=...` before powering off.
+//! It brings the guest up: mounts /dev, /proc and /sys, signals the boot timer, proves that user
+//! space works (console writes, reading /proc/uptime, fork + exec of itself), seeds the kernel RNG
+//! from ember's control page, starts the image's function runtime (functions.rs), maps the mailbox,
+//! prints its marker line and rings the "ready" doorbell: the snapshot point. In a clone restored
+//! from a snapshot taken there it goes on from that point: it reseeds the RNG with the clone's own
+//! seed and prints `EMBER_CLONE id=N random=...`. Then, when the host asks for it (the control
+//! page's serve flag), it serves invocations on the mailbox for ever; otherwise it powers off.
 //!
 //! The kernel passes unknown `key=value` command-line parameters to init as environment variables:
 //! - `ember_exit=panic`: exit instead of powering off (the kernel then panics: a guest-crash test).
@@ -18,6 +19,10 @@ use std::process::Command;
 
 mod control;
 mod devmem;
+mod functions;
+mod mailbox;
+mod tsc;
+mod vsock;
 
 /// The boot timer: writing this byte at this guest-physical address marks "user space is up".
 const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
@@ -27,12 +32,27 @@ const MARKER: &str = "EMBER_GUEST_READY";
 /// What a clone prints after a restore, with its clone id.
 const CLONE_MARKER: &str = "EMBER_CLONE";
 const CHILD_ARG: &str = "--ember-child";
+/// Runs the example runtime of ember's test image instead of the agent.
+const EXAMPLE_RUNTIME_ARG: &str = "--example-runtime";
 const CHILD_EXIT_CODE: i32 = 42;
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(CHILD_ARG) {
-        println!("ember-agent: child pid {} running", std::process::id());
-        std::process::exit(CHILD_EXIT_CODE);
+    match std::env::args().nth(1).as_deref() {
+        Some(CHILD_ARG) => {
+            println!("ember-agent: child pid {} running", std::process::id());
+            std::process::exit(CHILD_EXIT_CODE);
+        }
+        Some(EXAMPLE_RUNTIME_ARG) => {
+            let code = match functions::example_runtime() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("example runtime: {e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _ => {}
     }
     if let Err(e) = init() {
         eprintln!("ember-agent: error: {e}");
@@ -63,6 +83,11 @@ fn init() -> io::Result<()> {
         return Err(io::Error::other(format!("child exited with {status}, expected {CHILD_EXIT_CODE}")));
     }
 
+    // Everything a clone needs to serve is set up before the snapshot point.
+    let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start()));
+    let mut mailbox = mailbox::Mailbox::map()?;
+    tsc::calibrate();
+
     // Fresh seed material from the host: the CRNG is ready at once instead of after seconds of
     // timer-jitter entropy gathering (emulated kernel work on some hosts).
     let control = control::ControlPage::map()?;
@@ -87,7 +112,14 @@ fn init() -> io::Result<()> {
         writeln!(out, "{CLONE_MARKER} id={clone_id} random={}", random_hex(libc::GRND_NONBLOCK)?)?;
         out.flush()?;
     }
-    Ok(())
+    if !c.serve() {
+        return Ok(());
+    }
+    vsock::start(functions.clone())?;
+    match &mut mailbox {
+        Some(m) => m.serve(&c, &functions),
+        None => Err(io::Error::other("asked to serve, but the VM has no mailbox")),
+    }
 }
 
 /// 16 bytes from getrandom(2), in hex.

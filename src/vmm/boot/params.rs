@@ -116,7 +116,7 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 100);
         assert_eq!({ hdr.ramdisk_image }, 0x700_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4, "low RAM, EBDA, RAM, mailbox");
         let last = p.e820_table[2];
         assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (0x10_0000, 127 * MIB, 1));
     }
@@ -128,7 +128,7 @@ mod tests {
         write_pvh_start_info(&mem, 32 * MIB, Some(initrd)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
-        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.memmap_entries, 4, "low RAM, EBDA, RAM, mailbox");
         assert_eq!(info.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x100_0000, 4096));

@@ -1,0 +1,176 @@
+//! The mailbox: a region of guest-physical memory that the host also maps, for invocations that
+//! never enter the guest kernel. The agent maps it once (through /dev/mem, before the snapshot) and
+//! polls it from user space; the host writes a request, the agent answers in place.
+//!
+//! ```text
+//! 0x0000  u32  magic "EMBX" (host)          0x0004  u32  version (host)
+//! 0x0040  u64  request seq (host; the last field the host writes for a request, release order)
+//! 0x0048  u64  request id       0x0050  u32  request length    0x0054  u32  request flags
+//! 0x0058  [u8; 32]  function name, NUL-padded
+//! 0x0080  u64  response seq (agent; = the request seq it answers, written last)
+//! 0x0088  u64  response id      0x0090  u32  response length   0x0094  u32  status
+//! 0x00c0  u32  agent state (agent: AGENT_*)   0x00c8  u64  the request seq the agent last saw
+//! 0x0100  u32  host wake word (host only: a futex the host's idle vCPU waits on)
+//! 0x1000  request payload  (up to MAX_PAYLOAD)
+//! 0x80000 response payload (up to MAX_PAYLOAD)
+//! ```
+//!
+//! A request is posted by writing the payload and the header fields, then the request seq
+//! (incremented by one per request). The agent handles a request when the seq differs from the one
+//! it last saw, and answers by writing the payload, length, status and id, then the response seq.
+//! With [`FLAG_DOORBELL`] it then also writes the control page's response doorbell (an exit the
+//! host sees); without it the host polls the response seq.
+
+use crate::{check_function, AbiError, Status, MAX_FUNCTION_LEN};
+
+/// Guest-physical address and size of the mailbox (in the 32-bit MMIO gap, reserved in the e820
+/// map so that the guest kernel never uses it as RAM).
+pub const MAILBOX_ADDR: u64 = 0xd010_0000;
+pub const MAILBOX_SIZE: u64 = 0x10_0000;
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
+pub const VERSION: u32 = 1;
+
+pub const MAGIC_OFF: usize = 0x00;
+pub const VERSION_OFF: usize = 0x04;
+pub const REQ_SEQ_OFF: usize = 0x40;
+pub const REQ_ID_OFF: usize = 0x48;
+pub const REQ_LEN_OFF: usize = 0x50;
+pub const REQ_FLAGS_OFF: usize = 0x54;
+pub const REQ_FUNCTION_OFF: usize = 0x58;
+pub const RESP_SEQ_OFF: usize = 0x80;
+pub const RESP_ID_OFF: usize = 0x88;
+pub const RESP_LEN_OFF: usize = 0x90;
+pub const RESP_STATUS_OFF: usize = 0x94;
+pub const AGENT_STATE_OFF: usize = 0xc0;
+pub const AGENT_SEEN_OFF: usize = 0xc8;
+pub const HOST_WAKE_OFF: usize = 0x100;
+pub const REQ_DATA_OFF: usize = 0x1000;
+pub const RESP_DATA_OFF: usize = 0x8_0000;
+/// Largest request or response payload.
+pub const MAX_PAYLOAD: usize = RESP_DATA_OFF - REQ_DATA_OFF;
+
+/// Request flag: ring the control page's response doorbell after answering.
+pub const FLAG_DOORBELL: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_DOORBELL;
+
+/// Agent states.
+pub const AGENT_ABSENT: u32 = 0;
+/// Polling the request seq: a request is seen without any exit.
+pub const AGENT_POLLING: u32 = 1;
+/// About to ring (or has rung) the idle doorbell: the host must wake the vCPU for a new request.
+pub const AGENT_IDLE: u32 = 2;
+
+// The header fields and the two payload areas fit the region and do not overlap.
+const _: () = assert!(HOST_WAKE_OFF + 4 <= REQ_DATA_OFF);
+const _: () = assert!(RESP_DATA_OFF + MAX_PAYLOAD <= MAILBOX_SIZE as usize);
+const _: () = assert!(REQ_FUNCTION_OFF + MAX_FUNCTION_LEN <= RESP_SEQ_OFF);
+
+/// A request header as the agent read it, before it is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawRequest {
+    pub id: u64,
+    pub len: u32,
+    pub flags: u32,
+    pub function: [u8; MAX_FUNCTION_LEN],
+}
+
+/// A checked request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub id: u64,
+    pub len: usize,
+    pub doorbell: bool,
+    pub function: &'a str,
+}
+
+impl RawRequest {
+    /// Checks the header: a known function name, a length within [`MAX_PAYLOAD`], known flags.
+    pub fn check(&self) -> Result<Request<'_>, AbiError> {
+        let name_len = self.function.iter().position(|&b| b == 0).unwrap_or(MAX_FUNCTION_LEN);
+        let function = check_function(&self.function[..name_len])?;
+        if self.function[name_len..].iter().any(|&b| b != 0) {
+            return Err(AbiError::BadFunction);
+        }
+        let len = self.len as usize;
+        if len > MAX_PAYLOAD {
+            return Err(AbiError::TooLong { len: u64::from(self.len), max: MAX_PAYLOAD as u64 });
+        }
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return Err(AbiError::BadFlags(self.flags));
+        }
+        Ok(Request { id: self.id, len, doorbell: self.flags & FLAG_DOORBELL != 0, function })
+    }
+}
+
+/// Encodes a function name for the header (the name must pass [`check_function`]).
+pub fn function_field(name: &str) -> Result<[u8; MAX_FUNCTION_LEN], AbiError> {
+    check_function(name.as_bytes())?;
+    let mut f = [0u8; MAX_FUNCTION_LEN];
+    f[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(f)
+}
+
+/// A response header as the host read it, before it is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawResponse {
+    pub id: u64,
+    pub len: u32,
+    pub status: u32,
+}
+
+impl RawResponse {
+    /// Checks the header against the request it should answer.
+    pub fn check(&self, request_id: u64) -> Result<(Status, usize), AbiError> {
+        let status = Status::from_u32(self.status)?;
+        let len = self.len as usize;
+        if len > MAX_PAYLOAD {
+            return Err(AbiError::TooLong { len: u64::from(self.len), max: MAX_PAYLOAD as u64 });
+        }
+        if self.id != request_id {
+            return Err(AbiError::WrongId { got: self.id, want: request_id });
+        }
+        Ok((status, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(function: &str, len: u32, flags: u32) -> RawRequest {
+        let mut f = [0u8; MAX_FUNCTION_LEN];
+        f[..function.len()].copy_from_slice(function.as_bytes());
+        RawRequest { id: 7, len, flags, function: f }
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let r = raw("echo", 5, FLAG_DOORBELL);
+        assert_eq!(r.check(), Ok(Request { id: 7, len: 5, doorbell: true, function: "echo" }));
+        assert!(raw("echo", MAX_PAYLOAD as u32, 0).check().is_ok());
+        assert!(matches!(raw("echo", MAX_PAYLOAD as u32 + 1, 0).check(), Err(AbiError::TooLong { .. })));
+        assert_eq!(raw("echo", 0, 2).check(), Err(AbiError::BadFlags(2)));
+        assert_eq!(raw("", 0, 0).check(), Err(AbiError::BadFunction));
+        let mut r = raw("echo", 0, 0);
+        r.function[10] = b'x'; // bytes after the terminating NUL
+        assert_eq!(r.check(), Err(AbiError::BadFunction));
+    }
+
+    #[test]
+    fn responses_are_checked() {
+        let ok = RawResponse { id: 3, len: 10, status: 0 };
+        assert_eq!(ok.check(3), Ok((Status::Ok, 10)));
+        assert_eq!(ok.check(4), Err(AbiError::WrongId { got: 3, want: 4 }));
+        assert!(matches!(RawResponse { len: u32::MAX, ..ok }.check(3), Err(AbiError::TooLong { .. })));
+        assert_eq!(RawResponse { status: 99, ..ok }.check(3), Err(AbiError::BadStatus(99)));
+    }
+
+    #[test]
+    fn function_field_round_trips() {
+        let f = function_field("sha256").unwrap();
+        let r = RawRequest { id: 1, len: 0, flags: 0, function: f };
+        assert_eq!(r.check().unwrap().function, "sha256");
+        assert!(function_field("no spaces").is_err());
+    }
+}

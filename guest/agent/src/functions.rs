@@ -1,0 +1,185 @@
+//! The functions the agent serves: built-ins for tests and benchmarks (`echo`, `sha256`, `sleep`,
+//! `cpu-stat`) and the image's own runtime, a long-running process started before the snapshot
+//! that reads requests on stdin and writes responses on stdout:
+//!
+//! ```text
+//! request:  u32 payload length, payload            (little-endian)
+//! response: u32 status, u32 payload length, payload
+//! ```
+//!
+//! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`.
+
+use std::io::{self, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use ember_abi::Status;
+use sha2::{Digest, Sha256};
+
+pub const RUNTIME_CONFIG: &str = "/etc/ember/runtime";
+/// The longest `sleep` the built-in accepts, in milliseconds.
+const MAX_SLEEP_MS: u64 = 60_000;
+/// The largest response a runtime may send.
+const MAX_RUNTIME_RESPONSE: usize = 16 << 20;
+
+struct Runtime {
+    name: String,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+pub struct Functions {
+    runtime: Option<Runtime>,
+    /// Why the runtime is not there, when it was configured but failed.
+    runtime_error: Option<String>,
+}
+
+impl Functions {
+    /// Starts the image's runtime, if it names one.
+    pub fn start() -> Self {
+        let Ok(conf) = std::fs::read_to_string(RUNTIME_CONFIG) else {
+            return Self { runtime: None, runtime_error: None };
+        };
+        match Runtime::start(&conf) {
+            Ok(r) => {
+                println!("ember-agent: runtime {:?} started (pid {})", r.name, r.child.id());
+                Self { runtime: Some(r), runtime_error: None }
+            }
+            Err(e) => {
+                eprintln!("ember-agent: cannot start the runtime from {RUNTIME_CONFIG}: {e}");
+                Self { runtime: None, runtime_error: Some(e.to_string()) }
+            }
+        }
+    }
+
+    /// Runs `function` on `payload`, appending its response to `out`.
+    pub fn call(&mut self, function: &str, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        match function {
+            "echo" => {
+                out.extend_from_slice(payload);
+                Status::Ok
+            }
+            "sha256" => {
+                let digest = Sha256::digest(payload);
+                for b in digest {
+                    out.extend_from_slice(format!("{b:02x}").as_bytes());
+                }
+                Status::Ok
+            }
+            "sleep" => {
+                let ms = std::str::from_utf8(payload).ok().and_then(|s| s.trim().parse::<u64>().ok());
+                match ms {
+                    Some(ms) if ms <= MAX_SLEEP_MS => {
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                        out.extend_from_slice(format!("slept {ms} ms").as_bytes());
+                        Status::Ok
+                    }
+                    _ => {
+                        out.extend_from_slice(format!("sleep takes milliseconds, 0 to {MAX_SLEEP_MS}").as_bytes());
+                        Status::BadRequest
+                    }
+                }
+            }
+            "cpu-stat" => match cpu_stat() {
+                Ok(s) => {
+                    out.extend_from_slice(s.as_bytes());
+                    Status::Ok
+                }
+                Err(e) => {
+                    out.extend_from_slice(e.to_string().as_bytes());
+                    Status::Failed
+                }
+            },
+            name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
+            name => {
+                out.extend_from_slice(format!("no function {name:?} in this guest").as_bytes());
+                if let Some(e) = &self.runtime_error {
+                    out.extend_from_slice(format!(" (the image's runtime failed to start: {e})").as_bytes());
+                }
+                Status::UnknownFunction
+            }
+        }
+    }
+
+    fn call_runtime(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        let Some(rt) = &mut self.runtime else { return Status::UnknownFunction };
+        match rt.call(payload, out) {
+            Ok(status) => status,
+            Err(e) => {
+                // The runtime broke its protocol or died: it is not used again.
+                let why = format!("runtime {:?} failed: {e}", rt.name);
+                let _ = rt.child.kill();
+                let _ = rt.child.wait();
+                out.clear();
+                out.extend_from_slice(why.as_bytes());
+                self.runtime_error = Some(why);
+                self.runtime = None;
+                Status::Failed
+            }
+        }
+    }
+}
+
+impl Runtime {
+    fn start(conf: &str) -> io::Result<Self> {
+        let mut words = conf.split_whitespace();
+        let (Some(name), Some(cmd)) = (words.next(), words.next()) else {
+            return Err(io::Error::other("expected `NAME COMMAND [ARGS...]`"));
+        };
+        ember_abi::check_function(name.as_bytes()).map_err(io::Error::other)?;
+        let mut child = Command::new(cmd).args(words).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+        let stdout = BufReader::new(child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?);
+        Ok(Self { name: name.to_string(), child, stdin, stdout })
+    }
+
+    fn call(&mut self, payload: &[u8], out: &mut Vec<u8>) -> io::Result<Status> {
+        self.stdin.write_all(&(payload.len() as u32).to_le_bytes())?;
+        self.stdin.write_all(payload)?;
+        self.stdin.flush()?;
+        let mut head = [0u8; 8];
+        self.stdout.read_exact(&mut head)?;
+        let status = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let status = Status::from_u32(status).map_err(io::Error::other)?;
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if len > MAX_RUNTIME_RESPONSE {
+            return Err(io::Error::other(format!("response of {len} bytes exceeds {MAX_RUNTIME_RESPONSE}")));
+        }
+        let start = out.len();
+        out.resize(start + len, 0);
+        self.stdout.read_exact(&mut out[start..])?;
+        Ok(status)
+    }
+}
+
+/// The guest's CPU time so far, from /proc/stat: `user nice system idle iowait irq softirq` in
+/// clock ticks.
+fn cpu_stat() -> io::Result<String> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or_else(|| io::Error::other("empty /proc/stat"))?;
+    Ok(line.split_whitespace().skip(1).take(7).collect::<Vec<_>>().join(" "))
+}
+
+/// The example runtime shipped in ember's test image (`reverse`): answers each request with its
+/// payload reversed, and a payload of `crash` makes it exit (a runtime that dies mid-call).
+pub fn example_runtime() -> io::Result<()> {
+    let mut stdin = io::stdin().lock();
+    let mut stdout = io::stdout().lock();
+    loop {
+        let mut len = [0u8; 4];
+        match stdin.read_exact(&mut len) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            r => r?,
+        }
+        let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
+        stdin.read_exact(&mut payload)?;
+        if payload == b"crash" {
+            std::process::exit(1);
+        }
+        payload.reverse();
+        stdout.write_all(&(Status::Ok as u32).to_le_bytes())?;
+        stdout.write_all(&(payload.len() as u32).to_le_bytes())?;
+        stdout.write_all(&payload)?;
+        stdout.flush()?;
+    }
+}

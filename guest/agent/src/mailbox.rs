@@ -1,0 +1,153 @@
+//! The agent's side of the mailbox (layout and rules: ember_abi::mailbox): polled from user space,
+//! so that an invocation costs no system call, interrupt or page fault in the guest.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use ember_abi::mailbox::*;
+use ember_abi::{Status, MAX_FUNCTION_LEN};
+
+use crate::control::ControlPage;
+use crate::devmem::PhysPage;
+use crate::functions::Functions;
+
+/// How long the agent polls for the next request before it lets the vCPU wait host-side.
+const SPIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+pub struct Mailbox {
+    region: PhysPage,
+    /// Reused request and response buffers: no allocation (and no page fault) per invocation.
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+impl Mailbox {
+    /// Maps the mailbox; None when the VMM has none (the magic is missing).
+    pub fn map() -> io::Result<Option<Self>> {
+        let region = PhysPage::map_range(MAILBOX_ADDR as libc::off_t, MAILBOX_SIZE as usize)?;
+        if region.read::<u32>(MAGIC_OFF) != MAGIC || region.read::<u32>(VERSION_OFF) != VERSION {
+            return Ok(None);
+        }
+        // Touched now, so that the pages are there (in the snapshot) before the first request.
+        let request = vec![1u8; 64 << 10];
+        let response = vec![1u8; 64 << 10];
+        Ok(Some(Self { region, request, response }))
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is an 8-aligned header offset within the mapping (ptr checks the bounds);
+        // the host accesses the same words atomically.
+        unsafe { &*self.region.ptr(off, 8).cast::<AtomicU64>() }
+    }
+
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: as in `u64_at`, 4-aligned.
+        unsafe { &*self.region.ptr(off, 4).cast::<AtomicU32>() }
+    }
+
+    /// Serves requests forever: polls the request seq, runs each request, answers in place. After
+    /// [`SPIN`] without a request it rings the idle doorbell (the vCPU then waits host-side).
+    pub fn serve(&mut self, control: &ControlPage, functions: &Mutex<Functions>) -> ! {
+        let ticks = crate::tsc::ticks(SPIN);
+        let mut seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
+        self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
+        let mut idle_at = crate::tsc::now() + ticks;
+        let mut spins = 0u32;
+        let mut loadavg = std::fs::File::open("/proc/loadavg").ok();
+        loop {
+            let seq = self.u64_at(REQ_SEQ_OFF).load(Ordering::Acquire);
+            if seq != seen {
+                seen = seq;
+                self.u64_at(AGENT_SEEN_OFF).store(seen, Ordering::Release);
+                let doorbell = self.handle(seq, functions);
+                if doorbell {
+                    control.ring_response();
+                }
+                idle_at = crate::tsc::now() + ticks;
+                continue;
+            }
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && crate::tsc::now() > idle_at {
+                // Parking the vCPU stops the whole guest: only when nothing else wants to run
+                // (the vsock listener, the runtime, kernel workers); else let them have it.
+                if others_runnable(&mut loadavg) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
+                }
+                self.u32_at(AGENT_STATE_OFF).store(AGENT_IDLE, Ordering::SeqCst);
+                if self.u64_at(REQ_SEQ_OFF).load(Ordering::SeqCst) == seen {
+                    control.ring_idle();
+                }
+                self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
+                idle_at = crate::tsc::now() + ticks;
+            }
+        }
+    }
+
+    /// Runs the request posted with `seq` and writes its response; whether the host asked for the
+    /// response doorbell.
+    fn handle(&mut self, seq: u64, functions: &Mutex<Functions>) -> bool {
+        let mut function = [0u8; MAX_FUNCTION_LEN];
+        for (i, chunk) in function.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&self.u64_at(REQ_FUNCTION_OFF + i * 8).load(Ordering::Relaxed).to_le_bytes());
+        }
+        let raw = RawRequest {
+            id: self.u64_at(REQ_ID_OFF).load(Ordering::Relaxed),
+            len: self.u32_at(REQ_LEN_OFF).load(Ordering::Relaxed),
+            flags: self.u32_at(REQ_FLAGS_OFF).load(Ordering::Relaxed),
+            function,
+        };
+        self.response.clear();
+        let (id, doorbell, status) = match raw.check() {
+            Ok(req) => {
+                self.request.resize(req.len, 0);
+                // SAFETY: `req.len` was checked against MAX_PAYLOAD: the copy stays in the request area.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.region.ptr(REQ_DATA_OFF, req.len),
+                        self.request.as_mut_ptr(),
+                        req.len,
+                    )
+                };
+                let mut f = functions.lock().unwrap_or_else(|p| p.into_inner());
+                let status = f.call(req.function, &self.request, &mut self.response);
+                (req.id, req.doorbell, status)
+            }
+            Err(e) => {
+                self.response.extend_from_slice(e.to_string().as_bytes());
+                (raw.id, raw.flags & FLAG_DOORBELL != 0, Status::BadRequest)
+            }
+        };
+        let status = if self.response.len() > MAX_PAYLOAD {
+            let len = self.response.len();
+            self.response.clear();
+            self.response.extend_from_slice(format!("response of {len} bytes exceeds {MAX_PAYLOAD}").as_bytes());
+            Status::TooLarge
+        } else {
+            status
+        };
+        let len = self.response.len();
+        // SAFETY: `len` <= MAX_PAYLOAD (checked above): the copy stays in the response area.
+        unsafe { std::ptr::copy_nonoverlapping(self.response.as_ptr(), self.region.ptr(RESP_DATA_OFF, len), len) };
+        self.u64_at(RESP_ID_OFF).store(id, Ordering::Relaxed);
+        self.u32_at(RESP_LEN_OFF).store(len as u32, Ordering::Relaxed);
+        self.u32_at(RESP_STATUS_OFF).store(status as u32, Ordering::Relaxed);
+        self.u64_at(RESP_SEQ_OFF).store(seq, Ordering::Release);
+        doorbell
+    }
+}
+
+/// Whether a task other than this one is runnable, from /proc/loadavg's `running/total` field
+/// (a few system calls: only asked when about to park the vCPU). True when it cannot tell.
+fn others_runnable(loadavg: &mut Option<std::fs::File>) -> bool {
+    use std::io::{Read, Seek};
+    let Some(f) = loadavg else { return false };
+    let mut s = String::new();
+    if f.rewind().is_err() || f.read_to_string(&mut s).is_err() {
+        return true;
+    }
+    let running = s.split_whitespace().nth(3).and_then(|w| w.split('/').next()).and_then(|n| n.parse::<u32>().ok());
+    running.is_none_or(|n| n > 1)
+}

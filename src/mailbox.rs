@@ -1,0 +1,447 @@
+//! The host side of the mailbox (layout and rules: `ember_abi::mailbox`): a region the guest sees
+//! as reserved physical memory and ember maps shared, so that an invocation is a few stores and
+//! loads on each side, with no exit, guest interrupt or guest system call on its path.
+//!
+//! The region is a file: a memfd by default, or a path given by the user so that another process
+//! (`ember invoke --mailbox PATH`) can map it too. Waiting is done with futexes on the shared
+//! mapping, which work across processes: the idle vCPU waits on the host wake word, a caller that
+//! asked for the response doorbell waits on the response seq.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ember_abi::mailbox::*;
+use ember_abi::{AbiError, Status, MAX_FUNCTION_LEN};
+use thiserror::Error;
+
+/// Host-only word: whether the VM behind the mailbox still runs (a caller in another process has
+/// no other way to learn that it ended).
+const VM_STATE_OFF: usize = 0x104;
+const VM_RUNNING: u32 = 1;
+const VM_ENDED: u32 = 2;
+
+#[derive(Debug, Error)]
+pub enum MailboxError {
+    #[error("mailbox {path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("{0} is not an ember mailbox (bad magic or version)")]
+    NotAMailbox(String),
+    #[error("{0} already exists; remove it or choose another path (ember will not overwrite it)")]
+    Exists(String),
+}
+
+#[derive(Debug, Error)]
+pub enum InvokeError {
+    #[error("payload of {0} bytes exceeds the mailbox's limit of {MAX_PAYLOAD} bytes")]
+    PayloadTooLarge(usize),
+    #[error("bad function name {0:?}: function names are 1 to {MAX_FUNCTION_LEN} characters of [A-Za-z0-9_.-]")]
+    BadFunction(String),
+    #[error("no response after {0:.3} s (is the guest agent serving?)")]
+    Timeout(f64),
+    #[error("the VM ended before the function answered")]
+    VmEnded,
+    #[error("the guest agent wrote a malformed response: {0}")]
+    Malformed(AbiError),
+    #[error("cannot lock the mailbox: {0}")]
+    Lock(std::io::Error),
+}
+
+/// What a function answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: Status,
+    pub payload: Vec<u8>,
+}
+
+/// How to wait for a response.
+#[derive(Debug, Clone, Copy)]
+pub struct CallOptions {
+    pub timeout: Duration,
+    /// Ask the agent to ring the response doorbell and sleep until it does, instead of polling.
+    pub doorbell: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(30), doorbell: false }
+    }
+}
+
+/// A mapped mailbox region.
+pub struct Mailbox {
+    file: File,
+    base: *mut u8,
+    /// The file to remove when the VM's mailbox goes (only for one ember created at a path).
+    owned_path: Option<PathBuf>,
+    /// One call at a time through this handle (other processes are kept out with flock).
+    call: Mutex<u64>,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics and volatile copies; the
+// pointer stays valid for the Mailbox's life.
+unsafe impl Send for Mailbox {}
+// SAFETY: as above; concurrent callers are serialized by `call`.
+unsafe impl Sync for Mailbox {}
+
+fn io_err(path: &str) -> impl Fn(std::io::Error) -> MailboxError + '_ {
+    move |err| MailboxError::Io { path: path.to_string(), err }
+}
+
+impl Mailbox {
+    /// Creates the region for a new VM: a memfd, or a new file at `path` (never an existing one).
+    pub fn create(path: Option<&Path>) -> Result<Self, MailboxError> {
+        let (file, name) = match path {
+            None => {
+                // SAFETY: the name is a valid NUL-terminated string; the fd returned is ours.
+                let fd = unsafe { libc::memfd_create(c"ember-mailbox".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(io_err("memfd")(std::io::Error::last_os_error()));
+                }
+                // SAFETY: `fd` was just created and is owned by nothing else.
+                (unsafe { File::from_raw_fd(fd) }, "memfd".to_string())
+            }
+            Some(p) => {
+                let name = p.display().to_string();
+                let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(p).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        MailboxError::Exists(name.clone())
+                    } else {
+                        io_err(&name)(e)
+                    }
+                })?;
+                (f, name)
+            }
+        };
+        let cleanup = |e| {
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+            e
+        };
+        file.set_len(MAILBOX_SIZE).map_err(io_err(&name)).map_err(cleanup)?;
+        let mut m = Self::map(file, &name).map_err(cleanup)?;
+        m.owned_path = path.map(Path::to_path_buf);
+        m.store32(VERSION_OFF, VERSION);
+        m.store32(VM_STATE_OFF, VM_RUNNING);
+        m.word32(MAGIC_OFF).store(MAGIC, Ordering::Release);
+        Ok(m)
+    }
+
+    /// Opens the mailbox of a VM that another ember process runs.
+    pub fn open(path: &Path) -> Result<Self, MailboxError> {
+        let name = path.display().to_string();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_err(&name))?;
+        let len = file.metadata().map_err(io_err(&name))?.len();
+        if len != MAILBOX_SIZE {
+            return Err(MailboxError::NotAMailbox(name));
+        }
+        let m = Self::map(file, &name)?;
+        if m.word32(MAGIC_OFF).load(Ordering::Acquire) != MAGIC
+            || m.word32(VERSION_OFF).load(Ordering::Acquire) != VERSION
+        {
+            return Err(MailboxError::NotAMailbox(name));
+        }
+        Ok(m)
+    }
+
+    fn map(file: File, name: &str) -> Result<Self, MailboxError> {
+        // SAFETY: maps MAILBOX_SIZE bytes of a file of that size, shared; unmapped in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAILBOX_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io_err(name)(std::io::Error::last_os_error()));
+        }
+        Ok(Self { file, base: p.cast(), owned_path: None, call: Mutex::new(0) })
+    }
+
+    /// The host address of the region (for KVM's memory slot).
+    pub fn host_addr(&self) -> u64 {
+        self.base as u64
+    }
+
+    fn word32(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off % 4 == 0 && off + 4 <= HOST_WAKE_OFF + 8);
+        // SAFETY: `off` is an aligned header offset inside the live mapping; shared memory is only
+        // accessed atomically here.
+        unsafe { &*self.base.add(off).cast::<AtomicU32>() }
+    }
+
+    fn word64(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= HOST_WAKE_OFF);
+        // SAFETY: as in `word32`, 8-byte aligned.
+        unsafe { &*self.base.add(off).cast::<AtomicU64>() }
+    }
+
+    fn store32(&self, off: usize, v: u32) {
+        self.word32(off).store(v, Ordering::Relaxed);
+    }
+
+    /// Marks the VM as ended (callers in other processes stop waiting) and wakes every waiter.
+    pub fn vm_ended(&self) {
+        self.store32(VM_STATE_OFF, VM_ENDED);
+        futex_wake(self.word32(RESP_SEQ_OFF));
+        self.wake();
+    }
+
+    fn ended(&self) -> bool {
+        self.word32(VM_STATE_OFF).load(Ordering::Acquire) == VM_ENDED
+    }
+
+    /// Wakes a vCPU waiting in [`Mailbox::idle_wait`] (it re-checks why it waits).
+    pub fn wake(&self) {
+        self.word32(HOST_WAKE_OFF).fetch_add(1, Ordering::SeqCst);
+        futex_wake(self.word32(HOST_WAKE_OFF));
+    }
+
+    /// The wake generation now (a vCPU thread starts with it; see [`Mailbox::idle_wait`]).
+    pub fn wake_generation(&self) -> u32 {
+        self.word32(HOST_WAKE_OFF).load(Ordering::SeqCst)
+    }
+
+    /// Called by a vCPU thread when the agent rings the idle doorbell: blocks until a request the
+    /// agent has not seen is posted, the agent is no longer idle, `interrupted()` (a stop, a pause)
+    /// says to go back, or anyone calls [`Mailbox::wake`] (e.g. a device raising an interrupt the
+    /// guest must take). `seen` is the wake generation this vCPU last acted on: a wake that came
+    /// while the vCPU was still on its way here is not lost.
+    pub fn idle_wait(&self, seen: &mut u32, interrupted: impl Fn() -> bool) {
+        let wake = self.word32(HOST_WAKE_OFF);
+        loop {
+            let generation = wake.load(Ordering::SeqCst);
+            if generation != *seen
+                || interrupted()
+                || self.word64(REQ_SEQ_OFF).load(Ordering::SeqCst) != self.word64(AGENT_SEEN_OFF).load(Ordering::SeqCst)
+                || self.word32(AGENT_STATE_OFF).load(Ordering::SeqCst) != AGENT_IDLE
+            {
+                *seen = generation;
+                return;
+            }
+            // A periodic re-check bounds what a lost wake-up could cost.
+            futex_wait(wake, generation, Some(Duration::from_secs(1)));
+        }
+    }
+
+    /// Called by a vCPU thread when the agent rings the response doorbell.
+    pub fn response_rung(&self) {
+        futex_wake(self.word32(RESP_SEQ_OFF));
+    }
+
+    /// Invokes `function` with `payload` and waits for its response.
+    pub fn call(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Response, InvokeError> {
+        let name = function_field(function).map_err(|_| InvokeError::BadFunction(function.to_string()))?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(InvokeError::PayloadTooLarge(payload.len()));
+        }
+        let mut last_id = self.call.lock().unwrap_or_else(|p| p.into_inner());
+        let _flock = FileLock::take(&self.file).map_err(InvokeError::Lock)?;
+        if self.ended() {
+            return Err(InvokeError::VmEnded);
+        }
+        *last_id = last_id.wrapping_add(1);
+        let id = *last_id ^ (u64::from(std::process::id()) << 32);
+
+        // SAFETY: the request area lies inside the mapping and holds MAX_PAYLOAD bytes; the guest
+        // does not write it (a guest that does only corrupts its own request).
+        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.base.add(REQ_DATA_OFF), payload.len()) };
+        self.word64(REQ_ID_OFF).store(id, Ordering::Relaxed);
+        self.store32(REQ_LEN_OFF, payload.len() as u32);
+        self.store32(REQ_FLAGS_OFF, if opts.doorbell { FLAG_DOORBELL } else { 0 });
+        for (i, chunk) in name.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            self.word64(REQ_FUNCTION_OFF + i * 8).store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        let seq = self.word64(REQ_SEQ_OFF).load(Ordering::Relaxed).wrapping_add(1);
+        self.word64(REQ_SEQ_OFF).store(seq, Ordering::SeqCst);
+        if self.word32(AGENT_STATE_OFF).load(Ordering::SeqCst) == AGENT_IDLE {
+            self.wake();
+        }
+
+        let deadline = Instant::now() + opts.timeout;
+        let resp_seq = self.word64(RESP_SEQ_OFF);
+        let mut spins = 0u32;
+        while resp_seq.load(Ordering::Acquire) != seq {
+            if opts.doorbell {
+                let low = resp_seq.load(Ordering::Acquire) as u32;
+                if resp_seq.load(Ordering::Acquire) != seq {
+                    futex_wait(self.word32(RESP_SEQ_OFF), low, Some(Duration::from_millis(10)));
+                }
+            } else {
+                std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                if spins & 1023 != 0 {
+                    continue;
+                }
+            }
+            if self.ended() {
+                return Err(InvokeError::VmEnded);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(InvokeError::Timeout(opts.timeout.as_secs_f64()));
+            }
+        }
+        let raw = RawResponse {
+            id: self.word64(RESP_ID_OFF).load(Ordering::Acquire),
+            len: self.word32(RESP_LEN_OFF).load(Ordering::Acquire),
+            status: self.word32(RESP_STATUS_OFF).load(Ordering::Acquire),
+        };
+        let (status, len) = raw.check(id).map_err(InvokeError::Malformed)?;
+        let mut out = vec![0u8; len];
+        // SAFETY: `len` was checked against MAX_PAYLOAD, so the copy stays within the response
+        // area of the live mapping; the guest may still be writing it (its own response).
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(RESP_DATA_OFF), out.as_mut_ptr(), len) };
+        Ok(Response { status, payload: out })
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `map`; nothing else refers to it once we are dropped
+        // (KVM's memory slot is gone with the VM fd, which the VM drops first).
+        unsafe { libc::munmap(self.base.cast(), MAILBOX_SIZE as usize) };
+        if let Some(p) = &self.owned_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// An exclusive flock held until dropped: one caller at a time across processes.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn take(f: &'a File) -> std::io::Result<Self> {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(f))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: releases the lock taken in `take`.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Waits while `word` holds `expected` (shared futex: works across processes), at most `timeout`.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos().into() });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: FUTEX_WAIT reads the aligned u32 at `word` (live shared memory) and the timespec.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp) };
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays the agent's part on the host: answers one request the way the agent does.
+    fn answer(m: &Mailbox, status: u32, body: &[u8], id_delta: u64) {
+        let seq = m.word64(REQ_SEQ_OFF).load(Ordering::Acquire);
+        let id = m.word64(REQ_ID_OFF).load(Ordering::Acquire);
+        // SAFETY: test writes within the response area.
+        unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), m.base.add(RESP_DATA_OFF), body.len()) };
+        m.word64(RESP_ID_OFF).store(id.wrapping_add(id_delta), Ordering::Relaxed);
+        m.store32(RESP_LEN_OFF, body.len() as u32);
+        m.store32(RESP_STATUS_OFF, status);
+        m.word64(RESP_SEQ_OFF).store(seq, Ordering::Release);
+    }
+
+    fn serve_once(m: &'static Mailbox, status: u32, body: &'static [u8], id_delta: u64) -> std::thread::JoinHandle<()> {
+        let start = m.word64(REQ_SEQ_OFF).load(Ordering::Acquire);
+        std::thread::spawn(move || {
+            while m.word64(REQ_SEQ_OFF).load(Ordering::Acquire) == start {
+                std::hint::spin_loop();
+            }
+            answer(m, status, body, id_delta);
+        })
+    }
+
+    fn leak(m: Mailbox) -> &'static Mailbox {
+        Box::leak(Box::new(m))
+    }
+
+    #[test]
+    fn a_call_round_trips_and_checks_what_comes_back() {
+        let m = leak(Mailbox::create(None).unwrap());
+        let t = serve_once(m, 0, b"pong", 0);
+        let r = m.call("echo", b"ping", CallOptions::default()).unwrap();
+        t.join().unwrap();
+        assert_eq!(r, Response { status: Status::Ok, payload: b"pong".to_vec() });
+
+        let t = serve_once(m, 77, b"", 0);
+        let e = m.call("echo", b"", CallOptions::default()).unwrap_err();
+        t.join().unwrap();
+        assert!(matches!(e, InvokeError::Malformed(AbiError::BadStatus(77))), "{e}");
+
+        let t = serve_once(m, 0, b"", 1);
+        let e = m.call("echo", b"", CallOptions::default()).unwrap_err();
+        t.join().unwrap();
+        assert!(matches!(e, InvokeError::Malformed(AbiError::WrongId { .. })), "{e}");
+    }
+
+    #[test]
+    fn bad_calls_are_refused_and_silence_times_out() {
+        let m = Mailbox::create(None).unwrap();
+        assert!(matches!(m.call("no spaces", b"", CallOptions::default()), Err(InvokeError::BadFunction(_))));
+        let big = vec![0u8; MAX_PAYLOAD + 1];
+        assert!(matches!(m.call("echo", &big, CallOptions::default()), Err(InvokeError::PayloadTooLarge(_))));
+        for doorbell in [false, true] {
+            let opts = CallOptions { timeout: Duration::from_millis(30), doorbell };
+            assert!(matches!(m.call("echo", b"x", opts), Err(InvokeError::Timeout(_))));
+        }
+        m.vm_ended();
+        assert!(matches!(m.call("echo", b"x", CallOptions::default()), Err(InvokeError::VmEnded)));
+    }
+
+    #[test]
+    fn another_process_opens_it_by_path_and_an_existing_file_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mbox");
+        let m = Mailbox::create(Some(&p)).unwrap();
+        assert!(matches!(Mailbox::create(Some(&p)), Err(MailboxError::Exists(_))));
+        let other = leak(Mailbox::open(&p).unwrap());
+        let t = serve_once(other, 0, b"seen", 0);
+        assert_eq!(m.call("echo", b"", CallOptions::default()).unwrap().payload, b"seen");
+        t.join().unwrap();
+        drop(m);
+        assert!(!p.exists(), "the mailbox file outlived its VM");
+        std::fs::write(&p, b"not a mailbox").unwrap();
+        assert!(matches!(Mailbox::open(&p), Err(MailboxError::NotAMailbox(_))));
+    }
+
+    #[test]
+    fn idle_wait_returns_for_a_new_request() {
+        let m = leak(Mailbox::create(None).unwrap());
+        m.store32(AGENT_STATE_OFF, AGENT_IDLE);
+        let t = std::thread::spawn(move || m.idle_wait(&mut m.wake_generation(), || false));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.is_finished());
+        let _ = m.call("echo", b"", CallOptions { timeout: Duration::from_millis(1), doorbell: false });
+        t.join().unwrap();
+        // A wake that came before the wait returns it at once.
+        let mut seen = m.wake_generation();
+        m.wake();
+        m.idle_wait(&mut seen, || false);
+        assert_eq!(seen, m.wake_generation());
+    }
+}

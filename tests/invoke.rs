@@ -1,0 +1,204 @@
+//! Invocations of a real guest's agent on restored clones, through the mailbox: the built-in
+//! functions, the image's runtime, concurrency, errors, the `ember invoke` command.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ember, text};
+use ember::mailbox::{CallOptions, InvokeError};
+use ember::snapshot::{self, MemoryFile, SnapshotPaths};
+use ember::vmm::{Channels, RunOptions, RunningVm, Vm};
+use ember_abi::Status;
+
+/// Tests in this binary run one at a time (the leak test counts the process's fds and threads).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The first invocation of a clone waits for it to take its seed and start serving.
+const FIRST_CALL: Duration = Duration::from_secs(120);
+const CALL: Duration = Duration::from_secs(20);
+
+fn opts(timeout: Duration) -> CallOptions {
+    CallOptions { timeout, doorbell: false }
+}
+
+/// Restores serving clones with ids `ids` of the template and waits until each answers.
+fn serving_clones(test: &str, ids: &[u64]) -> Option<Vec<RunningVm>> {
+    let dir = common::template(test)?;
+    let paths = SnapshotPaths::new(dir);
+    let state = snapshot::read_state(&paths).unwrap();
+    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
+    let channels = Channels { serve: true, ..Default::default() };
+    let vms: Vec<RunningVm> = ids
+        .iter()
+        .map(|&id| {
+            let vm = Vm::restore(&state, &memory, id, &channels, Box::new(std::io::sink())).expect("restore");
+            vm.start(RunOptions::default()).expect("start")
+        })
+        .collect();
+    for vm in &vms {
+        let r = vm.invoke("echo", b"up?", opts(FIRST_CALL)).expect("the clone never answered");
+        assert_eq!(r.payload, b"up?");
+    }
+    Some(vms)
+}
+
+#[test]
+fn built_in_functions_and_the_runtime_answer_over_the_mailbox() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(vms) = serving_clones("built_in_functions_answer", &[1]) else { return };
+    let vm = &vms[0];
+    for doorbell in [false, true] {
+        let o = CallOptions { timeout: CALL, doorbell };
+        let r = vm.invoke("echo", b"hello, mailbox", o).unwrap();
+        assert_eq!((r.status, r.payload.as_slice()), (Status::Ok, &b"hello, mailbox"[..]), "doorbell {doorbell}");
+    }
+    let r = vm.invoke("sha256", b"abc", opts(CALL)).unwrap();
+    assert_eq!(text(&r.payload), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    let r = vm.invoke("sleep", b"50", opts(CALL)).unwrap();
+    assert_eq!((r.status, text(&r.payload)), (Status::Ok, "slept 50 ms".to_string()));
+    let r = vm.invoke("sleep", b"forever", opts(CALL)).unwrap();
+    assert_eq!(r.status, Status::BadRequest, "{}", text(&r.payload));
+    let r = vm.invoke("no-such-function", b"", opts(CALL)).unwrap();
+    assert_eq!(r.status, Status::UnknownFunction);
+    assert!(text(&r.payload).contains("no-such-function"), "{}", text(&r.payload));
+
+    // The image's runtime (a separate process in the guest, started before the snapshot).
+    let r = vm.invoke("reverse", b"stressed", opts(CALL)).unwrap();
+    assert_eq!((r.status, text(&r.payload)), (Status::Ok, "desserts".to_string()));
+    // The largest payload the mailbox carries, both ways.
+    let big: Vec<u8> = (0..ember_abi::mailbox::MAX_PAYLOAD).map(|i| (i * 7 % 251) as u8).collect();
+    let r = vm.invoke("echo", &big, opts(CALL)).unwrap();
+    assert!(r.payload == big, "a {}-byte echo came back changed", big.len());
+    // A runtime that dies mid-call: reported, and the agent goes on serving.
+    let r = vm.invoke("reverse", b"crash", opts(CALL)).unwrap();
+    assert_eq!(r.status, Status::Failed, "{}", text(&r.payload));
+    assert!(text(&r.payload).contains("runtime \"reverse\" failed"), "{}", text(&r.payload));
+    let r = vm.invoke("reverse", b"again", opts(CALL)).unwrap();
+    assert_ne!(r.status, Status::Ok);
+    assert_eq!(vm.invoke("echo", b"still here", opts(CALL)).unwrap().payload, b"still here");
+}
+
+#[test]
+fn an_agent_that_does_not_answer_in_time_is_a_timeout_and_the_next_call_works() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(vms) = serving_clones("a_slow_agent_is_a_timeout", &[1]) else { return };
+    let vm = &vms[0];
+    let t = Instant::now();
+    let e = vm.invoke("sleep", b"1500", opts(Duration::from_millis(300))).unwrap_err();
+    assert!(matches!(e, InvokeError::Timeout(_)), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // The late answer to the abandoned request is never taken for this one's.
+    let r = vm.invoke("echo", b"fresh", opts(CALL)).unwrap();
+    assert_eq!(r.payload, b"fresh");
+    // Bad requests are refused before they reach the guest.
+    assert!(matches!(vm.invoke("bad name", b"", opts(CALL)), Err(InvokeError::BadFunction(_))));
+    let too_big = vec![0u8; ember_abi::mailbox::MAX_PAYLOAD + 1];
+    assert!(matches!(vm.invoke("echo", &too_big, opts(CALL)), Err(InvokeError::PayloadTooLarge(_))));
+    // A VM that has ended answers at once.
+    let mailbox = vm.mailbox();
+    vms.into_iter().for_each(|vm| drop(vm.stop("test")));
+    assert!(matches!(mailbox.call("echo", b"", opts(CALL)), Err(InvokeError::VmEnded)));
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn a_thousand_sequential_invocations_leak_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(vms) = serving_clones("a_thousand_sequential_invocations", &[1]) else { return };
+    let vm = &vms[0];
+    let (fds, tasks) = (open_fds(), threads());
+    for i in 0..1000u32 {
+        let payload = format!("call {i} {}", "x".repeat((i % 97) as usize));
+        let o = CallOptions { timeout: CALL, doorbell: i % 2 == 1 };
+        let r = vm.invoke("echo", payload.as_bytes(), o).unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(r.payload, payload.as_bytes(), "call {i}");
+    }
+    assert_eq!((open_fds(), threads()), (fds, tasks), "fds or threads leaked");
+}
+
+#[test]
+fn two_clones_invoked_concurrently_get_their_own_answers() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(vms) = serving_clones("two_clones_invoked_concurrently", &[1, 2]) else { return };
+    std::thread::scope(|s| {
+        for (k, vm) in vms.iter().enumerate() {
+            s.spawn(move || {
+                for i in 0..300 {
+                    let payload = format!("clone {k} call {i}");
+                    let r = vm.invoke("sha256", payload.as_bytes(), opts(CALL)).unwrap();
+                    let want = vm.invoke("echo", payload.as_bytes(), opts(CALL)).unwrap();
+                    assert_eq!(want.payload, payload.as_bytes());
+                    assert_eq!(r.payload.len(), 64);
+                }
+            });
+        }
+        // Two threads on one clone: each call gets its own answer.
+        let vm = &vms[0];
+        for t in 0..2 {
+            s.spawn(move || {
+                for i in 0..200 {
+                    let payload = format!("thread {t} call {i}");
+                    assert_eq!(vm.invoke("echo", payload.as_bytes(), opts(CALL)).unwrap().payload, payload.as_bytes());
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn ember_invoke_reaches_a_clone_that_ember_restore_runs() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(dir) = common::template("ember_invoke_reaches_a_clone") else { return };
+    let scratch = common::scratch("cli");
+    let pattern = scratch.join("clone-{id}.mailbox");
+    let mut restore = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "2", "--console", "off"])
+        .args(["--mailbox", pattern.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mailbox = |id: u32| scratch.join(format!("clone-{id}.mailbox"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(mailbox(1).exists() && mailbox(2).exists()) {
+        assert!(Instant::now() < deadline, "ember restore made no mailbox files");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for id in [1, 2] {
+        let m = mailbox(id);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["invoke", "--mailbox", m.to_str().unwrap(), "--timeout", "120", "--payload-file", "-", "reverse"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(format!("clone {id}").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{id} enolc"));
+    }
+    let out = ember(&["invoke", "--mailbox", mailbox(1).to_str().unwrap(), "nope"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unknown function"), "{}", text(&out.stderr));
+    let out = ember(&["invoke", "--mailbox", scratch.join("missing").to_str().unwrap(), "echo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("No such file"), "{}", text(&out.stderr));
+
+    // SIGTERM stops the clones cleanly and removes their mailbox files.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(restore.id() as i32, libc::SIGTERM) };
+    let status = restore.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(restore.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!mailbox(1).exists() && !mailbox(2).exists(), "mailbox files left behind");
+}
