@@ -129,16 +129,20 @@ pub fn boot(cfg: &VmConfig, runs: usize, timeout: Duration) -> Result<BootReport
     })
 }
 
-/// The result of `ember bench restore`.
-pub struct RestoreReport {
+/// The result of `ember bench restore` and `ember bench invoke`: a titled table and notes.
+pub struct TableReport {
+    pub title: &'static str,
+    /// The first column's heading (with the unit) and width.
+    pub heading: &'static str,
+    pub width: usize,
     pub rows: Vec<(String, Option<Summary>)>,
     pub notes: Vec<String>,
 }
 
-impl fmt::Display for RestoreReport {
+impl fmt::Display for TableReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "ember bench restore")?;
-        write_table(f, "measure (ms)", 52, self.rows.iter().map(|(n, s)| (n.as_str(), s)))?;
+        writeln!(f, "{}", self.title)?;
+        write_table(f, self.heading, self.width, self.rows.iter().map(|(n, s)| (n.as_str(), s)))?;
         for n in &self.notes {
             writeln!(f, "{n}")?;
         }
@@ -182,7 +186,7 @@ fn raise_fd_limit() {
 
 /// Boots `cfg` once to its ready doorbell (the baseline), snapshots it into `dir`, then measures
 /// restores of that snapshot.
-pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Result<RestoreReport, VmError> {
+pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Result<TableReport, VmError> {
     tracing::info!("booting the baseline guest to its ready doorbell");
     use crate::snapshot::{read_state, MemoryFile, SnapshotError, SnapshotPaths};
     use crate::vmm::RunOptions;
@@ -309,7 +313,7 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
         ));
         drop(pool);
     }
-    Ok(RestoreReport { rows, notes })
+    Ok(TableReport { title: "ember bench restore", heading: "measure (ms)", width: 52, rows, notes })
 }
 
 /// What `ember bench invoke` measures.
@@ -319,23 +323,6 @@ pub struct InvokeBench {
     /// Invocations of a clone whose agent has gone idle (each waits for the agent to park).
     pub idle_calls: usize,
     pub timeout: Duration,
-}
-
-/// The result of `ember bench invoke`.
-pub struct InvokeReport {
-    pub rows: Vec<(String, Option<Summary>)>,
-    pub notes: Vec<String>,
-}
-
-impl fmt::Display for InvokeReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "ember bench invoke: round trip of a no-op invocation (echo, empty payload) on a warm clone")?;
-        write_table(f, "round trip (us)", 58, self.rows.iter().map(|(n, s)| (n.as_str(), s)))?;
-        for n in &self.notes {
-            writeln!(f, "note: {n}")?;
-        }
-        Ok(())
-    }
 }
 
 /// The guest's CPU ticks (user+nice, kernel incl. interrupts, idle), from the agent's `cpu-stat`.
@@ -350,7 +337,7 @@ fn guest_cpu(vm: &crate::vmm::RunningVm, timeout: Duration) -> Result<[u64; 3], 
 }
 
 /// Restores a serving clone of the snapshot in `dir` and times invocations on each channel.
-pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<InvokeReport, VmError> {
+pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<TableReport, VmError> {
     use crate::mailbox::CallOptions;
     use crate::snapshot::{read_state, MemoryFile, SnapshotPaths};
     use crate::vmm::RunOptions;
@@ -413,7 +400,13 @@ pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<InvokeReport, Vm
     let p50 = |i: usize| rows.get(i).and_then(|r| r.1).map(|s| s.p50).unwrap_or(f64::NAN);
     notes.push(format!("doorbell / polled (p50): {:.1}x", p50(2) / p50(1)));
     vm.stop("measured");
-    Ok(InvokeReport { rows, notes })
+    Ok(TableReport {
+        title: "ember bench invoke: round trip of a no-op invocation (echo, empty payload) on a warm clone",
+        heading: "round trip (us)",
+        width: 58,
+        rows,
+        notes,
+    })
 }
 
 #[cfg(test)]

@@ -72,7 +72,9 @@ struct ChannelArgs {
 }
 
 impl ChannelArgs {
-    fn for_vm(&self, id: Option<u64>) -> Result<ember::vmm::Channels, String> {
+    /// The channels of one VM (`id`: a clone's id, for `{id}` in paths); `no_seccomp` also leaves
+    /// device threads unconfined.
+    fn for_vm(&self, id: Option<u64>, no_seccomp: bool) -> Result<ember::vmm::Channels, String> {
         let path = |p: &Option<String>| match (p, id) {
             (None, _) => None,
             (Some(p), None) => Some(PathBuf::from(p)),
@@ -80,7 +82,7 @@ impl ChannelArgs {
         };
         let (mailbox, vsock) = (path(&self.mailbox), path(&self.vsock));
         let serve = self.serve || mailbox.is_some() || vsock.is_some();
-        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: true })
+        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: !no_seccomp })
     }
 
     /// Checks that per-clone paths differ.
@@ -209,7 +211,7 @@ struct RunArgs {
     /// Stop the VM (exit status 4) if the guest has not ended it after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
-    /// Do not confine the vCPU threads with seccomp (for debugging only).
+    /// Do not confine the vCPU and device threads with seccomp (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
     /// Make a template: when the guest agent signals "ready" (the control page's doorbell), pause
@@ -234,7 +236,7 @@ struct RestoreArgs {
     /// Stop a clone (exit status 4) if its guest has not ended it after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
-    /// Do not confine the vCPU threads with seccomp (for debugging only).
+    /// Do not confine the vCPU and device threads with seccomp (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
     /// Populate the snapshot's recorded working set into each clone (host side) before starting it.
@@ -345,8 +347,7 @@ fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, String> {
     let cfg = args.machine.to_config()?;
     let out = console(&args.console)?;
     let timeout = timeout(args.timeout)?;
-    let mut channels = args.channels.for_vm(None)?;
-    channels.device_seccomp = !args.no_seccomp;
+    let channels = args.channels.for_vm(None, args.no_seccomp)?;
     let vm = Vm::boot(&cfg, &channels, out, process_start).map_err(|e| e.to_string())?;
     // The guest console's input is ember's stdin when its output is ember's stdout.
     let console_input = match args.console.as_str() {
@@ -514,8 +515,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
             }),
         };
         let t = Instant::now();
-        let mut channels = args.channels.for_vm(Some(id))?;
-        channels.device_seccomp = !args.no_seccomp;
+        let channels = args.channels.for_vm(Some(id), args.no_seccomp)?;
         let vm = Vm::restore(&state, &memory, id, &channels, out).map_err(|e| format!("clone {id}: {e}"))?;
         if let Some(ws) = &ws {
             vm.populate(ws).map_err(|e| format!("clone {id}: cannot populate the working set: {e}"))?;

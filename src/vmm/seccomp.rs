@@ -1,13 +1,33 @@
 //! The seccomp filter that confines vCPU threads: the threads that run guest code and handle every
 //! exit the guest causes. They may only run KVM ioctls, write (console, eventfds, logs), wait on
-//! futexes, manage memory, return from the kick signal, close their vCPU fd, and exit. Anything else kills the process
-//! (SIGSYS): a vCPU thread asking for it means something has gone badly wrong.
+//! futexes, manage memory, return from the kick signal, close their vCPU fd, and exit. Device threads
+//! (vsock) get socket I/O and epoll besides. Anything else kills the process (SIGSYS): a thread
+//! asking for it means something has gone badly wrong.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
+
+/// What any ember thread needs to run Rust code at all: memory (glibc's per-thread arenas grow with
+/// mprotect), futex-backed locks, the kick signal's return, clocks, and exit.
+const THREAD_RUNTIME: &[i64] = &[
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_sched_yield,
+    libc::SYS_rseq,
+    libc::SYS_exit,
+];
 
 /// The ioctl "type" byte of every KVM ioctl.
 const KVMIO: u64 = 0xae;
@@ -23,24 +43,11 @@ pub fn vcpu_filter() -> Result<BpfProgram, seccompiler::Error> {
     let allowed = [
         libc::SYS_write,
         libc::SYS_writev,
-        libc::SYS_futex,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_brk,
-        libc::SYS_clock_gettime,
-        libc::SYS_sched_yield,
-        libc::SYS_rseq,
-        libc::SYS_exit,
         // A vCPU thread owns its vCPU fd and drops it when the VM ends.
         libc::SYS_close,
     ];
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().map(|s| (*s, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed.iter().chain(THREAD_RUNTIME).map(|s| (*s, vec![])).collect();
     rules.insert(libc::SYS_ioctl, vec![kvm_ioctl]);
     // Rust's debug builds check that an fd is open before closing it.
     let getfd = SeccompRule::new(vec![SeccompCondition::new(
@@ -76,22 +83,8 @@ pub fn device_filter() -> Result<BpfProgram, seccompiler::Error> {
         libc::SYS_close,
         libc::SYS_fcntl,
         libc::SYS_ioctl,
-        libc::SYS_futex,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_brk,
-        libc::SYS_clock_gettime,
-        libc::SYS_sched_yield,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
-        libc::SYS_rseq,
-        libc::SYS_exit,
     ];
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().map(|s| (*s, vec![])).collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().chain(THREAD_RUNTIME).map(|s| (*s, vec![])).collect();
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }

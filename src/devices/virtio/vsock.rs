@@ -729,13 +729,11 @@ impl Worker {
                     }
                 }
             };
-            let (fwd_cnt, _) = match self.conns.get_mut(&key) {
-                Some(c) => {
-                    c.fwd_cnt_sent = c.fwd_cnt;
-                    (c.fwd_cnt, ())
-                }
-                None => (0, ()),
-            };
+            // Every packet carries the credit; remember what the guest was last told.
+            let fwd_cnt = self.conns.get_mut(&key).map_or(0, |c| {
+                c.fwd_cnt_sent = c.fwd_cnt;
+                c.fwd_cnt
+            });
             tracing::trace!("vsock: to guest op {op} {}:{} -> {}:{} len {len}", HOST_CID, key.0, GUEST_CID, key.1);
             pkt.set_src_cid(HOST_CID)
                 .set_dst_cid(GUEST_CID)
@@ -749,9 +747,6 @@ impl Worker {
                 .set_fwd_cnt(fwd_cnt);
             let _ = q.add_used(&mem, head, PKT_HEADER_SIZE as u32 + len);
             used = true;
-            if op == OP_RST {
-                // Already removed, or refused.
-            }
         }
         if used && q.needs_notification(&mem).unwrap_or(true) {
             interrupt.trigger(INT_USED_RING);
