@@ -127,3 +127,27 @@ fn help_explains_the_commands() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn invoke_and_channel_usage_errors() {
+    assert_fails(&["invoke", "echo"], 2, "--mailbox");
+    assert_fails(&["invoke", "--mailbox", "/a", "--vsock", "/b", "echo"], 2, "cannot be used with");
+    let d = tmp();
+    let not_a_mailbox = d.path().join("file");
+    std::fs::write(&not_a_mailbox, b"some user data").unwrap();
+    assert_fails(&["invoke", "--mailbox", not_a_mailbox.to_str().unwrap(), "echo"], 1, "is not an ember mailbox");
+    assert_eq!(std::fs::read(&not_a_mailbox).unwrap(), b"some user data", "ember changed a file it was given");
+    let missing = d.path().join("missing.sock");
+    assert_fails(&["invoke", "--vsock", missing.to_str().unwrap(), "echo"], 1, "vsock socket");
+    // Several clones need a path per clone; checked before the snapshot is read.
+    assert_fails(&["restore", "--snapshot", "/nonexistent", "--clones", "2", "--mailbox", "/tmp/m"], 1, "{id}");
+    assert_fails(&["restore", "--snapshot", "/nonexistent", "--clones", "2", "--vsock", "/tmp/v"], 1, "{id}");
+    // An existing file is never taken over as a mailbox.
+    if let Some((kernel, initrd)) = common::images("invoke_and_channel_usage_errors") {
+        let args = ["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()];
+        let mut a = args.to_vec();
+        a.extend(["--mailbox", not_a_mailbox.to_str().unwrap()]);
+        assert_fails(&a, 1, "already exists");
+        assert_eq!(std::fs::read(&not_a_mailbox).unwrap(), b"some user data", "ember changed a file it was given");
+    }
+}
