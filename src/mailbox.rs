@@ -125,6 +125,9 @@ impl Mailbox {
         file.set_len(MAILBOX_SIZE).map_err(io_err(&name)).map_err(cleanup)?;
         let mut m = Self::map(file, &name).map_err(cleanup)?;
         m.owned_path = path.map(Path::to_path_buf);
+        let mut epoch = [0u8; 8];
+        crate::devices::control::getrandom(&mut epoch).map_err(io_err(&name)).map_err(cleanup)?;
+        m.word64(EPOCH_OFF).store(u64::from_le_bytes(epoch), Ordering::Relaxed);
         m.store32(VERSION_OFF, VERSION);
         m.store32(VM_STATE_OFF, VM_RUNNING);
         m.word32(MAGIC_OFF).store(MAGIC, Ordering::Release);

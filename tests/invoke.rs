@@ -9,6 +9,7 @@ use common::{ember, text};
 use ember::mailbox::{CallOptions, InvokeError};
 use ember::snapshot::{self, MemoryFile, SnapshotPaths};
 use ember::vmm::{Channels, RunOptions, RunningVm, Vm};
+use ember::vsock::AgentConnection;
 use ember_abi::Status;
 
 /// Tests in this binary run one at a time (the leak test counts the process's fds and threads).
@@ -25,22 +26,47 @@ fn opts(timeout: Duration) -> CallOptions {
 /// Restores serving clones with ids `ids` of the template and waits until each answers.
 fn serving_clones(test: &str, ids: &[u64]) -> Option<Vec<RunningVm>> {
     let dir = common::template(test)?;
+    Some(ids.iter().map(|&id| serving_clone(dir, id, &Channels { serve: true, ..Default::default() })).collect())
+}
+
+/// Restores one serving clone of the snapshot in `dir` and waits until it answers.
+fn serving_clone(dir: &std::path::Path, id: u64, channels: &Channels) -> RunningVm {
+    serving_clone_with_console(dir, id, channels, Box::new(std::io::sink()))
+}
+
+fn serving_clone_with_console(
+    dir: &std::path::Path,
+    id: u64,
+    channels: &Channels,
+    console: ember::devices::serial::ConsoleOut,
+) -> RunningVm {
     let paths = SnapshotPaths::new(dir);
     let state = snapshot::read_state(&paths).unwrap();
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
-    let channels = Channels { serve: true, ..Default::default() };
-    let vms: Vec<RunningVm> = ids
-        .iter()
-        .map(|&id| {
-            let vm = Vm::restore(&state, &memory, id, &channels, Box::new(std::io::sink())).expect("restore");
-            vm.start(RunOptions::default()).expect("start")
-        })
-        .collect();
-    for vm in &vms {
-        let r = vm.invoke("echo", b"up?", opts(FIRST_CALL)).expect("the clone never answered");
-        assert_eq!(r.payload, b"up?");
+    let vm = Vm::restore(&state, &memory, id, channels, console).expect("restore");
+    let vm = vm.start(RunOptions::default()).expect("start");
+    let r = vm.invoke("echo", b"up?", opts(FIRST_CALL)).expect("the clone never answered");
+    assert_eq!(r.payload, b"up?");
+    vm
+}
+
+/// Connects to the agent over vsock, retrying while its listener is not up yet.
+fn vsock_connect(path: &std::path::Path) -> AgentConnection {
+    let deadline = Instant::now() + FIRST_CALL;
+    loop {
+        match AgentConnection::connect(path, CALL) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("vsock not ready yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("no vsock connection to the agent: {e}"),
+        }
     }
-    Some(vms)
+}
+
+fn vsock_channels(path: &std::path::Path) -> Channels {
+    Channels { serve: true, vsock: Some(path.to_path_buf()), ..Default::default() }
 }
 
 #[test]
@@ -201,4 +227,77 @@ fn ember_invoke_reaches_a_clone_that_ember_restore_runs() {
     std::io::Read::read_to_string(restore.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!mailbox(1).exists() && !mailbox(2).exists(), "mailbox files left behind");
+}
+
+#[test]
+fn vsock_carries_a_megabyte_both_ways_and_guest_connections_reach_the_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(dir) = common::template("vsock_carries_a_megabyte") else { return };
+    let scratch = common::scratch("vsock-mib");
+    let sock = scratch.join("vsock");
+    let vm = serving_clone(dir, 1, &vsock_channels(&sock));
+    let mut conn = vsock_connect(&sock);
+    let r = conn.call("echo", b"hello, vsock").unwrap();
+    assert_eq!((r.status, r.payload.as_slice()), (Status::Ok, &b"hello, vsock"[..]));
+    let r = conn.call("sha256", b"abc").unwrap();
+    assert_eq!(text(&r.payload), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    // 1 MiB there and back, twice on the same connection.
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    for _ in 0..2 {
+        let r = conn.call("echo", &big).unwrap();
+        assert_eq!(r.status, Status::Ok);
+        assert!(r.payload == big, "1 MiB over vsock came back changed");
+    }
+    // The mailbox works beside it.
+    assert_eq!(vm.invoke("echo", b"mailbox too", opts(CALL)).unwrap().payload, b"mailbox too");
+    // Unknown functions are answered, not dropped.
+    assert_eq!(conn.call("nope", b"").unwrap().status, Status::UnknownFunction);
+
+    // Guest-initiated: the guest connects to host port 7000, which is the Unix socket `<path>_7000`.
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_7000", sock.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = [0u8; 5];
+        s.read_exact(&mut line).unwrap();
+        s.write_all(b"pong from the host").unwrap();
+        line
+    });
+    let r = vm.invoke("vsock-ping", b"7000", opts(FIRST_CALL)).unwrap();
+    assert_eq!((r.status, text(&r.payload)), (Status::Ok, "pong from the host".to_string()));
+    assert_eq!(&host.join().unwrap(), b"ping\n");
+    // No listener on the host port: the guest's connection is refused, cleanly.
+    let r = vm.invoke("vsock-ping", b"7001", opts(FIRST_CALL)).unwrap();
+    assert_eq!(r.status, Status::Failed, "{}", text(&r.payload));
+    drop(vm);
+    assert!(!sock.exists(), "the vsock socket outlived its VM");
+}
+
+#[test]
+fn after_a_restore_old_vsock_connections_are_reset_and_new_ones_work() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(dir) = common::template("after_a_restore_old_vsock_connections") else { return };
+    let scratch = common::scratch("vsock-restore");
+    let (sock_a, sock_b) = (scratch.join("a.vsock"), scratch.join("b.vsock"));
+    let a = serving_clone(dir, 1, &vsock_channels(&sock_a));
+    let mut old = vsock_connect(&sock_a);
+    assert_eq!(old.call("echo", b"before").unwrap().payload, b"before");
+    // A snapshot of the clone with that connection open.
+    a.pause().unwrap();
+    let second = scratch.join("snapshot");
+    a.snapshot(&second).unwrap();
+    drop(a.stop("snapshot taken"));
+    assert!(old.call("echo", b"after").is_err(), "a connection to a stopped VM still answered");
+
+    let cap = common::Capture::default();
+    let b = serving_clone_with_console(&second, 2, &vsock_channels(&sock_b), Box::new(cap.clone()));
+    // The guest's side of the old connection was reset by the transport reset ember sends.
+    let deadline = Instant::now() + FIRST_CALL;
+    while !cap.text().contains("vsock connection ended") {
+        assert!(Instant::now() < deadline, "the old connection was not reset in the guest:\n{}", cap.text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut new = vsock_connect(&sock_b);
+    assert_eq!(new.call("echo", b"after the restore").unwrap().payload, b"after the restore");
+    assert_eq!(b.invoke("echo", b"mailbox", opts(CALL)).unwrap().payload, b"mailbox");
 }

@@ -36,7 +36,7 @@ impl ControlPage {
 }
 
 /// Fills `buf` from the host kernel's RNG.
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];

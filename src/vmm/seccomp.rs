@@ -89,9 +89,24 @@ pub fn device_filter() -> Result<BpfProgram, seccompiler::Error> {
     Ok(filter.try_into()?)
 }
 
-/// Confines the calling thread.
+/// Confines the calling thread, after priming the allocator (see [`prime_allocator`]).
 pub fn apply(filter: &BpfProgram) -> Result<(), seccompiler::Error> {
+    prime_allocator();
     seccompiler::apply_filter(filter)
+}
+
+/// glibc's malloc reads files the first time some paths run: /sys/devices/system/cpu/online when
+/// it sets up arenas, /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks (both
+/// cached process-wide after that). No filter allows opening files, so those paths run here, on the
+/// thread about to be confined, before the filter: a thread arena is set up, grown past the trim
+/// threshold and freed.
+fn prime_allocator() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let blocks: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 4096]).collect();
+        drop(std::hint::black_box(blocks));
+    });
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(64)));
 }
 
 #[cfg(test)]

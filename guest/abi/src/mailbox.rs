@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! 0x0000  u32  magic "EMBX" (host)          0x0004  u32  version (host)
+//! 0x0008  u64  epoch (host): random, new for every mailbox; an agent that finds it changed (a
+//!              restored clone, whose memory remembers its template's mailbox) takes the request
+//!              seq it has seen from 0x00c8 again
 //! 0x0040  u64  request seq (host; the last field the host writes for a request, release order)
 //! 0x0048  u64  request id       0x0050  u32  request length    0x0054  u32  request flags
 //! 0x0058  [u8; 32]  function name, NUL-padded
@@ -33,6 +36,7 @@ pub const VERSION: u32 = 1;
 
 pub const MAGIC_OFF: usize = 0x00;
 pub const VERSION_OFF: usize = 0x04;
+pub const EPOCH_OFF: usize = 0x08;
 pub const REQ_SEQ_OFF: usize = 0x40;
 pub const REQ_ID_OFF: usize = 0x48;
 pub const REQ_LEN_OFF: usize = 0x50;

@@ -1,5 +1,5 @@
 //! The functions the agent serves: built-ins for tests and benchmarks (`echo`, `sha256`, `sleep`,
-//! `cpu-stat`) and the image's own runtime, a long-running process started before the snapshot
+//! `cpu-stat`, `vsock-ping`) and the image's own runtime, a long-running process started before the snapshot
 //! that reads requests on stdin and writes responses on stdout:
 //!
 //! ```text
@@ -80,6 +80,16 @@ impl Functions {
                     }
                 }
             }
+            "vsock-ping" => match crate::vsock::ping_host(payload) {
+                Ok(answer) => {
+                    out.extend_from_slice(&answer);
+                    Status::Ok
+                }
+                Err(e) => {
+                    out.extend_from_slice(e.to_string().as_bytes());
+                    Status::Failed
+                }
+            },
             "cpu-stat" => match cpu_stat() {
                 Ok(s) => {
                     out.extend_from_slice(s.as_bytes());

@@ -50,6 +50,7 @@ impl Mailbox {
     /// [`SPIN`] without a request it rings the idle doorbell (the vCPU then waits host-side).
     pub fn serve(&mut self, control: &ControlPage, functions: &Mutex<Functions>) -> ! {
         let ticks = crate::tsc::ticks(SPIN);
+        let mut epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
         let mut seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
         self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
         let mut idle_at = crate::tsc::now() + ticks;
@@ -57,6 +58,14 @@ impl Mailbox {
         let mut loadavg = std::fs::File::open("/proc/loadavg").ok();
         loop {
             let seq = self.u64_at(REQ_SEQ_OFF).load(Ordering::Acquire);
+            if self.u64_at(EPOCH_OFF).load(Ordering::Relaxed) != epoch {
+                // A new mailbox under us: this is a clone restored from a snapshot taken while
+                // serving. Its host starts counting afresh.
+                epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
+                seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
+                self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
+                continue;
+            }
             if seq != seen {
                 seen = seq;
                 self.u64_at(AGENT_SEEN_OFF).store(seen, Ordering::Release);

@@ -23,22 +23,34 @@ pub fn start(functions: Arc<Mutex<Functions>>) -> io::Result<()> {
     Ok(())
 }
 
-fn listen() -> io::Result<OwnedFd> {
+fn socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh socket nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_port = AGENT_VSOCK_PORT;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) } != 0 {
+    addr.svm_port = port;
+    addr.svm_cid = cid;
+    addr
+}
+
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn listen() -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let sock = socket()?;
+    let fd = sock.as_raw_fd();
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, AGENT_VSOCK_PORT);
+    // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes.
+    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: listen on our bound socket.
@@ -68,6 +80,28 @@ fn accept_loop(listener: &OwnedFd, functions: &Arc<Mutex<Functions>>) {
         let functions = functions.clone();
         let _ = std::thread::Builder::new().name("vsock-conn".into()).spawn(move || serve(conn, &functions));
     }
+}
+
+/// The `vsock-ping` built-in: connects to the host (CID 2) on the port named in `payload`, sends
+/// `ping\n` and returns what the host answers before closing (at most 4 KiB): a check of
+/// guest-initiated connections.
+pub fn ping_host(payload: &[u8]) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let port: u32 = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("vsock-ping takes a port number"))?;
+    let sock = socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_HOST, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes.
+    if unsafe { libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) } != 0 {
+        return Err(io::Error::other(format!("connect to host port {port}: {}", io::Error::last_os_error())));
+    }
+    let mut conn = std::fs::File::from(sock);
+    conn.write_all(b"ping\n")?;
+    let mut answer = Vec::new();
+    conn.take(4096).read_to_end(&mut answer)?;
+    Ok(answer)
 }
 
 /// Serves one connection until the host closes it or sends a malformed frame.
@@ -104,8 +138,13 @@ fn serve(mut conn: std::fs::File, functions: &Mutex<Functions>) {
             }
         }
         match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                // E.g. reset by the transport after a restore: worth a line on the console.
+                println!("ember-agent: vsock connection ended: {e}");
+                return;
+            }
         }
     }
 }

@@ -112,6 +112,7 @@ impl Vsock {
             next_local_port: 1 << 30,
             rx_starved: false,
             reset_pending: false,
+            scratch: Vec::new(),
         };
         worker.register_fixed()?;
         let thread = std::thread::Builder::new().name("vsock".into()).spawn(move || {
@@ -292,6 +293,8 @@ struct Worker {
     /// The guest gave no receive buffer the last time one was needed.
     rx_starved: bool,
     reset_pending: bool,
+    /// Bytes read from a host stream on their way into a receive buffer.
+    scratch: Vec<u8>,
 }
 
 impl Worker {
@@ -308,6 +311,7 @@ impl Worker {
     }
 
     fn run(&mut self) {
+        self.scratch = vec![0u8; MAX_PKT_DATA as usize];
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -668,7 +672,7 @@ impl Worker {
         let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
         let q = &mut queues[RXQ];
         let mut used = false;
-        let mut buf = vec![0u8; MAX_PKT_DATA as usize];
+        let mut buf = std::mem::take(&mut self.scratch);
         // Data: each readable connection in turn, within the guest's credit.
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         let mut readable: VecDeque<Key> = keys.into_iter().filter(|k| self.wants_read(&self.conns[k])).collect();
@@ -748,6 +752,7 @@ impl Worker {
             let _ = q.add_used(&mem, head, PKT_HEADER_SIZE as u32 + len);
             used = true;
         }
+        self.scratch = buf;
         if used && q.needs_notification(&mem).unwrap_or(true) {
             interrupt.trigger(INT_USED_RING);
         }
