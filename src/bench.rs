@@ -318,11 +318,26 @@ pub fn restore(cfg: &VmConfig, dir: &std::path::Path, b: &RestoreBench) -> Resul
 
 /// What `ember bench invoke` measures.
 pub struct InvokeBench {
-    /// Invocations per channel.
+    /// Invocations per mailbox mode.
     pub calls: usize,
+    /// Invocations over vsock (each crosses the guest kernel).
+    pub vsock_calls: usize,
     /// Invocations of a clone whose agent has gone idle (each waits for the agent to park).
     pub idle_calls: usize,
     pub timeout: Duration,
+}
+
+/// Connects to the agent over vsock, retrying while its listener is not up yet (a fresh clone
+/// starts it after reseeding).
+fn connect_agent(sock: &std::path::Path, timeout: Duration) -> Result<crate::vsock::AgentConnection, String> {
+    let deadline = Instant::now() + timeout.max(Duration::from_secs(60));
+    loop {
+        match crate::vsock::AgentConnection::connect(sock, timeout) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// The guest's CPU ticks (user+nice, kernel incl. interrupts, idle), from the agent's `cpu-stat`.
@@ -338,14 +353,32 @@ fn guest_cpu(vm: &crate::vmm::RunningVm, timeout: Duration) -> Result<[u64; 3], 
 
 /// Restores a serving clone of the snapshot in `dir` and times invocations on each channel.
 pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<TableReport, VmError> {
-    use crate::mailbox::CallOptions;
     use crate::snapshot::{read_state, MemoryFile, SnapshotPaths};
     use crate::vmm::RunOptions;
     let paths = SnapshotPaths::new(dir);
     let state = read_state(&paths)?;
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes)?;
-    let channels = Channels { serve: true, ..Default::default() };
-    let vm = Vm::restore(&state, &memory, 1, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?;
+    let scratch = std::env::temp_dir().join(format!("ember-bench-invoke-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(VmError::WorkingSet)?;
+    let sock = scratch.join("vsock");
+    let channels = Channels { serve: true, vsock: Some(sock.clone()), ..Default::default() };
+    let vm = Vm::restore(&state, &memory, 1, &channels, Box::new(std::io::sink()));
+    let vm = vm.and_then(|vm| vm.start(RunOptions::default()));
+    let report = vm.and_then(|vm| invoke_channels(vm, &sock, b));
+    let _ = std::fs::remove_dir_all(&scratch);
+    report
+}
+
+/// Which way `ember bench invoke` calls the agent.
+#[derive(Clone, Copy)]
+enum Channel {
+    MailboxPolled,
+    MailboxDoorbell,
+    Vsock,
+}
+
+fn invoke_channels(vm: crate::vmm::RunningVm, sock: &std::path::Path, b: &InvokeBench) -> Result<TableReport, VmError> {
+    use crate::mailbox::CallOptions;
     let failed = |what: &str, e: &dyn fmt::Display| VmError::Devices(format!("{what}: {e}"));
     // The first call waits for the clone to take its seed and start serving.
     let t = Instant::now();
@@ -358,14 +391,25 @@ pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<TableReport, VmE
     let mut notes = Vec::new();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
 
-    for doorbell in [false, true] {
-        let label = if doorbell { "mailbox, response doorbell (exit)" } else { "mailbox, host polls the response" };
-        let opts = CallOptions { timeout: b.timeout, doorbell };
+    for channel in [Channel::MailboxPolled, Channel::MailboxDoorbell, Channel::Vsock] {
+        let (label, calls) = match channel {
+            Channel::MailboxPolled => ("mailbox, host polls the response", b.calls),
+            Channel::MailboxDoorbell => ("mailbox, response doorbell (exit)", b.calls),
+            Channel::Vsock => ("vsock (one connection, kept open)", b.vsock_calls),
+        };
+        let mut conn = match channel {
+            Channel::Vsock => Some(connect_agent(sock, b.timeout).map_err(|e| failed("vsock", &e))?),
+            _ => None,
+        };
+        let opts = CallOptions { timeout: b.timeout, doorbell: matches!(channel, Channel::MailboxDoorbell) };
         let before = guest_cpu(&vm, b.timeout).map_err(|e| failed("cpu-stat", &e))?;
-        let mut v = Vec::with_capacity(b.calls);
-        for _ in 0..b.calls {
+        let mut v = Vec::with_capacity(calls);
+        for _ in 0..calls {
             let t = Instant::now();
-            let r = vm.invoke("echo", b"", opts).map_err(|e| failed(label, &e))?;
+            let r = match &mut conn {
+                Some(c) => c.call("echo", b"").map_err(|e| failed(label, &e))?,
+                None => vm.invoke("echo", b"", opts).map_err(|e| failed(label, &e))?,
+            };
             v.push(us(t.elapsed()));
             if r.status != ember_abi::Status::Ok {
                 return Err(failed(label, &r.status.describe()));
@@ -398,7 +442,7 @@ pub fn invoke(dir: &std::path::Path, b: &InvokeBench) -> Result<TableReport, VmE
         rows.push(("mailbox, clone idle 150 ms (vCPU parked host-side)".to_string(), Summary::of(&v)));
     }
     let p50 = |i: usize| rows.get(i).and_then(|r| r.1).map(|s| s.p50).unwrap_or(f64::NAN);
-    notes.push(format!("doorbell / polled (p50): {:.1}x", p50(2) / p50(1)));
+    notes.push(format!("doorbell / polled (p50): {:.1}x; vsock / polled: {:.0}x", p50(2) / p50(1), p50(3) / p50(1)));
     vm.stop("measured");
     Ok(TableReport {
         title: "ember bench invoke: round trip of a no-op invocation (echo, empty payload) on a warm clone",

@@ -268,9 +268,12 @@ struct BenchInvokeArgs {
     /// A template snapshot (`ember run --snapshot-on-ready DIR`) to restore the clone from.
     #[arg(long, value_name = "DIR")]
     snapshot: PathBuf,
-    /// Invocations per channel.
+    /// Invocations per mailbox mode (polled, doorbell).
     #[arg(long, default_value_t = 10_000)]
     calls: usize,
+    /// Invocations over vsock (each takes milliseconds on hosts that emulate guest kernel mode).
+    #[arg(long, default_value_t = 10_000)]
+    vsock_calls: usize,
     /// Invocations of an idle clone.
     #[arg(long, default_value_t = 20)]
     idle_calls: usize,
@@ -633,8 +636,12 @@ fn main() -> ExitCode {
             }),
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
         Command::Bench(BenchCommand::Invoke(args)) => timeout(Some(args.timeout)).and_then(|t| {
-            let b =
-                bench::InvokeBench { calls: args.calls, idle_calls: args.idle_calls, timeout: t.unwrap_or_default() };
+            let b = bench::InvokeBench {
+                calls: args.calls,
+                vsock_calls: args.vsock_calls,
+                idle_calls: args.idle_calls,
+                timeout: t.unwrap_or_default(),
+            };
             let report = bench::invoke(&args.snapshot, &b).map_err(|e| e.to_string())?;
             println!("{report}");
             Ok(ExitCode::SUCCESS)

@@ -14,6 +14,9 @@ use crate::functions::Functions;
 
 /// How long the agent polls for the next request before it lets the vCPU wait host-side.
 const SPIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Bounds of the pause between looks at whether other tasks still want the CPU (see `serve`).
+const MIN_NAP: std::time::Duration = std::time::Duration::from_millis(1);
+const MAX_NAP: std::time::Duration = std::time::Duration::from_millis(16);
 
 pub struct Mailbox {
     region: PhysPage,
@@ -56,6 +59,7 @@ impl Mailbox {
         let mut idle_at = crate::tsc::now() + ticks;
         let mut spins = 0u32;
         let mut loadavg = std::fs::File::open("/proc/loadavg").ok();
+        let mut nap = MIN_NAP;
         loop {
             let seq = self.u64_at(REQ_SEQ_OFF).load(Ordering::Acquire);
             if self.u64_at(EPOCH_OFF).load(Ordering::Relaxed) != epoch {
@@ -74,6 +78,7 @@ impl Mailbox {
                     control.ring_response();
                 }
                 idle_at = crate::tsc::now() + ticks;
+                nap = MIN_NAP;
                 continue;
             }
             std::hint::spin_loop();
@@ -81,10 +86,14 @@ impl Mailbox {
             if spins.is_multiple_of(256) && crate::tsc::now() > idle_at {
                 // Parking the vCPU stops the whole guest: only when nothing else wants to run
                 // (the vsock listener, the runtime, kernel workers); else let them have it.
+                // Each look costs system calls, so the pause between looks doubles up to MAX_NAP
+                // while others keep running (a request is then seen within that pause).
                 if others_runnable(&mut loadavg) {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(MAX_NAP);
                     continue;
                 }
+                nap = MIN_NAP;
                 self.u32_at(AGENT_STATE_OFF).store(AGENT_IDLE, Ordering::SeqCst);
                 if self.u64_at(REQ_SEQ_OFF).load(Ordering::SeqCst) == seen {
                     control.ring_idle();
