@@ -1,0 +1,21 @@
+//! The vsock device's TX path on guest memory the fuzzer writes: descriptor table, available ring
+//! and buffers are all guest-controlled. It must never panic, hang or copy more than a packet may
+//! hold. The input is laid out compactly: 256 bytes of descriptor table (16 entries, at 0), 36 bytes
+//! of available ring (at 0x1000), the rest as buffers at 0x4000.
+#![no_main]
+
+use ember::devices::virtio::vsock::parse_tx_image;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut image = vec![0u8; 0x1_0000];
+    let (table, rest) = data.split_at(data.len().min(256));
+    let (avail, buffers) = rest.split_at(rest.len().min(36));
+    image[..table.len()].copy_from_slice(table);
+    image[0x1000..0x1000 + avail.len()].copy_from_slice(avail);
+    let n = buffers.len().min(0xc000);
+    image[0x4000..0x4000 + n].copy_from_slice(&buffers[..n]);
+    for p in parse_tx_image(&image) {
+        assert!(p.data.len() <= 64 << 10);
+    }
+});
