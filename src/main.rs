@@ -48,9 +48,99 @@ enum Command {
     /// answer came (timeout, the VM ended, a malformed response) or the mailbox cannot be used;
     /// 2 for a usage error.
     Invoke(InvokeArgs),
+    /// Run the pool supervisor: an HTTP/1.1 + JSON API on a Unix socket for a function scheduler
+    /// (register functions, acquire/release/invoke warm clones, /metrics, /openapi.json).
+    ///
+    /// Registered functions and their templates are kept under --state-dir and survive a restart.
+    /// SIGINT / SIGTERM stop every VM and remove the socket.
+    Serve(ServeArgs),
+    /// Replay an invocation trace against the autoscaler (with a modelled restore time) and a fixed
+    /// keep-alive policy; report cold starts and idle clone-seconds. Or write a synthetic trace.
+    Simulate(SimulateArgs),
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// The trace: CSV lines `arrival_s,function,duration_s`.
+    #[arg(long, value_name = "FILE", required_unless_present = "generate", conflicts_with = "generate")]
+    trace: Option<PathBuf>,
+    /// Modelled time from "restore" to a clone that can take work, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50.0)]
+    restore_ms: f64,
+    /// The keep-alive policy's time, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    keep_alive_s: f64,
+    /// The autoscaler's policy as JSON (the `pool` object of a registration); defaults otherwise.
+    #[arg(long, value_name = "JSON")]
+    policy: Option<String>,
+    /// Write a synthetic trace of this shape to --out instead.
+    #[arg(long, value_enum, requires = "out")]
+    generate: Option<ember::serve::simulate::Shape>,
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Length of a generated trace.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
+    use ember::serve::simulate as sim;
+    if let (Some(shape), Some(out)) = (args.generate, &args.out) {
+        if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 86_400.0) {
+            return Err(format!("--seconds {} is not in (0, 86400]", args.seconds));
+        }
+        let t = sim::generate(shape, args.seconds, args.seed);
+        std::fs::write(out, sim::to_csv(&t)).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        println!("{} invocations written to {}", t.len(), out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = args.trace.ok_or("--trace is required")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let trace = sim::parse_trace(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let policy: ember::serve::scaler::PoolPolicy = match &args.policy {
+        Some(j) => serde_json::from_str(j).map_err(|e| format!("--policy: {e}"))?,
+        None => Default::default(),
+    };
+    policy.validate().map_err(|e| format!("--policy: {e}"))?;
+    for (flag, v) in [("--restore-ms", args.restore_ms), ("--keep-alive-s", args.keep_alive_s)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(format!("{flag} {v} must be a non-negative number"));
+        }
+    }
+    let restore_s = args.restore_ms / 1e3;
+    let report = sim::Report {
+        trace: path.display().to_string(),
+        restore_s,
+        keep_alive_s: args.keep_alive_s,
+        autoscaler: sim::autoscaler(&trace, &policy, restore_s),
+        keep_alive: sim::keep_alive(&trace, args.keep_alive_s, restore_s),
+    };
+    print!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The Unix socket to serve on.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Where registrations, templates and clones' channels live (default: $XDG_STATE_HOME/ember or
+    /// ~/.local/state/ember).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+fn default_state_dir() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("ember"));
+    }
+    let home = std::env::var_os("HOME").ok_or("HOME is not set; give --state-dir")?;
+    Ok(PathBuf::from(home).join(".local/state/ember"))
 }
 
 /// How the host reaches the guest agent.
@@ -623,6 +713,13 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, process_start),
         Command::Restore(args) => restore(args),
         Command::Invoke(args) => invoke(args),
+        Command::Simulate(args) => simulate(args),
+        Command::Serve(args) => args
+            .state_dir
+            .map(Ok)
+            .unwrap_or_else(default_state_dir)
+            .and_then(|dir| ember::serve::run(&args.socket, &dir))
+            .map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Boot(args)) => args
             .machine
             .to_config()

@@ -1,0 +1,181 @@
+//! The HTTP/1.1 + JSON API on a Unix socket (axum), as described in `openapi.json`. Every error is
+//! `{"error": "..."}` with a 4xx/5xx status; every response carries the request id (the caller's
+//! `x-request-id`, or one ember made), which the logs of the request carry too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tracing::Instrument;
+
+use super::supervisor::{FunctionSpec, Refusal, Supervisor};
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The longest invocation timeout a request may ask for.
+const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;
+
+/// An error response: `{"error": "..."}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        let status = match &r {
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+            Refusal::Conflict(_) => StatusCode::CONFLICT,
+            Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Refusal::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, r.to_string())
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// Parses a JSON body, refusing unknown fields (the types say `deny_unknown_fields`).
+fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("bad JSON body: {e}")))
+}
+
+type Sup = State<Arc<Supervisor>>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Refusal> + Send + 'static) -> Result<T, ApiError> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+async fn put_function(State(sup): Sup, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let spec: FunctionSpec = json_body(&body)?;
+    let info = blocking(move || sup.register(&name, spec)).await?;
+    Ok((StatusCode::ACCEPTED, Json(info)).into_response())
+}
+
+async fn list_functions(State(sup): Sup) -> Response {
+    Json(serde_json::json!({ "functions": sup.list() })).into_response()
+}
+
+async fn get_function(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(sup.get(&name)?).into_response())
+}
+
+async fn delete_function(State(sup): Sup, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    blocking(move || sup.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
+    // The warm path takes microseconds, so it runs right here; only a cold start (an empty pool)
+    // restores a clone on this worker, which is still a millisecond.
+    Ok(Json(tokio::task::block_in_place(|| sup.acquire(&name))?).into_response())
+}
+
+async fn release(State(sup): Sup, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id: u64 = id.parse().map_err(|_| bad_request(format!("bad VM id {id:?}")))?;
+    sup.release(id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeBody {
+    /// The function inside the guest; the registration's `handler` when absent.
+    #[serde(default)]
+    function: Option<String>,
+    /// The payload, as text.
+    #[serde(default)]
+    payload: String,
+    #[serde(default)]
+    timeout_s: Option<f64>,
+}
+
+async fn invoke(State(sup): Sup, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let b: InvokeBody = if body.is_empty() {
+        InvokeBody { function: None, payload: String::new(), timeout_s: None }
+    } else {
+        json_body(&body)?
+    };
+    let timeout = match b.timeout_s {
+        None => Duration::from_secs(30),
+        Some(t) if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S => Duration::from_secs_f64(t),
+        Some(t) => return Err(bad_request(format!("timeout_s {t} is not in (0, {MAX_INVOKE_TIMEOUT_S}]"))),
+    };
+    let r = blocking(move || sup.invoke(&name, b.function.as_deref(), b.payload.as_bytes(), timeout)).await?;
+    let body = serde_json::json!({
+        "status": r.status.describe(),
+        "ok": r.status == ember_abi::Status::Ok,
+        "payload": String::from_utf8_lossy(&r.payload),
+    });
+    Ok(Json(body).into_response())
+}
+
+async fn metrics(State(sup): Sup) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], sup.prometheus()).into_response()
+}
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint (see GET /openapi.json)".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint (see GET /openapi.json)".into())
+}
+
+/// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
+/// returns it.
+async fn request_id(req: Request, next: Next) -> Response {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("ember-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "done"));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The API's routes over `sup`.
+pub fn router(sup: Arc<Supervisor>) -> Router {
+    Router::new()
+        .route("/functions", get(list_functions))
+        .route("/functions/{name}", get(get_function).put(put_function).delete(delete_function))
+        .route("/functions/{name}/acquire", post(acquire))
+        .route("/functions/{name}/invoke", post(invoke))
+        .route("/vms/{id}/release", post(release))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(sup)
+}

@@ -1,0 +1,105 @@
+//! /metrics in Prometheus text format: per-function counters and gauges from the supervisor, and
+//! latency histograms for restores and handoffs.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::supervisor::FunctionInfo;
+
+/// Bucket upper bounds, in seconds: 1 us to 10 s.
+const BUCKETS: [f64; 15] = [1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0, 10.0];
+
+/// A latency histogram (cumulative on output, as Prometheus wants).
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|&b| s <= b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut total = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            total += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {total}");
+        }
+        total += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// The daemon's histograms.
+#[derive(Default)]
+pub struct Metrics {
+    /// Restoring a clone (new VM with the template's state, started).
+    pub restore: Histogram,
+    /// Acquire: request in the supervisor to the handoff ready (cold starts included).
+    pub handoff: Histogram,
+}
+
+impl Metrics {
+    pub fn render(&self, functions: &[FunctionInfo]) -> String {
+        let mut out = String::new();
+        type Pick = fn(&FunctionInfo) -> f64;
+        let series: [(&str, &str, &str, Pick); 7] = [
+            ("ember_handoffs_total", "counter", "Clones handed out (acquire and invoke).", |f| f.handoffs as f64),
+            ("ember_cold_starts_total", "counter", "Handoffs that had to restore a clone on the spot.", |f| {
+                f.cold_starts as f64
+            }),
+            ("ember_cold_start_ratio", "gauge", "Cold starts per handoff so far.", |f| {
+                if f.handoffs == 0 {
+                    0.0
+                } else {
+                    f.cold_starts as f64 / f.handoffs as f64
+                }
+            }),
+            ("ember_invocations_total", "counter", "Invocations through POST /functions/{name}/invoke.", |f| {
+                f.invocations as f64
+            }),
+            ("ember_invocation_errors_total", "counter", "Invocations that got no answer.", |f| {
+                f.invocation_errors as f64
+            }),
+            ("ember_clones_ready", "gauge", "Ready clones in the pool.", |f| f64::from(f.ready)),
+            ("ember_clones_busy", "gauge", "Clones handed out and not released.", |f| f64::from(f.busy)),
+        ];
+        for (name, kind, help, pick) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for f in functions {
+                let _ = writeln!(out, "{name}{{function=\"{}\"}} {}", f.name, pick(f));
+            }
+        }
+        self.restore.render(&mut out, "ember_restore_seconds", "Time to restore and start a clone.");
+        self.handoff.render(&mut out, "ember_handoff_seconds", "Time to hand a clone over (acquire).");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(3));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut s = String::new();
+        h.render(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"0.000005\"} 1"), "{s}");
+        assert!(s.contains("x_bucket{le=\"0.005\"} 2"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
+        assert!(s.contains("x_count 3"), "{s}");
+    }
+}

@@ -1,0 +1,60 @@
+//! `ember serve`: the pool supervisor behind a Unix-socket HTTP API, for a function scheduler.
+//!
+//! - [`supervisor`]: functions, templates, pools, handoff, the background scaling loop.
+//! - [`scaler`]: the autoscaling policy (pure logic).
+//! - [`api`]: the HTTP routes (axum), errors as JSON.
+//! - [`metrics`]: Prometheus text.
+//! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy.
+
+pub mod api;
+pub mod metrics;
+pub mod scaler;
+pub mod simulate;
+pub mod supervisor;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use supervisor::Supervisor;
+
+/// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket.
+pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(format!("{} is in use by a running server", socket.display()));
+        }
+        // A socket left by a server that was killed.
+        std::fs::remove_file(socket).map_err(|e| format!("cannot remove stale socket {}: {e}", socket.display()))?;
+    }
+    let sup = Supervisor::open(state_dir).map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+    let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ember-api")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = rt.block_on(serve(socket, sup.clone()));
+    sup.shutdown();
+    let _ = scaler.join();
+    let _ = std::fs::remove_file(socket);
+    result
+}
+
+async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {
+    let listener =
+        tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    tracing::info!("serving on {}", socket.display());
+    let app = api::router(sup);
+    axum::serve(listener, app).with_graceful_shutdown(stop_signal()).await.map_err(|e| format!("server: {e}"))
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

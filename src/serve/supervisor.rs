@@ -1,0 +1,599 @@
+//! The pool supervisor: registered functions, their templates and pools of ready clones, the
+//! handoff of clones to callers, and the background loop that scales pools and replaces crashed
+//! clones. Synchronous: the HTTP layer (`api.rs`) calls into it from blocking tasks.
+//!
+//! On disk, under the state directory:
+//!
+//! ```text
+//! functions/<name>/spec.json     the registration, as accepted
+//! functions/<name>/template/     the template snapshot (state, memory, working-set)
+//! vms/<id>.mailbox, <id>.vsock   each live clone's channels (removed with the clone)
+//! ```
+//!
+//! A restart loads every `spec.json`, restores pools from the saved templates without booting, and
+//! boots again only a function whose template is missing or unreadable.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::Metrics;
+use super::scaler::{Action, PoolPolicy, Scaler};
+use crate::config::{BootSource, MachineConfig, VmConfig};
+use crate::mailbox::{CallOptions, Response};
+use crate::snapshot::{self, MemoryFile, SnapshotPaths, SnapshotState};
+use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
+
+/// How often the background loop scales pools.
+pub const TICK: Duration = Duration::from_millis(100);
+/// The longest a registration's boot may take.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A function's registration (`PUT /functions/{name}`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// The guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs with ember's agent and the function's runtime.
+    pub initramfs: PathBuf,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// The function the agent runs for `invoke` when the request names none: a built-in or the
+    /// image's runtime (named in the image's /etc/ember/runtime).
+    #[serde(default = "default_handler")]
+    pub handler: String,
+    #[serde(default)]
+    pub pool: PoolPolicy,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_mem() -> u64 {
+    crate::config::DEFAULT_MEM_MIB
+}
+fn default_handler() -> String {
+    "echo".into()
+}
+
+/// Why a request was refused: the HTTP status follows from the kind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest(String),
+    NotFound(String),
+    Conflict(String),
+    /// The VM or the agent failed (502), or did not answer in time (504).
+    BadGateway(String),
+    Timeout(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Refusal::BadRequest(m)
+        | Refusal::NotFound(m)
+        | Refusal::Conflict(m)
+        | Refusal::BadGateway(m)
+        | Refusal::Timeout(m)
+        | Refusal::Internal(m)) = self;
+        f.write_str(m)
+    }
+}
+
+impl FunctionSpec {
+    /// Checks what can be checked without booting: names, files, sizes, the pool policy.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
+            if !p.is_file() {
+                return Err(Refusal::BadRequest(format!("{what} {} does not exist or is not a file", p.display())));
+            }
+        }
+        let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
+        self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
+        self.pool.validate().map_err(Refusal::BadRequest)
+    }
+
+    fn vm_config_with(&self, machine_config: MachineConfig) -> VmConfig {
+        VmConfig {
+            boot_source: BootSource {
+                kernel_image_path: self.kernel.clone(),
+                initrd_path: Some(self.initramfs.clone()),
+                boot_args: None,
+            },
+            machine_config,
+        }
+    }
+
+    fn vm_config(&self) -> VmConfig {
+        self.vm_config_with(MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib })
+    }
+}
+
+/// Checks a function name: 1 to 64 characters of `[a-z0-9_-]` (it names a directory).
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::BadRequest(format!("bad function name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
+    }
+}
+
+/// Where a function is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
+pub enum FunctionState {
+    /// Booting the guest to make the template.
+    Creating,
+    Ready,
+    /// The template could not be made.
+    Failed(String),
+}
+
+/// A loaded template: what every clone of the function is restored from.
+struct Template {
+    state: SnapshotState,
+    memory: MemoryFile,
+}
+
+/// A clone: a restored VM and its channels.
+pub struct PooledVm {
+    pub id: u64,
+    vm: RunningVm,
+    pub mailbox: PathBuf,
+    pub vsock: PathBuf,
+}
+
+#[derive(Default)]
+struct Pool {
+    ready: VecDeque<PooledVm>,
+    /// Clones being restored by the background loop.
+    restoring: u32,
+    /// Clones handed out and not yet released.
+    busy: u32,
+    /// Handoffs since the scaler last looked.
+    handoffs: u32,
+}
+
+/// Counters of one function (exported in /metrics and GET /functions/{name}).
+#[derive(Default)]
+struct Counters {
+    handoffs: AtomicU64,
+    cold_starts: AtomicU64,
+    invocations: AtomicU64,
+    invocation_errors: AtomicU64,
+    replaced: AtomicU64,
+}
+
+pub struct Function {
+    name: String,
+    spec: FunctionSpec,
+    dir: PathBuf,
+    state: Mutex<FunctionState>,
+    template: Mutex<Option<Arc<Template>>>,
+    pool: Mutex<Pool>,
+    scaler: Mutex<Scaler>,
+    counters: Counters,
+    deleted: AtomicBool,
+}
+
+/// What `GET /functions/{name}` shows.
+#[derive(Debug, Serialize)]
+pub struct FunctionInfo {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: FunctionState,
+    pub spec: FunctionSpec,
+    pub ready: u32,
+    pub busy: u32,
+    pub restoring: u32,
+    pub target_ready: u32,
+    pub handoffs: u64,
+    pub cold_starts: u64,
+    pub invocations: u64,
+    pub invocation_errors: u64,
+    pub replaced_clones: u64,
+}
+
+/// What `acquire` hands over.
+#[derive(Debug, Serialize)]
+pub struct Handoff {
+    pub id: u64,
+    pub function: String,
+    pub mailbox: PathBuf,
+    pub vsock: PathBuf,
+    /// Restored on the spot because the pool was empty.
+    pub cold_start: bool,
+}
+
+/// A handed-out clone.
+struct Handed {
+    function: Arc<Function>,
+    clone: PooledVm,
+}
+
+pub struct Supervisor {
+    state_dir: PathBuf,
+    functions: Mutex<BTreeMap<String, Arc<Function>>>,
+    handed: Mutex<HashMap<u64, Handed>>,
+    next_id: AtomicU64,
+    pub metrics: Metrics,
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Function {
+    fn template(&self) -> Option<Arc<Template>> {
+        lock(&self.template).clone()
+    }
+
+    fn info(&self) -> FunctionInfo {
+        let pool = lock(&self.pool);
+        let c = &self.counters;
+        FunctionInfo {
+            name: self.name.clone(),
+            state: lock(&self.state).clone(),
+            spec: self.spec.clone(),
+            ready: pool.ready.len() as u32,
+            busy: pool.busy,
+            restoring: pool.restoring,
+            target_ready: lock(&self.scaler).target(pool.busy),
+            handoffs: c.handoffs.load(Ordering::Relaxed),
+            cold_starts: c.cold_starts.load(Ordering::Relaxed),
+            invocations: c.invocations.load(Ordering::Relaxed),
+            invocation_errors: c.invocation_errors.load(Ordering::Relaxed),
+            replaced_clones: c.replaced.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Supervisor {
+    /// Opens (or creates) the state directory and loads every registered function.
+    pub fn open(state_dir: &Path) -> std::io::Result<Arc<Self>> {
+        std::fs::create_dir_all(state_dir.join("functions"))?;
+        // Channels of clones from a previous run (a daemon killed with SIGKILL) are stale.
+        let vms = state_dir.join("vms");
+        let _ = std::fs::remove_dir_all(&vms);
+        std::fs::create_dir_all(&vms)?;
+        let sup = Arc::new(Self {
+            state_dir: state_dir.to_path_buf(),
+            functions: Mutex::new(BTreeMap::new()),
+            handed: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            metrics: Metrics::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let mut names: Vec<String> = std::fs::read_dir(state_dir.join("functions"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in names {
+            let dir = state_dir.join("functions").join(&name);
+            let spec = std::fs::read_to_string(dir.join("spec.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str::<FunctionSpec>(&s).map_err(|e| e.to_string()));
+            match spec {
+                Ok(spec) => {
+                    let f = sup.insert(&name, spec);
+                    match load_template(&f.dir) {
+                        Ok(t) => {
+                            *lock(&f.template) = Some(Arc::new(t));
+                            *lock(&f.state) = FunctionState::Ready;
+                            tracing::info!(function = %name, "loaded with its saved template");
+                        }
+                        Err(e) => {
+                            tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
+                            sup.spawn_template(f);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("{}: cannot load spec.json: {e}; skipped", dir.display()),
+            }
+        }
+        Ok(sup)
+    }
+
+    fn insert(&self, name: &str, spec: FunctionSpec) -> Arc<Function> {
+        let f = Arc::new(Function {
+            name: name.to_string(),
+            dir: self.state_dir.join("functions").join(name),
+            scaler: Mutex::new(Scaler::new(spec.pool.clone(), TICK)),
+            spec,
+            state: Mutex::new(FunctionState::Creating),
+            template: Mutex::new(None),
+            pool: Mutex::new(Pool::default()),
+            counters: Counters::default(),
+            deleted: AtomicBool::new(false),
+        });
+        lock(&self.functions).insert(name.to_string(), f.clone());
+        f
+    }
+
+    fn function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
+        lock(&self.functions).get(name).cloned().ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))
+    }
+
+    /// Registers a function: saves its spec, then boots its template in the background.
+    pub fn register(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
+        check_name(name)?;
+        spec.validate()?;
+        if lock(&self.functions).contains_key(name) {
+            return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
+        }
+        let dir = self.state_dir.join("functions").join(name);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join("spec.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&spec).map_err(std::io::Error::other)?)?;
+            std::fs::rename(&tmp, dir.join("spec.json"))
+        };
+        write().map_err(|e| Refusal::Internal(format!("cannot save the registration: {e}")))?;
+        let f = self.insert(name, spec);
+        self.spawn_template(f.clone());
+        Ok(f.info())
+    }
+
+    /// Boots the function's guest to "ready" and snapshots it, on a thread of its own.
+    fn spawn_template(self: &Arc<Self>, f: Arc<Function>) {
+        let started = std::thread::Builder::new().name(format!("template-{}", f.name)).spawn(move || {
+            let t = Instant::now();
+            let result = make_template(&f.spec, &f.dir.join("template")).and_then(|()| load_template(&f.dir));
+            match result {
+                Ok(template) => {
+                    *lock(&f.template) = Some(Arc::new(template));
+                    *lock(&f.state) = FunctionState::Ready;
+                    tracing::info!(function = %f.name, "template ready in {:.1} s", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    tracing::error!(function = %f.name, "cannot make the template: {e}");
+                    *lock(&f.state) = FunctionState::Failed(e);
+                }
+            }
+        });
+        if let Err(e) = started {
+            tracing::error!("cannot start a template thread: {e}");
+        }
+    }
+
+    pub fn list(&self) -> Vec<FunctionInfo> {
+        lock(&self.functions).values().map(|f| f.info()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<FunctionInfo, Refusal> {
+        Ok(self.function(name)?.info())
+    }
+
+    /// Unregisters a function: its ready clones go now, handed-out ones when released; its files go.
+    pub fn delete(&self, name: &str) -> Result<(), Refusal> {
+        let f = lock(&self.functions).remove(name).ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))?;
+        f.deleted.store(true, Ordering::SeqCst);
+        let drained: Vec<PooledVm> = lock(&f.pool).ready.drain(..).collect();
+        drop(drained);
+        std::fs::remove_dir_all(&f.dir)
+            .map_err(|e| Refusal::Internal(format!("cannot remove {}: {e}", f.dir.display())))
+    }
+
+    /// Restores a new clone of `f`'s template with its own channels.
+    fn restore_clone(&self, f: &Function) -> Result<PooledVm, String> {
+        let template = f.template().ok_or("the function has no template yet")?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let vms = self.state_dir.join("vms");
+        let (mailbox, vsock) = (vms.join(format!("{id}.mailbox")), vms.join(format!("{id}.vsock")));
+        let channels =
+            Channels { mailbox: Some(mailbox.clone()), vsock: Some(vsock.clone()), serve: true, ..Default::default() };
+        let t = Instant::now();
+        let vm = Vm::restore(&template.state, &template.memory, id, &channels, Box::new(std::io::sink()))
+            .and_then(|vm| vm.start(RunOptions::default()))
+            .map_err(|e| format!("restore: {e}"))?;
+        self.metrics.restore.observe(t.elapsed());
+        Ok(PooledVm { id, vm, mailbox, vsock })
+    }
+
+    /// Hands a ready clone of `name` over; restores one on the spot (a cold start) when the pool is
+    /// empty. No clone is ever handed out twice: it leaves the pool under the pool's lock.
+    pub fn acquire(&self, name: &str) -> Result<Handoff, Refusal> {
+        let t = Instant::now();
+        let f = self.function(name)?;
+        let state = lock(&f.state).clone();
+        if state != FunctionState::Ready {
+            return Err(Refusal::Conflict(format!("function {name:?} is not ready ({state:?})")));
+        }
+        let mut pool = lock(&f.pool);
+        let mut crashed = 0;
+        let mut warm = None;
+        while let Some(c) = pool.ready.pop_front() {
+            if c.vm.exit().is_none() {
+                warm = Some(c);
+                break;
+            }
+            crashed += 1;
+        }
+        pool.busy += 1;
+        pool.handoffs += 1;
+        drop(pool);
+        f.counters.replaced.fetch_add(crashed, Ordering::Relaxed);
+        let cold_start = warm.is_none();
+        let clone = match warm {
+            Some(c) => c,
+            None => match self.restore_clone(&f) {
+                Ok(c) => c,
+                Err(e) => {
+                    lock(&f.pool).busy -= 1;
+                    return Err(Refusal::Internal(e));
+                }
+            },
+        };
+        f.counters.handoffs.fetch_add(1, Ordering::Relaxed);
+        if cold_start {
+            f.counters.cold_starts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(function = %name, id = clone.id, "cold start: the pool was empty");
+        }
+        let handoff = Handoff {
+            id: clone.id,
+            function: name.to_string(),
+            mailbox: clone.mailbox.clone(),
+            vsock: clone.vsock.clone(),
+            cold_start,
+        };
+        lock(&self.handed).insert(clone.id, Handed { function: f, clone });
+        self.metrics.handoff.observe(t.elapsed());
+        Ok(handoff)
+    }
+
+    /// Takes a handed-out VM back and destroys it (clones are never reused: each starts clean).
+    pub fn release(&self, id: u64) -> Result<(), Refusal> {
+        let h = lock(&self.handed).remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+        lock(&h.function.pool).busy -= 1;
+        // Stopping joins the vCPU threads: off the caller's path.
+        let _ = std::thread::Builder::new().name("release".into()).spawn(move || drop(h.clone.vm.stop("released")));
+        Ok(())
+    }
+
+    /// acquire + invoke through the mailbox + release.
+    pub fn invoke(
+        &self,
+        name: &str,
+        handler: Option<&str>,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Response, Refusal> {
+        let handoff = self.acquire(name)?;
+        let f = self.function(name)?;
+        let handler = handler.unwrap_or(&f.spec.handler).to_string();
+        let result = {
+            let handed = lock(&self.handed);
+            handed.get(&handoff.id).map(|h| h.clone.vm.mailbox())
+        };
+        let Some(mailbox) = result else { return Err(Refusal::Internal("the handed-out VM vanished".into())) };
+        let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: false });
+        let _ = self.release(handoff.id);
+        f.counters.invocations.fetch_add(1, Ordering::Relaxed);
+        r.map_err(|e| {
+            f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
+            match e {
+                crate::mailbox::InvokeError::Timeout(_) => Refusal::Timeout(e.to_string()),
+                crate::mailbox::InvokeError::BadFunction(_) | crate::mailbox::InvokeError::PayloadTooLarge(_) => {
+                    Refusal::BadRequest(e.to_string())
+                }
+                _ => Refusal::BadGateway(e.to_string()),
+            }
+        })
+    }
+
+    /// One pass of the background loop: drop crashed ready clones, then scale every ready pool.
+    pub fn tick(&self) {
+        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        for f in functions {
+            if *lock(&f.state) != FunctionState::Ready || f.deleted.load(Ordering::SeqCst) {
+                continue;
+            }
+            let (busy, handoffs, have, dead) = {
+                let mut pool = lock(&f.pool);
+                let before = pool.ready.len();
+                let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
+                    pool.ready.drain(..).partition(|c| c.vm.exit().is_none());
+                pool.ready = alive;
+                let dead_n = before - pool.ready.len();
+                drop(dead);
+                let handoffs = std::mem::take(&mut pool.handoffs);
+                (pool.busy, handoffs, pool.ready.len() as u32 + pool.restoring, dead_n)
+            };
+            if dead > 0 {
+                f.counters.replaced.fetch_add(dead as u64, Ordering::Relaxed);
+                tracing::warn!(function = %f.name, "{dead} ready clones had ended; replacing them");
+            }
+            let action = lock(&f.scaler).tick(busy, handoffs, have);
+            match action {
+                Action::Grow(n) => {
+                    lock(&f.pool).restoring += n;
+                    for _ in 0..n {
+                        let c = self.restore_clone(&f);
+                        let mut pool = lock(&f.pool);
+                        pool.restoring -= 1;
+                        match c {
+                            Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.ready.push_back(c),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(function = %f.name, "cannot refill the pool: {e}"),
+                        }
+                    }
+                }
+                Action::Shrink(n) => {
+                    let mut pool = lock(&f.pool);
+                    let keep = pool.ready.len().saturating_sub(n as usize);
+                    let gone: Vec<PooledVm> = pool.ready.drain(keep..).collect();
+                    drop(pool);
+                    drop(gone);
+                }
+                Action::Hold => {}
+            }
+        }
+    }
+
+    /// Runs [`Supervisor::tick`] every [`TICK`] on a thread until [`Supervisor::shutdown`].
+    pub fn start_scaling(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let sup = self.clone();
+        std::thread::Builder::new().name("scaler".into()).spawn(move || {
+            while !sup.stopping.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                sup.tick();
+                std::thread::sleep(TICK.saturating_sub(t.elapsed()));
+            }
+        })
+    }
+
+    /// Stops every VM (pools and handed-out clones); registrations and templates stay on disk.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        for f in functions {
+            let gone: Vec<PooledVm> = lock(&f.pool).ready.drain(..).collect();
+            drop(gone);
+        }
+        let handed: Vec<Handed> = lock(&self.handed).drain().map(|(_, h)| h).collect();
+        drop(handed);
+    }
+
+    /// Prometheus text for /metrics.
+    pub fn prometheus(&self) -> String {
+        let infos = self.list();
+        self.metrics.render(&infos)
+    }
+}
+
+/// Boots `spec`'s guest to its agent's "ready" and snapshots it into `dir`.
+fn make_template(spec: &FunctionSpec, dir: &Path) -> Result<(), String> {
+    let vm = Vm::boot(&spec.vm_config(), &Channels::default(), Box::new(std::io::sink()), Instant::now())
+        .map_err(|e| e.to_string())?;
+    let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() }).map_err(|e| e.to_string())?;
+    if !vm.wait_ready(BOOT_TIMEOUT) {
+        let exit = vm.exit();
+        vm.stop("no ready signal");
+        return Err(format!("the guest never signalled ready ({exit:?})"));
+    }
+    vm.pause().map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(dir);
+    vm.snapshot(dir).map_err(|e| format!("snapshot: {e}"))?;
+    vm.stop("template taken");
+    Ok(())
+}
+
+fn load_template(dir: &Path) -> Result<Template, String> {
+    let paths = SnapshotPaths::new(dir.join("template"));
+    let state = snapshot::read_state(&paths).map_err(|e| e.to_string())?;
+    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
+    Ok(Template { state, memory })
+}

@@ -1,0 +1,259 @@
+//! `ember serve` over its real Unix socket: bad requests (no KVM needed), then a function registered
+//! from the project's guest, handed out, invoked, scaled, restarted and deleted.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {resp:?}"));
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    // Chunked bodies (axum streams some): join the chunks.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Asserts an error response: `status` and a JSON `{"error": ...}` containing `needle`.
+fn assert_error(r: (u16, String), status: u16, needle: &str) {
+    assert_eq!(r.0, status, "{}", r.1);
+    let v = json_of(&r.1);
+    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", r.1));
+    assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "ember serve did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
+    let dir = common::scratch("bad-requests");
+    let mut srv = Server::start(&dir);
+    let s = &srv.socket.clone();
+    assert_eq!(json_of(&http(s, "GET", "/functions", None).1), json!({"functions": []}));
+    assert_error(http(s, "GET", "/functions/nope", None), 404, "no function");
+    assert_error(http(s, "PUT", "/functions/f", Some("{not json")), 400, "bad JSON");
+    assert_error(
+        http(s, "PUT", "/functions/f", Some(r#"{"kernel": "/k", "initramfs": "/i", "colour": 1}"#)),
+        400,
+        "unknown field",
+    );
+    assert_error(
+        http(s, "PUT", "/functions/f", Some(r#"{"kernel": "/nonexistent/vmlinux", "initramfs": "/i"}"#)),
+        400,
+        "does not exist",
+    );
+    let k = dir.join("k");
+    std::fs::write(&k, b"x").unwrap();
+    let spec = |pool: &str| format!(r#"{{"kernel": "{0}", "initramfs": "{0}", "pool": {pool}}}"#, k.display());
+    assert_error(
+        http(s, "PUT", "/functions/f", Some(&spec(r#"{"min_ready": 5, "max": 2}"#))),
+        400,
+        "less than pool.min_ready",
+    );
+    assert_error(http(s, "PUT", "/functions/f", Some(&spec(r#"{"headroom": 0.1}"#))), 400, "headroom");
+    assert_error(http(s, "PUT", "/functions/Bad%20Name", Some(&spec("{}"))), 400, "bad function name");
+    assert_error(http(s, "POST", "/functions/nope/acquire", None), 404, "no function");
+    assert_error(http(s, "POST", "/functions/nope/invoke", Some(r#"{"payload": "x"}"#)), 404, "no function");
+    assert_error(http(s, "POST", "/vms/12345/release", None), 404, "no handed-out VM");
+    assert_error(http(s, "POST", "/vms/abc/release", None), 400, "bad VM id");
+    assert_error(http(s, "GET", "/nowhere", None), 404, "no such endpoint");
+    assert_error(http(s, "DELETE", "/functions", None), 405, "method not allowed");
+    assert_error(http(s, "DELETE", "/functions/nope", None), 404, "no function");
+    // Nothing was registered by any of that.
+    assert_eq!(json_of(&http(s, "GET", "/functions", None).1), json!({"functions": []}));
+    assert!(std::fs::read_dir(dir.join("state/functions")).unwrap().next().is_none());
+    let (code, doc) = http(s, "GET", "/openapi.json", None);
+    assert_eq!(code, 200);
+    assert!(json_of(&doc)["paths"]["/functions/{name}/acquire"].is_object());
+    assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
+    assert!(!srv.socket.exists(), "the socket outlived the server");
+}
+
+fn wait_ready(s: &Path, name: &str, min_ready: u64) -> Value {
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    loop {
+        let (code, body) = http(s, "GET", &format!("/functions/{name}"), None);
+        assert_eq!(code, 200, "{body}");
+        let v = json_of(&body);
+        assert_ne!(v["state"], "failed", "{body}");
+        if v["state"] == "ready" && v["ready"].as_u64().unwrap_or(0) >= min_ready {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "function {name} never became ready: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn invoke(s: &Path, name: &str, body: &str) -> Value {
+    let (code, resp) = http(s, "POST", &format!("/functions/{name}/invoke"), Some(body));
+    assert_eq!(code, 200, "{resp}");
+    json_of(&resp)
+}
+
+#[test]
+fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
+    if !common::kvm_usable("serve_functions") {
+        return;
+    }
+    let Some((kernel, initrd)) = common::images("serve_functions") else { return };
+    let dir = common::scratch("functions");
+    let mut srv = Server::start(&dir);
+    let s = srv.socket.clone();
+    let spec = json!({
+        "kernel": kernel, "initramfs": initrd, "handler": "reverse",
+        "pool": {"min_ready": 2, "max": 24, "headroom": 1.5, "scale_in_delay_s": 1.0, "peak_window_s": 1.0}
+    })
+    .to_string();
+    let (code, body) = http(&s, "PUT", "/functions/rev", Some(&spec));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(json_of(&body)["state"], "creating");
+    assert_error(http(&s, "PUT", "/functions/rev", Some(&spec)), 409, "already registered");
+    wait_ready(&s, "rev", 2);
+
+    // Acquire: a warm clone, reachable through its mailbox; released once, never twice.
+    let (code, body) = http(&s, "POST", "/functions/rev/acquire", None);
+    assert_eq!(code, 200, "{body}");
+    let h = json_of(&body);
+    assert_eq!(h["cold_start"], false, "{body}");
+    let mailbox = ember::mailbox::Mailbox::open(Path::new(h["mailbox"].as_str().unwrap())).unwrap();
+    let opts = ember::mailbox::CallOptions { timeout: Duration::from_secs(120), doorbell: false };
+    assert_eq!(mailbox.call("echo", b"direct", opts).unwrap().payload, b"direct");
+    let id = h["id"].as_u64().unwrap();
+    assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 204);
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), None), 404, "no handed-out VM");
+
+    // Invoke: the registration's handler (the image's runtime), or a named built-in.
+    let r = invoke(&s, "rev", r#"{"payload": "stressed"}"#);
+    assert_eq!((r["ok"].as_bool(), r["payload"].as_str()), (Some(true), Some("desserts")), "{r}");
+    let r = invoke(&s, "rev", r#"{"function": "sha256", "payload": "abc"}"#);
+    assert_eq!(r["payload"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    let r = invoke(&s, "rev", r#"{"function": "nope"}"#);
+    assert_eq!((r["ok"].as_bool(), r["status"].as_str()), (Some(false), Some("unknown function")), "{r}");
+    assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"timeout_s": -1}"#)), 400, "timeout_s");
+    assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "bad name"}"#)), 400, "function name");
+
+    // Many concurrent clients: no VM is handed out twice.
+    let ids: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let s = s.clone();
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    for _ in 0..2 {
+                        let (code, body) = http(&s, "POST", "/functions/rev/acquire", None);
+                        assert_eq!(code, 200, "{body}");
+                        mine.push(json_of(&body)["id"].as_u64().unwrap());
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "a VM was handed out twice: {ids:?}");
+    let info = json_of(&http(&s, "GET", "/functions/rev", None).1);
+    assert_eq!(info["busy"].as_u64(), Some(32), "{info}");
+    // Two ready clones cannot cover 32 requests at once: the rest were cold starts, not failures.
+    assert!(info["cold_starts"].as_u64().unwrap() > 0, "{info}");
+    for id in &ids {
+        assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 204);
+    }
+    let info = wait_ready(&s, "rev", 2);
+    assert_eq!(info["busy"], 0, "{info}");
+
+    let (code, metrics) = http(&s, "GET", "/metrics", None);
+    assert_eq!(code, 200);
+    let handoffs = info["handoffs"].as_u64().unwrap();
+    assert!(metrics.contains(&format!("ember_handoffs_total{{function=\"rev\"}} {handoffs}")), "{metrics}");
+    assert!(metrics.contains("ember_handoff_seconds_count"), "{metrics}");
+    assert!(metrics.contains("ember_cold_start_ratio{function=\"rev\"}"), "{metrics}");
+
+    // A clean restart: the function comes back from its saved template, without booting.
+    assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
+    assert!(!s.exists());
+    let t = Instant::now();
+    let mut srv = Server::start(&dir);
+    wait_ready(&s, "rev", 1);
+    assert!(t.elapsed() < Duration::from_secs(20), "the restart booted the guest again ({:?})", t.elapsed());
+    assert_eq!(invoke(&s, "rev", r#"{"payload": "abc"}"#)["payload"], "cba");
+
+    // Killed outright: the stale socket and channels are cleaned up and nothing registered is lost.
+    srv.signal(libc::SIGKILL);
+    let mut srv = Server::start(&dir);
+    wait_ready(&s, "rev", 1);
+    assert_eq!(invoke(&s, "rev", r#"{"payload": "xyz"}"#)["payload"], "zyx");
+
+    assert_eq!(http(&s, "DELETE", "/functions/rev", None).0, 204);
+    assert_error(http(&s, "GET", "/functions/rev", None), 404, "no function");
+    assert!(!dir.join("state/functions/rev").exists());
+    assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
+}
