@@ -351,6 +351,22 @@ enum BenchCommand {
     /// invocations, the guest's user/kernel CPU split during each run, and the cost of waking an
     /// idle clone.
     Invoke(BenchInvokeArgs),
+    /// Latency of `POST /functions/{name}/acquire` through `ember serve`'s API, with 1 and 16
+    /// concurrent clients, on a pool restored from a template (`ember run --snapshot-on-ready`).
+    Handoff(BenchHandoffArgs),
+}
+
+#[derive(Args)]
+struct BenchHandoffArgs {
+    /// The template snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Ready clones in the pool before each round.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pool: u32,
+    /// Acquires per client (at most pool / clients, so that no acquire is a cold start).
+    #[arg(long, default_value_t = 64)]
+    acquires: usize,
 }
 
 #[derive(Args)]
@@ -732,6 +748,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }),
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
+        Command::Bench(BenchCommand::Handoff(args)) => {
+            ember::serve::bench::handoff(&args.snapshot, args.pool, args.acquires).map(|report| {
+                println!("{report}");
+                ExitCode::SUCCESS
+            })
+        }
         Command::Bench(BenchCommand::Invoke(args)) => timeout(Some(args.timeout)).and_then(|t| {
             let b = bench::InvokeBench {
                 calls: args.calls,

@@ -84,9 +84,13 @@ async fn delete_function(State(sup): Sup, Path(name): Path<String>) -> Result<St
 }
 
 async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
-    // The warm path takes microseconds, so it runs right here; only a cold start (an empty pool)
-    // restores a clone on this worker, which is still a millisecond.
-    Ok(Json(tokio::task::block_in_place(|| sup.acquire(&name))?).into_response())
+    // The warm path takes microseconds and runs right here; a cold start (an empty pool) restores
+    // a clone, which blocks, on the blocking pool.
+    let handoff = match sup.acquire_warm(&name)? {
+        Some(h) => h,
+        None => blocking(move || sup.acquire(&name)).await?,
+    };
+    Ok(Json(handoff).into_response())
 }
 
 async fn release(State(sup): Sup, Path(id): Path<String>) -> Result<StatusCode, ApiError> {

@@ -229,6 +229,8 @@ pub struct Supervisor {
     next_id: AtomicU64,
     pub metrics: Metrics,
     stopping: AtomicBool,
+    /// Pools are not scaled while set (benchmarks measure the handoff path alone).
+    scaling_paused: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -275,6 +277,7 @@ impl Supervisor {
             next_id: AtomicU64::new(1),
             metrics: Metrics::default(),
             stopping: AtomicBool::new(false),
+            scaling_paused: AtomicBool::new(false),
         });
         let mut names: Vec<String> = std::fs::read_dir(state_dir.join("functions"))?
             .flatten()
@@ -407,11 +410,39 @@ impl Supervisor {
     /// empty. No clone is ever handed out twice: it leaves the pool under the pool's lock.
     pub fn acquire(&self, name: &str) -> Result<Handoff, Refusal> {
         let t = Instant::now();
+        let f = self.ready_function(name)?;
+        if let Some(c) = self.take_warm(&f) {
+            return Ok(self.hand_over(f, c, false, t));
+        }
+        lock(&f.pool).busy += 1;
+        let c = self.restore_clone(&f).map_err(|e| {
+            lock(&f.pool).busy -= 1;
+            Refusal::Internal(e)
+        })?;
+        lock(&f.pool).handoffs += 1;
+        tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
+        Ok(self.hand_over(f, c, true, t))
+    }
+
+    /// The warm half of [`Supervisor::acquire`]: a ready clone if the pool has one (microseconds,
+    /// no system call), `None` when a cold start would be needed.
+    pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Refusal> {
+        let t = Instant::now();
+        let f = self.ready_function(name)?;
+        Ok(self.take_warm(&f).map(|c| self.hand_over(f, c, false, t)))
+    }
+
+    fn ready_function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
         let f = self.function(name)?;
         let state = lock(&f.state).clone();
         if state != FunctionState::Ready {
             return Err(Refusal::Conflict(format!("function {name:?} is not ready ({state:?})")));
         }
+        Ok(f)
+    }
+
+    /// Takes a live ready clone out of the pool (ended ones are dropped and counted), marking it busy.
+    fn take_warm(&self, f: &Function) -> Option<PooledVm> {
         let mut pool = lock(&f.pool);
         let mut crashed = 0;
         let mut warm = None;
@@ -422,36 +453,35 @@ impl Supervisor {
             }
             crashed += 1;
         }
-        pool.busy += 1;
-        pool.handoffs += 1;
+        if warm.is_some() {
+            pool.busy += 1;
+            pool.handoffs += 1;
+        }
         drop(pool);
         f.counters.replaced.fetch_add(crashed, Ordering::Relaxed);
-        let cold_start = warm.is_none();
-        let clone = match warm {
-            Some(c) => c,
-            None => match self.restore_clone(&f) {
-                Ok(c) => c,
-                Err(e) => {
-                    lock(&f.pool).busy -= 1;
-                    return Err(Refusal::Internal(e));
-                }
-            },
-        };
+        warm
+    }
+
+    fn hand_over(&self, f: Arc<Function>, clone: PooledVm, cold_start: bool, t: Instant) -> Handoff {
         f.counters.handoffs.fetch_add(1, Ordering::Relaxed);
         if cold_start {
             f.counters.cold_starts.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(function = %name, id = clone.id, "cold start: the pool was empty");
         }
         let handoff = Handoff {
             id: clone.id,
-            function: name.to_string(),
+            function: f.name.clone(),
             mailbox: clone.mailbox.clone(),
             vsock: clone.vsock.clone(),
             cold_start,
         };
         lock(&self.handed).insert(clone.id, Handed { function: f, clone });
         self.metrics.handoff.observe(t.elapsed());
-        Ok(handoff)
+        handoff
+    }
+
+    /// The ids of every handed-out VM.
+    pub fn handed_ids(&self) -> Vec<u64> {
+        lock(&self.handed).keys().copied().collect()
     }
 
     /// Takes a handed-out VM back and destroys it (clones are never reused: each starts clean).
@@ -494,8 +524,16 @@ impl Supervisor {
         })
     }
 
+    /// Stops or restarts the scaling of pools (the background loop keeps running).
+    pub fn pause_scaling(&self, paused: bool) {
+        self.scaling_paused.store(paused, Ordering::SeqCst);
+    }
+
     /// One pass of the background loop: drop crashed ready clones, then scale every ready pool.
     pub fn tick(&self) {
+        if self.scaling_paused.load(Ordering::SeqCst) {
+            return;
+        }
         let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
         for f in functions {
             if *lock(&f.state) != FunctionState::Ready || f.deleted.load(Ordering::SeqCst) {
