@@ -208,6 +208,11 @@ impl Mailbox {
         futex_wake(self.word32(HOST_WAKE_OFF));
     }
 
+    /// Whether the guest agent has reached its serving loop (it polls or has parked the vCPU).
+    pub fn agent_serving(&self) -> bool {
+        self.word32(AGENT_STATE_OFF).load(Ordering::Acquire) != AGENT_ABSENT
+    }
+
     /// The wake generation now (a vCPU thread starts with it; see [`Mailbox::idle_wait`]).
     pub fn wake_generation(&self) -> u32 {
         self.word32(HOST_WAKE_OFF).load(Ordering::SeqCst)

@@ -30,6 +30,10 @@ use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
 
 /// How often the background loop scales pools.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Most clones of one function starting at once (restored, agent not serving yet). A clone's start
+/// is guest kernel work; too many at once on few host cores starve each other's timer ticks and
+/// none finishes (64 at once on 2 cores where guest kernel mode is emulated never did).
+const MAX_WARMING: usize = 8;
 /// The longest a registration's boot may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -157,12 +161,22 @@ pub struct PooledVm {
 #[derive(Default)]
 struct Pool {
     ready: VecDeque<PooledVm>,
+    /// Restored clones whose agent is not serving yet.
+    warming: VecDeque<PooledVm>,
     /// Clones being restored by the background loop.
     restoring: u32,
     /// Clones handed out and not yet released.
     busy: u32,
     /// Handoffs since the scaler last looked.
     handoffs: u32,
+}
+
+impl Pool {
+    /// Every clone not handed out (ready and warming), for destroying outside the lock.
+    fn take_idle(&mut self) -> Vec<PooledVm> {
+        let warming: Vec<PooledVm> = self.warming.drain(..).collect();
+        self.ready.drain(..).chain(warming).collect()
+    }
 }
 
 /// Counters of one function (exported in /metrics and GET /functions/{name}).
@@ -195,6 +209,8 @@ pub struct FunctionInfo {
     pub state: FunctionState,
     pub spec: FunctionSpec,
     pub ready: u32,
+    /// Restored, agent still starting.
+    pub warming: u32,
     pub busy: u32,
     pub restoring: u32,
     pub target_ready: u32,
@@ -250,6 +266,7 @@ impl Function {
             state: lock(&self.state).clone(),
             spec: self.spec.clone(),
             ready: pool.ready.len() as u32,
+            warming: pool.warming.len() as u32,
             busy: pool.busy,
             restoring: pool.restoring,
             target_ready: lock(&self.scaler).target(pool.busy),
@@ -384,7 +401,7 @@ impl Supervisor {
     pub fn delete(&self, name: &str) -> Result<(), Refusal> {
         let f = lock(&self.functions).remove(name).ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))?;
         f.deleted.store(true, Ordering::SeqCst);
-        let drained: Vec<PooledVm> = lock(&f.pool).ready.drain(..).collect();
+        let drained = lock(&f.pool).take_idle();
         drop(drained);
         std::fs::remove_dir_all(&f.dir)
             .map_err(|e| Refusal::Internal(format!("cannot remove {}: {e}", f.dir.display())))
@@ -441,12 +458,13 @@ impl Supervisor {
         Ok(f)
     }
 
-    /// Takes a live ready clone out of the pool (ended ones are dropped and counted), marking it busy.
+    /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
+    /// ready one, else one still starting (restored already, so still no cold start).
     fn take_warm(&self, f: &Function) -> Option<PooledVm> {
         let mut pool = lock(&f.pool);
         let mut crashed = 0;
         let mut warm = None;
-        while let Some(c) = pool.ready.pop_front() {
+        while let Some(c) = pool.ready.pop_front().or_else(|| pool.warming.pop_front()) {
             if c.vm.exit().is_none() {
                 warm = Some(c);
                 break;
@@ -539,16 +557,24 @@ impl Supervisor {
             if *lock(&f.state) != FunctionState::Ready || f.deleted.load(Ordering::SeqCst) {
                 continue;
             }
-            let (busy, handoffs, have, dead) = {
+            let (busy, handoffs, have, warming, dead) = {
                 let mut pool = lock(&f.pool);
-                let before = pool.ready.len();
+                let before = pool.ready.len() + pool.warming.len();
                 let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
                     pool.ready.drain(..).partition(|c| c.vm.exit().is_none());
                 pool.ready = alive;
-                let dead_n = before - pool.ready.len();
+                let (started, starting): (VecDeque<PooledVm>, VecDeque<PooledVm>) = pool
+                    .warming
+                    .drain(..)
+                    .filter(|c| c.vm.exit().is_none())
+                    .partition(|c| c.vm.mailbox().agent_serving());
+                pool.ready.extend(started);
+                pool.warming = starting;
+                let dead_n = before - pool.ready.len() - pool.warming.len();
                 drop(dead);
                 let handoffs = std::mem::take(&mut pool.handoffs);
-                (pool.busy, handoffs, pool.ready.len() as u32 + pool.restoring, dead_n)
+                let have = (pool.ready.len() + pool.warming.len()) as u32 + pool.restoring;
+                (pool.busy, handoffs, have, pool.warming.len(), dead_n)
             };
             if dead > 0 {
                 f.counters.replaced.fetch_add(dead as u64, Ordering::Relaxed);
@@ -557,13 +583,15 @@ impl Supervisor {
             let action = lock(&f.scaler).tick(busy, handoffs, have);
             match action {
                 Action::Grow(n) => {
+                    // The rest follows on later ticks, as clones finish starting.
+                    let n = (n as usize).min(MAX_WARMING.saturating_sub(warming)) as u32;
                     lock(&f.pool).restoring += n;
                     for _ in 0..n {
                         let c = self.restore_clone(&f);
                         let mut pool = lock(&f.pool);
                         pool.restoring -= 1;
                         match c {
-                            Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.ready.push_back(c),
+                            Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
                             Ok(_) => {}
                             Err(e) => tracing::error!(function = %f.name, "cannot refill the pool: {e}"),
                         }
@@ -571,8 +599,13 @@ impl Supervisor {
                 }
                 Action::Shrink(n) => {
                     let mut pool = lock(&f.pool);
-                    let keep = pool.ready.len().saturating_sub(n as usize);
-                    let gone: Vec<PooledVm> = pool.ready.drain(keep..).collect();
+                    let mut gone = Vec::new();
+                    for _ in 0..n {
+                        match pool.warming.pop_back().or_else(|| pool.ready.pop_back()) {
+                            Some(c) => gone.push(c),
+                            None => break,
+                        }
+                    }
                     drop(pool);
                     drop(gone);
                 }
@@ -598,7 +631,7 @@ impl Supervisor {
         self.stopping.store(true, Ordering::SeqCst);
         let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
         for f in functions {
-            let gone: Vec<PooledVm> = lock(&f.pool).ready.drain(..).collect();
+            let gone = lock(&f.pool).take_idle();
             drop(gone);
         }
         let handed: Vec<Handed> = lock(&self.handed).drain().map(|(_, h)| h).collect();

@@ -15,8 +15,11 @@ use crate::functions::Functions;
 /// How long the agent polls for the next request before it lets the vCPU wait host-side.
 const SPIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// Bounds of the pause between looks at whether other tasks still want the CPU (see `serve`).
+/// Each look is guest kernel work; with many clones sharing few host cores, frequent looks kept
+/// the guests busy enough that their other tasks never finished (64 clones on 2 cores never went
+/// quiet with a 16 ms bound).
 const MIN_NAP: std::time::Duration = std::time::Duration::from_millis(1);
-const MAX_NAP: std::time::Duration = std::time::Duration::from_millis(16);
+const MAX_NAP: std::time::Duration = std::time::Duration::from_millis(128);
 
 pub struct Mailbox {
     region: PhysPage,
