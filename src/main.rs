@@ -352,7 +352,8 @@ enum BenchCommand {
     /// idle clone.
     Invoke(BenchInvokeArgs),
     /// Latency of `POST /functions/{name}/acquire` through `ember serve`'s API, with 1 and 16
-    /// concurrent clients, on a pool restored from a template (`ember run --snapshot-on-ready`).
+    /// concurrent clients, and of a no-op `invoke`, on a pool restored from a template (`ember run
+    /// --snapshot-on-ready`).
     Handoff(BenchHandoffArgs),
 }
 

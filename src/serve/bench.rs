@@ -12,9 +12,13 @@ use crate::bench::{Summary, TableReport};
 
 const FUNCTION: &str = "bench";
 
-/// One request on a kept-alive connection; the status code.
-fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str) -> std::io::Result<u16> {
-    write!(s.get_mut(), "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-length: 0\r\n\r\n")?;
+/// One request (with a JSON `body`) on a kept-alive connection; the status code.
+fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<u16> {
+    write!(
+        s.get_mut(),
+        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     // Read the head, then exactly content-length bytes of body.
     let mut head = String::new();
     while !head.ends_with("\r\n\r\n") {
@@ -81,7 +85,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
                         for _ in 0..n {
                             let t = Instant::now();
                             let code =
-                                request(&mut c, "POST", "/functions/bench/acquire").map_err(|e| e.to_string())?;
+                                request(&mut c, "POST", "/functions/bench/acquire", "").map_err(|e| e.to_string())?;
                             v.push(t.elapsed().as_secs_f64() * 1e6);
                             if code != 200 {
                                 return Err(format!("acquire answered {code}"));
@@ -99,6 +103,25 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
         rows.push((format!("acquire round trip, {clients} client(s), kept-alive connections"), Summary::of(&all)));
         release_all(&sup);
     }
+    // End to end: acquire + a no-op (echo, empty payload) through the mailbox + release, one
+    // client; each invocation gets a fresh clone whose agent has parked its vCPU, so the call
+    // includes waking it.
+    sup.pause_scaling(false);
+    wait_full(&sup, pool)?;
+    wait_quiet();
+    sup.pause_scaling(true);
+    let mut c = BufReader::new(UnixStream::connect(&socket).map_err(|e| e.to_string())?);
+    let mut v = Vec::new();
+    for _ in 0..per_client.min(pool as usize) {
+        let t = Instant::now();
+        let code =
+            request(&mut c, "POST", "/functions/bench/invoke", r#"{"payload": ""}"#).map_err(|e| e.to_string())?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+        if code != 200 {
+            return Err(format!("invoke answered {code}"));
+        }
+    }
+    rows.push(("invoke (no-op) end to end, 1 client".to_string(), Summary::of(&v)));
     server.abort();
     sup.shutdown();
     let _ = scaler.join();
