@@ -1,4 +1,4 @@
-//! `ember bench handoff`: the latency of `POST /functions/{name}/acquire` over the real API on a
+//! `ember bench handoff`: the latency of `POST /functions/{name}/acquire` (and of a no-op `invoke`) over the real API on a
 //! Unix socket, with 1 and 16 concurrent clients, against a pool restored from an existing template.
 
 use std::io::{BufRead, BufReader, Read, Write};
