@@ -199,6 +199,11 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let r = invoke(&s, "rev", r#"{"function": "nope"}"#);
     assert_eq!((r["ok"].as_bool(), r["status"].as_str()), (Some(false), Some("unknown function")), "{r}");
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"timeout_s": -1}"#)), 400, "timeout_s");
+    // An agent that does not answer in time: 504, its clone is destroyed, the next call works.
+    let slow = r#"{"function": "sleep", "payload": "5000", "timeout_s": 0.5}"#;
+    assert_error(http(&s, "POST", "/functions/rev/invoke", Some(slow)), 504, "no response");
+    assert_eq!(invoke(&s, "rev", r#"{"payload": "after"}"#)["payload"], "retfa");
+    assert!(json_of(&http(&s, "GET", "/functions/rev", None).1)["invocation_errors"].as_u64() >= Some(1));
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "bad name"}"#)), 400, "function name");
 
     // Many concurrent clients: no VM is handed out twice.
@@ -236,6 +241,15 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert!(metrics.contains(&format!("ember_handoffs_total{{function=\"rev\"}} {handoffs}")), "{metrics}");
     assert!(metrics.contains("ember_handoff_seconds_count"), "{metrics}");
     assert!(metrics.contains("ember_cold_start_ratio{function=\"rev\"}"), "{metrics}");
+
+    // Template files deleted under the running daemon: clones still come from the loaded template.
+    let template = dir.join("state/functions/rev/template");
+    let saved = dir.join("template-saved");
+    std::fs::rename(&template, &saved).unwrap();
+    for _ in 0..3 {
+        assert_eq!(invoke(&s, "rev", r#"{"payload": "ok"}"#)["payload"], "ko");
+    }
+    std::fs::rename(&saved, &template).unwrap();
 
     // A clean restart: the function comes back from its saved template, without booting.
     assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
