@@ -342,7 +342,7 @@ fn connect_agent(sock: &std::path::Path, timeout: Duration) -> Result<crate::vso
 
 /// The guest's CPU ticks (user+nice, kernel incl. interrupts, idle), from the agent's `cpu-stat`.
 fn guest_cpu(vm: &crate::vmm::RunningVm, timeout: Duration) -> Result<[u64; 3], String> {
-    let opts = crate::mailbox::CallOptions { timeout, doorbell: false };
+    let opts = crate::mailbox::CallOptions { timeout, ..Default::default() };
     let r = vm.invoke("cpu-stat", b"", opts).map_err(|e| e.to_string())?;
     let v: Vec<u64> = String::from_utf8_lossy(&r.payload).split_whitespace().filter_map(|w| w.parse().ok()).collect();
     match v[..] {
@@ -382,7 +382,7 @@ fn invoke_channels(vm: crate::vmm::RunningVm, sock: &std::path::Path, b: &Invoke
     let failed = |what: &str, e: &dyn fmt::Display| VmError::Devices(format!("{what}: {e}"));
     // The first call waits for the clone to take its seed and start serving.
     let t = Instant::now();
-    vm.invoke("echo", b"", CallOptions { timeout: b.timeout.max(Duration::from_secs(60)), doorbell: false })
+    vm.invoke("echo", b"", CallOptions { timeout: b.timeout.max(Duration::from_secs(60)), ..Default::default() })
         .map_err(|e| failed("the clone never answered", &e))?;
     let mut rows = vec![(
         "restore -> first answer (1 run, includes reseeding)".to_string(),
@@ -401,7 +401,11 @@ fn invoke_channels(vm: crate::vmm::RunningVm, sock: &std::path::Path, b: &Invoke
             Channel::Vsock => Some(connect_agent(sock, b.timeout).map_err(|e| failed("vsock", &e))?),
             _ => None,
         };
-        let opts = CallOptions { timeout: b.timeout, doorbell: matches!(channel, Channel::MailboxDoorbell) };
+        let opts = CallOptions {
+            timeout: b.timeout,
+            doorbell: matches!(channel, Channel::MailboxDoorbell),
+            ..Default::default()
+        };
         let before = guest_cpu(&vm, b.timeout).map_err(|e| failed("cpu-stat", &e))?;
         let mut v = Vec::with_capacity(calls);
         for _ in 0..calls {
@@ -431,7 +435,7 @@ fn invoke_channels(vm: crate::vmm::RunningVm, sock: &std::path::Path, b: &Invoke
     if b.idle_calls > 0 {
         // The agent parks the vCPU host-side after 100 ms without a request; the next request
         // wakes it.
-        let opts = CallOptions { timeout: b.timeout, doorbell: false };
+        let opts = CallOptions { timeout: b.timeout, ..Default::default() };
         let mut v = Vec::with_capacity(b.idle_calls);
         for _ in 0..b.idle_calls {
             std::thread::sleep(Duration::from_millis(150));

@@ -63,11 +63,14 @@ pub struct CallOptions {
     pub timeout: Duration,
     /// Ask the agent to ring the response doorbell and sleep until it does, instead of polling.
     pub doorbell: bool,
+    /// With `doorbell`: poll this long first (a quick answer is seen without a wake-up; a slow
+    /// one costs no host CPU after this).
+    pub spin: Duration,
 }
 
 impl Default for CallOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(30), doorbell: false }
+        Self { timeout: Duration::from_secs(30), doorbell: false, spin: Duration::ZERO }
     }
 }
 
@@ -213,6 +216,14 @@ impl Mailbox {
         self.word32(AGENT_STATE_OFF).load(Ordering::Acquire) != AGENT_ABSENT
     }
 
+    /// Whether the agent serves and has answered every request posted so far (nothing in flight:
+    /// the clone can be handed to someone else).
+    pub fn quiescent(&self) -> bool {
+        !self.ended()
+            && self.agent_serving()
+            && self.word64(REQ_SEQ_OFF).load(Ordering::SeqCst) == self.word64(RESP_SEQ_OFF).load(Ordering::SeqCst)
+    }
+
     /// The wake generation now (a vCPU thread starts with it; see [`Mailbox::idle_wait`]).
     pub fn wake_generation(&self) -> u32 {
         self.word32(HOST_WAKE_OFF).load(Ordering::SeqCst)
@@ -276,8 +287,14 @@ impl Mailbox {
             self.wake();
         }
 
-        let deadline = Instant::now() + opts.timeout;
+        let start = Instant::now();
+        let deadline = start + opts.timeout;
         let resp_seq = self.word64(RESP_SEQ_OFF);
+        if opts.doorbell && !opts.spin.is_zero() {
+            while resp_seq.load(Ordering::Acquire) != seq && start.elapsed() < opts.spin {
+                std::hint::spin_loop();
+            }
+        }
         let mut spins = 0u32;
         while resp_seq.load(Ordering::Acquire) != seq {
             if opts.doorbell {
@@ -414,7 +431,7 @@ mod tests {
         let big = vec![0u8; MAX_PAYLOAD + 1];
         assert!(matches!(m.call("echo", &big, CallOptions::default()), Err(InvokeError::PayloadTooLarge(_))));
         for doorbell in [false, true] {
-            let opts = CallOptions { timeout: Duration::from_millis(30), doorbell };
+            let opts = CallOptions { timeout: Duration::from_millis(30), doorbell, ..Default::default() };
             assert!(matches!(m.call("echo", b"x", opts), Err(InvokeError::Timeout(_))));
         }
         m.vm_ended();
@@ -444,7 +461,7 @@ mod tests {
         let t = std::thread::spawn(move || m.idle_wait(&mut m.wake_generation(), || false));
         std::thread::sleep(Duration::from_millis(20));
         assert!(!t.is_finished());
-        let _ = m.call("echo", b"", CallOptions { timeout: Duration::from_millis(1), doorbell: false });
+        let _ = m.call("echo", b"", CallOptions { timeout: Duration::from_millis(1), ..Default::default() });
         t.join().unwrap();
         // A wake that came before the wait returns it at once.
         let mut seen = m.wake_generation();

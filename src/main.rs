@@ -230,7 +230,7 @@ fn invoke(args: InvokeArgs) -> Result<ExitCode, String> {
     let r = match (&args.mailbox, &args.vsock) {
         (Some(path), _) => {
             let mailbox = ember::mailbox::Mailbox::open(path).map_err(|e| e.to_string())?;
-            let opts = ember::mailbox::CallOptions { timeout, doorbell: args.doorbell };
+            let opts = ember::mailbox::CallOptions { timeout, doorbell: args.doorbell, ..Default::default() };
             mailbox.call(&args.function, &payload, opts).map_err(|e| e.to_string())?
         }
         (None, Some(path)) => {
@@ -351,9 +351,9 @@ enum BenchCommand {
     /// invocations, the guest's user/kernel CPU split during each run, and the cost of waking an
     /// idle clone.
     Invoke(BenchInvokeArgs),
-    /// Latency of `POST /functions/{name}/acquire` through `ember serve`'s API, with 1 and 16
-    /// concurrent clients, and of a no-op `invoke`, on a pool restored from a template (`ember run
-    /// --snapshot-on-ready`).
+    /// Latency of `POST /functions/{name}/acquire` and of a no-op `invoke` through `ember serve`'s
+    /// API, with 1 and 16 concurrent clients, measured by the client and by the daemon, on pools
+    /// restored from a template (`ember run --snapshot-on-ready`).
     Handoff(BenchHandoffArgs),
 }
 
@@ -362,12 +362,13 @@ struct BenchHandoffArgs {
     /// The template snapshot directory.
     #[arg(long, value_name = "DIR")]
     snapshot: PathBuf,
-    /// Ready clones in the pool before each round.
+    /// Ready single-use clones for the fresh-clone invoke round (one per call).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pool: u32,
-    /// Acquires per client (at most pool / clients, so that no acquire is a cold start).
-    #[arg(long, default_value_t = 64)]
-    acquires: usize,
+    /// Requests per client and round (acquire + release and invoke rounds run on recycled clones;
+    /// the fresh-clone round makes at most --pool calls).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    requests: u64,
 }
 
 #[derive(Args)]
@@ -750,7 +751,7 @@ fn main() -> ExitCode {
             }),
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
         Command::Bench(BenchCommand::Handoff(args)) => {
-            ember::serve::bench::handoff(&args.snapshot, args.pool, args.acquires).map(|report| {
+            ember::serve::bench::handoff(&args.snapshot, args.pool, args.requests as usize).map(|report| {
                 println!("{report}");
                 ExitCode::SUCCESS
             })

@@ -20,7 +20,7 @@ const FIRST_CALL: Duration = Duration::from_secs(120);
 const CALL: Duration = Duration::from_secs(20);
 
 fn opts(timeout: Duration) -> CallOptions {
-    CallOptions { timeout, doorbell: false }
+    CallOptions { timeout, ..Default::default() }
 }
 
 /// Restores serving clones with ids `ids` of the template and waits until each answers.
@@ -75,7 +75,7 @@ fn built_in_functions_and_the_runtime_answer_over_the_mailbox() {
     let Some(vms) = serving_clones("built_in_functions_answer", &[1]) else { return };
     let vm = &vms[0];
     for doorbell in [false, true] {
-        let o = CallOptions { timeout: CALL, doorbell };
+        let o = CallOptions { timeout: CALL, doorbell, ..Default::default() };
         let r = vm.invoke("echo", b"hello, mailbox", o).unwrap();
         assert_eq!((r.status, r.payload.as_slice()), (Status::Ok, &b"hello, mailbox"[..]), "doorbell {doorbell}");
     }
@@ -143,7 +143,7 @@ fn a_thousand_sequential_invocations_leak_nothing() {
     let (fds, tasks) = (open_fds(), threads());
     for i in 0..1000u32 {
         let payload = format!("call {i} {}", "x".repeat((i % 97) as usize));
-        let o = CallOptions { timeout: CALL, doorbell: i % 2 == 1 };
+        let o = CallOptions { timeout: CALL, doorbell: i % 2 == 1, ..Default::default() };
         let r = vm.invoke("echo", payload.as_bytes(), o).unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(r.payload, payload.as_bytes(), "call {i}");
     }

@@ -4,94 +4,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-/// One HTTP/1.1 request on a fresh connection: (status, body).
-fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {resp:?}"));
-    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    // Chunked bodies (axum streams some): join the chunks.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((len, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            r = &tail[n + 2..];
-        }
-        out
-    } else {
-        rest.to_string()
-    };
-    (status, body)
-}
-
-fn json_of(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-/// Asserts an error response: `status` and a JSON `{"error": ...}` containing `needle`.
-fn assert_error(r: (u16, String), status: u16, needle: &str) {
-    assert_eq!(r.0, status, "{}", r.1);
-    let v = json_of(&r.1);
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", r.1));
-    assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
-}
-
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        let socket = dir.join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "ember serve did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::api::{assert_error, http, invoke, json_of, wait_ready, Server};
+use serde_json::json;
 
 #[test]
 fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
@@ -120,6 +37,8 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
         "less than pool.min_ready",
     );
     assert_error(http(s, "PUT", "/functions/f", Some(&spec(r#"{"headroom": 0.1}"#))), 400, "headroom");
+    let quoted = format!(r#"{{"kernel": "{0}", "initramfs": "{0}", "runtime": "f /bin/sh -c \"x\""}}"#, k.display());
+    assert_error(http(s, "PUT", "/functions/f", Some(&quoted)), 400, "runtime");
     assert_error(http(s, "PUT", "/functions/Bad%20Name", Some(&spec("{}"))), 400, "bad function name");
     assert_error(http(s, "POST", "/functions/nope/acquire", None), 404, "no function");
     assert_error(http(s, "POST", "/functions/nope/invoke", Some(r#"{"payload": "x"}"#)), 404, "no function");
@@ -138,27 +57,6 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     assert!(!srv.socket.exists(), "the socket outlived the server");
 }
 
-fn wait_ready(s: &Path, name: &str, min_ready: u64) -> Value {
-    let deadline = Instant::now() + common::BOOT_TIMEOUT;
-    loop {
-        let (code, body) = http(s, "GET", &format!("/functions/{name}"), None);
-        assert_eq!(code, 200, "{body}");
-        let v = json_of(&body);
-        assert_ne!(v["state"], "failed", "{body}");
-        if v["state"] == "ready" && v["ready"].as_u64().unwrap_or(0) >= min_ready {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "function {name} never became ready: {body}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn invoke(s: &Path, name: &str, body: &str) -> Value {
-    let (code, resp) = http(s, "POST", &format!("/functions/{name}/invoke"), Some(body));
-    assert_eq!(code, 200, "{resp}");
-    json_of(&resp)
-}
-
 #[test]
 fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     if !common::kvm_usable("serve_functions") {
@@ -168,8 +66,10 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let dir = common::scratch("functions");
     let mut srv = Server::start(&dir);
     let s = srv.socket.clone();
+    // The registration names its own runtime (the image's example runtime under another name):
+    // it replaces the one the image names.
     let spec = json!({
-        "kernel": kernel, "initramfs": initrd, "handler": "reverse",
+        "kernel": kernel, "initramfs": initrd, "handler": "flip", "runtime": "flip /init --example-runtime",
         "pool": {"min_ready": 2, "max": 24, "headroom": 1.5, "scale_in_delay_s": 1.0, "peak_window_s": 1.0}
     })
     .to_string();
@@ -185,10 +85,14 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let h = json_of(&body);
     assert_eq!(h["cold_start"], false, "{body}");
     let mailbox = ember::mailbox::Mailbox::open(Path::new(h["mailbox"].as_str().unwrap())).unwrap();
-    let opts = ember::mailbox::CallOptions { timeout: Duration::from_secs(120), doorbell: false };
+    let opts = ember::mailbox::CallOptions { timeout: Duration::from_secs(120), ..Default::default() };
     assert_eq!(mailbox.call("echo", b"direct", opts).unwrap().payload, b"direct");
     let id = h["id"].as_u64().unwrap();
-    assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 204);
+    // A bad release body changes nothing: the VM stays handed out.
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(r#"{"bogus": 1}"#)), 400, "unknown field");
+    // Single-use clones (the default policy) are destroyed on release.
+    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), None);
+    assert_eq!((code, json_of(&body)), (200, json!({"id": id, "recycled": false})));
     assert_error(http(&s, "POST", &format!("/vms/{id}/release"), None), 404, "no handed-out VM");
 
     // Invoke: the registration's handler (the image's runtime), or a named built-in.
@@ -196,6 +100,8 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!((r["ok"].as_bool(), r["payload"].as_str()), (Some(true), Some("desserts")), "{r}");
     let r = invoke(&s, "rev", r#"{"function": "sha256", "payload": "abc"}"#);
     assert_eq!(r["payload"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    let r = invoke(&s, "rev", r#"{"function": "reverse"}"#);
+    assert_eq!(r["status"], "unknown function", "the image's runtime ran instead of the registration's: {r}");
     let r = invoke(&s, "rev", r#"{"function": "nope"}"#);
     assert_eq!((r["ok"].as_bool(), r["status"].as_str()), (Some(false), Some("unknown function")), "{r}");
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"timeout_s": -1}"#)), 400, "timeout_s");
@@ -230,7 +136,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     // Two ready clones cannot cover 32 requests at once: the rest were cold starts, not failures.
     assert!(info["cold_starts"].as_u64().unwrap() > 0, "{info}");
     for id in &ids {
-        assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 204);
+        assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 200);
     }
     let info = wait_ready(&s, "rev", 2);
     assert_eq!(info["busy"], 0, "{info}");

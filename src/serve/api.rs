@@ -93,10 +93,19 @@ async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, 
     Ok(Json(handoff).into_response())
 }
 
-async fn release(State(sup): Sup, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    /// Destroy the clone even when the function's policy would reuse it.
+    #[serde(default)]
+    destroy: bool,
+}
+
+async fn release(State(sup): Sup, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let id: u64 = id.parse().map_err(|_| bad_request(format!("bad VM id {id:?}")))?;
-    sup.release(id)?;
-    Ok(StatusCode::NO_CONTENT)
+    let b: ReleaseBody = if body.is_empty() { ReleaseBody::default() } else { json_body(&body)? };
+    let recycled = sup.release(id, b.destroy)?;
+    Ok(Json(serde_json::json!({"id": id, "recycled": recycled})).into_response())
 }
 
 #[derive(Deserialize)]
@@ -149,8 +158,10 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
-/// returns it.
+/// returns it, with the time the daemon took (`server-timing: ember;dur=<ms>`, request routed to
+/// response built).
 async fn request_id(req: Request, next: Next) -> Response {
+    let t = std::time::Instant::now();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let id = req
         .headers()
@@ -164,6 +175,10 @@ async fn request_id(req: Request, next: Next) -> Response {
     span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "done"));
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    let took = format!("ember;dur={:.4}", t.elapsed().as_secs_f64() * 1e3);
+    if let Ok(v) = HeaderValue::from_str(&took) {
+        resp.headers_mut().insert("server-timing", v);
     }
     resp
 }

@@ -1,5 +1,8 @@
-//! `ember bench handoff`: the latency of `POST /functions/{name}/acquire` (and of a no-op `invoke`) over the real API on a
-//! Unix socket, with 1 and 16 concurrent clients, against a pool restored from an existing template.
+//! `ember bench handoff`: the latency of `POST /functions/{name}/acquire` and of a no-op `invoke`
+//! over the real API on a Unix socket, with 1 and 16 concurrent clients, against pools restored
+//! from an existing template. Each request is timed twice: by the client (request written ->
+//! response read) and by the daemon (the `server-timing` header: request routed -> response
+//! built, which is the handoff itself plus HTTP routing and JSON).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -10,10 +13,23 @@ use std::time::{Duration, Instant};
 use super::supervisor::Supervisor;
 use crate::bench::{Summary, TableReport};
 
-const FUNCTION: &str = "bench";
+/// Single-use clones: every handoff gets a fresh clone.
+const FRESH: &str = "fresh";
+/// Recycled clones: released clones go back to the pool.
+const RECYCLED: &str = "recycled";
+const RECYCLED_POOL: u32 = 16;
 
-/// One request (with a JSON `body`) on a kept-alive connection; the status code.
-fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<u16> {
+/// What one request measured: the client's round trip and the daemon's own time, in us.
+struct Timed {
+    status: u16,
+    round_trip_us: f64,
+    server_us: Option<f64>,
+    body: Vec<u8>,
+}
+
+/// One request (with a JSON `body`) on a kept-alive connection.
+fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<Timed> {
+    let t = Instant::now();
     write!(
         s.get_mut(),
         "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -27,17 +43,22 @@ fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) 
         }
     }
     let head = head.to_ascii_lowercase();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-        .unwrap_or(0);
+    let header = |name: &str| head.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
+    let len = header("content-length:").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
-    head.get(9..12).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))
+    let round_trip_us = t.elapsed().as_secs_f64() * 1e6;
+    let server_us = header("server-timing:")
+        .and_then(|v| v.split("dur=").nth(1).and_then(|d| d.parse::<f64>().ok()))
+        .map(|ms| ms * 1e3);
+    let status =
+        head.get(9..12).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))?;
+    Ok(Timed { status, round_trip_us, server_us, body })
 }
 
-/// Runs the benchmark on a copy of the template in `snapshot` (hard links), with `pool` ready
-/// clones per round and `per_client` acquires per client.
+/// Runs the benchmark on a copy of the template in `snapshot` (hard links): `pool` single-use
+/// clones for the fresh-clone invoke, 16 recycled ones for the acquire rounds, `per_client`
+/// requests per client and round.
 pub fn handoff(snapshot: &Path, pool: u32, per_client: usize) -> Result<TableReport, String> {
     let dir = std::env::temp_dir().join(format!("ember-bench-handoff-{}", std::process::id()));
     let result = run(snapshot, &dir, pool, per_client);
@@ -45,104 +66,157 @@ pub fn handoff(snapshot: &Path, pool: u32, per_client: usize) -> Result<TableRep
     result
 }
 
-fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<TableReport, String> {
-    let fdir = dir.join("state/functions").join(FUNCTION);
+/// Registers `name` in the state directory `state` with the template in `snapshot`.
+fn register(snapshot: &Path, state: &Path, name: &str, pool: serde_json::Value) -> Result<(), String> {
+    let fdir = state.join("functions").join(name);
     std::fs::create_dir_all(fdir.join("template")).map_err(|e| e.to_string())?;
     for f in [crate::snapshot::STATE_FILE, crate::snapshot::MEMORY_FILE] {
         std::fs::hard_link(snapshot.join(f), fdir.join("template").join(f))
             .or_else(|_| std::fs::copy(snapshot.join(f), fdir.join("template").join(f)).map(|_| ()))
             .map_err(|e| format!("{}: {e}", snapshot.join(f).display()))?;
     }
-    let spec = serde_json::json!({
-        "kernel": "/nonexistent", "initramfs": "/nonexistent",
-        "pool": {"min_ready": pool, "max": pool * 2 + 16, "headroom": 1.0, "scale_in_delay_s": 3600.0},
-    });
-    std::fs::write(fdir.join("spec.json"), spec.to_string()).map_err(|e| e.to_string())?;
-    let sup = Supervisor::open(&dir.join("state")).map_err(|e| e.to_string())?;
+    let spec = serde_json::json!({"kernel": "/nonexistent", "initramfs": "/nonexistent", "pool": pool});
+    std::fs::write(fdir.join("spec.json"), spec.to_string()).map_err(|e| e.to_string())
+}
+
+type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
+type After = dyn Fn(&mut BufReader<UnixStream>, &Timed) -> Result<(), String> + Sync;
+
+/// `clients` clients each send `n` requests `req` on a connection of their own, each followed by
+/// `after` (untimed). Returns (round trips, daemon times) in us.
+fn round(
+    socket: &Path,
+    clients: usize,
+    n: usize,
+    req: &Request,
+    after: &After,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let per_client: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(move || -> Result<(Vec<f64>, Vec<f64>), String> {
+                    let mut c = BufReader::new(UnixStream::connect(socket).map_err(|e| e.to_string())?);
+                    let (mut rtt, mut srv) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                    for _ in 0..n {
+                        let t = req(&mut c).map_err(|e| e.to_string())?;
+                        if t.status != 200 {
+                            return Err(format!(
+                                "the daemon answered {}: {}",
+                                t.status,
+                                String::from_utf8_lossy(&t.body)
+                            ));
+                        }
+                        rtt.push(t.round_trip_us);
+                        srv.extend(t.server_us);
+                        after(&mut c, &t)?;
+                    }
+                    Ok((rtt, srv))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into()))).collect::<Result<_, _>>()
+    })?;
+    Ok(per_client.into_iter().fold((Vec::new(), Vec::new()), |(mut a, mut b), (x, y)| {
+        a.extend(x);
+        b.extend(y);
+        (a, b)
+    }))
+}
+
+/// Releases the clone an acquire handed over, on the same connection.
+fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
+    let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
+    let id = v["id"].as_u64().ok_or("no id in the handoff")?;
+    let t = request(c, "POST", &format!("/vms/{id}/release"), "").map_err(|e| e.to_string())?;
+    if t.status != 200 {
+        return Err(format!("release answered {}", t.status));
+    }
+    Ok(())
+}
+
+fn no_release(_: &mut BufReader<UnixStream>, _: &Timed) -> Result<(), String> {
+    Ok(())
+}
+
+fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<TableReport, String> {
+    let state = dir.join("state");
+    let quiet = |min_ready: u32| {
+        serde_json::json!({"min_ready": min_ready, "max": min_ready * 2 + 16, "headroom": 1.0,
+            "scale_in_delay_s": 3600.0, "burst_window_s": 0.0})
+    };
+    register(snapshot, &state, FRESH, quiet(pool))?;
+    let mut recycled = quiet(RECYCLED_POOL);
+    recycled["max_uses"] = u32::MAX.into();
+    register(snapshot, &state, RECYCLED, recycled)?;
+    let sup = Supervisor::open(&state).map_err(|e| e.to_string())?;
     let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
     let socket = dir.join("api.sock");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket) }).map_err(|e| e.to_string())?;
     let app = super::api::router(sup.clone());
     let server = rt.spawn(async move { axum::serve(listener, app).await });
+    let settle = || -> Result<(), String> {
+        sup.pause_scaling(false);
+        wait_full(&sup, FRESH, pool)?;
+        wait_full(&sup, RECYCLED, RECYCLED_POOL)?;
+        wait_quiet();
+        // Refills would restore clones (guest work) beside the measurement: paused for a round.
+        sup.pause_scaling(true);
+        Ok(())
+    };
+    let acquire = |c: &mut BufReader<UnixStream>| request(c, "POST", &format!("/functions/{RECYCLED}/acquire"), "");
+    let invoke = |name: &'static str| {
+        move |c: &mut BufReader<UnixStream>| {
+            request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": ""}"#)
+        }
+    };
 
     let mut rows = Vec::new();
-    let mut notes = Vec::new();
+    let mut add = |what: String, (rtt, srv): (Vec<f64>, Vec<f64>)| {
+        rows.push((format!("{what}: round trip"), Summary::of(&rtt)));
+        rows.push((format!("{what}: in the daemon"), Summary::of(&srv)));
+    };
     for clients in [1usize, 16] {
-        sup.pause_scaling(false);
-        wait_full(&sup, pool)?;
-        wait_quiet();
-        // Refills would restore clones (guest work) beside the measurement: paused for the round.
-        sup.pause_scaling(true);
-        let n = per_client.min(pool as usize / clients).max(1);
-        let samples: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..clients)
-                .map(|_| {
-                    let socket = socket.clone();
-                    s.spawn(move || -> Result<Vec<f64>, String> {
-                        let mut c = BufReader::new(UnixStream::connect(&socket).map_err(|e| e.to_string())?);
-                        let mut v = Vec::with_capacity(n);
-                        for _ in 0..n {
-                            let t = Instant::now();
-                            let code =
-                                request(&mut c, "POST", "/functions/bench/acquire", "").map_err(|e| e.to_string())?;
-                            v.push(t.elapsed().as_secs_f64() * 1e6);
-                            if code != 200 {
-                                return Err(format!("acquire answered {code}"));
-                            }
-                        }
-                        Ok(v)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into()))).collect::<Result<_, _>>()
-        })?;
-        let all: Vec<f64> = samples.into_iter().flatten().collect();
-        let info = sup.get(FUNCTION).map_err(|e| e.to_string())?;
-        notes.push(format!("{clients} client(s): {} handoffs so far, {} cold starts", info.handoffs, info.cold_starts));
-        rows.push((format!("acquire round trip, {clients} client(s), kept-alive connections"), Summary::of(&all)));
-        release_all(&sup);
+        settle()?;
+        let r = round(&socket, clients, per_client, &acquire, &release_it)?;
+        add(format!("acquire (recycled pool), {clients} client(s)"), r);
     }
-    // End to end: acquire + a no-op (echo, empty payload) through the mailbox + release, one
-    // client; each invocation gets a fresh clone whose agent has parked its vCPU, so the call
-    // includes waking it.
-    sup.pause_scaling(false);
-    wait_full(&sup, pool)?;
-    wait_quiet();
-    sup.pause_scaling(true);
-    let mut c = BufReader::new(UnixStream::connect(&socket).map_err(|e| e.to_string())?);
-    let mut v = Vec::new();
-    for _ in 0..per_client.min(pool as usize) {
-        let t = Instant::now();
-        let code =
-            request(&mut c, "POST", "/functions/bench/invoke", r#"{"payload": ""}"#).map_err(|e| e.to_string())?;
-        v.push(t.elapsed().as_secs_f64() * 1e6);
-        if code != 200 {
-            return Err(format!("invoke answered {code}"));
-        }
+    for clients in [1usize, 16] {
+        settle()?;
+        let r = round(&socket, clients, per_client, &invoke(RECYCLED), &no_release)?;
+        add(format!("invoke no-op, recycled clone, {clients} client(s)"), r);
     }
-    rows.push(("invoke (no-op) end to end, 1 client".to_string(), Summary::of(&v)));
+    // A fresh clone per call: its agent has parked the vCPU, so the call includes waking it.
+    settle()?;
+    let r = round(&socket, 1, per_client.min(pool as usize), &invoke(FRESH), &no_release)?;
+    add("invoke no-op, fresh clone, 1 client".into(), r);
+    let (fresh, recycled) = (sup.get(FRESH).map_err(|e| e.to_string())?, sup.get(RECYCLED).map_err(|e| e.to_string())?);
     server.abort();
     sup.shutdown();
     let _ = scaler.join();
-    notes.push(
-        "round trip measured by the client: request written -> response read, over HTTP/1.1 on the Unix socket; \
-         the pool was full and quiet (clones done starting) and refills paused during each round"
+    let notes = vec![
+        format!(
+            "cold starts: {} of {} handoffs (recycled pool), {} of {} (fresh pool)",
+            recycled.cold_starts, recycled.handoffs, fresh.cold_starts, fresh.handoffs
+        ),
+        "round trip: request written -> response read by the client, HTTP/1.1 on a kept-alive Unix-socket connection"
             .into(),
-    );
-    Ok(TableReport { title: "ember bench handoff", heading: "handoff (us)", width: 58, rows, notes })
+        "in the daemon: the server-timing header, request routed -> response built (axum middleware)".into(),
+        "each round starts with full, quiet pools (clones done starting) and refills paused".into(),
+    ];
+    Ok(TableReport { title: "ember bench handoff", heading: "latency (us)", width: 64, rows, notes })
 }
 
-/// Waits until the pool holds `pool` ready clones (and their agents have had time to start).
-fn wait_full(sup: &Arc<Supervisor>, pool: u32) -> Result<(), String> {
+/// Waits until `name`'s pool holds `pool` ready clones.
+fn wait_full(sup: &Arc<Supervisor>, name: &str, pool: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let info = sup.get(FUNCTION).map_err(|e| e.to_string())?;
+        let info = sup.get(name).map_err(|e| e.to_string())?;
         if info.ready >= pool {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("the pool never filled ({} of {pool} ready)", info.ready));
+            return Err(format!("the {name} pool never filled ({} of {pool} ready)", info.ready));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -168,11 +242,5 @@ fn wait_quiet() {
         if cpu() - before <= 2 {
             return;
         }
-    }
-}
-
-fn release_all(sup: &Supervisor) {
-    for id in sup.handed_ids() {
-        let _ = sup.release(id);
     }
 }

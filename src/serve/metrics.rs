@@ -46,13 +46,16 @@ pub struct Metrics {
     pub restore: Histogram,
     /// Acquire: request in the supervisor to the handoff ready (cold starts included).
     pub handoff: Histogram,
+    /// A clone's start: restore to its agent serving (as seen by the background loop, which looks
+    /// after every handoff and every tick).
+    pub clone_start: Histogram,
 }
 
 impl Metrics {
     pub fn render(&self, functions: &[FunctionInfo]) -> String {
         let mut out = String::new();
         type Pick = fn(&FunctionInfo) -> f64;
-        let series: [(&str, &str, &str, Pick); 7] = [
+        let series: [(&str, &str, &str, Pick); 9] = [
             ("ember_handoffs_total", "counter", "Clones handed out (acquire and invoke).", |f| f.handoffs as f64),
             ("ember_cold_starts_total", "counter", "Handoffs that had to restore a clone on the spot.", |f| {
                 f.cold_starts as f64
@@ -72,6 +75,10 @@ impl Metrics {
             }),
             ("ember_clones_ready", "gauge", "Ready clones in the pool.", |f| f64::from(f.ready)),
             ("ember_clones_busy", "gauge", "Clones handed out and not released.", |f| f64::from(f.busy)),
+            ("ember_clones_target_ready", "gauge", "Ready clones the autoscaler wants.", |f| f64::from(f.target_ready)),
+            ("ember_clones_recycled_total", "counter", "Released clones that went back to the pool.", |f| {
+                f.recycled_clones as f64
+            }),
         ];
         for (name, kind, help, pick) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -81,6 +88,11 @@ impl Metrics {
         }
         self.restore.render(&mut out, "ember_restore_seconds", "Time to restore and start a clone.");
         self.handoff.render(&mut out, "ember_handoff_seconds", "Time to hand a clone over (acquire).");
+        self.clone_start.render(
+            &mut out,
+            "ember_clone_start_seconds",
+            "Time from restore to the clone's agent serving.",
+        );
         out
     }
 }

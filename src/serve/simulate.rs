@@ -6,10 +6,10 @@
 //! skipped). [`generate`] makes the synthetic ones shipped in `benches/traces/`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::fmt;
 
-use super::scaler::{Action, PoolPolicy, Scaler};
+use super::scaler::{Action, Load, PoolPolicy, Scaler};
 use super::supervisor::TICK;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +50,8 @@ pub struct Outcome {
     pub idle_clone_seconds: f64,
     /// Most clones (ready + busy) at once.
     pub peak_clones: u64,
+    /// Clones restored (cold starts included).
+    pub restores: u64,
 }
 
 impl Outcome {
@@ -66,6 +68,7 @@ impl Outcome {
         self.cold_starts += o.cold_starts;
         self.idle_clone_seconds += o.idle_clone_seconds;
         self.peak_clones += o.peak_clones;
+        self.restores += o.restores;
     }
 }
 
@@ -77,8 +80,10 @@ fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
     m
 }
 
-/// The autoscaler over `trace`: clones are used once (destroyed on release, as the daemon does),
-/// a grow decided at a tick makes clones ready `restore_s` later, an empty pool is a cold start.
+/// The autoscaler over `trace`, as the daemon runs it: a clone serves up to the policy's
+/// `max_uses` handoffs (1: destroyed on release), the pool is refilled at every handoff and scaled
+/// at every tick, a restore decided at `t` lands at `t + restore_s`, and an arrival that finds no
+/// ready clone is a cold start (it starts `restore_s` later).
 pub fn autoscaler(trace: &[Invocation], policy: &PoolPolicy, restore_s: f64) -> Outcome {
     let mut total = Outcome::default();
     for invs in by_function(trace).values() {
@@ -90,12 +95,13 @@ pub fn autoscaler(trace: &[Invocation], policy: &PoolPolicy, restore_s: f64) -> 
 /// The pool of one function during a replay.
 #[derive(Default)]
 struct SimPool {
-    ready: u64,
-    busy: u64,
+    /// Ready clones by the handoffs each has served; recycled ones at the front, taken first.
+    ready: VecDeque<u32>,
     /// When each clone being restored becomes ready.
     restoring: BinaryHeap<Reverse<OrdF64>>,
-    /// When each busy clone finishes.
-    ends: BinaryHeap<Reverse<OrdF64>>,
+    /// When each busy clone finishes, and its handoffs so far.
+    ends: BinaryHeap<Reverse<(OrdF64, u32)>>,
+    max_uses: u32,
     /// The clock.
     last: f64,
     out: Outcome,
@@ -106,68 +112,98 @@ impl SimPool {
     fn advance(&mut self, now: f64) {
         loop {
             let r = self.restoring.peek().map(|x| x.0 .0).filter(|&x| x <= now);
-            let e = self.ends.peek().map(|x| x.0 .0).filter(|&x| x <= now);
+            let e = self.ends.peek().map(|x| x.0 .0 .0).filter(|&x| x <= now);
             let at = match (r, e) {
-                (Some(r), e) if e.is_none_or(|e| r <= e) => {
-                    self.restoring.pop();
-                    r
-                }
-                (_, Some(e)) => {
-                    self.ends.pop();
-                    e
-                }
+                (Some(r), e) if e.is_none_or(|e| r <= e) => r,
+                (_, Some(e)) => e,
                 _ => break,
             };
-            self.out.idle_clone_seconds += self.ready as f64 * (at - self.last);
+            self.out.idle_clone_seconds += self.ready.len() as f64 * (at - self.last);
             self.last = at;
             if Some(at) == r {
-                self.ready += 1;
-            } else {
-                self.busy -= 1;
+                self.restoring.pop();
+                self.ready.push_back(0);
+            } else if let Some(Reverse((_, uses))) = self.ends.pop() {
+                if uses < self.max_uses {
+                    self.ready.push_front(uses);
+                }
             }
         }
-        self.out.idle_clone_seconds += self.ready as f64 * (now - self.last);
+        self.out.idle_clone_seconds += self.ready.len() as f64 * (now - self.last);
         self.last = now;
     }
 
-    fn clones(&self) -> u64 {
-        self.ready + self.busy + self.restoring.len() as u64
+    fn busy(&self) -> u32 {
+        self.ends.len() as u32
     }
+
+    /// Ready, restoring: what the scaler counts as the pool.
+    fn have(&self) -> u32 {
+        (self.ready.len() + self.restoring.len()) as u32
+    }
+
+    fn restore(&mut self, n: u32, at: f64) {
+        self.out.restores += u64::from(n);
+        (0..n).for_each(|_| self.restoring.push(Reverse(OrdF64(at))));
+    }
+
+    fn note_peak(&mut self) {
+        let clones = self.ready.len() + self.restoring.len() + self.ends.len();
+        self.out.peak_clones = self.out.peak_clones.max(clones as u64);
+    }
+}
+
+/// When the last invocation of a trace has ended (arriving at a cold start at worst): both
+/// policies are accounted up to here.
+fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
+    invs.iter().map(|i| i.arrival + restore_s + i.duration).fold(0.0, f64::max)
 }
 
 fn autoscale_one(invs: &[&Invocation], policy: &PoolPolicy, restore_s: f64) -> Outcome {
     let tick = TICK.as_secs_f64();
     let mut scaler = Scaler::new(policy.clone(), TICK);
-    let mut p = SimPool::default();
+    // Registered before the trace starts: the pool holds `min_ready` clones.
+    let mut p =
+        SimPool { max_uses: policy.max_uses, ready: vec![0; policy.min_ready as usize].into(), ..Default::default() };
     p.out.invocations = invs.len() as u64;
-    let mut handoffs = 0u32;
-    let end = invs.iter().map(|i| i.arrival + i.duration + restore_s).fold(0.0, f64::max) + tick;
+    let (mut handoffs, mut peak_busy) = (0u32, 0u32);
+    let end = horizon(invs, restore_s);
     let mut next = invs.iter().peekable();
     let mut t = 0.0;
-    while t <= end {
-        while let Some(inv) = next.next_if(|i| i.arrival < t + tick) {
+    while t < end {
+        let tick_end = (t + tick).min(end);
+        while let Some(inv) = next.next_if(|i| i.arrival < tick_end) {
             p.advance(inv.arrival);
-            let start = if p.ready > 0 {
-                p.ready -= 1;
-                inv.arrival
-            } else {
-                p.out.cold_starts += 1;
-                inv.arrival + restore_s
+            let (start, uses) = match p.ready.pop_front() {
+                Some(uses) => (inv.arrival, uses),
+                None => {
+                    p.out.cold_starts += 1;
+                    p.out.restores += 1;
+                    (inv.arrival + restore_s, 0)
+                }
             };
-            p.busy += 1;
+            p.ends.push(Reverse((OrdF64(start + inv.duration), uses + 1)));
             handoffs += 1;
-            p.ends.push(Reverse(OrdF64(start + inv.duration)));
-            p.out.peak_clones = p.out.peak_clones.max(p.clones());
+            peak_busy = peak_busy.max(p.busy());
+            // The daemon refills after every handoff, in the background.
+            p.restore(scaler.deficit(p.have()), inv.arrival + restore_s);
+            p.note_peak();
         }
-        t += tick;
+        t = tick_end;
         p.advance(t);
-        let have = (p.ready + p.restoring.len() as u64) as u32;
-        match scaler.tick(p.busy as u32, std::mem::take(&mut handoffs), have) {
-            Action::Grow(n) => (0..n).for_each(|_| p.restoring.push(Reverse(OrdF64(t + restore_s)))),
-            Action::Shrink(n) => p.ready -= u64::from(n).min(p.ready),
+        let load = Load {
+            busy: p.busy(),
+            peak_busy: std::mem::replace(&mut peak_busy, p.busy()),
+            handoffs: std::mem::take(&mut handoffs),
+            have: p.have(),
+            refill_s: restore_s,
+        };
+        match scaler.tick(load) {
+            Action::Grow(n) => p.restore(n, t + restore_s),
+            Action::Shrink(n) => p.ready.truncate(p.ready.len().saturating_sub(n as usize)),
             Action::Hold => {}
         }
-        p.out.peak_clones = p.out.peak_clones.max(p.clones());
+        p.note_peak();
     }
     p.out
 }
@@ -178,6 +214,7 @@ pub fn keep_alive(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Ou
     let mut total = Outcome::default();
     for invs in by_function(trace).values() {
         let mut out = Outcome { invocations: invs.len() as u64, ..Default::default() };
+        let end = horizon(invs, restore_s);
         // Idle VMs by the time they became idle; busy VMs by the time they finish.
         let mut idle: Vec<f64> = Vec::new();
         let mut ends: BinaryHeap<Reverse<OrdF64>> = BinaryHeap::new();
@@ -201,14 +238,16 @@ pub fn keep_alive(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Ou
                 }
                 None => {
                     out.cold_starts += 1;
+                    out.restores += 1;
                     inv.arrival + restore_s
                 }
             };
             ends.push(Reverse(OrdF64(start + inv.duration)));
             out.peak_clones = out.peak_clones.max((idle.len() + ends.len()) as u64);
         }
-        // Every VM left idles out its keep-alive.
-        out.idle_clone_seconds += (idle.len() + ends.len()) as f64 * keep_alive_s;
+        // Every VM left idles until its keep-alive runs out or the trace ends.
+        let left = idle.into_iter().chain(ends.into_iter().map(|e| e.0 .0));
+        out.idle_clone_seconds += left.map(|since| ((since + keep_alive_s).min(end) - since).max(0.0)).sum::<f64>();
         total.add(&out);
     }
     total
@@ -249,18 +288,19 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "{:<32} {:>12} {:>14} {:>18} {:>12}",
-            "policy", "cold starts", "cold-start rate", "idle clone-seconds", "peak clones"
+            "{:<32} {:>12} {:>14} {:>18} {:>12} {:>10}",
+            "policy", "cold starts", "cold-start rate", "idle clone-seconds", "peak clones", "restores"
         )?;
         let ka = format!("keep-alive {:.0} s", self.keep_alive_s);
         for (name, o) in [("autoscaler", &self.autoscaler), (ka.as_str(), &self.keep_alive)] {
             writeln!(
                 f,
-                "{name:<32} {:>12} {:>13.4}% {:>18.1} {:>12}",
+                "{name:<32} {:>12} {:>13.4}% {:>18.1} {:>12} {:>10}",
                 o.cold_starts,
                 o.cold_start_rate() * 100.0,
                 o.idle_clone_seconds,
-                o.peak_clones
+                o.peak_clones,
+                o.restores
             )?;
         }
         Ok(())
@@ -368,9 +408,15 @@ mod tests {
 
     #[test]
     fn one_invocation_is_one_cold_start_for_keep_alive_and_none_for_a_warm_pool() {
-        let t = vec![Invocation { arrival: 5.0, function: "f".into(), duration: 1.0 }];
+        let t = vec![
+            Invocation { arrival: 5.0, function: "f".into(), duration: 1.0 },
+            Invocation { arrival: 105.0, function: "f".into(), duration: 1.0 },
+        ];
         let ka = keep_alive(&t, 600.0, 0.05);
-        assert_eq!((ka.cold_starts, ka.idle_clone_seconds), (1, 600.0));
+        // The first is a cold start (it ends at 6.05 s); its VM idles until the second, then until
+        // the trace's horizon (106.05 s: the last arrival had it been a cold start, + its duration).
+        assert_eq!(ka.cold_starts, 1);
+        assert!((ka.idle_clone_seconds - (98.95 + 0.05)).abs() < 1e-9, "{ka:?}");
         let p = PoolPolicy { min_ready: 1, ..PoolPolicy::default() };
         let a = autoscaler(&t, &p, 0.05);
         assert_eq!(a.cold_starts, 0);
@@ -384,6 +430,37 @@ mod tests {
         let ka = keep_alive(&t, 600.0, 0.05);
         assert_eq!(ka.cold_starts, 1);
         assert_eq!(ka.peak_clones, 1);
+    }
+
+    fn burst(at: f64) -> impl Iterator<Item = Invocation> {
+        // 100 arrivals in half a second.
+        (0..100).map(move |i| Invocation { arrival: at + f64::from(i) * 0.005, function: "f".into(), duration: 0.05 })
+    }
+
+    #[test]
+    fn a_second_burst_finds_the_reserve_the_first_one_left() {
+        let one: Vec<Invocation> = burst(10.0).collect();
+        let two: Vec<Invocation> = burst(10.0).chain(burst(200.0)).collect();
+        let p = PoolPolicy::default();
+        let first = autoscaler(&one, &p, 0.05).cold_starts;
+        assert!(first > 0, "a first burst from an idle pool has cold starts");
+        assert_eq!(autoscaler(&two, &p, 0.05).cold_starts, first, "the second burst had cold starts");
+        // Without the reserve the second burst starts from min_ready again.
+        let p = PoolPolicy { burst_window_s: 0.0, ..p };
+        assert!(autoscaler(&two, &p, 0.05).cold_starts > autoscaler(&one, &p, 0.05).cold_starts);
+    }
+
+    #[test]
+    fn recycled_clones_serve_many_invocations() {
+        let t: Vec<Invocation> =
+            (0..100).map(|i| Invocation { arrival: f64::from(i), function: "f".into(), duration: 0.5 }).collect();
+        let single = autoscaler(&t, &PoolPolicy::default(), 0.05);
+        assert!(single.restores >= 100, "{single:?}");
+        let reused = autoscaler(&t, &PoolPolicy { max_uses: 1000, ..Default::default() }, 0.05);
+        assert_eq!(reused.cold_starts, 0);
+        assert!(reused.restores * 10 < single.restores, "{reused:?}");
+        let twice = autoscaler(&t, &PoolPolicy { max_uses: 2, ..Default::default() }, 0.05);
+        assert!((50..60).contains(&twice.restores), "{twice:?}");
     }
 
     #[test]

@@ -16,24 +16,29 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
-use super::scaler::{Action, PoolPolicy, Scaler};
+use super::scaler::{Action, Load, PoolPolicy, Scaler};
 use crate::config::{BootSource, MachineConfig, VmConfig};
 use crate::mailbox::{CallOptions, Response};
 use crate::snapshot::{self, MemoryFile, SnapshotPaths, SnapshotState};
 use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
 
-/// How often the background loop scales pools.
+/// How often the background loop scales pools (it also refills them after every handoff).
 pub const TICK: Duration = Duration::from_millis(100);
-/// Most clones of one function starting at once (restored, agent not serving yet). A clone's start
-/// is guest kernel work; too many at once on few host cores starve each other's timer ticks and
-/// none finishes (64 at once on 2 cores where guest kernel mode is emulated never did).
+/// Most clones starting at once, all functions together (restored, agent not serving yet). A
+/// clone's start is guest kernel work; too many at once on few host cores starve each other's
+/// timer ticks and none finishes (64 at once on 2 cores where guest kernel mode is emulated never
+/// did).
 const MAX_WARMING: usize = 8;
+/// How long `invoke` polls for the agent's answer before sleeping until the agent rings.
+const INVOKE_SPIN: Duration = Duration::from_micros(50);
+/// The refill time assumed until a clone of the function has been seen starting.
+const INITIAL_REFILL_S: f64 = 0.1;
 /// The longest a registration's boot may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -53,8 +58,31 @@ pub struct FunctionSpec {
     /// image's runtime (named in the image's /etc/ember/runtime).
     #[serde(default = "default_handler")]
     pub handler: String,
+    /// The function's runtime inside the guest, `NAME COMMAND [ARGS...]` (the format of an image's
+    /// /etc/ember/runtime, which it replaces): started by the agent before the template is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
     #[serde(default)]
     pub pool: PoolPolicy,
+}
+
+/// The longest `runtime` command line.
+const MAX_RUNTIME_LEN: usize = 512;
+
+/// Checks a registration's runtime command: it travels on the kernel command line, in quotes.
+fn check_runtime(runtime: &str) -> Result<(), String> {
+    if runtime.len() > MAX_RUNTIME_LEN {
+        return Err(format!("runtime is longer than {MAX_RUNTIME_LEN} bytes"));
+    }
+    if let Some(c) = runtime.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ') || matches!(c, '"' | '\\')) {
+        return Err(format!("runtime: {c:?} is not allowed (printable ASCII without quotes or backslashes)"));
+    }
+    let mut words = runtime.split_whitespace();
+    let (Some(name), Some(_command)) = (words.next(), words.next()) else {
+        return Err("runtime: expected `NAME COMMAND [ARGS...]`".into());
+    };
+    ember_abi::check_function(name.as_bytes()).map_err(|e| format!("runtime name {name:?}: {e}"))?;
+    Ok(())
 }
 
 fn default_vcpus() -> u8 {
@@ -102,6 +130,9 @@ impl FunctionSpec {
         let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
         self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
         ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
+        if let Some(r) = &self.runtime {
+            check_runtime(r).map_err(Refusal::BadRequest)?;
+        }
         self.pool.validate().map_err(Refusal::BadRequest)
     }
 
@@ -110,7 +141,10 @@ impl FunctionSpec {
             boot_source: BootSource {
                 kernel_image_path: self.kernel.clone(),
                 initrd_path: Some(self.initramfs.clone()),
-                boot_args: None,
+                // The kernel hands `NAME=value` words it does not know to init as environment.
+                boot_args: self.runtime.as_ref().map(|r| {
+                    format!("{} EMBER_RUNTIME=\"{}\"", crate::vmm::boot::cmdline::default_cmdline(), r.trim())
+                }),
             },
             machine_config,
         }
@@ -156,6 +190,9 @@ pub struct PooledVm {
     vm: RunningVm,
     pub mailbox: PathBuf,
     pub vsock: PathBuf,
+    /// Handoffs so far.
+    uses: u32,
+    restored: Instant,
 }
 
 #[derive(Default)]
@@ -167,6 +204,8 @@ struct Pool {
     restoring: u32,
     /// Clones handed out and not yet released.
     busy: u32,
+    /// The most clones handed out at once since the scaler last looked.
+    peak_busy: u32,
     /// Handoffs since the scaler last looked.
     handoffs: u32,
 }
@@ -176,6 +215,17 @@ impl Pool {
     fn take_idle(&mut self) -> Vec<PooledVm> {
         let warming: Vec<PooledVm> = self.warming.drain(..).collect();
         self.ready.drain(..).chain(warming).collect()
+    }
+
+    /// Ready, starting and being restored: the pool as the scaler counts it.
+    fn have(&self) -> u32 {
+        (self.ready.len() + self.warming.len()) as u32 + self.restoring
+    }
+
+    fn mark_busy(&mut self) {
+        self.busy += 1;
+        self.peak_busy = self.peak_busy.max(self.busy);
+        self.handoffs += 1;
     }
 }
 
@@ -187,6 +237,7 @@ struct Counters {
     invocations: AtomicU64,
     invocation_errors: AtomicU64,
     replaced: AtomicU64,
+    recycled: AtomicU64,
 }
 
 pub struct Function {
@@ -199,6 +250,8 @@ pub struct Function {
     scaler: Mutex<Scaler>,
     counters: Counters,
     deleted: AtomicBool,
+    /// Restore to agent serving, seconds (an EWMA of what was seen): the scaler's refill time.
+    refill_s: Mutex<f64>,
 }
 
 /// What `GET /functions/{name}` shows.
@@ -219,6 +272,10 @@ pub struct FunctionInfo {
     pub invocations: u64,
     pub invocation_errors: u64,
     pub replaced_clones: u64,
+    /// Released clones that went back to the pool (`pool.max_uses` > 1).
+    pub recycled_clones: u64,
+    /// Restore to agent serving, as the scaler assumes it now (seconds).
+    pub refill_s: f64,
 }
 
 /// What `acquire` hands over.
@@ -247,6 +304,9 @@ pub struct Supervisor {
     stopping: AtomicBool,
     /// Pools are not scaled while set (benchmarks measure the handoff path alone).
     scaling_paused: AtomicBool,
+    /// Set by a handoff to have the background loop refill pools before its next tick.
+    refill_wanted: Mutex<bool>,
+    refill_signal: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,12 +329,14 @@ impl Function {
             warming: pool.warming.len() as u32,
             busy: pool.busy,
             restoring: pool.restoring,
-            target_ready: lock(&self.scaler).target(pool.busy),
+            target_ready: lock(&self.scaler).target(),
             handoffs: c.handoffs.load(Ordering::Relaxed),
             cold_starts: c.cold_starts.load(Ordering::Relaxed),
             invocations: c.invocations.load(Ordering::Relaxed),
             invocation_errors: c.invocation_errors.load(Ordering::Relaxed),
             replaced_clones: c.replaced.load(Ordering::Relaxed),
+            recycled_clones: c.recycled.load(Ordering::Relaxed),
+            refill_s: *lock(&self.refill_s),
         }
     }
 }
@@ -295,6 +357,8 @@ impl Supervisor {
             metrics: Metrics::default(),
             stopping: AtomicBool::new(false),
             scaling_paused: AtomicBool::new(false),
+            refill_wanted: Mutex::new(false),
+            refill_signal: Condvar::new(),
         });
         let mut names: Vec<String> = std::fs::read_dir(state_dir.join("functions"))?
             .flatten()
@@ -338,6 +402,7 @@ impl Supervisor {
             pool: Mutex::new(Pool::default()),
             counters: Counters::default(),
             deleted: AtomicBool::new(false),
+            refill_s: Mutex::new(INITIAL_REFILL_S),
         });
         lock(&self.functions).insert(name.to_string(), f.clone());
         f
@@ -420,7 +485,7 @@ impl Supervisor {
             .and_then(|vm| vm.start(RunOptions::default()))
             .map_err(|e| format!("restore: {e}"))?;
         self.metrics.restore.observe(t.elapsed());
-        Ok(PooledVm { id, vm, mailbox, vsock })
+        Ok(PooledVm { id, vm, mailbox, vsock, uses: 0, restored: t })
     }
 
     /// Hands a ready clone of `name` over; restores one on the spot (a cold start) when the pool is
@@ -431,12 +496,12 @@ impl Supervisor {
         if let Some(c) = self.take_warm(&f) {
             return Ok(self.hand_over(f, c, false, t));
         }
-        lock(&f.pool).busy += 1;
+        lock(&f.pool).mark_busy();
+        self.want_refill();
         let c = self.restore_clone(&f).map_err(|e| {
             lock(&f.pool).busy -= 1;
             Refusal::Internal(e)
         })?;
-        lock(&f.pool).handoffs += 1;
         tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
         Ok(self.hand_over(f, c, true, t))
     }
@@ -472,15 +537,25 @@ impl Supervisor {
             crashed += 1;
         }
         if warm.is_some() {
-            pool.busy += 1;
-            pool.handoffs += 1;
+            pool.mark_busy();
         }
         drop(pool);
         f.counters.replaced.fetch_add(crashed, Ordering::Relaxed);
+        self.want_refill();
         warm
     }
 
-    fn hand_over(&self, f: Arc<Function>, clone: PooledVm, cold_start: bool, t: Instant) -> Handoff {
+    /// Asks the background loop to refill pools now rather than at its next tick.
+    fn want_refill(&self) {
+        let mut wanted = lock(&self.refill_wanted);
+        if !*wanted {
+            *wanted = true;
+            self.refill_signal.notify_one();
+        }
+    }
+
+    fn hand_over(&self, f: Arc<Function>, mut clone: PooledVm, cold_start: bool, t: Instant) -> Handoff {
+        clone.uses += 1;
         f.counters.handoffs.fetch_add(1, Ordering::Relaxed);
         if cold_start {
             f.counters.cold_starts.fetch_add(1, Ordering::Relaxed);
@@ -502,13 +577,32 @@ impl Supervisor {
         lock(&self.handed).keys().copied().collect()
     }
 
-    /// Takes a handed-out VM back and destroys it (clones are never reused: each starts clean).
-    pub fn release(&self, id: u64) -> Result<(), Refusal> {
+    /// Takes a handed-out VM back. It goes back to the pool when the function's policy reuses
+    /// clones (`max_uses`), it has uses left, `destroy` is not asked for, and it is sound: running,
+    /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
+    /// recycled.
+    pub fn release(&self, id: u64, destroy: bool) -> Result<bool, Refusal> {
         let h = lock(&self.handed).remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
-        lock(&h.function.pool).busy -= 1;
+        let (f, clone) = (h.function, h.clone);
+        let recycle = !destroy
+            && clone.uses < f.spec.pool.max_uses
+            && !f.deleted.load(Ordering::SeqCst)
+            && !self.stopping.load(Ordering::SeqCst)
+            && clone.vm.exit().is_none()
+            && clone.vm.mailbox().quiescent();
+        let mut pool = lock(&f.pool);
+        pool.busy -= 1;
+        if recycle {
+            // Taken first by the next acquire: its agent is the most likely to still be polling.
+            pool.ready.push_front(clone);
+            drop(pool);
+            f.counters.recycled.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        drop(pool);
         // Stopping joins the vCPU threads: off the caller's path.
-        let _ = std::thread::Builder::new().name("release".into()).spawn(move || drop(h.clone.vm.stop("released")));
-        Ok(())
+        let _ = std::thread::Builder::new().name("release".into()).spawn(move || drop(clone.vm.stop("released")));
+        Ok(false)
     }
 
     /// acquire + invoke through the mailbox + release.
@@ -527,8 +621,11 @@ impl Supervisor {
             handed.get(&handoff.id).map(|h| h.clone.vm.mailbox())
         };
         let Some(mailbox) = result else { return Err(Refusal::Internal("the handed-out VM vanished".into())) };
-        let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: false });
-        let _ = self.release(handoff.id);
+        // Many invocations wait at once on few cores: poll briefly, then sleep until the agent
+        // rings, so that waiting callers do not take the CPU the guests need to answer.
+        let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN });
+        // A clone that did not answer is not handed to anyone again.
+        let _ = self.release(handoff.id, r.is_err());
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         r.map_err(|e| {
             f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
@@ -547,56 +644,94 @@ impl Supervisor {
         self.scaling_paused.store(paused, Ordering::SeqCst);
     }
 
-    /// One pass of the background loop: drop crashed ready clones, then scale every ready pool.
+    /// The functions the background loop looks after: ready and not deleted.
+    fn live_functions(&self) -> Vec<Arc<Function>> {
+        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        functions
+            .into_iter()
+            .filter(|f| *lock(&f.state) == FunctionState::Ready && !f.deleted.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Drops clones that have ended and moves clones whose agent now serves from warming to ready
+    /// (learning the refill time from them).
+    fn sweep(&self, f: &Function) {
+        let mut pool = lock(&f.pool);
+        let before = pool.ready.len() + pool.warming.len();
+        let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
+            pool.ready.drain(..).partition(|c| c.vm.exit().is_none());
+        pool.ready = alive;
+        let (started, starting): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
+            pool.warming.drain(..).filter(|c| c.vm.exit().is_none()).partition(|c| c.vm.mailbox().agent_serving());
+        let dead_n = before - pool.ready.len() - started.len() - starting.len();
+        pool.warming = starting;
+        for c in &started {
+            let took = c.restored.elapsed();
+            self.metrics.clone_start.observe(took);
+            let mut refill = lock(&f.refill_s);
+            *refill = 0.8 * *refill + 0.2 * took.as_secs_f64();
+        }
+        pool.ready.extend(started);
+        drop(pool);
+        drop(dead);
+        if dead_n > 0 {
+            f.counters.replaced.fetch_add(dead_n as u64, Ordering::Relaxed);
+            tracing::warn!(function = %f.name, "{dead_n} ready clones had ended; replacing them");
+        }
+    }
+
+    /// Clones starting now, all functions together.
+    fn warming_total(&self, functions: &[Arc<Function>]) -> usize {
+        functions
+            .iter()
+            .map(|f| {
+                let pool = lock(&f.pool);
+                pool.warming.len() + pool.restoring as usize
+            })
+            .sum()
+    }
+
+    /// Restores up to `n` clones of `f` into its warming queue, within the host-wide limit of
+    /// clones starting at once; the rest follows on later passes, as clones finish starting.
+    fn grow(&self, f: &Function, n: u32, warming: &mut usize) {
+        let n = (n as usize).min(MAX_WARMING.saturating_sub(*warming)) as u32;
+        *warming += n as usize;
+        lock(&f.pool).restoring += n;
+        for _ in 0..n {
+            let c = self.restore_clone(f);
+            let mut pool = lock(&f.pool);
+            pool.restoring -= 1;
+            match c {
+                Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
+                Ok(_) => {}
+                Err(e) => tracing::error!(function = %f.name, "cannot refill the pool: {e}"),
+            }
+        }
+    }
+
+    /// One tick of the background loop: sweep every pool, then scale it.
     pub fn tick(&self) {
         if self.scaling_paused.load(Ordering::SeqCst) {
             return;
         }
-        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
-        for f in functions {
-            if *lock(&f.state) != FunctionState::Ready || f.deleted.load(Ordering::SeqCst) {
-                continue;
-            }
-            let (busy, handoffs, have, warming, dead) = {
+        let functions = self.live_functions();
+        functions.iter().for_each(|f| self.sweep(f));
+        let mut warming = self.warming_total(&functions);
+        for f in &functions {
+            let load = {
                 let mut pool = lock(&f.pool);
-                let before = pool.ready.len() + pool.warming.len();
-                let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
-                    pool.ready.drain(..).partition(|c| c.vm.exit().is_none());
-                pool.ready = alive;
-                let (started, starting): (VecDeque<PooledVm>, VecDeque<PooledVm>) = pool
-                    .warming
-                    .drain(..)
-                    .filter(|c| c.vm.exit().is_none())
-                    .partition(|c| c.vm.mailbox().agent_serving());
-                pool.ready.extend(started);
-                pool.warming = starting;
-                let dead_n = before - pool.ready.len() - pool.warming.len();
-                drop(dead);
-                let handoffs = std::mem::take(&mut pool.handoffs);
-                let have = (pool.ready.len() + pool.warming.len()) as u32 + pool.restoring;
-                (pool.busy, handoffs, have, pool.warming.len(), dead_n)
-            };
-            if dead > 0 {
-                f.counters.replaced.fetch_add(dead as u64, Ordering::Relaxed);
-                tracing::warn!(function = %f.name, "{dead} ready clones had ended; replacing them");
-            }
-            let action = lock(&f.scaler).tick(busy, handoffs, have);
-            match action {
-                Action::Grow(n) => {
-                    // The rest follows on later ticks, as clones finish starting.
-                    let n = (n as usize).min(MAX_WARMING.saturating_sub(warming)) as u32;
-                    lock(&f.pool).restoring += n;
-                    for _ in 0..n {
-                        let c = self.restore_clone(&f);
-                        let mut pool = lock(&f.pool);
-                        pool.restoring -= 1;
-                        match c {
-                            Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(function = %f.name, "cannot refill the pool: {e}"),
-                        }
-                    }
+                let busy = pool.busy;
+                Load {
+                    busy,
+                    peak_busy: std::mem::replace(&mut pool.peak_busy, busy),
+                    handoffs: std::mem::take(&mut pool.handoffs),
+                    have: pool.have(),
+                    refill_s: *lock(&f.refill_s),
                 }
+            };
+            let action = lock(&f.scaler).tick(load);
+            match action {
+                Action::Grow(n) => self.grow(f, n, &mut warming),
                 Action::Shrink(n) => {
                     let mut pool = lock(&f.pool);
                     let mut gone = Vec::new();
@@ -614,14 +749,47 @@ impl Supervisor {
         }
     }
 
-    /// Runs [`Supervisor::tick`] every [`TICK`] on a thread until [`Supervisor::shutdown`].
+    /// Between ticks, after handoffs: restores what pools lack against their last target.
+    pub fn refill(&self) {
+        if self.scaling_paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let functions = self.live_functions();
+        functions.iter().for_each(|f| self.sweep(f));
+        let mut warming = self.warming_total(&functions);
+        for f in &functions {
+            let have = lock(&f.pool).have();
+            let n = lock(&f.scaler).deficit(have);
+            if n > 0 {
+                self.grow(f, n, &mut warming);
+            }
+        }
+    }
+
+    /// Runs [`Supervisor::tick`] every [`TICK`], and [`Supervisor::refill`] whenever a handoff
+    /// asks for it in between, on a thread until [`Supervisor::shutdown`].
     pub fn start_scaling(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let sup = self.clone();
         std::thread::Builder::new().name("scaler".into()).spawn(move || {
+            let mut next_tick = Instant::now();
             while !sup.stopping.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                sup.tick();
-                std::thread::sleep(TICK.saturating_sub(t.elapsed()));
+                let now = Instant::now();
+                if now >= next_tick {
+                    sup.tick();
+                    next_tick = (next_tick + TICK).max(now);
+                    continue;
+                }
+                let wanted = {
+                    let guard = lock(&sup.refill_wanted);
+                    let (mut guard, _) = sup
+                        .refill_signal
+                        .wait_timeout_while(guard, next_tick - now, |w| !*w)
+                        .unwrap_or_else(|p| p.into_inner());
+                    std::mem::take(&mut *guard)
+                };
+                if wanted {
+                    sup.refill();
+                }
             }
         })
     }
@@ -667,4 +835,37 @@ fn load_template(dir: &Path) -> Result<Template, String> {
     let state = snapshot::read_state(&paths).map_err(|e| e.to_string())?;
     let memory = MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
     Ok(Template { state, memory })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_commands_are_checked() {
+        assert!(check_runtime("flip /init --example-runtime").is_ok());
+        for (bad, why) in [
+            ("flip", "expected"),
+            ("", "expected"),
+            ("a\"b /init", "not allowed"),
+            ("a /init\n--x", "not allowed"),
+            ("a\\b /init", "not allowed"),
+            ("bad/name /init", "runtime name"),
+        ] {
+            let e = check_runtime(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(check_runtime(&format!("f /{}", "x".repeat(600))).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn the_runtime_rides_on_the_kernel_command_line() {
+        let spec: FunctionSpec =
+            serde_json::from_str(r#"{"kernel": "/k", "initramfs": "/i", "runtime": "flip /init --example-runtime"}"#)
+                .unwrap();
+        let cmdline = spec.vm_config().cmdline();
+        assert!(cmdline.ends_with(r#" EMBER_RUNTIME="flip /init --example-runtime""#), "{cmdline}");
+        let spec: FunctionSpec = serde_json::from_str(r#"{"kernel": "/k", "initramfs": "/i"}"#).unwrap();
+        assert_eq!(spec.vm_config().cmdline(), crate::vmm::boot::cmdline::default_cmdline());
+    }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ember::config::{BootSource, MachineConfig, VmConfig};
 use ember::vmm::{Channels, RunOptions, Vm};
 
+pub mod api;
+
 /// A guest console captured in memory.
 #[derive(Clone, Default)]
 pub struct Capture(pub Arc<Mutex<Vec<u8>>>);

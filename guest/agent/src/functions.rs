@@ -7,7 +7,9 @@
 //! response: u32 status, u32 payload length, payload
 //! ```
 //!
-//! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`.
+//! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`;
+//! `EMBER_RUNTIME` in init's environment (from the kernel command line: `ember serve` puts the
+//! registration's `runtime` there) replaces it.
 
 use std::io::{self, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -16,6 +18,8 @@ use ember_abi::Status;
 use sha2::{Digest, Sha256};
 
 pub const RUNTIME_CONFIG: &str = "/etc/ember/runtime";
+/// The runtime given at registration, same format; it replaces the image's.
+pub const RUNTIME_ENV: &str = "EMBER_RUNTIME";
 /// The longest `sleep` the built-in accepts, in milliseconds.
 const MAX_SLEEP_MS: u64 = 60_000;
 /// The largest response a runtime may send.
@@ -35,18 +39,24 @@ pub struct Functions {
 }
 
 impl Functions {
-    /// Starts the image's runtime, if it names one.
+    /// Starts the runtime the VM's registration names (`EMBER_RUNTIME` on the kernel command line,
+    /// which the kernel hands to init as an environment variable), else the image's, if any.
     pub fn start() -> Self {
-        let Ok(conf) = std::fs::read_to_string(RUNTIME_CONFIG) else {
-            return Self { runtime: None, runtime_error: None };
+        let from_env = std::env::var(RUNTIME_ENV).ok().filter(|c| !c.trim().is_empty());
+        let (conf, source) = match from_env {
+            Some(c) => (c, RUNTIME_ENV),
+            None => match std::fs::read_to_string(RUNTIME_CONFIG) {
+                Ok(c) => (c, RUNTIME_CONFIG),
+                Err(_) => return Self { runtime: None, runtime_error: None },
+            },
         };
         match Runtime::start(&conf) {
             Ok(r) => {
-                println!("ember-agent: runtime {:?} started (pid {})", r.name, r.child.id());
+                println!("ember-agent: runtime {:?} started from {source} (pid {})", r.name, r.child.id());
                 Self { runtime: Some(r), runtime_error: None }
             }
             Err(e) => {
-                eprintln!("ember-agent: cannot start the runtime from {RUNTIME_CONFIG}: {e}");
+                eprintln!("ember-agent: cannot start the runtime from {source}: {e}");
                 Self { runtime: None, runtime_error: Some(e.to_string()) }
             }
         }

@@ -1,0 +1,117 @@
+//! Talking to `ember serve` over its Unix socket from the integration tests.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {resp:?}"));
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    // Chunked bodies (axum streams some): join the chunks.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+pub fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Asserts an error response: `status` and a JSON `{"error": ...}` containing `needle`.
+pub fn assert_error(r: (u16, String), status: u16, needle: &str) {
+    assert_eq!(r.0, status, "{}", r.1);
+    let v = json_of(&r.1);
+    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", r.1));
+    assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+}
+
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "ember serve did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_ready(s: &Path, name: &str, min_ready: u64) -> Value {
+    let deadline = Instant::now() + super::BOOT_TIMEOUT;
+    loop {
+        let (code, body) = http(s, "GET", &format!("/functions/{name}"), None);
+        assert_eq!(code, 200, "{body}");
+        let v = json_of(&body);
+        assert_ne!(v["state"], "failed", "{body}");
+        if v["state"] == "ready" && v["ready"].as_u64().unwrap_or(0) >= min_ready {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "function {name} never became ready: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn invoke(s: &Path, name: &str, body: &str) -> Value {
+    let (code, resp) = http(s, "POST", &format!("/functions/{name}/invoke"), Some(body));
+    assert_eq!(code, 200, "{resp}");
+    json_of(&resp)
+}
+
+/// The daemon's open file descriptors and threads.
+pub fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |d: &str| std::fs::read_dir(format!("/proc/{pid}/{d}")).map(|r| r.count()).unwrap_or(0);
+    (count("fd"), count("task"))
+}
