@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::api::{assert_error, http, invoke, json_of, wait_ready, Server};
+use common::api::{assert_error, http, http_bytes, invoke, json_of, wait_ready, Server};
 use serde_json::json;
 
 #[test]
@@ -105,6 +105,26 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let r = invoke(&s, "rev", r#"{"function": "nope"}"#);
     assert_eq!((r["ok"].as_bool(), r["status"].as_str()), (Some(false), Some("unknown function")), "{r}");
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"timeout_s": -1}"#)), 400, "timeout_s");
+    // Bytes that are not UTF-8: raw both ways, or base64 in JSON.
+    let bytes: Vec<u8> = (0..=255u8).rev().collect();
+    let (code, head, body) =
+        http_bytes(&s, "POST", "/functions/rev/invoke?function=echo", "application/octet-stream", &bytes);
+    assert_eq!((code, body.as_slice()), (200, bytes.as_slice()), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-ember-status: ok"), "{head}");
+    let (code, head, body) = http_bytes(&s, "POST", "/functions/rev/invoke", "application/octet-stream", b"raw");
+    assert_eq!((code, body.as_slice()), (200, b"war".as_slice()), "the handler runs by default: {head}");
+    let r = invoke(&s, "rev", r#"{"function": "echo", "payload_base64": "/wABgA=="}"#);
+    assert_eq!((r["payload_base64"].as_str(), r.get("payload")), (Some("/wABgA=="), None), "{r}");
+    assert_error(
+        http(&s, "POST", "/functions/rev/invoke", Some(r#"{"payload": "a", "payload_base64": "YQ=="}"#)),
+        400,
+        "not both",
+    );
+    assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"payload_base64": "%%"}"#)), 400, "payload_base64");
+    assert_error(http(&s, "POST", "/functions/rev/invoke?function=echo", Some("{}")), 400, "octet-stream");
+    let (code, _, body) = http_bytes(&s, "POST", "/functions/rev/invoke?colour=red", "application/octet-stream", b"x");
+    assert_eq!(code, 400);
+    assert!(json_of(&String::from_utf8_lossy(&body))["error"].as_str().unwrap().contains("bad query"));
     // An agent that does not answer in time: 504, its clone is destroyed, the next call works.
     let slow = r#"{"function": "sleep", "payload": "5000", "timeout_s": 0.5}"#;
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(slow)), 504, "no response");

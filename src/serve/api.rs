@@ -7,12 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -108,7 +112,7 @@ async fn release(State(sup): Sup, Path(id): Path<String>, body: Bytes) -> Result
     Ok(Json(serde_json::json!({"id": id, "recycled": recycled})).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct InvokeBody {
     /// The function inside the guest; the registration's `handler` when absent.
@@ -116,28 +120,76 @@ struct InvokeBody {
     function: Option<String>,
     /// The payload, as text.
     #[serde(default)]
-    payload: String,
+    payload: Option<String>,
+    /// The payload, base64: for bytes that are not UTF-8.
+    #[serde(default)]
+    payload_base64: Option<String>,
     #[serde(default)]
     timeout_s: Option<f64>,
 }
 
-async fn invoke(State(sup): Sup, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
-    let b: InvokeBody = if body.is_empty() {
-        InvokeBody { function: None, payload: String::new(), timeout_s: None }
+/// The query of an invoke whose body is the raw payload (`application/octet-stream`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InvokeQuery {
+    function: Option<String>,
+    timeout_s: Option<f64>,
+}
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// Invokes the function. A JSON body (or none) gets a JSON answer; an `application/octet-stream`
+/// body is the payload itself (function and timeout in the query) and gets the response bytes
+/// back, the agent's status in `x-ember-status`.
+async fn invoke(
+    State(sup): Sup,
+    Path(name): Path<String>,
+    query: Result<Query<InvokeQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(format!("bad query: {}", e.body_text())))?;
+    let raw = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(OCTET_STREAM));
+    let (function, payload, timeout_s) = if raw {
+        (query.function, body.to_vec(), query.timeout_s)
     } else {
-        json_body(&body)?
+        if query.function.is_some() || query.timeout_s.is_some() {
+            return Err(bad_request(format!("query parameters go with an {OCTET_STREAM} body; put them in the JSON")));
+        }
+        let b: InvokeBody = if body.is_empty() { InvokeBody::default() } else { json_body(&body)? };
+        let payload = match (b.payload, b.payload_base64) {
+            (Some(_), Some(_)) => return Err(bad_request("give payload or payload_base64, not both")),
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => {
+                BASE64.decode(b64.as_bytes()).map_err(|e| bad_request(format!("payload_base64: {e}")))?
+            }
+            (None, None) => Vec::new(),
+        };
+        (b.function, payload, b.timeout_s)
     };
-    let timeout = match b.timeout_s {
+    let timeout = match timeout_s {
         None => Duration::from_secs(30),
         Some(t) if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S => Duration::from_secs_f64(t),
         Some(t) => return Err(bad_request(format!("timeout_s {t} is not in (0, {MAX_INVOKE_TIMEOUT_S}]"))),
     };
-    let r = blocking(move || sup.invoke(&name, b.function.as_deref(), b.payload.as_bytes(), timeout)).await?;
-    let body = serde_json::json!({
-        "status": r.status.describe(),
-        "ok": r.status == ember_abi::Status::Ok,
-        "payload": String::from_utf8_lossy(&r.payload),
-    });
+    let r = blocking(move || sup.invoke(&name, function.as_deref(), &payload, timeout)).await?;
+    let ok = r.status == ember_abi::Status::Ok;
+    if raw {
+        let status = HeaderValue::from_static(r.status.describe());
+        return Ok((
+            [
+                (CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM)),
+                (HeaderName::from_static("x-ember-status"), status),
+            ],
+            r.payload,
+        )
+            .into_response());
+    }
+    let mut body = serde_json::json!({"status": r.status.describe(), "ok": ok});
+    match String::from_utf8(r.payload) {
+        Ok(text) => body["payload"] = text.into(),
+        Err(e) => body["payload_base64"] = BASE64.encode(e.as_bytes()).into(),
+    }
     Ok(Json(body).into_response())
 }
 

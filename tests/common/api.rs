@@ -115,3 +115,22 @@ pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     let count = |d: &str| std::fs::read_dir(format!("/proc/{pid}/{d}")).map(|r| r.count()).unwrap_or(0);
     (count("fd"), count("task"))
 }
+
+/// A request with a raw body of `content_type`: (status, head, body bytes). The response must
+/// carry a content-length (not chunked).
+pub fn http_bytes(socket: &Path, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head: {resp:?}"));
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {head:?}"));
+    (status, head, resp[split + 4..].to_vec())
+}
