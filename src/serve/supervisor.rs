@@ -496,8 +496,12 @@ impl Supervisor {
         if let Some(c) = self.take_warm(&f) {
             return Ok(self.hand_over(f, c, false, t));
         }
-        lock(&f.pool).mark_busy();
-        self.want_refill();
+        let have = {
+            let mut pool = lock(&f.pool);
+            pool.mark_busy();
+            pool.have()
+        };
+        self.want_refill(&f, have);
         let c = self.restore_clone(&f).map_err(|e| {
             lock(&f.pool).busy -= 1;
             Refusal::Internal(e)
@@ -539,14 +543,19 @@ impl Supervisor {
         if warm.is_some() {
             pool.mark_busy();
         }
+        let have = pool.have();
         drop(pool);
         f.counters.replaced.fetch_add(crashed, Ordering::Relaxed);
-        self.want_refill();
+        self.want_refill(f, have);
         warm
     }
 
-    /// Asks the background loop to refill pools now rather than at its next tick.
-    fn want_refill(&self) {
+    /// Asks the background loop to refill pools now rather than at its next tick, if `f`'s pool
+    /// (`have` clones ready, starting or being restored) is short of its target.
+    fn want_refill(&self, f: &Function, have: u32) {
+        if self.scaling_paused.load(Ordering::Relaxed) || lock(&f.scaler).deficit(have) == 0 {
+            return;
+        }
         let mut wanted = lock(&self.refill_wanted);
         if !*wanted {
             *wanted = true;
@@ -656,27 +665,41 @@ impl Supervisor {
     /// Drops clones that have ended and moves clones whose agent now serves from warming to ready
     /// (learning the refill time from them).
     fn sweep(&self, f: &Function) {
+        let (mut dead, mut started) = (Vec::new(), Vec::new());
         let mut pool = lock(&f.pool);
-        let before = pool.ready.len() + pool.warming.len();
-        let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
-            pool.ready.drain(..).partition(|c| c.vm.exit().is_none());
-        pool.ready = alive;
-        let (started, starting): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
-            pool.warming.drain(..).filter(|c| c.vm.exit().is_none()).partition(|c| c.vm.mailbox().agent_serving());
-        let dead_n = before - pool.ready.len() - started.len() - starting.len();
-        pool.warming = starting;
-        for c in &started {
+        // In place: the common pass (nothing ended, nothing started) allocates and moves nothing,
+        // and holds the lock the handoff path needs as briefly as possible.
+        let mut i = 0;
+        while i < pool.ready.len() {
+            if pool.ready[i].vm.exit().is_some() {
+                dead.extend(pool.ready.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < pool.warming.len() {
+            let c = &pool.warming[i];
+            if c.vm.exit().is_some() {
+                dead.extend(pool.warming.remove(i));
+            } else if c.vm.mailbox().agent_serving() {
+                started.extend(pool.warming.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for c in started {
             let took = c.restored.elapsed();
             self.metrics.clone_start.observe(took);
             let mut refill = lock(&f.refill_s);
             *refill = 0.8 * *refill + 0.2 * took.as_secs_f64();
+            drop(refill);
+            pool.ready.push_back(c);
         }
-        pool.ready.extend(started);
         drop(pool);
-        drop(dead);
-        if dead_n > 0 {
-            f.counters.replaced.fetch_add(dead_n as u64, Ordering::Relaxed);
-            tracing::warn!(function = %f.name, "{dead_n} ready clones had ended; replacing them");
+        if !dead.is_empty() {
+            f.counters.replaced.fetch_add(dead.len() as u64, Ordering::Relaxed);
+            tracing::warn!(function = %f.name, "{} ready clones had ended; replacing them", dead.len());
         }
     }
 
