@@ -496,12 +496,8 @@ impl Supervisor {
         if let Some(c) = self.take_warm(&f) {
             return Ok(self.hand_over(f, c, false, t));
         }
-        let have = {
-            let mut pool = lock(&f.pool);
-            pool.mark_busy();
-            pool.have()
-        };
-        self.want_refill(&f, have);
+        // (`take_warm` has already asked for a refill.)
+        lock(&f.pool).mark_busy();
         let c = self.restore_clone(&f).map_err(|e| {
             lock(&f.pool).busy -= 1;
             Refusal::Internal(e)
@@ -732,14 +728,21 @@ impl Supervisor {
         }
     }
 
-    /// One tick of the background loop: sweep every pool, then scale it.
-    pub fn tick(&self) {
+    /// What both passes of the background loop start with: unless scaling is paused, every live
+    /// function with its pool swept, and the clones starting host-wide.
+    fn swept_functions(&self) -> Option<(Vec<Arc<Function>>, usize)> {
         if self.scaling_paused.load(Ordering::SeqCst) {
-            return;
+            return None;
         }
         let functions = self.live_functions();
         functions.iter().for_each(|f| self.sweep(f));
-        let mut warming = self.warming_total(&functions);
+        let warming = self.warming_total(&functions);
+        Some((functions, warming))
+    }
+
+    /// One tick of the background loop: sweep every pool, then scale it.
+    pub fn tick(&self) {
+        let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
             let load = {
                 let mut pool = lock(&f.pool);
@@ -774,12 +777,7 @@ impl Supervisor {
 
     /// Between ticks, after handoffs: restores what pools lack against their last target.
     pub fn refill(&self) {
-        if self.scaling_paused.load(Ordering::SeqCst) {
-            return;
-        }
-        let functions = self.live_functions();
-        functions.iter().for_each(|f| self.sweep(f));
-        let mut warming = self.warming_total(&functions);
+        let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
             let have = lock(&f.pool).have();
             let n = lock(&f.scaler).deficit(have);

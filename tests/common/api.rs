@@ -8,37 +8,27 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// One HTTP/1.1 request on a fresh connection: (status, body).
+/// One HTTP/1.1 request with a JSON body on a fresh connection: (status, body).
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {resp:?}"));
-    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let (status, head, raw) = http_bytes(socket, method, path, "application/json", body.unwrap_or("").as_bytes());
     // Chunked bodies (axum streams some): join the chunks.
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((len, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut r = raw.as_slice();
+        while let Some(eol) = r.windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&r[..eol]).trim(), 16).unwrap_or(0);
             if n == 0 {
                 break;
             }
-            out.push_str(&tail[..n]);
+            let tail = &r[eol + 2..];
+            out.extend_from_slice(&tail[..n]);
             r = &tail[n + 2..];
         }
         out
     } else {
-        rest.to_string()
+        raw
     };
-    (status, body)
+    (status, String::from_utf8(body).unwrap_or_else(|e| panic!("the body is not UTF-8: {e}")))
 }
 
 pub fn json_of(body: &str) -> Value {
@@ -116,8 +106,8 @@ pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     (count("fd"), count("task"))
 }
 
-/// A request with a raw body of `content_type`: (status, head, body bytes). The response must
-/// carry a content-length (not chunked).
+/// One HTTP/1.1 request with a raw body of `content_type` on a fresh connection: (status, head,
+/// body bytes as sent, chunked or not).
 pub fn http_bytes(socket: &Path, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
     let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
