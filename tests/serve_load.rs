@@ -18,7 +18,7 @@ fn a_lost_template_is_made_again_and_recycled_clones_serve_10000_invokes_without
     let dir = common::scratch("load");
     // What an idle daemon holds, for the leak check at the end.
     let mut idle = Server::start(&dir.join("idle"));
-    let baseline = fds_and_threads(idle.child.id());
+    let baseline = settled_fds_and_threads(idle.child.id());
     assert_eq!(idle.signal(libc::SIGTERM).code(), Some(0));
 
     // A registration whose template is gone (a wiped disk, a crash before the snapshot): the
@@ -78,4 +78,19 @@ fn a_lost_template_is_made_again_and_recycled_clones_serve_10000_invokes_without
     }
     assert_eq!(now, baseline, "(fds, threads) after the load vs an idle daemon");
     assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
+}
+
+/// The daemon's fds and threads once they have stayed the same for a second (the connections that
+/// found the server listening are closed by then).
+fn settled_fds_and_threads(pid: u32) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut since) = (fds_and_threads(pid), Instant::now());
+    while since.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fds_and_threads(pid);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
 }
