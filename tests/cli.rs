@@ -151,3 +151,14 @@ fn invoke_and_channel_usage_errors() {
         assert_eq!(std::fs::read(&not_a_mailbox).unwrap(), b"some user data", "ember changed a file it was given");
     }
 }
+
+#[test]
+fn serve_bench_and_simulate_usage_errors() {
+    assert_fails(&["bench", "handoff", "--snapshot", "/nonexistent"], 1, "/nonexistent/state");
+    assert_fails(&["bench", "handoff", "--snapshot", "/tmp", "--requests", "0"], 2, "--requests");
+    let trace = common::repo().join("benches/traces/bursty.csv");
+    let trace = trace.to_str().unwrap();
+    assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max_uses": 0}"#], 1, "max_uses");
+    assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"burst_window_s": -1}"#], 1, "burst_window_s");
+    assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"recycle": true}"#], 1, "unknown field");
+}
