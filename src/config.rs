@@ -6,13 +6,25 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::vmm::boot::mptable::MAX_VCPUS;
-use crate::vmm::memory::{CMDLINE_MAX_SIZE, MIN_MEM_MIB};
+use crate::memory::{CMDLINE_MAX_SIZE, MAX_VCPUS, MIN_MEM_MIB};
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// The largest guest ember accepts (1 TiB): more is almost certainly a typo.
 pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// ember's default guest kernel command line, kept with the guest kernel in guest/kernel/cmdline.
+const DEFAULT_CMDLINE_FILE: &str = include_str!("../guest/kernel/cmdline");
+
+/// The default command line: guest/kernel/cmdline without its comments, joined with spaces.
+pub fn default_cmdline() -> String {
+    DEFAULT_CMDLINE_FILE
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -129,7 +141,7 @@ impl VmConfig {
 
     /// The kernel command line: the configured one, or ember's default.
     pub fn cmdline(&self) -> String {
-        self.boot_source.boot_args.clone().unwrap_or_else(crate::vmm::boot::cmdline::default_cmdline)
+        self.boot_source.boot_args.clone().unwrap_or_else(default_cmdline)
     }
 }
 
@@ -193,5 +205,15 @@ mod tests {
             machine_config: MachineConfig::default(),
         };
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2048))));
+    }
+
+    #[test]
+    fn default_cmdline_has_the_console_and_the_workarounds() {
+        let c = default_cmdline();
+        assert!(c.starts_with("console=ttyS0 "), "{c}");
+        assert!(c.contains(" noxsave "), "{c}");
+        assert!(c.contains("io_delay=none"), "{c}");
+        assert!(!c.contains('#'), "{c}");
+        assert!(!c.contains("  "), "{c}");
     }
 }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use ember_abi::mailbox::*;
 use ember_abi::{AbiError, Status, MAX_FUNCTION_LEN};
+
+use crate::sys::{futex_wait, futex_wake, FileLock};
 use thiserror::Error;
 
 /// Host-only word: whether the VM behind the mailbox still runs (a caller in another process has
@@ -129,7 +131,7 @@ impl Mailbox {
         let mut m = Self::map(file, &name).map_err(cleanup)?;
         m.owned_path = path.map(Path::to_path_buf);
         let mut epoch = [0u8; 8];
-        crate::devices::control::getrandom(&mut epoch).map_err(io_err(&name)).map_err(cleanup)?;
+        crate::sys::getrandom(&mut epoch).map_err(io_err(&name)).map_err(cleanup)?;
         m.word64(EPOCH_OFF).store(u64::from_le_bytes(epoch), Ordering::Relaxed);
         m.store32(VERSION_OFF, VERSION);
         m.store32(VM_STATE_OFF, VM_RUNNING);
@@ -340,39 +342,6 @@ impl Drop for Mailbox {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-/// An exclusive flock held until dropped: one caller at a time across processes.
-struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    fn take(f: &'a File) -> std::io::Result<Self> {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self(f))
-    }
-}
-
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: releases the lock taken in `take`.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-/// Waits while `word` holds `expected` (shared futex: works across processes), at most `timeout`.
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos().into() });
-    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: FUTEX_WAIT reads the aligned u32 at `word` (live shared memory) and the timespec.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp) };
-}
-
-fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE only uses the address as a key.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ember, text};
-use ember::vmm::boot::cmdline::default_cmdline;
+use ember::config::default_cmdline;
 
 fn run_guest(test: &str, extra_cmdline: &str) -> Option<std::process::Output> {
     if !common::kvm_usable(test) {

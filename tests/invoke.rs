@@ -7,13 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::{ember, text};
 use ember::mailbox::{CallOptions, InvokeError};
-use ember::snapshot::{self, MemoryFile, SnapshotPaths};
-use ember::vmm::{Channels, RunOptions, RunningVm, Vm};
+use ember::template::Template;
+use ember::vmm::{Channels, RunOptions, RunningVm};
 use ember::vsock::AgentConnection;
 use ember_abi::Status;
-
-/// Tests in this binary run one at a time (the leak test counts the process's fds and threads).
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The first invocation of a clone waits for it to take its seed and start serving.
 const FIRST_CALL: Duration = Duration::from_secs(120);
@@ -40,10 +37,8 @@ fn serving_clone_with_console(
     channels: &Channels,
     console: ember::devices::serial::ConsoleOut,
 ) -> RunningVm {
-    let paths = SnapshotPaths::new(dir);
-    let state = snapshot::read_state(&paths).unwrap();
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
-    let vm = Vm::restore(&state, &memory, id, channels, console).expect("restore");
+    let template = Template::open(dir).unwrap();
+    let vm = template.restore(id, channels, console).expect("restore");
     let vm = vm.start(RunOptions::default()).expect("start");
     let r = vm.invoke("echo", b"up?", opts(FIRST_CALL)).expect("the clone never answered");
     assert_eq!(r.payload, b"up?");
@@ -71,7 +66,7 @@ fn vsock_channels(path: &std::path::Path) -> Channels {
 
 #[test]
 fn built_in_functions_and_the_runtime_answer_over_the_mailbox() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(vms) = serving_clones("built_in_functions_answer", &[1]) else { return };
     let vm = &vms[0];
     for doorbell in [false, true] {
@@ -107,7 +102,7 @@ fn built_in_functions_and_the_runtime_answer_over_the_mailbox() {
 
 #[test]
 fn an_agent_that_does_not_answer_in_time_is_a_timeout_and_the_next_call_works() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(vms) = serving_clones("a_slow_agent_is_a_timeout", &[1]) else { return };
     let vm = &vms[0];
     let t = Instant::now();
@@ -127,32 +122,24 @@ fn an_agent_that_does_not_answer_in_time_is_a_timeout_and_the_next_call_works() 
     assert!(matches!(mailbox.call("echo", b"", opts(CALL)), Err(InvokeError::VmEnded)));
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
 #[test]
 fn a_thousand_sequential_invocations_leak_nothing() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(vms) = serving_clones("a_thousand_sequential_invocations", &[1]) else { return };
     let vm = &vms[0];
-    let (fds, tasks) = (open_fds(), threads());
+    let (fds, tasks) = common::fds_and_threads();
     for i in 0..1000u32 {
         let payload = format!("call {i} {}", "x".repeat((i % 97) as usize));
         let o = CallOptions { timeout: CALL, doorbell: i % 2 == 1, ..Default::default() };
         let r = vm.invoke("echo", payload.as_bytes(), o).unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(r.payload, payload.as_bytes(), "call {i}");
     }
-    assert_eq!((open_fds(), threads()), (fds, tasks), "fds or threads leaked");
+    assert_eq!(common::fds_and_threads(), (fds, tasks), "fds or threads leaked");
 }
 
 #[test]
 fn two_clones_invoked_concurrently_get_their_own_answers() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(vms) = serving_clones("two_clones_invoked_concurrently", &[1, 2]) else { return };
     std::thread::scope(|s| {
         for (k, vm) in vms.iter().enumerate() {
@@ -181,7 +168,7 @@ fn two_clones_invoked_concurrently_get_their_own_answers() {
 
 #[test]
 fn ember_invoke_reaches_a_clone_that_ember_restore_runs() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("ember_invoke_reaches_a_clone") else { return };
     let scratch = common::scratch("cli");
     let pattern = scratch.join("clone-{id}.mailbox");
@@ -231,7 +218,7 @@ fn ember_invoke_reaches_a_clone_that_ember_restore_runs() {
 
 #[test]
 fn vsock_carries_a_megabyte_both_ways_and_guest_connections_reach_the_host() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("vsock_carries_a_megabyte") else { return };
     let scratch = common::scratch("vsock-mib");
     let sock = scratch.join("vsock");
@@ -275,7 +262,7 @@ fn vsock_carries_a_megabyte_both_ways_and_guest_connections_reach_the_host() {
 
 #[test]
 fn after_a_restore_old_vsock_connections_are_reset_and_new_ones_work() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("after_a_restore_old_vsock_connections") else { return };
     let scratch = common::scratch("vsock-restore");
     let (sock_a, sock_b) = (scratch.join("a.vsock"), scratch.join("b.vsock"));

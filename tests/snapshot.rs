@@ -9,14 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{ember, text, Capture};
-use ember::snapshot::{self, MemoryFile, SnapshotPaths};
+use ember::snapshot;
+use ember::template::Template;
 use ember::vmm::exit::VmExit;
-use ember::vmm::{Channels, RunOptions, Vm};
+use ember::vmm::{Channels, RunOptions};
 
 const CLONE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Tests in this binary run one at a time (the leak test counts the process's fds and threads).
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn file_hash(path: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -33,16 +31,14 @@ fn clone_random(console: &str, id: u64) -> String {
 
 #[test]
 fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entropy() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("eight_concurrent_clones") else { return };
-    let paths = SnapshotPaths::new(dir);
-    let before = file_hash(&paths.memory());
-    let state = snapshot::read_state(&paths).unwrap();
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
+    let template = Template::open(dir).unwrap();
+    let before = file_hash(&template.paths.memory());
     let mut clones = Vec::new();
     for id in 1..=8u64 {
         let cap = Capture::default();
-        let vm = Vm::restore(&state, &memory, id, &Channels::default(), Box::new(cap.clone())).expect("restore");
+        let vm = template.restore(id, &Channels::default(), Box::new(cap.clone())).expect("restore");
         clones.push((id, cap, vm.start(RunOptions::default()).expect("start")));
     }
     let mut randoms = HashSet::new();
@@ -56,28 +52,24 @@ fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entr
         assert!(out.timeline.first_io.is_some());
     }
     // The clones' writes went to their private copies, never to the memory file.
-    assert_eq!(file_hash(&paths.memory()), before, "the snapshot's memory file changed");
+    assert_eq!(file_hash(&template.paths.memory()), before, "the snapshot's memory file changed");
 }
 
 #[test]
 fn a_snapshot_of_a_clone_restores_too() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("a_snapshot_of_a_clone_restores_too") else { return };
-    let paths = SnapshotPaths::new(dir);
-    let state = snapshot::read_state(&paths).unwrap();
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
-    let vm = Vm::restore(&state, &memory, 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
+    let template = Template::open(dir).unwrap();
+    let vm = template.restore(1, &Channels::default(), Box::new(std::io::sink())).unwrap();
     let vm = vm.start(RunOptions { start_paused: true, ..Default::default() }).unwrap();
     vm.pause().unwrap();
     let second = common::scratch("of-a-clone");
     vm.snapshot(&second).unwrap();
     vm.stop("snapshot taken");
 
-    let paths = SnapshotPaths::new(&second);
-    let state = snapshot::read_state(&paths).unwrap();
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
+    let template = Template::open(&second).unwrap();
     let cap = Capture::default();
-    let vm = Vm::restore(&state, &memory, 9, &Channels::default(), Box::new(cap.clone())).unwrap();
+    let vm = template.restore(9, &Channels::default(), Box::new(cap.clone())).unwrap();
     let out = vm.start(RunOptions::default()).unwrap().wait(Some(CLONE_TIMEOUT));
     assert_eq!(out.exit, VmExit::PowerOff, "{}", cap.text());
     clone_random(&cap.text(), 9);
@@ -85,7 +77,7 @@ fn a_snapshot_of_a_clone_restores_too() {
 
 #[test]
 fn ember_restore_runs_clones_from_the_command_line() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("ember_restore_runs_clones_from_the_command_line") else { return };
     let out = ember(&["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "2", "--timeout", "120"]);
     let stdout = text(&out.stdout);
@@ -106,7 +98,7 @@ fn copy_of(template: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn bad_snapshots_are_refused_with_one_line() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(tpl) = common::template("bad_snapshots_are_refused_with_one_line") else { return };
     let state_of = |d: &Path| d.join(snapshot::STATE_FILE);
     let mem_of = |d: &Path| d.join(snapshot::MEMORY_FILE);
@@ -153,31 +145,20 @@ fn bad_snapshots_are_refused_with_one_line() {
     }
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
 #[test]
 fn clones_leak_no_fds_or_threads() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let Some(dir) = common::template("clones_leak_no_fds_or_threads") else { return };
-    let paths = SnapshotPaths::new(dir);
-    let state = snapshot::read_state(&paths).unwrap();
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).unwrap();
+    let template = Template::open(dir).unwrap();
     // Warm up once (lazily created process-wide state), then count.
-    drop(Vm::restore(&state, &memory, 1, &Channels::default(), Box::new(std::io::sink())).unwrap());
-    let (fds, tasks) = (open_fds(), threads());
+    drop(template.restore(1, &Channels::default(), Box::new(std::io::sink())).unwrap());
+    let (fds, tasks) = common::fds_and_threads();
     for id in 0..20 {
-        let vm = Vm::restore(&state, &memory, id + 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
+        let vm = template.restore(id + 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
         if id % 2 == 0 {
             // Restored, started and stopped at once; the others are dropped without running.
             vm.start(RunOptions::default()).unwrap().stop("test");
         }
     }
-    assert_eq!(open_fds(), fds, "file descriptors leaked");
-    assert_eq!(threads(), tasks, "threads leaked");
+    assert_eq!(common::fds_and_threads(), (fds, tasks), "fds or threads leaked");
 }

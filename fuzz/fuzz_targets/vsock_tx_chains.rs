@@ -4,7 +4,7 @@
 //! of available ring (at 0x1000), the rest as buffers at 0x4000.
 #![no_main]
 
-use ember::devices::virtio::vsock::parse_tx_image;
+use ember::devices::virtio::vsock::packet::parse_tx_image;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

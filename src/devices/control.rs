@@ -9,9 +9,6 @@ pub use ember_abi::control::*;
 
 use super::{BusDevice, GuestRequest};
 
-// The page sits in the MMIO gap right after the boot timer.
-const _: () = assert!(CONTROL_ADDR == crate::vmm::memory::BOOT_TIMER_ADDR + crate::vmm::memory::BOOT_TIMER_SIZE);
-
 /// A VM's control page.
 pub struct ControlPage {
     regs: [u8; REGS_LEN],
@@ -21,7 +18,7 @@ impl ControlPage {
     /// A page for the VM with `clone_id`, with fresh seed material from the host's RNG.
     pub fn new(clone_id: u64, flags: u64) -> std::io::Result<Self> {
         let mut seed = [0u8; SEED_LEN];
-        getrandom(&mut seed)?;
+        crate::sys::getrandom(&mut seed)?;
         Ok(Self::with_seed(clone_id, flags, seed))
     }
 
@@ -33,25 +30,6 @@ impl ControlPage {
         regs[SEED_OFFSET as usize..][..SEED_LEN].copy_from_slice(&seed);
         Self { regs }
     }
-}
-
-/// Fills `buf` from the host kernel's RNG.
-pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into memory we own.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 impl BusDevice for ControlPage {

@@ -7,7 +7,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BusDevice, GuestRequest};
+use super::{BusDevice, DeviceError, GuestRequest, Persist};
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -84,20 +84,26 @@ impl SerialDevice {
         Self { uart: Serial::new(IrqTrigger(irq), out) }
     }
 
-    /// A UART in the state `state` (a snapshot's); fails if the state is not one a UART can be in.
-    pub fn from_state(state: &UartState, irq: EventFd, out: ConsoleOut) -> Result<Self, String> {
-        let uart = Serial::from_state(&SerialState::from(state), IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("bad UART state: {e:?}"))?;
-        Ok(Self { uart })
-    }
-
-    pub fn state(&self) -> UartState {
-        self.uart.state().into()
-    }
-
     /// Input for the guest (its console's receive FIFO); returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = UartState;
+    /// The interrupt's irqfd and where the console goes.
+    type Args = (EventFd, ConsoleOut);
+
+    fn save(&self) -> UartState {
+        self.uart.state().into()
+    }
+
+    /// A UART in a snapshot's state; fails if the state is not one a UART can be in.
+    fn restore((irq, out): Self::Args, state: &UartState) -> Result<Self, DeviceError> {
+        let uart = Serial::from_state(&SerialState::from(state), IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| DeviceError::BadState(format!("UART: {e:?}")))?;
+        Ok(Self { uart })
     }
 }
 
@@ -163,16 +169,16 @@ mod tests {
         s.write(1, &[0x02]);
         s.write(7, &[0x5a]);
         s.enqueue_input(b"xy");
-        let st = s.state();
-        let mut r = SerialDevice::from_state(&st, irq.try_clone().unwrap(), Box::new(std::io::sink())).unwrap();
-        assert_eq!(r.state(), st);
+        let st = s.save();
+        let mut r = SerialDevice::restore((irq.try_clone().unwrap(), Box::new(std::io::sink())), &st).unwrap();
+        assert_eq!(r.save(), st);
         let mut d = [0u8];
         r.read(7, &mut d);
         assert_eq!(d[0], 0x5a);
         r.read(0, &mut d);
         assert_eq!(d[0], b'x');
         let bad = UartState { in_buffer: vec![0; 4096], ..st };
-        assert!(SerialDevice::from_state(&bad, irq, Box::new(std::io::sink())).is_err());
+        assert!(SerialDevice::restore((irq, Box::new(std::io::sink())), &bad).is_err());
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy.
 
 pub mod api;
-pub mod bench;
 pub mod metrics;
 pub mod scaler;
 pub mod simulate;

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -25,8 +25,9 @@ use super::metrics::Metrics;
 use super::scaler::{Action, Load, PoolPolicy, Scaler};
 use crate::config::{BootSource, MachineConfig, VmConfig};
 use crate::mailbox::{CallOptions, Response};
-use crate::snapshot::{self, MemoryFile, SnapshotPaths, SnapshotState};
-use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
+use crate::sys::Locked;
+use crate::template::{MakeOptions, Template};
+use crate::vmm::{Channels, RunOptions, RunningVm};
 
 /// How often the background loop scales pools (it also refills them after every handoff).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -142,9 +143,10 @@ impl FunctionSpec {
                 kernel_image_path: self.kernel.clone(),
                 initrd_path: Some(self.initramfs.clone()),
                 // The kernel hands `NAME=value` words it does not know to init as environment.
-                boot_args: self.runtime.as_ref().map(|r| {
-                    format!("{} EMBER_RUNTIME=\"{}\"", crate::vmm::boot::cmdline::default_cmdline(), r.trim())
-                }),
+                boot_args: self
+                    .runtime
+                    .as_ref()
+                    .map(|r| format!("{} EMBER_RUNTIME=\"{}\"", crate::config::default_cmdline(), r.trim())),
             },
             machine_config,
         }
@@ -176,12 +178,6 @@ pub enum FunctionState {
     Ready,
     /// The template could not be made.
     Failed(String),
-}
-
-/// A loaded template: what every clone of the function is restored from.
-struct Template {
-    state: SnapshotState,
-    memory: MemoryFile,
 }
 
 /// A clone: a restored VM and its channels.
@@ -309,34 +305,30 @@ pub struct Supervisor {
     refill_signal: Condvar,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Function {
     fn template(&self) -> Option<Arc<Template>> {
-        lock(&self.template).clone()
+        self.template.locked().clone()
     }
 
     fn info(&self) -> FunctionInfo {
-        let pool = lock(&self.pool);
+        let pool = self.pool.locked();
         let c = &self.counters;
         FunctionInfo {
             name: self.name.clone(),
-            state: lock(&self.state).clone(),
+            state: self.state.locked().clone(),
             spec: self.spec.clone(),
             ready: pool.ready.len() as u32,
             warming: pool.warming.len() as u32,
             busy: pool.busy,
             restoring: pool.restoring,
-            target_ready: lock(&self.scaler).target(),
+            target_ready: self.scaler.locked().target(),
             handoffs: c.handoffs.load(Ordering::Relaxed),
             cold_starts: c.cold_starts.load(Ordering::Relaxed),
             invocations: c.invocations.load(Ordering::Relaxed),
             invocation_errors: c.invocation_errors.load(Ordering::Relaxed),
             replaced_clones: c.replaced.load(Ordering::Relaxed),
             recycled_clones: c.recycled.load(Ordering::Relaxed),
-            refill_s: *lock(&self.refill_s),
+            refill_s: *self.refill_s.locked(),
         }
     }
 }
@@ -375,8 +367,8 @@ impl Supervisor {
                     let f = sup.insert(&name, spec);
                     match load_template(&f.dir) {
                         Ok(t) => {
-                            *lock(&f.template) = Some(Arc::new(t));
-                            *lock(&f.state) = FunctionState::Ready;
+                            *f.template.locked() = Some(Arc::new(t));
+                            *f.state.locked() = FunctionState::Ready;
                             tracing::info!(function = %name, "loaded with its saved template");
                         }
                         Err(e) => {
@@ -404,19 +396,19 @@ impl Supervisor {
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
         });
-        lock(&self.functions).insert(name.to_string(), f.clone());
+        self.functions.locked().insert(name.to_string(), f.clone());
         f
     }
 
     fn function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
-        lock(&self.functions).get(name).cloned().ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))
+        self.functions.locked().get(name).cloned().ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))
     }
 
     /// Registers a function: saves its spec, then boots its template in the background.
     pub fn register(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
         check_name(name)?;
         spec.validate()?;
-        if lock(&self.functions).contains_key(name) {
+        if self.functions.locked().contains_key(name) {
             return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
         }
         let dir = self.state_dir.join("functions").join(name);
@@ -436,16 +428,16 @@ impl Supervisor {
     fn spawn_template(self: &Arc<Self>, f: Arc<Function>) {
         let started = std::thread::Builder::new().name(format!("template-{}", f.name)).spawn(move || {
             let t = Instant::now();
-            let result = make_template(&f.spec, &f.dir.join("template")).and_then(|()| load_template(&f.dir));
+            let result = make_template(&f.spec, &f.dir);
             match result {
                 Ok(template) => {
-                    *lock(&f.template) = Some(Arc::new(template));
-                    *lock(&f.state) = FunctionState::Ready;
+                    *f.template.locked() = Some(Arc::new(template));
+                    *f.state.locked() = FunctionState::Ready;
                     tracing::info!(function = %f.name, "template ready in {:.1} s", t.elapsed().as_secs_f64());
                 }
                 Err(e) => {
                     tracing::error!(function = %f.name, "cannot make the template: {e}");
-                    *lock(&f.state) = FunctionState::Failed(e);
+                    *f.state.locked() = FunctionState::Failed(e);
                 }
             }
         });
@@ -455,7 +447,7 @@ impl Supervisor {
     }
 
     pub fn list(&self) -> Vec<FunctionInfo> {
-        lock(&self.functions).values().map(|f| f.info()).collect()
+        self.functions.locked().values().map(|f| f.info()).collect()
     }
 
     pub fn get(&self, name: &str) -> Result<FunctionInfo, Refusal> {
@@ -464,9 +456,10 @@ impl Supervisor {
 
     /// Unregisters a function: its ready clones go now, handed-out ones when released; its files go.
     pub fn delete(&self, name: &str) -> Result<(), Refusal> {
-        let f = lock(&self.functions).remove(name).ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))?;
+        let f =
+            self.functions.locked().remove(name).ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))?;
         f.deleted.store(true, Ordering::SeqCst);
-        let drained = lock(&f.pool).take_idle();
+        let drained = f.pool.locked().take_idle();
         drop(drained);
         std::fs::remove_dir_all(&f.dir)
             .map_err(|e| Refusal::Internal(format!("cannot remove {}: {e}", f.dir.display())))
@@ -481,7 +474,8 @@ impl Supervisor {
         let channels =
             Channels { mailbox: Some(mailbox.clone()), vsock: Some(vsock.clone()), serve: true, ..Default::default() };
         let t = Instant::now();
-        let vm = Vm::restore(&template.state, &template.memory, id, &channels, Box::new(std::io::sink()))
+        let vm = template
+            .restore(id, &channels, Box::new(std::io::sink()))
             .and_then(|vm| vm.start(RunOptions::default()))
             .map_err(|e| format!("restore: {e}"))?;
         self.metrics.restore.observe(t.elapsed());
@@ -497,9 +491,9 @@ impl Supervisor {
             return Ok(self.hand_over(f, c, false, t));
         }
         // (`take_warm` has already asked for a refill.)
-        lock(&f.pool).mark_busy();
+        f.pool.locked().mark_busy();
         let c = self.restore_clone(&f).map_err(|e| {
-            lock(&f.pool).busy -= 1;
+            f.pool.locked().busy -= 1;
             Refusal::Internal(e)
         })?;
         tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
@@ -516,7 +510,7 @@ impl Supervisor {
 
     fn ready_function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
         let f = self.function(name)?;
-        let state = lock(&f.state).clone();
+        let state = f.state.locked().clone();
         if state != FunctionState::Ready {
             return Err(Refusal::Conflict(format!("function {name:?} is not ready ({state:?})")));
         }
@@ -526,7 +520,7 @@ impl Supervisor {
     /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
     /// ready one, else one still starting (restored already, so still no cold start).
     fn take_warm(&self, f: &Function) -> Option<PooledVm> {
-        let mut pool = lock(&f.pool);
+        let mut pool = f.pool.locked();
         let mut crashed = 0;
         let mut warm = None;
         while let Some(c) = pool.ready.pop_front().or_else(|| pool.warming.pop_front()) {
@@ -549,10 +543,10 @@ impl Supervisor {
     /// Asks the background loop to refill pools now rather than at its next tick, if `f`'s pool
     /// (`have` clones ready, starting or being restored) is short of its target.
     fn want_refill(&self, f: &Function, have: u32) {
-        if self.scaling_paused.load(Ordering::Relaxed) || lock(&f.scaler).deficit(have) == 0 {
+        if self.scaling_paused.load(Ordering::Relaxed) || f.scaler.locked().deficit(have) == 0 {
             return;
         }
-        let mut wanted = lock(&self.refill_wanted);
+        let mut wanted = self.refill_wanted.locked();
         if !*wanted {
             *wanted = true;
             self.refill_signal.notify_one();
@@ -572,14 +566,14 @@ impl Supervisor {
             vsock: clone.vsock.clone(),
             cold_start,
         };
-        lock(&self.handed).insert(clone.id, Handed { function: f, clone });
+        self.handed.locked().insert(clone.id, Handed { function: f, clone });
         self.metrics.handoff.observe(t.elapsed());
         handoff
     }
 
     /// The ids of every handed-out VM.
     pub fn handed_ids(&self) -> Vec<u64> {
-        lock(&self.handed).keys().copied().collect()
+        self.handed.locked().keys().copied().collect()
     }
 
     /// Takes a handed-out VM back. It goes back to the pool when the function's policy reuses
@@ -587,7 +581,7 @@ impl Supervisor {
     /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
     /// recycled.
     pub fn release(&self, id: u64, destroy: bool) -> Result<bool, Refusal> {
-        let h = lock(&self.handed).remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+        let h = self.handed.locked().remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
         let (f, clone) = (h.function, h.clone);
         let recycle = !destroy
             && clone.uses < f.spec.pool.max_uses
@@ -595,7 +589,7 @@ impl Supervisor {
             && !self.stopping.load(Ordering::SeqCst)
             && clone.vm.exit().is_none()
             && clone.vm.mailbox().quiescent();
-        let mut pool = lock(&f.pool);
+        let mut pool = f.pool.locked();
         pool.busy -= 1;
         if recycle {
             // Taken first by the next acquire: its agent is the most likely to still be polling.
@@ -622,7 +616,7 @@ impl Supervisor {
         let f = self.function(name)?;
         let handler = handler.unwrap_or(&f.spec.handler).to_string();
         let result = {
-            let handed = lock(&self.handed);
+            let handed = self.handed.locked();
             handed.get(&handoff.id).map(|h| h.clone.vm.mailbox())
         };
         let Some(mailbox) = result else { return Err(Refusal::Internal("the handed-out VM vanished".into())) };
@@ -651,10 +645,10 @@ impl Supervisor {
 
     /// The functions the background loop looks after: ready and not deleted.
     fn live_functions(&self) -> Vec<Arc<Function>> {
-        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        let functions: Vec<Arc<Function>> = self.functions.locked().values().cloned().collect();
         functions
             .into_iter()
-            .filter(|f| *lock(&f.state) == FunctionState::Ready && !f.deleted.load(Ordering::SeqCst))
+            .filter(|f| *f.state.locked() == FunctionState::Ready && !f.deleted.load(Ordering::SeqCst))
             .collect()
     }
 
@@ -662,7 +656,7 @@ impl Supervisor {
     /// (learning the refill time from them).
     fn sweep(&self, f: &Function) {
         let (mut dead, mut started) = (Vec::new(), Vec::new());
-        let mut pool = lock(&f.pool);
+        let mut pool = f.pool.locked();
         // In place: the common pass (nothing ended, nothing started) allocates and moves nothing,
         // and holds the lock the handoff path needs as briefly as possible.
         let mut i = 0;
@@ -687,7 +681,7 @@ impl Supervisor {
         for c in started {
             let took = c.restored.elapsed();
             self.metrics.clone_start.observe(took);
-            let mut refill = lock(&f.refill_s);
+            let mut refill = f.refill_s.locked();
             *refill = 0.8 * *refill + 0.2 * took.as_secs_f64();
             drop(refill);
             pool.ready.push_back(c);
@@ -704,7 +698,7 @@ impl Supervisor {
         functions
             .iter()
             .map(|f| {
-                let pool = lock(&f.pool);
+                let pool = f.pool.locked();
                 pool.warming.len() + pool.restoring as usize
             })
             .sum()
@@ -715,10 +709,10 @@ impl Supervisor {
     fn grow(&self, f: &Function, n: u32, warming: &mut usize) {
         let n = (n as usize).min(MAX_WARMING.saturating_sub(*warming)) as u32;
         *warming += n as usize;
-        lock(&f.pool).restoring += n;
+        f.pool.locked().restoring += n;
         for _ in 0..n {
             let c = self.restore_clone(f);
-            let mut pool = lock(&f.pool);
+            let mut pool = f.pool.locked();
             pool.restoring -= 1;
             match c {
                 Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
@@ -745,21 +739,21 @@ impl Supervisor {
         let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
             let load = {
-                let mut pool = lock(&f.pool);
+                let mut pool = f.pool.locked();
                 let busy = pool.busy;
                 Load {
                     busy,
                     peak_busy: std::mem::replace(&mut pool.peak_busy, busy),
                     handoffs: std::mem::take(&mut pool.handoffs),
                     have: pool.have(),
-                    refill_s: *lock(&f.refill_s),
+                    refill_s: *f.refill_s.locked(),
                 }
             };
-            let action = lock(&f.scaler).tick(load);
+            let action = f.scaler.locked().tick(load);
             match action {
                 Action::Grow(n) => self.grow(f, n, &mut warming),
                 Action::Shrink(n) => {
-                    let mut pool = lock(&f.pool);
+                    let mut pool = f.pool.locked();
                     let mut gone = Vec::new();
                     for _ in 0..n {
                         match pool.warming.pop_back().or_else(|| pool.ready.pop_back()) {
@@ -779,8 +773,8 @@ impl Supervisor {
     pub fn refill(&self) {
         let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
-            let have = lock(&f.pool).have();
-            let n = lock(&f.scaler).deficit(have);
+            let have = f.pool.locked().have();
+            let n = f.scaler.locked().deficit(have);
             if n > 0 {
                 self.grow(f, n, &mut warming);
             }
@@ -801,7 +795,7 @@ impl Supervisor {
                     continue;
                 }
                 let wanted = {
-                    let guard = lock(&sup.refill_wanted);
+                    let guard = sup.refill_wanted.locked();
                     let (mut guard, _) = sup
                         .refill_signal
                         .wait_timeout_while(guard, next_tick - now, |w| !*w)
@@ -818,12 +812,12 @@ impl Supervisor {
     /// Stops every VM (pools and handed-out clones); registrations and templates stay on disk.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        let functions: Vec<Arc<Function>> = self.functions.locked().values().cloned().collect();
         for f in functions {
-            let gone = lock(&f.pool).take_idle();
+            let gone = f.pool.locked().take_idle();
             drop(gone);
         }
-        let handed: Vec<Handed> = lock(&self.handed).drain().map(|(_, h)| h).collect();
+        let handed: Vec<Handed> = self.handed.locked().drain().map(|(_, h)| h).collect();
         drop(handed);
     }
 
@@ -834,28 +828,17 @@ impl Supervisor {
     }
 }
 
-/// Boots `spec`'s guest to its agent's "ready" and snapshots it into `dir`.
-fn make_template(spec: &FunctionSpec, dir: &Path) -> Result<(), String> {
-    let vm = Vm::boot(&spec.vm_config(), &Channels::default(), Box::new(std::io::sink()), Instant::now())
-        .map_err(|e| e.to_string())?;
-    let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() }).map_err(|e| e.to_string())?;
-    if !vm.wait_ready(BOOT_TIMEOUT) {
-        let exit = vm.exit();
-        vm.stop("no ready signal");
-        return Err(format!("the guest never signalled ready ({exit:?})"));
-    }
-    vm.pause().map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(dir);
-    vm.snapshot(dir).map_err(|e| format!("snapshot: {e}"))?;
-    vm.stop("template taken");
-    Ok(())
+/// Boots `spec`'s guest to its agent's "ready" and makes its template in `dir`/template (anything
+/// there before is removed first).
+fn make_template(spec: &FunctionSpec, dir: &Path) -> Result<Template, String> {
+    let dir = dir.join("template");
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
+    Template::make(&spec.vm_config(), &dir, opts).map(|m| m.template).map_err(|e| e.to_string())
 }
 
 fn load_template(dir: &Path) -> Result<Template, String> {
-    let paths = SnapshotPaths::new(dir.join("template"));
-    let state = snapshot::read_state(&paths).map_err(|e| e.to_string())?;
-    let memory = MemoryFile::open(&paths, state.machine.mem_bytes).map_err(|e| e.to_string())?;
-    Ok(Template { state, memory })
+    Template::open(&dir.join("template")).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -887,6 +870,6 @@ mod tests {
         let cmdline = spec.vm_config().cmdline();
         assert!(cmdline.ends_with(r#" EMBER_RUNTIME="flip /init --example-runtime""#), "{cmdline}");
         let spec: FunctionSpec = serde_json::from_str(r#"{"kernel": "/k", "initramfs": "/i"}"#).unwrap();
-        assert_eq!(spec.vm_config().cmdline(), crate::vmm::boot::cmdline::default_cmdline());
+        assert_eq!(spec.vm_config().cmdline(), crate::config::default_cmdline());
     }
 }

@@ -15,14 +15,13 @@
 //! CRC-64 of everything before it.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::SnapshotError;
-use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE};
 
 pub const WORKING_SET_FILE: &str = "working-set";
 const MAGIC: &[u8; 8] = b"EMBERWS1";
@@ -165,19 +164,19 @@ impl WorkingSet {
         Ok(ws)
     }
 
+    /// Writes the working set to `path` (atomically: never a half-written file).
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
-        std::fs::write(path, self.encode()).map_err(|e| SnapshotError::Io(path.to_path_buf(), e))
+        super::write_atomic(path, &self.encode())
     }
 
     /// Loads a snapshot's working set; Ok(None) when it has none.
     pub fn load(path: &Path, mem_bytes: u64) -> Result<Option<Self>, SnapshotError> {
-        let mut f = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(SnapshotError::Io(path.to_path_buf(), e)),
-        };
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).map_err(|e| SnapshotError::Io(path.to_path_buf(), e))?;
+        if !path.exists() {
+            return Ok(None);
+        }
+        // At most one run per page of RAM, two lists: anything longer is not a working set.
+        let limit = 32 + 2 * 16 * (mem_bytes / PAGE_SIZE);
+        let bytes = super::read_limited(path, limit)?;
         Self::decode(&bytes, mem_bytes, path).map(Some)
     }
 }
@@ -185,17 +184,17 @@ impl WorkingSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{MemoryFile, SnapshotPaths};
+    use crate::snapshot::memory_file::{write_memory, MemoryFile};
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn records_read_and_written_pages_and_populates_them() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = SnapshotPaths::new(dir.path());
-        let src = crate::vmm::memory::create_guest_memory(16 << 20).unwrap();
+        let path = dir.path().join("memory");
+        let src = crate::memory::create_guest_memory(16 << 20).unwrap();
         src.write_obj(1u64, GuestAddress(0x3000)).unwrap();
-        super::super::write_memory(&paths.memory(), &src).unwrap();
-        let file = MemoryFile::open(&paths, 16 << 20).unwrap();
+        write_memory(&path, &src).unwrap();
+        let file = MemoryFile::open(&path, 16 << 20).unwrap();
 
         let clone = file.map_private().unwrap();
         let _: u64 = clone.read_obj(GuestAddress(0x3000)).unwrap();

@@ -1,16 +1,23 @@
-//! One VM: assembled from a [`VmConfig`] (boot), run on one thread per vCPU, ended by the guest or by
-//! ember.
+//! One VM: assembled from a [`VmConfig`] (boot) or from a snapshot (restore), run on one thread per
+//! vCPU, paused and saved, ended by the guest or by ember.
+//!
+//! - [`devices`]: every device of a VM, assembled in one place.
+//! - [`control`]: the pause/stop state machine the vCPU threads and the controlling thread share.
+//! - [`vcpu`]: the KVM_RUN loop; [`vcpu_state`], [`vm_state`] and [`persist`]: the state a
+//!   snapshot keeps.
+//! - [`boot`]: loading the kernel and the state the vCPUs start in; [`exit`]: why a VM ended.
 
 pub mod boot;
+pub mod control;
+pub mod devices;
 pub mod exit;
-pub mod memory;
-pub mod seccomp;
+pub mod persist;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm_state;
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,28 +25,24 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_EN
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::boot_timer::{BootClock, BootTimeline, BootTimer};
-use crate::devices::bus::Bus;
+use crate::devices::boot_timer::{BootClock, BootTimeline};
 use crate::devices::console_input::ConsoleInputLoop;
-use crate::devices::control::{ControlPage, CONTROL_ADDR, CONTROL_SIZE, FLAG_SERVE};
-use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
-use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
-use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{Interrupt, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::devices::DevicesState;
+use crate::devices::serial::ConsoleOut;
+use crate::devices::DeviceError;
 use crate::mailbox::{CallOptions, InvokeError, Mailbox, MailboxError, Response};
+use crate::memory::{self, GuestMemory};
+use crate::seccomp;
 use crate::snapshot::working_set::WorkingSet;
-use crate::snapshot::{self, MachineInfo, MemoryFile, SnapshotError, SnapshotState};
+use crate::snapshot::{MemoryFile, SnapshotError};
 use boot::BootError;
+use control::VmControl;
+use devices::{DeviceArgs, Devices};
 use exit::VmExit;
-use memory::{GuestMemory, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE};
-use vcpu::{Vcpu, VcpuContext, VmControl};
+use persist::{MachineInfo, SnapshotState};
+use vcpu::{Vcpu, VcpuContext};
 use vm_state::VmState;
 
 /// Where [`Vm::with_payload`] loads its code.
@@ -58,20 +61,22 @@ pub enum VmError {
     KvmOpen(std::io::Error),
     #[error("{0} failed: {err}", err = std::io::Error::from_raw_os_error(*.1))]
     Kvm(&'static str, i32),
-    #[error("cannot allocate {0} MiB of guest memory: {1}")]
-    Memory(u64, String),
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Memory { mib: u64, source: vm_memory::mmap::FromRangesError },
     #[error("cannot set up devices: {0}")]
-    Devices(String),
+    Devices(#[from] DeviceError),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot build the vCPU seccomp filter: {0}")]
-    Seccomp(String),
+    Seccomp(#[from] seccompiler::Error),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot save the VM's state: {0}")]
     NotPaused(String),
     #[error("working set: {0}")]
     WorkingSet(std::io::Error),
+    #[error("cannot register guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("the VM is not running (it ended: {0})")]
     Ended(VmExit),
     #[error(transparent)]
@@ -98,13 +103,8 @@ impl Default for Channels {
     }
 }
 
-/// What the kernel command line needs to find ember's virtio-mmio devices.
-pub fn virtio_cmdline() -> String {
-    use crate::devices::virtio::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE};
-    format!("virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_FIRST_IRQ}")
-}
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+/// Maps a failed KVM ioctl `what` to a [`VmError`] (every KVM call in `vmm` goes through this).
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |e| VmError::Kvm(what, e.errno())
 }
 
@@ -118,83 +118,6 @@ pub struct Vm {
     mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     mem_bytes: u64,
-}
-
-/// The VM's devices and the buses the vCPUs reach them through.
-struct Devices {
-    serial: Arc<Mutex<SerialDevice>>,
-    vsock: Arc<Mutex<MmioTransport>>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-}
-
-impl Devices {
-    /// Creates every device and wires its interrupt; `restored` is a snapshot's device state and
-    /// the clone's id, for a clone.
-    fn create(
-        vm: &VmFd,
-        mem: &GuestMemory,
-        mailbox: &Arc<Mailbox>,
-        console: ConsoleOut,
-        clock: &Arc<BootClock>,
-        restored: Option<(&DevicesState, u64)>,
-        channels: &Channels,
-    ) -> Result<Self, VmError> {
-        let (saved, clone_id) = match restored {
-            Some((s, id)) => (Some(s), id),
-            None => (None, 0),
-        };
-        let device_seccomp = channels.device_seccomp;
-        let serial = saved.map(|s| &s.serial);
-        let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(e.to_string());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(match serial {
-            Some(state) => SerialDevice::from_state(state, serial_irq, console).map_err(|e| dev_err(&e))?,
-            None => SerialDevice::new(serial_irq, console),
-        }));
-        let mut pio = Bus::new();
-        pio.insert(COM1_PORT, UART_PORTS, serial.clone()).map_err(|e| dev_err(&e))?;
-        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default()))).map_err(|e| dev_err(&e))?;
-        pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone())))).map_err(|e| dev_err(&e))?;
-        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))).map_err(|e| dev_err(&e))?;
-        let mut mmio = Bus::new();
-        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))
-            .map_err(|e| dev_err(&e))?;
-        let flags = if channels.serve { FLAG_SERVE } else { 0 };
-        let control = ControlPage::new(clone_id, flags).map_err(|e| dev_err(&e))?;
-        mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control))).map_err(|e| dev_err(&e))?;
-
-        let vsock_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err(&e))?;
-        vm.register_irqfd(&vsock_irq, VIRTIO_FIRST_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-        let interrupt = Arc::new(Interrupt::new(vsock_irq, mailbox.clone()));
-        let filter = match device_seccomp {
-            true => Some(Arc::new(seccomp::device_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)),
-            false => None,
-        };
-        let (device, notify) = Vsock::new(channels.vsock.as_deref(), saved.is_some(), filter)
-            .map_err(|e| VmError::Devices(format!("vsock socket {e}")))?;
-        let mut vsock = MmioTransport::new(vm, VIRTIO_MMIO_BASE, Box::new(device), notify, mem.clone(), interrupt)
-            .map_err(|e| dev_err(&e))?;
-        if let Some(s) = saved {
-            vsock.restore(&s.vsock).map_err(|e| dev_err(&format!("vsock: {e}")))?;
-        }
-        let vsock = Arc::new(Mutex::new(vsock));
-        mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, vsock.clone()).map_err(|e| dev_err(&e))?;
-        Ok(Self { serial, vsock, pio: Arc::new(pio), mmio: Arc::new(mmio) })
-    }
-
-    fn state(&self) -> DevicesState {
-        DevicesState {
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            vsock: self.vsock.lock().unwrap_or_else(|p| p.into_inner()).state(),
-        }
-    }
-
-    /// Stops the devices' own threads.
-    fn shutdown(&self) {
-        self.vsock.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
-    }
 }
 
 /// How to run a VM.
@@ -230,7 +153,7 @@ pub struct RunOutcome {
 fn register_memory(vm: &VmFd, mem: &GuestMemory, mailbox: &Mailbox) -> Result<(), VmError> {
     let mut regions = Vec::new();
     for region in mem.iter() {
-        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(0, e.to_string()))?;
+        let host = mem.get_host_address(region.start_addr())?;
         regions.push((region.start_addr().0, region.len(), host as u64));
     }
     regions.push((memory::MAILBOX_ADDR, memory::MAILBOX_SIZE, mailbox.host_addr()));
@@ -258,19 +181,19 @@ impl Vm {
         let mem_bytes = config.mem_bytes();
 
         // Guest memory and the guest's software first: bad input fails before KVM is touched.
-        let mem =
-            memory::create_guest_memory(mem_bytes).map_err(|e| VmError::Memory(mem_bytes >> 20, e.to_string()))?;
+        let mem = guest_memory(mem_bytes)?;
         let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
         let initrd = match &config.boot_source.initrd_path {
             Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p)?),
             None => None,
         };
-        let cmdline = format!("{} {}", config.cmdline(), virtio_cmdline());
-        let cmdline_size = boot::load_command_line(&mem, &cmdline)?;
-        boot::write_boot_parameters(&mem, mem_bytes, &kernel, cmdline_size, initrd, vcpu_count)?;
-        boot::regs::write_boot_tables(&mem, kernel.entry).map_err(|e| BootError::Params(e.to_string()))?;
-
-        Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, channels, console, clock)
+        let vm = Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, channels, console, clock)?;
+        // The command line names every virtio device the VM was assembled with.
+        let cmdline = format!("{} {}", config.cmdline(), devices::virtio_cmdline(vm.devices.virtio_count()));
+        let cmdline_size = boot::load_command_line(&vm.mem, &cmdline)?;
+        boot::write_boot_parameters(&vm.mem, mem_bytes, &kernel, cmdline_size, initrd, vcpu_count)?;
+        boot::regs::write_boot_tables(&vm.mem, kernel.entry).map_err(|e| BootError::Params(e.to_string()))?;
+        Ok(vm)
     }
 
     /// Builds a VM whose vCPUs all start in 64-bit mode at `code` (loaded at [`PAYLOAD_START`]),
@@ -279,8 +202,7 @@ impl Vm {
     pub fn with_payload(code: &[u8], vcpu_count: u8, console: ConsoleOut) -> Result<Self, VmError> {
         boot::mptable::build(0, vcpu_count).map_err(|e| BootError::MpTable(e.to_string()))?;
         let mem_bytes = memory::MIN_MEM_MIB << 20;
-        let mem =
-            memory::create_guest_memory(mem_bytes).map_err(|e| VmError::Memory(mem_bytes >> 20, e.to_string()))?;
+        let mem = guest_memory(mem_bytes)?;
         let entry = boot::EntryPoint::Linux64(PAYLOAD_START);
         mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
         boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
@@ -304,7 +226,8 @@ impl Vm {
     ) -> Result<Self, VmError> {
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (kvm, vm) = create_vm(&mem, &mailbox)?;
-        let devices = Devices::create(&vm, &mem, &mailbox, console, &clock, None, channels)?;
+        let args = DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id: 0 };
+        let devices = Devices::create(args, None)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for i in 0..vcpu_count {
@@ -330,8 +253,8 @@ impl Vm {
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (_kvm, vm) = create_vm(&mem, &mailbox)?;
         state.vm.restore(&vm)?;
-        let devices =
-            Devices::create(&vm, &mem, &mailbox, console, &clock, Some((&state.devices, clone_id)), channels)?;
+        let args = DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id };
+        let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (i, s) in state.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
@@ -363,7 +286,7 @@ impl Vm {
     pub fn start(self, options: RunOptions) -> Result<RunningVm, VmError> {
         vcpu::install_kick_handler()?;
         let filter = match options.seccomp {
-            true => Some(Arc::new(seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)),
+            true => Some(Arc::new(seccomp::vcpu_filter()?)),
             false => None,
         };
         // What a vCPU thread needs to save its state when paused, worked out before it is confined.
@@ -378,7 +301,7 @@ impl Vm {
         }
         let input = match options.console_input {
             Some(fd) => {
-                Some(ConsoleInputLoop::start(fd, devices.serial.clone()).map_err(|e| VmError::Devices(e.to_string()))?)
+                Some(ConsoleInputLoop::start(fd, devices.serial.clone()).map_err(DeviceError::io("console input"))?)
             }
             None => None,
         };
@@ -500,14 +423,13 @@ impl RunningVm {
             machine: MachineInfo { vcpus: vcpus.len() as u8, mem_bytes: self.mem_bytes },
             vm: VmState::save(&self.vm)?,
             vcpus,
-            devices: self.devices.state(),
+            devices: self.devices.save(),
         })
     }
 
     /// Snapshots the paused VM into `dir` (`state` and `memory` files).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmError> {
-        let state = self.state()?;
-        snapshot::write(dir, &state, &self.mem)?;
+        self.state()?.write(dir, &self.mem)?;
         Ok(())
     }
 
@@ -550,16 +472,9 @@ impl Drop for RunningVm {
     }
 }
 
-/// Records a snapshot's working set: restores one clone (console off), lets it run until its guest
-/// ends it or `window` passes, and reads which pages it read and wrote.
-pub fn record_working_set(state: &SnapshotState, memory: &MemoryFile, window: Duration) -> Result<WorkingSet, VmError> {
-    let vm =
-        Vm::restore(state, memory, 1, &Channels::default(), Box::new(std::io::sink()))?.start(RunOptions::default())?;
-    let _ = vm.ctl.wait(Some(window));
-    vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
-    let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;
-    vm.stop("working set recorded");
-    Ok(ws)
+/// Guest RAM of `mem_bytes` (anonymous, lazily populated).
+fn guest_memory(mem_bytes: u64) -> Result<GuestMemory, VmError> {
+    memory::create_guest_memory(mem_bytes).map_err(|source| VmError::Memory { mib: mem_bytes >> 20, source })
 }
 
 /// Opens KVM and creates a VM with `mem` and the mailbox registered, the TSS, the in-kernel irqchip

@@ -1,8 +1,7 @@
 //! A vCPU: its boot configuration and the thread that runs it (KVM_RUN loop and exit dispatch).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Once};
 
 use kvm_bindings::{kvm_lapic_state, kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -11,13 +10,14 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::boot::{cpuid, msr, regs, EntryPoint};
+use super::control::VmControl;
 use super::exit::VmExit;
-use super::memory::GuestMemory;
 use super::vcpu_state::VcpuState;
-use super::VmError;
+use super::{kvm_err, VmError};
 use crate::devices::boot_timer::BootClock;
 use crate::devices::bus::Bus;
 use crate::devices::GuestRequest;
+use crate::memory::GuestMemory;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -43,160 +43,9 @@ pub fn install_kick_handler() -> Result<(), VmError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), handle_kick).map_err(|e| VmError::Kvm("sigaction", e.errno()));
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(kvm_err("sigaction"));
     });
     result
-}
-
-/// What the VM's vCPU threads and the thread controlling the VM share: the stop and pause flags,
-/// the first reason the VM ended for, and the parked vCPUs' saved state.
-pub struct VmControl {
-    stop: AtomicBool,
-    pause: AtomicBool,
-    /// Pause as soon as the guest rings the doorbell, before it runs another instruction.
-    pause_on_ready: AtomicBool,
-    exit: Mutex<Option<VmExit>>,
-    ended: Condvar,
-    park: Mutex<Park>,
-    park_changed: Condvar,
-}
-
-struct Park {
-    ready: bool,
-    parked: usize,
-    /// Per vCPU: the state it saved when it last parked.
-    states: Vec<Option<Result<VcpuState, String>>>,
-}
-
-impl VmControl {
-    pub fn new(vcpus: usize) -> Self {
-        Self {
-            stop: AtomicBool::new(false),
-            pause: AtomicBool::new(false),
-            pause_on_ready: AtomicBool::new(false),
-            exit: Mutex::new(None),
-            ended: Condvar::new(),
-            park: Mutex::new(Park { ready: false, parked: 0, states: (0..vcpus).map(|_| None).collect() }),
-            park_changed: Condvar::new(),
-        }
-    }
-
-    /// Records why the VM ended (the first reason wins) and tells every vCPU to stop.
-    pub fn end(&self, reason: VmExit) {
-        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        if e.is_none() {
-            *e = Some(reason);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        self.ended.notify_all();
-        drop(e);
-        let _g = self.park.lock().unwrap_or_else(|p| p.into_inner());
-        self.park_changed.notify_all();
-    }
-
-    pub fn should_stop(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    pub fn exit(&self) -> Option<VmExit> {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Waits until the VM ends or `timeout` passes; the reason, if it ended.
-    pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
-        let guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        let guard = match timeout {
-            Some(t) => self.ended.wait_timeout_while(guard, t, |e| e.is_none()).unwrap_or_else(|p| p.into_inner()).0,
-            None => self.ended.wait_while(guard, |e| e.is_none()).unwrap_or_else(|p| p.into_inner()),
-        };
-        guard.clone()
-    }
-
-    fn lock_park(&self) -> std::sync::MutexGuard<'_, Park> {
-        self.park.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn set_pause_on_ready(&self, on: bool) {
-        self.pause_on_ready.store(on, Ordering::SeqCst);
-    }
-
-    /// The guest rang the doorbell.
-    fn set_ready(&self) {
-        if self.pause_on_ready.load(Ordering::SeqCst) {
-            self.request_pause();
-        }
-        self.lock_park().ready = true;
-        self.park_changed.notify_all();
-    }
-
-    /// Waits for the doorbell; false if the VM ended or `timeout` passed first.
-    pub fn wait_ready(&self, timeout: std::time::Duration) -> bool {
-        let g = self.lock_park();
-        let g = self
-            .park_changed
-            .wait_timeout_while(g, timeout, |p| !p.ready && !self.should_stop())
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-        g.ready
-    }
-
-    pub fn request_pause(&self) {
-        self.pause.store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn pause_requested(&self) -> bool {
-        self.pause.load(Ordering::SeqCst)
-    }
-
-    /// Waits up to `timeout` for every vCPU to park.
-    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
-        let g = self.lock_park();
-        let n = g.states.len();
-        let g = self
-            .park_changed
-            .wait_timeout_while(g, timeout, |p| p.parked < n && !self.should_stop())
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-        g.parked == n
-    }
-
-    /// The state each parked vCPU saved (taken: a later call needs another pause).
-    pub fn parked_states(&self) -> Result<Vec<VcpuState>, VmError> {
-        let mut g = self.lock_park();
-        if g.parked != g.states.len() || !self.pause_requested() {
-            return Err(VmError::NotPaused("the VM is not paused".into()));
-        }
-        g.states
-            .iter_mut()
-            .enumerate()
-            .map(|(i, s)| match s.take() {
-                Some(Ok(s)) => Ok(s),
-                Some(Err(e)) => Err(VmError::NotPaused(format!("vCPU {i}: {e}"))),
-                None => Err(VmError::NotPaused(format!("vCPU {i} saved no state (one snapshot per pause)"))),
-            })
-            .collect()
-    }
-
-    pub fn resume(&self) {
-        let _g = self.lock_park();
-        self.pause.store(false, Ordering::SeqCst);
-        self.park_changed.notify_all();
-    }
-
-    /// Called by a vCPU thread: records its state and blocks while the VM is paused.
-    fn park(&self, index: usize, state: Result<VcpuState, String>) {
-        let mut g = self.lock_park();
-        if let Some(slot) = g.states.get_mut(index) {
-            *slot = Some(state);
-        }
-        g.parked += 1;
-        self.park_changed.notify_all();
-        let mut g = self
-            .park_changed
-            .wait_while(g, |_| self.pause_requested() && !self.should_stop())
-            .unwrap_or_else(|p| p.into_inner());
-        g.parked -= 1;
-    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -232,13 +81,12 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VmError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
+        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         Ok(Self { index, fd })
     }
 
     /// Sets up the state the vCPU enters the kernel with.
     pub fn configure_boot(&mut self, supported_cpuid: &CpuId, count: u8, entry: EntryPoint) -> Result<(), VmError> {
-        let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmError::Kvm(what, e.errno());
         let mut cpuid = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, self.index, count);
         self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -261,12 +109,12 @@ impl Vcpu {
     /// Makes the vCPU run a kernel-less payload: RBX = its index, RCX = the vCPU count, and
     /// runnable at once (application processors otherwise wait for INIT/SIPI).
     pub fn start_payload(&self, count: u8) -> Result<(), VmError> {
-        let mut regs = self.fd.get_regs().map_err(|e| VmError::Kvm("KVM_GET_REGS", e.errno()))?;
+        let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs.rbx = u64::from(self.index);
         regs.rcx = u64::from(count);
-        self.fd.set_regs(&regs).map_err(|e| VmError::Kvm("KVM_SET_REGS", e.errno()))?;
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
-        self.fd.set_mp_state(runnable).map_err(|e| VmError::Kvm("KVM_SET_MP_STATE", e.errno()))
+        self.fd.set_mp_state(runnable).map_err(kvm_err("KVM_SET_MP_STATE"))
     }
 
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
@@ -275,7 +123,7 @@ impl Vcpu {
         let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(filter) = seccomp {
-            if let Err(e) = super::seccomp::apply(&filter) {
+            if let Err(e) = crate::seccomp::apply(&filter) {
                 ctl.end(VmExit::Stopped(format!("vCPU {}: cannot apply the seccomp filter: {e}", self.index)));
                 return;
             }
@@ -349,10 +197,7 @@ impl Vcpu {
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         // Callers waiting on the mailbox (in this process or another) learn at once.
         mailbox.vm_ended();
-        let timed_out = matches!(
-            &*ctl.exit.lock().unwrap_or_else(|p| p.into_inner()),
-            Some(VmExit::Stopped(why)) if why.starts_with("timed out")
-        );
+        let timed_out = matches!(ctl.exit(), Some(VmExit::Stopped(why)) if why.starts_with("timed out"));
         if timed_out || tracing::enabled!(tracing::Level::DEBUG) {
             // Where the guest was when ember stopped it: the first clue to a hung guest.
             let (cs, cr2) = self.fd.get_sregs().map(|s| (s.cs.selector, s.cr2)).unwrap_or_default();

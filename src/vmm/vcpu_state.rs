@@ -9,7 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
-use super::VmError;
+use super::{kvm_err, VmError};
 
 /// Everything KVM holds for one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,10 +29,6 @@ pub struct VcpuState {
     pub tsc_khz: u32,
 }
 
-fn err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Kvm(what, e.errno())
-}
-
 /// The TSC-deadline MSR must be set after the TSC itself.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
@@ -44,7 +40,7 @@ fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
         return Ok(l);
     }
     let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
-    let listed = kvm.get_msr_index_list().map_err(err("KVM_GET_MSR_INDEX_LIST"))?;
+    let listed = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut ok = Vec::new();
     for &index in listed.as_slice() {
         let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
@@ -70,22 +66,22 @@ impl VcpuState {
         let entries: Vec<kvm_msr_entry> =
             indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         if n != entries.len() {
             return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
         }
         Ok(Self {
-            cpuid: vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?.as_slice().to_vec(),
+            cpuid: vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?.as_slice().to_vec(),
             msrs: msrs.as_slice().to_vec(),
-            regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
-            sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
-            xsave: vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
-            xcrs: vcpu.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
-            lapic: vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
-            events: vcpu.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
-            mp_state: vcpu.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
-            debugregs: vcpu.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
-            tsc_khz: vcpu.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?,
+            regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            xsave: vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
+            xcrs: vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+            events: vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            debugregs: vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            tsc_khz: vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?,
         })
     }
 
@@ -98,23 +94,23 @@ impl VcpuState {
             }
         }
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
-        vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
-        vcpu.set_mp_state(self.mp_state).map_err(err("KVM_SET_MP_STATE"))?;
-        vcpu.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
-        vcpu.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_mp_state(self.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         // SAFETY: the buffer came from KVM_GET_XSAVE, legacy size: ember never enables XSAVE2-only
         // (AMX) state in a guest's CPUID, so no larger buffer is needed.
-        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
-        vcpu.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
-        vcpu.set_debug_regs(&self.debugregs).map_err(err("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::E2BIG))?;
-        let n = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+        let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n != self.msrs.len() {
             tracing::error!("KVM refused MSR {:#x} of the snapshot", self.msrs[n].index);
             return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
         }
-        vcpu.set_vcpu_events(&self.events).map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::VmError;
+use super::{kvm_err, VmError};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
@@ -19,13 +19,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-fn err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Kvm(what, e.errno())
-}
-
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmError> {
     let mut c = kvm_irqchip { chip_id, ..Default::default() };
-    vm.get_irqchip(&mut c).map_err(err("KVM_GET_IRQCHIP"))?;
+    vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
     Ok(c)
 }
 
@@ -36,21 +32,21 @@ impl VmState {
             pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
-            pit: vm.get_pit2().map_err(err("KVM_GET_PIT2"))?,
-            clock: vm.get_clock().map_err(err("KVM_GET_CLOCK"))?,
+            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
         })
     }
 
     /// Loads the state into a VM that has its irqchip and PIT created and no vCPU running yet.
     pub fn restore(&self, vm: &VmFd) -> Result<(), VmError> {
-        vm.set_pit2(&self.pit).map_err(err("KVM_SET_PIT2"))?;
+        vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         // Only the clock value: flags such as KVM_CLOCK_TSC_STABLE describe the old host and are
         // rejected or recomputed by KVM.
         let clock = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
-        vm.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))?;
-        vm.set_irqchip(&self.pic_master).map_err(err("KVM_SET_IRQCHIP"))?;
-        vm.set_irqchip(&self.pic_slave).map_err(err("KVM_SET_IRQCHIP"))?;
-        vm.set_irqchip(&self.ioapic).map_err(err("KVM_SET_IRQCHIP"))?;
+        vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        vm.set_irqchip(&self.pic_master).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        vm.set_irqchip(&self.pic_slave).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        vm.set_irqchip(&self.ioapic).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         Ok(())
     }
 }

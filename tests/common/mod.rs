@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember::config::{BootSource, MachineConfig, VmConfig};
-use ember::vmm::{Channels, RunOptions, Vm};
+use ember::template::{MakeOptions, Template};
 
 pub mod api;
 
@@ -86,6 +86,18 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Serialises the tests of a binary that must not overlap (those that count the process's fds and
+/// threads, or load the host's few cores): each holds the guard for its whole run.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process's open file descriptors and threads.
+pub fn fds_and_threads() -> (usize, usize) {
+    api::fds_and_threads(std::process::id())
+}
+
 /// How long the one real boot of a test binary may take.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -127,12 +139,11 @@ pub fn template(test: &str) -> Option<&'static Path> {
             machine_config: MachineConfig::default(),
         };
         let cap = Capture::default();
-        let vm = Vm::boot(&cfg, &Channels::default(), Box::new(cap.clone()), Instant::now()).expect("build the VM");
-        let vm = vm.start(RunOptions { pause_on_ready: true, ..Default::default() }).expect("start");
-        assert!(vm.wait_ready(BOOT_TIMEOUT), "the guest never rang the doorbell: {:?}\n{}", vm.exit(), cap.text());
-        vm.pause().expect("pause");
-        vm.snapshot(&dir).expect("snapshot");
-        vm.stop("snapshot taken");
+        let opts = MakeOptions { console: Box::new(cap.clone()), timeout: BOOT_TIMEOUT, ..Default::default() };
+        match Template::make(&cfg, &dir, opts) {
+            Ok(made) => assert!(made.working_set.is_some()),
+            Err(e) => panic!("cannot make the template: {e}\n{}", cap.text()),
+        }
         assert!(cap.text().contains("EMBER_GUEST_READY"), "{}", cap.text());
         assert!(!cap.text().contains("EMBER_CLONE"), "the template ran past its snapshot point");
         dir

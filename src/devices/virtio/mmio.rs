@@ -1,17 +1,17 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" registers): the guest's view of any ember
 //! virtio device. It keeps the negotiation state and the queues' configuration; once the driver
-//! sets DRIVER_OK the device is activated with the queues, their notification eventfds and its
-//! interrupt, and runs on its own thread from then on.
+//! sets DRIVER_OK the device is activated with the queues and its interrupt, and runs on its own
+//! thread from then on. It knows nothing of KVM: the VMM wires the device's queue events to the
+//! QueueNotify register (ioeventfds) and its interrupt to an irqfd, so the register protocol is
+//! unit-tested here with a test device.
 
 use std::sync::Arc;
 
-use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, QueueSnapshot, INT_CONFIG, INT_USED_RING};
-use crate::devices::{BusDevice, GuestRequest};
-use crate::vmm::memory::GuestMemory;
+use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1};
+use crate::devices::{BusDevice, DeviceError, GuestRequest, Persist};
+use crate::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -48,31 +48,11 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 128;
 
-/// The virtio 1.x feature every ember device offers.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-
-/// What a virtio device provides to the transport.
-pub trait VirtioDevice: Send {
-    /// The virtio device id (19: vsock).
-    fn device_type(&self) -> u32;
-    /// The largest size of each queue; the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// The features the device offers (VIRTIO_F_VERSION_1 included).
-    fn features(&self) -> u64;
-    /// Reads the device's configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Starts the device with the driver's queues. Called on a (confined) vCPU thread: a device
-    /// prepares its thread and file descriptors when it is created, and only hands work over here.
-    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), String>;
-    /// Stops the device (driver reset, or the VM ends).
-    fn reset(&mut self);
-    /// The live queues' state, while the device runs.
-    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>>;
-}
-
-/// The transport's state, as saved in a snapshot.
+/// The transport's state, as saved in a snapshot, with the device's own.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct MmioState {
+    /// Which device this is (a snapshot restores only into the same kind).
+    pub device_type: u32,
     pub status: u32,
     pub driver_features: u64,
     pub device_features_sel: u32,
@@ -80,6 +60,8 @@ pub struct MmioState {
     pub queue_sel: u32,
     pub interrupt_status: u32,
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state ([`VirtioDevice::save_state`]).
+    pub device: Vec<u8>,
 }
 
 /// A virtio device on the MMIO bus.
@@ -87,7 +69,6 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
-    notify: Vec<EventFd>,
     queues: Vec<Queue>,
     status: u32,
     driver_features: u64,
@@ -97,33 +78,38 @@ pub struct MmioTransport {
     active: bool,
 }
 
+/// What a transport needs besides its state: the device behind it, guest memory and the
+/// device's interrupt line.
+pub struct MmioArgs {
+    pub device: Box<dyn VirtioDevice>,
+    pub mem: GuestMemory,
+    pub interrupt: Arc<Interrupt>,
+}
+
 impl MmioTransport {
-    /// Wires `device` at `base`: one ioeventfd per queue on the QueueNotify register (a guest
-    /// notification never exits to ember). `notify` are the eventfds, created with the device
-    /// (which keeps copies for its own thread).
-    pub fn new(
-        vm: &VmFd,
-        base: u64,
-        device: Box<dyn VirtioDevice>,
-        notify: Vec<EventFd>,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<Self, String> {
+    /// Puts `device` behind a fresh transport (the driver has not touched it yet). The caller
+    /// registers the device's queue events as ioeventfds on [`REG_QUEUE_NOTIFY`] (one per queue,
+    /// datamatch = queue index), so that a guest notification never exits to ember.
+    pub fn new(args: MmioArgs) -> Result<Self, DeviceError> {
+        let MmioArgs { device, mem, interrupt } = args;
         let sizes = device.queue_max_sizes().to_vec();
-        if notify.len() != sizes.len() {
-            return Err(format!("{} queues but {} notification eventfds", sizes.len(), notify.len()));
+        if device.queue_events().len() != sizes.len() {
+            return Err(DeviceError::BadState(format!(
+                "device {}: {} queues but {} queue events",
+                device.device_type(),
+                sizes.len(),
+                device.queue_events().len()
+            )));
         }
-        let mut queues = Vec::with_capacity(sizes.len());
-        for (i, (&max, fd)) in sizes.iter().zip(&notify).enumerate() {
-            queues.push(Queue::new(max).map_err(|e| format!("virtio queue {i}: {e:?}"))?);
-            vm.register_ioevent(fd, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), i as u32)
-                .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
-        }
+        let queues = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &max)| Queue::new(max).map_err(|e| DeviceError::BadState(format!("virtio queue {i}: {e:?}"))))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             device,
             mem,
             interrupt,
-            notify,
             queues,
             status: 0,
             driver_features: 0,
@@ -134,40 +120,9 @@ impl MmioTransport {
         })
     }
 
-    /// Restores a snapshot's transport state; a device that was running is activated again.
-    pub fn restore(&mut self, state: &MmioState) -> Result<(), String> {
-        if state.queues.len() != self.queues.len() {
-            return Err(format!("snapshot has {} virtio queues, the device {}", state.queues.len(), self.queues.len()));
-        }
-        self.queues = state.queues.iter().map(QueueSnapshot::queue).collect::<Result<_, _>>()?;
-        self.status = state.status;
-        self.driver_features = state.driver_features;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.queue_sel = state.queue_sel;
-        if state.interrupt_status != 0 {
-            self.interrupt.trigger(state.interrupt_status);
-        }
-        if self.status & STATUS_DRIVER_OK != 0 {
-            self.activate();
-        }
-        Ok(())
-    }
-
-    pub fn state(&self) -> MmioState {
-        let queues = match self.device.queue_snapshots() {
-            Some(q) if self.active => q,
-            _ => self.queues.iter().map(QueueSnapshot::of).collect(),
-        };
-        MmioState {
-            status: self.status,
-            driver_features: self.driver_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt.status(),
-            queues,
-        }
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
     }
 
     /// Stops the device's thread.
@@ -184,7 +139,8 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         // The device gets its own copies of the queues (virtio-queue's Queue is not Clone).
-        let queues: Result<Vec<Queue>, String> = self.queues.iter().map(|q| QueueSnapshot::of(q).queue()).collect();
+        let queues: Result<Vec<Queue>, DeviceError> =
+            self.queues.iter().map(|q| QueueSnapshot::of(q).queue()).collect();
         let result = queues.and_then(|q| self.device.activate(self.mem.clone(), q, self.interrupt.clone()));
         match result {
             Ok(()) => self.active = true,
@@ -233,6 +189,63 @@ impl MmioTransport {
     }
 }
 
+impl Persist for MmioTransport {
+    type State = MmioState;
+    type Args = MmioArgs;
+
+    fn save(&self) -> MmioState {
+        let queues = match self.device.queue_snapshots() {
+            Some(q) if self.active => q,
+            _ => self.queues.iter().map(QueueSnapshot::of).collect(),
+        };
+        MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// A transport in a snapshot's state, its device given its own state back; a device that was
+    /// running is activated again.
+    fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, DeviceError> {
+        let mut t = Self::new(args)?;
+        let kind = t.device.device_type();
+        if state.device_type != kind {
+            return Err(DeviceError::BadState(format!(
+                "virtio device {} in the snapshot, {kind} here",
+                state.device_type
+            )));
+        }
+        if state.queues.len() != t.queues.len() {
+            return Err(DeviceError::BadState(format!(
+                "virtio device {kind}: {} queues in the snapshot, {} here",
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        t.queues = state.queues.iter().map(QueueSnapshot::queue).collect::<Result<_, _>>()?;
+        t.device.restore_state(&state.device)?;
+        t.status = state.status;
+        t.driver_features = state.driver_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        if state.interrupt_status != 0 {
+            t.interrupt.trigger(state.interrupt_status);
+        }
+        if t.status & STATUS_DRIVER_OK != 0 {
+            t.activate();
+        }
+        Ok(t)
+    }
+}
+
 fn set_half(v: u64, high: bool, w: u32) -> u64 {
     if high {
         (v & 0xffff_ffff) | (u64::from(w) << 32)
@@ -272,8 +285,11 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<GuestRequest> {
-        if offset >= REG_CONFIG || data.len() != 4 {
-            // Ember's devices have read-only configuration.
+        if offset >= REG_CONFIG {
+            self.device.write_config(offset - REG_CONFIG, data);
+            return None;
+        }
+        if data.len() != 4 {
             return None;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -319,7 +335,7 @@ impl BusDevice for MmioTransport {
             // Notifications normally go to the ioeventfd; a write that reaches here (no ioeventfd
             // support) is passed on the same way.
             REG_QUEUE_NOTIFY => {
-                if let Some(fd) = self.notify.get(v as usize) {
+                if let Some(fd) = self.device.queue_events().get(v as usize) {
                     let _ = fd.write(1);
                 }
             }

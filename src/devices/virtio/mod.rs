@@ -1,6 +1,11 @@
-//! virtio devices over the virtio-mmio transport ([`mmio`]), written once for every device ember
-//! has (vsock now). Rings come from virtio-queue; the guest's queue notifications arrive on
-//! ioeventfds (no exit to ember) and interrupts go in through irqfds.
+//! virtio devices: the contract every device meets ([`VirtioDevice`]) and the virtio-mmio
+//! transport ([`mmio`]) that shows any of them to the guest. Rings come from virtio-queue; the
+//! guest's queue notifications arrive on ioeventfds (no exit to ember) and interrupts go in
+//! through irqfds.
+//!
+//! A device is a folder here (`vsock/`): its front end implements [`VirtioDevice`], its own
+//! snapshot state (if any) travels through `save_state` / `restore_state`, and it is assembled
+//! with one line in `vmm::devices`.
 
 pub mod mmio;
 pub mod vsock;
@@ -8,15 +13,50 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::DeviceError;
 use crate::mailbox::Mailbox;
+use crate::memory::GuestMemory;
 
-/// Where virtio-mmio devices live: one 4 KiB window each, after the control page.
-pub const VIRTIO_MMIO_BASE: u64 = crate::vmm::memory::MMIO_GAP_START + 0x2000;
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// The first device's GSI (IOAPIC pin); COM1 has 4.
-pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The virtio 1.x feature every ember device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// What a virtio device provides to the transport. The device creates its queue notification
+/// eventfds (and any thread that waits on them) with itself, before any vCPU runs and is confined;
+/// the VMM registers those eventfds as ioeventfds on the transport's QueueNotify register.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (19: vsock, 2: block, 1: net).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One eventfd per queue, signalled when the guest notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// The features the device offers (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Reads the device's configuration space (zeros past its end).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device's configuration space (ignored by devices whose configuration is
+    /// read-only).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device with the driver's queues. Called on a (confined) vCPU thread: a device
+    /// prepares its thread and file descriptors when it is created, and only hands work over here.
+    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError>;
+    /// Stops the device (driver reset, or the VM ends).
+    fn reset(&mut self);
+    /// The live queues' state, while the device runs.
+    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>>;
+    /// The device's own state for a snapshot, beyond the transport's negotiation and queues
+    /// (empty for a device that has none).
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back the device's own state from a snapshot, before the transport activates it
+    /// again. Called on every restored device: one whose host side does not survive a restore
+    /// (vsock's connections) prepares to tell the guest.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError>;
+}
 
 /// Interrupt status bits (virtio-mmio InterruptStatus).
 pub const INT_USED_RING: u32 = 1;
@@ -84,7 +124,7 @@ impl QueueSnapshot {
     }
 
     /// The queue, checked by virtio-queue (a snapshot is input like any other).
-    pub fn queue(&self) -> Result<virtio_queue::Queue, String> {
+    pub fn queue(&self) -> Result<virtio_queue::Queue, DeviceError> {
         let s = virtio_queue::QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
@@ -96,6 +136,6 @@ impl QueueSnapshot {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        virtio_queue::Queue::try_from(s).map_err(|e| format!("bad virtio queue state: {e:?}"))
+        virtio_queue::Queue::try_from(s).map_err(|e| DeviceError::BadState(format!("virtio queue: {e:?}")))
     }
 }

@@ -1,7 +1,6 @@
 //! x86_64 boot: loading the kernel, initramfs and command line into guest memory, and the state the
 //! vCPUs start in (registers, segments, page tables, FPU, MSRs, CPUID, MP table).
 
-pub mod cmdline;
 pub mod cpuid;
 pub mod gdt;
 pub mod mptable;
@@ -20,9 +19,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vmm::memory::{
-    GuestMemory, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, PAGE_SIZE,
-};
+use crate::memory::{GuestMemory, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, PAGE_SIZE};
 use params::InitrdLocation;
 
 #[derive(Debug, Error)]

@@ -8,8 +8,7 @@ pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = 0xfec0_0000;
 /// The I/O APIC has 24 pins; KVM's in-kernel irqchip routes GSIs 0-23 to them.
 pub const IOAPIC_PINS: u8 = 24;
-/// The most vCPUs the table (in the 1 KiB EBDA) and ember support.
-pub const MAX_VCPUS: u8 = 32;
+pub use crate::memory::MAX_VCPUS;
 
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;

@@ -10,7 +10,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::GuestAddress;
 
-use crate::vmm::memory::{
+use crate::memory::{
     memory_map, GuestMemory, MemoryMapEntry, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
     ZERO_PAGE_START,
 };
@@ -102,7 +102,7 @@ pub fn write_zero_page(mem: &GuestMemory, params: &boot_params) -> Result<(), li
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::memory::{create_guest_memory, MIB};
+    use crate::memory::{create_guest_memory, MIB};
     use vm_memory::Bytes;
 
     #[test]

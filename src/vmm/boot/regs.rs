@@ -5,7 +5,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{segment, GDT_64BIT, GDT_PVH};
 use super::EntryPoint;
-use crate::vmm::memory::{
+use crate::memory::{
     GuestMemory, BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
     ZERO_PAGE_START,
 };
@@ -98,7 +98,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs, entry: EntryPoint) -> kvm_sregs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::memory::{create_guest_memory, MIB};
+    use crate::memory::{create_guest_memory, MIB};
 
     #[test]
     fn pvh_entry_state() {

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::supervisor::Supervisor;
-use crate::bench::{Summary, TableReport};
+use super::{Summary, TableReport};
+use crate::serve::supervisor::Supervisor;
 
 /// Single-use clones: every handoff gets a fresh clone.
 const FRESH: &str = "fresh";
@@ -153,7 +153,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     let socket = dir.join("api.sock");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket) }).map_err(|e| e.to_string())?;
-    let app = super::api::router(sup.clone());
+    let app = crate::serve::api::router(sup.clone());
     let server = rt.spawn(async move { axum::serve(listener, app).await });
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);
@@ -204,7 +204,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
         "in the daemon: the server-timing header, request routed -> response built (axum middleware)".into(),
         "each round starts with full, quiet pools (clones done starting) and refills paused".into(),
     ];
-    Ok(TableReport { title: "ember bench handoff", heading: "latency (us)", width: 64, rows, notes })
+    Ok(TableReport { title: "ember bench handoff".into(), heading: "latency (us)", width: 64, rows, notes })
 }
 
 /// Waits until `name`'s pool holds `pool` ready clones.

@@ -45,6 +45,28 @@ pub const MMIO_GAP_END: u64 = 1 << 32;
 pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 
+/// ember's control page (clone id, seed, doorbells), right after the boot timer.
+pub const CONTROL_ADDR: u64 = ember_abi::control::CONTROL_ADDR;
+pub const CONTROL_SIZE: u64 = ember_abi::control::CONTROL_SIZE;
+/// virtio-mmio devices: one 4 KiB window each, from here, after the control page.
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START + 0x2000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The first virtio device's GSI (IOAPIC pin); COM1 has 4. Device `i` has `VIRTIO_FIRST_IRQ + i`.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// How many virtio devices a VM can have: one IOAPIC pin each, up to pin 23.
+pub const MAX_VIRTIO_DEVICES: usize = 24 - VIRTIO_FIRST_IRQ as usize;
+
+/// Where virtio device `index` lives: its MMIO window's base and its GSI.
+pub const fn virtio_slot(index: usize) -> (u64, u32) {
+    (VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + index as u32)
+}
+
+/// The most vCPUs ember's machine has (its MP table lives in the 1 KiB EBDA).
+pub const MAX_VCPUS: u8 = 32;
+
+const _: () = assert!(CONTROL_ADDR == BOOT_TIMER_ADDR + BOOT_TIMER_SIZE);
+const _: () = assert!(VIRTIO_MMIO_BASE >= CONTROL_ADDR + CONTROL_SIZE);
+const _: () = assert!(VIRTIO_MMIO_BASE + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_SIZE <= MAILBOX_ADDR);
 const _: () = assert!(MAILBOX_ADDR >= BOOT_TIMER_ADDR + 0x10_0000 && MAILBOX_ADDR + MAILBOX_SIZE <= MMIO_GAP_END);
 
 /// The smallest guest ember accepts; the kernel and initramfs must also fit (checked when loading).

@@ -1,0 +1,131 @@
+//! `ember bench`: boot, restore, invoke and handoff measurements.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use ember::bench;
+
+use super::args::MachineArgs;
+use super::timeout;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Boot the guest N times; report p50/p90/p99 of VM start -> kernel start, -> init, -> the
+    /// boot-timer write, and of process start -> first guest instruction.
+    Boot(BenchBootArgs),
+    /// Boot the guest once to its ready doorbell (the baseline), snapshot it, then restore it N
+    /// times one after another (p50/p90/p99 of restore -> first guest instruction and -> the
+    /// guest's first I/O), and hold M idle clones at once (time, clones/s, private memory per clone).
+    Restore(BenchRestoreArgs),
+    /// Round trip of a no-op invocation on a warm clone, per channel: p50/p90/p99 over --calls
+    /// invocations, the guest's user/kernel CPU split during each run, and the cost of waking an
+    /// idle clone.
+    Invoke(BenchInvokeArgs),
+    /// Latency of `POST /functions/{name}/acquire` and of a no-op `invoke` through `ember serve`'s
+    /// API, with 1 and 16 concurrent clients, measured by the client and by the daemon, on pools
+    /// restored from a template (`ember run --snapshot-on-ready`).
+    Handoff(BenchHandoffArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchHandoffArgs {
+    /// The template snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Ready single-use clones for the fresh-clone invoke round (one per call).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pool: u32,
+    /// Requests per client and round (acquire + release and invoke rounds run on recycled clones;
+    /// the fresh-clone round makes at most --pool calls).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    requests: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchInvokeArgs {
+    /// A template snapshot (`ember run --snapshot-on-ready DIR`) to restore the clone from.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Invocations per mailbox mode (polled, doorbell).
+    #[arg(long, default_value_t = 10_000)]
+    calls: usize,
+    /// Invocations over vsock (each takes milliseconds on hosts that emulate guest kernel mode).
+    #[arg(long, default_value_t = 10_000)]
+    vsock_calls: usize,
+    /// Invocations of an idle clone.
+    #[arg(long, default_value_t = 20)]
+    idle_calls: usize,
+    /// Seconds to wait for one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchBootArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Number of boots.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Per-boot timeout in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchRestoreArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Number of sequential restores to time.
+    #[arg(long, default_value_t = 1000)]
+    runs: usize,
+    /// Number of idle clones to hold at once.
+    #[arg(long, default_value_t = 1000)]
+    clones: usize,
+    /// Where to keep the snapshot (default: a temporary directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Seconds to wait for one clone's first action.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+}
+
+fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
+    let cfg = args.machine.to_config()?;
+    let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(10));
+    let (dir, temporary) = match args.snapshot_dir {
+        Some(d) => (d, false),
+        None => (std::env::temp_dir().join(format!("ember-bench-restore-{}", std::process::id())), true),
+    };
+    let b = bench::restore::RestoreBench { runs: args.runs, clones: args.clones, timeout: t };
+    let report = bench::restore::restore(&cfg, &dir, &b).map_err(|e| e.to_string());
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    report
+}
+
+pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
+    let report = match command {
+        BenchCommand::Boot(args) => {
+            let cfg = args.machine.to_config()?;
+            let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(120));
+            bench::boot::boot(&cfg, args.runs, t).map_err(|e| e.to_string())?
+        }
+        BenchCommand::Restore(args) => bench_restore(args)?,
+        BenchCommand::Handoff(args) => bench::handoff::handoff(&args.snapshot, args.pool, args.requests as usize)?,
+        BenchCommand::Invoke(args) => {
+            let b = bench::invoke::InvokeBench {
+                calls: args.calls,
+                vsock_calls: args.vsock_calls,
+                idle_calls: args.idle_calls,
+                timeout: timeout(Some(args.timeout))?.unwrap_or_default(),
+            };
+            bench::invoke::invoke(&args.snapshot, &b).map_err(|e| e.to_string())?
+        }
+    };
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,208 @@
+//! virtio-vsock with its host side on a Unix socket, compatible with Firecracker's hybrid vsock:
+//!
+//! - host -> guest: connect to the socket at `path`, send `CONNECT <port>\n`; once the guest
+//!   accepts, ember answers `OK <host port>\n` and the stream carries the connection's bytes. If
+//!   nothing listens on the port in the guest, ember closes the stream.
+//! - guest -> host: a connection to host (CID 2) port P is connected to the Unix socket
+//!   `<path>_<P>`.
+//!
+//! Packets are parsed by rust-vmm's virtio-vsock from the guest's descriptor chains; everything
+//! in them (addresses, lengths, ports, operations) is checked before use, and a malformed chain is
+//! returned to the guest unused. Flow control follows the virtio-vsock credit scheme in both
+//! directions. After a restore the device sends the guest a transport reset: connections from
+//! before the snapshot are reset (their host sides are gone) and new ones work.
+//!
+//! The device is four parts: this front end (what the transport sees), the [`worker`] thread that
+//! serves the queues and host sockets, the connections' state ([`conn`]) and the TX packet parser
+//! ([`packet`], shared with the fuzz target).
+
+mod conn;
+pub mod packet;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use std::os::unix::net::UnixListener;
+
+use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::DeviceError;
+use crate::memory::GuestMemory;
+use crate::sys::Locked;
+use worker::Worker;
+
+pub const VSOCK_DEVICE_ID: u32 = 19;
+pub const HOST_CID: u64 = 2;
+pub const GUEST_CID: u64 = 3;
+const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+const QUEUES: usize = 3;
+/// The largest packet payload ember accepts from the guest (Linux sends at most 64 KiB).
+const MAX_PKT_DATA: u32 = 64 << 10;
+/// The receive buffer ember advertises per connection.
+const BUF_ALLOC: u32 = 256 << 10;
+/// Longest `CONNECT <port>\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+
+const TYPE_STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// The vsock device. Its host socket, queue events and thread are created with it (before any
+/// vCPU runs and is confined), so that activation, which happens on a vCPU thread, only hands the
+/// queues over.
+pub struct Vsock {
+    path: Option<PathBuf>,
+    queue_events: Vec<EventFd>,
+    commands: std::sync::mpsc::Sender<Command>,
+    command_evt: EventFd,
+    queues: Option<Arc<Mutex<Vec<Queue>>>>,
+    /// A restored device tells the guest to reset its connections when it starts.
+    reset_on_start: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the front end asks of the worker thread.
+enum Command {
+    Activate { mem: GuestMemory, queues: Arc<Mutex<Vec<Queue>>>, interrupt: Arc<Interrupt>, reset: bool },
+    Deactivate,
+    Stop,
+}
+
+impl Vsock {
+    /// A device whose host side listens at `path` (none: guest connections are refused), its
+    /// thread confined with `seccomp`.
+    pub fn new(path: Option<&Path>, seccomp: Option<Arc<seccompiler::BpfProgram>>) -> Result<Self, DeviceError> {
+        let listener = match path {
+            Some(p) => {
+                let l = UnixListener::bind(p).map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
+                l.set_nonblocking(true).map_err(DeviceError::io("vsock socket"))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let setup = DeviceError::io("vsock setup");
+        let make = || -> std::io::Result<_> {
+            let queue_events: Vec<EventFd> =
+                (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
+            let command_evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let worker = Worker::new(listener, path, &queue_events, &command_evt, rx)?;
+            let thread = worker.spawn(seccomp)?;
+            Ok((queue_events, command_evt, tx, thread))
+        };
+        let (queue_events, command_evt, commands, thread) = make().map_err(setup)?;
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            queue_events,
+            commands,
+            command_evt,
+            queues: None,
+            reset_on_start: false,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, c: Command) {
+        if self.commands.send(c).is_ok() {
+            let _ = self.command_evt.write(1);
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VSOCK_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; QUEUES]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cid = GUEST_CID.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| cid.get(o.checked_add(i)?)).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
+        if queues.len() != QUEUES {
+            return Err(DeviceError::BadState(format!("vsock needs {QUEUES} queues, got {}", queues.len())));
+        }
+        let queues = Arc::new(Mutex::new(queues));
+        self.queues = Some(queues.clone());
+        let reset = std::mem::take(&mut self.reset_on_start);
+        self.send(Command::Activate { mem, queues, interrupt, reset });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues = None;
+        self.send(Command::Deactivate);
+    }
+
+    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+        let q = self.queues.as_ref()?.locked();
+        Some(q.iter().map(QueueSnapshot::of).collect())
+    }
+
+    /// vsock keeps nothing of its own in a snapshot: the connections' host ends do not survive a
+    /// restore, so a restored device resets the guest's connections when it starts.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), DeviceError> {
+        self.reset_on_start = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_reads_the_cid_and_nothing_past_it() {
+        let dev = Vsock::new(None, None).unwrap();
+        let mut b = [0u8; 8];
+        dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), GUEST_CID);
+        dev.read_config(4, &mut b);
+        assert_eq!(b, [0; 8]);
+        dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 8]);
+    }
+}

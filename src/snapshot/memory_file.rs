@@ -1,0 +1,118 @@
+//! The memory file: guest RAM written sparse (zero pages are holes), mapped copy-on-write by every
+//! clone, never written to after it is made.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::{io_err, SnapshotError};
+use crate::memory::{self, GuestMemory, PAGE_SIZE};
+
+/// Writes guest RAM to `path` as a sparse file: runs of non-zero pages are written, zero pages are
+/// left as holes.
+pub fn write_memory(path: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
+    let f = File::create(path).map_err(io_err(path))?;
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host =
+            mem.get_host_address(region.start_addr()).map_err(|e| SnapshotError::Map(path.into(), e.to_string()))?;
+        // SAFETY: `host..host+len` is the live mapping of this region, owned by `mem` for the whole
+        // call; the VM is paused, so nothing writes guest memory while it is read here.
+        let ram = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let page = PAGE_SIZE as usize;
+        let mut run_start = None;
+        for (i, p) in ram.chunks(page).enumerate() {
+            let zero = p.iter().all(|&b| b == 0);
+            match (zero, run_start) {
+                (false, None) => run_start = Some(i * page),
+                (true, Some(s)) => {
+                    f.write_all_at(&ram[s..i * page], file_off + s as u64).map_err(io_err(path))?;
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run_start {
+            f.write_all_at(&ram[s..], file_off + s as u64).map_err(io_err(path))?;
+        }
+        file_off += len as u64;
+    }
+    f.set_len(file_off).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(())
+}
+
+/// An open memory file, ready to be mapped by any number of clones.
+pub struct MemoryFile {
+    path: PathBuf,
+    file: File,
+    mem_bytes: u64,
+}
+
+impl MemoryFile {
+    pub fn open(path: &Path, mem_bytes: u64) -> Result<Self, SnapshotError> {
+        let path = path.to_path_buf();
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let actual = file.metadata().map_err(io_err(&path))?.len();
+        if actual != mem_bytes {
+            return Err(SnapshotError::MemorySize { path, expected: mem_bytes, actual });
+        }
+        Ok(Self { path, file, mem_bytes })
+    }
+
+    /// Guest RAM for one clone: the file mapped private (copy-on-write) and lazily, so this costs
+    /// a few mmap calls whatever the guest's size, and the clone's writes never reach the file.
+    pub fn map_private(&self) -> Result<GuestMemory, SnapshotError> {
+        let map_err = |e: &dyn std::fmt::Display| SnapshotError::Map(self.path.clone(), e.to_string());
+        let mut regions = Vec::new();
+        let mut off = 0u64;
+        for (addr, size) in memory::ram_ranges(self.mem_bytes) {
+            let fd = self.file.try_clone().map_err(|e| map_err(&e))?;
+            let region = MmapRegionBuilder::new(size as usize)
+                .with_file_offset(FileOffset::new(fd, off))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(&e))?;
+            regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| map_err(&"region overflows"))?);
+            off += size;
+        }
+        GuestMemory::from_regions(regions).map_err(|e| map_err(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_file_is_sparse_and_maps_copy_on_write() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory::create_guest_memory(16 << 20).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0x1234_u32, GuestAddress(0xf0_0000)).unwrap();
+        let path = dir.path().join("memory");
+        write_memory(&path, &mem).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 16 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 <= 64 * 1024, "two pages written, {} bytes allocated", meta.blocks() * 512);
+
+        let file = MemoryFile::open(&path, 16 << 20).unwrap();
+        let a = file.map_private().unwrap();
+        let b = file.map_private().unwrap();
+        assert_eq!(a.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef);
+        a.write_obj(7u32, GuestAddress(0x5000)).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef, "a sibling sees the write");
+        drop((a, b));
+        let again = file.map_private().unwrap();
+        assert_eq!(again.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef, "the file changed");
+        assert_eq!(again.read_obj::<u32>(GuestAddress(0xf0_0000)).unwrap(), 0x1234);
+        assert!(matches!(MemoryFile::open(&path, 32 << 20), Err(SnapshotError::MemorySize { .. })));
+    }
+}

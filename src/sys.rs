@@ -1,0 +1,125 @@
+//! Small system helpers every layer may use: the host's RNG, futexes, file locks and poison-free
+//! mutexes. Ground floor: imports nothing of ember.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Fills `buf` from the host kernel's RNG.
+pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into memory we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// Waits while `word` holds `expected` (a shared futex: works across processes), at most `timeout`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos().into() });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: FUTEX_WAIT reads the aligned u32 at `word` (live memory we borrow) and the timespec.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp) };
+}
+
+/// Wakes every waiter on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// An exclusive flock held until dropped: one holder at a time across processes.
+pub struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    /// Takes the lock, waiting for it.
+    pub fn take(f: &'a File) -> std::io::Result<Self> {
+        // SAFETY: flock on an fd we borrow for the guard's lifetime.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(f))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: releases the lock taken in `take` on the fd the guard borrows.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Locking that survives a poisoned mutex: a thread that panicked while holding the lock leaves
+/// data that is still consistent for every ember structure (each update is one assignment or one
+/// container operation), and one failed thread must not take every later caller down with it.
+pub trait Locked<T> {
+    fn locked(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for Mutex<T> {
+    fn locked(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: many VMs hold a few thousand fds.
+pub fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_differ() {
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        getrandom(&mut a).unwrap();
+        getrandom(&mut b).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_poisoned_mutex_still_locks() {
+        let m = std::sync::Arc::new(Mutex::new(1));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = m2.lock().unwrap();
+            panic!("poison it");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        *m.locked() += 1;
+        assert_eq!(*m.locked(), 2);
+    }
+
+    #[test]
+    fn futex_wait_times_out_and_returns_on_a_changed_word() {
+        let w = AtomicU32::new(1);
+        let t = std::time::Instant::now();
+        futex_wait(&w, 1, Some(Duration::from_millis(20)));
+        assert!(t.elapsed() >= Duration::from_millis(15));
+        // The word no longer holds the expected value: no wait at all.
+        futex_wait(&w, 2, None);
+        futex_wake(&w);
+    }
+}

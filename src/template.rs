@@ -1,0 +1,165 @@
+//! Templates: a guest booted once to its agent's "ready", snapshotted there, and opened again to
+//! restore any number of clones. The one place where templates are made (boot -> run paused on
+//! ready -> wait -> pause -> snapshot -> stop -> record the working set) and opened, for the CLI,
+//! the daemon, the benchmarks and the tests alike.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::VmConfig;
+use crate::devices::serial::ConsoleOut;
+use crate::snapshot::working_set::WorkingSet;
+use crate::snapshot::{MemoryFile, SnapshotError, SnapshotPaths};
+use crate::vmm::exit::VmExit;
+use crate::vmm::persist::SnapshotState;
+use crate::vmm::{Channels, RunOptions, Vm, VmError};
+
+/// How long the clone that records a template's working set runs (it usually ends sooner: without
+/// `serve`, the guest agent powers off after the restore).
+pub const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum TemplateError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The guest ended, or the time ran out, before its agent signalled ready: no snapshot taken.
+    #[error("the guest never signalled ready, no snapshot taken ({0})")]
+    NeverReady(VmExit),
+}
+
+/// How to make a template.
+pub struct MakeOptions {
+    /// The template VM's channels (its agent serves after "ready" if they ask for it; clones get
+    /// their own).
+    pub channels: Channels,
+    pub console: ConsoleOut,
+    /// Bytes read from this fd go to the guest console while it boots.
+    pub console_input: Option<OwnedFd>,
+    /// Confine the vCPU threads with seccomp.
+    pub seccomp: bool,
+    /// How long the guest may take to signal ready.
+    pub timeout: Duration,
+    /// Record the working set (one clone runs after the snapshot).
+    pub working_set: bool,
+    /// Anchors the boot timeline.
+    pub process_start: Instant,
+}
+
+impl Default for MakeOptions {
+    fn default() -> Self {
+        Self {
+            channels: Channels::default(),
+            console: Box::new(std::io::sink()),
+            console_input: None,
+            seccomp: true,
+            timeout: Duration::from_secs(600),
+            working_set: true,
+            process_start: Instant::now(),
+        }
+    }
+}
+
+/// A template just made, with what making it took.
+pub struct Made {
+    pub template: Template,
+    /// VM start -> the agent's ready doorbell (the boot).
+    pub ready: Duration,
+    pub pause: Duration,
+    pub save: Duration,
+    pub working_set: Option<WorkingSet>,
+}
+
+/// An opened template: its files checked, its state decoded, its memory file open for mapping.
+pub struct Template {
+    pub paths: SnapshotPaths,
+    pub state: SnapshotState,
+    pub memory: MemoryFile,
+}
+
+impl Template {
+    /// Opens the template in `dir`: reads and checks its state file, opens its memory file.
+    pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
+        let paths = SnapshotPaths::new(dir);
+        let state = SnapshotState::read(&paths)?;
+        let memory = MemoryFile::open(&paths.memory(), state.machine.mem_bytes)?;
+        Ok(Self { paths, state, memory })
+    }
+
+    /// Boots `config`, runs it until its agent signals ready (paused at that very instruction),
+    /// snapshots it into `dir` and stops it; then, if asked, records the working set from one
+    /// clone's run into `dir` too.
+    pub fn make(config: &VmConfig, dir: &Path, opts: MakeOptions) -> Result<Made, TemplateError> {
+        let start = Instant::now();
+        let vm = Vm::boot(config, &opts.channels, opts.console, opts.process_start)?;
+        let options = RunOptions {
+            seccomp: opts.seccomp,
+            console_input: opts.console_input,
+            pause_on_ready: true,
+            ..Default::default()
+        };
+        let running = vm.start(options)?;
+        if !running.wait_ready(opts.timeout) {
+            let outcome = match running.exit() {
+                Some(_) => running.wait(Some(Duration::ZERO)),
+                None => running.stop(&format!("timed out after {:.1} s", opts.timeout.as_secs_f64())),
+            };
+            return Err(TemplateError::NeverReady(outcome.exit));
+        }
+        let ready = start.elapsed();
+        let t = Instant::now();
+        running.pause()?;
+        let pause = t.elapsed();
+        running.snapshot(dir)?;
+        let save = t.elapsed() - pause;
+        running.stop("template taken");
+        tracing::info!(
+            "template written to {} (ready after {:.1} s; pause {:.3} ms, save {:.3} ms)",
+            dir.display(),
+            ready.as_secs_f64(),
+            pause.as_secs_f64() * 1e3,
+            save.as_secs_f64() * 1e3
+        );
+        let template = Self::open(dir)?;
+        let working_set = match opts.working_set {
+            true => {
+                let ws = template.record_working_set(WORKING_SET_WINDOW)?;
+                ws.save(&template.paths.working_set())?;
+                tracing::info!(
+                    "working set recorded: {} pages read, {} pages written",
+                    ws.read_pages(),
+                    ws.written_pages()
+                );
+                Some(ws)
+            }
+            false => None,
+        };
+        Ok(Made { template, ready, pause, save, working_set })
+    }
+
+    /// A new clone of the template, ready to start: `clone_id` (1 and up) is what its guest reads
+    /// from its control page, with fresh seed material.
+    pub fn restore(&self, clone_id: u64, channels: &Channels, console: ConsoleOut) -> Result<Vm, VmError> {
+        Vm::restore(&self.state, &self.memory, clone_id, channels, console)
+    }
+
+    /// The recorded working set, if the template has one.
+    pub fn working_set(&self) -> Result<Option<WorkingSet>, SnapshotError> {
+        WorkingSet::load(&self.paths.working_set(), self.state.machine.mem_bytes)
+    }
+
+    /// Records the template's working set: restores one clone (console off), lets it run until
+    /// its guest ends it or `window` passes, and reads which pages it read and wrote.
+    pub fn record_working_set(&self, window: Duration) -> Result<WorkingSet, VmError> {
+        let vm = self.restore(1, &Channels::default(), Box::new(std::io::sink()))?.start(RunOptions::default())?;
+        let _ = vm.poll(window);
+        vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
+        let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;
+        vm.stop("working set recorded");
+        Ok(ws)
+    }
+}

@@ -1,0 +1,170 @@
+//! A VM's devices, assembled in one place: the legacy devices on the port-I/O bus, ember's MMIO
+//! pages, and every virtio device behind its own virtio-mmio transport, each with its interrupt
+//! wired to an irqfd and its queue notifications to ioeventfds. A snapshot's device state is
+//! handed to each device's `restore`.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use seccompiler::BpfProgram;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::Channels;
+use crate::devices::boot_timer::{BootClock, BootTimer};
+use crate::devices::bus::Bus;
+use crate::devices::control::{ControlPage, FLAG_SERVE};
+use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
+use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{DeviceError, DevicesState, Persist};
+use crate::mailbox::Mailbox;
+use crate::memory::{
+    virtio_slot, GuestMemory, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, CONTROL_ADDR, CONTROL_SIZE, MAX_VIRTIO_DEVICES,
+    VIRTIO_MMIO_SIZE,
+};
+use crate::sys::Locked;
+
+/// Every virtio device of a VM, in slot order (slot `i`: `memory::virtio_slot(i)`). A new device
+/// is one line here.
+fn virtio_devices(
+    channels: &Channels,
+    seccomp: Option<Arc<BpfProgram>>,
+) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
+    Ok(vec![Box::new(Vsock::new(channels.vsock.as_deref(), seccomp)?)])
+}
+
+/// What the guest kernel's command line needs to find `count` virtio-mmio devices.
+pub fn virtio_cmdline(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            let (base, irq) = virtio_slot(i);
+            format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The VM's devices and the buses the vCPUs reach them through.
+pub struct Devices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+/// What the devices of one VM are built from.
+pub struct DeviceArgs<'a> {
+    pub vm: &'a VmFd,
+    pub mem: &'a GuestMemory,
+    pub mailbox: &'a Arc<Mailbox>,
+    pub console: ConsoleOut,
+    pub clock: &'a Arc<BootClock>,
+    pub channels: &'a Channels,
+    /// The clone's id (0 for a VM that booted): what the guest reads from its control page.
+    pub clone_id: u64,
+}
+
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::io("eventfd"))?;
+    vm.register_irqfd(&fd, gsi).map_err(|e| DeviceError::Kvm("KVM_IRQFD", e.errno()))?;
+    Ok(fd)
+}
+
+impl Devices {
+    /// Creates every device and wires its interrupt; `saved` is a snapshot's device state, for a
+    /// clone.
+    pub fn create(args: DeviceArgs<'_>, saved: Option<&DevicesState>) -> Result<Self, DeviceError> {
+        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id } = args;
+        let serial_irq = irqfd(vm, COM1_IRQ)?;
+        let serial = Arc::new(Mutex::new(match saved {
+            Some(s) => SerialDevice::restore((serial_irq, console), &s.serial)?,
+            None => SerialDevice::new(serial_irq, console),
+        }));
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT, UART_PORTS, serial.clone())?;
+        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default())))?;
+        pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone()))))?;
+        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)))?;
+        let mut mmio = Bus::new();
+        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))?;
+        let flags = if channels.serve { FLAG_SERVE } else { 0 };
+        let control = ControlPage::new(clone_id, flags).map_err(DeviceError::io("control page seed"))?;
+        mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control)))?;
+
+        let filter = match channels.device_seccomp {
+            true => {
+                let f = crate::seccomp::device_filter().map_err(|e| DeviceError::Seccomp(e.to_string()))?;
+                Some(Arc::new(f))
+            }
+            false => None,
+        };
+        let devices = virtio_devices(channels, filter)?;
+        if devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(DeviceError::BadState(format!(
+                "{} virtio devices, at most {MAX_VIRTIO_DEVICES}",
+                devices.len()
+            )));
+        }
+        if let Some(s) = saved {
+            if s.virtio.len() != devices.len() {
+                return Err(DeviceError::BadState(format!(
+                    "{} virtio devices in the snapshot, {} here",
+                    s.virtio.len(),
+                    devices.len()
+                )));
+            }
+        }
+        let mut virtio = Vec::with_capacity(devices.len());
+        for (i, device) in devices.into_iter().enumerate() {
+            let (base, gsi) = virtio_slot(i);
+            for (q, evt) in device.queue_events().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+                    .map_err(|e| DeviceError::Kvm("KVM_IOEVENTFD", e.errno()))?;
+            }
+            let interrupt = Arc::new(Interrupt::new(irqfd(vm, gsi)?, mailbox.clone()));
+            let args = MmioArgs { device, mem: mem.clone(), interrupt };
+            let transport = match saved {
+                Some(s) => MmioTransport::restore(args, &s.virtio[i])?,
+                None => MmioTransport::new(args)?,
+            };
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+            virtio.push(transport);
+        }
+        Ok(Self { serial, virtio, pio: Arc::new(pio), mmio: Arc::new(mmio) })
+    }
+
+    /// Every device's state, for a snapshot.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial.locked().save(),
+            virtio: self.virtio.iter().map(|t| t.locked().save()).collect(),
+        }
+    }
+
+    /// How many virtio devices there are (the guest's command line names each).
+    pub fn virtio_count(&self) -> usize {
+        self.virtio.len()
+    }
+
+    /// Stops the devices' own threads.
+    pub fn shutdown(&self) {
+        for t in &self.virtio {
+            t.locked().shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_names_every_slot() {
+        assert_eq!(virtio_cmdline(1), "virtio_mmio.device=4K@0xd0002000:5");
+        assert_eq!(virtio_cmdline(2), "virtio_mmio.device=4K@0xd0002000:5 virtio_mmio.device=4K@0xd0003000:6");
+    }
+}
