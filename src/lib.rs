@@ -1,17 +1,24 @@
-//! ember: a minimal KVM microVM manager.
+//! ember: a minimal KVM microVM manager. The modules, from the ground up, as the data flows:
 //!
-//! - [`config`]: the machine description (Firecracker-shaped JSON or CLI flags).
-//! - [`vmm`]: one VM: memory, boot, vCPUs, KVM state.
-//! - [`devices`]: what the guest talks to: UART, i8042, boot timer, ember's debug and exit ports.
-//! - [`mailbox`]: the host side of the mailbox, the invocation path that skips the guest kernel.
-//! - [`vsock`]: invocations over a VM's vsock socket (the host side of Firecracker's hybrid vsock).
+//! - [`memory`], [`sys`], [`seccomp`]: the ground floor (the guest's physical layout, small system
+//!   helpers, seccomp filters); they import nothing of ember.
+//! - [`config`]: the machine description (Firecracker-shaped JSON or CLI flags) and the default
+//!   kernel command line.
+//! - [`snapshot`]: snapshot files as bytes (state format, memory file, working set).
+//! - [`channel`]: the host ends of the guest channels (mailbox, vsock).
+//! - [`devices`]: what the guest talks to: UART, i8042, boot timer, ember's ports and control page,
+//!   virtio devices behind the virtio-mmio transport.
+//! - [`vmm`]: one VM: boot, restore, vCPUs, pause, its snapshot state.
+//! - [`template`]: make a template (boot -> ready -> snapshot) and open it to restore clones.
 //! - [`serve`]: `ember serve`, the pool supervisor and its Unix-socket API.
 //! - [`bench`]: measurements behind `ember bench`.
+//!
+//! No module imports one above it (`tests/layers.rs` checks).
 
 pub mod bench;
+pub mod channel;
 pub mod config;
 pub mod devices;
-pub mod mailbox;
 pub mod memory;
 pub mod seccomp;
 pub mod serve;
@@ -19,4 +26,3 @@ pub mod snapshot;
 pub mod sys;
 pub mod template;
 pub mod vmm;
-pub mod vsock;

@@ -3,9 +3,9 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicU32;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Fills `buf` from the host kernel's RNG.
 pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
@@ -74,6 +74,59 @@ impl<T> Locked<T> for Mutex<T> {
     }
 }
 
+/// A rate limit for log lines a guest can trigger: at most `per_second` pass in any one-second
+/// window; the rest are counted, and the next line that passes says how many were dropped. A
+/// stalled or flooded log must never slow the vCPU and device threads that write it.
+pub struct RateLimit {
+    /// The current window, in seconds since the process's first check (+1; 0: none yet).
+    window: AtomicU64,
+    passed: AtomicU32,
+    dropped: AtomicU64,
+}
+
+impl RateLimit {
+    pub const fn new() -> Self {
+        Self { window: AtomicU64::new(0), passed: AtomicU32::new(0), dropped: AtomicU64::new(0) }
+    }
+
+    /// Whether a line may be logged now: `Some(lines dropped since the last one that passed)`.
+    pub fn check(&self, per_second: u32) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.passed.store(0, Ordering::Relaxed);
+        }
+        if self.passed.fetch_add(1, Ordering::Relaxed) < per_second {
+            Some(self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs at `level` (a `tracing` macro: `warn`, `info`, ...) at most 10 lines a second from this
+/// call site, process-wide; for every log line a guest can cause.
+#[macro_export]
+macro_rules! log_limited {
+    ($level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::sys::RateLimit = $crate::sys::RateLimit::new();
+        if let Some(dropped) = LIMIT.check(10) {
+            if dropped > 0 {
+                tracing::$level!(dropped, $($arg)+);
+            } else {
+                tracing::$level!($($arg)+);
+            }
+        }
+    }};
+}
+
 /// Raises the soft open-file limit to the hard one: many VMs hold a few thousand fds.
 pub fn raise_fd_limit() {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -110,6 +163,17 @@ mod tests {
         assert!(m.is_poisoned());
         *m.locked() += 1;
         assert_eq!(*m.locked(), 2);
+    }
+
+    #[test]
+    fn a_rate_limit_passes_a_few_lines_a_second_and_counts_the_rest() {
+        let limit = RateLimit::new();
+        let passed: Vec<u64> = (0..1000).filter_map(|_| limit.check(10)).collect();
+        // All 1000 within one or two one-second windows: at most 20 pass.
+        assert!((10..=20).contains(&passed.len()), "{} passed", passed.len());
+        std::thread::sleep(Duration::from_millis(1100));
+        let dropped = limit.check(10).expect("a new window lets a line through");
+        assert!(dropped >= 980, "the next line reports what was dropped ({dropped})");
     }
 
     #[test]

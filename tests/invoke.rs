@@ -6,10 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ember, text};
-use ember::mailbox::{CallOptions, InvokeError};
+use ember::channel::mailbox::{CallOptions, InvokeError};
+use ember::channel::vsock::AgentConnection;
 use ember::template::Template;
 use ember::vmm::{Channels, RunOptions, RunningVm};
-use ember::vsock::AgentConnection;
 use ember_abi::Status;
 
 /// The first invocation of a clone waits for it to take its seed and start serving.

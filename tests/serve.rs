@@ -84,8 +84,8 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!(code, 200, "{body}");
     let h = json_of(&body);
     assert_eq!(h["cold_start"], false, "{body}");
-    let mailbox = ember::mailbox::Mailbox::open(Path::new(h["mailbox"].as_str().unwrap())).unwrap();
-    let opts = ember::mailbox::CallOptions { timeout: Duration::from_secs(120), ..Default::default() };
+    let mailbox = ember::channel::mailbox::Mailbox::open(Path::new(h["mailbox"].as_str().unwrap())).unwrap();
+    let opts = ember::channel::mailbox::CallOptions { timeout: Duration::from_secs(120), ..Default::default() };
     assert_eq!(mailbox.call("echo", b"direct", opts).unwrap().payload, b"direct");
     let id = h["id"].as_u64().unwrap();
     // A bad release body changes nothing: the VM stays handed out.

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Summary, TableReport};
+use crate::serve::model::FunctionSpec;
+use crate::serve::registry::Registry;
 use crate::serve::supervisor::Supervisor;
 
 /// Single-use clones: every handoff gets a fresh clone.
@@ -68,15 +70,9 @@ pub fn handoff(snapshot: &Path, pool: u32, per_client: usize) -> Result<TableRep
 
 /// Registers `name` in the state directory `state` with the template in `snapshot`.
 fn register(snapshot: &Path, state: &Path, name: &str, pool: serde_json::Value) -> Result<(), String> {
-    let fdir = state.join("functions").join(name);
-    std::fs::create_dir_all(fdir.join("template")).map_err(|e| e.to_string())?;
-    for f in [crate::snapshot::STATE_FILE, crate::snapshot::MEMORY_FILE] {
-        std::fs::hard_link(snapshot.join(f), fdir.join("template").join(f))
-            .or_else(|_| std::fs::copy(snapshot.join(f), fdir.join("template").join(f)).map(|_| ()))
-            .map_err(|e| format!("{}: {e}", snapshot.join(f).display()))?;
-    }
     let spec = serde_json::json!({"kernel": "/nonexistent", "initramfs": "/nonexistent", "pool": pool});
-    std::fs::write(fdir.join("spec.json"), spec.to_string()).map_err(|e| e.to_string())
+    let spec: FunctionSpec = serde_json::from_value(spec).map_err(|e| e.to_string())?;
+    Registry::open(state).map_err(|e| e.to_string())?.install(name, &spec, snapshot)
 }
 
 type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;

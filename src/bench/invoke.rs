@@ -7,10 +7,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{ms, BenchError, Summary, TableReport};
-use crate::mailbox::CallOptions;
+use crate::channel::mailbox::CallOptions;
+use crate::channel::vsock::AgentConnection;
 use crate::template::Template;
 use crate::vmm::{Channels, RunOptions, RunningVm};
-use crate::vsock::AgentConnection;
 
 /// What `ember bench invoke` measures.
 pub struct InvokeBench {

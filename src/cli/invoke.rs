@@ -47,12 +47,12 @@ pub(crate) fn invoke(args: InvokeArgs) -> Result<ExitCode, String> {
     let timeout = timeout(Some(args.timeout))?.unwrap_or_default();
     let r = match (&args.mailbox, &args.vsock) {
         (Some(path), _) => {
-            let mailbox = ember::mailbox::Mailbox::open(path).map_err(|e| e.to_string())?;
-            let opts = ember::mailbox::CallOptions { timeout, doorbell: args.doorbell, ..Default::default() };
+            let mailbox = ember::channel::mailbox::Mailbox::open(path).map_err(|e| e.to_string())?;
+            let opts = ember::channel::mailbox::CallOptions { timeout, doorbell: args.doorbell, ..Default::default() };
             mailbox.call(&args.function, &payload, opts).map_err(|e| e.to_string())?
         }
         (None, Some(path)) => {
-            let mut conn = ember::vsock::AgentConnection::connect(path, timeout).map_err(|e| e.to_string())?;
+            let mut conn = ember::channel::vsock::AgentConnection::connect(path, timeout).map_err(|e| e.to_string())?;
             conn.call(&args.function, &payload).map_err(|e| e.to_string())?
         }
         (None, None) => return Err("--mailbox or --vsock is required".into()),

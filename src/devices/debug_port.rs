@@ -63,7 +63,7 @@ impl BusDevice for ExitPort {
             Some(&EXIT_POWER_OFF) => Some(GuestRequest::PowerOff),
             Some(&EXIT_PANIC) => Some(GuestRequest::Panic),
             Some(code) => {
-                tracing::warn!("exit port: unknown code {code:#04x} ignored");
+                crate::log_limited!(warn, "exit port: unknown code {code:#04x} ignored");
                 None
             }
             None => None,

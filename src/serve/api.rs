@@ -20,7 +20,8 @@ use base64::Engine;
 use serde::Deserialize;
 use tracing::Instrument;
 
-use super::supervisor::{FunctionSpec, Refusal, Supervisor};
+use super::model::{FunctionSpec, Refusal};
+use super::supervisor::Supervisor;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 /// The longest invocation timeout a request may ask for.

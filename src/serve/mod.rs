@@ -1,6 +1,9 @@
 //! `ember serve`: the pool supervisor behind a Unix-socket HTTP API, for a function scheduler.
 //!
-//! - [`supervisor`]: functions, templates, pools, handoff, the background scaling loop.
+//! - [`model`]: registrations, refusals, what the API answers.
+//! - [`supervisor`]: functions and their templates, handoff, release, invoke.
+//! - [`pool`]: pools of clones and the background loop that scales them.
+//! - [`registry`]: the state directory's files.
 //! - [`scaler`]: the autoscaling policy (pure logic).
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
@@ -8,6 +11,9 @@
 
 pub mod api;
 pub mod metrics;
+pub mod model;
+pub mod pool;
+pub mod registry;
 pub mod scaler;
 pub mod simulate;
 pub mod supervisor;

@@ -9,8 +9,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::fmt;
 
+use super::pool::TICK;
 use super::scaler::{Action, Load, PoolPolicy, Scaler};
-use super::supervisor::TICK;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Invocation {

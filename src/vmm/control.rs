@@ -227,12 +227,13 @@ mod tests {
         assert!(again.contains("one snapshot per pause"), "{again}");
         ctl.resume();
         let t = std::time::Instant::now();
-        while ctl.wait_parked(Duration::ZERO) {
+        while ctl.park.locked().parked > 0 {
             assert!(t.elapsed() < Duration::from_secs(5), "resumed vCPUs never left their park");
             std::thread::yield_now();
         }
         ctl.request_pause();
         assert!(ctl.wait_parked(Duration::from_secs(5)), "parked again after a resume");
+        assert_eq!(ctl.parked_states().unwrap().len(), 2, "each vCPU saved its state anew");
         ctl.end(VmExit::Stopped("test".into()));
         // A stop releases parked vCPUs.
         assert!(threads.into_iter().all(|t| t.join().unwrap() >= 2));

@@ -10,6 +10,7 @@ use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Channels;
+use crate::channel::mailbox::Mailbox;
 use crate::devices::boot_timer::{BootClock, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::control::{ControlPage, FLAG_SERVE};
@@ -20,7 +21,6 @@ use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, DevicesState, Persist};
-use crate::mailbox::Mailbox;
 use crate::memory::{
     virtio_slot, GuestMemory, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, CONTROL_ADDR, CONTROL_SIZE, MAX_VIRTIO_DEVICES,
     VIRTIO_MMIO_SIZE,

@@ -27,12 +27,12 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 
+use crate::channel::mailbox::{CallOptions, InvokeError, Mailbox, MailboxError, Response};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::boot_timer::{BootClock, BootTimeline};
 use crate::devices::console_input::ConsoleInputLoop;
 use crate::devices::serial::ConsoleOut;
 use crate::devices::DeviceError;
-use crate::mailbox::{CallOptions, InvokeError, Mailbox, MailboxError, Response};
 use crate::memory::{self, GuestMemory};
 use crate::seccomp;
 use crate::snapshot::working_set::WorkingSet;

@@ -69,7 +69,7 @@ pub struct VcpuContext {
     pub ctl: Arc<VmControl>,
     pub clock: Option<Arc<BootClock>>,
     pub mem: GuestMemory,
-    pub mailbox: Arc<crate::mailbox::Mailbox>,
+    pub mailbox: Arc<crate::channel::mailbox::Mailbox>,
     /// The seccomp filter to confine this thread with, if any.
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }

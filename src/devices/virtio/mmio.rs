@@ -145,7 +145,7 @@ impl MmioTransport {
         match result {
             Ok(()) => self.active = true,
             Err(e) => {
-                tracing::warn!("virtio device {} failed to activate: {e}", self.device.device_type());
+                crate::log_limited!(warn, "virtio device {} failed to activate: {e}", self.device.device_type());
                 self.status |= STATUS_FAILED;
                 self.interrupt.trigger(INT_CONFIG);
             }
@@ -177,10 +177,15 @@ impl MmioTransport {
                 return;
             }
         }
+        if v & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK == 0 {
+            // DRIVER_OK before the features were accepted: the driver broke the protocol.
+            self.status = v | STATUS_FAILED;
+            return;
+        }
         self.status = v;
         if v & STATUS_DRIVER_OK != 0 && was & STATUS_DRIVER_OK == 0 && !self.active {
             if self.queues.iter().filter(|q| q.ready()).any(|q| !q.is_valid(&self.mem)) {
-                tracing::warn!("virtio: the driver set DRIVER_OK with an invalid queue");
+                crate::log_limited!(warn, "virtio: the driver set DRIVER_OK with an invalid queue");
                 self.status |= STATUS_FAILED;
                 return;
             }
@@ -344,5 +349,260 @@ impl BusDevice for MmioTransport {
             other => tracing::debug!("virtio-mmio: ignored write of {v:#x} to {other:#x}"),
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::channel::mailbox::Mailbox;
+    use crate::sys::Locked;
+
+    /// What the test device saw.
+    #[derive(Default)]
+    struct Seen {
+        activations: Vec<Vec<u16>>,
+        resets: u32,
+        restored: Option<Vec<u8>>,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    /// A device with two queues (sizes 16 and 8), one feature besides VERSION_1, an 8-byte
+    /// configuration space and state of its own.
+    struct TestDevice {
+        events: Vec<EventFd>,
+        seen: Arc<Mutex<Seen>>,
+        fail_activation: bool,
+    }
+
+    const TEST_FEATURE: u64 = 1 << 3;
+
+    impl VirtioDevice for TestDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | TEST_FEATURE
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let config = 0x1122_3344_5566_7788u64.to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.seen.locked().config_writes.push((offset, data.to_vec()));
+        }
+        fn activate(&mut self, _: GuestMemory, queues: Vec<Queue>, _: Arc<Interrupt>) -> Result<(), DeviceError> {
+            if self.fail_activation {
+                return Err(DeviceError::BadState("test device refuses".into()));
+            }
+            self.seen.locked().activations.push(queues.iter().map(|q| q.size()).collect());
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.locked().resets += 1;
+        }
+        fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+            None
+        }
+        fn save_state(&self) -> Vec<u8> {
+            vec![7, 7]
+        }
+        fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+            self.seen.locked().restored = Some(state.to_vec());
+            Ok(())
+        }
+    }
+
+    fn args(fail_activation: bool) -> (MmioArgs, Arc<Mutex<Seen>>, Arc<Interrupt>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let events = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let device = Box::new(TestDevice { events, seen: seen.clone(), fail_activation });
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let mailbox = Arc::new(Mailbox::create(None).unwrap());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), mailbox));
+        (MmioArgs { device, mem, interrupt: interrupt.clone() }, seen, interrupt)
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(offset, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
+        assert_eq!(t.write(offset, &v.to_le_bytes()), None);
+    }
+
+    /// Sets up queue `q` of size `size` with its rings in guest memory, and marks it ready.
+    fn setup_queue(t: &mut MmioTransport, q: u32, size: u32) {
+        write(t, REG_QUEUE_SEL, q);
+        write(t, REG_QUEUE_NUM, size);
+        let base = 0x10_0000 + u64::from(q) * 0x1_0000;
+        for (reg, addr) in
+            [(REG_QUEUE_DESC_LOW, base), (REG_QUEUE_AVAIL_LOW, base + 0x1000), (REG_QUEUE_USED_LOW, base + 0x2000)]
+        {
+            write(t, reg, addr as u32);
+            write(t, reg + 4, (addr >> 32) as u32);
+        }
+        write(t, REG_QUEUE_READY, 1);
+    }
+
+    /// The driver's side of a negotiation up to DRIVER_OK, taking `features`.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        write(t, REG_STATUS, 1 | 2); // ACKNOWLEDGE | DRIVER
+        write(t, REG_DRIVER_FEATURES_SEL, 0);
+        write(t, REG_DRIVER_FEATURES, features as u32);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        write(t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        read(t, REG_STATUS)
+    }
+
+    #[test]
+    fn identity_and_feature_registers() {
+        let (a, _, _) = args(false);
+        let mut t = MmioTransport::new(a).unwrap();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 42);
+        assert_eq!(read(&mut t, REG_VENDOR_ID), VENDOR);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), TEST_FEATURE as u32);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 0);
+        write(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 8);
+        write(&mut t, REG_QUEUE_SEL, 9);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0, "a queue that does not exist");
+        // Configuration space: the device's, any width; writes go to the device.
+        let mut b = [0u8; 2];
+        t.read(REG_CONFIG + 1, &mut b);
+        assert_eq!(b, [0x77, 0x66]);
+        assert_eq!(t.write(REG_CONFIG + 4, &[1, 2]), None);
+    }
+
+    #[test]
+    fn features_the_device_did_not_offer_are_refused() {
+        for bad in [TEST_FEATURE, VIRTIO_F_VERSION_1 | 1 << 5] {
+            let (a, seen, _) = args(false);
+            let mut t = MmioTransport::new(a).unwrap();
+            let status = negotiate(&mut t, bad);
+            assert_eq!(status & STATUS_FEATURES_OK, 0, "features {bad:#x} accepted");
+            write(&mut t, REG_STATUS, 1 | 2 | STATUS_DRIVER_OK);
+            assert!(seen.locked().activations.is_empty());
+            assert_ne!(read(&mut t, REG_STATUS) & STATUS_FAILED, 0, "DRIVER_OK without FEATURES_OK");
+        }
+    }
+
+    #[test]
+    fn driver_ok_activates_the_device_with_its_queues_and_reset_stops_it() {
+        let (a, seen, _) = args(false);
+        let mut t = MmioTransport::new(a).unwrap();
+        let status = negotiate(&mut t, VIRTIO_F_VERSION_1 | TEST_FEATURE);
+        assert_ne!(status & STATUS_FEATURES_OK, 0);
+        setup_queue(&mut t, 0, 16);
+        setup_queue(&mut t, 1, 4);
+        write(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_eq!(seen.locked().activations, vec![vec![16, 4]]);
+        // Queue configuration is frozen once the driver is done.
+        write(&mut t, REG_QUEUE_SEL, 1);
+        write(&mut t, REG_QUEUE_NUM, 8);
+        let saved = t.save();
+        assert_eq!(saved.queues[1].size, 4);
+        // A guest notification that reaches the transport goes to the queue's event.
+        write(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert_eq!(t.device().queue_events()[1].read().unwrap(), 1);
+        write(&mut t, REG_QUEUE_NOTIFY, 99);
+        // Reset: the device stops, the negotiation starts over.
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(seen.locked().resets, 1);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        write(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn an_invalid_queue_or_a_failed_activation_fails_the_device() {
+        let (a, seen, _) = args(false);
+        let mut t = MmioTransport::new(a).unwrap();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        write(&mut t, REG_QUEUE_SEL, 0);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0xffff_f000);
+        write(&mut t, REG_QUEUE_DESC_HIGH, 0xffff_ffff);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_FAILED, 0);
+        assert!(seen.locked().activations.is_empty());
+
+        let (a, _, interrupt) = args(true);
+        let mut t = MmioTransport::new(a).unwrap();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 16);
+        write(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_FAILED, 0);
+        assert_ne!(interrupt.status() & INT_CONFIG, 0, "the driver is told");
+        write(&mut t, REG_INTERRUPT_ACK, INT_CONFIG);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn bad_accesses_read_zero_and_change_nothing() {
+        let (a, _, _) = args(false);
+        let mut t = MmioTransport::new(a).unwrap();
+        let mut narrow = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut narrow);
+        assert_eq!(narrow, [0, 0], "registers are 32-bit only");
+        assert_eq!(t.write(REG_STATUS, &[1]), None);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        assert_eq!(read(&mut t, 0x0f0), 0, "an unknown register");
+        write(&mut t, 0x0f0, 5);
+        let mut far = [0xffu8; 4];
+        t.read(u64::MAX - 2, &mut far);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_running_device_is_activated_again() {
+        let (a, _, _) = args(false);
+        let mut t = MmioTransport::new(a).unwrap();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 16);
+        setup_queue(&mut t, 1, 8);
+        write(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let saved = t.save();
+        assert_eq!((saved.device_type, saved.device.as_slice()), (42, &[7u8, 7][..]));
+
+        let (a, seen, _) = args(false);
+        let mut r = MmioTransport::restore(a, &saved).unwrap();
+        assert_eq!(seen.locked().restored.as_deref(), Some(&[7u8, 7][..]));
+        assert_eq!(seen.locked().activations, vec![vec![16, 8]]);
+        assert_eq!(read(&mut r, REG_STATUS), read(&mut t, REG_STATUS));
+        assert_eq!(r.save().queues.len(), 2);
+
+        // A snapshot of another device, or with other queues, is refused.
+        let (a, _, _) = args(false);
+        let other = MmioState { device_type: 19, ..saved.clone() };
+        assert!(MmioTransport::restore(a, &other).err().unwrap().to_string().contains("19"));
+        let (a, _, _) = args(false);
+        let fewer = MmioState { queues: saved.queues[..1].to_vec(), ..saved.clone() };
+        assert!(MmioTransport::restore(a, &fewer).is_err());
+        let (a, _, _) = args(false);
+        let mut broken = saved.clone();
+        broken.queues[0].size = 1000;
+        assert!(MmioTransport::restore(a, &broken).is_err(), "a queue larger than its maximum");
     }
 }

@@ -17,7 +17,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::DeviceError;
-use crate::mailbox::Mailbox;
+use crate::channel::mailbox::Mailbox;
 use crate::memory::GuestMemory;
 
 /// The virtio 1.x feature every ember device offers.
@@ -79,7 +79,7 @@ impl Interrupt {
     pub fn trigger(&self, why: u32) {
         self.status.fetch_or(why, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!("virtio: cannot signal the irqfd: {e}");
+            crate::log_limited!(warn, "virtio: cannot signal the irqfd: {e}");
         }
         self.mailbox.wake();
     }

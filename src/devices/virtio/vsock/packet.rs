@@ -23,47 +23,55 @@ pub struct Packet {
     pub data: Vec<u8>,
 }
 
-/// Takes every chain the guest has made available on the TX queue `q`: each well-formed one
-/// becomes a [`Packet`] (its payload copied out, at most MAX_PKT_DATA bytes), a malformed one is
-/// dropped; every chain is returned to the guest as used. Public for the fuzz target.
-pub fn take_tx_packets(mem: &GuestMemory, q: &mut Queue) -> Vec<Packet> {
-    let mut packets = Vec::new();
-    while let Some(mut chain) = q.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-            Ok(pkt) => {
-                // virtio-vsock has checked `len` against MAX_PKT_DATA.
-                let mut data = vec![0u8; pkt.len() as usize];
-                match pkt.data_slice() {
-                    Some(s) => {
-                        let n = data.len().min(s.len());
-                        if s.read_slice(&mut data[..n], 0).is_err() {
-                            data.clear();
-                        }
-                        data.truncate(n);
+/// Takes the next chain the guest has made available on the TX queue `q`, if there is one, and
+/// returns it to the guest as used: `Some(Some(packet))` for a well-formed chain (its payload
+/// copied out, at most MAX_PKT_DATA bytes), `Some(None)` for a malformed one (dropped), `None`
+/// when the queue is empty. One chain per call: the caller bounds the work per wakeup.
+pub fn take_tx_packet(mem: &GuestMemory, q: &mut Queue) -> Option<Option<Packet>> {
+    let mut chain = q.pop_descriptor_chain(mem)?;
+    let head = chain.head_index();
+    let packet = match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+        Ok(pkt) => {
+            // virtio-vsock has checked `len` against MAX_PKT_DATA.
+            let mut data = vec![0u8; pkt.len() as usize];
+            match pkt.data_slice() {
+                Some(s) => {
+                    let n = data.len().min(s.len());
+                    if s.read_slice(&mut data[..n], 0).is_err() {
+                        data.clear();
                     }
-                    None => data.clear(),
+                    data.truncate(n);
                 }
-                packets.push(Packet {
-                    src_cid: pkt.src_cid(),
-                    dst_cid: pkt.dst_cid(),
-                    src_port: pkt.src_port(),
-                    dst_port: pkt.dst_port(),
-                    type_: pkt.type_(),
-                    op: pkt.op(),
-                    flags: pkt.flags(),
-                    buf_alloc: pkt.buf_alloc(),
-                    fwd_cnt: pkt.fwd_cnt(),
-                    data,
-                });
+                None => data.clear(),
             }
-            Err(e) => tracing::debug!("vsock: malformed TX descriptor chain dropped: {e}"),
+            Some(Packet {
+                src_cid: pkt.src_cid(),
+                dst_cid: pkt.dst_cid(),
+                src_port: pkt.src_port(),
+                dst_port: pkt.dst_port(),
+                type_: pkt.type_(),
+                op: pkt.op(),
+                flags: pkt.flags(),
+                buf_alloc: pkt.buf_alloc(),
+                fwd_cnt: pkt.fwd_cnt(),
+                data,
+            })
         }
-        if q.add_used(mem, head, 0).is_err() {
-            tracing::debug!("vsock: cannot return a TX chain");
+        Err(e) => {
+            tracing::debug!("vsock: malformed TX descriptor chain dropped: {e}");
+            None
         }
+    };
+    if q.add_used(mem, head, 0).is_err() {
+        tracing::debug!("vsock: cannot return a TX chain");
     }
-    packets
+    Some(packet)
+}
+
+/// Takes at most `budget` chains from the TX queue `q` (see [`take_tx_packet`]); the well-formed
+/// ones as packets.
+pub fn take_tx_packets(mem: &GuestMemory, q: &mut Queue, budget: usize) -> Vec<Packet> {
+    std::iter::from_fn(|| take_tx_packet(mem, q)).take(budget).flatten().collect()
 }
 
 /// Runs [`take_tx_packets`] on a 64 KiB guest memory that starts with `image`: a 16-entry TX queue
@@ -82,7 +90,7 @@ pub fn parse_tx_image(image: &[u8]) -> Vec<Packet> {
     q.set_avail_ring_address(Some(0x1000), Some(0));
     q.set_used_ring_address(Some(0x2000), Some(0));
     q.set_ready(true);
-    take_tx_packets(&mem, &mut q)
+    take_tx_packets(&mem, &mut q, 64)
 }
 
 #[cfg(test)]

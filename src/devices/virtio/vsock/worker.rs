@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -16,10 +16,20 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Conn, ConnState, Control, Key, Pending};
-use super::packet::{take_tx_packets, Packet};
+use super::packet::{take_tx_packet, Packet};
 use super::*;
 use crate::devices::virtio::INT_USED_RING;
 use crate::sys::Locked;
+
+/// TX packets handled per wakeup of the worker (see `process_tx`).
+const TX_BUDGET: usize = 64;
+/// Control packets (resets, responses, credit updates) waiting for a receive buffer, at most
+/// (Firecracker's bound); more are dropped: a guest that posts no receive buffers cannot grow it.
+const MAX_CONTROL: usize = 256;
+/// Connections per VM, guest- and host-initiated together.
+const MAX_CONNS: usize = 256;
+/// Host streams that have connected but not yet named a port.
+const MAX_PENDING: usize = 64;
 
 // Epoll tokens: the fixed fds, then one per host stream.
 const TOKEN_QUEUE: u64 = 1; // + queue index
@@ -213,6 +223,10 @@ impl Worker {
         loop {
             match l.accept() {
                 Ok((stream, _)) => {
+                    if self.pending.len() >= MAX_PENDING || self.conns.len() >= MAX_CONNS {
+                        // Refused by closing it: the client sees EOF instead of `OK`.
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -225,7 +239,7 @@ impl Worker {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!("vsock: accept: {e}");
+                    crate::log_limited!(warn, "vsock: accept: {e}");
                     return;
                 }
             }
@@ -262,7 +276,7 @@ impl Worker {
         let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
         let key = (local, port);
         self.insert_conn(key, Conn::new(p.stream, token, ConnState::Connecting));
-        self.control.push_back(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 });
+        self.push_control(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 });
     }
 
     fn drop_pending(&mut self, token: u64) {
@@ -295,22 +309,45 @@ impl Worker {
         }
     }
 
+    /// Queues a control packet for the guest, unless [`MAX_CONTROL`] are waiting already.
+    fn push_control(&mut self, c: Control) {
+        if self.control.len() < MAX_CONTROL {
+            self.control.push_back(c);
+        } else {
+            crate::log_limited!(debug, "vsock: control queue full, packet dropped (op {})", c.op);
+        }
+    }
+
     fn rst(&mut self, key: Key) {
-        self.control.push_back(Control { local_port: key.0, peer_port: key.1, op: OP_RST, flags: 0 });
+        self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_RST, flags: 0 });
     }
 
     /// Takes every packet the guest has sent.
+    /// Takes what the guest has sent, one packet at a time, each handled before the next is
+    /// taken: at most [`TX_BUDGET`] per wakeup. When more is waiting, the TX queue's event is
+    /// signalled again, so the rest is taken on the next turn of the loop, after the host streams
+    /// and the RX queue have had theirs: a guest that keeps re-posting TX buffers gets a share of
+    /// the thread, never all of it, and never more memory than one packet.
     fn process_tx(&mut self) {
-        let Some(a) = &self.active else { return };
-        let handled;
-        {
-            let mut queues = a.queues.locked();
-            let q = &mut queues[TXQ];
-            handled = take_tx_packets(&a.mem, q);
-            notify_guest(a, q);
+        let mut taken = 0;
+        let more = loop {
+            if taken == TX_BUDGET {
+                break true;
+            }
+            let Some(a) = &self.active else { return };
+            let next = take_tx_packet(&a.mem, &mut a.queues.locked()[TXQ]);
+            match next {
+                None => break false,
+                Some(Some(p)) => self.handle(p),
+                Some(None) => {}
+            }
+            taken += 1;
+        };
+        if let (Some(a), true) = (&self.active, taken > 0) {
+            notify_guest(a, &mut a.queues.locked()[TXQ]);
         }
-        for p in handled {
-            self.handle(p);
+        if more {
+            let _ = self.notify[TXQ].write(1);
         }
     }
 
@@ -374,12 +411,7 @@ impl Worker {
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => {
                 if self.conns.contains_key(&key) {
-                    self.control.push_back(Control {
-                        local_port: key.0,
-                        peer_port: key.1,
-                        op: OP_CREDIT_UPDATE,
-                        flags: 0,
-                    });
+                    self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_CREDIT_UPDATE, flags: 0 });
                 }
             }
             _ => {
@@ -395,14 +427,17 @@ impl Worker {
             self.remove_conn(key);
             return self.rst(key);
         }
+        if self.conns.len() >= MAX_CONNS {
+            return self.rst(key);
+        }
         let Some(path) = &self.path else { return self.rst(key) };
         let target = format!("{}_{}", path.display(), key.0);
-        match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        match connect_nonblocking(Path::new(&target)) {
             Ok(stream) => {
                 let token = self.next_token;
                 self.next_token += 1;
                 self.insert_conn(key, Conn::new(stream, token, ConnState::Established));
-                self.control.push_back(Control { local_port: key.0, peer_port: key.1, op: OP_RESPONSE, flags: 0 });
+                self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_RESPONSE, flags: 0 });
             }
             Err(e) => {
                 tracing::debug!("vsock: guest connection to {target} refused: {e}");
@@ -430,7 +465,7 @@ impl Worker {
         c.fwd_cnt = c.fwd_cnt.wrapping_add(written as u32);
         // Tell the guest about freed space once a good part of its window is free again.
         if c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4 {
-            self.control.push_back(Control { local_port: key.0, peer_port: key.1, op: OP_CREDIT_UPDATE, flags: 0 });
+            self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_CREDIT_UPDATE, flags: 0 });
         }
     }
 
@@ -566,4 +601,35 @@ fn notify_guest(a: &Active, q: &mut Queue) {
     if q.needs_notification(&a.mem).unwrap_or(true) {
         a.interrupt.trigger(INT_USED_RING);
     }
+}
+
+/// Connects to the Unix socket at `path` without ever blocking the device thread: a listener
+/// whose backlog is full refuses the connection (EAGAIN) instead of making the thread wait.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain old data; all zeros is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; a non-negative result is a new fd that we own.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes, alive for the call.
+    let r = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ember_abi::frame::{parse_response, request_header, AGENT_VSOCK_PORT, MAX_STREAM_PAYLOAD};
 use thiserror::Error;
 
-use crate::mailbox::Response;
+use crate::channel::mailbox::Response;
 
 #[derive(Debug, Error)]
 pub enum VsockError {

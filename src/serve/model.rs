@@ -1,0 +1,215 @@
+//! What the API speaks about: a function's registration and its checks, why a request was
+//! refused, where a function is in its life, what `GET /functions` and `acquire` answer. No
+//! behaviour beyond validation: the supervisor acts on these.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::scaler::PoolPolicy;
+use crate::config::{BootSource, MachineConfig, VmConfig};
+
+/// A function's registration (`PUT /functions/{name}`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// The guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs with ember's agent and the function's runtime.
+    pub initramfs: PathBuf,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// The function the agent runs for `invoke` when the request names none: a built-in or the
+    /// image's runtime (named in the image's /etc/ember/runtime).
+    #[serde(default = "default_handler")]
+    pub handler: String,
+    /// The function's runtime inside the guest, `NAME COMMAND [ARGS...]` (the format of an image's
+    /// /etc/ember/runtime, which it replaces): started by the agent before the template is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub pool: PoolPolicy,
+}
+
+/// The longest `runtime` command line.
+const MAX_RUNTIME_LEN: usize = 512;
+
+/// Checks a registration's runtime command: it travels on the kernel command line, in quotes.
+fn check_runtime(runtime: &str) -> Result<(), String> {
+    if runtime.len() > MAX_RUNTIME_LEN {
+        return Err(format!("runtime is longer than {MAX_RUNTIME_LEN} bytes"));
+    }
+    if let Some(c) = runtime.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ') || matches!(c, '"' | '\\')) {
+        return Err(format!("runtime: {c:?} is not allowed (printable ASCII without quotes or backslashes)"));
+    }
+    let mut words = runtime.split_whitespace();
+    let (Some(name), Some(_command)) = (words.next(), words.next()) else {
+        return Err("runtime: expected `NAME COMMAND [ARGS...]`".into());
+    };
+    ember_abi::check_function(name.as_bytes()).map_err(|e| format!("runtime name {name:?}: {e}"))?;
+    Ok(())
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_mem() -> u64 {
+    crate::config::DEFAULT_MEM_MIB
+}
+fn default_handler() -> String {
+    "echo".into()
+}
+
+/// Why a request was refused: the HTTP status follows from the kind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest(String),
+    NotFound(String),
+    Conflict(String),
+    /// The VM or the agent failed (502), or did not answer in time (504).
+    BadGateway(String),
+    Timeout(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Refusal::BadRequest(m)
+        | Refusal::NotFound(m)
+        | Refusal::Conflict(m)
+        | Refusal::BadGateway(m)
+        | Refusal::Timeout(m)
+        | Refusal::Internal(m)) = self;
+        f.write_str(m)
+    }
+}
+
+impl FunctionSpec {
+    /// Checks what can be checked without booting: names, files, sizes, the pool policy.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
+            if !p.is_file() {
+                return Err(Refusal::BadRequest(format!("{what} {} does not exist or is not a file", p.display())));
+            }
+        }
+        let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
+        self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
+        if let Some(r) = &self.runtime {
+            check_runtime(r).map_err(Refusal::BadRequest)?;
+        }
+        self.pool.validate().map_err(Refusal::BadRequest)
+    }
+
+    fn vm_config_with(&self, machine_config: MachineConfig) -> VmConfig {
+        VmConfig {
+            boot_source: BootSource {
+                kernel_image_path: self.kernel.clone(),
+                initrd_path: Some(self.initramfs.clone()),
+                // The kernel hands `NAME=value` words it does not know to init as environment.
+                boot_args: self
+                    .runtime
+                    .as_ref()
+                    .map(|r| format!("{} EMBER_RUNTIME=\"{}\"", crate::config::default_cmdline(), r.trim())),
+            },
+            machine_config,
+        }
+    }
+
+    pub(super) fn vm_config(&self) -> VmConfig {
+        self.vm_config_with(MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib })
+    }
+}
+
+/// Checks a function name: 1 to 64 characters of `[a-z0-9_-]` (it names a directory).
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::BadRequest(format!("bad function name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
+    }
+}
+
+/// Where a function is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
+pub enum FunctionState {
+    /// Booting the guest to make the template.
+    Creating,
+    Ready,
+    /// The template could not be made.
+    Failed(String),
+}
+
+/// What `GET /functions/{name}` shows.
+#[derive(Debug, Serialize)]
+pub struct FunctionInfo {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: FunctionState,
+    pub spec: FunctionSpec,
+    pub ready: u32,
+    /// Restored, agent still starting.
+    pub warming: u32,
+    pub busy: u32,
+    pub restoring: u32,
+    pub target_ready: u32,
+    pub handoffs: u64,
+    pub cold_starts: u64,
+    pub invocations: u64,
+    pub invocation_errors: u64,
+    pub replaced_clones: u64,
+    /// Released clones that went back to the pool (`pool.max_uses` > 1).
+    pub recycled_clones: u64,
+    /// Restore to agent serving, as the scaler assumes it now (seconds).
+    pub refill_s: f64,
+}
+
+/// What `acquire` hands over.
+#[derive(Debug, Serialize)]
+pub struct Handoff {
+    pub id: u64,
+    pub function: String,
+    pub mailbox: PathBuf,
+    pub vsock: PathBuf,
+    /// Restored on the spot because the pool was empty.
+    pub cold_start: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_commands_are_checked() {
+        assert!(check_runtime("flip /init --example-runtime").is_ok());
+        for (bad, why) in [
+            ("flip", "expected"),
+            ("", "expected"),
+            ("a\"b /init", "not allowed"),
+            ("a /init\n--x", "not allowed"),
+            ("a\\b /init", "not allowed"),
+            ("bad/name /init", "runtime name"),
+        ] {
+            let e = check_runtime(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(check_runtime(&format!("f /{}", "x".repeat(600))).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn the_runtime_rides_on_the_kernel_command_line() {
+        let spec: FunctionSpec =
+            serde_json::from_str(r#"{"kernel": "/k", "initramfs": "/i", "runtime": "flip /init --example-runtime"}"#)
+                .unwrap();
+        let cmdline = spec.vm_config().cmdline();
+        assert!(cmdline.ends_with(r#" EMBER_RUNTIME="flip /init --example-runtime""#), "{cmdline}");
+        let spec: FunctionSpec = serde_json::from_str(r#"{"kernel": "/k", "initramfs": "/i"}"#).unwrap();
+        assert_eq!(spec.vm_config().cmdline(), crate::config::default_cmdline());
+    }
+}

@@ -1,0 +1,115 @@
+//! The supervisor's files, under its state directory:
+//!
+//! ```text
+//! functions/<name>/spec.json     the registration, as accepted
+//! functions/<name>/template/     the template snapshot (state, memory, working-set)
+//! vms/<id>.mailbox, <id>.vsock   each live clone's channels (removed with the clone)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::model::FunctionSpec;
+use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
+use crate::template::{MakeOptions, Template};
+
+/// The longest a registration's boot may take.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const SPEC_FILE: &str = "spec.json";
+
+/// The state directory's layout.
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// Opens (or creates) the state directory. Channels of clones from a previous run (a daemon
+    /// killed with SIGKILL) are stale and go.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let r = Self { dir: dir.to_path_buf() };
+        std::fs::create_dir_all(r.dir.join("functions"))?;
+        let vms = r.dir.join("vms");
+        let _ = std::fs::remove_dir_all(&vms);
+        std::fs::create_dir_all(&vms)?;
+        Ok(r)
+    }
+
+    pub fn function_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("functions").join(name)
+    }
+
+    fn template_dir(&self, name: &str) -> PathBuf {
+        self.function_dir(name).join("template")
+    }
+
+    /// Where clone `id`'s mailbox and vsock socket live.
+    pub fn channels(&self, id: u64) -> (PathBuf, PathBuf) {
+        let vms = self.dir.join("vms");
+        (vms.join(format!("{id}.mailbox")), vms.join(format!("{id}.vsock")))
+    }
+
+    /// Saves a registration (atomically: a crash leaves the old one or the new one).
+    pub fn save(&self, name: &str, spec: &FunctionSpec) -> Result<(), String> {
+        let dir = self.function_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+        snapshot::write_atomic(&dir.join(SPEC_FILE), &bytes).map_err(|e| e.to_string())?;
+        snapshot::sync_dir(&self.dir.join("functions")).map_err(|e| e.to_string())
+    }
+
+    /// Every saved registration, by name, in name order; a registration that cannot be read is
+    /// reported, not skipped silently.
+    pub fn load(&self) -> std::io::Result<Vec<(String, Result<FunctionSpec, String>)>> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.join("functions"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names
+            .into_iter()
+            .map(|name| {
+                let path = self.function_dir(&name).join(SPEC_FILE);
+                let spec = std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| serde_json::from_str::<FunctionSpec>(&s).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("{}: {e}", path.display()));
+                (name, spec)
+            })
+            .collect())
+    }
+
+    /// Removes a function's files.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        let dir = self.function_dir(name);
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+    }
+
+    /// Boots `spec`'s guest to its agent's "ready" and makes the function's template (anything
+    /// there before is removed first).
+    pub fn make_template(&self, name: &str, spec: &FunctionSpec) -> Result<Template, String> {
+        let dir = self.template_dir(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
+        Template::make(&spec.vm_config(), &dir, opts).map(|m| m.template).map_err(|e| e.to_string())
+    }
+
+    /// The function's saved template.
+    pub fn open_template(&self, name: &str) -> Result<Template, String> {
+        Template::open(&self.template_dir(name)).map_err(|e| e.to_string())
+    }
+
+    /// Registers `name` with `spec` and an existing template (its files hard-linked, or copied
+    /// across file systems), as if the daemon had made it: for benchmarks and tests that start a
+    /// daemon without booting.
+    pub fn install(&self, name: &str, spec: &FunctionSpec, template: &Path) -> Result<(), String> {
+        let dir = self.template_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for f in [STATE_FILE, MEMORY_FILE] {
+            let (from, to) = (template.join(f), dir.join(f));
+            std::fs::hard_link(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+                .map_err(|e| format!("{}: {e}", from.display()))?;
+        }
+        self.save(name, spec)
+    }
+}
