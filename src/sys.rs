@@ -44,13 +44,26 @@ pub fn futex_wake(word: &AtomicU32) {
 pub struct FileLock<'a>(&'a File);
 
 impl<'a> FileLock<'a> {
-    /// Takes the lock, waiting for it.
-    pub fn take(f: &'a File) -> std::io::Result<Self> {
-        // SAFETY: flock on an fd we borrow for the guard's lifetime.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
+    /// Takes the lock, waiting for it at most `timeout` (another holder never hangs the caller):
+    /// `ErrorKind::TimedOut` when it stays taken.
+    pub fn take(f: &'a File, timeout: Duration) -> std::io::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: flock on an fd we borrow for the guard's lifetime.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Self(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another caller holds the lock"));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
-        Ok(Self(f))
     }
 }
 
@@ -127,6 +140,22 @@ macro_rules! log_limited {
     }};
 }
 
+/// Creates `dir` and its missing parents, each new one only its owner can enter (0700), and makes
+/// `dir` itself 0700 if it existed: ember's directories hold guest RAM, payloads and sockets.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Options that create a new file only its owner can read and write (0600).
+pub fn private_file() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.mode(0o600);
+    o
+}
+
 /// Raises the soft open-file limit to the hard one: many VMs hold a few thousand fds.
 pub fn raise_fd_limit() {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -174,6 +203,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         let dropped = limit.check(10).expect("a new window lets a line through");
         assert!(dropped >= 980, "the next line reports what was dropped ({dropped})");
+    }
+
+    #[test]
+    fn private_dirs_and_files_are_their_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b");
+        private_dir(&d).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&d), mode(&t.path().join("a"))), (0o700, 0o700));
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700, "an existing directory is made private");
+        let f = d.join("f");
+        private_file().write(true).create_new(true).open(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+    }
+
+    #[test]
+    fn a_file_lock_held_elsewhere_times_out() {
+        let f = tempfile::tempfile().unwrap();
+        let held = FileLock::take(&f, Duration::ZERO).unwrap();
+        // flock locks belong to the open file description: a second open of it contends.
+        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+        let other = File::open(path).unwrap();
+        let e = FileLock::take(&other, Duration::from_millis(20)).err().unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        drop(held);
+        assert!(FileLock::take(&other, Duration::from_millis(20)).is_ok());
     }
 
     #[test]

@@ -161,4 +161,11 @@ fn serve_bench_and_simulate_usage_errors() {
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max_uses": 0}"#], 1, "max_uses");
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"burst_window_s": -1}"#], 1, "burst_window_s");
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"recycle": true}"#], 1, "unknown field");
+    // A file that is not a socket is never taken for a stale socket and removed.
+    let dir = tmp();
+    let precious = dir.path().join("api.sock");
+    std::fs::write(&precious, b"user data").unwrap();
+    let (sock, state) = (precious.to_str().unwrap(), dir.path().join("state"));
+    assert_fails(&["serve", "--socket", sock, "--state-dir", state.to_str().unwrap()], 1, "not a socket");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"user data");
 }

@@ -7,6 +7,12 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// A file's permission bits.
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
 use common::api::{assert_error, http, http_bytes, invoke, json_of, wait_ready, Server};
 use serde_json::json;
 
@@ -15,6 +21,8 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     let dir = common::scratch("bad-requests");
     let mut srv = Server::start(&dir);
     let s = &srv.socket.clone();
+    // Only the daemon's user may talk to it or read its state.
+    assert_eq!((mode(s), mode(&dir.join("state")), mode(&dir.join("state/vms"))), (0o600, 0o700, 0o700));
     assert_eq!(json_of(&http(s, "GET", "/functions", None).1), json!({"functions": []}));
     assert_error(http(s, "GET", "/functions/nope", None), 404, "no function");
     assert_error(http(s, "PUT", "/functions/f", Some("{not json")), 400, "bad JSON");
@@ -42,9 +50,23 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     assert_error(http(s, "PUT", "/functions/Bad%20Name", Some(&spec("{}"))), 400, "bad function name");
     assert_error(http(s, "POST", "/functions/nope/acquire", None), 404, "no function");
     assert_error(http(s, "POST", "/functions/nope/invoke", Some(r#"{"payload": "x"}"#)), 404, "no function");
-    assert_error(http(s, "POST", "/vms/12345/release", None), 404, "no handed-out VM");
+    assert_error(http(s, "POST", "/vms/12345/release", Some(r#"{"lease": "x"}"#)), 404, "no handed-out VM");
+    assert_error(http(s, "POST", "/vms/12345/release", None), 400, "lease");
     assert_error(http(s, "POST", "/vms/abc/release", None), 400, "bad VM id");
     assert_error(http(s, "GET", "/nowhere", None), 404, "no such endpoint");
+    // A body over the limit (1 MiB) is refused before it is read whole, with a JSON error.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(s).unwrap();
+        let head = format!("PUT /functions/big HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", 3 << 20);
+        c.write_all(head.as_bytes()).unwrap();
+        // The daemon may stop reading (and close) once it has refused: write errors are expected.
+        let _ = c.write_all(&vec![b'x'; 2 << 20]);
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains(r#"{"error":"#), "{answer}");
+    }
     assert_error(http(s, "DELETE", "/functions", None), 405, "method not allowed");
     assert_error(http(s, "DELETE", "/functions/nope", None), 404, "no function");
     // Nothing was registered by any of that.
@@ -70,7 +92,8 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     // it replaces the one the image names.
     let spec = json!({
         "kernel": kernel, "initramfs": initrd, "handler": "flip", "runtime": "flip /init --example-runtime",
-        "pool": {"min_ready": 2, "max": 24, "headroom": 1.5, "scale_in_delay_s": 1.0, "peak_window_s": 1.0}
+        "pool": {"min_ready": 2, "max": 24, "headroom": 1.5, "scale_in_delay_s": 1.0, "peak_window_s": 1.0,
+                 "lease_s": 8.0}
     })
     .to_string();
     let (code, body) = http(&s, "PUT", "/functions/rev", Some(&spec));
@@ -88,12 +111,28 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let opts = ember::channel::mailbox::CallOptions { timeout: Duration::from_secs(120), ..Default::default() };
     assert_eq!(mailbox.call("echo", b"direct", opts).unwrap().payload, b"direct");
     let id = h["id"].as_u64().unwrap();
-    // A bad release body changes nothing: the VM stays handed out.
+    let lease = h["lease"].as_str().unwrap().to_string();
+    // The clone's channels and the function's files are the daemon user's alone.
+    assert_eq!(mode(Path::new(h["mailbox"].as_str().unwrap())), 0o600);
+    assert_eq!(mode(Path::new(h["vsock"].as_str().unwrap())), 0o600);
+    let fdir = dir.join("state/functions/rev");
+    for f in ["spec.json", "template/state", "template/memory", "template/working-set"] {
+        assert_eq!(mode(&fdir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!((mode(&fdir), mode(&fdir.join("template"))), (0o700, 0o700));
+    assert_eq!(lease.len(), 32, "{body}");
+    let release = format!(r#"{{"lease": "{lease}"}}"#);
+    // A bad release body, no lease or another handoff's lease change nothing: the VM stays
+    // handed out.
     assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(r#"{"bogus": 1}"#)), 400, "unknown field");
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), None), 400, "lease");
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(r#"{"destroy": true}"#)), 400, "lease");
+    let forged = format!(r#"{{"lease": "{}"}}"#, "0".repeat(32));
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(&forged)), 403, "lease does not match");
     // Single-use clones (the default policy) are destroyed on release.
-    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), None);
+    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), Some(&release));
     assert_eq!((code, json_of(&body)), (200, json!({"id": id, "recycled": false})));
-    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), None), 404, "no handed-out VM");
+    assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(&release)), 404, "no handed-out VM");
 
     // Invoke: the registration's handler (the image's runtime), or a named built-in.
     let r = invoke(&s, "rev", r#"{"payload": "stressed"}"#);
@@ -132,31 +171,39 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert!(json_of(&http(&s, "GET", "/functions/rev", None).1)["invocation_errors"].as_u64() >= Some(1));
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "bad name"}"#)), 400, "function name");
 
-    // Many concurrent clients: no VM is handed out twice.
-    let ids: Vec<u64> = std::thread::scope(|scope| {
+    // Many concurrent clients: no VM is handed out twice, and there are never more than `max` (24)
+    // clones at once: beyond it a cold start is refused with 503, not made.
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..16)
             .map(|_| {
                 let s = s.clone();
-                scope.spawn(move || {
-                    let mut mine = Vec::new();
-                    for _ in 0..2 {
-                        let (code, body) = http(&s, "POST", "/functions/rev/acquire", None);
-                        assert_eq!(code, 200, "{body}");
-                        mine.push(json_of(&body)["id"].as_u64().unwrap());
-                    }
-                    mine
-                })
+                scope
+                    .spawn(move || (0..2).map(|_| http(&s, "POST", "/functions/rev/acquire", None)).collect::<Vec<_>>())
             })
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
+    let mut handoffs: Vec<(u64, String)> = Vec::new();
+    for (code, body) in &answers {
+        match code {
+            200 => {
+                let h = json_of(body);
+                handoffs.push((h["id"].as_u64().unwrap(), h["lease"].as_str().unwrap().to_string()));
+            }
+            503 => assert!(json_of(body)["error"].as_str().unwrap().contains("pool.max"), "{body}"),
+            _ => panic!("acquire answered {code}: {body}"),
+        }
+    }
+    assert!((2..=24).contains(&handoffs.len()), "{} handed out: {answers:?}", handoffs.len());
+    let ids: Vec<u64> = handoffs.iter().map(|h| h.0).collect();
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "a VM was handed out twice: {ids:?}");
     let info = json_of(&http(&s, "GET", "/functions/rev", None).1);
-    assert_eq!(info["busy"].as_u64(), Some(32), "{info}");
-    // Two ready clones cannot cover 32 requests at once: the rest were cold starts, not failures.
+    assert_eq!(info["busy"].as_u64(), Some(handoffs.len() as u64), "{info}");
+    // Two ready clones cannot cover the requests at once: the rest were cold starts.
     assert!(info["cold_starts"].as_u64().unwrap() > 0, "{info}");
-    for id in &ids {
-        assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), None).0, 200);
+    for (id, lease) in &handoffs {
+        let body = format!(r#"{{"lease": "{lease}"}}"#);
+        assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), Some(&body)).0, 200);
     }
     let info = wait_ready(&s, "rev", 2);
     assert_eq!(info["busy"], 0, "{info}");
@@ -167,6 +214,14 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert!(metrics.contains(&format!("ember_handoffs_total{{function=\"rev\"}} {handoffs}")), "{metrics}");
     assert!(metrics.contains("ember_handoff_seconds_count"), "{metrics}");
     assert!(metrics.contains("ember_cold_start_ratio{function=\"rev\"}"), "{metrics}");
+
+    // A clone not released within its lease (`lease_s`) is destroyed; its release is refused.
+    let h = json_of(&http(&s, "POST", "/functions/rev/acquire", None).1);
+    std::thread::sleep(Duration::from_secs_f64(8.5));
+    let late = format!(r#"{{"lease": "{}"}}"#, h["lease"].as_str().unwrap());
+    assert_error(http(&s, "POST", &format!("/vms/{}/release", h["id"]), Some(&late)), 404, "no handed-out VM");
+    let info = json_of(&http(&s, "GET", "/functions/rev", None).1);
+    assert_eq!((info["expired_leases"].as_u64(), info["busy"].as_u64()), (Some(1), Some(0)), "{info}");
 
     // Template files deleted under the running daemon: clones still come from the loaded template.
     let template = dir.join("state/functions/rev/template");

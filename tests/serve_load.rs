@@ -39,11 +39,14 @@ fn a_lost_template_is_made_again_and_recycled_clones_serve_10000_invokes_without
     // Recycled clones: released back to the pool and handed out again, unless asked otherwise.
     let h = json_of(&http(&s, "POST", "/functions/load/acquire", None).1);
     let id = h["id"].as_u64().unwrap();
-    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), None);
+    let release = |h: &serde_json::Value, destroy: bool| {
+        format!(r#"{{"lease": "{}", "destroy": {destroy}}}"#, h["lease"].as_str().unwrap())
+    };
+    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), Some(&release(&h, false)));
     assert_eq!((code, json_of(&body)), (200, json!({"id": id, "recycled": true})));
     let again = json_of(&http(&s, "POST", "/functions/load/acquire", None).1);
     assert_eq!(again["id"].as_u64(), Some(id), "the recycled clone was not handed out next");
-    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), Some(r#"{"destroy": true}"#));
+    let (code, body) = http(&s, "POST", &format!("/vms/{id}/release"), Some(&release(&again, true)));
     assert_eq!((code, json_of(&body)), (200, json!({"id": id, "recycled": false})));
 
     // 10,000 invokes from 16 clients, each answer checked.

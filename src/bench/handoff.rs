@@ -123,7 +123,9 @@ fn round(
 fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
     let id = v["id"].as_u64().ok_or("no id in the handoff")?;
-    let t = request(c, "POST", &format!("/vms/{id}/release"), "").map_err(|e| e.to_string())?;
+    let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;
+    let body = format!(r#"{{"lease": "{lease}"}}"#);
+    let t = request(c, "POST", &format!("/vms/{id}/release"), &body).map_err(|e| e.to_string())?;
     if t.status != 200 {
         return Err(format!("release answered {}", t.status));
     }

@@ -111,7 +111,7 @@ impl Mailbox {
             }
             Some(p) => {
                 let name = p.display().to_string();
-                let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(p).map_err(|e| {
+                let f = crate::sys::private_file().read(true).write(true).create_new(true).open(p).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::AlreadyExists {
                         MailboxError::Exists(name.clone())
                     } else {
@@ -265,7 +265,7 @@ impl Mailbox {
             return Err(InvokeError::PayloadTooLarge(payload.len()));
         }
         let mut last_id = self.call.lock().unwrap_or_else(|p| p.into_inner());
-        let _flock = FileLock::take(&self.file).map_err(InvokeError::Lock)?;
+        let _flock = FileLock::take(&self.file, opts.timeout).map_err(InvokeError::Lock)?;
         if self.ended() {
             return Err(InvokeError::VmEnded);
         }

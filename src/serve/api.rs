@@ -24,6 +24,8 @@ use super::model::{FunctionSpec, Refusal};
 use super::supervisor::Supervisor;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
+/// The largest request body: a payload as large as the mailbox takes, base64-encoded in JSON.
+pub const MAX_BODY: usize = 1 << 20;
 /// The longest invocation timeout a request may ask for.
 const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;
 
@@ -41,6 +43,8 @@ impl From<Refusal> for ApiError {
         let status = match &r {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Conflict(_) => StatusCode::CONFLICT,
             Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Refusal::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -98,9 +102,11 @@ async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, 
     Ok(Json(handoff).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleaseBody {
+    /// The lease token `acquire` answered with.
+    lease: String,
     /// Destroy the clone even when the function's policy would reuse it.
     #[serde(default)]
     destroy: bool,
@@ -108,8 +114,11 @@ struct ReleaseBody {
 
 async fn release(State(sup): Sup, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let id: u64 = id.parse().map_err(|_| bad_request(format!("bad VM id {id:?}")))?;
-    let b: ReleaseBody = if body.is_empty() { ReleaseBody::default() } else { json_body(&body)? };
-    let recycled = sup.release(id, b.destroy)?;
+    if body.is_empty() {
+        return Err(bad_request("the body must carry the handoff's lease: {\"lease\": \"...\"}"));
+    }
+    let b: ReleaseBody = json_body(&body)?;
+    let recycled = sup.release(id, &b.lease, b.destroy)?;
     Ok(Json(serde_json::json!({"id": id, "recycled": recycled})).into_response())
 }
 
@@ -210,6 +219,10 @@ async fn method_not_allowed() -> ApiError {
     ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint (see GET /openapi.json)".into())
 }
 
+fn is_json(resp: &Response) -> bool {
+    resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+}
+
 /// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
 /// returns it, with the time the daemon took (`server-timing: ember;dur=<ms>`, request routed to
 /// response built).
@@ -225,6 +238,13 @@ async fn request_id(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| format!("ember-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
     let mut resp = next.run(req).instrument(span.clone()).await;
+    if resp.status().is_client_error() && !is_json(&resp) {
+        // axum's own refusals (a body over the limit, a bad content length) come as text: every
+        // error this API answers is `{"error": "..."}`.
+        let status = resp.status();
+        let text = axum::body::to_bytes(resp.into_body(), 64 << 10).await.unwrap_or_default();
+        resp = ApiError(status, String::from_utf8_lossy(&text).trim().to_string()).into_response();
+    }
     span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "done"));
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -248,6 +268,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(sup)
 }

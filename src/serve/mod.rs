@@ -25,7 +25,11 @@ use supervisor::Supervisor;
 
 /// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket.
 pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
-    if socket.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket; not touching it", socket.display()));
+        }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Err(format!("{} is in use by a running server", socket.display()));
         }
@@ -49,6 +53,10 @@ pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
 async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {
     let listener =
         tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    // Only the daemon's own user (and root) may connect; checked again per connection below.
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
+    let listener = OwnerOnly(listener);
     tracing::info!("serving on {}", socket.display());
     let app = api::router(sup);
     axum::serve(listener, app).with_graceful_shutdown(stop_signal()).await.map_err(|e| format!("server: {e}"))
@@ -62,5 +70,37 @@ async fn stop_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// The API's listener: takes connections only from processes of the daemon's own user or root
+/// (SO_PEERCRED), whatever the socket file's mode became.
+struct OwnerOnly(tokio::net::UnixListener);
+
+impl axum::serve::Listener for OwnerOnly {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            match self.0.accept().await {
+                Ok((stream, addr)) => match stream.peer_cred() {
+                    Ok(c) if c.uid() == me || c.uid() == 0 => return (stream, addr),
+                    Ok(c) => crate::log_limited!(warn, "refused a connection from uid {}", c.uid()),
+                    Err(e) => crate::log_limited!(warn, "refused a connection without credentials: {e}"),
+                },
+                Err(e) => {
+                    // Out of fds, most likely: wait a little rather than spin.
+                    crate::log_limited!(warn, "accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }

@@ -67,7 +67,12 @@ fn default_handler() -> String {
 pub enum Refusal {
     BadRequest(String),
     NotFound(String),
+    /// The caller does not hold what it acts on (a release with another handoff's lease).
+    Forbidden(String),
     Conflict(String),
+    /// At capacity now (the function's `max` clones are out, too many invocations in flight):
+    /// try again later (503).
+    Unavailable(String),
     /// The VM or the agent failed (502), or did not answer in time (504).
     BadGateway(String),
     Timeout(String),
@@ -78,6 +83,8 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (Refusal::BadRequest(m)
         | Refusal::NotFound(m)
+        | Refusal::Forbidden(m)
+        | Refusal::Unavailable(m)
         | Refusal::Conflict(m)
         | Refusal::BadGateway(m)
         | Refusal::Timeout(m)
@@ -94,6 +101,12 @@ impl FunctionSpec {
                 return Err(Refusal::BadRequest(format!("{what} {} does not exist or is not a file", p.display())));
             }
         }
+        self.validate_values()
+    }
+
+    /// Checks everything but the files: what a saved registration must still satisfy when the
+    /// daemon loads it again (its template may stand in for a kernel that has gone).
+    pub fn validate_values(&self) -> Result<(), Refusal> {
         let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
         self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
         ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
@@ -166,6 +179,8 @@ pub struct FunctionInfo {
     pub replaced_clones: u64,
     /// Released clones that went back to the pool (`pool.max_uses` > 1).
     pub recycled_clones: u64,
+    /// Handed-out clones destroyed because their lease ran out (`pool.lease_s`).
+    pub expired_leases: u64,
     /// Restore to agent serving, as the scaler assumes it now (seconds).
     pub refill_s: f64,
 }
@@ -179,6 +194,8 @@ pub struct Handoff {
     pub vsock: PathBuf,
     /// Restored on the spot because the pool was empty.
     pub cold_start: bool,
+    /// The handoff's lease token: `release` must present it.
+    pub lease: String,
 }
 
 #[cfg(test)]

@@ -79,6 +79,9 @@ pub(super) struct Counters {
     pub(super) invocation_errors: AtomicU64,
     pub(super) replaced: AtomicU64,
     pub(super) recycled: AtomicU64,
+    pub(super) expired_leases: AtomicU64,
+    /// Invocations of the function in flight now.
+    pub(super) in_flight: std::sync::atomic::AtomicU32,
 }
 
 pub struct Function {
@@ -131,6 +134,7 @@ impl Function {
             invocation_errors: c.invocation_errors.load(Ordering::Relaxed),
             replaced_clones: c.replaced.load(Ordering::Relaxed),
             recycled_clones: c.recycled.load(Ordering::Relaxed),
+            expired_leases: c.expired_leases.load(Ordering::Relaxed),
             refill_s: *self.refill_s.locked(),
         }
     }
@@ -141,21 +145,23 @@ impl Supervisor {
     /// ready one, else one still starting (restored already, so still no cold start).
     pub(super) fn take_warm(&self, f: &Function) -> Option<PooledVm> {
         let mut pool = f.pool.locked();
-        let mut crashed = 0;
+        let mut crashed = Vec::new();
         let mut warm = None;
         while let Some(c) = pool.ready.pop_front().or_else(|| pool.warming.pop_front()) {
             if c.vm.exit().is_none() {
                 warm = Some(c);
                 break;
             }
-            crashed += 1;
+            crashed.push(c);
         }
         if warm.is_some() {
             pool.mark_busy();
         }
         let have = pool.have();
         drop(pool);
-        f.counters.replaced.fetch_add(crashed, Ordering::Relaxed);
+        f.counters.replaced.fetch_add(crashed.len() as u64, Ordering::Relaxed);
+        // Dropping a VM joins its threads: never on the caller's (async) thread.
+        self.discard(crashed);
         self.want_refill(f, have);
         warm
     }
@@ -271,6 +277,7 @@ impl Supervisor {
 
     /// One tick of the background loop: sweep every pool, then scale it.
     pub fn tick(&self) {
+        self.expire_leases();
         let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
             let load = {

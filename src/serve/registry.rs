@@ -5,12 +5,16 @@
 //! functions/<name>/template/     the template snapshot (state, memory, working-set)
 //! vms/<id>.mailbox, <id>.vsock   each live clone's channels (removed with the clone)
 //! ```
+//!
+//! Every directory is 0700 and every file 0600: templates hold guest RAM, mailboxes every
+//! tenant's payloads.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::model::FunctionSpec;
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
+use crate::sys::private_dir;
 use crate::template::{MakeOptions, Template};
 
 /// The longest a registration's boot may take.
@@ -27,10 +31,11 @@ impl Registry {
     /// killed with SIGKILL) are stale and go.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let r = Self { dir: dir.to_path_buf() };
-        std::fs::create_dir_all(r.dir.join("functions"))?;
+        private_dir(&r.dir)?;
+        private_dir(&r.dir.join("functions"))?;
         let vms = r.dir.join("vms");
         let _ = std::fs::remove_dir_all(&vms);
-        std::fs::create_dir_all(&vms)?;
+        private_dir(&vms)?;
         Ok(r)
     }
 
@@ -51,7 +56,7 @@ impl Registry {
     /// Saves a registration (atomically: a crash leaves the old one or the new one).
     pub fn save(&self, name: &str, spec: &FunctionSpec) -> Result<(), String> {
         let dir = self.function_dir(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let bytes = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
         snapshot::write_atomic(&dir.join(SPEC_FILE), &bytes).map_err(|e| e.to_string())?;
         snapshot::sync_dir(&self.dir.join("functions")).map_err(|e| e.to_string())
@@ -60,10 +65,16 @@ impl Registry {
     /// Every saved registration, by name, in name order; a registration that cannot be read is
     /// reported, not skipped silently.
     pub fn load(&self) -> std::io::Result<Vec<(String, Result<FunctionSpec, String>)>> {
-        let mut names: Vec<String> = std::fs::read_dir(self.dir.join("functions"))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(self.dir.join("functions"))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // What a deletion or a write left behind when the daemon stopped in the middle.
+                let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            } else {
+                names.push(name);
+            }
+        }
         names.sort();
         Ok(names
             .into_iter()
@@ -72,16 +83,24 @@ impl Registry {
                 let spec = std::fs::read_to_string(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|s| serde_json::from_str::<FunctionSpec>(&s).map_err(|e| e.to_string()))
+                    // Saved files can be edited or corrupted: a bad value is refused here, not
+                    // met later by the scaling loop.
+                    .and_then(|spec| spec.validate_values().map(|()| spec).map_err(|e| e.to_string()))
                     .map_err(|e| format!("{}: {e}", path.display()));
                 (name, spec)
             })
             .collect())
     }
 
-    /// Removes a function's files.
+    /// Removes a function's files: first renamed out of the way in one step (a crash leaves
+    /// either the registration or a tombstone that the next start removes), then deleted.
     pub fn remove(&self, name: &str) -> Result<(), String> {
         let dir = self.function_dir(name);
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+        let tomb = self.dir.join("functions").join(format!(".{name}.deleted"));
+        let _ = std::fs::remove_dir_all(&tomb);
+        std::fs::rename(&dir, &tomb).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        let _ = snapshot::sync_dir(&self.dir.join("functions"));
+        std::fs::remove_dir_all(&tomb).map_err(|e| format!("cannot remove {}: {e}", tomb.display()))
     }
 
     /// Boots `spec`'s guest to its agent's "ready" and makes the function's template (anything
@@ -103,7 +122,7 @@ impl Registry {
     /// daemon without booting.
     pub fn install(&self, name: &str, spec: &FunctionSpec, template: &Path) -> Result<(), String> {
         let dir = self.template_dir(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for f in [STATE_FILE, MEMORY_FILE] {
             let (from, to) = (template.join(f), dir.join(f));
             std::fs::hard_link(&from, &to)

@@ -50,7 +50,14 @@ pub struct PoolPolicy {
     /// clones are destroyed; more: a released clone whose agent is idle and serving goes back to
     /// the pool until it has served this many.
     pub max_uses: u32,
+    /// How long a handed-out clone may stay out, in seconds: a clone not released by then is
+    /// destroyed (its lease expires), so a scheduler that lost track of one does not hold it
+    /// forever.
+    pub lease_s: f64,
 }
+
+/// The largest `max` a pool may have.
+pub const MAX_POOL: u32 = 10_000;
 
 impl Default for PoolPolicy {
     fn default() -> Self {
@@ -63,6 +70,7 @@ impl Default for PoolPolicy {
             peak_window_s: 10.0,
             burst_window_s: 600.0,
             max_uses: 1,
+            lease_s: 3600.0,
         }
     }
 }
@@ -70,8 +78,11 @@ impl Default for PoolPolicy {
 impl PoolPolicy {
     /// Checks the policy; the message is for a 400 response.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max == 0 {
-            return Err("pool.max must be at least 1".into());
+        if self.max == 0 || self.max > MAX_POOL {
+            return Err(format!("pool.max must be between 1 and {MAX_POOL}"));
+        }
+        if !(self.lease_s.is_finite() && self.lease_s > 0.0 && self.lease_s <= 7.0 * 86_400.0) {
+            return Err("pool.lease_s must be more than 0 and at most 604800 seconds".into());
         }
         if self.max < self.min_ready {
             return Err(format!("pool.max ({}) is less than pool.min_ready ({})", self.max, self.min_ready));
@@ -260,6 +271,7 @@ mod tests {
             peak_window_s: 2.0,
             burst_window_s: 0.0,
             max_uses: 1,
+            lease_s: 60.0,
         }
     }
 
@@ -396,6 +408,9 @@ mod tests {
             PoolPolicy { scale_in_delay_s: -1.0, ..policy() },
             PoolPolicy { burst_window_s: 1e9, ..policy() },
             PoolPolicy { max_uses: 0, ..policy() },
+            PoolPolicy { max: MAX_POOL + 1, ..policy() },
+            PoolPolicy { lease_s: 0.0, ..policy() },
+            PoolPolicy { lease_s: f64::INFINITY, ..policy() },
         ];
         for p in bad {
             assert!(p.validate().is_err(), "{p:?}");

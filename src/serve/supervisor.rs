@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,33 @@ const INVOKE_SPIN: Duration = Duration::from_micros(50);
 struct Handed {
     function: Arc<Function>,
     clone: PooledVm,
+    /// What the caller must present to release it.
+    lease: String,
+    /// When the lease runs out and the clone is destroyed.
+    expires: Instant,
+}
+
+/// Invocations in flight at once, all functions together; more get 503. Each holds a thread of
+/// the blocking pool for up to its timeout.
+const MAX_INVOKES: usize = 256;
+/// Invocations in flight at once for one function: a function whose guests hang cannot take every
+/// invocation slot.
+const MAX_INVOKES_PER_FUNCTION: u32 = 64;
+/// Templates booting at once (each is a guest boot: minutes of emulated guest kernel on some
+/// hosts); more registrations wait their turn in `creating`.
+const MAX_TEMPLATE_BOOTS: usize = 2;
+
+/// A fresh lease token: 128 bits from the host's RNG, as hex. VM ids are small integers that
+/// restart after a daemon restart and survive recycling; the lease names one handoff.
+fn new_lease() -> Result<String, Refusal> {
+    let mut b = [0u8; 16];
+    crate::sys::getrandom(&mut b).map_err(|e| Refusal::Internal(format!("getrandom: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Compares lease tokens in time independent of where they differ.
+fn same_lease(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub struct Supervisor {
@@ -41,6 +68,19 @@ pub struct Supervisor {
     /// Set by a handoff to have the background loop refill pools before its next tick.
     pub(super) refill_wanted: Mutex<bool>,
     pub(super) refill_signal: Condvar,
+    invokes: AtomicUsize,
+    /// Template boots running now.
+    template_boots: Mutex<usize>,
+    template_boot_done: Condvar,
+}
+
+/// Runs its closure when dropped: gives back an in-flight slot on every way out of a call.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 impl Supervisor {
@@ -58,6 +98,9 @@ impl Supervisor {
             scaling_paused: AtomicBool::new(false),
             refill_wanted: Mutex::new(false),
             refill_signal: Condvar::new(),
+            invokes: AtomicUsize::new(0),
+            template_boots: Mutex::new(0),
+            template_boot_done: Condvar::new(),
         });
         for (name, spec) in saved {
             match spec {
@@ -95,11 +138,20 @@ impl Supervisor {
     pub fn register(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
         check_name(name)?;
         spec.validate()?;
-        if self.functions.locked().contains_key(name) {
-            return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
+        // Checked and claimed in one step: two registrations of one name never share a directory.
+        let f = {
+            let mut functions = self.functions.locked();
+            if functions.contains_key(name) {
+                return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
+            }
+            let f = Arc::new(Function::new(name, spec));
+            functions.insert(name.to_string(), f.clone());
+            f
+        };
+        if let Err(e) = self.registry.save(name, &f.spec) {
+            self.functions.locked().remove(name);
+            return Err(Refusal::Internal(format!("cannot save the registration: {e}")));
         }
-        self.registry.save(name, &spec).map_err(|e| Refusal::Internal(format!("cannot save the registration: {e}")))?;
-        let f = self.insert(name, spec);
         self.spawn_template(f.clone());
         Ok(f.info())
     }
@@ -108,8 +160,26 @@ impl Supervisor {
     fn spawn_template(self: &Arc<Self>, f: Arc<Function>) {
         let sup = self.clone();
         let started = std::thread::Builder::new().name(format!("template-{}", f.name)).spawn(move || {
+            // Wait for a boot slot; the function stays `creating` meanwhile.
+            {
+                let mut boots = sup.template_boots.locked();
+                while *boots >= MAX_TEMPLATE_BOOTS {
+                    boots = sup.template_boot_done.wait(boots).unwrap_or_else(|p| p.into_inner());
+                }
+                *boots += 1;
+            }
             let t = Instant::now();
             let result = sup.registry.make_template(&f.name, &f.spec);
+            *sup.template_boots.locked() -= 1;
+            sup.template_boot_done.notify_one();
+            if f.deleted.load(Ordering::SeqCst) {
+                // Deleted while it booted: what the boot wrote goes too, unless the name has been
+                // registered again meanwhile (that boot replaces the template directory itself).
+                if !sup.functions.locked().contains_key(&f.name) {
+                    let _ = sup.registry.remove(&f.name);
+                }
+                return;
+            }
             match result {
                 Ok(template) => {
                     *f.template.locked() = Some(Arc::new(template));
@@ -137,12 +207,14 @@ impl Supervisor {
 
     /// Unregisters a function: its ready clones go now, handed-out ones when released; its files go.
     pub fn delete(&self, name: &str) -> Result<(), Refusal> {
-        let f =
-            self.functions.locked().remove(name).ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))?;
+        let f = self.function(name)?;
+        // The files first: if they cannot go, the function stays registered as it was.
+        self.registry.remove(name).map_err(Refusal::Internal)?;
+        self.functions.locked().remove(name);
         f.deleted.store(true, Ordering::SeqCst);
         let drained = f.pool.locked().take_idle();
-        drop(drained);
-        self.registry.remove(name).map_err(Refusal::Internal)
+        self.discard(drained);
+        Ok(())
     }
 
     /// Restores a new clone of `f`'s template with its own channels.
@@ -167,16 +239,26 @@ impl Supervisor {
         let t = Instant::now();
         let f = self.ready_function(name)?;
         if let Some(c) = self.take_warm(&f) {
-            return Ok(self.hand_over(f, c, false, t));
+            return self.hand_over(f, c, false, t);
         }
         // (`take_warm` has already asked for a refill.)
-        f.pool.locked().mark_busy();
+        {
+            let mut pool = f.pool.locked();
+            // A cold start adds a clone: never past `max` (in use, ready, starting and restoring).
+            if pool.busy + pool.have() >= f.spec.pool.max {
+                return Err(Refusal::Unavailable(format!(
+                    "function {name:?} is at its pool.max of {} clones; try again",
+                    f.spec.pool.max
+                )));
+            }
+            pool.mark_busy();
+        }
         let c = self.restore_clone(&f).map_err(|e| {
             f.pool.locked().busy -= 1;
             Refusal::Internal(e)
         })?;
         tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
-        Ok(self.hand_over(f, c, true, t))
+        self.hand_over(f, c, true, t)
     }
 
     /// The warm half of [`Supervisor::acquire`]: a ready clone if the pool has one (microseconds,
@@ -184,7 +266,7 @@ impl Supervisor {
     pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Refusal> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
-        Ok(self.take_warm(&f).map(|c| self.hand_over(f, c, false, t)))
+        self.take_warm(&f).map(|c| self.hand_over(f, c, false, t)).transpose()
     }
 
     fn ready_function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
@@ -196,7 +278,20 @@ impl Supervisor {
         Ok(f)
     }
 
-    fn hand_over(&self, f: Arc<Function>, mut clone: PooledVm, cold_start: bool, t: Instant) -> Handoff {
+    fn hand_over(
+        &self,
+        f: Arc<Function>,
+        mut clone: PooledVm,
+        cold_start: bool,
+        t: Instant,
+    ) -> Result<Handoff, Refusal> {
+        let lease = match new_lease() {
+            Ok(l) => l,
+            Err(e) => {
+                f.pool.locked().busy -= 1;
+                return Err(e);
+            }
+        };
         clone.uses += 1;
         f.counters.handoffs.fetch_add(1, Ordering::Relaxed);
         if cold_start {
@@ -208,10 +303,12 @@ impl Supervisor {
             mailbox: clone.mailbox.clone(),
             vsock: clone.vsock.clone(),
             cold_start,
+            lease: lease.clone(),
         };
-        self.handed.locked().insert(clone.id, Handed { function: f, clone });
+        let expires = Instant::now() + Duration::from_secs_f64(f.spec.pool.lease_s);
+        self.handed.locked().insert(clone.id, Handed { function: f, clone, lease, expires });
         self.metrics.handoff.observe(t.elapsed());
-        handoff
+        Ok(handoff)
     }
 
     /// The ids of every handed-out VM.
@@ -223,8 +320,15 @@ impl Supervisor {
     /// clones (`max_uses`), it has uses left, `destroy` is not asked for, and it is sound: running,
     /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
     /// recycled.
-    pub fn release(&self, id: u64, destroy: bool) -> Result<bool, Refusal> {
-        let h = self.handed.locked().remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+    pub fn release(&self, id: u64, lease: &str, destroy: bool) -> Result<bool, Refusal> {
+        let h = {
+            let mut handed = self.handed.locked();
+            let h = handed.get(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+            if !same_lease(&h.lease, lease) {
+                return Err(Refusal::Forbidden(format!("VM {id}: the lease does not match this handoff")));
+            }
+            handed.remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?
+        };
         let (f, clone) = (h.function, h.clone);
         let recycle = !destroy
             && clone.uses < f.spec.pool.max_uses
@@ -242,9 +346,41 @@ impl Supervisor {
             return Ok(true);
         }
         drop(pool);
-        // Stopping joins the vCPU threads: off the caller's path.
-        let _ = std::thread::Builder::new().name("release".into()).spawn(move || drop(clone.vm.stop("released")));
+        self.discard(vec![clone]);
         Ok(false)
+    }
+
+    /// Destroys clones on a thread of their own: stopping a VM joins its threads, which must never
+    /// happen on an async worker or under a pool's lock.
+    pub(super) fn discard(&self, clones: Vec<PooledVm>) {
+        if clones.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("discard".into()).spawn(move || {
+            for c in clones {
+                drop(c.vm.stop("discarded"));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a thread to destroy clones: {e}");
+        }
+    }
+
+    /// Destroys handed-out clones whose lease ran out (`pool.lease_s`): their release is then
+    /// refused as for any unknown VM.
+    pub(super) fn expire_leases(&self) {
+        let now = Instant::now();
+        let expired: Vec<Handed> = {
+            let mut handed = self.handed.locked();
+            let ids: Vec<u64> = handed.iter().filter(|(_, h)| h.expires <= now).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| handed.remove(id)).collect()
+        };
+        for h in expired {
+            tracing::warn!(function = %h.function.name, id = h.clone.id, "lease expired; the clone is destroyed");
+            h.function.pool.locked().busy -= 1;
+            h.function.counters.expired_leases.fetch_add(1, Ordering::Relaxed);
+            self.discard(vec![h.clone]);
+        }
     }
 
     /// acquire + invoke through the mailbox + release.
@@ -255,8 +391,25 @@ impl Supervisor {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Response, Refusal> {
-        let handoff = self.acquire(name)?;
         let f = self.function(name)?;
+        // Bounded: a refusal now beats a caller waiting on a blocking pool that hung guests fill.
+        if self.invokes.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES {
+            self.invokes.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")));
+        }
+        let _global = OnDrop(|| {
+            self.invokes.fetch_sub(1, Ordering::SeqCst);
+        });
+        if f.counters.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES_PER_FUNCTION {
+            f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Unavailable(format!(
+                "function {name:?} has {MAX_INVOKES_PER_FUNCTION} invocations in flight; try again"
+            )));
+        }
+        let _mine = OnDrop(|| {
+            f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+        let handoff = self.acquire(name)?;
         let handler = handler.unwrap_or(&f.spec.handler).to_string();
         let result = {
             let handed = self.handed.locked();
@@ -267,7 +420,7 @@ impl Supervisor {
         // rings, so that waiting callers do not take the CPU the guests need to answer.
         let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN });
         // A clone that did not answer is not handed to anyone again.
-        let _ = self.release(handoff.id, r.is_err());
+        let _ = self.release(handoff.id, &handoff.lease, r.is_err());
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         r.map_err(|e| {
             f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
@@ -296,5 +449,21 @@ impl Supervisor {
     pub fn prometheus(&self) -> String {
         let infos = self.list();
         self.metrics.render(&infos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_unguessable_and_compared_whole() {
+        let (a, b) = (new_lease().unwrap(), new_lease().unwrap());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(same_lease(&a, &a.clone()));
+        assert!(!same_lease(&a, &b));
+        assert!(!same_lease(&a, &a[..31]));
+        assert!(!same_lease(&a, ""));
     }
 }

@@ -14,7 +14,7 @@ use crate::memory::{self, GuestMemory, PAGE_SIZE};
 /// Writes guest RAM to `path` as a sparse file: runs of non-zero pages are written, zero pages are
 /// left as holes.
 pub fn write_memory(path: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
-    let f = File::create(path).map_err(io_err(path))?;
+    let f = crate::sys::private_file().write(true).create(true).truncate(true).open(path).map_err(io_err(path))?;
     let mut file_off = 0u64;
     for region in mem.iter() {
         let len = region.len() as usize;

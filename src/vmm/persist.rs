@@ -74,7 +74,7 @@ impl SnapshotState {
     /// leaves a half-written file under the real name. Renaming (rather than rewriting) also leaves
     /// running clones' mappings of an earlier memory file intact.
     pub fn write(&self, dir: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::sys::private_dir(dir).map_err(io_err(dir))?;
         let paths = SnapshotPaths::new(dir);
         let tmp_mem = dir.join(".memory.tmp");
         let bytes = self.encode()?;

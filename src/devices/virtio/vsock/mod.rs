@@ -90,6 +90,9 @@ impl Vsock {
         let listener = match path {
             Some(p) => {
                 let l = UnixListener::bind(p).map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
+                // Only its owner may connect to the guest.
+                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
                 l.set_nonblocking(true).map_err(DeviceError::io("vsock socket"))?;
                 Some(l)
             }
