@@ -1,70 +1,117 @@
-//! The seccomp filter that confines vCPU threads: the threads that run guest code and handle every
-//! exit the guest causes. They may only run KVM ioctls, write (console, eventfds, logs), wait on
-//! futexes, manage memory, return from the kick signal, close their vCPU fd, and exit. Device threads
-//! (vsock) get socket I/O and epoll besides. Anything else kills the process (SIGSYS): a thread
-//! asking for it means something has gone badly wrong.
+//! Seccomp filters, one per kind of thread, with argument rules where a call's arguments decide
+//! what it can reach:
+//!
+//! - **vCPU threads** run guest code and handle every exit the guest causes: named KVM ioctls on
+//!   their own vCPU fd only (never another VM's), writes (console, eventfds, logs), futexes,
+//!   memory management without PROT_EXEC, the kick signal's return, close and exit.
+//! - **device threads** (vsock's event loop) move bytes between the guest's queues and host
+//!   sockets: the thread runtime, reads and writes, epoll, and AF_UNIX stream sockets only.
+//! - **the daemon** (`ember serve`, every thread it starts inherits it): what making and running
+//!   VMs and serving the API need, and nothing that starts a program or a process, traces one, or
+//!   opens a network socket.
+//!
+//! A call outside a filter fails with an error (EPERM; ENOSYS for the daemon, so that glibc falls
+//! back from clone3 to clone, whose flags the filter can check) instead of killing the process:
+//! a vCPU or device thread that is refused ends its own VM, never the daemon or another tenant.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+    BackendError, BpfProgram, Error, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
 };
 
 /// What any ember thread needs to run Rust code at all: memory (glibc's per-thread arenas grow with
-/// mprotect), futex-backed locks, the kick signal's return, clocks, and exit.
+/// mprotect), futex-backed locks, the kick signal's return, clocks, and exit. `mmap` and
+/// `mprotect` are added with their no-PROT_EXEC rule.
 const THREAD_RUNTIME: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
-    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_clock_gettime,
     libc::SYS_sched_yield,
     libc::SYS_rseq,
+    libc::SYS_restart_syscall,
     libc::SYS_exit,
 ];
 
 /// The ioctl "type" byte of every KVM ioctl.
 const KVMIO: u64 = 0xae;
 
-/// Builds the vCPU thread filter.
-pub fn vcpu_filter() -> Result<BpfProgram, seccompiler::Error> {
-    let kvm_ioctl = SeccompRule::new(vec![SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(0xff00),
-        KVMIO << 8,
-    )?])?;
-    let allowed = [
+/// The KVM ioctls a vCPU thread issues, by number (linux/kvm.h): running, and reading the state it
+/// saves when it parks or reports when the VM fails.
+const VCPU_IOCTLS: &[u64] = &[
+    0x80, // KVM_RUN
+    0x81, // KVM_GET_REGS
+    0x83, // KVM_GET_SREGS
+    0x85, // KVM_TRANSLATE
+    0x88, // KVM_GET_MSRS
+    0x8e, // KVM_GET_LAPIC
+    0x91, // KVM_GET_CPUID2
+    0x98, // KVM_GET_MP_STATE
+    0x9f, // KVM_GET_VCPU_EVENTS
+    0xa1, // KVM_GET_DEBUGREGS
+    0xa3, // KVM_GET_TSC_KHZ
+    0xa4, // KVM_GET_XSAVE
+    0xa6, // KVM_GET_XCRS
+];
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+}
+
+/// `mmap` and `mprotect`, never with PROT_EXEC: no confined thread maps code.
+fn add_memory_rules(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), Error> {
+    let no_exec = || -> Result<Vec<SeccompRule>, BackendError> {
+        Ok(vec![SeccompRule::new(vec![cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?])?])
+    };
+    rules.insert(libc::SYS_mmap, no_exec()?);
+    rules.insert(libc::SYS_mprotect, no_exec()?);
+    Ok(())
+}
+
+fn allow_all(calls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    calls.iter().chain(THREAD_RUNTIME).map(|s| (*s, vec![])).collect()
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, refused: SeccompAction) -> Result<BpfProgram, Error> {
+    Ok(SeccompFilter::new(rules, refused, SeccompAction::Allow, TargetArch::x86_64)?.try_into()?)
+}
+
+/// Builds the filter of the vCPU thread that owns `vcpu_fd`.
+pub fn vcpu_filter(vcpu_fd: RawFd) -> Result<BpfProgram, Error> {
+    let mut rules = allow_all(&[
         libc::SYS_write,
         libc::SYS_writev,
         // A vCPU thread owns its vCPU fd and drops it when the VM ends.
         libc::SYS_close,
-    ];
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed.iter().chain(THREAD_RUNTIME).map(|s| (*s, vec![])).collect();
-    rules.insert(libc::SYS_ioctl, vec![kvm_ioctl]);
+    ]);
+    add_memory_rules(&mut rules)?;
+    let kvm = VCPU_IOCTLS
+        .iter()
+        .map(|nr| {
+            SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, vcpu_fd as u64)?,
+                cond(1, SeccompCmpOp::MaskedEq(0xffff), (KVMIO << 8) | nr)?,
+            ])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, kvm);
     // Rust's debug builds check that an fd is open before closing it.
-    let getfd = SeccompRule::new(vec![SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_GETFD as u64,
-    )?])?;
-    rules.insert(libc::SYS_fcntl, vec![getfd]);
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
-    Ok(filter.try_into()?)
+    rules.insert(libc::SYS_fcntl, vec![SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)?])?]);
+    compile(rules, SeccompAction::Errno(libc::EPERM as u32))
 }
 
 /// Builds the filter for a device's own thread (the vsock device's event loop): it handles what
-/// the guest puts in the device's queues and moves bytes between them and host sockets.
-pub fn device_filter() -> Result<BpfProgram, seccompiler::Error> {
-    let allowed = [
+/// the guest puts in the device's queues and moves bytes between them and host Unix sockets.
+pub fn device_filter() -> Result<BpfProgram, Error> {
+    let mut rules = allow_all(&[
         libc::SYS_read,
         libc::SYS_write,
         libc::SYS_readv,
@@ -77,29 +124,140 @@ pub fn device_filter() -> Result<BpfProgram, seccompiler::Error> {
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
         libc::SYS_accept4,
-        libc::SYS_socket,
         libc::SYS_connect,
         libc::SYS_shutdown,
         libc::SYS_close,
+    ]);
+    add_memory_rules(&mut rules)?;
+    // Only Unix stream sockets (a guest's connections to the host go to `<socket>_<port>`).
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![
+            cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
+            cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_STREAM as u64)?,
+        ])?],
+    );
+    // set_nonblocking, and the fd-flag reads and writes of std and vmm-sys-util.
+    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?]);
+    let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
+        .iter()
+        .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op as u64)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_fcntl, fcntl);
+    compile(rules, SeccompAction::Errno(libc::EPERM as u32))
+}
+
+/// Builds the filter `ember serve` confines itself with before it starts any thread (so every
+/// thread it ever runs has it): the calls traced from a daemon that registers functions, boots
+/// their templates, restores, hands out, invokes, recycles and deletes clones, and serves its API.
+pub fn daemon_filter() -> Result<BpfProgram, Error> {
+    let mut rules = allow_all(&[
+        // Files: the state directory, templates, mailboxes, images.
+        libc::SYS_openat,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_pread64,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_pwrite64,
+        libc::SYS_lseek,
+        libc::SYS_close,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_access,
+        libc::SYS_getdents64,
+        libc::SYS_mkdir,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rmdir,
+        libc::SYS_chmod,
+        libc::SYS_fchmod,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ftruncate,
+        libc::SYS_flock,
+        libc::SYS_memfd_create,
         libc::SYS_fcntl,
+        // Threads and waiting.
+        libc::SYS_set_robust_list,
+        libc::SYS_set_tid_address,
+        libc::SYS_arch_prctl,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_geteuid,
+        libc::SYS_getuid,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigaction,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_prlimit64,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_eventfd2,
+        libc::SYS_getrandom,
+        libc::SYS_exit_group,
+        // Confining a thread further (vCPU and device threads add their own filters).
+        libc::SYS_prctl,
+        libc::SYS_seccomp,
+        // The API and the clones' sockets (AF_UNIX only, below).
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_getsockopt,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+    ]);
+    add_memory_rules(&mut rules)?;
+    let unix_only = || -> Result<Vec<SeccompRule>, BackendError> {
+        Ok(vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?])
+    };
+    rules.insert(libc::SYS_socket, unix_only()?);
+    rules.insert(libc::SYS_socketpair, unix_only()?);
+    // Threads, never processes: clone must carry CLONE_THREAD. (clone3's flags are behind a
+    // pointer the filter cannot read: it is refused with ENOSYS and glibc falls back to clone.)
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?],
+    );
+    // KVM's ioctls (on /dev/kvm, VM and vCPU fds) and FIONBIO.
+    rules.insert(
         libc::SYS_ioctl,
-    ];
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().chain(THREAD_RUNTIME).map(|s| (*s, vec![])).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
-    Ok(filter.try_into()?)
+        vec![
+            SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?])?,
+            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
+        ],
+    );
+    compile(rules, SeccompAction::Errno(libc::ENOSYS as u32))
 }
 
 /// Confines the calling thread, after priming the allocator (see [`prime_allocator`]).
-pub fn apply(filter: &BpfProgram) -> Result<(), seccompiler::Error> {
+pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
     prime_allocator();
     seccompiler::apply_filter(filter)
 }
 
 /// glibc's malloc reads files the first time some paths run: /sys/devices/system/cpu/online when
 /// it sets up arenas, /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks (both
-/// cached process-wide after that). No filter allows opening files, so those paths run here, on the
-/// thread about to be confined, before the filter: a thread arena is set up, grown past the trim
-/// threshold and freed.
+/// cached process-wide after that). The vCPU and device filters allow no opening of files, so those
+/// paths run here, on the thread about to be confined, before the filter: a thread arena is set
+/// up, grown past the trim threshold and freed.
 fn prime_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -113,16 +271,27 @@ fn prime_allocator() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn filter_compiles() {
-        assert!(!vcpu_filter().unwrap().is_empty());
+    /// Runs `f` on a new thread confined with `filter`.
+    fn confined<T: Send + 'static>(filter: BpfProgram, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            apply(&filter).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn errno_of(r: libc::c_long) -> i32 {
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
     }
 
     #[test]
-    fn a_confined_thread_keeps_its_allowed_calls() {
-        let filter = vcpu_filter().unwrap();
-        let t = std::thread::spawn(move || {
-            apply(&filter).unwrap();
+    fn a_confined_vcpu_thread_keeps_its_allowed_calls() {
+        let n = confined(vcpu_filter(99).unwrap(), || {
             // Allowed: allocation, a futex-backed lock, writing.
             let v: Vec<u8> = vec![1; 1 << 20];
             let m = std::sync::Mutex::new(v.len());
@@ -131,6 +300,71 @@ mod tests {
             std::io::stderr().write_all(b"").unwrap();
             n
         });
-        assert_eq!(t.join().unwrap(), 1 << 20);
+        assert_eq!(n, 1 << 20);
+    }
+
+    #[test]
+    fn a_vcpu_thread_reaches_no_fd_but_its_own_and_maps_no_code() {
+        let (other_fd, not_kvm, exec, open) = confined(vcpu_filter(99).unwrap(), || {
+            // SAFETY: raw system calls with scalar arguments and null pointers, expected to be
+            // refused by the filter before the kernel looks at them.
+            unsafe {
+                let other_fd = errno_of(libc::ioctl(98, (KVMIO << 8 | 0x80) as _) as _);
+                let not_kvm = errno_of(libc::ioctl(99, libc::FIONBIO, std::ptr::null_mut::<u8>()) as _);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let exec = if p == libc::MAP_FAILED { errno_of(-1) } else { 0 };
+                let open = errno_of(libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) as _);
+                (other_fd, not_kvm, exec, open)
+            }
+        });
+        assert_eq!((other_fd, not_kvm, exec, open), (libc::EPERM, libc::EPERM, libc::EPERM, libc::EPERM));
+    }
+
+    #[test]
+    fn a_device_thread_gets_unix_stream_sockets_only() {
+        let (unix, inet, udp) = confined(device_filter().unwrap(), || {
+            // SAFETY: socket() takes scalars; a successful one is closed at once.
+            unsafe {
+                let try_socket = |d, t| {
+                    let fd = libc::socket(d, t, 0);
+                    let e = errno_of(fd as _);
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                    e
+                };
+                (
+                    try_socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC),
+                    try_socket(libc::AF_INET, libc::SOCK_STREAM),
+                    try_socket(libc::AF_UNIX, libc::SOCK_DGRAM),
+                )
+            }
+        });
+        assert_eq!((unix, inet, udp), (0, libc::EPERM, libc::EPERM));
+    }
+
+    #[test]
+    fn the_daemon_starts_threads_but_no_programs_or_network_sockets() {
+        let (thread_ok, inet, exec, fork) = confined(daemon_filter().unwrap(), || {
+            let thread_ok = std::thread::spawn(|| 7).join().ok() == Some(7);
+            // SAFETY: scalar arguments and valid NUL-terminated strings; each call is expected to
+            // be refused before it does anything.
+            unsafe {
+                let inet = errno_of(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as _);
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let exec = errno_of(libc::execv(c"/bin/true".as_ptr(), argv.as_ptr()) as _);
+                let fork = errno_of(libc::syscall(libc::SYS_fork));
+                (thread_ok, inet, exec, fork)
+            }
+        });
+        assert!(thread_ok, "a confined daemon thread could not start a thread");
+        assert_eq!((inet, exec, fork), (libc::ENOSYS, libc::ENOSYS, libc::ENOSYS));
     }
 }

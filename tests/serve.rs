@@ -112,6 +112,15 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!(mailbox.call("echo", b"direct", opts).unwrap().payload, b"direct");
     let id = h["id"].as_u64().unwrap();
     let lease = h["lease"].as_str().unwrap().to_string();
+    // Every thread of the daemon (API, scaler, template, vCPU and device threads) is confined.
+    let pid = srv.child.id();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().collect();
+    assert!(tasks.len() > 4, "{} threads", tasks.len());
+    for t in tasks {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let name = status.lines().next().unwrap_or_default().to_string();
+        assert!(status.contains("\nSeccomp:\t2\n") || status.is_empty(), "thread {name} is not confined");
+    }
     // The clone's channels and the function's files are the daemon user's alone.
     assert_eq!(mode(Path::new(h["mailbox"].as_str().unwrap())), 0o600);
     assert_eq!(mode(Path::new(h["vsock"].as_str().unwrap())), 0o600);

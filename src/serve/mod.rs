@@ -36,6 +36,9 @@ pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
         // A socket left by a server that was killed.
         std::fs::remove_file(socket).map_err(|e| format!("cannot remove stale socket {}: {e}", socket.display()))?;
     }
+    // Before any thread starts: every thread of the daemon inherits the filter.
+    let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
+    crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
     let sup = Supervisor::open(state_dir).map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
     let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -332,7 +332,11 @@ impl Supervisor {
             while !sup.stopping.load(Ordering::SeqCst) {
                 let now = Instant::now();
                 if now >= next_tick {
-                    sup.tick();
+                    // One function's bad state must not stop pool maintenance for everyone: a
+                    // panic in a tick is logged and the loop goes on.
+                    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sup.tick())) {
+                        crate::log_limited!(error, "the scaling loop's tick panicked: {:?}", p.downcast_ref::<&str>());
+                    }
                     next_tick = (next_tick + TICK).max(now);
                     continue;
                 }
@@ -345,7 +349,9 @@ impl Supervisor {
                     std::mem::take(&mut *guard)
                 };
                 if wanted {
-                    sup.refill();
+                    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sup.refill())) {
+                        crate::log_limited!(error, "a refill panicked: {:?}", p.downcast_ref::<&str>());
+                    }
                 }
             }
         })

@@ -409,8 +409,18 @@ impl Supervisor {
         let _mine = OnDrop(|| {
             f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
-        let handoff = self.acquire(name)?;
+        // What can be checked without a clone is checked before one is taken.
         let handler = handler.unwrap_or(&f.spec.handler).to_string();
+        ember_abi::check_function(handler.as_bytes())
+            .map_err(|e| Refusal::BadRequest(format!("bad function name {handler:?}: {e}")))?;
+        if payload.len() > ember_abi::mailbox::MAX_PAYLOAD {
+            return Err(Refusal::BadRequest(format!(
+                "payload of {} bytes exceeds the mailbox's limit of {} bytes",
+                payload.len(),
+                ember_abi::mailbox::MAX_PAYLOAD
+            )));
+        }
+        let handoff = self.acquire(name)?;
         let result = {
             let handed = self.handed.locked();
             handed.get(&handoff.id).map(|h| h.clone.vm.mailbox())

@@ -16,7 +16,7 @@ pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm_state;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -125,7 +125,7 @@ pub struct Vm {
 pub struct RunOptions {
     /// Stop the VM if the guest has not ended it after this long.
     pub timeout: Option<Duration>,
-    /// Confine every vCPU thread with [`seccomp::vcpu_filter`] (on by default).
+    /// Confine every vCPU thread with its [`seccomp::vcpu_filter`] (on by default).
     pub seccomp: bool,
     /// Bytes read from this fd go to the guest console (the UART's receive FIFO).
     pub console_input: Option<OwnedFd>,
@@ -285,10 +285,12 @@ impl Vm {
     /// Starts the vCPU threads and returns a handle to the running VM.
     pub fn start(self, options: RunOptions) -> Result<RunningVm, VmError> {
         vcpu::install_kick_handler()?;
-        let filter = match options.seccomp {
-            true => Some(Arc::new(seccomp::vcpu_filter()?)),
-            false => None,
-        };
+        // One filter per vCPU thread: each may reach its own vCPU fd only.
+        let filters = self
+            .vcpus
+            .iter()
+            .map(|v| options.seccomp.then(|| seccomp::vcpu_filter(v.fd.as_raw_fd())).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         // What a vCPU thread needs to save its state when paused, worked out before it is confined.
         if let Some(v) = self.vcpus.first() {
             vcpu_state::prepare(&v.fd)?;
@@ -316,7 +318,7 @@ impl Vm {
             mem: mem.clone(),
             mem_bytes,
         };
-        for v in vcpus {
+        for (v, filter) in vcpus.into_iter().zip(filters) {
             let cx = VcpuContext {
                 pio: running.devices.pio.clone(),
                 mmio: running.devices.mmio.clone(),
@@ -324,7 +326,7 @@ impl Vm {
                 clock: Some(clock.clone()),
                 mem: mem.clone(),
                 mailbox: mailbox.clone(),
-                seccomp: filter.clone(),
+                seccomp: filter,
             };
             match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
                 Ok(t) => running.threads.push(t),

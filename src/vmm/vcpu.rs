@@ -71,7 +71,7 @@ pub struct VcpuContext {
     pub mem: GuestMemory,
     pub mailbox: Arc<crate::channel::mailbox::Mailbox>,
     /// The seccomp filter to confine this thread with, if any.
-    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    pub seccomp: Option<seccompiler::BpfProgram>,
 }
 
 pub struct Vcpu {
