@@ -157,6 +157,20 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_config_files_are_refused_without_a_panic() {
+        let good = br#"{"boot-source": {"kernel_image_path": "/k", "initrd_path": "i", "boot_args": "console=ttyS0"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256}}"#;
+        let mut rng = crate::sys::TestRng::new(17);
+        for _ in 0..20_000 {
+            if let Ok(c) = serde_json::from_slice::<VmConfig>(&rng.mutate(good)) {
+                if c.validate().is_ok() {
+                    assert!((1..=MAX_VCPUS).contains(&c.vcpus()) && c.mem_bytes() >= MIN_MEM_MIB << 20);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn firecracker_shaped_file() {
         let c = parse(
             r#"{"boot-source": {"kernel_image_path": "/k", "initrd_path": "i.cpio", "boot_args": "console=ttyS0"},

@@ -154,6 +154,7 @@ pub fn daemon_filter() -> Result<BpfProgram, Error> {
     let mut rules = allow_all(&[
         // Files: the state directory, templates, mailboxes, images.
         libc::SYS_openat,
+        libc::SYS_openat2,
         libc::SYS_read,
         libc::SYS_readv,
         libc::SYS_pread64,

@@ -168,6 +168,46 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// A small deterministic generator (xorshift64*) for the tests that feed decoders and devices
+/// random and mutated input: the same seed gives the same run, so a failure can be replayed.
+#[cfg(test)]
+pub(crate) struct TestRng(u64);
+
+#[cfg(test)]
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    pub(crate) fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max + 1);
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// `v` with a few bytes flipped, inserted, removed or set to an edge value.
+    pub(crate) fn mutate(&mut self, v: &[u8]) -> Vec<u8> {
+        let mut m = v.to_vec();
+        for _ in 0..1 + self.below(4) {
+            let at = self.below(m.len());
+            match self.below(5) {
+                0 if !m.is_empty() => m[at] ^= 1 << self.below(8),
+                1 if !m.is_empty() => m[at] = [0, 0xff, 0x7f, 0x80][self.below(4)],
+                2 => m.insert(at.min(m.len()), self.next() as u8),
+                3 if !m.is_empty() => drop(m.remove(at)),
+                _ => m.truncate(at),
+            }
+        }
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,10 +34,22 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     assert_error(
         http(s, "PUT", "/functions/f", Some(r#"{"kernel": "/nonexistent/vmlinux", "initramfs": "/i"}"#)),
         400,
-        "does not exist",
+        "not in an image directory",
     );
+    // Images come only from the daemon's image directories: not a host file elsewhere (a secret
+    // handed to a guest as its initramfs), not through `..`, not through a symlink.
     let k = dir.join("k");
     std::fs::write(&k, b"x").unwrap();
+    let images = &common::api::image_dirs()[0];
+    let secret = format!(r#"{{"kernel": "vmlinux", "initramfs": "{}"}}"#, k.display());
+    assert_error(http(s, "PUT", "/functions/f", Some(&secret)), 400, "not in an image directory");
+    let escape = format!(r#"{{"kernel": "vmlinux", "initramfs": "{}/../README.md"}}"#, images.display());
+    assert_error(http(s, "PUT", "/functions/f", Some(&escape)), 400, "`..`");
+    assert_error(
+        http(s, "PUT", "/functions/f", Some(r#"{"kernel": "vmlinux", "initramfs": "nope.cpio"}"#)),
+        400,
+        "nope.cpio",
+    );
     let spec = |pool: &str| format!(r#"{{"kernel": "{0}", "initramfs": "{0}", "pool": {pool}}}"#, k.display());
     assert_error(
         http(s, "PUT", "/functions/f", Some(&spec(r#"{"min_ready": 5, "max": 2}"#))),

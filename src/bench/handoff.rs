@@ -146,7 +146,9 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     let mut recycled = quiet(RECYCLED_POOL);
     recycled["max_uses"] = u32::MAX.into();
     register(snapshot, &state, RECYCLED, recycled)?;
-    let sup = Supervisor::open(&state).map_err(|e| e.to_string())?;
+    // The templates are installed: nothing is booted, so no image directory is needed.
+    let images = crate::serve::images::ImageDirs::open(&[])?;
+    let sup = Supervisor::open(&state, images).map_err(|e| e.to_string())?;
     let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
     let socket = dir.join("api.sock");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;

@@ -14,6 +14,11 @@ pub(crate) struct ServeArgs {
     /// ~/.local/state/ember).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// A directory registrations may take their kernel and initramfs from (repeatable): a
+    /// registration names a file in one by absolute path or relative to it; nothing outside, and
+    /// no symlink, is ever opened. Without one, every registration is refused.
+    #[arg(long = "images", value_name = "DIR")]
+    images: Vec<PathBuf>,
 }
 
 fn default_state_dir() -> Result<PathBuf, String> {
@@ -26,6 +31,6 @@ fn default_state_dir() -> Result<PathBuf, String> {
 
 pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let dir = args.state_dir.map(Ok).unwrap_or_else(default_state_dir)?;
-    ember::serve::run(&args.socket, &dir)?;
+    ember::serve::run(&args.socket, &dir, &args.images)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,12 +4,14 @@
 //! - [`supervisor`]: functions and their templates, handoff, release, invoke.
 //! - [`pool`]: pools of clones and the background loop that scales them.
 //! - [`registry`]: the state directory's files.
+//! - [`images`]: the image directories registrations may boot from.
 //! - [`scaler`]: the autoscaling policy (pure logic).
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
 //! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy.
 
 pub mod api;
+pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod pool;
@@ -24,7 +26,8 @@ use std::sync::Arc;
 use supervisor::Supervisor;
 
 /// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket.
-pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
+pub fn run(socket: &Path, state_dir: &Path, images: &[std::path::PathBuf]) -> Result<(), String> {
+    let images = images::ImageDirs::open(images)?;
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -39,7 +42,8 @@ pub fn run(socket: &Path, state_dir: &Path) -> Result<(), String> {
     // Before any thread starts: every thread of the daemon inherits the filter.
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
-    let sup = Supervisor::open(state_dir).map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+    let sup =
+        Supervisor::open(state_dir, images).map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
     let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -95,18 +95,10 @@ impl std::fmt::Display for Refusal {
 
 impl FunctionSpec {
     /// Checks what can be checked without booting: names, files, sizes, the pool policy.
+    /// Checks everything but the image files (the supervisor opens those beneath its image
+    /// directories): also what a saved registration must still satisfy when the daemon loads it
+    /// again.
     pub fn validate(&self) -> Result<(), Refusal> {
-        for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
-            if !p.is_file() {
-                return Err(Refusal::BadRequest(format!("{what} {} does not exist or is not a file", p.display())));
-            }
-        }
-        self.validate_values()
-    }
-
-    /// Checks everything but the files: what a saved registration must still satisfy when the
-    /// daemon loads it again (its template may stand in for a kernel that has gone).
-    pub fn validate_values(&self) -> Result<(), Refusal> {
         let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
         self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
         ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
@@ -201,6 +193,22 @@ pub struct Handoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_and_mutated_registrations_are_refused_without_a_panic() {
+        let good = br#"{"kernel": "vmlinux", "initramfs": "i.cpio", "vcpus": 1, "mem_mib": 128, "handler": "echo",
+            "runtime": "flip /init --x", "pool": {"min_ready": 1, "max": 8, "headroom": 1.5, "lease_s": 60}}"#;
+        let mut rng = crate::sys::TestRng::new(13);
+        for _ in 0..20_000 {
+            let input = rng.mutate(good);
+            if let Ok(spec) = serde_json::from_slice::<FunctionSpec>(&input) {
+                if spec.validate().is_ok() {
+                    assert!(spec.pool.max >= spec.pool.min_ready && spec.pool.max <= super::super::scaler::MAX_POOL);
+                    assert!(spec.pool.headroom.is_finite() && spec.pool.lease_s > 0.0);
+                }
+            }
+        }
+    }
 
     #[test]
     fn runtime_commands_are_checked() {

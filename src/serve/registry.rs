@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::images::ImageDirs;
 use super::model::FunctionSpec;
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use crate::sys::private_dir;
@@ -85,7 +86,7 @@ impl Registry {
                     .and_then(|s| serde_json::from_str::<FunctionSpec>(&s).map_err(|e| e.to_string()))
                     // Saved files can be edited or corrupted: a bad value is refused here, not
                     // met later by the scaling loop.
-                    .and_then(|spec| spec.validate_values().map(|()| spec).map_err(|e| e.to_string()))
+                    .and_then(|spec| spec.validate().map(|()| spec).map_err(|e| e.to_string()))
                     .map_err(|e| format!("{}: {e}", path.display()));
                 (name, spec)
             })
@@ -104,12 +105,16 @@ impl Registry {
     }
 
     /// Boots `spec`'s guest to its agent's "ready" and makes the function's template (anything
-    /// there before is removed first).
-    pub fn make_template(&self, name: &str, spec: &FunctionSpec) -> Result<Template, String> {
+    /// there before is removed first). The kernel and initramfs are opened beneath `images` and
+    /// booted from those open files.
+    pub fn make_template(&self, name: &str, spec: &FunctionSpec, images: &ImageDirs) -> Result<Template, String> {
+        let kernel = images.open_image("kernel", &spec.kernel)?;
+        let initramfs = images.open_image("initramfs", &spec.initramfs)?;
+        let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
         let dir = self.template_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
         let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
-        Template::make(&spec.vm_config(), &dir, opts).map(|m| m.template).map_err(|e| e.to_string())
+        Template::make(&opened.vm_config(), &dir, opts).map(|m| m.template).map_err(|e| e.to_string())
     }
 
     /// The function's saved template.

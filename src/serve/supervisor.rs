@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::images::ImageDirs;
 use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal};
 use super::pool::{Function, PooledVm};
@@ -58,6 +59,7 @@ fn same_lease(a: &str, b: &str) -> bool {
 
 pub struct Supervisor {
     registry: Registry,
+    images: ImageDirs,
     pub(super) functions: Mutex<BTreeMap<String, Arc<Function>>>,
     handed: Mutex<HashMap<u64, Handed>>,
     pub(super) next_id: AtomicU64,
@@ -85,11 +87,12 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 
 impl Supervisor {
     /// Opens (or creates) the state directory and loads every registered function.
-    pub fn open(state_dir: &Path) -> std::io::Result<Arc<Self>> {
+    pub fn open(state_dir: &Path, images: ImageDirs) -> std::io::Result<Arc<Self>> {
         let registry = Registry::open(state_dir)?;
         let saved = registry.load()?;
         let sup = Arc::new(Self {
             registry,
+            images,
             functions: Mutex::new(BTreeMap::new()),
             handed: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -138,6 +141,9 @@ impl Supervisor {
     pub fn register(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
         check_name(name)?;
         spec.validate()?;
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+            self.images.open_image(what, path).map_err(Refusal::BadRequest)?;
+        }
         // Checked and claimed in one step: two registrations of one name never share a directory.
         let f = {
             let mut functions = self.functions.locked();
@@ -169,7 +175,7 @@ impl Supervisor {
                 *boots += 1;
             }
             let t = Instant::now();
-            let result = sup.registry.make_template(&f.name, &f.spec);
+            let result = sup.registry.make_template(&f.name, &f.spec, &sup.images);
             *sup.template_boots.locked() -= 1;
             sup.template_boot_done.notify_one();
             if f.deleted.load(Ordering::SeqCst) {

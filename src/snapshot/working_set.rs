@@ -221,6 +221,19 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_working_sets_are_refused_without_a_panic() {
+        let good = WorkingSet { read: vec![(1, 2), (9, 3)], written: vec![(10, 1)] }.encode();
+        let mut rng = crate::sys::TestRng::new(11);
+        for _ in 0..20_000 {
+            let input = if rng.below(4) == 0 { rng.bytes(128) } else { rng.mutate(&good) };
+            if let Ok(ws) = WorkingSet::decode(&input, 64 * PAGE_SIZE, Path::new("w")) {
+                let end = ws.read.iter().chain(&ws.written).map(|r| r.0 + r.1).max().unwrap_or(0);
+                assert!(end <= 64, "a run outside guest RAM was accepted: {ws:?}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_files_are_refused() {
         let ws = WorkingSet { read: vec![(1, 2)], written: vec![(10, 1)] };
         let good = ws.encode();

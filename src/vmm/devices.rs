@@ -150,6 +150,20 @@ impl Devices {
         self.virtio.len()
     }
 
+    /// Stops every device's own thread from touching guest memory and queues (before a snapshot).
+    pub fn pause(&self) {
+        for t in &self.virtio {
+            t.locked().pause();
+        }
+    }
+
+    /// Lets paused devices go on.
+    pub fn resume(&self) {
+        for t in &self.virtio {
+            t.locked().resume();
+        }
+    }
+
     /// Stops the devices' own threads.
     pub fn shutdown(&self) {
         for t in &self.virtio {

@@ -394,7 +394,7 @@ impl RunningVm {
     }
 
     /// Pauses every vCPU: each leaves KVM_RUN, completes the I/O it was in the middle of, saves its
-    /// state and parks. Returns once all are parked.
+    /// state and parks; then every device thread. Returns once all have stopped.
     pub fn pause(&self) -> Result<(), VmError> {
         self.ctl.request_pause();
         self.mailbox.wake();
@@ -410,11 +410,15 @@ impl RunningVm {
             }
             kick();
         }
+        // Then the devices' own threads: nothing writes guest memory or the rings while the VM's
+        // state is read.
+        self.devices.pause();
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets a paused VM run again: its devices, then its vCPUs.
     pub fn resume(&self) {
+        self.devices.resume();
         self.ctl.resume();
     }
 

@@ -43,6 +43,20 @@ pub fn assert_error(r: (u16, String), status: u16, needle: &str) {
     assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
 }
 
+/// The directories the guest images come from (the repository's `images/`, or where EMBER_KERNEL
+/// and EMBER_INITRD point): the daemon's image directories.
+pub fn image_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![super::repo().join("images")];
+    for var in ["EMBER_KERNEL", "EMBER_INITRD"] {
+        if let Some(parent) = std::env::var_os(var).and_then(|p| PathBuf::from(p).parent().map(Path::to_path_buf)) {
+            dirs.push(parent);
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs.dedup();
+    dirs
+}
+
 pub struct Server {
     pub child: Child,
     pub socket: PathBuf,
@@ -53,6 +67,7 @@ impl Server {
         let socket = dir.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
+            .args(image_dirs().iter().flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,5 +1,5 @@
 //! The functions the agent serves: built-ins for tests and benchmarks (`echo`, `sha256`, `sleep`,
-//! `cpu-stat`, `vsock-ping`) and the image's own runtime, a long-running process started before the snapshot
+//! `cpu-stat`, `vsock-ping`, `storm`: a guest misbehaving on purpose) and the image's own runtime, a long-running process started before the snapshot
 //! that reads requests on stdin and writes responses on stdout:
 //!
 //! ```text
@@ -98,6 +98,16 @@ impl Functions {
                 Err(e) => {
                     out.extend_from_slice(e.to_string().as_bytes());
                     Status::Failed
+                }
+            },
+            "storm" => match crate::storm::run(payload) {
+                Ok(what) => {
+                    out.extend_from_slice(what.as_bytes());
+                    Status::Ok
+                }
+                Err(e) => {
+                    out.extend_from_slice(e.to_string().as_bytes());
+                    Status::BadRequest
                 }
             },
             "cpu-stat" => match cpu_stat() {

@@ -21,6 +21,7 @@ mod control;
 mod devmem;
 mod functions;
 mod mailbox;
+mod storm;
 mod tsc;
 mod vsock;
 

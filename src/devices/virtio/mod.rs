@@ -45,6 +45,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError>;
     /// Stops the device (driver reset, or the VM ends).
     fn reset(&mut self);
+    /// Stops touching the queues and guest memory (the VM is paused to be saved); returns once
+    /// the device's own thread has stopped. A device without a thread has nothing to do.
+    fn pause(&mut self) {}
+    /// Goes on after [`VirtioDevice::pause`].
+    fn resume(&mut self) {}
     /// The live queues' state, while the device runs.
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>>;
     /// The device's own state for a snapshot, beyond the transport's negotiation and queues

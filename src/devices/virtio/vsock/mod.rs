@@ -43,6 +43,8 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUES: usize = 3;
+/// How long pausing waits for the device thread to stop touching the queues.
+const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// The largest packet payload ember accepts from the guest (Linux sends at most 64 KiB).
 const MAX_PKT_DATA: u32 = 64 << 10;
 /// The receive buffer ember advertises per connection.
@@ -78,8 +80,17 @@ pub struct Vsock {
 
 /// What the front end asks of the worker thread.
 enum Command {
-    Activate { mem: GuestMemory, queues: Arc<Mutex<Vec<Queue>>>, interrupt: Arc<Interrupt>, reset: bool },
+    Activate {
+        mem: GuestMemory,
+        queues: Arc<Mutex<Vec<Queue>>>,
+        interrupt: Arc<Interrupt>,
+        reset: bool,
+    },
     Deactivate,
+    /// Stop touching the queues and guest memory until `Resume`; the worker answers on the
+    /// channel once it has.
+    Pause(std::sync::mpsc::Sender<()>),
+    Resume,
     Stop,
 }
 
@@ -183,6 +194,18 @@ impl VirtioDevice for Vsock {
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
         let q = self.queues.as_ref()?.locked();
         Some(q.iter().map(QueueSnapshot::of).collect())
+    }
+
+    fn pause(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(Command::Pause(tx));
+        if rx.recv_timeout(PAUSE_TIMEOUT).is_err() {
+            crate::log_limited!(warn, "vsock: the device thread did not pause in time");
+        }
+    }
+
+    fn resume(&mut self) {
+        self.send(Command::Resume);
     }
 
     /// vsock keeps nothing of its own in a snapshot: the connections' host ends do not survive a

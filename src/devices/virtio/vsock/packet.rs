@@ -132,6 +132,28 @@ mod tests {
     }
 
     #[test]
+    fn random_rings_and_headers_are_parsed_within_bounds() {
+        let mut good = image(&[(0x4000, 44, NEXT, 1), (0x5000, 5, 0, 0)], &[0], 1);
+        header(&mut good, 0x4000, 5);
+        let mut rng = crate::sys::TestRng::new(3);
+        for _ in 0..3_000 {
+            let mut m = good.clone();
+            // Scribble on the descriptor table, the available ring and the packet header.
+            for _ in 0..1 + rng.below(12) {
+                let at = match rng.below(3) {
+                    0 => rng.below(64),
+                    1 => 0x1000 + rng.below(16),
+                    _ => 0x4000 + rng.below(44),
+                };
+                m[at] = rng.next() as u8;
+            }
+            let p = parse_tx_image(&m);
+            assert!(p.len() <= 64, "more packets than the budget");
+            assert!(p.iter().all(|p| p.data.len() <= MAX_PKT_DATA as usize));
+        }
+    }
+
+    #[test]
     fn a_well_formed_packet_is_read() {
         let mut m = image(&[(0x4000, 44, NEXT, 1), (0x5000, 5, 0, 0)], &[0], 1);
         header(&mut m, 0x4000, 5);

@@ -142,18 +142,8 @@ impl Worker {
                     TOKEN_COMMAND => {
                         let _ = self.command_evt.read();
                         while let Ok(c) = self.commands.try_recv() {
-                            match c {
-                                Command::Stop => return,
-                                Command::Deactivate => self.deactivate(),
-                                Command::Activate { mem, queues, interrupt, reset } => {
-                                    self.deactivate();
-                                    self.active = Some(Active { mem, queues, interrupt });
-                                    self.reset_pending = reset;
-                                    if reset {
-                                        self.send_reset_event();
-                                    }
-                                    self.process_tx();
-                                }
+                            if !self.command(c) {
+                                return;
                             }
                         }
                     }
@@ -183,6 +173,44 @@ impl Worker {
             }
             self.fill_rx();
             self.update_interests();
+        }
+    }
+
+    /// Carries out a command from the front end; false when the worker must stop.
+    fn command(&mut self, c: Command) -> bool {
+        match c {
+            Command::Stop => return false,
+            Command::Deactivate => self.deactivate(),
+            Command::Activate { mem, queues, interrupt, reset } => {
+                self.deactivate();
+                self.active = Some(Active { mem, queues, interrupt });
+                self.reset_pending = reset;
+                if reset {
+                    self.send_reset_event();
+                }
+                self.process_tx();
+            }
+            Command::Pause(ack) => return self.hold(ack),
+            Command::Resume => {}
+        }
+        true
+    }
+
+    /// Paused (the VM is being saved): touches neither the queues nor guest memory, and takes no
+    /// host stream's bytes, until the front end resumes it; `ack` says it has stopped. False when
+    /// the worker must stop.
+    fn hold(&mut self, ack: std::sync::mpsc::Sender<()>) -> bool {
+        let _ = ack.send(());
+        loop {
+            match self.commands.recv() {
+                Ok(Command::Resume) => return true,
+                Ok(Command::Stop) | Err(_) => return false,
+                Ok(Command::Pause(again)) => {
+                    let _ = again.send(());
+                }
+                Ok(Command::Deactivate) => self.deactivate(),
+                Ok(c @ Command::Activate { .. }) => return self.command(c),
+            }
         }
     }
 

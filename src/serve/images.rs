@@ -1,0 +1,157 @@
+//! Where a registration's kernel and initramfs may come from: only the image directories the
+//! daemon was started with (`ember serve --images DIR`). A path is opened beneath its directory
+//! with openat2 (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so neither `..` nor a symlink leads out
+//! of it, and the guest is booted from that very open file (through /proc/self/fd), so a file
+//! swapped after the check is never the one booted: a client cannot make the daemon hand a host
+//! file it can read (a secret passed as the "initramfs") to a guest.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// The image directories, each held open.
+pub struct ImageDirs {
+    dirs: Vec<(PathBuf, OwnedFd)>,
+}
+
+/// An image opened beneath an image directory; the guest boots from this open file.
+pub struct ImageFile {
+    fd: OwnedFd,
+}
+
+impl ImageFile {
+    /// A path that names this open file (and no other) while it stays open.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// openat2(2) beneath `dir`, never through a symlink.
+fn open_beneath(dir: &OwnedFd, rel: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    let name = CString::new(rel.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain old data; all zeros is valid, and the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: the directory fd is open, `name` is NUL-terminated and `how` is a valid open_how of
+    // the size passed; a non-negative result is a new fd that nothing else owns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl ImageDirs {
+    /// Opens the image directories (each must exist).
+    pub fn open(dirs: &[PathBuf]) -> Result<Self, String> {
+        let dirs = dirs
+            .iter()
+            .map(|d| {
+                let dir = std::fs::canonicalize(d).map_err(|e| format!("image directory {}: {e}", d.display()))?;
+                let file = std::fs::File::open(&dir).map_err(|e| format!("image directory {}: {e}", d.display()))?;
+                if !file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+                    return Err(format!("image directory {} is not a directory", d.display()));
+                }
+                Ok((dir, OwnedFd::from(file)))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { dirs })
+    }
+
+    /// The directories, as given (canonical).
+    pub fn dirs(&self) -> Vec<&Path> {
+        self.dirs.iter().map(|(d, _)| d.as_path()).collect()
+    }
+
+    /// Opens `path`, which must name a regular file beneath one of the image directories: an
+    /// absolute path inside one, or a path relative to one (the first that has it).
+    pub fn open_image(&self, what: &str, path: &Path) -> Result<ImageFile, String> {
+        if self.dirs.is_empty() {
+            return Err(format!(
+                "{what} {}: this daemon has no image directory (start it with --images DIR)",
+                path.display()
+            ));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!("{what} {}: `..` is not allowed", path.display()));
+        }
+        let candidates: Vec<(&OwnedFd, &Path)> = match path.is_absolute() {
+            true => self.dirs.iter().filter_map(|(d, fd)| Some((fd, path.strip_prefix(d).ok()?))).collect(),
+            false => self.dirs.iter().map(|(_, fd)| (fd, path)).collect(),
+        };
+        if candidates.is_empty() {
+            return Err(format!(
+                "{what} {} is not in an image directory ({})",
+                path.display(),
+                self.dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let mut last = None;
+        for (dir, rel) in candidates {
+            match open_beneath(dir, rel, libc::O_RDONLY) {
+                Ok(fd) => {
+                    let file = std::fs::File::from(fd);
+                    match file.metadata() {
+                        Ok(m) if m.is_file() => return Ok(ImageFile { fd: OwnedFd::from(file) }),
+                        Ok(_) => return Err(format!("{what} {} is not a regular file", path.display())),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let why = match last {
+            Some(e) if e.raw_os_error() == Some(libc::ELOOP) => "a symlink (not followed in image directories)".into(),
+            Some(e) if e.raw_os_error() == Some(libc::EXDEV) => "outside its image directory".into(),
+            Some(e) => e.to_string(),
+            None => "not found".into(),
+        };
+        Err(format!("{what} {}: {why}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_open_beneath_their_directory_only() {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join("images");
+        std::fs::create_dir_all(images.join("sub")).unwrap();
+        std::fs::write(images.join("vmlinux"), b"k").unwrap();
+        std::fs::write(images.join("sub/initrd"), b"i").unwrap();
+        std::fs::write(root.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret"), images.join("link")).unwrap();
+        let dirs = ImageDirs::open(std::slice::from_ref(&images)).unwrap();
+        let canon = std::fs::canonicalize(&images).unwrap();
+
+        let f = dirs.open_image("kernel", &canon.join("vmlinux")).unwrap();
+        assert_eq!(std::fs::read(f.path()).unwrap(), b"k");
+        assert_eq!(std::fs::read(dirs.open_image("initramfs", Path::new("sub/initrd")).unwrap().path()).unwrap(), b"i");
+        let e = |p: &Path| dirs.open_image("initramfs", p).err().unwrap();
+        assert!(
+            e(&root.path().join("secret")).contains("not in an image directory"),
+            "{}",
+            e(&root.path().join("secret"))
+        );
+        assert!(e(Path::new("../secret")).contains("`..`"));
+        assert!(e(Path::new("link")).contains("symlink"), "{}", e(Path::new("link")));
+        assert!(e(Path::new("sub")).contains("not a regular file"));
+        assert!(e(Path::new("missing")).contains("No such file"), "{}", e(Path::new("missing")));
+        let none = ImageDirs::open(&[]).unwrap();
+        assert!(none.open_image("kernel", Path::new("vmlinux")).err().unwrap().contains("--images"));
+        assert!(ImageDirs::open(&[root.path().join("nope")]).is_err());
+    }
+}
