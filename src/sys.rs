@@ -77,11 +77,11 @@ impl Drop for FileLock<'_> {
 /// Locking that survives a poisoned mutex: a thread that panicked while holding the lock leaves
 /// data that is still consistent for every ember structure (each update is one assignment or one
 /// container operation), and one failed thread must not take every later caller down with it.
-pub trait Locked<T> {
+pub trait Locked<T: ?Sized> {
     fn locked(&self) -> MutexGuard<'_, T>;
 }
 
-impl<T> Locked<T> for Mutex<T> {
+impl<T: ?Sized> Locked<T> for Mutex<T> {
     fn locked(&self) -> MutexGuard<'_, T> {
         self.lock().unwrap_or_else(|p| p.into_inner())
     }

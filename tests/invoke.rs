@@ -20,12 +20,6 @@ fn opts(timeout: Duration) -> CallOptions {
     CallOptions { timeout, ..Default::default() }
 }
 
-/// This process's resident memory, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap()
-}
-
 #[test]
 fn a_storming_guest_costs_only_itself() {
     let _one = common::one_at_a_time();
@@ -36,7 +30,7 @@ fn a_storming_guest_costs_only_itself() {
     let hostile = serving_clone(dir, 1, &channels(1));
     let good = serving_clone(dir, 2, &channels(2));
     let (fds, threads) = common::fds_and_threads();
-    let rss = rss_kib();
+    let rss = common::rss_kib();
     // The hostile clone rings doorbells and notifies queues as fast as it can, then floods vsock
     // with connections nobody serves; its sibling keeps answering every call meanwhile.
     // (Each guest connect is emulated guest kernel work on hosts like this project's: a few hundred
@@ -59,7 +53,7 @@ fn a_storming_guest_costs_only_itself() {
     // than before and its memory stayed flat.
     assert_eq!(hostile.invoke("echo", b"x", opts(CALL)).unwrap().payload, b"x");
     assert_eq!(common::fds_and_threads(), (fds, threads), "fds or threads leaked");
-    let grown = rss_kib().saturating_sub(rss);
+    let grown = common::rss_kib().saturating_sub(rss);
     assert!(grown < 64 << 10, "the process grew by {grown} KiB during the storms");
     hostile.stop("test");
     good.stop("test");

@@ -150,15 +150,21 @@ fn clones_leak_no_fds_or_threads() {
     let _one = common::one_at_a_time();
     let Some(dir) = common::template("clones_leak_no_fds_or_threads") else { return };
     let template = Template::open(dir).unwrap();
-    // Warm up once (lazily created process-wide state), then count.
-    drop(template.restore(1, &Channels::default(), Box::new(std::io::sink())).unwrap());
-    let (fds, tasks) = common::fds_and_threads();
-    for id in 0..20 {
-        let vm = template.restore(id + 1, &Channels::default(), Box::new(std::io::sink())).unwrap();
+    // 300 create/destroy cycles here; EMBER_SOAK=1 runs 10,000 (a few minutes).
+    let cycles = if std::env::var("EMBER_SOAK").is_ok_and(|v| v == "1") { 10_000 } else { 300 };
+    let cycle = |id: u64| {
+        let vm = template.restore(id, &Channels::default(), Box::new(std::io::sink())).unwrap();
         if id % 2 == 0 {
             // Restored, started and stopped at once; the others are dropped without running.
             vm.start(RunOptions::default()).unwrap().stop("test");
         }
-    }
+    };
+    // Warm up (lazily created process-wide state, the allocator's arenas), then count.
+    (1..=50).for_each(cycle);
+    let (fds, tasks) = common::fds_and_threads();
+    let rss = common::rss_kib();
+    (51..51 + cycles).for_each(cycle);
     assert_eq!(common::fds_and_threads(), (fds, tasks), "fds or threads leaked");
+    let grown = common::rss_kib().saturating_sub(rss);
+    assert!(grown < 16 << 10, "{cycles} clone cycles grew the process by {grown} KiB");
 }

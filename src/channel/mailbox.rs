@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use ember_abi::mailbox::*;
 use ember_abi::{AbiError, Status, MAX_FUNCTION_LEN};
 
+use crate::sys::Locked;
 use crate::sys::{futex_wait, futex_wake, FileLock};
 use thiserror::Error;
 
@@ -264,7 +265,7 @@ impl Mailbox {
         if payload.len() > MAX_PAYLOAD {
             return Err(InvokeError::PayloadTooLarge(payload.len()));
         }
-        let mut last_id = self.call.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_id = self.call.locked();
         let _flock = FileLock::take(&self.file, opts.timeout).map_err(InvokeError::Lock)?;
         if self.ended() {
             return Err(InvokeError::VmEnded);

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BusDevice, GuestRequest};
+use crate::sys::Locked;
 
 /// The byte the guest writes to signal that user space is up.
 pub const BOOT_TIMER_MAGIC: u8 = 123;
@@ -73,7 +74,7 @@ impl BootClock {
 
     /// Records `field` now unless it was already recorded; returns the event when it is new.
     pub fn record(&self, field: fn(&mut BootTimeline) -> &mut Option<BootEvent>) -> Option<BootEvent> {
-        let mut t = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.timeline.locked();
         let slot = field(&mut t);
         if slot.is_some() {
             return None;
@@ -84,7 +85,7 @@ impl BootClock {
     }
 
     pub fn timeline(&self) -> BootTimeline {
-        *self.timeline.lock().unwrap_or_else(|e| e.into_inner())
+        *self.timeline.locked()
     }
 }
 

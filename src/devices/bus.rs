@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use super::{BusDevice, GuestRequest};
+use crate::sys::Locked;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BusError {
@@ -56,7 +57,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((slot, offset)) => {
-                lock(&slot.device).read(offset, data);
+                slot.device.locked().read(offset, data);
                 true
             }
             None => false,
@@ -66,15 +67,10 @@ impl Bus {
     /// Writes to the device at `addr`; `Err(Unclaimed)` when nothing is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<Option<GuestRequest>, Unclaimed> {
         match self.find(addr) {
-            Some((slot, offset)) => Ok(lock(&slot.device).write(offset, data)),
+            Some((slot, offset)) => Ok(slot.device.locked().write(offset, data)),
             None => Err(Unclaimed),
         }
     }
-}
-
-/// Locks a device, recovering from a poisoned lock (a panicking vCPU thread must not wedge the rest).
-fn lock<'a>(m: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

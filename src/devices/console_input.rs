@@ -10,6 +10,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::EventFd;
 
 use super::serial::SerialDevice;
+use crate::sys::Locked;
 
 const DATA_INPUT: u32 = 1;
 const DATA_STOP: u32 = 2;
@@ -34,7 +35,7 @@ impl MutEventSubscriber for ConsoleInput {
                 let mut buf = [0u8; 64];
                 match self.input.read(&mut buf) {
                     Ok(n) if n > 0 => {
-                        let taken = self.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[..n]);
+                        let taken = self.serial.locked().enqueue_input(&buf[..n]);
                         if taken < n {
                             tracing::debug!("console input: guest FIFO full, {} bytes dropped", n - taken);
                         }

@@ -170,19 +170,7 @@ mod tests {
     use super::*;
 
     fn state(rip: u64) -> VcpuState {
-        VcpuState {
-            cpuid: vec![],
-            msrs: vec![],
-            regs: kvm_bindings::kvm_regs { rip, ..Default::default() },
-            sregs: Default::default(),
-            xsave: Default::default(),
-            xcrs: Default::default(),
-            lapic: Default::default(),
-            events: Default::default(),
-            mp_state: Default::default(),
-            debugregs: Default::default(),
-            tsc_khz: 1,
-        }
+        VcpuState { regs: kvm_bindings::kvm_regs { rip, ..Default::default() }, ..Default::default() }
     }
 
     /// A stand-in for a vCPU thread: parks whenever a pause is asked for, until the VM stops.

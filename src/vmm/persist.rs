@@ -104,17 +104,10 @@ mod tests {
                 clock: Default::default(),
             },
             vcpus: vec![VcpuState {
-                cpuid: vec![],
                 msrs: vec![Default::default(); 3],
                 regs: kvm_bindings::kvm_regs { rip: 0x1234, ..Default::default() },
-                sregs: Default::default(),
-                xsave: Default::default(),
-                xcrs: Default::default(),
-                lapic: Default::default(),
-                events: Default::default(),
-                mp_state: Default::default(),
-                debugregs: Default::default(),
                 tsc_khz: 2_000_000,
+                ..Default::default()
             }],
             devices: DevicesState::default(),
         }

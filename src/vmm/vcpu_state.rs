@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{kvm_err, VmError};
 
 /// Everything KVM holds for one vCPU.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     pub msrs: Vec<kvm_msr_entry>,

@@ -98,6 +98,12 @@ pub fn fds_and_threads() -> (usize, usize) {
     api::fds_and_threads(std::process::id())
 }
 
+/// This process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
 /// How long the one real boot of a test binary may take.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 

@@ -32,6 +32,20 @@ struct Runtime {
     stdout: BufReader<ChildStdout>,
 }
 
+/// A built-in's answer: its output and `Ok`, or its error's text and `failed`.
+fn reply(out: &mut Vec<u8>, r: io::Result<impl AsRef<[u8]>>, failed: Status) -> Status {
+    match r {
+        Ok(answer) => {
+            out.extend_from_slice(answer.as_ref());
+            Status::Ok
+        }
+        Err(e) => {
+            out.extend_from_slice(e.to_string().as_bytes());
+            failed
+        }
+    }
+}
+
 pub struct Functions {
     runtime: Option<Runtime>,
     /// Why the runtime is not there, when it was configured but failed.
@@ -90,36 +104,9 @@ impl Functions {
                     }
                 }
             }
-            "vsock-ping" => match crate::vsock::ping_host(payload) {
-                Ok(answer) => {
-                    out.extend_from_slice(&answer);
-                    Status::Ok
-                }
-                Err(e) => {
-                    out.extend_from_slice(e.to_string().as_bytes());
-                    Status::Failed
-                }
-            },
-            "storm" => match crate::storm::run(payload) {
-                Ok(what) => {
-                    out.extend_from_slice(what.as_bytes());
-                    Status::Ok
-                }
-                Err(e) => {
-                    out.extend_from_slice(e.to_string().as_bytes());
-                    Status::BadRequest
-                }
-            },
-            "cpu-stat" => match cpu_stat() {
-                Ok(s) => {
-                    out.extend_from_slice(s.as_bytes());
-                    Status::Ok
-                }
-                Err(e) => {
-                    out.extend_from_slice(e.to_string().as_bytes());
-                    Status::Failed
-                }
-            },
+            "vsock-ping" => reply(out, crate::vsock::ping_host(payload), Status::Failed),
+            "storm" => reply(out, crate::storm::run(payload), Status::BadRequest),
+            "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name => {
                 out.extend_from_slice(format!("no function {name:?} in this guest").as_bytes());

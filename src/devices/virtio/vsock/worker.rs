@@ -661,3 +661,46 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     }
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that is not running, for driving its parts directly.
+    fn worker(path: Option<&Path>) -> (Worker, std::sync::mpsc::Sender<Command>) {
+        let events: Vec<EventFd> = (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let command = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        (Worker::new(None, path, &events, &command, rx).unwrap(), tx)
+    }
+
+    #[test]
+    fn the_control_queue_is_bounded() {
+        let (mut w, _tx) = worker(None);
+        // A guest that sends bad packets and posts no receive buffer asks for a reset each time.
+        for port in 0..10_000 {
+            w.rst((1, port));
+        }
+        assert_eq!(w.control.len(), MAX_CONTROL);
+    }
+
+    #[test]
+    fn guest_connections_are_capped_and_never_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("v.sock");
+        // A host service that never accepts: its backlog fills, and then connecting would block.
+        let _listener = UnixListener::bind(format!("{}_{}", base.display(), 5000)).unwrap();
+        let (mut w, _tx) = worker(Some(&base));
+        let t = std::time::Instant::now();
+        for guest_port in 0..1000 {
+            w.guest_connect((5000, guest_port));
+        }
+        assert!(w.conns.len() <= MAX_CONNS, "{} connections", w.conns.len());
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "connecting blocked the device thread");
+        assert!(w.control.len() <= MAX_CONTROL);
+        // Once at the cap, a new connection is refused with a reset.
+        w.control.clear();
+        w.guest_connect((5000, 5000));
+        assert_eq!(w.control.back().map(|c| c.op), Some(OP_RST));
+    }
+}
