@@ -147,6 +147,14 @@ impl Template {
         Vm::restore(&self.state, &self.memory, clone_id, channels, console)
     }
 
+    /// The template with its memory held in a sealed copy (see [`MemoryFile::sealed`]): what a
+    /// long-running process that restores clones for a long time (`ember serve`) keeps, so that
+    /// nothing done to the files on disk can fault it.
+    pub fn sealed(self) -> Result<Self, SnapshotError> {
+        let memory = self.memory.sealed()?;
+        Ok(Self { memory, ..self })
+    }
+
     /// The recorded working set, if the template has one.
     pub fn working_set(&self) -> Result<Option<WorkingSet>, SnapshotError> {
         WorkingSet::load(&self.paths.working_set(), self.state.machine.mem_bytes)

@@ -244,7 +244,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let info = json_of(&http(&s, "GET", "/functions/rev", None).1);
     assert_eq!((info["expired_leases"].as_u64(), info["busy"].as_u64()), (Some(1), Some(0)), "{info}");
 
-    // Template files deleted under the running daemon: clones still come from the loaded template.
+    // Template files moved away under the running daemon: clones still come from the loaded template.
     let template = dir.join("state/functions/rev/template");
     let saved = dir.join("template-saved");
     std::fs::rename(&template, &saved).unwrap();
@@ -252,6 +252,16 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
         assert_eq!(invoke(&s, "rev", r#"{"payload": "ok"}"#)["payload"], "ko");
     }
     std::fs::rename(&saved, &template).unwrap();
+    // The memory file truncated in place under live clones: the daemon restores from its sealed
+    // copy and never faults on the file (a SIGBUS would kill it).
+    let memory = template.join("memory");
+    let kept = dir.join("memory-kept");
+    std::fs::copy(&memory, &kept).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&memory).unwrap().set_len(0).unwrap();
+    for _ in 0..3 {
+        assert_eq!(invoke(&s, "rev", r#"{"payload": "ok"}"#)["payload"], "ko");
+    }
+    std::fs::rename(&kept, &memory).unwrap();
 
     // A clean restart: the function comes back from its saved template, without booting.
     assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));

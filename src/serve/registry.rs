@@ -114,12 +114,13 @@ impl Registry {
         let dir = self.template_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
         let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
-        Template::make(&opened.vm_config(), &dir, opts).map(|m| m.template).map_err(|e| e.to_string())
+        let made = Template::make(&opened.vm_config(), &dir, opts).map_err(|e| e.to_string())?;
+        made.template.sealed().map_err(|e| e.to_string())
     }
 
-    /// The function's saved template.
+    /// The function's saved template, its memory held sealed (clones never map the file itself).
     pub fn open_template(&self, name: &str) -> Result<Template, String> {
-        Template::open(&self.template_dir(name)).map_err(|e| e.to_string())
+        Template::open(&self.template_dir(name)).and_then(Template::sealed).map_err(|e| e.to_string())
     }
 
     /// Registers `name` with `spec` and an existing template (its files hard-linked, or copied

@@ -47,9 +47,15 @@ const MAX_TEMPLATE_BOOTS: usize = 2;
 /// A fresh lease token: 128 bits from the host's RNG, as hex. VM ids are small integers that
 /// restart after a daemon restart and survive recycling; the lease names one handoff.
 fn new_lease() -> Result<String, Refusal> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 16];
     crate::sys::getrandom(&mut b).map_err(|e| Refusal::Internal(format!("getrandom: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    let mut lease = String::with_capacity(32);
+    for x in b {
+        lease.push(HEX[usize::from(x >> 4)] as char);
+        lease.push(HEX[usize::from(x & 15)] as char);
+    }
+    Ok(lease)
 }
 
 /// Compares lease tokens in time independent of where they differ.

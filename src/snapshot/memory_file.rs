@@ -2,6 +2,7 @@
 //! clone, never written to after it is made.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,48 @@ impl MemoryFile {
         Ok(Self { path, file, mem_bytes })
     }
 
+    /// The same memory in a sealed memfd that nothing can shrink, grow or write: clones map it
+    /// instead of the file, so a file truncated or rewritten on disk under live clones can never
+    /// fault (SIGBUS) in the process that touches their memory. Costs one copy of the file's
+    /// data, in memory; its holes stay holes.
+    pub fn sealed(&self) -> Result<Self, SnapshotError> {
+        let err = |e: std::io::Error| SnapshotError::Io(self.path.clone(), e);
+        // SAFETY: the name is NUL-terminated; a non-negative result is a new fd that we own.
+        let fd = unsafe { libc::memfd_create(c"ember-template".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(self.mem_bytes).map_err(err)?;
+        let src = self.file.as_raw_fd();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0i64;
+        while (at as u64) < self.mem_bytes {
+            // SAFETY: lseek on an fd we own; it only moves the file offset, which nothing else uses.
+            let data = unsafe { libc::lseek(src, at, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data past `at`
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(src, data, libc::SEEK_HOLE) }.min(self.mem_bytes as i64);
+            let mut off = data;
+            while off < hole {
+                let n = ((hole - off) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], off as u64).map_err(err)?;
+                memfd.write_all_at(&buf[..n], off as u64).map_err(err)?;
+                off += n as i64;
+            }
+            at = hole;
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS takes an int; the memfd is ours and has no shared writable mapping.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(Self { path: self.path.clone(), file: memfd, mem_bytes: self.mem_bytes })
+    }
+
     /// Guest RAM for one clone: the file mapped private (copy-on-write) and lazily, so this costs
     /// a few mmap calls whatever the guest's size, and the clone's writes never reach the file.
     pub fn map_private(&self) -> Result<GuestMemory, SnapshotError> {
@@ -114,5 +157,28 @@ mod tests {
         assert_eq!(again.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef, "the file changed");
         assert_eq!(again.read_obj::<u32>(GuestAddress(0xf0_0000)).unwrap(), 0x1234);
         assert!(matches!(MemoryFile::open(&path, 32 << 20), Err(SnapshotError::MemorySize { .. })));
+    }
+
+    #[test]
+    fn a_sealed_copy_survives_its_file_and_cannot_change() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory::create_guest_memory(16 << 20).unwrap();
+        mem.write_obj(0xfeed_u32, GuestAddress(0x7000)).unwrap();
+        mem.write_obj(0xbeef_u32, GuestAddress(0xff_f000)).unwrap();
+        let path = dir.path().join("memory");
+        write_memory(&path, &mem).unwrap();
+        let sealed = MemoryFile::open(&path, 16 << 20).unwrap().sealed().unwrap();
+        // The file on disk is truncated under it: clones of the sealed copy never notice.
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        let clone = sealed.map_private().unwrap();
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(0x7000)).unwrap(), 0xfeed);
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(0xff_f000)).unwrap(), 0xbeef);
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(), 0, "a hole reads zeros");
+        clone.write_obj(1u32, GuestAddress(0x7000)).unwrap();
+        assert_eq!(sealed.map_private().unwrap().read_obj::<u32>(GuestAddress(0x7000)).unwrap(), 0xfeed);
+        // And nobody can shrink or write it.
+        assert!(sealed.file.set_len(4096).is_err());
+        assert!(sealed.file.write_all_at(b"x", 0).is_err());
     }
 }
