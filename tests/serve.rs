@@ -33,7 +33,7 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     );
     assert_error(
         http(s, "PUT", "/functions/f", Some(r#"{"kernel": "/nonexistent/vmlinux", "initramfs": "/i"}"#)),
-        400,
+        403,
         "not in an image directory",
     );
     // Images come only from the daemon's image directories: not a host file elsewhere (a secret
@@ -42,12 +42,12 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     std::fs::write(&k, b"x").unwrap();
     let images = &common::api::image_dirs()[0];
     let secret = format!(r#"{{"kernel": "vmlinux", "initramfs": "{}"}}"#, k.display());
-    assert_error(http(s, "PUT", "/functions/f", Some(&secret)), 400, "not in an image directory");
+    assert_error(http(s, "PUT", "/functions/f", Some(&secret)), 403, "not in an image directory");
     let escape = format!(r#"{{"kernel": "vmlinux", "initramfs": "{}/../README.md"}}"#, images.display());
-    assert_error(http(s, "PUT", "/functions/f", Some(&escape)), 400, "`..`");
+    assert_error(http(s, "PUT", "/functions/f", Some(&escape)), 403, "`..`");
     assert_error(
         http(s, "PUT", "/functions/f", Some(r#"{"kernel": "vmlinux", "initramfs": "nope.cpio"}"#)),
-        400,
+        404,
         "nope.cpio",
     );
     let spec = |pool: &str| format!(r#"{{"kernel": "{0}", "initramfs": "{0}", "pool": {pool}}}"#, k.display());
@@ -181,7 +181,10 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
         "not both",
     );
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"payload_base64": "%%"}"#)), 400, "payload_base64");
-    assert_error(http(&s, "POST", "/functions/rev/invoke?function=echo", Some("{}")), 400, "octet-stream");
+    // The query's function and timeout apply to a JSON body too (the body's own win).
+    let (code, body) =
+        http(&s, "POST", "/functions/rev/invoke?function=echo&timeout_s=60", Some(r#"{"payload": "q"}"#));
+    assert_eq!((code, json_of(&body)["payload"].as_str()), (200, Some("q")), "{body}");
     let (code, _, body) = http_bytes(&s, "POST", "/functions/rev/invoke?colour=red", "application/octet-stream", b"x");
     assert_eq!(code, 400);
     assert!(json_of(&String::from_utf8_lossy(&body))["error"].as_str().unwrap().contains("bad query"));
@@ -193,7 +196,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_error(http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "bad name"}"#)), 400, "function name");
 
     // Many concurrent clients: no VM is handed out twice, and there are never more than `max` (24)
-    // clones at once: beyond it a cold start is refused with 503, not made.
+    // clones at once: beyond it a cold start is refused with 429, not made.
     let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..16)
             .map(|_| {
@@ -211,7 +214,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
                 let h = json_of(body);
                 handoffs.push((h["id"].as_u64().unwrap(), h["lease"].as_str().unwrap().to_string()));
             }
-            503 => assert!(json_of(body)["error"].as_str().unwrap().contains("pool.max"), "{body}"),
+            429 => assert!(json_of(body)["error"].as_str().unwrap().contains("pool.max"), "{body}"),
             _ => panic!("acquire answered {code}: {body}"),
         }
     }

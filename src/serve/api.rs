@@ -44,7 +44,7 @@ impl From<Refusal> for ApiError {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::NotFound(_) => StatusCode::NOT_FOUND,
             Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
-            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unavailable(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Conflict(_) => StatusCode::CONFLICT,
             Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Refusal::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -163,9 +163,6 @@ async fn invoke(
     let (function, payload, timeout_s) = if raw {
         (query.function, body.to_vec(), query.timeout_s)
     } else {
-        if query.function.is_some() || query.timeout_s.is_some() {
-            return Err(bad_request(format!("query parameters go with an {OCTET_STREAM} body; put them in the JSON")));
-        }
         let b: InvokeBody = if body.is_empty() { InvokeBody::default() } else { json_body(&body)? };
         let payload = match (b.payload, b.payload_base64) {
             (Some(_), Some(_)) => return Err(bad_request("give payload or payload_base64, not both")),
@@ -175,7 +172,8 @@ async fn invoke(
             }
             (None, None) => Vec::new(),
         };
-        (b.function, payload, b.timeout_s)
+        // The query's function and timeout apply to a JSON body too; the body's own win.
+        (b.function.or(query.function), payload, b.timeout_s.or(query.timeout_s))
     };
     let timeout = match timeout_s {
         None => Duration::from_secs(30),

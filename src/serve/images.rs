@@ -10,6 +10,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+/// Why an image cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImageError {
+    /// The daemon may not boot that file: outside every image directory, through `..` or a
+    /// symlink, not a regular file, or no image directory at all.
+    NotAllowed(String),
+    /// There is no such file in the image directories.
+    NotFound(String),
+}
+
+impl std::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ImageError::NotAllowed(m) | ImageError::NotFound(m)) = self;
+        f.write_str(m)
+    }
+}
+
 /// The image directories, each held open.
 pub struct ImageDirs {
     dirs: Vec<(PathBuf, OwnedFd)>,
@@ -76,26 +93,27 @@ impl ImageDirs {
 
     /// Opens `path`, which must name a regular file beneath one of the image directories: an
     /// absolute path inside one, or a path relative to one (the first that has it).
-    pub fn open_image(&self, what: &str, path: &Path) -> Result<ImageFile, String> {
+    pub fn open_image(&self, what: &str, path: &Path) -> Result<ImageFile, ImageError> {
+        use ImageError::{NotAllowed, NotFound};
         if self.dirs.is_empty() {
-            return Err(format!(
+            return Err(NotAllowed(format!(
                 "{what} {}: this daemon has no image directory (start it with --images DIR)",
                 path.display()
-            ));
+            )));
         }
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!("{what} {}: `..` is not allowed", path.display()));
+            return Err(NotAllowed(format!("{what} {}: `..` is not allowed", path.display())));
         }
         let candidates: Vec<(&OwnedFd, &Path)> = match path.is_absolute() {
             true => self.dirs.iter().filter_map(|(d, fd)| Some((fd, path.strip_prefix(d).ok()?))).collect(),
             false => self.dirs.iter().map(|(_, fd)| (fd, path)).collect(),
         };
         if candidates.is_empty() {
-            return Err(format!(
+            return Err(NotAllowed(format!(
                 "{what} {} is not in an image directory ({})",
                 path.display(),
                 self.dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-            ));
+            )));
         }
         let mut last = None;
         for (dir, rel) in candidates {
@@ -104,20 +122,25 @@ impl ImageDirs {
                     let file = std::fs::File::from(fd);
                     match file.metadata() {
                         Ok(m) if m.is_file() => return Ok(ImageFile { fd: OwnedFd::from(file) }),
-                        Ok(_) => return Err(format!("{what} {} is not a regular file", path.display())),
+                        Ok(_) => return Err(NotAllowed(format!("{what} {} is not a regular file", path.display()))),
                         Err(e) => last = Some(e),
                     }
                 }
                 Err(e) => last = Some(e),
             }
         }
-        let why = match last {
-            Some(e) if e.raw_os_error() == Some(libc::ELOOP) => "a symlink (not followed in image directories)".into(),
-            Some(e) if e.raw_os_error() == Some(libc::EXDEV) => "outside its image directory".into(),
-            Some(e) => e.to_string(),
-            None => "not found".into(),
-        };
-        Err(format!("{what} {}: {why}", path.display()))
+        let path = path.display();
+        Err(match last {
+            Some(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                NotAllowed(format!("{what} {path}: a symlink (not followed in image directories)"))
+            }
+            Some(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                NotAllowed(format!("{what} {path}: outside its image directory"))
+            }
+            Some(e) if e.kind() == std::io::ErrorKind::NotFound => NotFound(format!("{what} {path}: {e}")),
+            Some(e) => NotAllowed(format!("{what} {path}: {e}")),
+            None => NotFound(format!("{what} {path}: not found")),
+        })
     }
 }
 
@@ -140,7 +163,7 @@ mod tests {
         let f = dirs.open_image("kernel", &canon.join("vmlinux")).unwrap();
         assert_eq!(std::fs::read(f.path()).unwrap(), b"k");
         assert_eq!(std::fs::read(dirs.open_image("initramfs", Path::new("sub/initrd")).unwrap().path()).unwrap(), b"i");
-        let e = |p: &Path| dirs.open_image("initramfs", p).err().unwrap();
+        let e = |p: &Path| dirs.open_image("initramfs", p).err().unwrap().to_string();
         assert!(
             e(&root.path().join("secret")).contains("not in an image directory"),
             "{}",
@@ -151,7 +174,9 @@ mod tests {
         assert!(e(Path::new("sub")).contains("not a regular file"));
         assert!(e(Path::new("missing")).contains("No such file"), "{}", e(Path::new("missing")));
         let none = ImageDirs::open(&[]).unwrap();
-        assert!(none.open_image("kernel", Path::new("vmlinux")).err().unwrap().contains("--images"));
+        assert!(none.open_image("kernel", Path::new("vmlinux")).err().unwrap().to_string().contains("--images"));
+        assert!(matches!(dirs.open_image("kernel", Path::new("missing")), Err(ImageError::NotFound(_))));
+        assert!(matches!(dirs.open_image("kernel", Path::new("link")), Err(ImageError::NotAllowed(_))));
         assert!(ImageDirs::open(&[root.path().join("nope")]).is_err());
     }
 }

@@ -71,7 +71,7 @@ pub enum Refusal {
     Forbidden(String),
     Conflict(String),
     /// At capacity now (the function's `max` clones are out, too many invocations in flight):
-    /// try again later (503).
+    /// try again later (429).
     Unavailable(String),
     /// The VM or the agent failed (502), or did not answer in time (504).
     BadGateway(String),

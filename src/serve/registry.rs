@@ -108,8 +108,8 @@ impl Registry {
     /// there before is removed first). The kernel and initramfs are opened beneath `images` and
     /// booted from those open files.
     pub fn make_template(&self, name: &str, spec: &FunctionSpec, images: &ImageDirs) -> Result<Template, String> {
-        let kernel = images.open_image("kernel", &spec.kernel)?;
-        let initramfs = images.open_image("initramfs", &spec.initramfs)?;
+        let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
+        let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
         let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
         let dir = self.template_dir(name);
         let _ = std::fs::remove_dir_all(&dir);

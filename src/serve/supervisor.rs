@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::images::ImageDirs;
+use super::images::{ImageDirs, ImageError};
 use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal};
 use super::pool::{Function, PooledVm};
@@ -34,7 +34,7 @@ struct Handed {
     expires: Instant,
 }
 
-/// Invocations in flight at once, all functions together; more get 503. Each holds a thread of
+/// Invocations in flight at once, all functions together; more get 429. Each holds a thread of
 /// the blocking pool for up to its timeout.
 const MAX_INVOKES: usize = 256;
 /// Invocations in flight at once for one function: a function whose guests hang cannot take every
@@ -148,7 +148,10 @@ impl Supervisor {
         check_name(name)?;
         spec.validate()?;
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
-            self.images.open_image(what, path).map_err(Refusal::BadRequest)?;
+            self.images.open_image(what, path).map_err(|e| match e {
+                ImageError::NotAllowed(m) => Refusal::Forbidden(m),
+                ImageError::NotFound(m) => Refusal::NotFound(m),
+            })?;
         }
         // Checked and claimed in one step: two registrations of one name never share a directory.
         let f = {
