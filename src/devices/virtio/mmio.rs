@@ -265,6 +265,68 @@ impl Persist for MmioTransport {
     }
 }
 
+/// A device with two queues and nothing behind them, for [`drive_registers`].
+struct NullDevice(Vec<vmm_sys_util::eventfd::EventFd>);
+
+impl VirtioDevice for NullDevice {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        &self.0
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _: GuestMemory, _: Vec<Queue>, _: Arc<Interrupt>) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+        None
+    }
+    fn restore_state(&mut self, _: &[u8]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// Drives a transport (over a device that does nothing) with the register accesses `ops`
+/// describes, 13 bytes each: kind (even: read), offset (u32), width (1, 2, 4 or 8 from the low
+/// bits), value (u64); then saves and restores its state. The fuzz target's entry point: it must
+/// never panic, whatever the guest writes.
+pub fn drive_registers(ops: &[u8]) {
+    let events = (0..2).map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)).collect();
+    let (Ok(events), Ok(mem)) = (events, crate::memory::create_guest_memory(16 << 20)) else { return };
+    let Ok(irq) = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK) else { return };
+    let Ok(mailbox) = crate::channel::mailbox::Mailbox::create(None) else { return };
+    let interrupt = Arc::new(Interrupt::new(irq, Arc::new(mailbox)));
+    let args =
+        |events| MmioArgs { device: Box::new(NullDevice(events)), mem: mem.clone(), interrupt: interrupt.clone() };
+    let Ok(mut t) = MmioTransport::new(args(events)) else { return };
+    for op in ops.chunks_exact(13) {
+        let offset = u64::from(u32::from_le_bytes([op[1], op[2], op[3], op[4]]));
+        let width = 1usize << (op[5] & 3);
+        let value = u64::from_le_bytes([op[6], op[7], op[8], op[9], op[10], op[11], op[12], 0]);
+        if op[0] % 2 == 0 {
+            let mut data = [0u8; 8];
+            t.read(offset, &mut data[..width]);
+        } else {
+            let _ = t.write(offset, &value.to_le_bytes()[..width]);
+        }
+    }
+    let state = t.save();
+    let events = (0..2).map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)).collect();
+    if let Ok(events) = events {
+        let _ = MmioTransport::restore(args(events), &state);
+    }
+}
+
 fn set_half(v: u64, high: bool, w: u32) -> u64 {
     if high {
         (v & 0xffff_ffff) | (u64::from(w) << 32)
