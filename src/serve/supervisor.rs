@@ -112,31 +112,35 @@ impl Supervisor {
             template_boot_done: Condvar::new(),
         });
         for (name, spec) in saved {
-            match spec {
-                Ok(spec) => {
-                    let f = sup.insert(&name, spec);
-                    match sup.registry.open_template(&name) {
-                        Ok(t) => {
-                            *f.template.locked() = Some(Arc::new(t));
-                            *f.state.locked() = FunctionState::Ready;
-                            tracing::info!(function = %name, "loaded with its saved template");
-                        }
-                        Err(e) => {
-                            tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
-                            sup.spawn_template(f);
-                        }
+            // (Names come from distinct directory entries: no conflict is possible here.)
+            match spec.and_then(|s| sup.insert(&name, s).map_err(|e| e.to_string())) {
+                Ok(f) => match sup.registry.open_template(&name) {
+                    Ok(t) => {
+                        *f.template.locked() = Some(Arc::new(t));
+                        *f.state.locked() = FunctionState::Ready;
+                        tracing::info!(function = %name, "loaded with its saved template");
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
+                        sup.spawn_template(f);
+                    }
+                },
                 Err(e) => tracing::error!("cannot load a registration: {e}; skipped"),
             }
         }
         Ok(sup)
     }
 
-    fn insert(&self, name: &str, spec: FunctionSpec) -> Arc<Function> {
+    /// Adds a function, checking and claiming its name in one step: two registrations of one name
+    /// never share a directory.
+    fn insert(&self, name: &str, spec: FunctionSpec) -> Result<Arc<Function>, Refusal> {
+        let mut functions = self.functions.locked();
+        if functions.contains_key(name) {
+            return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
+        }
         let f = Arc::new(Function::new(name, spec));
-        self.functions.locked().insert(name.to_string(), f.clone());
-        f
+        functions.insert(name.to_string(), f.clone());
+        Ok(f)
     }
 
     fn function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
@@ -153,16 +157,7 @@ impl Supervisor {
                 ImageError::NotFound(m) => Refusal::NotFound(m),
             })?;
         }
-        // Checked and claimed in one step: two registrations of one name never share a directory.
-        let f = {
-            let mut functions = self.functions.locked();
-            if functions.contains_key(name) {
-                return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
-            }
-            let f = Arc::new(Function::new(name, spec));
-            functions.insert(name.to_string(), f.clone());
-            f
-        };
+        let f = self.insert(name, spec)?;
         if let Err(e) = self.registry.save(name, &f.spec) {
             self.functions.locked().remove(name);
             return Err(Refusal::Internal(format!("cannot save the registration: {e}")));
