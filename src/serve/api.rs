@@ -148,6 +148,15 @@ struct InvokeQuery {
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
+/// An invocation's timeout: more than 0 and at most [`MAX_INVOKE_TIMEOUT_S`] seconds.
+fn check_timeout(t: f64) -> Result<Duration, ApiError> {
+    if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S {
+        Ok(Duration::from_secs_f64(t))
+    } else {
+        Err(bad_request(format!("timeout_s {t} is not in (0, {MAX_INVOKE_TIMEOUT_S}]")))
+    }
+}
+
 /// Invokes the function. A JSON body (or none) gets a JSON answer; an `application/octet-stream`
 /// body is the payload itself (function and timeout in the query) and gets the response bytes
 /// back, the agent's status in `x-ember-status`.
@@ -159,6 +168,13 @@ async fn invoke(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(format!("bad query: {}", e.body_text())))?;
+    // The query is checked whole, even where a JSON body's own values will win.
+    if let Some(t) = query.timeout_s {
+        check_timeout(t)?;
+    }
+    if let Some(f) = &query.function {
+        ember_abi::check_function(f.as_bytes()).map_err(|e| bad_request(format!("function {f:?}: {e}")))?;
+    }
     let raw = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(OCTET_STREAM));
     let (function, payload, timeout_s) = if raw {
         (query.function, body.to_vec(), query.timeout_s)
@@ -177,8 +193,7 @@ async fn invoke(
     };
     let timeout = match timeout_s {
         None => Duration::from_secs(30),
-        Some(t) if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S => Duration::from_secs_f64(t),
-        Some(t) => return Err(bad_request(format!("timeout_s {t} is not in (0, {MAX_INVOKE_TIMEOUT_S}]"))),
+        Some(t) => check_timeout(t)?,
     };
     let r = blocking(move || sup.invoke(&name, function.as_deref(), &payload, timeout)).await?;
     let ok = r.status == ember_abi::Status::Ok;

@@ -33,6 +33,7 @@ use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
 use crate::sys::Locked;
+pub use worker::drive_packets;
 use worker::Worker;
 
 pub const VSOCK_DEVICE_ID: u32 = 19;
