@@ -49,6 +49,9 @@ fn a_storming_guest_costs_only_itself() {
         assert!(calls > 0, "{storm}: no call to the good clone completed");
         eprintln!("{storm}: {}; the good clone answered {calls} calls meanwhile", String::from_utf8_lossy(&r.payload));
     }
+    // A storm the agent does not understand is refused, not run.
+    let r = hostile.invoke("storm", b"hurricane 5", opts(CALL)).unwrap();
+    assert_eq!(r.status, Status::BadRequest, "{}", String::from_utf8_lossy(&r.payload));
     // It hurt nobody, not even itself: it still answers; the host holds no more fds or threads
     // than before and its memory stayed flat.
     assert_eq!(hostile.invoke("echo", b"x", opts(CALL)).unwrap().payload, b"x");
