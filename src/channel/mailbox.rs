@@ -37,6 +37,17 @@ pub enum MailboxError {
     Exists(String),
 }
 
+/// What a call can be refused for before anything reaches the guest: the function's name and the
+/// payload's size. [`Mailbox::call`] checks it; a caller that takes resources first (a clone)
+/// checks it before. Returns the request's function field.
+pub fn check_request(function: &str, payload: &[u8]) -> Result<[u8; MAX_FUNCTION_LEN], InvokeError> {
+    let name = function_field(function).map_err(|_| InvokeError::BadFunction(function.to_string()))?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(InvokeError::PayloadTooLarge(payload.len()));
+    }
+    Ok(name)
+}
+
 #[derive(Debug, Error)]
 pub enum InvokeError {
     #[error("payload of {0} bytes exceeds the mailbox's limit of {MAX_PAYLOAD} bytes")]
@@ -261,10 +272,7 @@ impl Mailbox {
 
     /// Invokes `function` with `payload` and waits for its response.
     pub fn call(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Response, InvokeError> {
-        let name = function_field(function).map_err(|_| InvokeError::BadFunction(function.to_string()))?;
-        if payload.len() > MAX_PAYLOAD {
-            return Err(InvokeError::PayloadTooLarge(payload.len()));
-        }
+        let name = check_request(function, payload)?;
         let mut last_id = self.call.locked();
         let _flock = FileLock::take(&self.file, opts.timeout).map_err(InvokeError::Lock)?;
         if self.ended() {

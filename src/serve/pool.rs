@@ -81,7 +81,7 @@ pub(super) struct Counters {
     pub(super) recycled: AtomicU64,
     pub(super) expired_leases: AtomicU64,
     /// Invocations of the function in flight now.
-    pub(super) in_flight: std::sync::atomic::AtomicU32,
+    pub(super) in_flight: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Function {

@@ -17,7 +17,7 @@ use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal};
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
-use crate::channel::mailbox::{CallOptions, Response};
+use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Response};
 use crate::sys::Locked;
 use crate::vmm::{Channels, RunOptions};
 
@@ -39,7 +39,7 @@ struct Handed {
 const MAX_INVOKES: usize = 256;
 /// Invocations in flight at once for one function: a function whose guests hang cannot take every
 /// invocation slot.
-const MAX_INVOKES_PER_FUNCTION: u32 = 64;
+const MAX_INVOKES_PER_FUNCTION: usize = 64;
 /// Templates booting at once (each is a guest boot: minutes of emulated guest kernel on some
 /// hosts); more registrations wait their turn in `creating`.
 const MAX_TEMPLATE_BOOTS: usize = 2;
@@ -82,12 +82,32 @@ pub struct Supervisor {
     template_boot_done: Condvar,
 }
 
-/// Runs its closure when dropped: gives back an in-flight slot on every way out of a call.
-struct OnDrop<F: FnMut()>(F);
+/// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
+/// a call).
+struct Slot<'a>(&'a AtomicUsize);
 
-impl<F: FnMut()> Drop for OnDrop<F> {
+impl<'a> Slot<'a> {
+    fn take(count: &'a AtomicUsize, max: usize) -> Option<Self> {
+        if count.fetch_add(1, Ordering::SeqCst) >= max {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(count))
+    }
+}
+
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        (self.0)()
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a failed invocation is to the API's caller.
+fn invoke_refusal(e: InvokeError) -> Refusal {
+    match e {
+        InvokeError::Timeout(_) => Refusal::Timeout(e.to_string()),
+        InvokeError::BadFunction(_) | InvokeError::PayloadTooLarge(_) => Refusal::BadRequest(e.to_string()),
+        _ => Refusal::BadGateway(e.to_string()),
     }
 }
 
@@ -385,12 +405,16 @@ impl Supervisor {
             let ids: Vec<u64> = handed.iter().filter(|(_, h)| h.expires <= now).map(|(id, _)| *id).collect();
             ids.iter().filter_map(|id| handed.remove(id)).collect()
         };
-        for h in expired {
-            tracing::warn!(function = %h.function.name, id = h.clone.id, "lease expired; the clone is destroyed");
-            h.function.pool.locked().busy -= 1;
-            h.function.counters.expired_leases.fetch_add(1, Ordering::Relaxed);
-            self.discard(vec![h.clone]);
-        }
+        let clones = expired
+            .into_iter()
+            .map(|h| {
+                tracing::warn!(function = %h.function.name, id = h.clone.id, "lease expired; the clone is destroyed");
+                h.function.pool.locked().busy -= 1;
+                h.function.counters.expired_leases.fetch_add(1, Ordering::Relaxed);
+                h.clone
+            })
+            .collect();
+        self.discard(clones);
     }
 
     /// acquire + invoke through the mailbox + release.
@@ -403,33 +427,16 @@ impl Supervisor {
     ) -> Result<Response, Refusal> {
         let f = self.function(name)?;
         // Bounded: a refusal now beats a caller waiting on a blocking pool that hung guests fill.
-        if self.invokes.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES {
-            self.invokes.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")));
-        }
-        let _global = OnDrop(|| {
-            self.invokes.fetch_sub(1, Ordering::SeqCst);
-        });
-        if f.counters.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES_PER_FUNCTION {
-            f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Unavailable(format!(
+        let _all = Slot::take(&self.invokes, MAX_INVOKES)
+            .ok_or_else(|| Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")))?;
+        let _mine = Slot::take(&f.counters.in_flight, MAX_INVOKES_PER_FUNCTION).ok_or_else(|| {
+            Refusal::Unavailable(format!(
                 "function {name:?} has {MAX_INVOKES_PER_FUNCTION} invocations in flight; try again"
-            )));
-        }
-        let _mine = OnDrop(|| {
-            f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
-        });
+            ))
+        })?;
         // What can be checked without a clone is checked before one is taken.
         let handler = handler.unwrap_or(&f.spec.handler).to_string();
-        ember_abi::check_function(handler.as_bytes())
-            .map_err(|e| Refusal::BadRequest(format!("bad function name {handler:?}: {e}")))?;
-        if payload.len() > ember_abi::mailbox::MAX_PAYLOAD {
-            return Err(Refusal::BadRequest(format!(
-                "payload of {} bytes exceeds the mailbox's limit of {} bytes",
-                payload.len(),
-                ember_abi::mailbox::MAX_PAYLOAD
-            )));
-        }
+        check_request(&handler, payload).map_err(invoke_refusal)?;
         let handoff = self.acquire(name)?;
         let result = {
             let handed = self.handed.locked();
@@ -444,12 +451,7 @@ impl Supervisor {
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         r.map_err(|e| {
             f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
-            match e {
-                crate::channel::mailbox::InvokeError::Timeout(_) => Refusal::Timeout(e.to_string()),
-                crate::channel::mailbox::InvokeError::BadFunction(_)
-                | crate::channel::mailbox::InvokeError::PayloadTooLarge(_) => Refusal::BadRequest(e.to_string()),
-                _ => Refusal::BadGateway(e.to_string()),
-            }
+            invoke_refusal(e)
         })
     }
 
