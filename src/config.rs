@@ -3,10 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::memory::{CMDLINE_MAX_SIZE, MAX_VCPUS, MIN_MEM_MIB};
+use crate::memory::{CMDLINE_MAX_SIZE, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEM_MIB};
+
+/// Drives per VM, at most (every virtio device takes one of the machine's slots; vsock takes one).
+pub const MAX_DRIVES: usize = MAX_VIRTIO_DEVICES - 1;
+/// The longest drive id: what the guest reads as the disk's serial (VIRTIO_BLK_ID_BYTES).
+pub const MAX_DRIVE_ID_LEN: usize = 20;
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -40,6 +45,82 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("the kernel command line must not contain a NUL byte")]
     CmdlineNul,
+    #[error("drive: {0}")]
+    Drive(String),
+}
+
+/// A block device (Firecracker's `drives` entry): a host file the guest sees as `/dev/vdX`, in
+/// the order given (the root device first), its id readable as `/sys/block/vdX/serial`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// 1 to 20 characters of `[A-Za-z0-9_-]`.
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    /// Boot from this drive (`root=/dev/vda` on the command line) instead of an initramfs.
+    #[serde(default)]
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+}
+
+impl DriveConfig {
+    /// `PATH[,ro][,id=ID][,root]` (the `--drive` argument); `index` names a drive without an id.
+    pub fn parse(arg: &str, index: usize) -> Result<Self, ConfigError> {
+        let mut parts = arg.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Drive("empty path".into()))?;
+        let mut d = DriveConfig {
+            drive_id: format!("drive{index}"),
+            path_on_host: PathBuf::from(path),
+            is_root_device: false,
+            is_read_only: false,
+        };
+        for p in parts {
+            match p {
+                "ro" => d.is_read_only = true,
+                "rw" => d.is_read_only = false,
+                "root" => d.is_root_device = true,
+                _ if p.starts_with("id=") => d.drive_id = p[3..].to_string(),
+                _ => return Err(ConfigError::Drive(format!("{arg:?}: unknown option {p:?} (ro, rw, root, id=ID)"))),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// Checks a list of drives: ids well-formed and distinct, at most one root device, not too many.
+pub fn check_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
+    if drives.len() > MAX_DRIVES {
+        return Err(ConfigError::Drive(format!("{} drives, at most {MAX_DRIVES}", drives.len())));
+    }
+    for (i, d) in drives.iter().enumerate() {
+        let id = &d.drive_id;
+        let ok = !id.is_empty()
+            && id.len() <= MAX_DRIVE_ID_LEN
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(ConfigError::Drive(format!(
+                "bad drive_id {id:?}: use 1 to {MAX_DRIVE_ID_LEN} characters of [A-Za-z0-9_-]"
+            )));
+        }
+        if drives[..i].iter().any(|o| &o.drive_id == id) {
+            return Err(ConfigError::Drive(format!("drive_id {id:?} is used twice")));
+        }
+        if d.path_on_host.as_os_str().is_empty() {
+            return Err(ConfigError::Drive(format!("drive {id:?} has no path_on_host")));
+        }
+    }
+    if drives.iter().filter(|d| d.is_root_device).count() > 1 {
+        return Err(ConfigError::Drive("more than one root device".into()));
+    }
+    Ok(())
+}
+
+/// The drives in the order the guest numbers them: the root device first (`/dev/vda`).
+pub fn ordered_drives(drives: &[DriveConfig]) -> Vec<DriveConfig> {
+    let mut v = drives.to_vec();
+    v.sort_by_key(|d| !d.is_root_device);
+    v
 }
 
 /// What to boot.
@@ -88,6 +169,8 @@ pub struct VmConfig {
     pub boot_source: BootSource,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
 }
 
 impl VmConfig {
@@ -106,6 +189,9 @@ impl VmConfig {
         rebase(&mut cfg.boot_source.kernel_image_path);
         if let Some(p) = cfg.boot_source.initrd_path.as_mut() {
             rebase(p);
+        }
+        for d in &mut cfg.drives {
+            rebase(&mut d.path_on_host);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -128,7 +214,7 @@ impl VmConfig {
                 return Err(ConfigError::CmdlineNul);
             }
         }
-        Ok(())
+        check_drives(&self.drives)
     }
 
     pub fn vcpus(&self) -> u8 {
@@ -139,9 +225,16 @@ impl VmConfig {
         self.machine_config.mem_size_mib << 20
     }
 
-    /// The kernel command line: the configured one, or ember's default.
+    /// The kernel command line: the configured one, or ember's default; with a root drive, the
+    /// kernel mounts it as `/` (unless the command line names a root itself).
     pub fn cmdline(&self) -> String {
-        self.boot_source.boot_args.clone().unwrap_or_else(default_cmdline)
+        let base = self.boot_source.boot_args.clone().unwrap_or_else(default_cmdline);
+        match self.drives.iter().find(|d| d.is_root_device) {
+            Some(d) if !base.split_whitespace().any(|w| w.starts_with("root=")) => {
+                format!("{base} root=/dev/vda {}", if d.is_read_only { "ro" } else { "rw" })
+            }
+            _ => base,
+        }
     }
 }
 
@@ -212,11 +305,43 @@ mod tests {
     }
 
     #[test]
+    fn drives_in_firecrackers_shape_and_from_the_command_line() {
+        let c = parse(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "data", "path_on_host": "d.img", "is_root_device": false, "is_read_only": true},
+                           {"drive_id": "rootfs", "path_on_host": "/r.img", "is_root_device": true, "is_read_only": false}]}"#,
+        )
+        .unwrap();
+        assert!(c.drives[0].path_on_host.ends_with("d.img") && c.drives[0].path_on_host.is_absolute());
+        assert!(c.cmdline().ends_with(" root=/dev/vda rw"), "{}", c.cmdline());
+        assert_eq!(ordered_drives(&c.drives)[0].drive_id, "rootfs");
+
+        let d = DriveConfig::parse("/x.img,ro,id=layer-1", 3).unwrap();
+        assert_eq!((d.drive_id.as_str(), d.is_read_only, d.is_root_device), ("layer-1", true, false));
+        assert_eq!(DriveConfig::parse("/x.img", 3).unwrap().drive_id, "drive3");
+        assert!(DriveConfig::parse("/x.img,rx", 0).is_err());
+        assert!(DriveConfig::parse(",ro", 0).is_err());
+
+        for bad in [
+            r#"[{"drive_id": "a", "path_on_host": "/x"}, {"drive_id": "a", "path_on_host": "/y"}]"#,
+            r#"[{"drive_id": "a b", "path_on_host": "/x"}]"#,
+            r#"[{"drive_id": "abcdefghijklmnopqrstu", "path_on_host": "/x"}]"#,
+            r#"[{"drive_id": "a", "path_on_host": "/x", "is_root_device": true},
+                {"drive_id": "b", "path_on_host": "/y", "is_root_device": true}]"#,
+            r#"[{"drive_id": "a", "path_on_host": "/x", "cache_type": "Unsafe"}]"#,
+        ] {
+            let e = parse(&format!(r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "drives": {bad}}}"#));
+            assert!(e.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn cmdline_limits() {
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         let c = VmConfig {
             boot_source: BootSource { kernel_image_path: "/k".into(), initrd_path: None, boot_args: Some(long) },
             machine_config: MachineConfig::default(),
+            drives: Vec::new(),
         };
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2048))));
     }

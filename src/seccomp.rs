@@ -116,6 +116,12 @@ pub fn device_filter() -> Result<BpfProgram, Error> {
         libc::SYS_write,
         libc::SYS_readv,
         libc::SYS_writev,
+        // virtio-blk: its drive's file (opened before the thread is confined).
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_lseek,
+        libc::SYS_fdatasync,
+        libc::SYS_fsync,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_recvmsg,

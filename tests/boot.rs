@@ -32,6 +32,7 @@ fn booted(test: &str) -> Option<&'static Booted> {
         let cfg = VmConfig {
             boot_source: BootSource { kernel_image_path: kernel, initrd_path: Some(initrd), boot_args: None },
             machine_config: MachineConfig::default(),
+            drives: Vec::new(),
         };
         let cap = Capture::default();
         let vm = Vm::boot(&cfg, &ember::vmm::Channels::default(), Box::new(cap.clone()), Instant::now())

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ember::config::{BootSource, MachineConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use ember::config::{BootSource, DriveConfig, MachineConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 /// How the host reaches the guest agent.
 #[derive(Args, Clone)]
@@ -68,6 +68,10 @@ pub(crate) struct MachineArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MEM_MIB, conflicts_with = "config")]
     mem_mib: u64,
+    /// A block device: `PATH[,ro][,id=ID][,root]` (repeatable; the guest sees /dev/vda, vdb, ...
+    /// with the root device first, each id as /sys/block/vdX/serial). Added to a --config file's.
+    #[arg(long = "drive", value_name = "PATH[,ro][,id=ID][,root]")]
+    drives: Vec<String>,
     /// The whole machine as a Firecracker-style JSON file ("boot-source", "machine-config")
     /// instead of the flags above.
     #[arg(long, value_name = "FILE")]
@@ -76,7 +80,7 @@ pub(crate) struct MachineArgs {
 
 impl MachineArgs {
     pub(crate) fn to_config(&self) -> Result<VmConfig, String> {
-        let cfg = match (&self.config, &self.kernel) {
+        let mut cfg = match (&self.config, &self.kernel) {
             (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
             (None, Some(kernel)) => VmConfig {
                 boot_source: BootSource {
@@ -85,9 +89,14 @@ impl MachineArgs {
                     boot_args: self.cmdline.clone(),
                 },
                 machine_config: MachineConfig { vcpu_count: self.vcpus, mem_size_mib: self.mem_mib },
+                drives: Vec::new(),
             },
             (None, None) => return Err("either --kernel or --config is required".into()),
         };
+        let first = cfg.drives.len();
+        for (i, d) in self.drives.iter().enumerate() {
+            cfg.drives.push(DriveConfig::parse(d, first + i).map_err(|e| e.to_string())?);
+        }
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }

@@ -39,6 +39,8 @@ pub struct DevicesState {
     pub serial: serial::UartState,
     /// Every virtio device, in slot order: transport, queues and the device's own state.
     pub virtio: Vec<virtio::mmio::MmioState>,
+    /// The drives the VM's block devices serve, in slot order (a restore opens them again).
+    pub drives: Vec<crate::config::DriveConfig>,
 }
 
 /// A component whose state goes into snapshots (the shape of Firecracker's `Persist`): `save`
@@ -65,6 +67,9 @@ pub enum DeviceError {
     BadState(String),
     #[error("cannot build the device seccomp filter: {0}")]
     Seccomp(String),
+    /// A drive's file is not the one the snapshot was taken with.
+    #[error("{0}")]
+    DriveChanged(String),
 }
 
 impl DeviceError {

@@ -120,6 +120,7 @@ impl FunctionSpec {
                     .map(|r| format!("{} EMBER_RUNTIME=\"{}\"", crate::config::default_cmdline(), r.trim())),
             },
             machine_config,
+            drives: Vec::new(),
         }
     }
 

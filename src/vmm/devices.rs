@@ -11,12 +11,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::Channels;
 use crate::channel::mailbox::Mailbox;
+use crate::config::DriveConfig;
 use crate::devices::boot_timer::{BootClock, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::control::{ControlPage, FLAG_SERVE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -30,10 +32,16 @@ use crate::sys::Locked;
 /// Every virtio device of a VM, in slot order (slot `i`: `memory::virtio_slot(i)`). A new device
 /// is one line here.
 fn virtio_devices(
+    drives: &[DriveConfig],
     channels: &Channels,
     seccomp: Option<Arc<BpfProgram>>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
-    Ok(vec![Box::new(Vsock::new(channels.vsock.as_deref(), seccomp)?)])
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(drives.len() + 1);
+    for d in drives {
+        devices.push(Box::new(Block::new(d, seccomp.clone())?));
+    }
+    devices.push(Box::new(Vsock::new(channels.vsock.as_deref(), seccomp)?));
+    Ok(devices)
 }
 
 /// What the guest kernel's command line needs to find `count` virtio-mmio devices.
@@ -51,6 +59,7 @@ pub fn virtio_cmdline(count: usize) -> String {
 pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    drives: Vec<DriveConfig>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
 }
@@ -65,6 +74,8 @@ pub struct DeviceArgs<'a> {
     pub channels: &'a Channels,
     /// The clone's id (0 for a VM that booted): what the guest reads from its control page.
     pub clone_id: u64,
+    /// The block devices' drives, in slot order (a restore: the snapshot's).
+    pub drives: &'a [DriveConfig],
 }
 
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
@@ -77,7 +88,7 @@ impl Devices {
     /// Creates every device and wires its interrupt; `saved` is a snapshot's device state, for a
     /// clone.
     pub fn create(args: DeviceArgs<'_>, saved: Option<&DevicesState>) -> Result<Self, DeviceError> {
-        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id } = args;
+        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id, drives } = args;
         let serial_irq = irqfd(vm, COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(match saved {
             Some(s) => SerialDevice::restore((serial_irq, console), &s.serial)?,
@@ -101,7 +112,7 @@ impl Devices {
             }
             false => None,
         };
-        let devices = virtio_devices(channels, filter)?;
+        let devices = virtio_devices(drives, channels, filter)?;
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceError::BadState(format!(
                 "{} virtio devices, at most {MAX_VIRTIO_DEVICES}",
@@ -134,7 +145,7 @@ impl Devices {
             mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
             virtio.push(transport);
         }
-        Ok(Self { serial, virtio, pio: Arc::new(pio), mmio: Arc::new(mmio) })
+        Ok(Self { serial, virtio, drives: drives.to_vec(), pio: Arc::new(pio), mmio: Arc::new(mmio) })
     }
 
     /// Every device's state, for a snapshot.
@@ -142,6 +153,7 @@ impl Devices {
         DevicesState {
             serial: self.serial.locked().save(),
             virtio: self.virtio.iter().map(|t| t.locked().save()).collect(),
+            drives: self.drives.clone(),
         }
     }
 

@@ -187,7 +187,8 @@ impl Vm {
             Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p)?),
             None => None,
         };
-        let vm = Self::assemble(mem, mem_bytes, vcpu_count, kernel.entry, channels, console, clock)?;
+        let drives = crate::config::ordered_drives(&config.drives);
+        let vm = Self::assemble(mem, vcpu_count, kernel.entry, &drives, channels, console, clock)?;
         // The command line names every virtio device the VM was assembled with.
         let cmdline = format!("{} {}", config.cmdline(), devices::virtio_cmdline(vm.devices.virtio_count()));
         let cmdline_size = boot::load_command_line(&vm.mem, &cmdline)?;
@@ -207,7 +208,7 @@ impl Vm {
         mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
         boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
         let clock = BootClock::new(Instant::now());
-        let vm = Self::assemble(mem, mem_bytes, vcpu_count, entry, &Channels::default(), console, clock)?;
+        let vm = Self::assemble(mem, vcpu_count, entry, &[], &Channels::default(), console, clock)?;
         for v in &vm.vcpus {
             v.start_payload(vcpu_count)?;
         }
@@ -217,16 +218,18 @@ impl Vm {
     /// Creates the KVM VM around prepared guest memory: irqchip, PIT, devices, configured vCPUs.
     fn assemble(
         mem: GuestMemory,
-        mem_bytes: u64,
         vcpu_count: u8,
         entry: boot::EntryPoint,
+        drives: &[crate::config::DriveConfig],
         channels: &Channels,
         console: ConsoleOut,
         clock: Arc<BootClock>,
     ) -> Result<Self, VmError> {
+        let mem_bytes = mem.iter().map(|r| r.len()).sum();
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (kvm, vm) = create_vm(&mem, &mailbox)?;
-        let args = DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id: 0 };
+        let args =
+            DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id: 0, drives };
         let devices = Devices::create(args, None)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
@@ -253,7 +256,9 @@ impl Vm {
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (_kvm, vm) = create_vm(&mem, &mailbox)?;
         state.vm.restore(&vm)?;
-        let args = DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id };
+        let drives = &state.devices.drives;
+        let args =
+            DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id, drives };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (i, s) in state.vcpus.iter().enumerate() {

@@ -7,7 +7,9 @@
 //! snapshot state (if any) travels through `save_state` / `restore_state`, and it is assembled
 //! with one line in `vmm::devices`.
 
+pub mod block;
 pub mod mmio;
+pub mod thread;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -22,13 +22,13 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::net::UnixListener;
 
+use super::thread::DeviceThread;
 use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
@@ -44,8 +44,6 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUES: usize = 3;
-/// How long pausing waits for the device thread to stop touching the queues.
-const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// The largest packet payload ember accepts from the guest (Linux sends at most 64 KiB).
 const MAX_PKT_DATA: u32 = 64 << 10;
 /// The receive buffer ember advertises per connection.
@@ -71,28 +69,19 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 pub struct Vsock {
     path: Option<PathBuf>,
     queue_events: Vec<EventFd>,
-    commands: std::sync::mpsc::Sender<Command>,
-    command_evt: EventFd,
     queues: Option<Arc<Mutex<Vec<Queue>>>>,
     /// A restored device tells the guest to reset its connections when it starts.
     reset_on_start: bool,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<Activation>,
 }
 
-/// What the front end asks of the worker thread.
-enum Command {
-    Activate {
-        mem: GuestMemory,
-        queues: Arc<Mutex<Vec<Queue>>>,
-        interrupt: Arc<Interrupt>,
-        reset: bool,
-    },
-    Deactivate,
-    /// Stop touching the queues and guest memory until `Resume`; the worker answers on the
-    /// channel once it has.
-    Pause(std::sync::mpsc::Sender<()>),
-    Resume,
-    Stop,
+/// What activation hands the worker thread.
+struct Activation {
+    mem: GuestMemory,
+    queues: Arc<Mutex<Vec<Queue>>>,
+    interrupt: Arc<Interrupt>,
+    /// Tell the guest to reset its connections first (a restored device).
+    reset: bool,
 }
 
 impl Vsock {
@@ -114,37 +103,18 @@ impl Vsock {
         let make = || -> std::io::Result<_> {
             let queue_events: Vec<EventFd> =
                 (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
-            let command_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-            let (tx, rx) = std::sync::mpsc::channel();
-            let worker = Worker::new(listener, path, &queue_events, &command_evt, rx)?;
-            let thread = worker.spawn(seccomp)?;
-            Ok((queue_events, command_evt, tx, thread))
+            let worker = Worker::new(listener, path, &queue_events)?;
+            let thread = DeviceThread::spawn("vsock", seccomp, move |commands| worker.run(commands))?;
+            Ok((queue_events, thread))
         };
-        let (queue_events, command_evt, commands, thread) = make().map_err(setup)?;
-        Ok(Self {
-            path: path.map(Path::to_path_buf),
-            queue_events,
-            commands,
-            command_evt,
-            queues: None,
-            reset_on_start: false,
-            thread: Some(thread),
-        })
-    }
-
-    fn send(&self, c: Command) {
-        if self.commands.send(c).is_ok() {
-            let _ = self.command_evt.write(1);
-        }
+        let (queue_events, thread) = make().map_err(setup)?;
+        Ok(Self { path: path.map(Path::to_path_buf), queue_events, queues: None, reset_on_start: false, thread })
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        self.send(Command::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // The thread stops (and is joined) when `thread` drops, after this.
         if let Some(p) = &self.path {
             let _ = std::fs::remove_file(p);
         }
@@ -183,13 +153,13 @@ impl VirtioDevice for Vsock {
         let queues = Arc::new(Mutex::new(queues));
         self.queues = Some(queues.clone());
         let reset = std::mem::take(&mut self.reset_on_start);
-        self.send(Command::Activate { mem, queues, interrupt, reset });
+        self.thread.activate(Activation { mem, queues, interrupt, reset });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.queues = None;
-        self.send(Command::Deactivate);
+        self.thread.deactivate();
     }
 
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
@@ -198,15 +168,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn pause(&mut self) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(Command::Pause(tx));
-        if rx.recv_timeout(PAUSE_TIMEOUT).is_err() {
-            crate::log_limited!(warn, "vsock: the device thread did not pause in time");
-        }
+        self.thread.pause();
     }
 
     fn resume(&mut self) {
-        self.send(Command::Resume);
+        self.thread.resume();
     }
 
     /// vsock keeps nothing of its own in a snapshot: the connections' host ends do not survive a

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::conn::{Conn, ConnState, Control, Key, Pending};
 use super::packet::{take_tx_packet, Packet};
 use super::*;
+use crate::devices::virtio::thread::{Commands, DeviceWorker};
 use crate::devices::virtio::INT_USED_RING;
 use crate::sys::Locked;
 
@@ -46,8 +47,6 @@ struct Active {
 
 pub(super) struct Worker {
     active: Option<Active>,
-    commands: std::sync::mpsc::Receiver<Command>,
-    command_evt: EventFd,
     notify: Vec<EventFd>,
     epoll: Epoll,
     listener: Option<UnixListener>,
@@ -66,19 +65,15 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    /// The worker for a device with `queue_events` and `command_evt` (it keeps its own copies),
-    /// listening on `listener` at `path`.
+    /// The worker for a device with `queue_events` (it keeps its own copies), listening on
+    /// `listener` at `path`.
     pub(super) fn new(
         listener: Option<UnixListener>,
         path: Option<&std::path::Path>,
         queue_events: &[EventFd],
-        command_evt: &EventFd,
-        commands: std::sync::mpsc::Receiver<Command>,
     ) -> std::io::Result<Self> {
         let mut worker = Worker {
             active: None,
-            commands,
-            command_evt: command_evt.try_clone()?,
             notify: queue_events.iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>()?,
             epoll: Epoll::new()?,
             listener,
@@ -97,25 +92,8 @@ impl Worker {
         Ok(worker)
     }
 
-    /// Runs the worker on a thread of its own, confined with `seccomp`.
-    pub(super) fn spawn(
-        mut self,
-        seccomp: Option<Arc<seccompiler::BpfProgram>>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("vsock".into()).spawn(move || {
-            if let Some(f) = seccomp {
-                if let Err(e) = crate::seccomp::apply(&f) {
-                    tracing::error!("vsock: cannot apply the seccomp filter: {e}");
-                    return;
-                }
-            }
-            self.run();
-        })
-    }
-
     fn register_fixed(&mut self) -> std::io::Result<()> {
         let add = |fd: i32, token: u64| self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
-        add(self.command_evt.as_raw_fd(), TOKEN_COMMAND)?;
         for (i, n) in self.notify.iter().enumerate() {
             add(n.as_raw_fd(), TOKEN_QUEUE + i as u64)?;
         }
@@ -125,7 +103,13 @@ impl Worker {
         Ok(())
     }
 
-    fn run(&mut self) {
+    /// Serves the queues, the host sockets and the front end's `commands` until told to stop.
+    pub(super) fn run(mut self, commands: Commands<Activation>) {
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_COMMAND);
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, commands.fd(), ev) {
+            tracing::error!("vsock: epoll: {e}");
+            return;
+        }
         self.scratch = vec![0u8; MAX_PKT_DATA as usize];
         let mut events = vec![EpollEvent::default(); 64];
         loop {
@@ -140,11 +124,8 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_COMMAND => {
-                        let _ = self.command_evt.read();
-                        while let Ok(c) = self.commands.try_recv() {
-                            if !self.command(c) {
-                                return;
-                            }
+                        if !commands.serve(&mut self) {
+                            return;
                         }
                     }
                     t if (TOKEN_QUEUE..TOKEN_QUEUE + 3).contains(&t) => {
@@ -175,43 +156,19 @@ impl Worker {
             self.update_interests();
         }
     }
+}
 
-    /// Carries out a command from the front end; false when the worker must stop.
-    fn command(&mut self, c: Command) -> bool {
-        match c {
-            Command::Stop => return false,
-            Command::Deactivate => self.deactivate(),
-            Command::Activate { mem, queues, interrupt, reset } => {
-                self.deactivate();
-                self.active = Some(Active { mem, queues, interrupt });
-                self.reset_pending = reset;
-                if reset {
-                    self.send_reset_event();
-                }
-                self.process_tx();
-            }
-            Command::Pause(ack) => return self.hold(ack),
-            Command::Resume => {}
-        }
-        true
-    }
+impl DeviceWorker for Worker {
+    type Activation = Activation;
 
-    /// Paused (the VM is being saved): touches neither the queues nor guest memory, and takes no
-    /// host stream's bytes, until the front end resumes it; `ack` says it has stopped. False when
-    /// the worker must stop.
-    fn hold(&mut self, ack: std::sync::mpsc::Sender<()>) -> bool {
-        let _ = ack.send(());
-        loop {
-            match self.commands.recv() {
-                Ok(Command::Resume) => return true,
-                Ok(Command::Stop) | Err(_) => return false,
-                Ok(Command::Pause(again)) => {
-                    let _ = again.send(());
-                }
-                Ok(Command::Deactivate) => self.deactivate(),
-                Ok(c @ Command::Activate { .. }) => return self.command(c),
-            }
+    fn activate(&mut self, a: Activation) {
+        let Activation { mem, queues, interrupt, reset } = a;
+        self.active = Some(Active { mem, queues, interrupt });
+        self.reset_pending = reset;
+        if reset {
+            self.send_reset_event();
         }
+        self.process_tx();
     }
 
     /// The driver reset the device: every connection goes.
@@ -224,7 +181,9 @@ impl Worker {
         self.control.clear();
         self.rx_starved = false;
     }
+}
 
+impl Worker {
     fn send_reset_event(&mut self) {
         let Some(a) = &self.active else { return };
         let (mem, queues) = (a.mem.clone(), a.queues.clone());
@@ -638,9 +597,8 @@ fn notify_guest(a: &Active, q: &mut Queue) {
 /// bounds. The fuzz target's entry point.
 pub fn drive_packets(data: &[u8]) {
     let events: Result<Vec<EventFd>, _> = (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect();
-    let (Ok(events), Ok(command)) = (events, EventFd::new(libc::EFD_NONBLOCK)) else { return };
-    let (_tx, rx) = std::sync::mpsc::channel();
-    let Ok(mut w) = Worker::new(None, None, &events, &command, rx) else { return };
+    let Ok(events) = events else { return };
+    let Ok(mut w) = Worker::new(None, None, &events) else { return };
     let mut peers = Vec::new();
     for (i, state) in [ConnState::Established, ConnState::Connecting, ConnState::Established].into_iter().enumerate() {
         let Ok((ours, theirs)) = UnixStream::pair() else { return };
@@ -709,11 +667,9 @@ mod tests {
     use super::*;
 
     /// A worker that is not running, for driving its parts directly.
-    fn worker(path: Option<&Path>) -> (Worker, std::sync::mpsc::Sender<Command>) {
+    fn worker(path: Option<&Path>) -> (Worker, ()) {
         let events: Vec<EventFd> = (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-        let command = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        (Worker::new(None, path, &events, &command, rx).unwrap(), tx)
+        (Worker::new(None, path, &events).unwrap(), ())
     }
 
     #[test]

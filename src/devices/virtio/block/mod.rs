@@ -1,0 +1,397 @@
+//! virtio-blk: a host file shown to the guest as a disk, read-only or read-write, with flush and
+//! get-id (the guest reads the drive's id as `/sys/block/vdX/serial`).
+//!
+//! The file is opened when the device is created (before any vCPU runs and is confined) and served
+//! by the device's own thread, confined with the device seccomp filter. Requests are parsed by
+//! [`request`] with every field checked; a malformed chain goes back to the guest unused. At most
+//! [`REQUEST_BUDGET`] requests are served per wakeup, so one guest's queue never holds the thread.
+//!
+//! A snapshot keeps the drive's identity (device, inode, size, modification time): a restore
+//! whose file changed or vanished since is refused, so a clone never reads a disk that differs
+//! from its template's.
+
+pub mod request;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::thread::{Commands, DeviceThread, DeviceWorker};
+use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use crate::config::DriveConfig;
+use crate::devices::DeviceError;
+use crate::memory::GuestMemory;
+use crate::sys::Locked;
+use request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SIZE, SECTOR_SIZE};
+
+pub const BLOCK_DEVICE_ID: u32 = 2;
+const QUEUE_SIZE: u16 = 256;
+/// Requests served per wakeup of the device thread; more wait for the next round.
+pub const REQUEST_BUDGET: usize = 256;
+
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_FLUSH: u64 = 1 << 9;
+
+const TOKEN_COMMAND: u64 = 1;
+const TOKEN_QUEUE: u64 = 2;
+
+/// What identifies a drive's file: a snapshot restores only onto the same, unchanged file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl DriveIdentity {
+    fn of(file: &File) -> std::io::Result<Self> {
+        let m = file.metadata()?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+
+    /// What changed between a snapshot's identity and now, in words.
+    fn difference(&self, now: &Self) -> Option<String> {
+        if (self.dev, self.ino) != (now.dev, now.ino) {
+            Some("it was replaced by another file".into())
+        } else if self.size != now.size {
+            Some(format!("its size changed from {} to {} bytes", self.size, now.size))
+        } else if self.mtime_ns != now.mtime_ns {
+            Some("it was modified".into())
+        } else {
+            None
+        }
+    }
+}
+
+/// The device's own snapshot state.
+#[derive(Debug, Serialize, Deserialize)]
+struct BlockState {
+    drive_id: String,
+    read_only: bool,
+    identity: DriveIdentity,
+}
+
+/// What activation hands the device thread.
+struct Activation {
+    mem: GuestMemory,
+    queues: Arc<Mutex<Vec<Queue>>>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    drive_id: String,
+    path: PathBuf,
+    read_only: bool,
+    capacity: u64,
+    identity: DriveIdentity,
+    queue_events: Vec<EventFd>,
+    queues: Option<Arc<Mutex<Vec<Queue>>>>,
+    thread: DeviceThread<Activation>,
+}
+
+impl Block {
+    /// Opens `drive`'s file and starts the device thread, confined with `seccomp`.
+    pub fn new(drive: &DriveConfig, seccomp: Option<Arc<seccompiler::BpfProgram>>) -> Result<Self, DeviceError> {
+        let path = &drive.path_on_host;
+        let what = || format!("drive {:?} ({})", drive.drive_id, path.display());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!drive.is_read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(DeviceError::io(what()))?;
+        let identity = DriveIdentity::of(&file).map_err(DeviceError::io(what()))?;
+        if !file.metadata().map_err(DeviceError::io(what()))?.is_file() {
+            return Err(DeviceError::Io { what: what(), source: std::io::Error::other("not a regular file") });
+        }
+        let mut id = [0u8; ID_BYTES];
+        let n = drive.drive_id.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&drive.drive_id.as_bytes()[..n]);
+        let capacity = identity.size / SECTOR_SIZE;
+        let queue_event = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::io("virtio-blk eventfd"))?;
+        let worker = Worker {
+            file,
+            read_only: drive.is_read_only,
+            capacity,
+            id,
+            notify: queue_event.try_clone().map_err(DeviceError::io("virtio-blk eventfd"))?,
+            active: None,
+        };
+        let thread = DeviceThread::spawn("virtio-blk", seccomp, move |commands| worker.run(commands))
+            .map_err(DeviceError::io("virtio-blk thread"))?;
+        Ok(Self {
+            drive_id: drive.drive_id.clone(),
+            path: path.clone(),
+            read_only: drive.is_read_only,
+            capacity,
+            identity,
+            queue_events: vec![queue_event],
+            queues: None,
+            thread,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        BLOCK_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { F_RO } else { 0 };
+        VIRTIO_F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_FLUSH | ro
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config { le64 capacity; le32 size_max; le32 seg_max; ... }
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&self.capacity.to_le_bytes());
+        config[8..12].copy_from_slice(&MAX_SEGMENT_SIZE.to_le_bytes());
+        config[12..16].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| config.get(o.checked_add(i)?)).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
+        if queues.len() != 1 {
+            return Err(DeviceError::BadState(format!("virtio-blk needs 1 queue, got {}", queues.len())));
+        }
+        let queues = Arc::new(Mutex::new(queues));
+        self.queues = Some(queues.clone());
+        self.thread.activate(Activation { mem, queues, interrupt });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues = None;
+        self.thread.deactivate();
+    }
+
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+
+    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+        let q = self.queues.as_ref()?.locked();
+        Some(q.iter().map(QueueSnapshot::of).collect())
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        let state =
+            BlockState { drive_id: self.drive_id.clone(), read_only: self.read_only, identity: self.identity.clone() };
+        bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap_or_default()
+    }
+
+    /// Refuses a snapshot of another drive, or of this drive's file before it changed.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        let (saved, _): (BlockState, _) =
+            bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<4096>())
+                .map_err(|e| DeviceError::BadState(format!("virtio-blk: {e}")))?;
+        if saved.drive_id != self.drive_id || saved.read_only != self.read_only {
+            return Err(DeviceError::BadState(format!(
+                "drive {:?} (read-only: {}) in the snapshot, {:?} (read-only: {}) here",
+                saved.drive_id, saved.read_only, self.drive_id, self.read_only
+            )));
+        }
+        if let Some(why) = saved.identity.difference(&self.identity) {
+            return Err(DeviceError::DriveChanged(format!(
+                "drive {:?} ({}) changed since the snapshot: {why}",
+                self.drive_id,
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the device thread works with once the driver has activated the device.
+struct Active {
+    mem: GuestMemory,
+    queues: Arc<Mutex<Vec<Queue>>>,
+    interrupt: Arc<Interrupt>,
+}
+
+struct Worker {
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; ID_BYTES],
+    /// The queue's notification eventfd (a copy): also signalled by the thread itself when the
+    /// budget ran out with requests left.
+    notify: EventFd,
+    active: Option<Active>,
+}
+
+impl DeviceWorker for Worker {
+    type Activation = Activation;
+
+    fn activate(&mut self, a: Activation) {
+        self.active = Some(Active { mem: a.mem, queues: a.queues, interrupt: a.interrupt });
+        // Requests made available before a snapshot are served now.
+        let _ = self.notify.write(1);
+    }
+
+    fn deactivate(&mut self) {
+        self.active = None;
+    }
+}
+
+impl Worker {
+    fn run(mut self, commands: Commands<Activation>) {
+        let setup = || -> std::io::Result<Epoll> {
+            let epoll = Epoll::new()?;
+            epoll.ctl(ControlOperation::Add, commands.fd(), EpollEvent::new(EventSet::IN, TOKEN_COMMAND))?;
+            epoll.ctl(ControlOperation::Add, self.notify.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_QUEUE))?;
+            Ok(epoll)
+        };
+        let epoll = match setup() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("virtio-blk: epoll: {e}");
+                return;
+            }
+        };
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-blk: epoll: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_COMMAND => {
+                        if !commands.serve(&mut self) {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = self.notify.read();
+                        self.process_queue();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves up to [`REQUEST_BUDGET`] requests, then tells the guest.
+    fn process_queue(&mut self) {
+        let Some(a) = &self.active else { return };
+        let mut disk = Disk { file: &mut self.file, read_only: self.read_only, capacity: self.capacity, id: &self.id };
+        let mut q = a.queues.locked();
+        let Some(q) = q.first_mut() else { return };
+        let mut served = 0;
+        while served < REQUEST_BUDGET {
+            if request::serve_next(&a.mem, q, &mut disk).is_none() {
+                break;
+            }
+            served += 1;
+        }
+        if served > 0 && q.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.trigger(INT_USED_RING);
+        }
+        if served == REQUEST_BUDGET {
+            let _ = self.notify.write(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(dir: &Path, ro: bool) -> DriveConfig {
+        let path = dir.join("disk.img");
+        if !path.exists() {
+            std::fs::write(&path, vec![7u8; 8192 + 100]).unwrap();
+        }
+        DriveConfig { drive_id: "layer-0".into(), path_on_host: path, is_root_device: false, is_read_only: ro }
+    }
+
+    #[test]
+    fn config_space_features_and_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Block::new(&drive(dir.path(), true), None).unwrap();
+        let mut b = [0u8; 8];
+        dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 16, "capacity in whole sectors");
+        let mut w = [0u8; 4];
+        dev.read_config(12, &mut w);
+        assert_eq!(u32::from_le_bytes(w), MAX_SEGMENTS);
+        dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 8]);
+        assert_ne!(dev.features() & F_RO, 0);
+        let rw = Block::new(&drive(dir.path(), false), None).unwrap();
+        assert_eq!(rw.features() & F_RO, 0);
+    }
+
+    #[test]
+    fn a_snapshot_restores_only_onto_the_unchanged_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = drive(dir.path(), true);
+        let state = Block::new(&cfg, None).unwrap().save_state();
+        Block::new(&cfg, None).unwrap().restore_state(&state).unwrap();
+
+        // Another drive id, or read-write instead of read-only: refused.
+        let other = DriveConfig { drive_id: "layer-1".into(), ..cfg.clone() };
+        assert!(Block::new(&other, None).unwrap().restore_state(&state).is_err());
+        let rw = DriveConfig { is_read_only: false, ..cfg.clone() };
+        assert!(Block::new(&rw, None).unwrap().restore_state(&state).is_err());
+
+        // The file grew: refused, with what changed.
+        std::fs::OpenOptions::new().append(true).open(&cfg.path_on_host).unwrap().set_len(9000).unwrap();
+        let e = Block::new(&cfg, None).unwrap().restore_state(&state).unwrap_err().to_string();
+        assert!(e.contains("changed since the snapshot") && e.contains("size"), "{e}");
+
+        // Replaced by another file of the same size: refused.
+        let state = Block::new(&cfg, None).unwrap().save_state();
+        let copy = dir.path().join("copy.img");
+        std::fs::copy(&cfg.path_on_host, &copy).unwrap();
+        std::fs::rename(&copy, &cfg.path_on_host).unwrap();
+        let e = Block::new(&cfg, None).unwrap().restore_state(&state).unwrap_err().to_string();
+        assert!(e.contains("replaced"), "{e}");
+
+        // Gone: the device cannot be created.
+        std::fs::remove_file(&cfg.path_on_host).unwrap();
+        assert!(Block::new(&cfg, None).is_err());
+
+        // Garbage state: refused, no panic.
+        assert!(Block::new(&drive(dir.path(), true), None).unwrap().restore_state(&[0xff; 64]).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! The thread a virtio device serves its queues on, and how its front end (what the transport
+//! calls, on vCPU threads) drives it: activate with the driver's queues, deactivate on reset, pause
+//! before a snapshot (the thread answers once it has stopped touching guest memory), resume, stop.
+//! Every device with a thread of its own (vsock, block) uses this one protocol.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long pausing waits for a device thread to stop touching the queues.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a device thread does when its front end asks.
+pub trait DeviceWorker {
+    /// What activation hands the thread (guest memory, the queues, the interrupt, ...).
+    type Activation: Send;
+    fn activate(&mut self, a: Self::Activation);
+    /// The driver reset the device: drop the queues and whatever depended on them.
+    fn deactivate(&mut self);
+}
+
+enum Command<A> {
+    Activate(A),
+    Deactivate,
+    /// Stop touching the queues and guest memory until `Resume`; the thread answers once it has.
+    Pause(Sender<()>),
+    Resume,
+    Stop,
+}
+
+/// The front end's side: sends commands and wakes the thread.
+pub struct DeviceThread<A> {
+    name: &'static str,
+    tx: Sender<Command<A>>,
+    evt: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The thread's side: the command eventfd (for its epoll set) and the commands behind it.
+pub struct Commands<A> {
+    rx: Receiver<Command<A>>,
+    evt: EventFd,
+}
+
+impl<A: Send + 'static> DeviceThread<A> {
+    /// Starts thread `name`, confined with `seccomp`, running `body` with the commands it must
+    /// serve. The thread is created with the device (before any vCPU runs and is confined).
+    pub fn spawn(
+        name: &'static str,
+        seccomp: Option<Arc<seccompiler::BpfProgram>>,
+        body: impl FnOnce(Commands<A>) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let (tx, rx) = channel();
+        let commands = Commands { rx, evt: evt.try_clone()? };
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            if let Some(f) = seccomp {
+                if let Err(e) = crate::seccomp::apply(&f) {
+                    tracing::error!("{name}: cannot apply the seccomp filter: {e}");
+                    return;
+                }
+            }
+            body(commands);
+        })?;
+        Ok(Self { name, tx, evt, thread: Some(thread) })
+    }
+
+    fn send(&self, c: Command<A>) {
+        if self.tx.send(c).is_ok() {
+            let _ = self.evt.write(1);
+        }
+    }
+
+    pub fn activate(&self, a: A) {
+        self.send(Command::Activate(a));
+    }
+
+    pub fn deactivate(&self) {
+        self.send(Command::Deactivate);
+    }
+
+    /// Returns once the thread has stopped touching the queues and guest memory (or after a
+    /// second, with a warning: a thread that does not answer is stuck, not busy).
+    pub fn pause(&self) {
+        let (tx, rx) = channel();
+        self.send(Command::Pause(tx));
+        if rx.recv_timeout(PAUSE_TIMEOUT).is_err() {
+            crate::log_limited!(warn, "{}: the device thread did not pause in time", self.name);
+        }
+    }
+
+    pub fn resume(&self) {
+        self.send(Command::Resume);
+    }
+}
+
+impl<A> Drop for DeviceThread<A> {
+    fn drop(&mut self) {
+        if self.tx.send(Command::Stop).is_ok() {
+            let _ = self.evt.write(1);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<A> Commands<A> {
+    /// The eventfd that becomes readable when a command waits.
+    pub fn fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+
+    /// Carries out every waiting command; false when the thread must stop. A pause holds here
+    /// until the front end resumes (or stops) the device.
+    pub fn serve<W: DeviceWorker<Activation = A>>(&self, w: &mut W) -> bool {
+        let _ = self.evt.read();
+        while let Ok(c) = self.rx.try_recv() {
+            if !self.command(w, c) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn command<W: DeviceWorker<Activation = A>>(&self, w: &mut W, c: Command<A>) -> bool {
+        match c {
+            Command::Stop => return false,
+            Command::Deactivate => w.deactivate(),
+            Command::Activate(a) => {
+                w.deactivate();
+                w.activate(a);
+            }
+            Command::Pause(ack) => return self.hold(w, ack),
+            Command::Resume => {}
+        }
+        true
+    }
+
+    /// Paused (the VM is being saved): the thread touches neither the queues nor guest memory
+    /// until it is resumed; `ack` says it has stopped. False when the thread must stop.
+    fn hold<W: DeviceWorker<Activation = A>>(&self, w: &mut W, ack: Sender<()>) -> bool {
+        let _ = ack.send(());
+        loop {
+            match self.rx.recv() {
+                Ok(Command::Resume) => return true,
+                Ok(Command::Stop) | Err(_) => return false,
+                Ok(Command::Pause(again)) => {
+                    let _ = again.send(());
+                }
+                Ok(Command::Deactivate) => w.deactivate(),
+                Ok(c @ Command::Activate(_)) => return self.command(w, c),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+    #[derive(Default)]
+    struct Counter {
+        active: Option<u32>,
+        seen: Arc<AtomicUsize>,
+    }
+
+    impl DeviceWorker for Counter {
+        type Activation = u32;
+        fn activate(&mut self, a: u32) {
+            self.active = Some(a);
+            self.seen.fetch_add(a as usize, Ordering::SeqCst);
+        }
+        fn deactivate(&mut self) {
+            self.active = None;
+        }
+    }
+
+    #[test]
+    fn commands_reach_the_thread_and_drop_stops_it() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let t = DeviceThread::spawn("test-device", None, move |commands: Commands<u32>| {
+            let mut w = Counter { active: None, seen: s };
+            let epoll = Epoll::new().unwrap();
+            epoll.ctl(ControlOperation::Add, commands.fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();
+            let mut events = [EpollEvent::default(); 4];
+            loop {
+                epoll.wait(-1, &mut events).unwrap();
+                if !commands.serve(&mut w) {
+                    return;
+                }
+            }
+        })
+        .unwrap();
+        t.activate(5);
+        t.pause();
+        // Paused: an activation waits behind the hold, and is carried out by it.
+        t.activate(7);
+        t.pause();
+        t.resume();
+        t.deactivate();
+        drop(t);
+        assert_eq!(seen.load(Ordering::SeqCst), 12);
+    }
+}
