@@ -25,7 +25,15 @@ strip --strip-all "$stage/init"
 mkdir -p "$stage/etc/ember"
 echo "reverse /init --example-runtime" > "$stage/etc/ember/runtime"
 mkdir -p "$root/images"
+# The example code layer (tests, benchmarks, the README's walk-through): the `files` runtime, which
+# reads and writes files in the function's root. `ember image build images/examples/files` makes
+# it a layer.
+code=$root/images/examples/files
+rm -rf "$code" && mkdir -p "$code/bin" "$code/etc/ember"
+install -m 0755 "$stage/init" "$code/bin/ember-files"
+echo "files /bin/ember-files --files-runtime" > "$code/etc/ember/runtime"
 out=$root/images/initramfs.cpio
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$out.tmp"
 mv "$out.tmp" "$out"
+log "images/examples/files ready (the example code layer's tree)"
 log "images/initramfs.cpio ready ($(du -h "$out" | cut -f1), uncompressed)"

@@ -28,8 +28,42 @@ pub enum TemplateError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     /// The guest ended, or the time ran out, before its agent signalled ready: no snapshot taken.
-    #[error("the guest never signalled ready, no snapshot taken ({0})")]
-    NeverReady(VmExit),
+    /// With the agent's own reason when it printed one.
+    #[error("the guest never signalled ready, no snapshot taken ({exit}){}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    NeverReady { exit: VmExit, reason: Option<String> },
+}
+
+/// A console that keeps the last [`ConsoleTail::KEEP`] bytes the guest printed: a failed boot's
+/// reason, in the guest's words, without keeping (or printing) a whole boot log.
+#[derive(Clone, Default)]
+pub struct ConsoleTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>);
+
+impl ConsoleTail {
+    pub const KEEP: usize = 16 << 10;
+
+    /// The last line the guest agent printed about an error, if any.
+    pub fn agent_error(&self) -> Option<String> {
+        use crate::sys::Locked;
+        let bytes: Vec<u8> = self.0.locked().iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        text.lines().rev().find(|l| l.contains("ember-agent: error")).map(|l| l.trim().chars().take(1000).collect())
+    }
+}
+
+impl std::io::Write for ConsoleTail {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        use crate::sys::Locked;
+        let mut q = self.0.locked();
+        let kept = &b[b.len().saturating_sub(Self::KEEP)..];
+        let over = (q.len() + kept.len()).saturating_sub(Self::KEEP);
+        q.drain(..over);
+        q.extend(kept);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How to make a template.
@@ -95,7 +129,10 @@ impl Template {
     /// clone's run into `dir` too.
     pub fn make(config: &VmConfig, dir: &Path, opts: MakeOptions) -> Result<Made, TemplateError> {
         let start = Instant::now();
-        let vm = Vm::boot(config, &opts.channels, opts.console, opts.process_start)?;
+        // The console goes where the caller wants it, and its tail is kept for a failure's reason.
+        let tail = ConsoleTail::default();
+        let console: ConsoleOut = Box::new(Tee(opts.console, tail.clone()));
+        let vm = Vm::boot(config, &opts.channels, console, opts.process_start)?;
         let options = RunOptions {
             seccomp: opts.seccomp,
             console_input: opts.console_input,
@@ -108,7 +145,7 @@ impl Template {
                 Some(_) => running.wait(Some(Duration::ZERO)),
                 None => running.stop(&format!("timed out after {:.1} s", opts.timeout.as_secs_f64())),
             };
-            return Err(TemplateError::NeverReady(outcome.exit));
+            return Err(TemplateError::NeverReady { exit: outcome.exit, reason: tail.agent_error() });
         }
         let ready = start.elapsed();
         let t = Instant::now();
@@ -169,5 +206,40 @@ impl Template {
         let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;
         vm.stop("working set recorded");
         Ok(ws)
+    }
+}
+
+/// Writes to both.
+struct Tee(ConsoleOut, ConsoleTail);
+
+impl std::io::Write for Tee {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let _ = self.1.write(b);
+        self.0.write(b)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_console_tail_is_bounded_and_finds_the_agents_reason() {
+        let mut t = ConsoleTail::default();
+        for _ in 0..10_000 {
+            t.write_all(b"[    1.0] some kernel line\n").unwrap();
+        }
+        assert_eq!(t.agent_error(), None);
+        t.write_all(b"ember-agent: error: layer \"l0\" (/dev/vda): mount erofs: Invalid argument\n").unwrap();
+        t.write_all(&[b'x'; 100]).unwrap();
+        assert!(t.agent_error().unwrap().contains("mount erofs"));
+        t.write_all(&vec![b'y'; 100_000]).unwrap();
+        assert_eq!(t.0.lock().unwrap().len(), ConsoleTail::KEEP);
+        assert_eq!(t.agent_error(), None);
     }
 }

@@ -58,8 +58,9 @@ pub(crate) fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, Str
         };
         return match Template::make(&cfg, &dir, opts) {
             Ok(_) => Ok(ExitCode::SUCCESS),
-            Err(TemplateError::NeverReady(exit)) => {
-                eprintln!("ember: the guest never signalled ready, no snapshot taken");
+            Err(e @ TemplateError::NeverReady { .. }) => {
+                eprintln!("ember: {e}");
+                let TemplateError::NeverReady { exit, .. } = e else { return Err("unreachable".into()) };
                 Ok(exit_status(&exit))
             }
             Err(e) => Err(e.to_string()),

@@ -94,6 +94,16 @@ impl ImageDirs {
     /// Opens `path`, which must name a regular file beneath one of the image directories: an
     /// absolute path inside one, or a path relative to one (the first that has it).
     pub fn open_image(&self, what: &str, path: &Path) -> Result<ImageFile, ImageError> {
+        self.open_beneath_dirs(what, path, false)
+    }
+
+    /// Opens `path` as [`ImageDirs::open_image`] does, but a directory too: the source of a layer
+    /// or of a function's code (a directory, a tar archive, an OCI image).
+    pub fn open_source(&self, what: &str, path: &Path) -> Result<ImageFile, ImageError> {
+        self.open_beneath_dirs(what, path, true)
+    }
+
+    fn open_beneath_dirs(&self, what: &str, path: &Path, dirs_too: bool) -> Result<ImageFile, ImageError> {
         use ImageError::{NotAllowed, NotFound};
         if self.dirs.is_empty() {
             return Err(NotAllowed(format!(
@@ -121,8 +131,13 @@ impl ImageDirs {
                 Ok(fd) => {
                     let file = std::fs::File::from(fd);
                     match file.metadata() {
-                        Ok(m) if m.is_file() => return Ok(ImageFile { fd: OwnedFd::from(file) }),
-                        Ok(_) => return Err(NotAllowed(format!("{what} {} is not a regular file", path.display()))),
+                        Ok(m) if m.is_file() || (dirs_too && m.is_dir()) => {
+                            return Ok(ImageFile { fd: OwnedFd::from(file) })
+                        }
+                        Ok(_) => {
+                            let kind = if dirs_too { "a regular file or a directory" } else { "a regular file" };
+                            return Err(NotAllowed(format!("{what} {} is not {kind}", path.display())));
+                        }
                         Err(e) => last = Some(e),
                     }
                 }
@@ -172,6 +187,9 @@ mod tests {
         assert!(e(Path::new("../secret")).contains("`..`"));
         assert!(e(Path::new("link")).contains("symlink"), "{}", e(Path::new("link")));
         assert!(e(Path::new("sub")).contains("not a regular file"));
+        let sub = dirs.open_source("code", Path::new("sub")).unwrap();
+        assert!(std::fs::read_dir(sub.path()).unwrap().count() == 1);
+        assert!(dirs.open_source("code", Path::new("link")).is_err());
         assert!(e(Path::new("missing")).contains("No such file"), "{}", e(Path::new("missing")));
         let none = ImageDirs::open(&[]).unwrap();
         assert!(none.open_image("kernel", Path::new("vmlinux")).err().unwrap().to_string().contains("--images"));

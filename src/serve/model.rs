@@ -29,9 +29,22 @@ pub struct FunctionSpec {
     /// /etc/ember/runtime, which it replaces): started by the agent before the template is taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Shared layers (`PUT /layers/{name}`), bottom to top: the function's root is these stacked
+    /// with overlayfs under a private writable layer in guest RAM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
+    /// The function's own code: a directory, tar archive or OCI image beneath an image directory,
+    /// built into a layer on top of `layers` when the function is registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<PathBuf>,
     #[serde(default)]
     pub pool: PoolPolicy,
 }
+
+/// Layers per function, at most (each is a drive; `code` is one more).
+pub const MAX_LAYERS: usize = 16;
+/// The drive id of a function's code layer; shared layers are `l0`, `l1`, ... bottom to top.
+pub const CODE_DRIVE: &str = "code";
 
 /// The longest `runtime` command line.
 const MAX_RUNTIME_LEN: usize = 512;
@@ -105,7 +118,41 @@ impl FunctionSpec {
         if let Some(r) = &self.runtime {
             check_runtime(r).map_err(Refusal::BadRequest)?;
         }
+        if self.layers.len() > MAX_LAYERS {
+            return Err(Refusal::BadRequest(format!("{} layers, at most {MAX_LAYERS}", self.layers.len())));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            check_name(l).map_err(|_| Refusal::BadRequest(format!("bad layer name {l:?}")))?;
+            if self.layers[..i].contains(l) {
+                return Err(Refusal::BadRequest(format!("layer {l:?} is named twice")));
+            }
+        }
+        if self.code.as_ref().is_some_and(|c| c.as_os_str().is_empty()) {
+            return Err(Refusal::BadRequest("code: an empty path".into()));
+        }
         self.pool.validate().map_err(Refusal::BadRequest)
+    }
+
+    /// The VM that boots this function with `drives` (its layers, bottom to top, the code layer
+    /// last, as [`FunctionSpec::drive_ids`] names them).
+    pub(super) fn vm_config_with_drives(&self, drives: Vec<crate::config::DriveConfig>) -> VmConfig {
+        let mut cfg = self.vm_config();
+        if !drives.is_empty() {
+            let ids: Vec<&str> = drives.iter().map(|d| d.drive_id.as_str()).collect();
+            let base = cfg.cmdline();
+            cfg.boot_source.boot_args = Some(format!("{base} ember_layers={}", ids.join(",")));
+        }
+        cfg.drives = drives;
+        cfg
+    }
+
+    /// The drive ids of the function's layers, bottom to top (the code layer last).
+    pub fn drive_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = (0..self.layers.len()).map(|i| format!("l{i}")).collect();
+        if self.code.is_some() {
+            ids.push(CODE_DRIVE.to_string());
+        }
+        ids
     }
 
     fn vm_config_with(&self, machine_config: MachineConfig) -> VmConfig {

@@ -9,9 +9,13 @@
 //!
 //! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`;
 //! `EMBER_RUNTIME` in init's environment (from the kernel command line: `ember serve` puts the
-//! registration's `runtime` there) replaces it.
+//! registration's `runtime` there) replaces it. A function with layers has its root there
+//! (layers.rs): its `/etc/ember/runtime` is read from that root and the runtime runs chrooted
+//! into it.
 
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use ember_abi::Status;
@@ -54,17 +58,22 @@ pub struct Functions {
 
 impl Functions {
     /// Starts the runtime the VM's registration names (`EMBER_RUNTIME` on the kernel command line,
-    /// which the kernel hands to init as an environment variable), else the image's, if any.
-    pub fn start() -> Self {
+    /// which the kernel hands to init as an environment variable), else the image's, if any: in
+    /// `root` (the function's layers) when there is one.
+    pub fn start(root: Option<&Path>) -> Self {
         let from_env = std::env::var(RUNTIME_ENV).ok().filter(|c| !c.trim().is_empty());
+        let config = match root {
+            Some(r) => r.join(RUNTIME_CONFIG.trim_start_matches('/')),
+            None => Path::new(RUNTIME_CONFIG).to_path_buf(),
+        };
         let (conf, source) = match from_env {
-            Some(c) => (c, RUNTIME_ENV),
-            None => match std::fs::read_to_string(RUNTIME_CONFIG) {
-                Ok(c) => (c, RUNTIME_CONFIG),
+            Some(c) => (c, RUNTIME_ENV.to_string()),
+            None => match std::fs::read_to_string(&config) {
+                Ok(c) => (c, config.display().to_string()),
                 Err(_) => return Self { runtime: None, runtime_error: None },
             },
         };
-        match Runtime::start(&conf) {
+        match Runtime::start(&conf, root) {
             Ok(r) => {
                 println!("ember-agent: runtime {:?} started from {source} (pid {})", r.name, r.child.id());
                 Self { runtime: Some(r), runtime_error: None }
@@ -138,13 +147,28 @@ impl Functions {
 }
 
 impl Runtime {
-    fn start(conf: &str) -> io::Result<Self> {
+    fn start(conf: &str, root: Option<&Path>) -> io::Result<Self> {
         let mut words = conf.split_whitespace();
         let (Some(name), Some(cmd)) = (words.next(), words.next()) else {
             return Err(io::Error::other("expected `NAME COMMAND [ARGS...]`"));
         };
         ember_abi::check_function(name.as_bytes()).map_err(io::Error::other)?;
-        let mut child = Command::new(cmd).args(words).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let mut command = Command::new(cmd);
+        command.args(words).stdin(Stdio::piped()).stdout(Stdio::piped());
+        if let Some(root) = root {
+            let root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+            // SAFETY: between fork and exec the closure only makes async-signal-safe calls
+            // (chroot, chdir) on strings prepared before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|e| io::Error::other(format!("{cmd}: {e}")))?;
         let stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
         let stdout = BufReader::new(child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?);
         Ok(Self { name: name.to_string(), child, stdin, stdout })
@@ -180,6 +204,47 @@ fn cpu_stat() -> io::Result<String> {
 /// The example runtime shipped in ember's test image (`reverse`): answers each request with its
 /// payload reversed, and a payload of `crash` makes it exit (a runtime that dies mid-call).
 pub fn example_runtime() -> io::Result<()> {
+    serve_frames(|payload| {
+        if payload == b"crash" {
+            std::process::exit(1);
+        }
+        let mut out = payload.to_vec();
+        out.reverse();
+        (Status::Ok, out)
+    })
+}
+
+/// The example runtime of ember's example code layer (`files`): `read PATH` answers the file's
+/// bytes, `write PATH TEXT` writes TEXT there, `ls DIR` answers the directory's names, one per
+/// line: what a function reading its layers and writing its private root does.
+pub fn files_runtime() -> io::Result<()> {
+    serve_frames(|payload| {
+        let text = String::from_utf8_lossy(payload);
+        let mut words = text.splitn(3, ' ');
+        let r = match (words.next(), words.next(), words.next()) {
+            (Some("read"), Some(path), None) => std::fs::read(path),
+            (Some("write"), Some(path), Some(data)) => {
+                std::fs::write(path, data).map(|()| format!("wrote {} bytes", data.len()).into_bytes())
+            }
+            (Some("ls"), Some(dir), None) => std::fs::read_dir(dir).and_then(|d| {
+                let mut names = d
+                    .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect::<io::Result<Vec<_>>>()?;
+                names.sort();
+                Ok(names.join("\n").into_bytes())
+            }),
+            _ => return (Status::BadRequest, b"expected `read PATH`, `write PATH TEXT` or `ls DIR`".to_vec()),
+        };
+        match r {
+            Ok(out) => (Status::Ok, out),
+            Err(e) => (Status::Failed, e.to_string().into_bytes()),
+        }
+    })
+}
+
+/// The runtime side of the protocol: reads each request from stdin and writes `handle`'s answer
+/// to stdout, until stdin ends.
+fn serve_frames(mut handle: impl FnMut(&[u8]) -> (Status, Vec<u8>)) -> io::Result<()> {
     let mut stdin = io::stdin().lock();
     let mut stdout = io::stdout().lock();
     loop {
@@ -190,13 +255,10 @@ pub fn example_runtime() -> io::Result<()> {
         }
         let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
         stdin.read_exact(&mut payload)?;
-        if payload == b"crash" {
-            std::process::exit(1);
-        }
-        payload.reverse();
-        stdout.write_all(&(Status::Ok as u32).to_le_bytes())?;
-        stdout.write_all(&(payload.len() as u32).to_le_bytes())?;
-        stdout.write_all(&payload)?;
+        let (status, out) = handle(&payload);
+        stdout.write_all(&(status as u32).to_le_bytes())?;
+        stdout.write_all(&(out.len() as u32).to_le_bytes())?;
+        stdout.write_all(&out)?;
         stdout.flush()?;
     }
 }

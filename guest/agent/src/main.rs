@@ -12,7 +12,6 @@
 //! - `ember_exit=panic`: exit instead of powering off (the kernel then panics: a guest-crash test).
 //! - `ember_exit=reboot`: reboot (i8042 reset) instead of powering off.
 
-use std::ffi::CString;
 use std::fs;
 use std::io::{self, Write};
 use std::process::Command;
@@ -20,6 +19,7 @@ use std::process::Command;
 mod control;
 mod devmem;
 mod functions;
+mod layers;
 mod mailbox;
 mod storm;
 mod tsc;
@@ -35,6 +35,8 @@ const CLONE_MARKER: &str = "EMBER_CLONE";
 const CHILD_ARG: &str = "--ember-child";
 /// Runs the example runtime of ember's test image instead of the agent.
 const EXAMPLE_RUNTIME_ARG: &str = "--example-runtime";
+/// Runs the example code layer's runtime (`files`) instead of the agent.
+const FILES_RUNTIME_ARG: &str = "--files-runtime";
 const CHILD_EXIT_CODE: i32 = 42;
 
 fn main() {
@@ -43,15 +45,13 @@ fn main() {
             println!("ember-agent: child pid {} running", std::process::id());
             std::process::exit(CHILD_EXIT_CODE);
         }
-        Some(EXAMPLE_RUNTIME_ARG) => {
-            let code = match functions::example_runtime() {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("example runtime: {e}");
-                    1
-                }
-            };
-            std::process::exit(code);
+        Some(arg @ (EXAMPLE_RUNTIME_ARG | FILES_RUNTIME_ARG)) => {
+            let r = if arg == EXAMPLE_RUNTIME_ARG { functions::example_runtime() } else { functions::files_runtime() };
+            if let Err(e) = r {
+                eprintln!("example runtime: {e}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
         }
         _ => {}
     }
@@ -84,8 +84,11 @@ fn init() -> io::Result<()> {
         return Err(io::Error::other(format!("child exited with {status}, expected {CHILD_EXIT_CODE}")));
     }
 
-    // Everything a clone needs to serve is set up before the snapshot point.
-    let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start()));
+    // Everything a clone needs to serve is set up before the snapshot point: the function's root
+    // from its layers (if it has any: a failure ends the boot, and the host reports it) and its
+    // runtime.
+    let root = layers::mount_root()?;
+    let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start(root.as_deref())));
     let mut mailbox = mailbox::Mailbox::map()?;
     tsc::calibrate();
 
@@ -135,18 +138,7 @@ fn random_hex(flags: libc::c_uint) -> io::Result<String> {
 }
 
 fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
-    fs::create_dir_all(target)?;
-    let c = |s: &str| CString::new(s).map_err(io::Error::other);
-    let (src, tgt, fst) = (c(source)?, c(target)?, c(fstype)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(io::Error::other(format!("mount {target}: {e}")));
-        }
-    }
-    Ok(())
+    layers::mount(source, target, fstype, 0, None)
 }
 
 /// Writes the boot-timer byte through /dev/mem.

@@ -124,15 +124,16 @@ impl Block {
         let n = drive.drive_id.len().min(ID_BYTES);
         id[..n].copy_from_slice(&drive.drive_id.as_bytes()[..n]);
         let capacity = identity.size / SECTOR_SIZE;
-        let queue_event = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::io("virtio-blk eventfd"))?;
-        let worker = Worker {
-            file,
-            read_only: drive.is_read_only,
-            capacity,
-            id,
-            notify: queue_event.try_clone().map_err(DeviceError::io("virtio-blk eventfd"))?,
-            active: None,
+        // Everything the thread needs is created here: once confined, it may not make new fds.
+        let setup = || -> std::io::Result<_> {
+            let queue_event = EventFd::new(libc::EFD_NONBLOCK)?;
+            let notify = queue_event.try_clone()?;
+            let epoll = Epoll::new()?;
+            epoll.ctl(ControlOperation::Add, notify.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_QUEUE))?;
+            Ok((queue_event, notify, epoll))
         };
+        let (queue_event, notify, epoll) = setup().map_err(DeviceError::io("virtio-blk setup"))?;
+        let worker = Worker { file, read_only: drive.is_read_only, capacity, id, notify, epoll, active: None };
         let thread = DeviceThread::spawn("virtio-blk", seccomp, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-blk thread"))?;
         Ok(Self {
@@ -252,6 +253,7 @@ struct Worker {
     /// The queue's notification eventfd (a copy): also signalled by the thread itself when the
     /// budget ran out with requests left.
     notify: EventFd,
+    epoll: Epoll,
     active: Option<Active>,
 }
 
@@ -271,22 +273,14 @@ impl DeviceWorker for Worker {
 
 impl Worker {
     fn run(mut self, commands: Commands<Activation>) {
-        let setup = || -> std::io::Result<Epoll> {
-            let epoll = Epoll::new()?;
-            epoll.ctl(ControlOperation::Add, commands.fd(), EpollEvent::new(EventSet::IN, TOKEN_COMMAND))?;
-            epoll.ctl(ControlOperation::Add, self.notify.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_QUEUE))?;
-            Ok(epoll)
-        };
-        let epoll = match setup() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("virtio-blk: epoll: {e}");
-                return;
-            }
-        };
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_COMMAND);
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, commands.fd(), ev) {
+            tracing::error!("virtio-blk: epoll: {e}");
+            return;
+        }
         let mut events = [EpollEvent::default(); 4];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {

@@ -193,7 +193,11 @@ pub fn serve_next(mem: &GuestMemory, q: &mut Queue, disk: &mut Disk<'_>) -> Opti
     // The chain's iterator stops at the queue size and at loops: at most 256 descriptors here.
     let descs: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
     let (used, ok) = match parse(mem, &descs) {
-        Ok(req) => (req.execute(mem, disk).1, true),
+        Ok(req) => {
+            let (status, used) = req.execute(mem, disk);
+            tracing::trace!("virtio-blk: {:?} sector {} -> status {status}, {used} bytes", req.kind, req.sector);
+            (used, true)
+        }
         Err(e) => {
             crate::log_limited!(warn, "virtio-blk: malformed request returned unused: {e:?}");
             (0, false)
