@@ -5,6 +5,7 @@
 //! - [`config`]: the machine description (Firecracker-shaped JSON or CLI flags) and the default
 //!   kernel command line.
 //! - [`snapshot`]: snapshot files as bytes (state format, memory file, working set).
+//! - [`image`]: read-only EROFS layer images built from directories, tars and OCI / docker images.
 //! - [`channel`]: the host ends of the guest channels (mailbox, vsock).
 //! - [`devices`]: what the guest talks to: UART, i8042, boot timer, ember's ports and control page,
 //!   virtio devices behind the virtio-mmio transport.
@@ -19,6 +20,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod devices;
+pub mod image;
 pub mod memory;
 pub mod seccomp;
 pub mod serve;

@@ -157,6 +157,66 @@ pub fn device_filter() -> Result<BpfProgram, Error> {
 /// thread it ever runs has it): the calls traced from a daemon that registers functions, boots
 /// their templates, restores, hands out, invokes, recycles and deletes clones, and serves its API.
 pub fn daemon_filter() -> Result<BpfProgram, Error> {
+    compile(daemon_rules()?, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+/// Builds the filter of the daemon's layer builder thread (started before the daemon confines
+/// itself, and the only thread of it that may start a process): the daemon's calls, plus what
+/// unpacking archives into a directory tree and running `mkfs.erofs` (which inherits the filter)
+/// take. No guest input reaches this thread: it builds what the API's client names.
+pub fn builder_filter() -> Result<BpfProgram, Error> {
+    let mut rules = daemon_rules()?;
+    for call in [
+        // Starting mkfs.erofs and waiting for it (any clone flags: posix_spawn's vfork).
+        libc::SYS_clone,
+        libc::SYS_vfork,
+        libc::SYS_execve,
+        libc::SYS_wait4,
+        libc::SYS_pipe2,
+        libc::SYS_dup2,
+        libc::SYS_dup3,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_getppid,
+        libc::SYS_rseq,
+        libc::SYS_brk,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+        libc::SYS_sysinfo,
+        libc::SYS_uname,
+        libc::SYS_umask,
+        libc::SYS_getcwd,
+        libc::SYS_chdir,
+        libc::SYS_getgid,
+        libc::SYS_getegid,
+        libc::SYS_ioctl,
+        // Unpacking a tree and reading it back.
+        libc::SYS_mkdirat,
+        libc::SYS_symlink,
+        libc::SYS_symlinkat,
+        libc::SYS_link,
+        libc::SYS_linkat,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_fchmodat,
+        libc::SYS_utimensat,
+        libc::SYS_lstat,
+        libc::SYS_stat,
+        libc::SYS_llistxattr,
+        libc::SYS_listxattr,
+        libc::SYS_lgetxattr,
+        libc::SYS_getxattr,
+        libc::SYS_copy_file_range,
+        libc::SYS_sendfile,
+        // mkfs.erofs's dynamic loader maps its libraries executable.
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+    ] {
+        rules.insert(call, vec![]);
+    }
+    compile(rules, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules = allow_all(&[
         // Files: the state directory, templates, mailboxes, images.
         libc::SYS_openat,
@@ -251,7 +311,7 @@ pub fn daemon_filter() -> Result<BpfProgram, Error> {
             SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
         ],
     );
-    compile(rules, SeccompAction::Errno(libc::ENOSYS as u32))
+    Ok(rules)
 }
 
 /// Confines the calling thread, after priming the allocator (see [`prime_allocator`]).

@@ -8,7 +8,7 @@ use std::path::Path;
 const FLOORS: &[&[&str]] = &[
     &["memory", "sys", "seccomp"],
     &["config"],
-    &["snapshot"],
+    &["snapshot", "image"],
     &["channel"],
     &["devices"],
     &["vmm"],

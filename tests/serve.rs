@@ -59,7 +59,7 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
     assert_error(http(s, "PUT", "/functions/f", Some(&spec(r#"{"headroom": 0.1}"#))), 400, "headroom");
     let quoted = format!(r#"{{"kernel": "{0}", "initramfs": "{0}", "runtime": "f /bin/sh -c \"x\""}}"#, k.display());
     assert_error(http(s, "PUT", "/functions/f", Some(&quoted)), 400, "runtime");
-    assert_error(http(s, "PUT", "/functions/Bad%20Name", Some(&spec("{}"))), 400, "bad function name");
+    assert_error(http(s, "PUT", "/functions/Bad%20Name", Some(&spec("{}"))), 400, "bad name");
     assert_error(http(s, "POST", "/functions/nope/acquire", None), 404, "no function");
     assert_error(http(s, "POST", "/functions/nope/invoke", Some(r#"{"payload": "x"}"#)), 404, "no function");
     assert_error(http(s, "POST", "/vms/12345/release", Some(r#"{"lease": "x"}"#)), 404, "no handed-out VM");

@@ -148,7 +148,9 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     register(snapshot, &state, RECYCLED, recycled)?;
     // The templates are installed: nothing is booted, so no image directory is needed.
     let images = crate::serve::images::ImageDirs::open(&[])?;
-    let sup = Supervisor::open(&state, images).map_err(|e| e.to_string())?;
+    let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(&state), None)
+        .map_err(|e| e.to_string())?;
+    let sup = Supervisor::open(&state, images, builder).map_err(|e| e.to_string())?;
     let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
     let socket = dir.join("api.sock");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod console;
+mod image;
 mod invoke;
 mod restore;
 mod run;
@@ -64,6 +65,10 @@ pub(crate) enum Command {
     /// Measure ember.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Build, list and remove read-only EROFS layer images (from a directory, a tar, an OCI image
+    /// layout or a `docker save` tarball), kept content-addressed under --state-dir/images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Runs the parsed command; `process_start` anchors boot timelines.
@@ -75,6 +80,7 @@ pub(crate) fn dispatch(cli: Cli, process_start: Instant) -> ExitCode {
         Command::Simulate(args) => simulate::simulate(args),
         Command::Serve(args) => serve::serve(args),
         Command::Bench(command) => bench::bench(command),
+        Command::Image(command) => image::image(command),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e}");

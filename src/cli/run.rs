@@ -58,10 +58,13 @@ pub(crate) fn run(args: RunArgs, process_start: Instant) -> Result<ExitCode, Str
         };
         return match Template::make(&cfg, &dir, opts) {
             Ok(_) => Ok(ExitCode::SUCCESS),
+            // No snapshot is a failure even when the guest ended cleanly (it powered off before
+            // its agent was ready): 1, or the status of how it ended (3 crashed, 4 timed out).
             Err(e @ TemplateError::NeverReady { .. }) => {
                 eprintln!("ember: {e}");
                 let TemplateError::NeverReady { exit, .. } = e else { return Err("unreachable".into()) };
-                Ok(exit_status(&exit))
+                let status = exit_status(&exit);
+                Ok(if status == ExitCode::SUCCESS { ExitCode::FAILURE } else { status })
             }
             Err(e) => Err(e.to_string()),
         };

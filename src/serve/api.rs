@@ -216,6 +216,53 @@ async fn invoke(
     Ok(Json(body).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerBody {
+    /// A directory, tar archive or OCI image beneath one of the daemon's image directories.
+    path: std::path::PathBuf,
+}
+
+/// The largest archive `PUT /layers/{name}` takes as its body.
+pub const MAX_UPLOAD: usize = 256 << 20;
+
+/// Builds a layer from a path (a JSON body) or from the archive that is the body (any other
+/// content type): 201 when made, 200 when the name already has this content.
+async fn put_layer(
+    State(sup): Sup,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let json =
+        headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_none_or(|v| v.starts_with("application/json"));
+    let (info, created) = if json {
+        if body.len() > MAX_BODY {
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("a JSON body is at most {MAX_BODY} bytes")));
+        }
+        let b: LayerBody = json_body(&body)?;
+        blocking(move || sup.put_layer(&name, &b.path)).await?
+    } else {
+        blocking(move || sup.put_layer_upload(&name, &body)).await?
+    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(info)).into_response())
+}
+
+async fn list_layers(State(sup): Sup) -> Result<Response, ApiError> {
+    let layers = blocking(move || Ok(sup.list_layers())).await?;
+    Ok(Json(serde_json::json!({ "layers": layers })).into_response())
+}
+
+async fn get_layer(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(blocking(move || sup.get_layer(&name)).await?).into_response())
+}
+
+async fn delete_layer(State(sup): Sup, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    blocking(move || sup.delete_layer(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn metrics(State(sup): Sup) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], sup.prometheus()).into_response()
 }
@@ -277,6 +324,11 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/functions/{name}/acquire", post(acquire))
         .route("/functions/{name}/invoke", post(invoke))
         .route("/vms/{id}/release", post(release))
+        .route("/layers", get(list_layers))
+        .route(
+            "/layers/{name}",
+            get(get_layer).put(put_layer).delete(delete_layer).layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD)),
+        )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)

@@ -5,6 +5,7 @@
 //! - [`pool`]: pools of clones and the background loop that scales them.
 //! - [`registry`]: the state directory's files.
 //! - [`images`]: the image directories registrations may boot from.
+//! - [`layers`]: shared layers by name, functions' code layers, the layer builder thread.
 //! - [`scaler`]: the autoscaling policy (pure logic).
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
@@ -12,6 +13,7 @@
 
 pub mod api;
 pub mod images;
+pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod pool;
@@ -39,11 +41,18 @@ pub fn run(socket: &Path, state_dir: &Path, images: &[std::path::PathBuf]) -> Re
         // A socket left by a server that was killed.
         std::fs::remove_file(socket).map_err(|e| format!("cannot remove stale socket {}: {e}", socket.display()))?;
     }
-    // Before any thread starts: every thread of the daemon inherits the filter.
+    // The layer builder, the one thread that may start a process (mkfs.erofs), confined with its
+    // own filter; then, before any other thread starts, the daemon itself: every other thread
+    // inherits its filter.
+    let state_err = |e: std::io::Error| format!("state directory {}: {e}", state_dir.display());
+    crate::sys::private_dir(state_dir).map_err(state_err)?;
+    let builder_filter =
+        crate::seccomp::builder_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
+    let builder =
+        layers::Builder::spawn(&layers::Layers::store_dir(state_dir), Some(builder_filter)).map_err(state_err)?;
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
-    let sup =
-        Supervisor::open(state_dir, images).map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+    let sup = Supervisor::open(state_dir, images, builder).map_err(state_err)?;
     let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

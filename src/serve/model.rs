@@ -176,7 +176,8 @@ impl FunctionSpec {
     }
 }
 
-/// Checks a function name: 1 to 64 characters of `[a-z0-9_-]` (it names a directory).
+/// Checks a function's or a layer's name: 1 to 64 characters of `[a-z0-9_-]` (it names a
+/// directory or a file).
 pub fn check_name(name: &str) -> Result<(), Refusal> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -184,7 +185,7 @@ pub fn check_name(name: &str) -> Result<(), Refusal> {
     if ok {
         Ok(())
     } else {
-        Err(Refusal::BadRequest(format!("bad function name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
+        Err(Refusal::BadRequest(format!("bad name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
     }
 }
 

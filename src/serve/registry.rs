@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::images::ImageDirs;
 use super::model::FunctionSpec;
+use crate::config::DriveConfig;
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use crate::sys::private_dir;
 use crate::template::{MakeOptions, Template};
@@ -107,14 +108,20 @@ impl Registry {
     /// Boots `spec`'s guest to its agent's "ready" and makes the function's template (anything
     /// there before is removed first). The kernel and initramfs are opened beneath `images` and
     /// booted from those open files.
-    pub fn make_template(&self, name: &str, spec: &FunctionSpec, images: &ImageDirs) -> Result<Template, String> {
+    pub fn make_template(
+        &self,
+        name: &str,
+        spec: &FunctionSpec,
+        drives: Vec<DriveConfig>,
+        images: &ImageDirs,
+    ) -> Result<Template, String> {
         let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
         let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
         let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
         let dir = self.template_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
         let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
-        let made = Template::make(&opened.vm_config(), &dir, opts).map_err(|e| e.to_string())?;
+        let made = Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
         made.template.sealed().map_err(|e| e.to_string())
     }
 

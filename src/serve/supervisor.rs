@@ -13,11 +13,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::images::{ImageDirs, ImageError};
+use super::layers::{Builder, LayerInfo, Layers};
 use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal};
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
 use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Response};
+use crate::config::DriveConfig;
 use crate::sys::Locked;
 use crate::vmm::{Channels, RunOptions};
 
@@ -65,6 +67,7 @@ fn same_lease(a: &str, b: &str) -> bool {
 
 pub struct Supervisor {
     registry: Registry,
+    layers: Layers,
     images: ImageDirs,
     pub(super) functions: Mutex<BTreeMap<String, Arc<Function>>>,
     handed: Mutex<HashMap<u64, Handed>>,
@@ -102,6 +105,14 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// What an image that cannot be used is to the API's caller.
+fn image_refusal(e: ImageError) -> Refusal {
+    match e {
+        ImageError::NotAllowed(m) => Refusal::Forbidden(m),
+        ImageError::NotFound(m) => Refusal::NotFound(m),
+    }
+}
+
 /// What a failed invocation is to the API's caller.
 fn invoke_refusal(e: InvokeError) -> Refusal {
     match e {
@@ -113,11 +124,15 @@ fn invoke_refusal(e: InvokeError) -> Refusal {
 
 impl Supervisor {
     /// Opens (or creates) the state directory and loads every registered function.
-    pub fn open(state_dir: &Path, images: ImageDirs) -> std::io::Result<Arc<Self>> {
+    /// Opens (or creates) the state directory and loads every registered function; layers are
+    /// built by `builder` (see [`Builder`]).
+    pub fn open(state_dir: &Path, images: ImageDirs, builder: Builder) -> std::io::Result<Arc<Self>> {
         let registry = Registry::open(state_dir)?;
         let saved = registry.load()?;
+        let layers = Layers::open(state_dir, builder)?;
         let sup = Arc::new(Self {
             registry,
+            layers,
             images,
             functions: Mutex::new(BTreeMap::new()),
             handed: Mutex::new(HashMap::new()),
@@ -158,6 +173,11 @@ impl Supervisor {
         if functions.contains_key(name) {
             return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
         }
+        // Under the functions' lock: a layer cannot be deleted between this check and the
+        // function becoming its user.
+        for l in &spec.layers {
+            self.layers.resolve(l)?;
+        }
         let f = Arc::new(Function::new(name, spec));
         functions.insert(name.to_string(), f.clone());
         Ok(f)
@@ -172,10 +192,10 @@ impl Supervisor {
         check_name(name)?;
         spec.validate()?;
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
-            self.images.open_image(what, path).map_err(|e| match e {
-                ImageError::NotAllowed(m) => Refusal::Forbidden(m),
-                ImageError::NotFound(m) => Refusal::NotFound(m),
-            })?;
+            self.images.open_image(what, path).map_err(image_refusal)?;
+        }
+        if let Some(code) = &spec.code {
+            self.images.open_source("code", code).map_err(image_refusal)?;
         }
         let f = self.insert(name, spec)?;
         if let Err(e) = self.registry.save(name, &f.spec) {
@@ -199,7 +219,7 @@ impl Supervisor {
                 *boots += 1;
             }
             let t = Instant::now();
-            let result = sup.registry.make_template(&f.name, &f.spec, &sup.images);
+            let result = sup.drives(&f).and_then(|d| sup.registry.make_template(&f.name, &f.spec, d, &sup.images));
             *sup.template_boots.locked() -= 1;
             sup.template_boot_done.notify_one();
             if f.deleted.load(Ordering::SeqCst) {
@@ -227,6 +247,72 @@ impl Supervisor {
         }
     }
 
+    /// The drives of `f`'s template: its shared layers, bottom to top, then its code, built now.
+    fn drives(&self, f: &Function) -> Result<Vec<DriveConfig>, String> {
+        let ids = f.spec.drive_ids();
+        let mut paths = Vec::with_capacity(ids.len());
+        for l in &f.spec.layers {
+            paths.push(self.layers.resolve(l).map_err(|e| e.to_string())?.path);
+        }
+        if let Some(code) = &f.spec.code {
+            let source = self.images.open_source("code", code).map_err(|e| e.to_string())?;
+            paths.push(self.layers.build_code(&f.name, &source.path())?.path);
+        }
+        Ok(ids
+            .into_iter()
+            .zip(paths)
+            .map(|(drive_id, path_on_host)| DriveConfig {
+                drive_id,
+                path_on_host,
+                is_root_device: false,
+                is_read_only: true,
+            })
+            .collect())
+    }
+
+    /// Builds a layer from `source` (beneath an image directory) and names it.
+    pub fn put_layer(&self, name: &str, source: &Path) -> Result<(LayerInfo, bool), Refusal> {
+        check_name(name)?;
+        let opened = self.images.open_source("layer source", source).map_err(image_refusal)?;
+        let (mut info, created) = self.layers.put(name, &opened.path(), source)?;
+        info.users = self.layer_users(name);
+        Ok((info, created))
+    }
+
+    /// Builds a layer from an uploaded archive (a tar, possibly gzip-compressed, or an OCI or
+    /// `docker save` tarball) and names it.
+    pub fn put_layer_upload(&self, name: &str, archive: &[u8]) -> Result<(LayerInfo, bool), Refusal> {
+        check_name(name)?;
+        let (mut info, created) = self.layers.put_upload(name, archive)?;
+        info.users = self.layer_users(name);
+        Ok((info, created))
+    }
+
+    fn layer_users(&self, name: &str) -> Vec<String> {
+        let functions = self.functions.locked();
+        functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.clone()).collect()
+    }
+
+    pub fn get_layer(&self, name: &str) -> Result<LayerInfo, Refusal> {
+        self.layers.get(name, self.layer_users(name))
+    }
+
+    pub fn list_layers(&self) -> Vec<LayerInfo> {
+        self.layers.names().iter().filter_map(|n| self.get_layer(n).ok()).collect()
+    }
+
+    /// Deletes a layer no function uses.
+    pub fn delete_layer(&self, name: &str) -> Result<(), Refusal> {
+        let functions = self.functions.locked();
+        let users: Vec<&str> =
+            functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.as_str()).collect();
+        if !users.is_empty() {
+            self.layers.resolve(name)?;
+            return Err(Refusal::Conflict(format!("layer {name:?} is used by {}", users.join(", "))));
+        }
+        self.layers.delete(name)
+    }
+
     pub fn list(&self) -> Vec<FunctionInfo> {
         self.functions.locked().values().map(|f| f.info()).collect()
     }
@@ -241,6 +327,8 @@ impl Supervisor {
         // The files first: if they cannot go, the function stays registered as it was.
         self.registry.remove(name).map_err(Refusal::Internal)?;
         self.functions.locked().remove(name);
+        // Its code layer goes with it, unless something else uses that image too.
+        self.layers.collect();
         f.deleted.store(true, Ordering::SeqCst);
         let drained = f.pool.locked().take_idle();
         self.discard(drained);

@@ -64,10 +64,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_images(dir, &[])
+    }
+
+    /// A daemon whose image directories are the guest images' and `more`.
+    pub fn start_with_images(dir: &Path, more: &[PathBuf]) -> Self {
         let socket = dir.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
-            .args(image_dirs().iter().flat_map(|d| ["--images".to_string(), d.display().to_string()]))
+            .args(image_dirs().iter().chain(more).flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
