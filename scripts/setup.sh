@@ -10,7 +10,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils)
+# erofs-utils: mkfs.erofs builds function layers (`ember image build`, `ember serve`).
+packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils erofs-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
