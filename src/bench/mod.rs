@@ -5,10 +5,13 @@
 //! - [`restore`]: snapshot, restore and clone density against a fresh boot measured in the same run.
 //! - [`invoke`]: the round trip of a no-op invocation per channel.
 //! - [`handoff`]: acquire and invoke through `ember serve`'s API.
+//! - [`layers`]: functions whose files are layers: image builds, restore -> first answer,
+//!   virtio-blk reads, memory of clones sharing a layer.
 
 pub mod boot;
 pub mod handoff;
 pub mod invoke;
+pub mod layers;
 pub mod restore;
 
 use std::fmt;

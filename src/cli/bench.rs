@@ -27,6 +27,39 @@ pub(crate) enum BenchCommand {
     /// API, with 1 and 16 concurrent clients, measured by the client and by the daemon, on pools
     /// restored from a template (`ember run --snapshot-on-ready`).
     Handoff(BenchHandoffArgs),
+    /// Functions whose files are layers: image build time and size; restore -> first answer with
+    /// the code in a layer against the code in the initramfs; virtio-blk sequential and 4 KiB
+    /// random reads in a guest against the same file on the host; private memory of clones of two
+    /// functions sharing one layer file, each reading all of it. Boots three templates.
+    Layers(BenchLayersArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchLayersArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// The example code layer's tree (scripts/build-initramfs.sh writes it).
+    #[arg(long, value_name = "DIR", default_value = "images/examples/files")]
+    code: PathBuf,
+    /// Size of the shared data layer's file, in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    layer_mib: u64,
+    /// Clones per kind for restore -> first answer.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    runs: u64,
+    /// Clones held at once for the memory measure (half of each function; restored, not started).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    clones: u64,
+    /// Clones (half of each function) started to read the whole data layer each (on hosts that
+    /// emulate guest kernel mode a guest reads ~1 MB/s: a few, not all of them).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    readers: u64,
+    /// Direct 4 KiB random reads, in the guest and on the host.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    random_reads: u64,
+    /// Seconds to wait for one boot or one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    timeout: f64,
 }
 
 #[derive(Args)]
@@ -115,6 +148,18 @@ pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
             bench::boot::boot(&cfg, args.runs, t).map_err(|e| e.to_string())?
         }
         BenchCommand::Restore(args) => bench_restore(args)?,
+        BenchCommand::Layers(args) => {
+            let b = bench::layers::LayersBench {
+                code: args.code,
+                layer_mib: args.layer_mib,
+                runs: args.runs as usize,
+                clones: args.clones as usize,
+                readers: args.readers as usize,
+                random_reads: args.random_reads as usize,
+                timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(600)),
+            };
+            bench::layers::layers(&args.machine.to_config()?, &b).map_err(|e| e.to_string())?
+        }
         BenchCommand::Handoff(args) => bench::handoff::handoff(&args.snapshot, args.pool, args.requests as usize)?,
         BenchCommand::Invoke(args) => {
             let b = bench::invoke::InvokeBench {

@@ -216,7 +216,11 @@ pub fn example_runtime() -> io::Result<()> {
 
 /// The example runtime of ember's example code layer (`files`): `read PATH` answers the file's
 /// bytes, `write PATH TEXT` writes TEXT there, `ls DIR` answers the directory's names, one per
-/// line: what a function reading its layers and writing its private root does.
+/// line: what a function reading its layers and writing its private root does. For benchmarks:
+/// `sha256 PATH` reads a whole file and answers its digest and size, `readbench PATH seq` reads
+/// it sequentially in 1 MiB reads and answers `bytes=N seconds=S`, and `readbench PATH rand N`
+/// makes N direct (uncached) 4 KiB reads at spread offsets and answers their latencies'
+/// percentiles (`p50_us=A p90_us=B ...`).
 pub fn files_runtime() -> io::Result<()> {
     serve_frames(|payload| {
         let text = String::from_utf8_lossy(payload);
@@ -226,6 +230,8 @@ pub fn files_runtime() -> io::Result<()> {
             (Some("write"), Some(path), Some(data)) => {
                 std::fs::write(path, data).map(|()| format!("wrote {} bytes", data.len()).into_bytes())
             }
+            (Some("sha256"), Some(path), None) => file_digest(path),
+            (Some("readbench"), Some(path), Some(how)) => read_bench(path, how),
             (Some("ls"), Some(dir), None) => std::fs::read_dir(dir).and_then(|d| {
                 let mut names = d
                     .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -240,6 +246,70 @@ pub fn files_runtime() -> io::Result<()> {
             Err(e) => (Status::Failed, e.to_string().into_bytes()),
         }
     })
+}
+
+fn file_digest(path: &str) -> io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{hex} {total}").into_bytes())
+}
+
+fn read_bench(path: &str, how: &str) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    if how == "seq" {
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let (t, mut total) = (std::time::Instant::now(), 0u64);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        return Ok(format!("bytes={total} seconds={:.6}", t.elapsed().as_secs_f64()).into_bytes());
+    }
+    let n: usize = how
+        .strip_prefix("rand ")
+        .and_then(|n| n.trim().parse().ok())
+        .filter(|n| (1..=100_000).contains(n))
+        .ok_or_else(|| io::Error::other("readbench PATH seq | readbench PATH rand N (1..100000)"))?;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let blocks = (f.metadata()?.len() / 4096).max(1);
+    // O_DIRECT wants an aligned buffer.
+    let mut raw = vec![0u8; 8192];
+    let off = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[off..off + 4096];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        // A multiplicative hash spreads the offsets over the file.
+        let block = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+        let t = std::time::Instant::now();
+        f.read_at(buf, block * 4096)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+    Ok(format!(
+        "n={n} p50_us={:.1} p90_us={:.1} p99_us={:.1} min_us={:.1} max_us={:.1}",
+        pct(50.0),
+        pct(90.0),
+        pct(99.0),
+        lat[0],
+        lat[n - 1]
+    )
+    .into_bytes())
 }
 
 /// The runtime side of the protocol: reads each request from stdin and writes `handle`'s answer
