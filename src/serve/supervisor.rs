@@ -105,6 +105,11 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// The functions whose registration names layer `name`.
+fn users_of(functions: &BTreeMap<String, Arc<Function>>, name: &str) -> Vec<String> {
+    functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.clone()).collect()
+}
+
 /// What an image that cannot be used is to the API's caller.
 fn image_refusal(e: ImageError) -> Refusal {
     match e {
@@ -123,7 +128,6 @@ fn invoke_refusal(e: InvokeError) -> Refusal {
 }
 
 impl Supervisor {
-    /// Opens (or creates) the state directory and loads every registered function.
     /// Opens (or creates) the state directory and loads every registered function; layers are
     /// built by `builder` (see [`Builder`]).
     pub fn open(state_dir: &Path, images: ImageDirs, builder: Builder) -> std::io::Result<Arc<Self>> {
@@ -289,8 +293,7 @@ impl Supervisor {
     }
 
     fn layer_users(&self, name: &str) -> Vec<String> {
-        let functions = self.functions.locked();
-        functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.clone()).collect()
+        users_of(&self.functions.locked(), name)
     }
 
     pub fn get_layer(&self, name: &str) -> Result<LayerInfo, Refusal> {
@@ -303,9 +306,9 @@ impl Supervisor {
 
     /// Deletes a layer no function uses.
     pub fn delete_layer(&self, name: &str) -> Result<(), Refusal> {
+        // Under the functions' lock: no registration can start using it meanwhile.
         let functions = self.functions.locked();
-        let users: Vec<&str> =
-            functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.as_str()).collect();
+        let users = users_of(&functions, name);
         if !users.is_empty() {
             self.layers.resolve(name)?;
             return Err(Refusal::Conflict(format!("layer {name:?} is used by {}", users.join(", "))));
