@@ -197,6 +197,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
 
     // Many concurrent clients: no VM is handed out twice, and there are never more than `max` (24)
     // clones at once: beyond it a cold start is refused with 429, not made.
+    let cold_before = json_of(&http(&s, "GET", "/functions/rev", None).1)["cold_starts"].as_u64().unwrap();
     let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..16)
             .map(|_| {
@@ -223,8 +224,10 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "a VM was handed out twice: {ids:?}");
     let info = json_of(&http(&s, "GET", "/functions/rev", None).1);
     assert_eq!(info["busy"].as_u64(), Some(handoffs.len() as u64), "{info}");
-    // Two ready clones cannot cover the requests at once: the rest were cold starts.
-    assert!(info["cold_starts"].as_u64().unwrap() > 0, "{info}");
+    // Every handoff that found the pool empty was a cold start, and is counted as one (how many
+    // there were depends on how fast the pool refilled during the burst).
+    let cold = answers.iter().filter(|(c, b)| *c == 200 && json_of(b)["cold_start"] == true).count() as u64;
+    assert_eq!(info["cold_starts"].as_u64(), Some(cold_before + cold), "{info}");
     for (id, lease) in &handoffs {
         let body = format!(r#"{{"lease": "{lease}"}}"#);
         assert_eq!(http(&s, "POST", &format!("/vms/{id}/release"), Some(&body)).0, 200);
