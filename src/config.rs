@@ -65,6 +65,11 @@ pub struct DriveConfig {
 }
 
 impl DriveConfig {
+    /// A read-only drive that is not the root device (a layer).
+    pub fn read_only(drive_id: impl Into<String>, path_on_host: impl Into<PathBuf>) -> Self {
+        Self { drive_id: drive_id.into(), path_on_host: path_on_host.into(), is_root_device: false, is_read_only: true }
+    }
+
     /// `PATH[,ro][,id=ID][,root]` (the `--drive` argument); `index` names a drive without an id.
     pub fn parse(arg: &str, index: usize) -> Result<Self, ConfigError> {
         let mut parts = arg.split(',');
@@ -223,6 +228,18 @@ impl VmConfig {
 
     pub fn mem_bytes(&self) -> u64 {
         self.machine_config.mem_size_mib << 20
+    }
+
+    /// This machine with `layers` (read-only drives, bottom to top) added as the guest's root: the
+    /// agent mounts the drives that `ember_layers=ID,...` on the command line names and stacks
+    /// them (guest/agent/src/layers.rs).
+    pub fn with_layers(mut self, layers: Vec<DriveConfig>) -> Self {
+        if !layers.is_empty() {
+            let ids: Vec<&str> = layers.iter().map(|d| d.drive_id.as_str()).collect();
+            self.boot_source.boot_args = Some(format!("{} ember_layers={}", self.cmdline(), ids.join(",")));
+        }
+        self.drives.extend(layers);
+        self
     }
 
     /// The kernel command line: the configured one, or ember's default; with a root drive, the

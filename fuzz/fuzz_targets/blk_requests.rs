@@ -8,6 +8,7 @@
 use std::sync::OnceLock;
 
 use ember::devices::virtio::block::request::serve_image;
+use ember::devices::virtio::ring;
 use libfuzzer_sys::fuzz_target;
 
 fn drive() -> std::fs::File {
@@ -21,13 +22,7 @@ fn drive() -> std::fs::File {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut image = vec![0u8; 0x1_0000];
-    let (table, rest) = data.split_at(data.len().min(256));
-    let (avail, buffers) = rest.split_at(rest.len().min(36));
-    image[..table.len()].copy_from_slice(table);
-    image[0x1000..0x1000 + avail.len()].copy_from_slice(avail);
-    let n = buffers.len().min(0xd000);
-    image[0x3000..0x3000 + n].copy_from_slice(&buffers[..n]);
+    let image = ring::fuzz_image(data, 0x3000);
     let mut file = drive();
     let served = serve_image(&image, &mut file);
     assert!(served.len() <= 64);

@@ -4,17 +4,12 @@
 //! of available ring (at 0x1000), the rest as buffers at 0x4000.
 #![no_main]
 
+use ember::devices::virtio::ring;
 use ember::devices::virtio::vsock::packet::parse_tx_image;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut image = vec![0u8; 0x1_0000];
-    let (table, rest) = data.split_at(data.len().min(256));
-    let (avail, buffers) = rest.split_at(rest.len().min(36));
-    image[..table.len()].copy_from_slice(table);
-    image[0x1000..0x1000 + avail.len()].copy_from_slice(avail);
-    let n = buffers.len().min(0xc000);
-    image[0x4000..0x4000 + n].copy_from_slice(&buffers[..n]);
+    let image = ring::fuzz_image(data, 0x4000);
     for p in parse_tx_image(&image) {
         assert!(p.data.len() <= 64 << 10);
     }

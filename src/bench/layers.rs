@@ -148,23 +148,11 @@ fn run(cfg: &VmConfig, b: &LayersBench, scratch: &Path) -> Result<TableReport, B
 
     // Three templates: code in the initramfs (the baseline), and two functions whose code and data
     // are layers (the same two layer files).
-    let drives = vec![
-        DriveConfig {
-            drive_id: "l0".into(),
-            path_on_host: built.layer.path.clone(),
-            is_root_device: false,
-            is_read_only: true,
-        },
-        DriveConfig {
-            drive_id: "code".into(),
-            path_on_host: code.layer.path.clone(),
-            is_root_device: false,
-            is_read_only: true,
-        },
+    let layers = vec![
+        DriveConfig::read_only("l0", built.layer.path.clone()),
+        DriveConfig::read_only("code", code.layer.path.clone()),
     ];
-    let mut layered = cfg.clone();
-    layered.boot_source.boot_args = Some(format!("{} ember_layers=l0,code", cfg.cmdline()));
-    layered.drives = drives;
+    let layered = cfg.clone().with_layers(layers);
     let mut make = |c: &VmConfig, name: &str| -> Result<Template, BenchError> {
         let opts = MakeOptions { working_set: false, timeout: b.timeout, ..Default::default() };
         let t = Instant::now();

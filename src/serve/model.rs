@@ -136,14 +136,7 @@ impl FunctionSpec {
     /// The VM that boots this function with `drives` (its layers, bottom to top, the code layer
     /// last, as [`FunctionSpec::drive_ids`] names them).
     pub(super) fn vm_config_with_drives(&self, drives: Vec<crate::config::DriveConfig>) -> VmConfig {
-        let mut cfg = self.vm_config();
-        if !drives.is_empty() {
-            let ids: Vec<&str> = drives.iter().map(|d| d.drive_id.as_str()).collect();
-            let base = cfg.cmdline();
-            cfg.boot_source.boot_args = Some(format!("{base} ember_layers={}", ids.join(",")));
-        }
-        cfg.drives = drives;
-        cfg
+        self.vm_config().with_layers(drives)
     }
 
     /// The drive ids of the function's layers, bottom to top (the code layer last).

@@ -262,16 +262,7 @@ impl Supervisor {
             let source = self.images.open_source("code", code).map_err(|e| e.to_string())?;
             paths.push(self.layers.build_code(&f.name, &source.path())?.path);
         }
-        Ok(ids
-            .into_iter()
-            .zip(paths)
-            .map(|(drive_id, path_on_host)| DriveConfig {
-                drive_id,
-                path_on_host,
-                is_root_device: false,
-                is_read_only: true,
-            })
-            .collect())
+        Ok(ids.into_iter().zip(paths).map(|(id, path)| DriveConfig::read_only(id, path)).collect())
     }
 
     /// Builds a layer from `source` (beneath an image directory) and names it.

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod ring;
 pub mod thread;
 pub mod vsock;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long pausing waits for a device thread to stop touching the queues.
@@ -115,6 +116,12 @@ impl<A> Commands<A> {
         self.evt.as_raw_fd()
     }
 
+    /// Adds the command eventfd to the thread's `epoll` set under `token` (epoll_ctl is allowed
+    /// to a confined device thread; the epoll itself was made before it was confined).
+    pub fn watch(&self, epoll: &Epoll, token: u64) -> std::io::Result<()> {
+        epoll.ctl(ControlOperation::Add, self.fd(), EpollEvent::new(EventSet::IN, token))
+    }
+
     /// Carries out every waiting command; false when the thread must stop. A pause holds here
     /// until the front end resumes (or stops) the device.
     pub fn serve<W: DeviceWorker<Activation = A>>(&self, w: &mut W) -> bool {
@@ -159,11 +166,25 @@ impl<A> Commands<A> {
     }
 }
 
+/// Waits for the events of a device thread's `epoll` (retrying when interrupted); `None` when the
+/// thread cannot go on (the error is logged as `name`'s).
+pub fn wait<'a>(epoll: &Epoll, events: &'a mut [EpollEvent], name: &str) -> Option<&'a [EpollEvent]> {
+    loop {
+        match epoll.wait(-1, events) {
+            Ok(n) => return Some(&events[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("{name}: epoll: {e}");
+                return None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
     #[derive(Default)]
     struct Counter {
@@ -189,10 +210,10 @@ mod tests {
         let t = DeviceThread::spawn("test-device", None, move |commands: Commands<u32>| {
             let mut w = Counter { active: None, seen: s };
             let epoll = Epoll::new().unwrap();
-            epoll.ctl(ControlOperation::Add, commands.fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();
+            commands.watch(&epoll, 1).unwrap();
             let mut events = [EpollEvent::default(); 4];
             loop {
-                epoll.wait(-1, &mut events).unwrap();
+                wait(&epoll, &mut events, "test-device").unwrap();
                 if !commands.serve(&mut w) {
                     return;
                 }

@@ -23,7 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::thread::{Commands, DeviceThread, DeviceWorker};
+use super::thread::{self, Commands, DeviceThread, DeviceWorker};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::config::DriveConfig;
 use crate::devices::DeviceError;
@@ -273,22 +273,14 @@ impl DeviceWorker for Worker {
 
 impl Worker {
     fn run(mut self, commands: Commands<Activation>) {
-        let ev = EpollEvent::new(EventSet::IN, TOKEN_COMMAND);
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, commands.fd(), ev) {
+        if let Err(e) = commands.watch(&self.epoll, TOKEN_COMMAND) {
             tracing::error!("virtio-blk: epoll: {e}");
             return;
         }
         let mut events = [EpollEvent::default(); 4];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-blk: epoll: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
+            let Some(ready) = thread::wait(&self.epoll, &mut events, "virtio-blk") else { return };
+            for ev in ready {
                 match ev.data() {
                     TOKEN_COMMAND => {
                         if !commands.serve(&mut self) {

@@ -214,17 +214,7 @@ pub fn serve_next(mem: &GuestMemory, q: &mut Queue, disk: &mut Disk<'_>) -> Opti
 /// drive in `file` (read-only when the image's last byte is odd). The fuzz target's entry point,
 /// and the unit tests': returns each chain's outcome.
 pub fn serve_image(image: &[u8], file: &mut File) -> Vec<bool> {
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]) else { return Vec::new() };
-    let n = image.len().min(0x1_0000);
-    if mem.write_slice(&image[..n], GuestAddress(0)).is_err() {
-        return Vec::new();
-    }
-    let Ok(mut q) = Queue::new(16) else { return Vec::new() };
-    q.set_size(16);
-    q.set_desc_table_address(Some(0), Some(0));
-    q.set_avail_ring_address(Some(0x1000), Some(0));
-    q.set_used_ring_address(Some(0x2000), Some(0));
-    q.set_ready(true);
+    let Some((mem, mut q)) = crate::devices::virtio::ring::queue_on(image) else { return Vec::new() };
     let id = *b"fuzz-drive\0\0\0\0\0\0\0\0\0\0";
     let read_only = image.last().is_some_and(|b| b & 1 == 1);
     let mut disk = Disk { file, read_only, capacity: 64, id: &id };
@@ -239,21 +229,9 @@ mod tests {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
 
-    /// A guest memory image: descriptors `(addr, len, flags, next)`, the heads made available.
+    /// A guest memory image with `descs`, every head in `heads` made available.
     fn image(descs: &[(u64, u32, u16, u16)], heads: &[u16]) -> Vec<u8> {
-        let mut m = vec![0u8; 0x1_0000];
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = &mut m[i * 16..i * 16 + 16];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-        }
-        m[0x1002..0x1004].copy_from_slice(&(heads.len() as u16).to_le_bytes());
-        for (i, h) in heads.iter().enumerate() {
-            m[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&h.to_le_bytes());
-        }
-        m
+        crate::devices::virtio::ring::image(descs, heads, heads.len() as u16)
     }
 
     fn header(m: &mut [u8], at: usize, kind: u32, sector: u64) {
@@ -273,16 +251,9 @@ mod tests {
         m.read_obj(GuestAddress(0x2004 + 8 * i + 4)).unwrap()
     }
 
+    /// Serves every chain of `img`; the guest memory afterwards, to see what the device wrote.
     fn run(img: &[u8], file: &mut File) -> (Vec<bool>, GuestMemory) {
-        // Serve, then look at what the device wrote by serving the same image into a memory we keep.
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
-        mem.write_slice(img, GuestAddress(0)).unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.set_size(16);
-        q.set_desc_table_address(Some(0), Some(0));
-        q.set_avail_ring_address(Some(0x1000), Some(0));
-        q.set_used_ring_address(Some(0x2000), Some(0));
-        q.set_ready(true);
+        let (mem, mut q) = crate::devices::virtio::ring::queue_on(img).unwrap();
         let id = *b"layer-0\0\0\0\0\0\0\0\0\0\0\0\0\0";
         let mut disk = Disk { file, read_only: img.last() == Some(&1), capacity: 64, id: &id };
         let out = std::iter::from_fn(|| serve_next(&mem, &mut q, &mut disk)).collect();

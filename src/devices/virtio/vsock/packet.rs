@@ -78,18 +78,7 @@ pub fn take_tx_packets(mem: &GuestMemory, q: &mut Queue, budget: usize) -> Vec<P
 /// whose descriptor table is at 0, available ring at 0x1000 and used ring at 0x2000, and whatever
 /// the image holds beyond. The fuzz target's entry point, and the unit tests'.
 pub fn parse_tx_image(image: &[u8]) -> Vec<Packet> {
-    use vm_memory::GuestAddress;
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]) else { return Vec::new() };
-    let n = image.len().min(0x1_0000);
-    if mem.write_slice(&image[..n], GuestAddress(0)).is_err() {
-        return Vec::new();
-    }
-    let Ok(mut q) = Queue::new(16) else { return Vec::new() };
-    q.set_size(16);
-    q.set_desc_table_address(Some(0), Some(0));
-    q.set_avail_ring_address(Some(0x1000), Some(0));
-    q.set_used_ring_address(Some(0x2000), Some(0));
-    q.set_ready(true);
+    let Some((mem, mut q)) = crate::devices::virtio::ring::queue_on(image) else { return Vec::new() };
     take_tx_packets(&mem, &mut q, 64)
 }
 
@@ -97,27 +86,11 @@ pub fn parse_tx_image(image: &[u8]) -> Vec<Packet> {
 mod tests {
     use super::super::{GUEST_CID, HOST_CID, OP_RW, TYPE_STREAM};
     use super::*;
+    use crate::devices::virtio::ring::image;
     use virtio_vsock::packet::PKT_HEADER_SIZE;
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
-
-    /// A guest memory image: descriptors `(addr, len, flags, next)`, the heads made available.
-    fn image(descs: &[(u64, u32, u16, u16)], heads: &[u16], avail_idx: u16) -> Vec<u8> {
-        let mut m = vec![0u8; 0x1_0000];
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = &mut m[i * 16..i * 16 + 16];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-        }
-        m[0x1002..0x1004].copy_from_slice(&avail_idx.to_le_bytes());
-        for (i, h) in heads.iter().enumerate() {
-            m[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&h.to_le_bytes());
-        }
-        m
-    }
 
     /// A packet header at `at` in `m`: guest 3:1234 -> host 2:52, RW, `len` bytes.
     fn header(m: &mut [u8], at: usize, len: u32) {

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::conn::{Conn, ConnState, Control, Key, Pending};
 use super::packet::{take_tx_packet, Packet};
 use super::*;
-use crate::devices::virtio::thread::{Commands, DeviceWorker};
+use crate::devices::virtio::thread::{self, Commands, DeviceWorker};
 use crate::devices::virtio::INT_USED_RING;
 use crate::sys::Locked;
 
@@ -105,23 +105,15 @@ impl Worker {
 
     /// Serves the queues, the host sockets and the front end's `commands` until told to stop.
     pub(super) fn run(mut self, commands: Commands<Activation>) {
-        let ev = EpollEvent::new(EventSet::IN, TOKEN_COMMAND);
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, commands.fd(), ev) {
+        if let Err(e) = commands.watch(&self.epoll, TOKEN_COMMAND) {
             tracing::error!("vsock: epoll: {e}");
             return;
         }
         self.scratch = vec![0u8; MAX_PKT_DATA as usize];
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("vsock: epoll: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
+            let Some(ready) = thread::wait(&self.epoll, &mut events, "vsock") else { return };
+            for ev in ready {
                 match ev.data() {
                     TOKEN_COMMAND => {
                         if !commands.serve(&mut self) {
