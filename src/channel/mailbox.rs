@@ -80,11 +80,13 @@ pub struct CallOptions {
     /// With `doorbell`: poll this long first (a quick answer is seen without a wake-up; a slow
     /// one costs no host CPU after this).
     pub spin: Duration,
+    /// The payload is an envelope and so will the response be (ember_abi::mailbox::FLAG_ENVELOPE).
+    pub envelope: bool,
 }
 
 impl Default for CallOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(30), doorbell: false, spin: Duration::ZERO }
+        Self { timeout: Duration::from_secs(30), doorbell: false, spin: Duration::ZERO, envelope: false }
     }
 }
 
@@ -286,7 +288,8 @@ impl Mailbox {
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.base.add(REQ_DATA_OFF), payload.len()) };
         self.word64(REQ_ID_OFF).store(id, Ordering::Relaxed);
         self.store32(REQ_LEN_OFF, payload.len() as u32);
-        self.store32(REQ_FLAGS_OFF, if opts.doorbell { FLAG_DOORBELL } else { 0 });
+        let flags = if opts.doorbell { FLAG_DOORBELL } else { 0 } | if opts.envelope { FLAG_ENVELOPE } else { 0 };
+        self.store32(REQ_FLAGS_OFF, flags);
         for (i, chunk) in name.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(chunk);

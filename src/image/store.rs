@@ -112,17 +112,42 @@ impl Store {
     /// `docker save` tarball; see the module docs), or returns the one built before from the same
     /// input (`cached`).
     pub fn build(&self, source: &Path, limits: &Limits) -> Result<Built, ImageError> {
+        self.build_at(source, Path::new(""), limits)
+    }
+
+    /// [`Store::build`], with the source's tree placed under `prefix` (a relative path such as
+    /// `var/task`; its directories are 0755) instead of at the image's root.
+    pub fn build_at(&self, source: &Path, prefix: &Path, limits: &Limits) -> Result<Built, ImageError> {
         let start = Instant::now();
         let kind = classify(source)?;
-        let input = input_digest(source, &kind, limits)?;
+        let plain = prefix.as_os_str().is_empty();
+        if !plain && !prefix.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            return Err(ImageError::malformed(
+                "layer prefix",
+                format!("{} is not a plain relative path", prefix.display()),
+            ));
+        }
+        let mut input = input_digest(source, &kind, limits)?;
+        if !plain {
+            let mut h = Sha256::new();
+            h.update(input.as_bytes());
+            h.update(b"\nprefix ");
+            h.update(prefix.as_os_str().as_encoded_bytes());
+            input = hex(&h.finalize());
+        }
         let lock = self.lock_file().map_err(|e| ImageError::io(self.dir.join("lock").display(), e))?;
         flock(&lock, libc::LOCK_SH).map_err(|e| ImageError::io(self.dir.join("lock").display(), e))?;
         if let Some(layer) = self.recorded(&input) {
             return Ok(Built { layer, cached: true, seconds: start.elapsed().as_secs_f64() });
         }
         let work = WorkDir::new(&self.dir.join("tmp"))?;
-        let staging = work.0.join("root");
-        fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| ImageError::io(staging.display(), e))?;
+        let top = work.0.join("root");
+        let staging = top.join(prefix);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&staging)
+            .map_err(|e| ImageError::io(staging.display(), e))?;
         let mut stager = Stager::new(&staging, limits)?;
         match kind {
             Source::Dir => {
@@ -155,8 +180,14 @@ impl Store {
             }
         }
         stager.finish()?;
+        let mut dir = staging.clone();
+        while dir != top {
+            dir.pop();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                .map_err(|e| ImageError::io(dir.display(), e))?;
+        }
         let image = work.0.join("image.erofs");
-        self.mkfs(&staging, &image)?;
+        self.mkfs(&top, &image)?;
         let layer = self.keep(&image)?;
         self.record(&input, &layer.digest, &work.0)?;
         Ok(Built { layer, cached: false, seconds: start.elapsed().as_secs_f64() })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -28,6 +28,10 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub const MAX_BODY: usize = 1 << 20;
 /// The longest invocation timeout a request may ask for.
 const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;
+
+/// The request's id (the caller's `x-request-id`, or one ember made), for handlers.
+#[derive(Clone)]
+struct RequestId(String);
 
 /// An error response: `{"error": "..."}`.
 pub struct ApiError(StatusCode, String);
@@ -163,6 +167,7 @@ fn check_timeout(t: f64) -> Result<Duration, ApiError> {
 async fn invoke(
     State(sup): Sup,
     Path(name): Path<String>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     query: Result<Query<InvokeQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
@@ -195,7 +200,8 @@ async fn invoke(
         None => Duration::from_secs(30),
         Some(t) => check_timeout(t)?,
     };
-    let r = blocking(move || sup.invoke(&name, function.as_deref(), &payload, timeout)).await?;
+    let rid = request_id.clone();
+    let r = blocking(move || sup.invoke(&name, function.as_deref(), &payload, timeout, &rid)).await?;
     let ok = r.status == ember_abi::Status::Ok;
     if raw {
         let status = HeaderValue::from_static(r.status.describe());
@@ -208,10 +214,21 @@ async fn invoke(
         )
             .into_response());
     }
-    let mut body = serde_json::json!({"status": r.status.describe(), "ok": ok});
+    let mut body =
+        serde_json::json!({"status": r.status.describe(), "ok": ok, "request_id": request_id, "clone_id": r.clone_id});
+    if let Some(v) = r.version {
+        body["version"] = v.into();
+    }
     match String::from_utf8(r.payload) {
         Ok(text) => body["payload"] = text.into(),
         Err(e) => body["payload_base64"] = BASE64.encode(e.as_bytes()).into(),
+    }
+    if let Some(logs) = r.logs {
+        body["logs"] = logs.lines().collect::<Vec<_>>().into();
+        body["logs_truncated"] = r.logs_truncated.into();
+    }
+    if let Some(e) = r.error {
+        body["error"] = e;
     }
     Ok(Json(body).into_response())
 }
@@ -286,7 +303,7 @@ fn is_json(resp: &Response) -> bool {
 /// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
 /// returns it, with the time the daemon took (`server-timing: ember;dur=<ms>`, request routed to
 /// response built).
-async fn request_id(req: Request, next: Next) -> Response {
+async fn request_id(mut req: Request, next: Next) -> Response {
     let t = std::time::Instant::now();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let id = req
@@ -297,6 +314,7 @@ async fn request_id(req: Request, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| format!("ember-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).instrument(span.clone()).await;
     if resp.status().is_client_error() && !is_json(&resp) {
         // axum's own refusals (a body over the limit, a bad content length) come as text: every

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! layers/<name>.json            a named layer: {"digest", "source"}; immutable once made
-//! functions/<name>/code.digest  the digest of a function's code layer
+//! functions/<name>/code.digest  the digests of a function's code layers, one per line (the
+//!                               serving version's, and a new version's while it is made)
 //! images/                       the store
 //! ```
 //!
@@ -55,6 +56,8 @@ pub struct Layers {
 /// A build the builder thread carries out.
 struct Job {
     source: PathBuf,
+    /// Where in the image the source's tree goes (empty: at its root).
+    prefix: PathBuf,
     reply: std::sync::mpsc::Sender<Result<Built, ImageError>>,
 }
 
@@ -80,19 +83,24 @@ impl Builder {
             }
             let limits = Limits::default();
             for job in rx {
-                let _ = job.reply.send(store.build(&job.source, &limits));
+                let _ = job.reply.send(store.build_at(&job.source, &job.prefix, &limits));
             }
         })?;
         Ok(Self { jobs: Mutex::new(tx) })
     }
 
     fn build(&self, source: &Path) -> Result<Built, ImageError> {
+        self.build_at(source, Path::new(""))
+    }
+
+    fn build_at(&self, source: &Path, prefix: &Path) -> Result<Built, ImageError> {
         let (reply, answer) = std::sync::mpsc::channel();
         let gone = || ImageError::Io {
             context: "the layer builder".into(),
             source: std::io::Error::other("its thread has stopped"),
         };
-        self.jobs.locked().send(Job { source: source.to_path_buf(), reply }).map_err(|_| gone())?;
+        let job = Job { source: source.to_path_buf(), prefix: prefix.to_path_buf(), reply };
+        self.jobs.locked().send(job).map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
 }
@@ -231,16 +239,42 @@ impl Layers {
         Ok(())
     }
 
-    /// Builds function `function`'s code from `source` (an opened path) and records it as that
-    /// function's: the layer its template boots with.
-    pub fn build_code(&self, function: &str, source: &Path) -> Result<Layer, String> {
+    /// Builds function `function`'s code from `source` (an opened path), its tree under `prefix`
+    /// in the image, and records it as one of that function's (with the code layers it has now:
+    /// the serving version keeps its own until [`Layers::keep_code`]).
+    pub fn build_code(&self, function: &str, source: &Path, prefix: &Path) -> Result<Layer, String> {
         let _g = self.lock.locked();
-        let built = self.builder.build(source).map_err(|e| format!("code: {e}"))?;
+        let built = self.builder.build_at(source, prefix).map_err(|e| format!("code: {e}"))?;
+        let mut digests = self.code_digests(function);
+        if !digests.contains(&built.layer.digest) {
+            digests.push(built.layer.digest.clone());
+        }
+        self.record_code(function, &digests)?;
+        Ok(built.layer)
+    }
+
+    /// Keeps only `digest` (or nothing) as function `function`'s code, once its version switched;
+    /// images nothing references any more go.
+    pub fn keep_code(&self, function: &str, digest: Option<&str>) {
+        let _g = self.lock.locked();
+        let keep: Vec<String> = digest.into_iter().map(str::to_string).collect();
+        if let Err(e) = self.record_code(function, &keep) {
+            tracing::warn!(function, "{e}");
+        }
+        self.collect_locked();
+    }
+
+    fn code_digests(&self, function: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(self.functions.join(function).join(CODE_DIGEST)).unwrap_or_default();
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+    }
+
+    fn record_code(&self, function: &str, digests: &[String]) -> Result<(), String> {
         let dir = self.functions.join(function);
         private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        snapshot::write_atomic(&dir.join(CODE_DIGEST), built.layer.digest.as_bytes())
-            .map_err(|e| format!("cannot record the code layer: {e}"))?;
-        Ok(built.layer)
+        let text: String = digests.iter().map(|d| format!("{d}\n")).collect();
+        snapshot::write_atomic(&dir.join(CODE_DIGEST), text.as_bytes())
+            .map_err(|e| format!("cannot record the code layer: {e}"))
     }
 
     /// Removes every image of the store that neither a named layer nor a function's code
@@ -259,7 +293,7 @@ impl Layers {
         }
         for e in std::fs::read_dir(&self.functions).into_iter().flatten().flatten() {
             if let Ok(d) = std::fs::read_to_string(e.path().join(CODE_DIGEST)) {
-                used.insert(d.trim().to_string());
+                used.extend(d.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string));
             }
         }
         let Ok(all) = self.store.list() else { return };

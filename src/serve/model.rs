@@ -21,12 +21,16 @@ pub struct FunctionSpec {
     pub vcpus: u8,
     #[serde(default = "default_mem")]
     pub mem_mib: u64,
-    /// The function the agent runs for `invoke` when the request names none: a built-in or the
-    /// image's runtime (named in the image's /etc/ember/runtime).
+    /// With one of ember's runtimes (`runtime: "python3"` or `"exec"`): its entry point
+    /// (`module.function` for python3, the executable's path for exec). Otherwise the function the
+    /// agent runs for `invoke` when the request names none: a built-in or the image's runtime
+    /// (named in the image's /etc/ember/runtime).
     #[serde(default = "default_handler")]
     pub handler: String,
-    /// The function's runtime inside the guest, `NAME COMMAND [ARGS...]` (the format of an image's
-    /// /etc/ember/runtime, which it replaces): started by the agent before the template is taken.
+    /// The function's runtime inside the guest: one of ember's runtimes by name (`python3`,
+    /// `exec`: runtime protocol 2, the code layer at /var/task), or a custom runtime process,
+    /// `NAME COMMAND [ARGS...]` (the format of an image's /etc/ember/runtime, which it replaces;
+    /// protocol 1). Started by the agent before the template is taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// Shared layers (`PUT /layers/{name}`), bottom to top: the function's root is these stacked
@@ -114,9 +118,15 @@ impl FunctionSpec {
     pub fn validate(&self) -> Result<(), Refusal> {
         let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
         self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
-        ember_abi::check_function(self.handler.as_bytes()).map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
-        if let Some(r) = &self.runtime {
-            check_runtime(r).map_err(Refusal::BadRequest)?;
+        match (self.known_runtime(), &self.runtime) {
+            (Some(known), _) => ember_abi::runtime::check_handler(known, &self.handler).map_err(Refusal::BadRequest)?,
+            (None, r) => {
+                ember_abi::check_function(self.handler.as_bytes())
+                    .map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
+                if let Some(r) = r {
+                    check_runtime(r).map_err(Refusal::BadRequest)?;
+                }
+            }
         }
         if self.layers.len() > MAX_LAYERS {
             return Err(Refusal::BadRequest(format!("{} layers, at most {MAX_LAYERS}", self.layers.len())));
@@ -131,6 +141,27 @@ impl FunctionSpec {
             return Err(Refusal::BadRequest("code: an empty path".into()));
         }
         self.pool.validate().map_err(Refusal::BadRequest)
+    }
+
+    /// The name of ember's runtime the registration selects (`runtime: "python3"`), if it does.
+    pub fn known_runtime(&self) -> Option<&str> {
+        self.runtime.as_deref().map(str::trim).filter(|r| ember_abi::runtime::is_known(r))
+    }
+
+    /// The function `invoke` runs when the request names none: ember's runtime by its name, else
+    /// the handler.
+    pub fn default_function(&self) -> &str {
+        self.known_runtime().unwrap_or(&self.handler)
+    }
+
+    /// Where the code layer's tree is placed in the function's root: /var/task for ember's
+    /// runtimes, the root itself for custom ones.
+    pub fn code_prefix(&self) -> &'static str {
+        if self.known_runtime().is_some() {
+            "var/task"
+        } else {
+            ""
+        }
     }
 
     /// The VM that boots this function with `drives` (its layers, bottom to top, the code layer
@@ -154,10 +185,13 @@ impl FunctionSpec {
                 kernel_image_path: self.kernel.clone(),
                 initrd_path: Some(self.initramfs.clone()),
                 // The kernel hands `NAME=value` words it does not know to init as environment.
-                boot_args: self
-                    .runtime
-                    .as_ref()
-                    .map(|r| format!("{} EMBER_RUNTIME=\"{}\"", crate::config::default_cmdline(), r.trim())),
+                boot_args: self.runtime.as_ref().map(|r| {
+                    let mut args = format!("{} EMBER_RUNTIME=\"{}\"", crate::config::default_cmdline(), r.trim());
+                    if self.known_runtime().is_some() {
+                        args.push_str(&format!(" EMBER_HANDLER=\"{}\"", self.handler));
+                    }
+                    args
+                }),
             },
             machine_config,
             drives: Vec::new(),
@@ -200,6 +234,13 @@ pub struct FunctionInfo {
     #[serde(flatten)]
     pub state: FunctionState,
     pub spec: FunctionSpec,
+    /// The version serving: a digest of the code, the layers, the runtime and the settings the
+    /// template was made with (absent until the first template is made).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// A new registration of the function being made (or that failed) while this one serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateInfo>,
     pub ready: u32,
     /// Restored, agent still starting.
     pub warming: u32,
@@ -217,6 +258,14 @@ pub struct FunctionInfo {
     pub expired_leases: u64,
     /// Restore to agent serving, as the scaler assumes it now (seconds).
     pub refill_s: f64,
+}
+
+/// A new version of a function on its way (`PUT /functions/{name}` of a registered name).
+#[derive(Clone, Debug, Serialize)]
+pub struct UpdateInfo {
+    #[serde(flatten)]
+    pub state: FunctionState,
+    pub spec: FunctionSpec,
 }
 
 /// What `acquire` hands over.
@@ -267,6 +316,28 @@ mod tests {
             assert!(e.contains(why), "{bad:?}: {e}");
         }
         assert!(check_runtime(&format!("f /{}", "x".repeat(600))).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn known_runtimes_take_an_entry_point_and_their_code_goes_to_var_task() {
+        let spec: FunctionSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "initramfs": "/i", "runtime": "python3", "handler": "app.handler"}"#,
+        )
+        .unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.default_function(), "python3");
+        assert_eq!(spec.code_prefix(), "var/task");
+        let cmdline = spec.vm_config().cmdline();
+        assert!(cmdline.ends_with(r#" EMBER_RUNTIME="python3" EMBER_HANDLER="app.handler""#), "{cmdline}");
+        for bad in ["handler", "app.handler()", "a b.c", "app.\"x"] {
+            let s = FunctionSpec { handler: bad.into(), ..spec.clone() };
+            assert!(matches!(s.validate(), Err(Refusal::BadRequest(_))), "{bad:?}");
+        }
+        let exec = FunctionSpec { runtime: Some("exec".into()), handler: "bin/fn".into(), ..spec.clone() };
+        exec.validate().unwrap();
+        let custom = FunctionSpec { runtime: Some("flip /init --x".into()), handler: "flip".into(), ..spec };
+        custom.validate().unwrap();
+        assert_eq!((custom.default_function(), custom.code_prefix()), ("flip", ""));
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct Function {
     pub(super) deleted: AtomicBool,
     /// Restore to agent serving, seconds (an EWMA of what was seen): the scaler's refill time.
     pub(super) refill_s: Mutex<f64>,
+    /// The version of its template (see `Supervisor::version_of`), once made.
+    pub(super) version: Mutex<Option<String>>,
 }
 
 impl Function {
@@ -109,6 +111,7 @@ impl Function {
             counters: Counters::default(),
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
+            version: Mutex::new(None),
         }
     }
 
@@ -123,6 +126,8 @@ impl Function {
             name: self.name.clone(),
             state: self.state.locked().clone(),
             spec: self.spec.clone(),
+            version: self.version.locked().clone(),
+            update: None,
             ready: pool.ready.len() as u32,
             warming: pool.warming.len() as u32,
             busy: pool.busy,

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! functions/<name>/spec.json     the registration, as accepted
-//! functions/<name>/template/     the template snapshot (state, memory, working-set)
+//! functions/<name>/template/     the template snapshot (state, memory, working-set), with the
+//!                                registration it was made for and its version
+//! functions/<name>/template.next/ a new version's template while it is made
 //! vms/<id>.mailbox, <id>.vsock   each live clone's channels (removed with the clone)
 //! ```
 //!
@@ -22,6 +24,9 @@ use crate::template::{MakeOptions, Template};
 /// The longest a registration's boot may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SPEC_FILE: &str = "spec.json";
+/// In a template directory: the registration it was made for, and its version.
+const MADE_FOR: &str = "registration.json";
+const VERSION_FILE: &str = "version";
 
 /// The state directory's layout.
 pub struct Registry {
@@ -47,6 +52,39 @@ impl Registry {
 
     fn template_dir(&self, name: &str) -> PathBuf {
         self.function_dir(name).join("template")
+    }
+
+    fn next_template_dir(&self, name: &str) -> PathBuf {
+        self.function_dir(name).join("template.next")
+    }
+
+    /// Records in a template directory what it was made for.
+    fn label(dir: &Path, spec: &FunctionSpec, version: &str) -> Result<(), String> {
+        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+        snapshot::write_atomic(&dir.join(MADE_FOR), &bytes).map_err(|e| e.to_string())?;
+        snapshot::write_atomic(&dir.join(VERSION_FILE), version.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// Makes the template made by [`Registry::make_template`] with `next` the function's own (the
+    /// one before goes).
+    pub fn promote(&self, name: &str) -> Result<(), String> {
+        let (dir, next) = (self.template_dir(name), self.next_template_dir(name));
+        let old = self.function_dir(name).join(".template.old");
+        let _ = std::fs::remove_dir_all(&old);
+        match std::fs::rename(&dir, &old) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+        std::fs::rename(&next, &dir).map_err(|e| format!("{}: {e}", next.display()))?;
+        let _ = snapshot::sync_dir(&self.function_dir(name));
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Removes a new version's template that will not be used.
+    pub fn discard_next(&self, name: &str) {
+        let _ = std::fs::remove_dir_all(self.next_template_dir(name));
     }
 
     /// Where clone `id`'s mailbox and vsock socket live.
@@ -105,29 +143,45 @@ impl Registry {
         std::fs::remove_dir_all(&tomb).map_err(|e| format!("cannot remove {}: {e}", tomb.display()))
     }
 
-    /// Boots `spec`'s guest to its agent's "ready" and makes the function's template (anything
-    /// there before is removed first). The kernel and initramfs are opened beneath `images` and
+    /// Boots `spec`'s guest to its agent's "ready" and makes the function's template, labelled
+    /// with `version` (anything there before is removed first); with `next`, a new version's, to
+    /// be [promoted](Registry::promote). The kernel and initramfs are opened beneath `images` and
     /// booted from those open files.
     pub fn make_template(
         &self,
         name: &str,
         spec: &FunctionSpec,
+        version: &str,
         drives: Vec<DriveConfig>,
         images: &ImageDirs,
+        next: bool,
     ) -> Result<Template, String> {
         let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
         let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
         let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
-        let dir = self.template_dir(name);
+        let dir = if next { self.next_template_dir(name) } else { self.template_dir(name) };
         let _ = std::fs::remove_dir_all(&dir);
         let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
         let made = Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
+        Self::label(&dir, spec, version)?;
         made.template.sealed().map_err(|e| e.to_string())
     }
 
-    /// The function's saved template, its memory held sealed (clones never map the file itself).
-    pub fn open_template(&self, name: &str) -> Result<Template, String> {
-        Template::open(&self.template_dir(name)).and_then(Template::sealed).map_err(|e| e.to_string())
+    /// The function's saved template, its memory held sealed (clones never map the file itself),
+    /// and its version; refused when it was made for another registration than `spec`.
+    pub fn open_template(&self, name: &str, spec: &FunctionSpec) -> Result<(Template, String), String> {
+        let dir = self.template_dir(name);
+        let made_for = std::fs::read(dir.join(MADE_FOR))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .ok_or("it does not say what it was made for")?;
+        let want = serde_json::to_value(spec).map_err(|e| e.to_string())?;
+        if made_for != want {
+            return Err("it was made for another registration".into());
+        }
+        let version = std::fs::read_to_string(dir.join(VERSION_FILE)).map_err(|e| format!("version: {e}"))?;
+        let t = Template::open(&dir).and_then(Template::sealed).map_err(|e| e.to_string())?;
+        Ok((t, version.trim().to_string()))
     }
 
     /// Registers `name` with `spec` and an existing template (its files hard-linked, or copied
@@ -142,6 +196,7 @@ impl Registry {
                 .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
                 .map_err(|e| format!("{}: {e}", from.display()))?;
         }
+        Self::label(&dir, spec, "installed")?;
         self.save(name, spec)
     }
 }

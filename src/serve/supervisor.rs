@@ -5,6 +5,10 @@
 //!
 //! A restart loads every saved registration, restores pools from the saved templates without
 //! booting, and boots again only a function whose template is missing or unreadable.
+//!
+//! Registering a name again makes a new version: its template is made while the current version
+//! keeps serving, then the pools switch (the new pool restored first); invocations in flight on
+//! the old version finish there, and its clones are destroyed as they come back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -15,13 +19,14 @@ use std::time::{Duration, Instant};
 use super::images::{ImageDirs, ImageError};
 use super::layers::{Builder, LayerInfo, Layers};
 use super::metrics::Metrics;
-use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal};
+use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal, UpdateInfo};
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
-use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Response};
+use crate::channel::mailbox::{check_request, CallOptions, InvokeError};
 use crate::config::DriveConfig;
 use crate::sys::Locked;
 use crate::vmm::{Channels, RunOptions};
+use ember_abi::mailbox::{envelope_request, parse_envelope_response};
 
 /// How long `invoke` polls for the agent's answer before sleeping until the agent rings.
 const INVOKE_SPIN: Duration = Duration::from_micros(50);
@@ -70,6 +75,8 @@ pub struct Supervisor {
     layers: Layers,
     images: ImageDirs,
     pub(super) functions: Mutex<BTreeMap<String, Arc<Function>>>,
+    /// New versions being made (or that failed), by name: not serving yet.
+    updates: Mutex<BTreeMap<String, Arc<Function>>>,
     handed: Mutex<HashMap<u64, Handed>>,
     pub(super) next_id: AtomicU64,
     pub metrics: Metrics,
@@ -105,9 +112,115 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// The functions whose registration names layer `name`.
-fn users_of(functions: &BTreeMap<String, Arc<Function>>, name: &str) -> Vec<String> {
-    functions.values().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.clone()).collect()
+/// The functions whose registration (or new version) names layer `name`.
+fn users_of<'a>(functions: impl IntoIterator<Item = &'a Arc<Function>>, name: &str) -> Vec<String> {
+    let mut users: Vec<String> =
+        functions.into_iter().filter(|f| f.spec.layers.iter().any(|l| l == name)).map(|f| f.name.clone()).collect();
+    users.dedup();
+    users
+}
+
+/// What an invocation through the daemon answered.
+#[derive(Debug)]
+pub struct Invoked {
+    pub status: ember_abi::Status,
+    /// The result (for an error of one of ember's runtimes: nothing; see `error`).
+    pub payload: Vec<u8>,
+    /// The clone that ran it.
+    pub clone_id: u64,
+    pub version: Option<String>,
+    /// With one of ember's runtimes: the invocation's output (bounded by the agent).
+    pub logs: Option<String>,
+    pub logs_truncated: bool,
+    /// With one of ember's runtimes, when the handler failed: `{type, message, traceback}`.
+    pub error: Option<serde_json::Value>,
+}
+
+/// The meta of an envelope response, as the agent writes it.
+#[derive(serde::Deserialize)]
+struct Meta {
+    #[serde(default)]
+    logs: String,
+    #[serde(default)]
+    logs_truncated: bool,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// The most log lines of one invocation that go to the daemon's own log.
+const MAX_LOGGED_LINES: usize = 64;
+
+impl Invoked {
+    fn from_response(
+        r: crate::channel::mailbox::Response,
+        envelope: bool,
+        clone_id: u64,
+        version: Option<String>,
+    ) -> Result<Self, Refusal> {
+        let mut inv = Invoked {
+            status: r.status,
+            payload: Vec::new(),
+            clone_id,
+            version,
+            logs: None,
+            logs_truncated: false,
+            error: None,
+        };
+        // Statuses the agent gives before the envelope is read (a malformed request) carry text.
+        if !envelope || matches!(r.status, ember_abi::Status::BadRequest | ember_abi::Status::TooLarge) {
+            inv.payload = r.payload;
+            return Ok(inv);
+        }
+        let bad = |why: String| Refusal::BadGateway(format!("the guest answered out of protocol: {why}"));
+        let (meta, result) = parse_envelope_response(&r.payload).map_err(|e| bad(e.to_string()))?;
+        let meta: Meta = serde_json::from_slice(meta).map_err(|e| bad(format!("meta: {e}")))?;
+        inv.payload = result.to_vec();
+        inv.logs = Some(meta.logs);
+        inv.logs_truncated = meta.logs_truncated;
+        if r.status == ember_abi::Status::Error {
+            let error =
+                meta.error.filter(|e| e.is_object()).ok_or_else(|| bad("an error without its report".into()))?;
+            inv.error = Some(error);
+        }
+        Ok(inv)
+    }
+
+    /// Writes the invocation's output to the daemon's log, each line with the function, version,
+    /// clone and request id (at most [`MAX_LOGGED_LINES`] lines, and rate-limited).
+    fn log_lines(&self, function: &str, request_id: &str) {
+        let Some(logs) = &self.logs else { return };
+        let version = self.version.as_deref().unwrap_or("");
+        for line in logs.lines().take(MAX_LOGGED_LINES) {
+            crate::log_limited!(info, function, version, clone = self.clone_id, request_id, "{line}");
+        }
+    }
+}
+
+/// A template made for a function: the template, whether it is a new one (in `template.next`
+/// for a new version), and the digest of its code layer.
+type Made = (Arc<crate::template::Template>, bool, Option<String>);
+
+/// The layer ember's `python3` runtime needs (built by scripts/build-python-layer.sh).
+pub const PYTHON_LAYER: &str = "python3";
+
+/// A function's version: a digest of its registration but the pool policy (the runtime, the
+/// handler, the settings, the image paths) and of the images of its layers and code (their file
+/// names in the store are their digests).
+fn version_of(spec: &FunctionSpec, drives: &[DriveConfig]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut guest = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(o) = guest.as_object_mut() {
+        o.remove("pool");
+    }
+    let mut h = Sha256::new();
+    h.update(guest.to_string().as_bytes());
+    for d in drives {
+        h.update(b"\n");
+        h.update(d.drive_id.as_bytes());
+        h.update(b"=");
+        h.update(d.path_on_host.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// What an image that cannot be used is to the API's caller.
@@ -139,6 +252,7 @@ impl Supervisor {
             layers,
             images,
             functions: Mutex::new(BTreeMap::new()),
+            updates: Mutex::new(BTreeMap::new()),
             handed: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             metrics: Metrics::default(),
@@ -153,15 +267,16 @@ impl Supervisor {
         for (name, spec) in saved {
             // (Names come from distinct directory entries: no conflict is possible here.)
             match spec.and_then(|s| sup.insert(&name, s).map_err(|e| e.to_string())) {
-                Ok(f) => match sup.registry.open_template(&name) {
-                    Ok(t) => {
+                Ok(f) => match sup.registry.open_template(&name, &f.spec) {
+                    Ok((t, version)) => {
                         *f.template.locked() = Some(Arc::new(t));
+                        *f.version.locked() = Some(version);
                         *f.state.locked() = FunctionState::Ready;
                         tracing::info!(function = %name, "loaded with its saved template");
                     }
                     Err(e) => {
                         tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
-                        sup.spawn_template(f);
+                        sup.spawn_template(f, false);
                     }
                 },
                 Err(e) => tracing::error!("cannot load a registration: {e}; skipped"),
@@ -191,9 +306,20 @@ impl Supervisor {
         self.functions.locked().get(name).cloned().ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))
     }
 
-    /// Registers a function: saves its spec, then boots its template in the background.
-    pub fn register(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
+    /// Registers a function: saves its spec, then boots its template in the background. A name
+    /// registered already gets a new version (see the module's docs).
+    pub fn register(self: &Arc<Self>, name: &str, mut spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
         check_name(name)?;
+        // ember's Python runtime runs on its layer, at the bottom, unless the registration places it.
+        if spec.known_runtime() == Some("python3") && !spec.layers.iter().any(|l| l == PYTHON_LAYER) {
+            if self.layers.resolve(PYTHON_LAYER).is_err() {
+                return Err(Refusal::BadRequest(format!(
+                    "runtime python3 needs the layer {PYTHON_LAYER:?}: build its tree with \
+                     scripts/build-python-layer.sh and PUT /layers/{PYTHON_LAYER}"
+                )));
+            }
+            spec.layers.insert(0, PYTHON_LAYER.to_string());
+        }
         spec.validate()?;
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             self.images.open_image(what, path).map_err(image_refusal)?;
@@ -201,17 +327,50 @@ impl Supervisor {
         if let Some(code) = &spec.code {
             self.images.open_source("code", code).map_err(image_refusal)?;
         }
+        if self.functions.locked().contains_key(name) {
+            return self.update(name, spec);
+        }
         let f = self.insert(name, spec)?;
         if let Err(e) = self.registry.save(name, &f.spec) {
             self.functions.locked().remove(name);
             return Err(Refusal::Internal(format!("cannot save the registration: {e}")));
         }
-        self.spawn_template(f.clone());
+        self.spawn_template(f.clone(), false);
         Ok(f.info())
     }
 
-    /// Boots the function's guest to "ready" and snapshots it, on a thread of its own.
-    fn spawn_template(self: &Arc<Self>, f: Arc<Function>) {
+    /// Starts making a new version of a registered function; the current one keeps serving.
+    fn update(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
+        let current = self.function(name)?;
+        if *current.state.locked() == FunctionState::Creating {
+            return Err(Refusal::Conflict(format!(
+                "function {name:?} is still being created; wait until it is ready (or DELETE it)"
+            )));
+        }
+        let new = {
+            // Under the functions' lock, as for a registration: its layers cannot go meanwhile.
+            let functions = self.functions.locked();
+            let mut updates = self.updates.locked();
+            if updates.get(name).is_some_and(|u| *u.state.locked() == FunctionState::Creating) {
+                return Err(Refusal::Conflict(format!("a new version of {name:?} is being made already")));
+            }
+            if !functions.contains_key(name) {
+                return Err(Refusal::NotFound(format!("no function {name:?}")));
+            }
+            for l in &spec.layers {
+                self.layers.resolve(l)?;
+            }
+            let new = Arc::new(Function::new(name, spec));
+            updates.insert(name.to_string(), new.clone());
+            new
+        };
+        tracing::info!(function = %name, "making a new version");
+        self.spawn_template(new, true);
+        self.get(name)
+    }
+    /// Boots the function's guest to "ready" and snapshots it, on a thread of its own; for a new
+    /// version (`update`) then switches to it.
+    fn spawn_template(self: &Arc<Self>, f: Arc<Function>, update: bool) {
         let sup = self.clone();
         let started = std::thread::Builder::new().name(format!("template-{}", f.name)).spawn(move || {
             // Wait for a boot slot; the function stays `creating` meanwhile.
@@ -223,9 +382,32 @@ impl Supervisor {
                 *boots += 1;
             }
             let t = Instant::now();
-            let result = sup.drives(&f).and_then(|d| sup.registry.make_template(&f.name, &f.spec, d, &sup.images));
+            let result = sup.drives(&f).and_then(|d| {
+                let version = version_of(&f.spec, &d);
+                *f.version.locked() = Some(version.clone());
+                let code = d
+                    .iter()
+                    .find(|d| d.drive_id == super::model::CODE_DRIVE)
+                    .and_then(|d| d.path_on_host.file_stem())
+                    .map(|s| format!("sha256:{}", s.to_string_lossy()));
+                // A new registration that changes nothing the guest sees (the pool policy, say)
+                // keeps the template it has.
+                let current = if update { sup.functions.locked().get(&f.name).cloned() } else { None };
+                if let Some(cur) = current.filter(|c| c.version.locked().as_deref() == Some(version.as_str())) {
+                    if let Some(t) = cur.template() {
+                        return Ok((t, false, code));
+                    }
+                }
+                let t = sup.registry.make_template(&f.name, &f.spec, &version, d, &sup.images, update)?;
+                Ok((Arc::new(t), update, code))
+            });
             *sup.template_boots.locked() -= 1;
             sup.template_boot_done.notify_one();
+            if update {
+                sup.finish_update(f, result, t);
+                return;
+            }
+            let result = result.map(|(t, _, _)| t);
             if f.deleted.load(Ordering::SeqCst) {
                 // Deleted while it booted: what the boot wrote goes too, unless the name has been
                 // registered again meanwhile (that boot replaces the template directory itself).
@@ -236,7 +418,7 @@ impl Supervisor {
             }
             match result {
                 Ok(template) => {
-                    *f.template.locked() = Some(Arc::new(template));
+                    *f.template.locked() = Some(template);
                     *f.state.locked() = FunctionState::Ready;
                     tracing::info!(function = %f.name, "template ready in {:.1} s", t.elapsed().as_secs_f64());
                 }
@@ -260,9 +442,75 @@ impl Supervisor {
         }
         if let Some(code) = &f.spec.code {
             let source = self.images.open_source("code", code).map_err(|e| e.to_string())?;
-            paths.push(self.layers.build_code(&f.name, &source.path())?.path);
+            let prefix = Path::new(f.spec.code_prefix());
+            paths.push(self.layers.build_code(&f.name, &source.path(), prefix)?.path);
         }
         Ok(ids.into_iter().zip(paths).map(|(id, path)| DriveConfig::read_only(id, path)).collect())
+    }
+
+    /// Switches `name` to its new version `new` once its template is made (`made`: the template,
+    /// and whether it is a new one in `template.next`): the new pool is restored first, then the
+    /// registration, the template and the map entry change in one step under the functions'
+    /// lock, and the old version's idle clones go (busy ones when they come back).
+    fn finish_update(&self, new: Arc<Function>, made: Result<Made, String>, t: Instant) {
+        let name = new.name.clone();
+        let (template, fresh, code) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(function = %name, "the new version failed: {e}; the current one keeps serving");
+                *new.state.locked() = FunctionState::Failed(e);
+                self.registry.discard_next(&name);
+                return;
+            }
+        };
+        *new.template.locked() = Some(template);
+        // Clones of the new version before it takes over: the switch costs no cold start.
+        let old = self.functions.locked().get(&name).cloned();
+        let want = old.as_ref().map_or(0, |o| o.pool.locked().ready.len()).max(new.spec.pool.min_ready as usize).min(8);
+        let mut prepared = Vec::new();
+        for _ in 0..want {
+            match self.restore_clone(&new) {
+                Ok(c) => prepared.push(c),
+                Err(e) => tracing::warn!(function = %name, "cannot prepare a clone of the new version: {e}"),
+            }
+        }
+        let mut functions = self.functions.locked();
+        let still_wanted = !new.deleted.load(Ordering::SeqCst)
+            && self.updates.locked().get(&name).is_some_and(|u| Arc::ptr_eq(u, &new))
+            && functions.contains_key(&name);
+        if !still_wanted {
+            drop(functions);
+            self.registry.discard_next(&name);
+            self.discard(prepared);
+            return;
+        }
+        let switched = (if fresh { self.registry.promote(&name) } else { Ok(()) })
+            .and_then(|()| self.registry.save(&name, &new.spec));
+        if let Err(e) = switched {
+            drop(functions);
+            tracing::error!(function = %name, "cannot switch to the new version: {e}");
+            *new.state.locked() = FunctionState::Failed(format!("cannot switch to it: {e}"));
+            self.discard(prepared);
+            return;
+        }
+        new.pool.locked().warming.extend(prepared);
+        *new.state.locked() = FunctionState::Ready;
+        let old = functions.insert(name.clone(), new.clone());
+        self.updates.locked().remove(&name);
+        drop(functions);
+        if let Some(old) = old {
+            old.deleted.store(true, Ordering::SeqCst);
+            let idle = old.pool.locked().take_idle();
+            self.discard(idle);
+        }
+        // The new version's code layer is now the function's only one.
+        self.layers.keep_code(&name, code.as_deref());
+        tracing::info!(
+            function = %name,
+            version = new.version.locked().as_deref().unwrap_or(""),
+            "switched to the new version in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
 
     /// Builds a layer from `source` (beneath an image directory) and names it.
@@ -284,7 +532,9 @@ impl Supervisor {
     }
 
     fn layer_users(&self, name: &str) -> Vec<String> {
-        users_of(&self.functions.locked(), name)
+        let functions = self.functions.locked();
+        let updates = self.updates.locked();
+        users_of(functions.values().chain(updates.values()), name)
     }
 
     pub fn get_layer(&self, name: &str) -> Result<LayerInfo, Refusal> {
@@ -299,7 +549,7 @@ impl Supervisor {
     pub fn delete_layer(&self, name: &str) -> Result<(), Refusal> {
         // Under the functions' lock: no registration can start using it meanwhile.
         let functions = self.functions.locked();
-        let users = users_of(&functions, name);
+        let users = users_of(functions.values().chain(self.updates.locked().values()), name);
         if !users.is_empty() {
             self.layers.resolve(name)?;
             return Err(Refusal::Conflict(format!("layer {name:?} is used by {}", users.join(", "))));
@@ -308,11 +558,20 @@ impl Supervisor {
     }
 
     pub fn list(&self) -> Vec<FunctionInfo> {
-        self.functions.locked().values().map(|f| f.info()).collect()
+        let functions: Vec<Arc<Function>> = self.functions.locked().values().cloned().collect();
+        functions.iter().map(|f| self.info(f)).collect()
     }
 
     pub fn get(&self, name: &str) -> Result<FunctionInfo, Refusal> {
-        Ok(self.function(name)?.info())
+        let f = self.function(name)?;
+        Ok(self.info(&f))
+    }
+
+    fn info(&self, f: &Function) -> FunctionInfo {
+        let mut info = f.info();
+        let update = self.updates.locked().get(&f.name).cloned();
+        info.update = update.map(|u| UpdateInfo { state: u.state.locked().clone(), spec: u.spec.clone() });
+        info
     }
 
     /// Unregisters a function: its ready clones go now, handed-out ones when released; its files go.
@@ -321,6 +580,9 @@ impl Supervisor {
         // The files first: if they cannot go, the function stays registered as it was.
         self.registry.remove(name).map_err(Refusal::Internal)?;
         self.functions.locked().remove(name);
+        if let Some(u) = self.updates.locked().remove(name) {
+            u.deleted.store(true, Ordering::SeqCst);
+        }
         // Its code layer goes with it, unless something else uses that image too.
         self.layers.collect();
         f.deleted.store(true, Ordering::SeqCst);
@@ -499,14 +761,17 @@ impl Supervisor {
         self.discard(clones);
     }
 
-    /// acquire + invoke through the mailbox + release.
+    /// acquire + invoke through the mailbox + release. With one of ember's runtimes the
+    /// invocation carries its context (`request_id` among it) and comes back with its log and,
+    /// for a handler's error, the runtime's report.
     pub fn invoke(
         &self,
         name: &str,
         handler: Option<&str>,
         payload: &[u8],
         timeout: Duration,
-    ) -> Result<Response, Refusal> {
+        request_id: &str,
+    ) -> Result<Invoked, Refusal> {
         let f = self.function(name)?;
         // Bounded: a refusal now beats a caller waiting on a blocking pool that hung guests fill.
         let _all = Slot::take(&self.invokes, MAX_INVOKES)
@@ -517,24 +782,53 @@ impl Supervisor {
             ))
         })?;
         // What can be checked without a clone is checked before one is taken.
-        let handler = handler.unwrap_or(&f.spec.handler).to_string();
+        let handler = handler.unwrap_or(f.spec.default_function()).to_string();
+        let managed = f.spec.known_runtime() == Some(handler.as_str());
         check_request(&handler, payload).map_err(invoke_refusal)?;
         let handoff = self.acquire(name)?;
-        let result = {
+        // The version of the clone's function (a switch may have happened since `f` was looked up).
+        let (mailbox, version) = {
             let handed = self.handed.locked();
-            handed.get(&handoff.id).map(|h| h.clone.vm.mailbox())
+            match handed.get(&handoff.id) {
+                Some(h) => (h.clone.vm.mailbox(), h.function.version.locked().clone()),
+                None => return Err(Refusal::Internal("the handed-out VM vanished".into())),
+            }
         };
-        let Some(mailbox) = result else { return Err(Refusal::Internal("the handed-out VM vanished".into())) };
+        let request = if managed {
+            let context = serde_json::json!({
+                "request_id": request_id,
+                "function": name,
+                "version": version,
+                "clone_id": handoff.id,
+                "memory_mib": f.spec.mem_mib,
+                "timeout_ms": timeout.as_millis() as u64,
+            });
+            let ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+            envelope_request(ms, context.to_string().as_bytes(), payload)
+        } else {
+            payload.to_vec()
+        };
+        let checked = check_request(&handler, &request).map_err(invoke_refusal);
         // Many invocations wait at once on few cores: poll briefly, then sleep until the agent
         // rings, so that waiting callers do not take the CPU the guests need to answer.
-        let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN });
-        // A clone that did not answer is not handed to anyone again.
+        let opts = CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN, envelope: managed };
+        let r = checked.and_then(|_| mailbox.call(&handler, &request, opts).map_err(invoke_refusal));
+        let r = r.and_then(|resp| Invoked::from_response(resp, managed, handoff.id, version.clone()));
+        // A clone that did not answer (or answered out of protocol) is not handed to anyone again.
         let _ = self.release(handoff.id, &handoff.lease, r.is_err());
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
-        r.map_err(|e| {
-            f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
-            invoke_refusal(e)
-        })
+        match &r {
+            Ok(inv) => {
+                if inv.status != ember_abi::Status::Ok {
+                    f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                inv.log_lines(name, request_id);
+            }
+            Err(_) => {
+                f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
     }
 
     /// Stops every VM (pools and handed-out clones); registrations and templates stay on disk.

@@ -10,6 +10,7 @@
 pub mod control;
 pub mod frame;
 pub mod mailbox;
+pub mod runtime;
 
 /// Longest function name, in bytes.
 pub const MAX_FUNCTION_LEN: usize = 32;
@@ -40,6 +41,9 @@ pub enum Status {
     Failed = 3,
     /// The response did not fit the channel.
     TooLarge = 4,
+    /// The handler raised an error (a protocol-2 runtime's ERROR: the payload is its JSON
+    /// `{"type", "message", "traceback"}`); the runtime goes on serving.
+    Error = 5,
 }
 
 impl Status {
@@ -50,6 +54,7 @@ impl Status {
             2 => Status::BadRequest,
             3 => Status::Failed,
             4 => Status::TooLarge,
+            5 => Status::Error,
             other => return Err(AbiError::BadStatus(other)),
         })
     }
@@ -61,6 +66,7 @@ impl Status {
             Status::BadRequest => "bad request",
             Status::Failed => "function failed",
             Status::TooLarge => "response too large",
+            Status::Error => "error",
         }
     }
 }
@@ -115,9 +121,11 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for s in [Status::Ok, Status::UnknownFunction, Status::BadRequest, Status::Failed, Status::TooLarge] {
+        for s in
+            [Status::Ok, Status::UnknownFunction, Status::BadRequest, Status::Failed, Status::TooLarge, Status::Error]
+        {
             assert_eq!(Status::from_u32(s as u32), Ok(s));
         }
-        assert_eq!(Status::from_u32(5), Err(AbiError::BadStatus(5)));
+        assert_eq!(Status::from_u32(6), Err(AbiError::BadStatus(6)));
     }
 }

@@ -56,7 +56,13 @@ pub const MAX_PAYLOAD: usize = RESP_DATA_OFF - REQ_DATA_OFF;
 
 /// Request flag: ring the control page's response doorbell after answering.
 pub const FLAG_DOORBELL: u32 = 1;
-const KNOWN_FLAGS: u32 = FLAG_DOORBELL;
+/// Request flag: the request payload is an envelope (`u32 timeout_ms, u32 context length,
+/// context (JSON), event`) and so is the response (`u32 meta length, meta (JSON), result`): how
+/// the host hands a protocol-2 runtime its invocation context (see [`crate::runtime`]) and gets
+/// back the invocation's logs and error. Meta: `{"logs": TEXT, "logs_truncated": BOOL,
+/// "error": {"type", "message", "traceback"}}`, each field optional.
+pub const FLAG_ENVELOPE: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_DOORBELL | FLAG_ENVELOPE;
 
 /// Agent states.
 pub const AGENT_ABSENT: u32 = 0;
@@ -85,7 +91,56 @@ pub struct Request<'a> {
     pub id: u64,
     pub len: usize,
     pub doorbell: bool,
+    pub envelope: bool,
     pub function: &'a str,
+}
+
+/// An envelope request's parts (see [`FLAG_ENVELOPE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub timeout_ms: u32,
+    pub context: &'a [u8],
+    pub event: &'a [u8],
+}
+
+/// Wraps an invocation's context and event in an envelope request.
+pub fn envelope_request(timeout_ms: u32, context: &[u8], event: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + context.len() + event.len());
+    b.extend_from_slice(&timeout_ms.to_le_bytes());
+    b.extend_from_slice(&(context.len() as u32).to_le_bytes());
+    b.extend_from_slice(context);
+    b.extend_from_slice(event);
+    b
+}
+
+/// Splits an envelope request; the context's length is checked against the payload.
+pub fn parse_envelope_request(b: &[u8]) -> Result<Envelope<'_>, AbiError> {
+    let (timeout_ms, rest) = split_u32(b)?;
+    let (context, event) = split_len(rest)?;
+    Ok(Envelope { timeout_ms, context, event })
+}
+
+/// Splits an envelope response into its meta and its result.
+pub fn parse_envelope_response(b: &[u8]) -> Result<(&[u8], &[u8]), AbiError> {
+    split_len(b)
+}
+
+/// The first 4 bytes as a u32 and the rest.
+fn split_u32(b: &[u8]) -> Result<(u32, &[u8]), AbiError> {
+    if b.len() < 4 {
+        return Err(AbiError::TooLong { len: 4, max: b.len() as u64 });
+    }
+    Ok((u32::from_le_bytes([b[0], b[1], b[2], b[3]]), &b[4..]))
+}
+
+/// A u32 length, that many bytes, and the rest.
+fn split_len(b: &[u8]) -> Result<(&[u8], &[u8]), AbiError> {
+    let (len, rest) = split_u32(b)?;
+    let len = len as usize;
+    if len > rest.len() {
+        return Err(AbiError::TooLong { len: len as u64, max: rest.len() as u64 });
+    }
+    Ok(rest.split_at(len))
 }
 
 impl RawRequest {
@@ -103,7 +158,13 @@ impl RawRequest {
         if self.flags & !KNOWN_FLAGS != 0 {
             return Err(AbiError::BadFlags(self.flags));
         }
-        Ok(Request { id: self.id, len, doorbell: self.flags & FLAG_DOORBELL != 0, function })
+        Ok(Request {
+            id: self.id,
+            len,
+            doorbell: self.flags & FLAG_DOORBELL != 0,
+            envelope: self.flags & FLAG_ENVELOPE != 0,
+            function,
+        })
     }
 }
 
@@ -151,10 +212,11 @@ mod tests {
     #[test]
     fn requests_are_checked() {
         let r = raw("echo", 5, FLAG_DOORBELL);
-        assert_eq!(r.check(), Ok(Request { id: 7, len: 5, doorbell: true, function: "echo" }));
+        assert_eq!(r.check(), Ok(Request { id: 7, len: 5, doorbell: true, envelope: false, function: "echo" }));
+        assert!(raw("echo", 5, FLAG_ENVELOPE).check().unwrap().envelope);
         assert!(raw("echo", MAX_PAYLOAD as u32, 0).check().is_ok());
         assert!(matches!(raw("echo", MAX_PAYLOAD as u32 + 1, 0).check(), Err(AbiError::TooLong { .. })));
-        assert_eq!(raw("echo", 0, 2).check(), Err(AbiError::BadFlags(2)));
+        assert_eq!(raw("echo", 0, 4).check(), Err(AbiError::BadFlags(4)));
         assert_eq!(raw("", 0, 0).check(), Err(AbiError::BadFunction));
         let mut r = raw("echo", 0, 0);
         r.function[10] = b'x'; // bytes after the terminating NUL
@@ -168,6 +230,22 @@ mod tests {
         assert_eq!(ok.check(4), Err(AbiError::WrongId { got: 3, want: 4 }));
         assert!(matches!(RawResponse { len: u32::MAX, ..ok }.check(3), Err(AbiError::TooLong { .. })));
         assert_eq!(RawResponse { status: 99, ..ok }.check(3), Err(AbiError::BadStatus(99)));
+    }
+
+    #[test]
+    fn envelopes_round_trip_and_lengths_are_checked() {
+        let b = envelope_request(1500, br#"{"request_id":"r"}"#, b"event");
+        let e = parse_envelope_request(&b).unwrap();
+        assert_eq!((e.timeout_ms, e.context, e.event), (1500, &br#"{"request_id":"r"}"#[..], &b"event"[..]));
+        assert!(parse_envelope_request(&b[..3]).is_err());
+        assert!(parse_envelope_request(&b[..10]).is_err(), "context longer than the payload");
+        let mut bad = b.clone();
+        bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_envelope_request(&bad).is_err());
+        let mut r = 2u32.to_le_bytes().to_vec();
+        r.extend_from_slice(b"{}result");
+        assert_eq!(parse_envelope_response(&r), Ok((&b"{}"[..], &b"result"[..])));
+        assert_eq!(parse_envelope_response(&r[..5]).map(|_| ()), Err(AbiError::TooLong { len: 2, max: 1 }));
     }
 
     #[test]

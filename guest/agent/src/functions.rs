@@ -7,11 +7,13 @@
 //! response: u32 status, u32 payload length, payload
 //! ```
 //!
-//! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`;
-//! `EMBER_RUNTIME` in init's environment (from the kernel command line: `ember serve` puts the
-//! registration's `runtime` there) replaces it. A function with layers has its root there
-//! (layers.rs): its `/etc/ember/runtime` is read from that root and the runtime runs chrooted
-//! into it.
+//! The runtime is named in the image's `/etc/ember/runtime`: one line, `NAME COMMAND [ARGS...]`
+//! (protocol 1, ember_abi::runtime); `EMBER_RUNTIME` in init's environment (from the kernel
+//! command line: `ember serve` puts the registration's `runtime` there) replaces it. When that is
+//! one of ember's own runtimes (`python3`, `exec`: protocol 2, managed.rs), `EMBER_HANDLER` names
+//! its entry point and the function is served under the runtime's name. A function with layers
+//! has its root there (layers.rs): its `/etc/ember/runtime` is read from that root and the
+//! runtime runs chrooted into it.
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -21,11 +23,17 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use ember_abi::Status;
 use sha2::{Digest, Sha256};
 
+use crate::managed::{Log, Managed};
+
 pub const RUNTIME_CONFIG: &str = "/etc/ember/runtime";
 /// The runtime given at registration, same format; it replaces the image's.
 pub const RUNTIME_ENV: &str = "EMBER_RUNTIME";
+/// A known runtime's entry point (the registration's `handler`).
+pub const HANDLER_ENV: &str = "EMBER_HANDLER";
 /// The longest `sleep` the built-in accepts, in milliseconds.
 const MAX_SLEEP_MS: u64 = 60_000;
+/// An invocation's time limit when the host gave none.
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The largest response a runtime may send.
 const MAX_RUNTIME_RESPONSE: usize = 16 << 20;
 
@@ -50,8 +58,18 @@ fn reply(out: &mut Vec<u8>, r: io::Result<impl AsRef<[u8]>>, failed: Status) -> 
     }
 }
 
+/// What a protocol-2 runtime is told about one invocation, and what it answers besides the result.
+pub struct Invocation<'a> {
+    /// The context object (JSON).
+    pub context: &'a [u8],
+    pub timeout: std::time::Duration,
+    /// Filled with the invocation's output.
+    pub log: &'a mut Log,
+}
+
 pub struct Functions {
     runtime: Option<Runtime>,
+    managed: Option<Managed>,
     /// Why the runtime is not there, when it was configured but failed.
     runtime_error: Option<String>,
 }
@@ -60,8 +78,16 @@ impl Functions {
     /// Starts the runtime the VM's registration names (`EMBER_RUNTIME` on the kernel command line,
     /// which the kernel hands to init as an environment variable), else the image's, if any: in
     /// `root` (the function's layers) when there is one.
-    pub fn start(root: Option<&Path>) -> Self {
+    ///
+    /// One of ember's runtimes that cannot load its handler fails the boot (`Err`, with the
+    /// runtime's own words); a custom runtime that fails is reported when it is called.
+    pub fn start(root: Option<&Path>) -> io::Result<Self> {
         let from_env = std::env::var(RUNTIME_ENV).ok().filter(|c| !c.trim().is_empty());
+        if let Some(name) = from_env.as_deref().map(str::trim).filter(|n| ember_abi::runtime::is_known(n)) {
+            let handler = std::env::var(HANDLER_ENV).unwrap_or_default();
+            let m = Managed::start(name, &handler, root)?;
+            return Ok(Self { runtime: None, managed: Some(m), runtime_error: None });
+        }
         let config = match root {
             Some(r) => r.join(RUNTIME_CONFIG.trim_start_matches('/')),
             None => Path::new(RUNTIME_CONFIG).to_path_buf(),
@@ -70,7 +96,7 @@ impl Functions {
             Some(c) => (c, RUNTIME_ENV.to_string()),
             None => match std::fs::read_to_string(&config) {
                 Ok(c) => (c, config.display().to_string()),
-                Err(_) => return Self { runtime: None, runtime_error: None },
+                Err(_) => return Ok(Self { runtime: None, managed: None, runtime_error: None }),
             },
         };
         match Runtime::start(&conf, root) {
@@ -79,11 +105,47 @@ impl Functions {
                 if let Some(root) = root {
                     prefetch_program(root, &conf);
                 }
-                Self { runtime: Some(r), runtime_error: None }
+                Ok(Self { runtime: Some(r), managed: None, runtime_error: None })
             }
             Err(e) => {
                 eprintln!("ember-agent: cannot start the runtime from {source}: {e}");
-                Self { runtime: None, runtime_error: Some(e.to_string()) }
+                Ok(Self { runtime: None, managed: None, runtime_error: Some(e.to_string()) })
+            }
+        }
+    }
+
+    /// Tells the runtime that it now runs in a restored clone.
+    pub fn restored(&mut self, clone_id: u64) {
+        let failed = self.managed.as_mut().and_then(|m| m.restored(clone_id).err().map(|e| (m.name.clone(), e)));
+        if let Some((name, e)) = failed {
+            self.fail_managed(format!("runtime {name:?} failed: {e}"));
+        }
+    }
+
+    fn fail_managed(&mut self, why: String) {
+        if let Some(mut m) = self.managed.take() {
+            m.kill();
+        }
+        self.runtime_error = Some(why);
+    }
+
+    /// Runs one of ember's runtimes on an invocation: `None` when `function` is not it.
+    pub fn call_managed(
+        &mut self,
+        function: &str,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        inv: Invocation,
+    ) -> Option<Status> {
+        let m = self.managed.as_mut().filter(|m| m.name == function)?;
+        match m.invoke(inv.context, inv.timeout, payload, out, inv.log) {
+            Ok(status) => Some(status),
+            Err(e) => {
+                let why = format!("runtime {:?} failed: {e}", m.name);
+                out.clear();
+                out.extend_from_slice(why.as_bytes());
+                self.fail_managed(why);
+                Some(Status::Failed)
             }
         }
     }
@@ -120,6 +182,13 @@ impl Functions {
             "storm" => reply(out, crate::storm::run(payload), Status::BadRequest),
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
+            name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
+                // Without the host's context (vsock, or a mailbox caller without an envelope).
+                let context = format!("{{\"function\":{:?}}}", name);
+                let mut log = Log::default();
+                let inv = Invocation { context: context.as_bytes(), timeout: DEFAULT_TIMEOUT, log: &mut log };
+                self.call_managed(name, payload, out, inv).unwrap_or(Status::UnknownFunction)
+            }
             name => {
                 out.extend_from_slice(format!("no function {name:?} in this guest").as_bytes());
                 if let Some(e) = &self.runtime_error {

@@ -10,7 +10,8 @@ use ember_abi::{Status, MAX_FUNCTION_LEN};
 
 use crate::control::ControlPage;
 use crate::devmem::PhysPage;
-use crate::functions::Functions;
+use crate::functions::{Functions, Invocation};
+use crate::managed::Log;
 
 /// How long the agent polls for the next request before it lets the vCPU wait host-side.
 const SPIN: std::time::Duration = std::time::Duration::from_millis(100);
@@ -133,7 +134,11 @@ impl Mailbox {
                     )
                 };
                 let mut f = functions.lock().unwrap_or_else(|p| p.into_inner());
-                let status = f.call(req.function, &self.request, &mut self.response);
+                let status = if req.envelope {
+                    enveloped(&mut f, req.function, &self.request, &mut self.response)
+                } else {
+                    f.call(req.function, &self.request, &mut self.response)
+                };
                 (req.id, req.doorbell, status)
             }
             Err(e) => {
@@ -158,6 +163,37 @@ impl Mailbox {
         self.u64_at(RESP_SEQ_OFF).store(seq, Ordering::Release);
         doorbell
     }
+}
+
+/// Runs an envelope request (ember_abi::mailbox::FLAG_ENVELOPE): the context goes to one of
+/// ember's runtimes, and the response carries the invocation's log and error report as meta
+/// ahead of the result.
+fn enveloped(f: &mut Functions, function: &str, request: &[u8], response: &mut Vec<u8>) -> Status {
+    let env = match parse_envelope_request(request) {
+        Ok(e) => e,
+        Err(e) => {
+            response.extend_from_slice(format!("malformed envelope: {e}").as_bytes());
+            return Status::BadRequest;
+        }
+    };
+    let mut result = Vec::new();
+    let mut log = Log::default();
+    let inv = Invocation {
+        context: env.context,
+        timeout: std::time::Duration::from_millis(u64::from(env.timeout_ms)),
+        log: &mut log,
+    };
+    let status = match f.call_managed(function, env.event, &mut result, inv) {
+        Some(s) => s,
+        None => f.call(function, env.event, &mut result),
+    };
+    let meta = log.meta((status == Status::Error).then_some(&result[..]));
+    response.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    response.extend_from_slice(meta.as_bytes());
+    if status != Status::Error {
+        response.extend_from_slice(&result);
+    }
+    status
 }
 
 /// Whether a task other than this one is runnable, from /proc/loadavg's `running/total` field

@@ -21,6 +21,7 @@ mod devmem;
 mod functions;
 mod layers;
 mod mailbox;
+mod managed;
 mod storm;
 mod tsc;
 mod vsock;
@@ -87,17 +88,17 @@ fn init() -> io::Result<()> {
     // Everything a clone needs to serve is set up before the snapshot point: the function's root
     // from its layers (if it has any: a failure ends the boot, and the host reports it) and its
     // runtime.
-    let root = layers::mount_root()?;
-    let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start(root.as_deref())));
-    let mut mailbox = mailbox::Mailbox::map()?;
-    tsc::calibrate();
-
     // Fresh seed material from the host: the CRNG is ready at once instead of after seconds of
-    // timer-jitter entropy gathering (emulated kernel work on some hosts).
+    // timer-jitter entropy gathering (emulated kernel work on some hosts). Before the runtime
+    // starts: an interpreter asks for random bytes as it starts.
     let control = control::ControlPage::map()?;
     if let Some(c) = &control {
         control::seed_kernel_rng(&c.seed())?;
     }
+    let root = layers::mount_root()?;
+    let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start(root.as_deref())?));
+    let mut mailbox = mailbox::Mailbox::map()?;
+    tsc::calibrate();
     let mut out = io::stdout().lock();
     // Without a control page (another VMM) the CRNG may not be ready: take what it has.
     let flags = if control.is_some() { libc::GRND_NONBLOCK } else { libc::GRND_INSECURE };
@@ -112,6 +113,8 @@ fn init() -> io::Result<()> {
     if clone_id != 0 {
         // A clone: its own seed, so that it shares no future randomness with its siblings.
         control::seed_kernel_rng(&c.seed())?;
+        // The runtime reseeds what it derived from randomness before the snapshot.
+        functions.lock().unwrap_or_else(|p| p.into_inner()).restored(clone_id);
         let mut out = io::stdout().lock();
         writeln!(out, "{CLONE_MARKER} id={clone_id} random={}", random_hex(libc::GRND_NONBLOCK)?)?;
         out.flush()?;
