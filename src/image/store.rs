@@ -127,10 +127,11 @@ impl Store {
                 format!("{} is not a plain relative path", prefix.display()),
             ));
         }
-        let mut input = input_digest(source, &kind, limits)?;
+        let source_input = input_digest(source, &kind, limits)?;
+        let mut input = source_input.clone();
         if !plain {
             let mut h = Sha256::new();
-            h.update(input.as_bytes());
+            h.update(source_input.as_bytes());
             h.update(b"\nprefix ");
             h.update(prefix.as_os_str().as_encoded_bytes());
             input = hex(&h.finalize());
@@ -159,7 +160,7 @@ impl Store {
                     Visit::File(mode, r) => stager.put_file(rel, mode, r),
                     Visit::Symlink(target) => stager.put_symlink(rel, target),
                 })?;
-                if hex(&h.finalize()) != input {
+                if hex(&h.finalize()) != source_input {
                     return Err(ImageError::SourceChanged(source.to_path_buf()));
                 }
             }

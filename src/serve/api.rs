@@ -251,8 +251,13 @@ async fn put_layer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let json =
-        headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_none_or(|v| v.starts_with("application/json"));
+    // JSON when it says so, or says nothing; curl's `-d` labels a JSON object as a form, and no
+    // archive starts with `{`.
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let json = content_type.is_none_or(|v| {
+        v.starts_with("application/json")
+            || (v.starts_with("application/x-www-form-urlencoded") && body.first() == Some(&b'{'))
+    });
     let (info, created) = if json {
         if body.len() > MAX_BODY {
             return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("a JSON body is at most {MAX_BODY} bytes")));

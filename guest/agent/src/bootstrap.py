@@ -122,6 +122,8 @@ def invoke(handler, body):
 
 def main():
     sys.path[:0] = ["/var/task", "/opt/python"]
+    # Line by line, as stderr is: the log keeps the order in which the handler wrote its lines.
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         handler = load(os.environ.get("EMBER_HANDLER", ""))
     except BaseException as e:
