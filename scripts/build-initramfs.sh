@@ -32,6 +32,11 @@ code=$root/images/examples/files
 rm -rf "$code" && mkdir -p "$code/bin" "$code/etc/ember"
 install -m 0755 "$stage/init" "$code/bin/ember-files"
 echo "files /bin/ember-files --files-runtime" > "$code/etc/ember/runtime"
+# The example of ember's `exec` runtime (runtime protocol 2): a code layer whose program is the
+# agent under the name ember-exec-example.
+exec_code=$root/images/examples/exec
+rm -rf "$exec_code" && mkdir -p "$exec_code/bin"
+install -m 0755 "$stage/init" "$exec_code/bin/ember-exec-example"
 out=$root/images/initramfs.cpio
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$out.tmp"
 mv "$out.tmp" "$out"

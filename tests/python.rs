@@ -2,8 +2,9 @@
 //! with a dependency from a shared layer; its exceptions as structured errors with the traceback;
 //! its output as the invocation's logs, with the request id; two clones' random numbers differ; a
 //! handler that never returns times out and its clone is replaced; a handler that cannot be
-//! imported fails the registration with Python's own error; a new version switches under a steady
-//! stream of invocations without one failing.
+//! imported fails the registration with Python's own error; a runtime that exits mid-invocation
+//! costs only that clone; a new version switches under a steady stream of invocations without one
+//! failing. And ember's `exec` runtime: any program speaking runtime protocol 2.
 
 mod common;
 
@@ -30,6 +31,7 @@ fn python_tree(test: &str) -> Option<PathBuf> {
 }
 
 const APP: &str = r#"
+import os
 import random
 import sys
 import time
@@ -54,6 +56,8 @@ def handler(event, context):
         return "flooded"
     if op == "set":
         return {1, 2}
+    if op == "exit":
+        os._exit(3)
     if op == "stderr":
         print("to stderr", file=sys.stderr)
         return None
@@ -87,9 +91,15 @@ fn invoke_with_id(socket: &Path, name: &str, body: &str, request_id: &str) -> (u
     (head[9..12].parse().unwrap(), json_of(body))
 }
 
+/// One invocation of `event` (as JSON). The timeout is generous: guests booting alongside (the
+/// other functions' templates) slow every guest on a host where guest kernel mode is emulated.
 fn call(s: &Path, name: &str, event: Value) -> Value {
-    let (c, body) =
-        http(s, "POST", &format!("/functions/{name}/invoke"), Some(&json!({"payload": event.to_string()}).to_string()));
+    let (c, body) = http(
+        s,
+        "POST",
+        &format!("/functions/{name}/invoke"),
+        Some(&json!({"payload": event.to_string(), "timeout_s": 120}).to_string()),
+    );
     assert_eq!(c, 200, "{body}");
     json_of(&body)
 }
@@ -153,6 +163,14 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     // A module that does not exist: the registration fails with Python's ImportError text.
     let (c, body) = http(&s, "PUT", "/functions/bad", Some(&spec(&v1, "nomodule.handler")));
     assert_eq!(c, 202, "{body}");
+    // ember's exec runtime, with the example program of the test image's code.
+    let exec = common::repo().join("images/examples/exec");
+    let ex = json!({
+        "kernel": kernel, "initramfs": initrd, "runtime": "exec", "handler": "bin/ember-exec-example",
+        "code": exec, "pool": {"min_ready": 1, "max": 4}
+    });
+    let (c, body) = http(&s, "PUT", "/functions/ex", Some(&ex.to_string()));
+    assert_eq!(c, 202, "{body}");
     let reason = wait_failed(&s, "bad");
     assert!(reason.contains("ModuleNotFoundError") && reason.contains("nomodule"), "{reason}");
 
@@ -196,6 +214,31 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     let logged: usize = r["logs"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().len() + 1).sum();
     // (+1: the cut last line has no newline of its own.)
     assert!(logged <= (64 << 10) + 1, "{logged} bytes of logs");
+
+    // A runtime that exits mid-invocation: that call fails, its clone goes, the next call works.
+    // (A process's exit is slow where the guest kernel is emulated: its memory goes page by
+    // page before the agent sees its pipe close; seconds here, more while guests boot.)
+    let exit = json!({"payload": r#"{"op": "exit"}"#, "timeout_s": 180}).to_string();
+    let r = json_of(&http(&s, "POST", "/functions/py/invoke", Some(&exit)).1);
+    assert_eq!(r["status"], "function failed", "{r}");
+    assert!(r["payload"].as_str().unwrap().contains("exited"), "{r}");
+    assert_eq!(call(&s, "py", json!({"xs": [3]}))["status"], "ok");
+
+    // The exec runtime: the context reaches the program, its stdout is the log, its error report
+    // and its exit are told apart.
+    wait_ready(&s, "ex", 1);
+    let (c, r) = invoke_with_id(&s, "ex", r#"{"payload": "hello"}"#, "req-ex");
+    assert_eq!((c, r["status"].as_str(), r["payload"].as_str()), (200, Some("ok"), Some("HELLO")), "{r}");
+    let context = r["logs"][0].as_str().unwrap().strip_prefix("context ").unwrap();
+    let context = json_of(context);
+    assert_eq!((context["request_id"].as_str(), context["function"].as_str()), (Some("req-ex"), Some("ex")), "{r}");
+    assert_eq!(context["clone_id"], r["clone_id"], "{r}");
+    let r = json_of(&http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "fail"}"#)).1);
+    assert_eq!((r["status"].as_str(), r["error"]["type"].as_str()), (Some("error"), Some("ExampleError")), "{r}");
+    let (_, body) = http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "exit", "timeout_s": 180}"#));
+    assert_eq!(json_of(&body)["status"], "function failed", "{body}");
+    let (_, body) = http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "again"}"#));
+    assert_eq!(json_of(&body)["payload"], "AGAIN", "{body}");
 
     // Two clones of one template draw different random numbers.
     let a = call(&s, "py", json!({"op": "random"}));

@@ -814,8 +814,10 @@ impl Supervisor {
         let opts = CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN, envelope: managed };
         let r = checked.and_then(|_| mailbox.call(&handler, &request, opts).map_err(invoke_refusal));
         let r = r.and_then(|resp| Invoked::from_response(resp, managed, handoff.id, version.clone()));
-        // A clone that did not answer (or answered out of protocol) is not handed to anyone again.
-        let _ = self.release(handoff.id, &handoff.lease, r.is_err());
+        // A clone that did not answer (or answered out of protocol) is not handed to anyone again;
+        // nor is one whose runtime (one of ember's) broke: it answers `failed` only then.
+        let broken = managed && r.as_ref().is_ok_and(|i| i.status == ember_abi::Status::Failed);
+        let _ = self.release(handoff.id, &handoff.lease, r.is_err() || broken);
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(inv) => {

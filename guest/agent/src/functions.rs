@@ -320,6 +320,51 @@ pub fn files_runtime() -> io::Result<()> {
     })
 }
 
+/// The example of ember's `exec` runtime (a program speaking runtime protocol 2; ember's test
+/// code layer has it as `bin/ember-exec-example`): answers each event upper-cased, after printing
+/// the invocation's context to stdout (the invocation's log); an event `fail` is answered with an
+/// error report, `exit` makes it exit (a runtime that dies mid-invocation).
+pub fn exec_example() -> io::Result<()> {
+    use ember_abi::runtime as proto;
+    use std::os::fd::FromRawFd;
+    // SAFETY: a protocol-2 runtime is started with fds 3 and 4 open for it (managed.rs); nothing
+    // else in this process uses them.
+    let (mut requests, mut replies) =
+        unsafe { (std::fs::File::from_raw_fd(proto::REQUEST_FD), std::fs::File::from_raw_fd(proto::REPLY_FD)) };
+    let send = |replies: &mut std::fs::File, kind: u32, body: &[u8]| -> io::Result<()> {
+        let mut frame = proto::header(kind, body.len()).to_vec();
+        frame.extend_from_slice(body);
+        replies.write_all(&frame)
+    };
+    send(&mut replies, proto::READY, b"ember exec example")?;
+    loop {
+        let mut h = [0u8; proto::FRAME_HEADER];
+        match requests.read_exact(&mut h) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            r => r?,
+        }
+        let (kind, len) = proto::parse_header(&h).map_err(io::Error::other)?;
+        let mut body = vec![0u8; len];
+        requests.read_exact(&mut body)?;
+        if kind != proto::INVOKE || body.len() < 12 {
+            continue;
+        }
+        let ctx_len = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
+        let (context, event) = body[12..].split_at(ctx_len.min(body.len() - 12));
+        println!("context {}", String::from_utf8_lossy(context));
+        io::stdout().flush()?;
+        match event {
+            b"fail" => send(
+                &mut replies,
+                proto::ERROR,
+                br#"{"type": "ExampleError", "message": "asked to fail", "traceback": ""}"#,
+            )?,
+            b"exit" => std::process::exit(3),
+            e => send(&mut replies, proto::RESULT, &e.to_ascii_uppercase())?,
+        }
+    }
+}
+
 /// Reads the runtime's program (in `root`, a layer) through once, before the template is taken:
 /// its pages are then in the template's guest page cache, which every clone shares copy-on-write,
 /// instead of being read from the drive by each clone the first time it runs that code (each read

@@ -40,7 +40,18 @@ const EXAMPLE_RUNTIME_ARG: &str = "--example-runtime";
 const FILES_RUNTIME_ARG: &str = "--files-runtime";
 const CHILD_EXIT_CODE: i32 = 42;
 
+/// The program name under which the agent is the example of ember's `exec` runtime.
+const EXEC_EXAMPLE_NAME: &str = "ember-exec-example";
+
 fn main() {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some(EXEC_EXAMPLE_NAME) {
+        if let Err(e) = functions::exec_example() {
+            eprintln!("exec example: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
     match std::env::args().nth(1).as_deref() {
         Some(CHILD_ARG) => {
             println!("ember-agent: child pid {} running", std::process::id());

@@ -303,10 +303,14 @@ impl Managed {
                 match self.replies.read(&mut buf) {
                     Ok(0) => {
                         self.drain_output(log);
-                        let status = self.child.try_wait().ok().flatten();
+                        // It is exiting (its files close before its exit is reported) or it closed
+                        // the channel and goes on: either way it is done with.
+                        let _ = self.child.kill();
+                        let status = self.child.wait();
+                        use std::os::unix::process::ExitStatusExt;
                         return Err(io::Error::other(match status {
-                            Some(s) => format!("the runtime exited ({s})"),
-                            None => "the runtime closed its reply channel".to_string(),
+                            Ok(s) if s.signal() != Some(libc::SIGKILL) => format!("the runtime exited ({s})"),
+                            _ => "the runtime closed its reply channel".to_string(),
                         }));
                     }
                     Ok(n) => {
