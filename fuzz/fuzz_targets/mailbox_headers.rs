@@ -1,11 +1,24 @@
-//! Mailbox headers as either side may find them: a header that passes its check is within bounds.
+//! Mailbox headers as either side may find them: a header that passes its check is within bounds;
+//! envelopes and runtime frame headers split only within what they were given.
 #![no_main]
 
-use ember_abi::mailbox::{RawRequest, RawResponse, MAX_PAYLOAD};
+use ember_abi::mailbox::{parse_envelope_request, parse_envelope_response, RawRequest, RawResponse, MAX_PAYLOAD};
+use ember_abi::runtime;
 use ember_abi::MAX_FUNCTION_LEN;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok(e) = parse_envelope_request(data) {
+        assert_eq!(8 + e.context.len() + e.event.len(), data.len());
+    }
+    if let Ok((meta, result)) = parse_envelope_response(data) {
+        assert_eq!(4 + meta.len() + result.len(), data.len());
+    }
+    if let Some(h) = data.first_chunk::<{ runtime::FRAME_HEADER }>() {
+        if let Ok((_, len)) = runtime::parse_header(h) {
+            assert!(len <= runtime::MAX_FRAME);
+        }
+    }
     if data.len() < 16 + 8 + MAX_FUNCTION_LEN {
         return;
     }

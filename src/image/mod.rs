@@ -4,7 +4,9 @@
 //!
 //! - a directory on the host: its tree (regular files, directories, symlinks) is copied; symlinks
 //!   are never followed while walking, and sockets, fifos and device nodes are refused;
-//! - a tar archive, plain or gzip-compressed (told by the magic bytes `1f 8b`);
+//! - a tar archive, plain or gzip-compressed (told by the magic bytes `1f 8b`), or a zip archive
+//!   (`PK`; stored or deflated entries: files, directories and symlinks with their Unix modes,
+//!   0644/0755 when the archive has none);
 //! - an OCI image layout directory (it has `oci-layout` and `index.json`): `index.json` -> the first
 //!   manifest (through an image index: its first linux/amd64 manifest, or else its first) -> the
 //!   manifest's layers in order, each blob checked against its sha256 digest;
@@ -34,6 +36,7 @@ mod layout;
 mod stage;
 mod store;
 mod tarball;
+mod zipfile;
 #[cfg(test)]
 mod tests;
 

@@ -391,6 +391,9 @@ pub(crate) fn import(
     let mut head = [0u8; 4];
     let n = backing.all().read(&mut head).map_err(|e| ImageError::io("reading the input", e))?;
     let head = &head[..n];
+    if super::zipfile::is_zip(head) {
+        return super::zipfile::apply_zip(backing, stager, limits);
+    }
     if is_zstd(head) {
         return Err(ImageError::Unsupported("zstd-compressed archives (decompress it, or use gzip)".into()));
     }

@@ -721,3 +721,70 @@ fn unreadable_modes_still_build() {
         assert_eq!(fs::symlink_metadata(x.join("none")).unwrap().mode() & 0o7777, 0);
     }
 }
+
+/// A zip archive of `(name, mode, content)` entries (`mode` with its file type; a symlink's
+/// content is its target), deflated.
+fn zip_of(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    use zip::write::SimpleFileOptions;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, mode, content) in entries {
+        let opts = SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(mode & 0o7777);
+        match mode & 0o170_000 {
+            0o040_000 => w.add_directory(*name, opts).unwrap(),
+            0o120_000 => w.add_symlink(*name, std::str::from_utf8(content).unwrap(), opts).unwrap(),
+            _ => {
+                w.start_file(*name, opts).unwrap();
+                w.write_all(content).unwrap();
+            }
+        }
+    }
+    w.finish().unwrap().into_inner()
+}
+
+#[test]
+fn zip_applies_files_dirs_links_and_modes() {
+    let j = Jail::new();
+    let z = zip_of(&[
+        ("app/", 0o040_755, b""),
+        ("app/handler.py", 0o100_644, b"def handler(e, c):\n    return e\n"),
+        ("bin/run", 0o104_755, b"#!/bin/sh\n"),
+        ("app/link", 0o120_777, b"handler.py"),
+        ("big.txt", 0o100_600, &[b'z'; 100_000]),
+    ]);
+    j.import(&z, &Limits::default()).unwrap();
+    assert_eq!(fs::read(j.at("app/handler.py")).unwrap(), b"def handler(e, c):\n    return e\n");
+    assert_eq!(fs::read_link(j.at("app/link")).unwrap(), Path::new("handler.py"));
+    // setuid dropped, as from a tar.
+    assert_eq!(fs::metadata(j.at("bin/run")).unwrap().mode() & 0o7777, 0o755);
+    assert_eq!(fs::read(j.at("big.txt")).unwrap().len(), 100_000);
+    j.untouched();
+}
+
+#[test]
+fn unsafe_zip_entries_are_refused_and_bombs_stop_at_the_limit() {
+    for (what, z) in [
+        ("dotdot", zip_of(&[("../evil", 0o100_644, b"x")])),
+        ("dotdot inside", zip_of(&[("a/../../evil", 0o100_644, b"x")])),
+        ("absolute", zip_of(&[("/evil", 0o100_644, b"x")])),
+        ("escaping symlink", zip_of(&[("a/b", 0o120_777, b"../../../etc")])),
+    ] {
+        let j = Jail::new();
+        let e = j.import(&z, &Limits::default()).expect_err(what);
+        assert!(matches!(e, ImageError::Refused { .. } | ImageError::Malformed { .. }), "{what}: {e}");
+        j.untouched();
+    }
+    // 8 MiB of zeros deflate to a few KiB: the extracted-bytes limit stops it, not the archive size.
+    let bomb = zip_of(&[("zeros", 0o100_644, &vec![0u8; 8 << 20])]);
+    assert!(bomb.len() < 64 << 10);
+    let j = Jail::new();
+    let limits = Limits { max_total_bytes: 1 << 20, ..Limits::default() };
+    let e = j.import(&bomb, &limits).unwrap_err();
+    assert!(matches!(e, ImageError::Limit { .. }), "{e}");
+    // Truncated and garbage archives are errors, not panics.
+    let z = zip_of(&[("f", 0o100_644, b"content")]);
+    for cut in [4, 20, z.len() / 2, z.len() - 1] {
+        let _ = Jail::new().import(&z[..cut], &Limits::default());
+    }
+}
