@@ -22,15 +22,15 @@ const RECYCLED: &str = "recycled";
 const RECYCLED_POOL: u32 = 16;
 
 /// What one request measured: the client's round trip and the daemon's own time, in us.
-struct Timed {
-    status: u16,
-    round_trip_us: f64,
-    server_us: Option<f64>,
-    body: Vec<u8>,
+pub(super) struct Timed {
+    pub(super) status: u16,
+    pub(super) round_trip_us: f64,
+    pub(super) server_us: Option<f64>,
+    pub(super) body: Vec<u8>,
 }
 
 /// One request (with a JSON `body`) on a kept-alive connection.
-fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<Timed> {
+pub(super) fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<Timed> {
     let t = Instant::now();
     write!(
         s.get_mut(),
@@ -75,12 +75,12 @@ fn register(snapshot: &Path, state: &Path, name: &str, pool: serde_json::Value) 
     Registry::open(state).map_err(|e| e.to_string())?.install(name, &spec, snapshot)
 }
 
-type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
-type After = dyn Fn(&mut BufReader<UnixStream>, &Timed) -> Result<(), String> + Sync;
+pub(super) type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
+pub(super) type After = dyn Fn(&mut BufReader<UnixStream>, &Timed) -> Result<(), String> + Sync;
 
 /// `clients` clients each send `n` requests `req` on a connection of their own, each followed by
 /// `after` (untimed). Returns (round trips, daemon times) in us.
-fn round(
+pub(super) fn round(
     socket: &Path,
     clients: usize,
     n: usize,
@@ -210,7 +210,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
 }
 
 /// Waits until `name`'s pool holds `pool` ready clones.
-fn wait_full(sup: &Arc<Supervisor>, name: &str, pool: u32) -> Result<(), String> {
+pub(super) fn wait_full(sup: &Arc<Supervisor>, name: &str, pool: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let info = sup.get(name).map_err(|e| e.to_string())?;
@@ -226,7 +226,7 @@ fn wait_full(sup: &Arc<Supervisor>, name: &str, pool: u32) -> Result<(), String>
 
 /// Waits until this process (the clones' vCPUs included) is nearly idle: freshly restored clones
 /// spend their first moments reseeding, which on some hosts is seconds of emulated guest work.
-fn wait_quiet() {
+pub(super) fn wait_quiet() {
     let cpu = || {
         std::fs::read_to_string("/proc/self/stat")
             .ok()

@@ -32,6 +32,35 @@ pub(crate) enum BenchCommand {
     /// random reads in a guest against the same file on the host; private memory of clones of two
     /// functions sharing one layer file, each reading all of it. Boots three templates.
     Layers(BenchLayersArgs),
+    /// ember's Python runtime: a fresh boot to ready against restore -> first answer from the
+    /// handler (and from the built-in echo, same template), warm no-op invocations through the
+    /// mailbox and the daemon's API, private memory per idle Python clone. Needs the python3
+    /// layer's tree (scripts/build-python-layer.sh).
+    Python(BenchPythonArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchPythonArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// The python3 layer's tree.
+    #[arg(long, value_name = "DIR", default_value = "images/layers/python3")]
+    python: PathBuf,
+    /// Fresh boots to ready (each makes a template; the last one is measured).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=100))]
+    boots: u64,
+    /// Clones per kind for restore -> first answer.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    runs: u64,
+    /// Warm invocations per kind and channel.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    calls: u64,
+    /// Idle Python clones held for the memory measure.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    clones: u64,
+    /// Seconds to wait for one boot or one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    timeout: f64,
 }
 
 #[derive(Args)]
@@ -159,6 +188,20 @@ pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
                 timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(600)),
             };
             bench::layers::layers(&args.machine.to_config()?, &b).map_err(|e| e.to_string())?
+        }
+        BenchCommand::Python(args) => {
+            let mut cfg = args.machine.to_config()?;
+            // The interpreter and the standard library want more than the agent alone.
+            cfg.machine_config.mem_size_mib = cfg.machine_config.mem_size_mib.max(256);
+            let b = bench::python::PythonBench {
+                python: args.python,
+                boots: args.boots as usize,
+                runs: args.runs as usize,
+                calls: args.calls as usize,
+                clones: args.clones as usize,
+                timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(600)),
+            };
+            bench::python::python(&cfg, &b).map_err(|e| e.to_string())?
         }
         BenchCommand::Handoff(args) => bench::handoff::handoff(&args.snapshot, args.pool, args.requests as usize)?,
         BenchCommand::Invoke(args) => {

@@ -11,7 +11,7 @@ pub(crate) enum ImageCommand {
     /// Build a layer image from SOURCE and print `<digest> <size> bytes <built in X s | cached>
     /// <path>`.
     ///
-    /// SOURCE is a directory, a tar archive (plain or gzip), an OCI image layout directory, or a
+    /// SOURCE is a directory, a tar archive (plain or gzip), a zip archive, an OCI image layout directory, or a
     /// `docker save` tarball; an image's layers are flattened into one. The image is named by the
     /// sha256 of its bytes; building the same input again returns the stored one. Unsafe entries
     /// (absolute or `..` paths, device nodes, symlinks leaving the root) are refused. Needs
@@ -33,9 +33,14 @@ pub(crate) struct StoreArgs {
 
 #[derive(Args)]
 pub(crate) struct BuildArgs {
-    /// A directory, a tar or tar.gz, an OCI image layout directory, or a `docker save` tarball.
+    /// A directory, a tar or tar.gz, a zip, an OCI image layout directory, or a `docker save`
+    /// tarball.
     #[arg(value_name = "SOURCE")]
     source: PathBuf,
+    /// Place the source's tree under this directory of the image (e.g. `var/task`, where ember's
+    /// runtimes find a function's code) instead of at its root.
+    #[arg(long, value_name = "DIR")]
+    prefix: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -70,7 +75,9 @@ pub(crate) fn image(command: ImageCommand) -> Result<ExitCode, String> {
     match command {
         ImageCommand::Build(args) => {
             let store = args.store.open()?;
-            let built = store.build(&args.source, &Limits::default()).map_err(|e| source_error(&args.source, e))?;
+            let prefix = args.prefix.unwrap_or_default();
+            let built =
+                store.build_at(&args.source, &prefix, &Limits::default()).map_err(|e| source_error(&args.source, e))?;
             let how = if built.cached { "cached".to_string() } else { format!("built in {:.2} s", built.seconds) };
             println!("{} {} bytes {how} {}", built.layer.digest, built.layer.size, built.layer.path.display());
         }

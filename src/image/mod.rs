@@ -36,9 +36,9 @@ mod layout;
 mod stage;
 mod store;
 mod tarball;
-mod zipfile;
 #[cfg(test)]
 mod tests;
+mod zipfile;
 
 use std::path::{Path, PathBuf};
 

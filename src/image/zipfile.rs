@@ -48,12 +48,18 @@ pub(crate) fn apply_zip(backing: &Backing<'_>, stager: &mut Stager<'_>, limits: 
                 let mut target = Vec::new();
                 (&mut entry).take(MAX_LINK + 1).read_to_end(&mut target).map_err(malformed)?;
                 if target.len() as u64 > MAX_LINK {
-                    return Err(ImageError::refused(rel.display().to_string(), "a symlink target longer than 4096 bytes"));
+                    return Err(ImageError::refused(
+                        rel.display().to_string(),
+                        "a symlink target longer than 4096 bytes",
+                    ));
                 }
                 stager.put_symlink(&rel, &target)?;
             }
             other => {
-                return Err(ImageError::refused(rel.display().to_string(), format!("a zip entry of file type {other:#o}")));
+                return Err(ImageError::refused(
+                    rel.display().to_string(),
+                    format!("a zip entry of file type {other:#o}"),
+                ));
             }
         }
     }

@@ -305,6 +305,16 @@ fn is_json(resp: &Response) -> bool {
     resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
+/// How far over its limit a body is still read through before the 413 answer.
+const DRAIN_OVER_LIMIT: u64 = 32 << 20;
+
+/// A request whose declared body is over its route's limit: (declared, limit).
+fn oversized(req: &Request) -> Option<(u64, u64)> {
+    let declared: u64 = req.headers().get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()?;
+    let limit = if req.uri().path().starts_with("/layers/") { MAX_UPLOAD } else { MAX_BODY } as u64;
+    (declared > limit).then_some((declared, limit))
+}
+
 /// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
 /// returns it, with the time the daemon took (`server-timing: ember;dur=<ms>`, request routed to
 /// response built).
@@ -320,7 +330,20 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(|| format!("ember-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let mut resp = match oversized(&req) {
+        Some((declared, limit)) => {
+            // Read a body somewhat over the limit through (and drop it): a client still sending
+            // when the connection closed would never see the answer.
+            if declared <= limit + DRAIN_OVER_LIMIT {
+                use http_body_util::BodyExt;
+                let mut body = req.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+            let msg = format!("the body is {declared} bytes, over this request's limit of {limit} bytes");
+            ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
+        }
+        None => next.run(req).instrument(span.clone()).await,
+    };
     if resp.status().is_client_error() && !is_json(&resp) {
         // axum's own refusals (a body over the limit, a bad content length) come as text: every
         // error this API answers is `{"error": "..."}`.

@@ -158,6 +158,8 @@ impl Managed {
             .env("LANG", "C.UTF-8")
             .env("EMBER_RUNTIME_PROTOCOL", "2")
             .env("EMBER_HANDLER", handler)
+            // The kernel command line's workarounds for the host's CPU (ember's cmdline file).
+            .envs(std::env::vars_os().filter(|(k, _)| k == "GLIBC_TUNABLES"))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(out_w2));
