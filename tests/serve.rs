@@ -111,7 +111,8 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     let (code, body) = http(&s, "PUT", "/functions/rev", Some(&spec));
     assert_eq!(code, 202, "{body}");
     assert_eq!(json_of(&body)["state"], "creating");
-    assert_error(http(&s, "PUT", "/functions/rev", Some(&spec)), 409, "already registered");
+    // A new version cannot be registered while the first template is still being made.
+    assert_error(http(&s, "PUT", "/functions/rev", Some(&spec)), 409, "still being created");
     wait_ready(&s, "rev", 2);
 
     // Acquire: a warm clone, reachable through its mailbox; released once, never twice.
