@@ -357,10 +357,10 @@ impl Supervisor {
         {
             let mut pool = f.pool.locked();
             // A cold start adds a clone: never past `max` (in use, ready, starting and restoring).
-            if pool.busy + pool.have() >= f.spec.pool.max {
+            if pool.busy + pool.have() >= f.max_clones {
                 return Err(Refusal::Unavailable(format!(
                     "function {name:?} is at its pool.max of {} clones; try again",
-                    f.spec.pool.max
+                    f.max_clones
                 )));
             }
             pool.mark_busy();
@@ -433,6 +433,14 @@ impl Supervisor {
     /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
     /// recycled.
     pub fn release(&self, id: u64, lease: &str, destroy: bool) -> Result<bool, Refusal> {
+        self.release_after(id, lease, destroy, false)
+    }
+
+    /// [`Supervisor::release`] after an `acquire` (`invoked` false) or an `invoke` (true): with
+    /// `max_uses` unset only the latter recycles ([`PoolPolicy::uses_allowed`]).
+    ///
+    /// [`PoolPolicy::uses_allowed`]: super::scaler::PoolPolicy::uses_allowed
+    fn release_after(&self, id: u64, lease: &str, destroy: bool, invoked: bool) -> Result<bool, Refusal> {
         let h = {
             let mut handed = self.handed.locked();
             let h = handed.get(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
@@ -443,7 +451,7 @@ impl Supervisor {
         };
         let (f, clone) = (h.function, h.clone);
         let recycle = !destroy
-            && clone.uses < f.spec.pool.max_uses
+            && clone.uses < f.spec.pool.uses_allowed(invoked)
             && !f.deleted.load(Ordering::SeqCst)
             && !self.stopping.load(Ordering::SeqCst)
             && clone.vm.exit().is_none()
@@ -529,7 +537,7 @@ impl Supervisor {
         // rings, so that waiting callers do not take the CPU the guests need to answer.
         let r = mailbox.call(&handler, payload, CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN });
         // A clone that did not answer is not handed to anyone again.
-        let _ = self.release(handoff.id, &handoff.lease, r.is_err());
+        let _ = self.release_after(handoff.id, &handoff.lease, r.is_err(), true);
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         r.map_err(|e| {
             f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
