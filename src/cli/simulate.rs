@@ -34,7 +34,7 @@ pub(crate) struct SimulateArgs {
     #[arg(long, value_name = "JSON")]
     policy: Option<String>,
     /// The modelled host's memory, MiB (a function's clones are limited to what it holds).
-    #[arg(long, value_name = "MIB", default_value_t = 65_536.0)]
+    #[arg(long, value_name = "MIB", default_value_t = 524_288.0)]
     host_mib: f64,
     /// Memory for ready clones, all functions together, MiB (default: half of --host-mib).
     #[arg(long, value_name = "MIB")]

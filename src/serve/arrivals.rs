@@ -19,7 +19,9 @@
 //!   arrivals less than a refill apart form a cluster (one invocation, a queue's batch, the start
 //!   of a burst). The k-th clone is worth the rate of clusters x the share of recent clusters that
 //!   needed k clones before a tick could react (arrivals within one refill, in a cluster's first
-//!   refill + tick). The rate of clusters is
+//!   refill + tick; with one cluster more than seen, k deep with probability 2^(1 - k) for a
+//!   function just registered, a belief in deep clusters that fades with a half-life of a minute
+//!   of its age). The rate of clusters is
 //!   - for a **periodic** function (its last three gaps between clusters agree to within 2%, or
 //!     within the refill and a tick): one arrival spread over a window around the next predicted
 //!     one (four times the spread of those gaps, 0.5% of the period, a refill and a tick, either
@@ -40,6 +42,9 @@ use std::collections::VecDeque;
 const RAREST: f64 = 1.0 / (30.0 * 86_400.0);
 /// The largest cluster depth recorded (deeper ones count as this deep).
 const MAX_DEPTH: usize = 256;
+/// The weight of the prior on clusters' depths, in clusters, at registration, and its half-life.
+const PRIOR_CLUSTERS: f64 = 1.0;
+const PRIOR_HALF_LIFE_S: f64 = 60.0;
 /// Gaps between clusters kept for the periodicity check.
 const GAPS: usize = 3;
 /// A tick's arrival counts kept for the short windows (60 s of 100 ms ticks at most).
@@ -253,7 +258,10 @@ impl ArrivalModel {
             return Pattern::Unknown;
         }
         if self.starts.len() == GAPS + 1 {
-            let mut gaps: Vec<f64> = self.starts.iter().zip(self.starts.iter().skip(1)).map(|(a, b)| b - a).collect();
+            let mut gaps = [0.0; GAPS];
+            for (g, (a, b)) in gaps.iter_mut().zip(self.starts.iter().zip(self.starts.iter().skip(1))) {
+                *g = b - a;
+            }
             gaps.sort_by(f64::total_cmp);
             let period = gaps[GAPS / 2];
             let spread = gaps[GAPS - 1] - gaps[0];
@@ -293,14 +301,13 @@ impl ArrivalModel {
     }
 
     /// The share of recent clusters that needed at least `k` clones (1 for k = 1).
-    fn deeper(&self, k: usize) -> f64 {
+    fn deeper(&self, k: usize, prior: f64) -> f64 {
         if k <= 1 {
             return 1.0;
         }
-        match (self.depths.first(), self.depths.get(k - 1)) {
-            (Some(&all), Some(&d)) if all > 0.0 => d / all,
-            _ => 0.0,
-        }
+        let all = self.depths.first().copied().unwrap_or(0.0);
+        let seen = self.depths.get(k - 1).copied().unwrap_or(0.0);
+        (seen + prior * 0.5f64.powi(k as i32 - 1)) / (all + PRIOR_CLUSTERS)
     }
 
     /// How many ready clones are worth at least `price` cold starts saved per second each, with
@@ -312,8 +319,12 @@ impl ArrivalModel {
         let now_n = poisson_wanted(rate, self.refill_s, price, cap);
         // Between clusters: their rate x the share that went at least k deep.
         let clusters = if self.remembers { self.cluster_rate(now) * headroom } else { 0.0 };
+        // One cluster more than seen, k deep with probability 2^(1 - k) for a function just
+        // registered, a belief in deep clusters that fades with a half-life of a minute of its
+        // age (the cluster itself stays: one cluster no deeper than 1).
+        let prior = PRIOR_CLUSTERS * 0.5f64.powf((now - self.born) / PRIOR_HALF_LIFE_S);
         let mut quiet_n = 0u32;
-        while quiet_n < cap && clusters * self.deeper(quiet_n as usize + 1) >= price {
+        while quiet_n < cap && clusters * self.deeper(quiet_n as usize + 1, prior) >= price {
             quiet_n += 1;
         }
         now_n.max(quiet_n)
@@ -384,11 +395,45 @@ mod tests {
     #[test]
     fn a_new_function_keeps_a_clone_for_minutes_then_lets_it_go() {
         let m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
-        // Worth a clone at an hour's price for a few minutes after registration, not after 20.
+        // Worth a clone at an hour's price for a few minutes after registration (more in the
+        // first minutes: see the prior below), not after 20.
         let price = 1.0 / 3600.0;
-        assert_eq!(m.wanted(60.0, price, 1.0, 100), 1);
+        assert!(m.wanted(60.0, price, 1.0, 100) >= 1);
+        assert_eq!(m.wanted(300.0, price, 1.0, 100), 1);
         assert_eq!(m.wanted(1200.0, price, 1.0, 100), 0);
         assert_eq!(m.pattern(1200.0), Pattern::Unknown);
+    }
+
+    #[test]
+    fn a_function_just_registered_is_assumed_bursty_for_a_minute_or_so() {
+        // One arrival right after registration: the prior's clusters (half of them at least 2
+        // deep, a quarter 3...) ask for a few clones; minutes later, with every cluster seen one
+        // deep, one clone.
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        run(&mut m, &[0.05], 0.0, 0.2, |_, _| {});
+        let early = m.wanted(0.2, 1.0 / 3600.0, 1.0, 100);
+        assert!(early >= 4, "{early}");
+        let arrivals: Vec<f64> = (0..20).map(|i| 0.05 + f64::from(i) * 30.0).collect();
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        run(&mut m, &arrivals, 0.0, 600.0, |_, _| {});
+        assert_eq!(m.wanted(600.0, 1.0 / 3600.0, 1.0, 100), 1);
+    }
+
+    #[test]
+    fn a_surge_between_ticks_is_seen_at_once_and_a_cold_start_always_counts() {
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        // A quiet second (one arrival), then 3 arrivals within 10 ms of a tick.
+        run(&mut m, &[0.5], 0.0, 1.0, |_, _| {});
+        m.arrival(1.001);
+        assert_eq!(m.surge(1.001, false), None, "one arrival is no surge");
+        assert!(m.surge(1.001, true).is_some(), "a cold start is");
+        m.arrival(1.005);
+        m.arrival(1.009);
+        let rate = m.surge(1.009, false).expect("a surge");
+        // 3 arrivals within a refill (50 ms): (3 - 1) / 0.05.
+        assert!((rate - 40.0).abs() < 1e-9, "{rate}");
+        let n = poisson_wanted(rate, REFILL, 1.0 / 3600.0, 1000);
+        assert!((8..=14).contains(&n), "{n}");
     }
 
     #[test]

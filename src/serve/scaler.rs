@@ -324,11 +324,15 @@ mod tests {
 
     #[test]
     fn idle_keeps_min_ready() {
-        let mut s = Scaler::new(policy(), TICK, 0.0, 100);
+        // (Nothing remembered of the arrivals between bursts, so no prior either.)
+        let mut s = Scaler::new(PoolPolicy { burst_window_s: 0.0, ..policy() }, TICK, 0.0, 100);
         assert_eq!(s.tick(load(0, 0), 0.1), Action::Grow(2));
         assert_eq!(s.tick(load(0, 2), 0.2), Action::Hold);
-        // Hours later, nothing having come: still min_ready.
+        // Hours later, nothing having come: still min_ready, with or without the model.
         assert_eq!(s.tick(load(0, 2), 7200.0), Action::Hold);
+        let mut s = Scaler::new(policy(), TICK, 0.0, 100);
+        assert!(matches!(s.tick(load(0, 0), 0.1), Action::Grow(n) if n >= 2));
+        s.tick(load(0, 2), 7200.0);
         assert_eq!(s.target(), 2);
     }
 
@@ -396,19 +400,22 @@ mod tests {
     fn a_pool_not_worth_a_clone_is_unloaded_at_once() {
         let p = PoolPolicy { min_ready: 0, ..policy() };
         let mut s = Scaler::new(p, TICK, 0.0, 100);
-        // Registered, never called: warm for a few minutes at the default price, then unloaded in
-        // one step (no delay: nothing suggests a call is coming).
-        assert_eq!(s.tick(load(0, 0), 0.1), Action::Grow(1));
+        // Registered, never called: warm for a few minutes at the default price (a few clones for
+        // a minute or so, then one), then unloaded in one step (no delay: nothing suggests a call
+        // is coming).
+        let Action::Grow(mut ready) = s.tick(load(0, 0), 0.1) else { panic!("not warmed") };
         let mut t = 0.1;
         let unloaded = loop {
             t += 0.1;
-            match s.tick(load(0, 1), t) {
-                Action::Hold => continue,
-                a => break (a, t),
+            match s.tick(load(0, ready), t) {
+                Action::Shrink(n) if n == ready => break t,
+                Action::Shrink(n) => ready -= n,
+                Action::Hold => {}
+                Action::Grow(n) => panic!("grew by {n} at {t}"),
             }
         };
-        assert_eq!(unloaded.0, Action::Shrink(1));
-        assert!((120.0..900.0).contains(&unloaded.1), "{unloaded:?}");
+        assert_eq!(ready, 1, "unloaded from {ready}");
+        assert!((120.0..900.0).contains(&unloaded), "{unloaded}");
     }
 
     #[test]
