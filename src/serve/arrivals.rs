@@ -117,6 +117,8 @@ pub struct ArrivalModel {
     ticked_at: f64,
     /// Whether clusters are remembered at all (a half-life above 0).
     remembers: bool,
+    /// Whether it has been ticked yet.
+    ticked: bool,
 }
 
 impl ArrivalModel {
@@ -142,6 +144,7 @@ impl ArrivalModel {
             tick_s,
             ticked_at: now,
             remembers: memory_s > 0.0,
+            ticked: false,
         }
     }
 
@@ -159,8 +162,12 @@ impl ArrivalModel {
         let depth = self.recent.len() as u32;
         let gap = self.last_arrival.map_or(f64::INFINITY, |l| now - l);
         self.last_arrival = Some(now);
+        // A surge within a cluster whose early part is over (a burst on a busy function) counts as
+        // a cluster of its own: its onset is what a reserve would have to cover.
+        let early = |start: f64| now - start <= r + self.tick_s;
+        let surging = self.cluster.is_some_and(|(start, _)| !early(start)) && self.surge(now, false).is_some();
         match &mut self.cluster {
-            Some((start, deepest)) if gap < r => {
+            Some((start, deepest)) if gap < r && !surging => {
                 if now - *start <= r + self.tick_s {
                     *deepest = (*deepest).max(depth);
                 }
@@ -190,8 +197,15 @@ impl ArrivalModel {
         self.depths[..k].iter_mut().for_each(|d| *d += 1.0);
     }
 
-    /// A tick at `now`: closes the tick's count; `refill_s` is how long a refill takes now.
+    /// A tick at `now`: closes the tick's count; `refill_s` is how long a refill takes now. The
+    /// function's history starts at its first tick (a function whose template is still being
+    /// made is not ticked), unless an arrival came first.
     pub fn tick(&mut self, now: f64, refill_s: f64) {
+        if !self.ticked && self.last_arrival.is_none() {
+            self.born = now;
+            self.clusters = Decayed::new(now, self.clusters.half_life);
+        }
+        self.ticked = true;
         self.refill_s = refill_s.max(0.0);
         self.ticked_at = now;
         let c = std::mem::take(&mut self.this_tick);

@@ -156,4 +156,15 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
         assert!(s.contains("x_count 3"), "{s}");
     }
+
+    #[test]
+    fn the_idle_budget_is_in_bytes() {
+        let m = Metrics::default();
+        m.host.set(1024.0, 128.0);
+        let s = m.render(&[]);
+        assert!(s.contains("\nember_idle_budget_bytes 1073741824\n"), "{s}");
+        assert!(s.contains("\nember_idle_budget_used_bytes 134217728\n"), "{s}");
+        assert!(s.contains("# TYPE ember_predicted_arrivals_per_second gauge"), "{s}");
+        assert!(s.contains("# TYPE ember_clones_max gauge"), "{s}");
+    }
 }

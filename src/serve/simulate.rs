@@ -483,7 +483,11 @@ pub struct Point {
 /// hybrid-histogram policy at several keep-alive percentiles and histogram ranges. The runs go
 /// on as many threads as there are policies.
 pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, restore_s: f64) -> Vec<Point> {
-    let costs = [60.0, 300.0, 900.0, 3600.0, 14_400.0, 57_600.0];
+    let mut costs = vec![60.0, 300.0, 900.0, 3600.0, 14_400.0, 57_600.0];
+    if !costs.contains(&policy.cold_start_cost_s) {
+        costs.push(policy.cold_start_cost_s);
+        costs.sort_by(f64::total_cmp);
+    }
     let windows = [60.0, 300.0, 600.0, 1200.0, 3600.0, 14_400.0];
     // The hybrid policy's keep-alive percentile (the paper's is the 99th), and a shorter
     // histogram range (on traces of an hour, the range barely matters).
@@ -495,7 +499,8 @@ pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, resto
                 .map(|&c| {
                     let p = PoolPolicy { cold_start_cost_s: c, ..policy.clone() };
                     let outcome = autoscaler(trace, &p, host, restore_s).0;
-                    Point { policy: "ember", setting: format!("cold_start_cost_s {c}"), outcome }
+                    let run = if c == policy.cold_start_cost_s { " (as run)" } else { "" };
+                    Point { policy: "ember", setting: format!("cold_start_cost_s {c}{run}"), outcome }
                 })
                 .collect::<Vec<_>>()
         });
@@ -527,12 +532,12 @@ pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, resto
 /// The trade-off curve as a table.
 pub fn curve_table(points: &[Point]) -> String {
     let mut s = format!(
-        "{:<18} {:<26} {:>12} {:>15} {:>18}\n",
+        "{:<18} {:<34} {:>12} {:>15} {:>18}\n",
         "policy", "setting", "cold starts", "cold-start rate", "idle clone-seconds"
     );
     for p in points {
         s.push_str(&format!(
-            "{:<18} {:<26} {:>12} {:>14.4}% {:>18.0}\n",
+            "{:<18} {:<34} {:>12} {:>14.4}% {:>18.0}\n",
             p.policy,
             p.setting,
             p.outcome.cold_starts,
