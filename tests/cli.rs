@@ -161,6 +161,15 @@ fn serve_bench_and_simulate_usage_errors() {
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max_uses": 0}"#], 1, "max_uses");
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"burst_window_s": -1}"#], 1, "burst_window_s");
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"recycle": true}"#], 1, "unknown field");
+    assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"cold_start_cost_s": 0}"#], 1, "cold_start_cost_s");
+    assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max": 0}"#], 1, "pool.max");
+    assert_fails(&["simulate", "--trace", trace, "--host-mib", "0"], 1, "--host-mib");
+    assert_fails(&["simulate", "--generate", "fleet", "--functions", "0"], 1, "--functions");
+    assert_fails(&["simulate", "--generate", "fleet", "--rate-spread", "NaN"], 1, "--rate-spread");
+    assert_fails(&["simulate", "--generate", "steady", "--max-rate", "5"], 1, "for --generate fleet");
+    assert_fails(&["simulate", "--azure-invocations", "/nonexistent.csv"], 1, "/nonexistent.csv");
+    assert_fails(&["simulate", "--azure-invocations", trace, "--minutes", "5"], 1, "--minutes");
+    assert_fails(&["simulate", "--azure-invocations", trace], 1, "header lacks");
     // A file that is not a socket is never taken for a stale socket and removed.
     let dir = tmp();
     let precious = dir.path().join("api.sock");

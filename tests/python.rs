@@ -141,7 +141,9 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     let spec = |code: &Path, handler: &str| {
         json!({
             "kernel": kernel, "initramfs": initrd, "runtime": "python3", "handler": handler,
-            "code": code, "layers": ["deps"], "mem_mib": 256, "pool": {"min_ready": 2, "max": 8}
+            "code": code, "layers": ["deps"], "mem_mib": 256,
+            // Single-use clones: every call below runs on a fresh copy of the template.
+            "pool": {"min_ready": 2, "max": 8, "max_uses": 1}
         })
         .to_string()
     };

@@ -140,7 +140,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     let state = dir.join("state");
     let quiet = |min_ready: u32| {
         serde_json::json!({"min_ready": min_ready, "max": min_ready * 2 + 16, "headroom": 1.0,
-            "scale_in_delay_s": 3600.0, "burst_window_s": 0.0})
+            "scale_in_delay_s": 3600.0, "burst_window_s": 0.0, "max_uses": 1})
     };
     register(snapshot, &state, FRESH, quiet(pool))?;
     let mut recycled = quiet(RECYCLED_POOL);

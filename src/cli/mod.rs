@@ -59,8 +59,11 @@ pub(crate) enum Command {
     /// Registered functions and their templates are kept under --state-dir and survive a restart.
     /// SIGINT / SIGTERM stop every VM and remove the socket.
     Serve(serve::ServeArgs),
-    /// Replay an invocation trace against the autoscaler (with a modelled restore time) and a fixed
-    /// keep-alive policy; report cold starts and idle clone-seconds. Or write a synthetic trace.
+    /// Replay an invocation trace against the autoscaler (with a modelled restore time), a fixed
+    /// keep-alive policy and the hybrid-histogram policy; report cold starts and idle
+    /// clone-seconds (and the trade-off curve, as a table or an SVG plot). The trace: a CSV file,
+    /// a generated one (single functions or a fleet), or the Azure Functions 2019 trace's files.
+    /// Or write a synthetic trace.
     Simulate(simulate::SimulateArgs),
     /// Measure ember.
     #[command(subcommand)]

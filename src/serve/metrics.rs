@@ -1,5 +1,6 @@
-//! /metrics in Prometheus text format: per-function counters and gauges from the supervisor, and
-//! latency histograms for restores and handoffs.
+//! /metrics in Prometheus text format: per-function counters and gauges from the supervisor (the
+//! autoscaler's predicted arrivals and target among them), the host's idle budget, and latency
+//! histograms for restores and handoffs.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +40,39 @@ impl Histogram {
     }
 }
 
-/// The daemon's histograms.
+/// The host's idle budget and how much of it the autoscaler's targets hold (f64 bits, MiB).
+#[derive(Default)]
+pub struct HostGauges {
+    budget_mib: AtomicU64,
+    used_mib: AtomicU64,
+}
+
+impl HostGauges {
+    pub fn set(&self, budget_mib: f64, used_mib: f64) {
+        self.budget_mib.store(budget_mib.to_bits(), Ordering::Relaxed);
+        self.used_mib.store(used_mib.to_bits(), Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let mib = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed)) * 1024.0 * 1024.0;
+        for (name, help, v) in [
+            (
+                "ember_idle_budget_bytes",
+                "Memory the host lets ready clones hold, all functions together.",
+                &self.budget_mib,
+            ),
+            (
+                "ember_idle_budget_used_bytes",
+                "Memory the autoscaler's targets hold (clones at their guest memory).",
+                &self.used_mib,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", mib(v));
+        }
+    }
+}
+
+/// The daemon's histograms and host gauges.
 #[derive(Default)]
 pub struct Metrics {
     /// Restoring a clone (new VM with the template's state, started).
@@ -49,13 +82,15 @@ pub struct Metrics {
     /// A clone's start: restore to its agent serving (as seen by the background loop, which looks
     /// after every handoff and every tick).
     pub clone_start: Histogram,
+    /// The idle budget, set by the scaling loop's ticks.
+    pub host: HostGauges,
 }
 
 impl Metrics {
     pub fn render(&self, functions: &[FunctionInfo]) -> String {
         let mut out = String::new();
         type Pick = fn(&FunctionInfo) -> f64;
-        let series: [(&str, &str, &str, Pick); 9] = [
+        let series: [(&str, &str, &str, Pick); 11] = [
             ("ember_handoffs_total", "counter", "Clones handed out (acquire and invoke).", |f| f.handoffs as f64),
             ("ember_cold_starts_total", "counter", "Handoffs that had to restore a clone on the spot.", |f| {
                 f.cold_starts as f64
@@ -76,6 +111,12 @@ impl Metrics {
             ("ember_clones_ready", "gauge", "Ready clones in the pool.", |f| f64::from(f.ready)),
             ("ember_clones_busy", "gauge", "Clones handed out and not released.", |f| f64::from(f.busy)),
             ("ember_clones_target_ready", "gauge", "Ready clones the autoscaler wants.", |f| f64::from(f.target_ready)),
+            ("ember_clones_max", "gauge", "Most clones at once (pool.max, or what the host's memory holds).", |f| {
+                f64::from(f.max_clones)
+            }),
+            ("ember_predicted_arrivals_per_second", "gauge", "Arrivals the autoscaler expects now, per second.", |f| {
+                f.predicted_arrivals_per_s
+            }),
             ("ember_clones_recycled_total", "counter", "Released clones that went back to the pool.", |f| {
                 f.recycled_clones as f64
             }),
@@ -86,6 +127,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{function=\"{}\"}} {}", f.name, pick(f));
             }
         }
+        self.host.render(&mut out);
         self.restore.render(&mut out, "ember_restore_seconds", "Time to restore and start a clone.");
         self.handoff.render(&mut out, "ember_handoff_seconds", "Time to hand a clone over (acquire).");
         self.clone_start.render(
@@ -113,5 +155,16 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"0.005\"} 2"), "{s}");
         assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
         assert!(s.contains("x_count 3"), "{s}");
+    }
+
+    #[test]
+    fn the_idle_budget_is_in_bytes() {
+        let m = Metrics::default();
+        m.host.set(1024.0, 128.0);
+        let s = m.render(&[]);
+        assert!(s.contains("\nember_idle_budget_bytes 1073741824\n"), "{s}");
+        assert!(s.contains("\nember_idle_budget_used_bytes 134217728\n"), "{s}");
+        assert!(s.contains("# TYPE ember_predicted_arrivals_per_second gauge"), "{s}");
+        assert!(s.contains("# TYPE ember_clones_max gauge"), "{s}");
     }
 }

@@ -6,12 +6,17 @@
 //! - [`registry`]: the state directory's files.
 //! - [`images`]: the image directories registrations may boot from.
 //! - [`layers`]: shared layers by name, functions' code layers, the layer builder thread.
-//! - [`scaler`]: the autoscaling policy (pure logic).
+//! - [`scaler`]: the autoscaling policy (pure logic), [`arrivals`] the model of a function's
+//!   arrivals behind it, [`fleet`] the host's idle budget shared by every function's scaler.
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
-//! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy.
+//! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy;
+//!   [`hybrid`] the hybrid-histogram policy, [`traces`] generated fleets and the Azure trace.
 
 pub mod api;
+pub mod arrivals;
+pub mod fleet;
+pub mod hybrid;
 pub mod images;
 pub mod layers;
 pub mod metrics;
@@ -21,6 +26,7 @@ pub mod registry;
 pub mod scaler;
 pub mod simulate;
 pub mod supervisor;
+pub mod traces;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -247,6 +247,10 @@ pub struct FunctionInfo {
     pub busy: u32,
     pub restoring: u32,
     pub target_ready: u32,
+    /// Arrivals the autoscaler expects now, per second.
+    pub predicted_arrivals_per_s: f64,
+    /// Most clones at once: `pool.max`, or what the host's memory holds.
+    pub max_clones: u32,
     pub handoffs: u64,
     pub cold_starts: u64,
     pub invocations: u64,
@@ -288,13 +292,15 @@ mod tests {
     #[test]
     fn random_and_mutated_registrations_are_refused_without_a_panic() {
         let good = br#"{"kernel": "vmlinux", "initramfs": "i.cpio", "vcpus": 1, "mem_mib": 128, "handler": "echo",
-            "runtime": "flip /init --x", "pool": {"min_ready": 1, "max": 8, "headroom": 1.5, "lease_s": 60}}"#;
+            "runtime": "flip /init --x", "pool": {"min_ready": 1, "max": 8, "headroom": 1.5, "lease_s": 60, "max_uses": 2, "cold_start_cost_s": 600}}"#;
         let mut rng = crate::sys::TestRng::new(13);
         for _ in 0..20_000 {
             let input = rng.mutate(good);
             if let Ok(spec) = serde_json::from_slice::<FunctionSpec>(&input) {
                 if spec.validate().is_ok() {
-                    assert!(spec.pool.max >= spec.pool.min_ready && spec.pool.max <= super::super::scaler::MAX_POOL);
+                    let max = spec.pool.max.unwrap_or(super::super::scaler::MAX_POOL);
+                    assert!(max >= spec.pool.min_ready && max <= super::super::scaler::MAX_POOL);
+                    assert!(spec.pool.cold_start_cost_s.is_finite() && spec.pool.cold_start_cost_s >= 1.0);
                     assert!(spec.pool.headroom.is_finite() && spec.pool.lease_s > 0.0);
                 }
             }

@@ -1,13 +1,15 @@
 //! Pools of clones and their scaling: what a function holds (ready and starting clones, counters,
 //! its autoscaler), taking a clone for a handoff, and the background loop that sweeps ended clones,
-//! promotes started ones and grows or shrinks each pool towards the scaler's target.
+//! promotes started ones and grows or shrinks each pool towards the target the host's allocation
+//! (`fleet.rs`, the same code `ember simulate` runs) gives it.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::fleet::{self, Host};
 use super::model::{FunctionInfo, FunctionSpec, FunctionState};
 use super::scaler::{Action, Load, Scaler};
 use super::supervisor::Supervisor;
@@ -24,6 +26,18 @@ pub const TICK: Duration = Duration::from_millis(100);
 const MAX_WARMING: usize = 8;
 /// The refill time assumed until a clone of the function has been seen starting.
 const INITIAL_REFILL_S: f64 = 0.1;
+
+/// The daemon's clock for the scaler: seconds since its first reading.
+pub(super) fn clock_s() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// This machine, as the scaler's host (read once).
+pub(super) fn host() -> &'static Host {
+    static HOST: OnceLock<Host> = OnceLock::new();
+    HOST.get_or_init(Host::this_machine)
+}
 
 /// A clone: a restored VM and its channels.
 pub struct PooledVm {
@@ -45,10 +59,6 @@ pub(super) struct Pool {
     pub(super) restoring: u32,
     /// Clones handed out and not yet released.
     pub(super) busy: u32,
-    /// The most clones handed out at once since the scaler last looked.
-    pub(super) peak_busy: u32,
-    /// Handoffs since the scaler last looked.
-    pub(super) handoffs: u32,
 }
 
 impl Pool {
@@ -65,8 +75,6 @@ impl Pool {
 
     pub(super) fn mark_busy(&mut self) {
         self.busy += 1;
-        self.peak_busy = self.peak_busy.max(self.busy);
-        self.handoffs += 1;
     }
 }
 
@@ -97,13 +105,18 @@ pub struct Function {
     pub(super) refill_s: Mutex<f64>,
     /// The version of its template (see `Supervisor::version_of`), once made.
     pub(super) version: Mutex<Option<String>>,
+    /// Most clones (ready, starting, restoring and in use) at once: the policy's `max`, or as
+    /// many of its guests as the host's memory holds.
+    pub(super) max_clones: u32,
 }
 
 impl Function {
     pub(super) fn new(name: &str, spec: FunctionSpec) -> Self {
+        let scaler = Scaler::new(spec.pool.clone(), TICK, clock_s(), host().clone_limit(spec.mem_mib as f64));
         Self {
             name: name.to_string(),
-            scaler: Mutex::new(Scaler::new(spec.pool.clone(), TICK)),
+            max_clones: scaler.limit(),
+            scaler: Mutex::new(scaler),
             spec,
             state: Mutex::new(FunctionState::Creating),
             template: Mutex::new(None),
@@ -133,6 +146,8 @@ impl Function {
             busy: pool.busy,
             restoring: pool.restoring,
             target_ready: self.scaler.locked().target(),
+            predicted_arrivals_per_s: self.scaler.locked().predicted_rate(),
+            max_clones: self.max_clones,
             handoffs: c.handoffs.load(Ordering::Relaxed),
             cold_starts: c.cold_starts.load(Ordering::Relaxed),
             invocations: c.invocations.load(Ordering::Relaxed),
@@ -164,6 +179,8 @@ impl Supervisor {
         }
         let have = pool.have();
         drop(pool);
+        // Every handoff, warm or cold (the cold path comes here first), is an arrival.
+        f.scaler.locked().arrival(clock_s(), warm.is_none());
         f.counters.replaced.fetch_add(crashed.len() as u64, Ordering::Relaxed);
         // Dropping a VM joins its threads: never on the caller's (async) thread.
         self.discard(crashed);
@@ -280,23 +297,31 @@ impl Supervisor {
         Some((functions, warming))
     }
 
-    /// One tick of the background loop: sweep every pool, then scale it.
+    /// One tick of the background loop: sweep every pool, then scale it: every function's scaler
+    /// sees its pool, the host's allocation sets the targets under the idle budget, each pool
+    /// grows or shrinks towards its own.
     pub fn tick(&self) {
         self.expire_leases();
         let Some((functions, mut warming)) = self.swept_functions() else { return };
+        let now = clock_s();
         for f in &functions {
             let load = {
-                let mut pool = f.pool.locked();
-                let busy = pool.busy;
-                Load {
-                    busy,
-                    peak_busy: std::mem::replace(&mut pool.peak_busy, busy),
-                    handoffs: std::mem::take(&mut pool.handoffs),
-                    have: pool.have(),
-                    refill_s: *f.refill_s.locked(),
-                }
+                let pool = f.pool.locked();
+                Load { busy: pool.busy, have: pool.have(), refill_s: *f.refill_s.locked() }
             };
-            let action = f.scaler.locked().tick(load);
+            f.scaler.locked().observe(load, now);
+        }
+        let alloc = fleet::allocate_with(
+            host(),
+            functions.len(),
+            |i| functions[i].spec.mem_mib as f64,
+            |i, price| functions[i].scaler.locked().wanted(price),
+            |i| functions[i].spec.pool.price(),
+        );
+        self.metrics.host.set(host().idle_budget_mib, alloc.used_mib);
+        for (f, &target) in functions.iter().zip(&alloc.targets) {
+            let have = f.pool.locked().have();
+            let action = f.scaler.locked().decide(target, have);
             match action {
                 Action::Grow(n) => self.grow(f, n, &mut warming),
                 Action::Shrink(n) => {

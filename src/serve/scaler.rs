@@ -1,31 +1,34 @@
-//! The autoscaler: how many ready clones a function should have, from the concurrency and the
-//! arrivals the handoff path reports. Pure logic on scripted inputs (unit-tested here; `ember
-//! simulate` drives it with a modelled restore time, the daemon with the measured one).
+//! The autoscaler: how many ready clones a function should have. Pure logic on scripted inputs
+//! (unit-tested here; `ember simulate` drives it with a modelled restore time, the daemon with the
+//! measured one, both through the host's allocation in `fleet.rs`).
 //!
-//! Every tick it takes the clones in use now and at most during the tick (the concurrency), the
-//! handoffs during the tick (the arrivals), and how long a refill takes (restore to agent serving),
-//! and keeps
-//! - a fast EWMA of the concurrency, and its peak over a recent window (the short-term trend: a
-//!   burst is met by the peak at once instead of waiting for the average to climb);
-//! - the peak of arrivals per tick over the same window, scaled to the refill time: what arrives
-//!   before a refill started now can land (the pool is refilled on every handoff, not only at
-//!   ticks, so this is what the ready clones must cover);
-//! - the same arrival peak over a long window (`burst_window_s`): a reserve for the bursts this
-//!   function has had lately, so that the next one starts from a pool that covers its first
-//!   refill time instead of draining it;
-//! - target ready clones = the largest of `min_ready`, the burst reserve x headroom and
-//!   ceil(headroom x the larger of concurrency and recent arrivals) (less the clones in use when
-//!   they come back: `max_uses` > 1), and never more than `max` minus the clones in use.
+//! The handoff path reports every arrival; every tick the pool reports the clones in use and the
+//! pool's size and how long a refill takes (restore to serving). From the arrivals the function's
+//! [`ArrivalModel`] says what each ready clone is worth: the cold starts it is expected to save
+//! per second (the rate of arrivals that would find it needed). A clone is kept while it is worth
+//! its idle time at the function's price, `1 / cold_start_cost_s` (a cold start is worth that many
+//! idle clone-seconds), and while the host's idle budget has room for it (the host raises the
+//! price when it has not: clones go where they save the most per MiB). So
+//! - a hot function keeps the arrivals within a refill at its current rate, with the Poisson
+//!   headroom its price buys (not a fixed multiple of its concurrency);
+//! - a rare function keeps one clone while it is called more often than its price, none otherwise,
+//!   and a periodic one has a clone restored ahead of its next predicted call and unloaded after;
+//! - a function that had bursts keeps a reserve for their onsets, which decays as time passes
+//!   without one.
 //!
-//! Scale-out is immediate (the pool restores what is missing in the background). Scale-in waits
-//! until the target has stayed below the pool size for `scale_in_delay`, then removes at most
-//! `scale_in_step` clones per tick while it stays below, so that oscillating load does not churn
-//! clones and a pool left large by a burst goes back down in seconds, not minutes.
+//! Scale-out is immediate (the pool restores what is missing in the background, and refills after
+//! every handoff). Scale-in is delayed and stepwise: the pool is held at its largest target until
+//! the target has stayed below that for `scale_in_delay_s`, then the held level comes down by at
+//! most `scale_in_step` clones per tick while the target stays below, so that oscillating load
+//! does not churn clones. Clones beyond the held level (recycled clones coming back) go a quarter
+//! of them per tick (at least a step), and a pool whose target is 0 (the next call is not expected soon enough to be worth a clone) is
+//! unloaded at once.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::arrivals::ArrivalModel;
 
 /// A function's pool policy (part of its registration).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,44 +36,57 @@ use serde::{Deserialize, Serialize};
 pub struct PoolPolicy {
     /// Ready clones kept even with no load.
     pub min_ready: u32,
-    /// Most clones (ready + in use) at once.
-    pub max: u32,
-    /// Ready clones per unit of demand (1.5 = 50% more than the recent concurrency).
+    /// Most clones (ready + in use) at once; by default as many as the host's memory holds (a
+    /// safety limit: the scaler and the host's idle budget keep pools far below it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// A factor on the arrival rates the scaler sees (1.5 = plan for 50% more than seen).
     pub headroom: f64,
     /// How long the target must stay below the pool before it shrinks, in seconds.
     pub scale_in_delay_s: f64,
     /// Most clones removed per tick once scale-in has begun.
     pub scale_in_step: u32,
-    /// The window of the recent peak, in seconds.
+    /// The longest window of the recent arrival rate, in seconds.
     pub peak_window_s: f64,
-    /// How long the largest burst of arrivals sets the reserve of ready clones, in seconds
-    /// (0: no reserve).
+    /// The half-life of what is remembered of the function's arrivals between bursts (how often
+    /// it is called, how deep its bursts went), in seconds; it sets how long a burst keeps a
+    /// reserve and how long a quiet function stays warm (0: nothing remembered, no reserve).
     pub burst_window_s: f64,
     /// Handoffs one clone serves. 1: every handoff gets a fresh clone of the template and released
     /// clones are destroyed; more: a released clone whose agent is idle and serving goes back to
-    /// the pool until it has served this many.
-    pub max_uses: u32,
+    /// the pool until it has served this many. Unset: clones that served an `invoke` are recycled
+    /// (up to [`AUTO_MAX_USES`] times), clones handed out by `acquire` are not (see
+    /// [`PoolPolicy::uses_allowed`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
     /// How long a handed-out clone may stay out, in seconds: a clone not released by then is
     /// destroyed (its lease expires), so a scheduler that lost track of one does not hold it
     /// forever.
     pub lease_s: f64,
+    /// What one cold start of this function is worth, in idle clone-seconds: a ready clone is kept
+    /// while it is expected to save at least one cold start per this many seconds.
+    pub cold_start_cost_s: f64,
 }
 
 /// The largest `max` a pool may have.
 pub const MAX_POOL: u32 = 10_000;
+/// The handoffs a recycled clone serves when `max_uses` is unset (then it is replaced by a fresh
+/// one, so that whatever a long-lived guest accumulates does not grow without bound).
+pub const AUTO_MAX_USES: u32 = 1000;
 
 impl Default for PoolPolicy {
     fn default() -> Self {
         Self {
-            min_ready: 1,
-            max: 64,
-            headroom: 1.5,
+            min_ready: 0,
+            max: None,
+            headroom: 1.0,
             scale_in_delay_s: 30.0,
             scale_in_step: 1,
             peak_window_s: 10.0,
-            burst_window_s: 600.0,
-            max_uses: 1,
+            burst_window_s: 3600.0,
+            max_uses: None,
             lease_s: 3600.0,
+            cold_start_cost_s: 3600.0,
         }
     }
 }
@@ -78,14 +94,19 @@ impl Default for PoolPolicy {
 impl PoolPolicy {
     /// Checks the policy; the message is for a 400 response.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max == 0 || self.max > MAX_POOL {
-            return Err(format!("pool.max must be between 1 and {MAX_POOL}"));
+        if let Some(max) = self.max {
+            if max == 0 || max > MAX_POOL {
+                return Err(format!("pool.max must be between 1 and {MAX_POOL}"));
+            }
+            if max < self.min_ready {
+                return Err(format!("pool.max ({max}) is less than pool.min_ready ({})", self.min_ready));
+            }
+        }
+        if self.min_ready > MAX_POOL {
+            return Err(format!("pool.min_ready must be at most {MAX_POOL}"));
         }
         if !(self.lease_s.is_finite() && self.lease_s > 0.0 && self.lease_s <= 7.0 * 86_400.0) {
             return Err("pool.lease_s must be more than 0 and at most 604800 seconds".into());
-        }
-        if self.max < self.min_ready {
-            return Err(format!("pool.max ({}) is less than pool.min_ready ({})", self.max, self.min_ready));
         }
         if !(self.headroom.is_finite() && self.headroom >= 1.0 && self.headroom <= 100.0) {
             return Err("pool.headroom must be between 1 and 100".into());
@@ -99,18 +120,35 @@ impl PoolPolicy {
                 return Err(format!("pool.{name} must be between 0 and 86400 seconds"));
             }
         }
+        if !(self.cold_start_cost_s.is_finite() && self.cold_start_cost_s >= 1.0 && self.cold_start_cost_s <= 1e7) {
+            return Err("pool.cold_start_cost_s must be between 1 and 10000000 seconds".into());
+        }
         if self.scale_in_step == 0 {
             return Err("pool.scale_in_step must be at least 1".into());
         }
-        if self.max_uses == 0 {
+        if self.max_uses == Some(0) {
             return Err("pool.max_uses must be at least 1".into());
         }
         Ok(())
     }
 
-    /// Released clones go back to the pool.
-    pub fn recycles(&self) -> bool {
-        self.max_uses > 1
+    /// The handoffs a clone may serve before it is destroyed. With `max_uses` unset: a clone that
+    /// served an `invoke` (`invoked`) is recycled, because then the daemon saw the whole call (the
+    /// agent ran the function's own handler, answered, and has nothing in flight), while one
+    /// handed out by `acquire` is not, because the daemon cannot tell what its scheduler did in
+    /// it. A function whose invocations must never share a guest (state one caller must not see
+    /// of another's) sets `max_uses` to 1.
+    pub fn uses_allowed(&self, invoked: bool) -> u32 {
+        match self.max_uses {
+            Some(n) => n,
+            None if invoked => AUTO_MAX_USES,
+            None => 1,
+        }
+    }
+
+    /// The price of a ready clone: the cold starts per second it must save to be kept.
+    pub fn price(&self) -> f64 {
+        1.0 / self.cold_start_cost_s
     }
 }
 
@@ -119,37 +157,10 @@ impl PoolPolicy {
 pub struct Load {
     /// Clones in use now.
     pub busy: u32,
-    /// The most clones in use at once since the last tick.
-    pub peak_busy: u32,
-    /// Handoffs since the last tick.
-    pub handoffs: u32,
     /// Clones ready, starting or being restored.
     pub have: u32,
     /// How long a clone takes from "restore" to serving, in seconds.
     pub refill_s: f64,
-}
-
-/// The maximum over a sliding window of ticks (a monotonic queue: O(1) per tick amortised).
-#[derive(Debug, Default)]
-struct WindowMax {
-    /// (tick, value), values strictly decreasing.
-    q: VecDeque<(u64, u32)>,
-}
-
-impl WindowMax {
-    fn push(&mut self, tick: u64, v: u32, window: u64) {
-        while self.q.back().is_some_and(|&(_, b)| b <= v) {
-            self.q.pop_back();
-        }
-        self.q.push_back((tick, v));
-        while self.q.front().is_some_and(|&(t, _)| t + window <= tick) {
-            self.q.pop_front();
-        }
-    }
-
-    fn max(&self) -> u32 {
-        self.q.front().map_or(0, |&(_, v)| v)
-    }
 }
 
 /// The scaler's state for one function.
@@ -157,14 +168,18 @@ impl WindowMax {
 pub struct Scaler {
     policy: PoolPolicy,
     tick: Duration,
-    ticks: u64,
-    ewma: f64,
-    peak_busy: WindowMax,
-    arrivals: WindowMax,
-    burst: WindowMax,
+    model: ArrivalModel,
+    /// Most clones (ready + in use): the policy's `max`, or the host's limit.
+    limit: u32,
+    busy: u32,
+    now: f64,
     /// The ready clones wanted, as of the last tick.
     target: u32,
-    /// How long the target has been below the pool size.
+    /// The ready clones a surge of arrivals since the last tick wants (refilled at once).
+    surge: u32,
+    /// The level the pool is held at while scale-in waits (see the module's description).
+    held: u32,
+    /// How long the target has been below the held level.
     below_for: Duration,
 }
 
@@ -178,25 +193,23 @@ pub enum Action {
     Hold,
 }
 
-const EWMA_ALPHA: f64 = 0.3;
-
 impl Scaler {
-    pub fn new(policy: PoolPolicy, tick: Duration) -> Self {
-        Self {
-            target: policy.min_ready,
-            policy,
-            tick,
-            ticks: 0,
-            ewma: 0.0,
-            peak_busy: WindowMax::default(),
-            arrivals: WindowMax::default(),
-            burst: WindowMax::default(),
-            below_for: Duration::ZERO,
-        }
+    /// A function registered at `now` (seconds on the caller's clock), at most `host_limit`
+    /// clones unless its policy sets `max`.
+    pub fn new(policy: PoolPolicy, tick: Duration, now: f64, host_limit: u32) -> Self {
+        let limit = policy.max.unwrap_or(host_limit).clamp(1, MAX_POOL).max(policy.min_ready);
+        let model = ArrivalModel::new(now, tick.as_secs_f64(), policy.burst_window_s, policy.peak_window_s);
+        let target = policy.min_ready;
+        Self { target, surge: 0, held: target, policy, tick, model, limit, busy: 0, now, below_for: Duration::ZERO }
     }
 
     pub fn policy(&self) -> &PoolPolicy {
         &self.policy
+    }
+
+    /// Most clones (ready + in use) at once.
+    pub fn limit(&self) -> u32 {
+        self.limit
     }
 
     /// The ready clones wanted, as of the last tick.
@@ -204,54 +217,88 @@ impl Scaler {
         self.target
     }
 
+    /// Arrivals expected per second, as of the last tick (for /metrics).
+    pub fn predicted_rate(&self) -> f64 {
+        self.model.predicted_rate(self.now)
+    }
+
+    pub fn model(&self) -> &ArrivalModel {
+        &self.model
+    }
+
     /// Clones to restore now for a pool that has `have` (ready, starting or being restored): what
     /// the pool refills between ticks, after handoffs.
     pub fn deficit(&self, have: u32) -> u32 {
-        self.target.saturating_sub(have)
+        self.target.max(self.surge).saturating_sub(have)
     }
 
-    fn ticks_in(&self, seconds: f64) -> u64 {
-        (seconds / self.tick.as_secs_f64()).ceil().max(1.0) as u64
+    /// A handoff at `now`, `cold` when it found the pool empty. A surge of arrivals since the last
+    /// tick (the onset of a burst, or any arrival that found the pool empty) raises what
+    /// [`Scaler::deficit`] refills at once, at the function's own price.
+    pub fn arrival(&mut self, now: f64, cold: bool) {
+        self.model.arrival(now);
+        if let Some(rate) = self.model.surge(now, cold) {
+            let p = &self.policy;
+            let room = self.limit.saturating_sub(self.busy);
+            let n = super::arrivals::poisson_wanted(rate * p.headroom, self.model.refill_s(), p.price(), room);
+            self.surge = self.surge.max(n);
+        }
     }
 
-    /// One tick: computes the target from `load` and says how the pool should change.
-    pub fn tick(&mut self, load: Load) -> Action {
+    /// The first half of a tick: what the pool reports at `now`.
+    pub fn observe(&mut self, load: Load, now: f64) {
+        self.now = now;
+        self.surge = 0;
+        self.busy = load.busy;
+        self.model.tick(now, load.refill_s);
+    }
+
+    /// The ready clones worth at least `price` cold starts saved per second each, as of the last
+    /// [`Scaler::observe`], within `min_ready` and the limit.
+    pub fn wanted(&self, price: f64) -> u32 {
         let p = &self.policy;
-        self.ticks += 1;
-        let (short, long) = (self.ticks_in(p.peak_window_s), self.ticks_in(p.burst_window_s));
-        let peak_busy = load.peak_busy.max(load.busy);
-        self.ewma = EWMA_ALPHA * f64::from(peak_busy) + (1.0 - EWMA_ALPHA) * self.ewma;
-        self.peak_busy.push(self.ticks, peak_busy, short);
-        self.arrivals.push(self.ticks, load.handoffs, short);
-        if p.burst_window_s > 0.0 {
-            self.burst.push(self.ticks, load.handoffs, long);
-        }
-        // Arrivals per tick -> arrivals within one refill.
-        let per_refill = load.refill_s / self.tick.as_secs_f64();
-        let arrivals = f64::from(self.arrivals.max()) * per_refill;
-        let reserve = (f64::from(self.burst.max()) * per_refill * p.headroom).ceil() as u32;
-        let demand = self.ewma.max(f64::from(self.peak_busy.max())).max(arrivals);
-        let mut want = (demand * p.headroom).ceil() as u32;
-        if p.recycles() {
-            want = want.saturating_sub(load.busy);
-        }
-        self.target = want.max(reserve).max(p.min_ready).min(p.max.saturating_sub(load.busy));
+        let room = self.limit.saturating_sub(self.busy);
+        let n = self.model.wanted(self.now, price, p.headroom, room);
+        n.max(p.min_ready).min(room)
+    }
 
-        let (target, ready) = (self.target, load.have);
-        if target > ready {
+    /// The second half of a tick: the target (from [`Scaler::wanted`] at the price the host set)
+    /// for a pool that has `have` clones, and how the pool should change.
+    pub fn decide(&mut self, target: u32, have: u32) -> Action {
+        let p = &self.policy;
+        self.target = target.min(self.limit.saturating_sub(self.busy)).max(p.min_ready.min(self.limit));
+        let target = self.target;
+        if target == 0 {
+            // Not worth a clone: unloaded now, not in steps.
+            self.held = 0;
             self.below_for = Duration::ZERO;
-            return Action::Grow(target - ready);
+        } else if target >= self.held {
+            self.held = target;
+            self.below_for = Duration::ZERO;
+        } else {
+            self.below_for += self.tick;
+            if self.below_for >= Duration::from_secs_f64(p.scale_in_delay_s) {
+                // Below for the whole delay: one step per tick from now on, while it stays below.
+                self.held = self.held.saturating_sub(p.scale_in_step).max(target);
+            }
         }
-        if target == ready {
-            self.below_for = Duration::ZERO;
+        if have < target {
+            return Action::Grow(target - have);
+        }
+        if have <= self.held {
             return Action::Hold;
         }
-        self.below_for += self.tick;
-        if self.below_for < Duration::from_secs_f64(p.scale_in_delay_s) {
-            return Action::Hold;
-        }
-        // Below for the whole delay: one step per tick from now on, while it stays below.
-        Action::Shrink((ready - target).min(p.scale_in_step))
+        // Beyond the held level: recycled clones that came back, a quarter of them per tick, at
+        // least a step.
+        let beyond = have - self.held;
+        Action::Shrink(beyond.div_ceil(4).max(p.scale_in_step.min(beyond)))
+    }
+
+    /// A whole tick for a function on its own, at its own price (no host budget).
+    pub fn tick(&mut self, load: Load, now: f64) -> Action {
+        self.observe(load, now);
+        let target = self.wanted(self.policy.price());
+        self.decide(target, load.have)
     }
 }
 
@@ -262,126 +309,128 @@ mod tests {
     const TICK: Duration = Duration::from_millis(100);
 
     fn policy() -> PoolPolicy {
-        PoolPolicy {
-            min_ready: 2,
-            max: 20,
-            headroom: 1.5,
-            scale_in_delay_s: 1.0,
-            scale_in_step: 1,
-            peak_window_s: 2.0,
-            burst_window_s: 0.0,
-            max_uses: 1,
-            lease_s: 60.0,
-        }
+        PoolPolicy { min_ready: 2, max: Some(40), scale_in_delay_s: 1.0, peak_window_s: 2.0, ..PoolPolicy::default() }
     }
 
-    /// A tick's load, with a refill that takes one tick.
-    fn load(busy: u32, handoffs: u32, have: u32) -> Load {
-        Load { busy, peak_busy: busy, handoffs, have, refill_s: 0.1 }
+    /// A tick's load, with a refill that takes 50 ms.
+    fn load(busy: u32, have: u32) -> Load {
+        Load { busy, have, refill_s: 0.05 }
+    }
+
+    /// `n` arrivals spread over the tick that ends at `t`.
+    fn arrivals(s: &mut Scaler, t: f64, n: u32) {
+        (0..n).for_each(|i| s.arrival(t - 0.1 + 0.1 * f64::from(i) / f64::from(n), false));
     }
 
     #[test]
     fn idle_keeps_min_ready() {
-        let mut s = Scaler::new(policy(), TICK);
-        assert_eq!(s.tick(load(0, 0, 0)), Action::Grow(2));
-        assert_eq!(s.tick(load(0, 0, 2)), Action::Hold);
+        // (Nothing remembered of the arrivals between bursts, so no prior either.)
+        let mut s = Scaler::new(PoolPolicy { burst_window_s: 0.0, ..policy() }, TICK, 0.0, 100);
+        assert_eq!(s.tick(load(0, 0), 0.1), Action::Grow(2));
+        assert_eq!(s.tick(load(0, 2), 0.2), Action::Hold);
+        // Hours later, nothing having come: still min_ready, with or without the model.
+        assert_eq!(s.tick(load(0, 2), 7200.0), Action::Hold);
+        let mut s = Scaler::new(policy(), TICK, 0.0, 100);
+        assert!(matches!(s.tick(load(0, 0), 0.1), Action::Grow(n) if n >= 2));
+        s.tick(load(0, 2), 7200.0);
+        assert_eq!(s.target(), 2);
     }
 
     #[test]
-    fn a_burst_scales_out_at_once_from_the_peak() {
-        let mut s = Scaler::new(policy(), TICK);
-        s.tick(load(0, 0, 2));
-        // 8 in use suddenly: the peak, not the slow average, sets the target: ceil(8 x 1.5) = 12.
-        assert_eq!(s.tick(load(8, 8, 2)), Action::Grow(10));
-        // The peak within the tick counts even when the clones are back by its end.
-        let mut s = Scaler::new(policy(), TICK);
-        assert_eq!(s.tick(Load { peak_busy: 8, ..load(0, 0, 2) }), Action::Grow(10));
+    fn a_burst_scales_out_at_once_and_stays_within_max() {
+        let mut s = Scaler::new(policy(), TICK, 0.0, 100);
+        s.tick(load(0, 2), 0.1);
+        // 30 arrivals in a tick (300/s): 15 within a refill, with Poisson headroom.
+        arrivals(&mut s, 0.2, 30);
+        let Action::Grow(n) = s.tick(load(10, 2), 0.2) else { panic!("no scale-out") };
+        assert!((20..=28).contains(&(n + 2)), "target {}", n + 2);
+        // max (40) caps ready + busy.
+        arrivals(&mut s, 0.3, 30);
+        s.tick(load(30, 10), 0.3);
+        assert_eq!(s.target(), 10);
+        assert_eq!(s.deficit(4), 6);
+        assert_eq!(s.deficit(12), 0);
     }
 
     #[test]
-    fn many_short_invocations_are_covered_by_the_handoff_rate() {
-        let mut s = Scaler::new(policy(), TICK);
-        // 10 handoffs per tick, each done before the tick ends: concurrency stays 0.
-        assert_eq!(s.tick(load(0, 10, 2)), Action::Grow(13));
-    }
-
-    #[test]
-    fn a_slow_refill_covers_the_arrivals_until_it_lands() {
-        let mut s = Scaler::new(policy(), TICK);
-        // 4 arrivals per tick and half a second to refill: 20 arrive before a refill lands.
-        assert_eq!(s.tick(Load { refill_s: 0.5, ..load(0, 4, 0) }), Action::Grow(20));
-        assert_eq!(s.target(), 20, "capped by max - busy");
-        assert_eq!(s.deficit(15), 5);
-        assert_eq!(s.deficit(25), 0);
-    }
-
-    #[test]
-    fn recycled_clones_in_use_count_towards_the_target() {
-        let mut s = Scaler::new(PoolPolicy { max_uses: 100, ..policy() }, TICK);
-        // ceil(8 x 1.5) = 12 clones wanted, 8 of them in use and coming back: 4 more ready.
-        assert_eq!(s.tick(load(8, 0, 0)), Action::Grow(4));
-        let mut s = Scaler::new(policy(), TICK);
-        assert_eq!(s.tick(load(8, 0, 0)), Action::Grow(12), "single-use clones do not come back");
-    }
-
-    #[test]
-    fn the_burst_reserve_outlasts_the_peak_window() {
-        let mut s = Scaler::new(PoolPolicy { burst_window_s: 60.0, ..policy() }, TICK);
-        s.tick(load(0, 10, 0));
-        let mut targets = Vec::new();
-        for _ in 0..700 {
-            s.tick(load(0, 0, s.target()));
-            targets.push(s.target());
-        }
-        // 10 arrivals in a tick, x 1.5 headroom: kept ready for the burst window (60 s), then back
-        // to min_ready.
-        assert_eq!(targets[100], 15);
-        assert_eq!(targets[580], 15);
-        assert_eq!(targets[650], 2);
-    }
-
-    #[test]
-    fn max_caps_ready_plus_busy() {
-        let mut s = Scaler::new(policy(), TICK);
-        assert_eq!(s.tick(load(18, 0, 0)), Action::Grow(2));
-        assert_eq!(s.tick(load(20, 0, 0)), Action::Hold);
+    fn the_host_limit_applies_unless_the_policy_sets_max() {
+        let p = PoolPolicy { max: None, ..policy() };
+        assert_eq!(Scaler::new(p.clone(), TICK, 0.0, 300).limit(), 300);
+        assert_eq!(Scaler::new(policy(), TICK, 0.0, 300).limit(), 40);
+        // Never below min_ready, never 0.
+        assert_eq!(Scaler::new(PoolPolicy { min_ready: 5, ..p.clone() }, TICK, 0.0, 3).limit(), 5);
+        assert_eq!(Scaler::new(PoolPolicy { min_ready: 0, ..p }, TICK, 0.0, 0).limit(), 1);
     }
 
     #[test]
     fn scale_in_waits_for_the_delay_and_goes_in_steps() {
-        let mut s = Scaler::new(policy(), TICK);
+        // (Nothing remembered of the arrivals between bursts: no reserve to scale in to.)
+        let mut s = Scaler::new(PoolPolicy { burst_window_s: 0.0, ..policy() }, TICK, 0.0, 100);
+        let mut t = 0.0;
         for _ in 0..5 {
-            s.tick(load(6, 0, 9));
+            t += 0.1;
+            arrivals(&mut s, t, 20);
+            s.tick(load(0, 20), t);
         }
-        // Load gone: the peak window (2 s) keeps the target up first, then the delay (1 s) runs,
-        // then one clone goes per tick.
-        let mut ready = 9;
-        let mut shrinks = Vec::new();
-        for t in 0..100 {
-            if let Action::Shrink(n) = s.tick(load(0, 0, ready)) {
+        let mut ready = s.target();
+        assert!(ready > 10, "{ready}");
+        // Load gone: the target falls (over the rate windows, 2 s at most); the pool is held
+        // until the target has been below it for the delay (1 s), then one clone goes per tick,
+        // down to min_ready.
+        let (mut shrinks, mut first_below) = (Vec::new(), None);
+        for i in 0..200 {
+            t += 0.1;
+            let a = s.tick(load(0, ready), t);
+            if s.target() < ready && first_below.is_none() {
+                first_below = Some(i);
+            }
+            if let Action::Shrink(n) = a {
                 assert_eq!(n, 1);
                 ready -= n;
-                shrinks.push(t);
+                shrinks.push(i);
             }
         }
         assert_eq!(ready, 2, "down to min_ready");
-        assert!(shrinks[0] >= 20, "scaled in before the peak window and the delay: {shrinks:?}");
+        let first_below = first_below.unwrap();
+        assert!(shrinks[0] >= first_below + 9, "scaled in before the delay: {first_below} {shrinks:?}");
         assert!(shrinks.windows(2).all(|w| w[1] - w[0] == 1), "not one step per tick: {shrinks:?}");
-        // A target back above the pool restarts the delay.
-        s.tick(load(6, 6, ready));
-        for _ in 0..25 {
-            assert!(!matches!(s.tick(load(0, 0, 9)), Action::Shrink(_)), "shrank within the window and delay");
-        }
+    }
+
+    #[test]
+    fn a_pool_not_worth_a_clone_is_unloaded_at_once() {
+        let p = PoolPolicy { min_ready: 0, ..policy() };
+        let mut s = Scaler::new(p, TICK, 0.0, 100);
+        // Registered, never called: warm for a few minutes at the default price (a few clones for
+        // a minute or so, then one), then unloaded in one step (no delay: nothing suggests a call
+        // is coming).
+        let Action::Grow(mut ready) = s.tick(load(0, 0), 0.1) else { panic!("not warmed") };
+        let mut t = 0.1;
+        let unloaded = loop {
+            t += 0.1;
+            match s.tick(load(0, ready), t) {
+                Action::Shrink(n) if n == ready => break t,
+                Action::Shrink(n) => ready -= n,
+                Action::Hold => {}
+                Action::Grow(n) => panic!("grew by {n} at {t}"),
+            }
+        };
+        assert_eq!(ready, 1, "unloaded from {ready}");
+        assert!((120.0..900.0).contains(&unloaded), "{unloaded}");
     }
 
     #[test]
     fn oscillating_load_does_not_churn() {
-        let mut s = Scaler::new(policy(), TICK);
+        // Load that comes and goes faster than the scale-in delay (5 s).
+        let mut s = Scaler::new(PoolPolicy { scale_in_delay_s: 5.0, ..policy() }, TICK, 0.0, 100);
         let mut ready = 0u32;
         let (mut grown, mut shrunk) = (0, 0);
-        for t in 0..600 {
-            let busy = if (t / 5) % 2 == 0 { 6 } else { 0 };
-            match s.tick(load(busy, 0, ready)) {
+        for i in 0..600 {
+            let t = f64::from(i + 1) * 0.1;
+            // 1 s on at 100/s, 1 s off.
+            if (i / 10) % 2 == 0 {
+                arrivals(&mut s, t, 10);
+            }
+            match s.tick(load(0, ready), t) {
                 Action::Grow(n) => {
                     ready += n;
                     grown += n;
@@ -394,27 +443,62 @@ mod tests {
             }
         }
         assert_eq!(shrunk, 0, "clones destroyed under oscillating load");
-        assert_eq!(grown, 9, "ceil(6 x 1.5) ready clones, made once");
+        assert!(grown < 30, "{grown} clones made");
+    }
+
+    #[test]
+    fn a_higher_price_keeps_fewer_clones() {
+        let mut s = Scaler::new(PoolPolicy { min_ready: 0, ..policy() }, TICK, 0.0, 1000);
+        for i in 0..100 {
+            let t = f64::from(i + 1) * 0.1;
+            arrivals(&mut s, t, 5);
+            s.observe(load(0, 0), t);
+        }
+        let (cheap, dear) = (s.wanted(1e-6), s.wanted(1.0));
+        assert!(cheap > dear, "{cheap} {dear}");
+        assert!(dear >= 1);
+    }
+
+    #[test]
+    fn recycling_is_on_for_invocations_unless_a_function_opts_out() {
+        let auto = PoolPolicy::default();
+        assert_eq!((auto.uses_allowed(true), auto.uses_allowed(false)), (AUTO_MAX_USES, 1));
+        let single = PoolPolicy { max_uses: Some(1), ..auto.clone() };
+        assert_eq!((single.uses_allowed(true), single.uses_allowed(false)), (1, 1));
+        let many = PoolPolicy { max_uses: Some(50), ..auto };
+        assert_eq!((many.uses_allowed(true), many.uses_allowed(false)), (50, 50));
     }
 
     #[test]
     fn bad_policies_are_refused() {
         let bad = [
-            PoolPolicy { max: 1, min_ready: 2, ..policy() },
-            PoolPolicy { max: 0, min_ready: 0, ..policy() },
+            PoolPolicy { max: Some(1), min_ready: 2, ..policy() },
+            PoolPolicy { max: Some(0), min_ready: 0, ..policy() },
+            PoolPolicy { max: Some(MAX_POOL + 1), ..policy() },
+            PoolPolicy { min_ready: MAX_POOL + 1, max: None, ..policy() },
             PoolPolicy { headroom: 0.5, ..policy() },
             PoolPolicy { headroom: f64::NAN, ..policy() },
             PoolPolicy { scale_in_step: 0, ..policy() },
             PoolPolicy { scale_in_delay_s: -1.0, ..policy() },
             PoolPolicy { burst_window_s: 1e9, ..policy() },
-            PoolPolicy { max_uses: 0, ..policy() },
-            PoolPolicy { max: MAX_POOL + 1, ..policy() },
+            PoolPolicy { max_uses: Some(0), ..policy() },
             PoolPolicy { lease_s: 0.0, ..policy() },
             PoolPolicy { lease_s: f64::INFINITY, ..policy() },
+            PoolPolicy { cold_start_cost_s: 0.0, ..policy() },
+            PoolPolicy { cold_start_cost_s: f64::NAN, ..policy() },
+            PoolPolicy { cold_start_cost_s: 1e12, ..policy() },
         ];
         for p in bad {
             assert!(p.validate().is_err(), "{p:?}");
         }
         assert!(policy().validate().is_ok());
+        assert!(PoolPolicy::default().validate().is_ok());
+        // Unset fields stay unset in JSON; set ones come back.
+        let json = serde_json::to_string(&PoolPolicy::default()).unwrap();
+        assert!(!json.contains("\"max\"") && !json.contains("\"max_uses\""), "{json}");
+        let p: PoolPolicy = serde_json::from_str(r#"{"max": 8, "max_uses": 3}"#).unwrap();
+        assert_eq!((p.max, p.max_uses), (Some(8), Some(3)));
+        assert!(serde_json::from_str::<PoolPolicy>(r#"{"max": -1}"#).is_err());
+        assert!(serde_json::from_str::<PoolPolicy>(r#"{"bogus": 1}"#).is_err());
     }
 }

@@ -6,11 +6,13 @@
 //! skipped). [`generate`] makes the synthetic ones shipped in `benches/traces/`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 
+use super::fleet::{self, Host};
 use super::pool::TICK;
 use super::scaler::{Action, Load, PoolPolicy, Scaler};
+use super::traces::Rng;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Invocation {
@@ -48,7 +50,7 @@ pub struct Outcome {
     pub cold_starts: u64,
     /// Seconds that ready-but-unused clones existed, summed over clones.
     pub idle_clone_seconds: f64,
-    /// Most clones (ready + busy) at once.
+    /// Most clones (ready + busy) at once, summed over functions.
     pub peak_clones: u64,
     /// Clones restored (cold starts included).
     pub restores: u64,
@@ -63,7 +65,7 @@ impl Outcome {
         }
     }
 
-    fn add(&mut self, o: &Outcome) {
+    pub(super) fn add(&mut self, o: &Outcome) {
         self.invocations += o.invocations;
         self.cold_starts += o.cold_starts;
         self.idle_clone_seconds += o.idle_clone_seconds;
@@ -72,7 +74,7 @@ impl Outcome {
     }
 }
 
-fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
+pub(super) fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
     let mut m: BTreeMap<&str, Vec<&Invocation>> = BTreeMap::new();
     for inv in trace {
         m.entry(&inv.function).or_default().push(inv);
@@ -80,16 +82,143 @@ fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
     m
 }
 
-/// The autoscaler over `trace`, as the daemon runs it: a clone serves up to the policy's
-/// `max_uses` handoffs (1: destroyed on release), the pool is refilled at every handoff and scaled
-/// at every tick, a restore decided at `t` lands at `t + restore_s`, and an arrival that finds no
-/// ready clone is a cold start (it starts `restore_s` later).
-pub fn autoscaler(trace: &[Invocation], policy: &PoolPolicy, restore_s: f64) -> Outcome {
-    let mut total = Outcome::default();
-    for invs in by_function(trace).values() {
-        total.add(&autoscale_one(invs, policy, restore_s));
+/// The host `ember simulate` models: its memory, and each clone's (the guest memory of a
+/// registration's default, 128 MiB).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimHost {
+    pub host: Host,
+    pub clone_mib: f64,
+}
+
+impl Default for SimHost {
+    /// A 512 GiB host (one that can run a fleet of a few thousand 128 MiB clones at once), half of
+    /// it for idle clones of 128 MiB: 2048 of them, 4096 clones at most per function.
+    fn default() -> Self {
+        Self { host: Host::with_memory(524_288.0), clone_mib: crate::config::DEFAULT_MEM_MIB as f64 }
     }
-    total
+}
+
+/// What the autoscaler did beyond the [`Outcome`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostStats {
+    /// Ticks at which the idle budget was binding.
+    pub budget_binding_ticks: u64,
+    pub ticks: u64,
+    /// The most memory the targets held, MiB.
+    pub peak_budget_used_mib: f64,
+}
+
+/// The autoscaler over `trace`, as the daemon runs it: every function's [`Scaler`], targets set
+/// every tick by the host's allocation ([`fleet::allocate`]) under its idle budget, a clone
+/// serving up to `uses_allowed(true)` invocations (the trace's invocations are the daemon's
+/// `invoke`s), the pool refilled at every handoff and scaled at every tick, a restore decided at
+/// `t` landing at `t + restore_s`, an arrival that finds no ready clone a cold start (it starts
+/// `restore_s` later). Each function is counted up to its own horizon, as for keep-alive.
+pub fn autoscaler(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, restore_s: f64) -> (Outcome, HostStats) {
+    let (rows, stats) = autoscaler_by_function(trace, policy, host, restore_s);
+    (total(&rows), stats)
+}
+
+/// [`autoscaler`] per function (by name).
+pub fn autoscaler_by_function(
+    trace: &[Invocation],
+    policy: &PoolPolicy,
+    host: &SimHost,
+    restore_s: f64,
+) -> (Vec<(String, Outcome)>, HostStats) {
+    let tick = TICK.as_secs_f64();
+    let groups = by_function(trace);
+    let index: HashMap<&str, usize> = groups.keys().enumerate().map(|(i, &n)| (n, i)).collect();
+    let limit = host.host.clone_limit(host.clone_mib);
+    let uses = policy.uses_allowed(true);
+    let mut fns: Vec<SimFn> = groups
+        .values()
+        .map(|invs| {
+            // Registered before the trace starts: the pool holds what the scaler wants for a
+            // function just registered (min_ready, or what it makes of knowing nothing yet).
+            let mut scaler = Scaler::new(policy.clone(), TICK, -tick, limit);
+            scaler.observe(Load { busy: 0, have: 0, refill_s: restore_s }, 0.0);
+            let ready = scaler.wanted(policy.price());
+            scaler.decide(ready, ready);
+            let mut pool = SimPool { max_uses: uses, ready: vec![0; ready as usize].into(), ..Default::default() };
+            pool.out.invocations = invs.len() as u64;
+            SimFn { scaler, pool, horizon: horizon(invs, restore_s) }
+        })
+        .collect();
+    let end = fns.iter().map(|f| f.horizon).fold(0.0, f64::max);
+    let mut stats = HostStats::default();
+    let mut next = trace.iter().peekable();
+    let mut live: Vec<usize> = (0..fns.len()).collect();
+    let mut t = 0.0;
+    while t < end {
+        let tick_end = (t + tick).min(end);
+        while let Some(inv) = next.next_if(|i| i.arrival < tick_end) {
+            let f = &mut fns[index[inv.function.as_str()]];
+            let p = &mut f.pool;
+            p.advance(inv.arrival);
+            let (start, uses, cold) = match p.ready.pop_front() {
+                Some(uses) => (inv.arrival, uses, false),
+                None => {
+                    p.out.cold_starts += 1;
+                    p.out.restores += 1;
+                    (inv.arrival + restore_s, 0, true)
+                }
+            };
+            p.ends.push(Reverse((OrdF64(start + inv.duration), uses + 1)));
+            f.scaler.arrival(inv.arrival, cold);
+            // The daemon refills after every handoff, in the background.
+            p.restore(f.scaler.deficit(p.have()), inv.arrival + restore_s);
+            p.note_peak();
+        }
+        t = tick_end;
+        // Functions past their horizon are done: counted no further, and out of the budget.
+        live.retain(|&i| {
+            let f = &mut fns[i];
+            f.pool.advance(t.min(f.horizon));
+            f.horizon > t
+        });
+        for &i in &live {
+            let f = &mut fns[i];
+            let load = Load { busy: f.pool.busy(), have: f.pool.have(), refill_s: restore_s };
+            f.scaler.observe(load, t);
+        }
+        let alloc = fleet::allocate_with(
+            &host.host,
+            live.len(),
+            |_| host.clone_mib,
+            |k, price| fns[live[k]].scaler.wanted(price),
+            |k| fns[live[k]].scaler.policy().price(),
+        );
+        stats.ticks += 1;
+        stats.budget_binding_ticks += u64::from(alloc.price_per_mib > 0.0);
+        stats.peak_budget_used_mib = stats.peak_budget_used_mib.max(alloc.used_mib);
+        for (&i, &target) in live.iter().zip(&alloc.targets) {
+            let f = &mut fns[i];
+            let p = &mut f.pool;
+            match f.scaler.decide(target, p.have()) {
+                Action::Grow(n) => p.restore(n, t + restore_s),
+                Action::Shrink(n) => p.shrink(n),
+                Action::Hold => {}
+            }
+            p.note_peak();
+        }
+    }
+    let rows = groups
+        .keys()
+        .zip(&mut fns)
+        .map(|(name, f)| {
+            f.pool.advance(f.horizon);
+            (name.to_string(), std::mem::take(&mut f.pool.out))
+        })
+        .collect();
+    (rows, stats)
+}
+
+/// One function during a replay.
+struct SimFn {
+    scaler: Scaler,
+    pool: SimPool,
+    horizon: f64,
 }
 
 /// The pool of one function during a replay.
@@ -110,6 +239,9 @@ struct SimPool {
 impl SimPool {
     /// Moves the clock to `now`: idle time accrues, restores and invocations that finished land.
     fn advance(&mut self, now: f64) {
+        if now <= self.last {
+            return;
+        }
         loop {
             let r = self.restoring.peek().map(|x| x.0 .0).filter(|&x| x <= now);
             let e = self.ends.peek().map(|x| x.0 .0 .0).filter(|&x| x <= now);
@@ -118,8 +250,8 @@ impl SimPool {
                 (_, Some(e)) => e,
                 _ => break,
             };
-            self.out.idle_clone_seconds += self.ready.len() as f64 * (at - self.last);
-            self.last = at;
+            self.out.idle_clone_seconds += self.ready.len() as f64 * (at - self.last).max(0.0);
+            self.last = self.last.max(at);
             if Some(at) == r {
                 self.restoring.pop();
                 self.ready.push_back(0);
@@ -147,74 +279,52 @@ impl SimPool {
         (0..n).for_each(|_| self.restoring.push(Reverse(OrdF64(at))));
     }
 
+    /// Destroys `n` clones: restoring ones first (the daemon destroys starting clones first),
+    /// then the ready ones taken last.
+    fn shrink(&mut self, n: u32) {
+        let mut n = n as usize;
+        if n > 0 && !self.restoring.is_empty() {
+            let mut r = std::mem::take(&mut self.restoring).into_sorted_vec();
+            // Sorted by Reverse: the latest to land first.
+            let k = n.min(r.len());
+            r.drain(..k);
+            n -= k;
+            self.restoring = r.into_iter().collect();
+        }
+        self.ready.truncate(self.ready.len().saturating_sub(n));
+    }
+
     fn note_peak(&mut self) {
         let clones = self.ready.len() + self.restoring.len() + self.ends.len();
         self.out.peak_clones = self.out.peak_clones.max(clones as u64);
     }
 }
 
-/// When the last invocation of a trace has ended (arriving at a cold start at worst): both
-/// policies are accounted up to here.
-fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
+/// When the last invocation of a trace has ended (arriving at a cold start at worst): every
+/// policy is accounted up to here.
+pub(super) fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
     invs.iter().map(|i| i.arrival + restore_s + i.duration).fold(0.0, f64::max)
-}
-
-fn autoscale_one(invs: &[&Invocation], policy: &PoolPolicy, restore_s: f64) -> Outcome {
-    let tick = TICK.as_secs_f64();
-    let mut scaler = Scaler::new(policy.clone(), TICK);
-    // Registered before the trace starts: the pool holds `min_ready` clones.
-    let mut p =
-        SimPool { max_uses: policy.max_uses, ready: vec![0; policy.min_ready as usize].into(), ..Default::default() };
-    p.out.invocations = invs.len() as u64;
-    let (mut handoffs, mut peak_busy) = (0u32, 0u32);
-    let end = horizon(invs, restore_s);
-    let mut next = invs.iter().peekable();
-    let mut t = 0.0;
-    while t < end {
-        let tick_end = (t + tick).min(end);
-        while let Some(inv) = next.next_if(|i| i.arrival < tick_end) {
-            p.advance(inv.arrival);
-            let (start, uses) = match p.ready.pop_front() {
-                Some(uses) => (inv.arrival, uses),
-                None => {
-                    p.out.cold_starts += 1;
-                    p.out.restores += 1;
-                    (inv.arrival + restore_s, 0)
-                }
-            };
-            p.ends.push(Reverse((OrdF64(start + inv.duration), uses + 1)));
-            handoffs += 1;
-            peak_busy = peak_busy.max(p.busy());
-            // The daemon refills after every handoff, in the background.
-            p.restore(scaler.deficit(p.have()), inv.arrival + restore_s);
-            p.note_peak();
-        }
-        t = tick_end;
-        p.advance(t);
-        let load = Load {
-            busy: p.busy(),
-            peak_busy: std::mem::replace(&mut peak_busy, p.busy()),
-            handoffs: std::mem::take(&mut handoffs),
-            have: p.have(),
-            refill_s: restore_s,
-        };
-        match scaler.tick(load) {
-            Action::Grow(n) => p.restore(n, t + restore_s),
-            Action::Shrink(n) => p.ready.truncate(p.ready.len().saturating_sub(n as usize)),
-            Action::Hold => {}
-        }
-        p.note_peak();
-    }
-    p.out
 }
 
 /// Keep-alive over `trace`: a VM is kept `keep_alive_s` after each use and reused by the next
 /// invocation; an invocation that finds none idle is a cold start (`restore_s` later).
 pub fn keep_alive(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Outcome {
-    let mut total = Outcome::default();
-    for invs in by_function(trace).values() {
+    total(&keep_alive_by_function(trace, keep_alive_s, restore_s))
+}
+
+/// The sum of per-function outcomes.
+pub fn total(rows: &[(String, Outcome)]) -> Outcome {
+    let mut t = Outcome::default();
+    rows.iter().for_each(|r| t.add(&r.1));
+    t
+}
+
+/// [`keep_alive`] per function (by name).
+pub fn keep_alive_by_function(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Vec<(String, Outcome)> {
+    let mut rows = Vec::new();
+    for (name, invs) in by_function(trace) {
         let mut out = Outcome { invocations: invs.len() as u64, ..Default::default() };
-        let end = horizon(invs, restore_s);
+        let end = horizon(&invs, restore_s);
         // Idle VMs by the time they became idle; busy VMs by the time they finish.
         let mut idle: Vec<f64> = Vec::new();
         let mut ends: BinaryHeap<Reverse<OrdF64>> = BinaryHeap::new();
@@ -248,14 +358,14 @@ pub fn keep_alive(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Ou
         // Every VM left idles until its keep-alive runs out or the trace ends.
         let left = idle.into_iter().chain(ends.into_iter().map(|e| e.0 .0));
         out.idle_clone_seconds += left.map(|since| ((since + keep_alive_s).min(end) - since).max(0.0)).sum::<f64>();
-        total.add(&out);
+        rows.push((name.to_string(), out));
     }
-    total
+    rows
 }
 
 /// An f64 that sorts (no NaNs reach it: traces are checked).
 #[derive(Clone, Copy, PartialEq)]
-struct OrdF64(f64);
+pub(super) struct OrdF64(pub(super) f64);
 impl Eq for OrdF64 {}
 impl Ord for OrdF64 {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
@@ -268,34 +378,32 @@ impl PartialOrd for OrdF64 {
     }
 }
 
-/// The report of `ember simulate`.
+/// The report of `ember simulate`: one row per policy.
 pub struct Report {
     pub trace: String,
     pub restore_s: f64,
-    pub keep_alive_s: f64,
-    pub autoscaler: Outcome,
-    pub keep_alive: Outcome,
+    pub rows: Vec<(String, Outcome)>,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let invocations = self.rows.first().map_or(0, |r| r.1.invocations);
         writeln!(
             f,
             "ember simulate: {} ({} invocations), modelled restore {:.1} ms",
             self.trace,
-            self.autoscaler.invocations,
+            invocations,
             self.restore_s * 1e3
         )?;
         writeln!(
             f,
-            "{:<32} {:>12} {:>14} {:>18} {:>12} {:>10}",
+            "{:<40} {:>12} {:>15} {:>18} {:>12} {:>10}",
             "policy", "cold starts", "cold-start rate", "idle clone-seconds", "peak clones", "restores"
         )?;
-        let ka = format!("keep-alive {:.0} s", self.keep_alive_s);
-        for (name, o) in [("autoscaler", &self.autoscaler), (ka.as_str(), &self.keep_alive)] {
+        for (name, o) in &self.rows {
             writeln!(
                 f,
-                "{name:<32} {:>12} {:>13.4}% {:>18.1} {:>12} {:>10}",
+                "{name:<40} {:>12} {:>14.4}% {:>18.1} {:>12} {:>10}",
                 o.cold_starts,
                 o.cold_start_rate() * 100.0,
                 o.idle_clone_seconds,
@@ -316,25 +424,17 @@ pub enum Shape {
     Diurnal,
     /// 5 invocations/s with spikes of 200/s for 5 s every 2 to 6 minutes.
     Bursty,
+    /// A fleet of functions shaped after the Azure Functions trace (see `traces::fleet`).
+    Fleet,
 }
 
-/// A small deterministic RNG (xorshift64*), so that generated traces are reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn exp(&mut self, mean: f64) -> f64 {
-        -mean * (1.0 - self.next_f64()).ln()
-    }
-}
-
-/// A synthetic trace of `seconds` for function `fn`: Poisson arrivals at the shape's rate,
-/// exponential durations (mean 100 ms).
+/// A synthetic trace of `seconds`: for the single-function shapes, function `fn` with Poisson
+/// arrivals at the shape's rate and exponential durations (mean 100 ms); for `Fleet`, the default
+/// fleet over `seconds`.
 pub fn generate(shape: Shape, seconds: f64, seed: u64) -> Vec<Invocation> {
+    if shape == Shape::Fleet {
+        return super::traces::fleet(&super::traces::FleetParams { seconds, seed, ..Default::default() });
+    }
     let mut rng = Rng(seed.max(1));
     let mut spikes = Vec::new();
     let mut s = 60.0;
@@ -352,6 +452,7 @@ pub fn generate(shape: Shape, seconds: f64, seed: u64) -> Vec<Invocation> {
                 5.0
             }
         }
+        Shape::Fleet => 0.0,
     };
     // Thinning: arrivals at the peak rate, kept with probability rate(t) / peak.
     let peak = 200.0;
@@ -366,6 +467,179 @@ pub fn generate(shape: Shape, seconds: f64, seed: u64) -> Vec<Invocation> {
             out.push(Invocation { arrival: t, function: "fn".into(), duration: rng.exp(0.1) });
         }
     }
+}
+
+/// One point of a trade-off curve: a policy at one setting.
+#[derive(Clone, Debug)]
+pub struct Point {
+    /// The policy (the curve's name).
+    pub policy: &'static str,
+    pub setting: String,
+    pub outcome: Outcome,
+}
+
+/// The trade-off between cold starts and idle clone-seconds over `trace`: the autoscaler (with
+/// `policy`, on `host`) at several `cold_start_cost_s`, keep-alive at several windows, the
+/// hybrid-histogram policy at several keep-alive percentiles and histogram ranges. The runs go
+/// on as many threads as there are policies.
+pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, restore_s: f64) -> Vec<Point> {
+    let mut costs = vec![60.0, 300.0, 900.0, 3600.0, 14_400.0, 57_600.0];
+    if !costs.contains(&policy.cold_start_cost_s) {
+        costs.push(policy.cold_start_cost_s);
+        costs.sort_by(f64::total_cmp);
+    }
+    let windows = [60.0, 300.0, 600.0, 1200.0, 3600.0, 14_400.0];
+    // The hybrid policy's keep-alive percentile (the paper's is the 99th), and a shorter
+    // histogram range (on traces of an hour, the range barely matters).
+    let hybrids = [(0.9, 14_400.0), (0.99, 600.0), (0.99, 14_400.0), (0.999, 14_400.0)];
+    std::thread::scope(|s| {
+        let ours = s.spawn(|| {
+            costs
+                .iter()
+                .map(|&c| {
+                    let p = PoolPolicy { cold_start_cost_s: c, ..policy.clone() };
+                    let outcome = autoscaler(trace, &p, host, restore_s).0;
+                    let run = if c == policy.cold_start_cost_s { " (as run)" } else { "" };
+                    Point { policy: "ember", setting: format!("cold_start_cost_s {c}{run}"), outcome }
+                })
+                .collect::<Vec<_>>()
+        });
+        let hybrid = s.spawn(|| {
+            hybrids
+                .iter()
+                .map(|&(tail, range_s)| {
+                    let p = super::hybrid::HybridParams { tail, range_s, ..Default::default() };
+                    let outcome = super::hybrid::hybrid(trace, &p, restore_s);
+                    let setting = format!("keep-alive p{}, range {} min", tail * 100.0, range_s / 60.0);
+                    Point { policy: "hybrid histogram", setting, outcome }
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut out: Vec<Point> = windows
+            .iter()
+            .map(|&w| Point {
+                policy: "keep-alive",
+                setting: format!("{w} s"),
+                outcome: keep_alive(trace, w, restore_s),
+            })
+            .collect();
+        out.extend(ours.join().unwrap_or_default());
+        out.extend(hybrid.join().unwrap_or_default());
+        out
+    })
+}
+
+/// The trade-off curve as a table.
+pub fn curve_table(points: &[Point]) -> String {
+    let mut s = format!(
+        "{:<18} {:<34} {:>12} {:>15} {:>18}\n",
+        "policy", "setting", "cold starts", "cold-start rate", "idle clone-seconds"
+    );
+    for p in points {
+        s.push_str(&format!(
+            "{:<18} {:<34} {:>12} {:>14.4}% {:>18.0}\n",
+            p.policy,
+            p.setting,
+            p.outcome.cold_starts,
+            p.outcome.cold_start_rate() * 100.0,
+            p.outcome.idle_clone_seconds
+        ));
+    }
+    s
+}
+
+/// The trade-off curve as an SVG plot: cold-start rate (log) against idle clone-seconds (log), a
+/// line per policy, each point labelled with its setting.
+pub fn curve_svg(points: &[Point], title: &str) -> String {
+    use std::fmt::Write;
+    let (w, h, left, right, top, bottom) = (860.0, 560.0, 80.0, 220.0, 50.0, 60.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    // A cold-start rate of 0 is drawn a decade below the lowest other one.
+    let lowest = points.iter().map(|p| p.outcome.cold_start_rate()).filter(|&r| r > 0.0).fold(1.0, f64::min);
+    let floor = 10f64.powf(lowest.log10().floor() - 1.0);
+    let rate = |p: &Point| p.outcome.cold_start_rate().max(floor);
+    let idle = |p: &Point| p.outcome.idle_clone_seconds.max(1.0);
+    let decades = |lo: f64, hi: f64| (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0));
+    let (x0, x1) =
+        decades(points.iter().map(idle).fold(f64::INFINITY, f64::min), points.iter().map(idle).fold(1.0, f64::max));
+    let (y0, y1) = decades(floor, points.iter().map(rate).fold(floor * 10.0, f64::max));
+    let x = |v: f64| left + (v.log10() - x0) / (x1 - x0) * pw;
+    let y = |v: f64| top + ph - (v.log10() - y0) / (y1 - y0) * ph;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="14">{}</text>"#,
+        left + pw / 2.0,
+        esc(title)
+    );
+    for d in x0 as i32..=x1 as i32 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(d);
+            if v > 10f64.powf(x1) * 1.001 {
+                break;
+            }
+            let px = x(v);
+            let label = if m == 1.0 { format!("1e{d}") } else { format!("{m}e{d}") };
+            let _ = writeln!(s, r##"<line x1="{px}" y1="{top}" x2="{px}" y2="{}" stroke="#ddd"/>"##, top + ph);
+            let _ = writeln!(s, r#"<text x="{px}" y="{}" text-anchor="middle">{label}</text>"#, top + ph + 18.0);
+        }
+    }
+    for d in y0 as i32..=y1 as i32 {
+        let py = y(10f64.powi(d));
+        let label = if d == y0 as i32 { "0".to_string() } else { format!("{}%", 10f64.powi(d + 2)) };
+        let _ = writeln!(s, r##"<line x1="{left}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/>"##, left + pw);
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{label}</text>"#, left - 6.0, py + 4.0);
+    }
+    let _ = writeln!(s, r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
+    let _ =
+        writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">idle clone-seconds</text>"#, left + pw / 2.0, h - 16.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">cold-start rate</text>"#,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
+    let colours = [("ember", "#d62728"), ("keep-alive", "#1f77b4"), ("hybrid histogram", "#2ca02c")];
+    for (i, (name, colour)) in colours.iter().enumerate() {
+        let mut series: Vec<&Point> = points.iter().filter(|p| p.policy == *name).collect();
+        series.sort_by(|a, b| idle(a).total_cmp(&idle(b)));
+        let path: Vec<String> = series.iter().map(|p| format!("{:.1},{:.1}", x(idle(p)), y(rate(p)))).collect();
+        let _ =
+            writeln!(s, r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#, path.join(" "));
+        let mut labelled: Vec<(f64, f64)> = Vec::new();
+        for p in &series {
+            let (px, py) = (x(idle(p)), y(rate(p)));
+            let _ = writeln!(s, r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#);
+            // One label where points coincide.
+            if labelled.iter().any(|&(lx, ly)| (lx - px).abs() < 40.0 && (ly - py).abs() < 10.0) {
+                continue;
+            }
+            labelled.push((px, py));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" fill="{colour}" font-size="10">{}</text>"#,
+                px + 6.0,
+                py - 6.0,
+                esc(&p.setting)
+            );
+        }
+        let ly = top + 20.0 + 22.0 * i as f64;
+        let lx = left + pw + 16.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/>"#,
+            lx + 24.0
+        );
+        let _ = writeln!(s, r#"<text x="{}" y="{}">{name}</text>"#, lx + 30.0, ly + 4.0);
+    }
+    s.push_str("</svg>\n");
+    s
 }
 
 /// Writes a trace as CSV.
@@ -418,7 +692,7 @@ mod tests {
         assert_eq!(ka.cold_starts, 1);
         assert!((ka.idle_clone_seconds - (98.95 + 0.05)).abs() < 1e-9, "{ka:?}");
         let p = PoolPolicy { min_ready: 1, ..PoolPolicy::default() };
-        let a = autoscaler(&t, &p, 0.05);
+        let a = autoscaler(&t, &p, &SimHost::default(), 0.05).0;
         assert_eq!(a.cold_starts, 0);
         assert!(a.idle_clone_seconds > 4.0, "{a:?}");
     }
@@ -442,31 +716,37 @@ mod tests {
         let one: Vec<Invocation> = burst(10.0).collect();
         let two: Vec<Invocation> = burst(10.0).chain(burst(200.0)).collect();
         let p = PoolPolicy::default();
-        let first = autoscaler(&one, &p, 0.05).cold_starts;
+        let cold = |t: &[Invocation], p: &PoolPolicy| autoscaler(t, p, &SimHost::default(), 0.05).0.cold_starts;
+        let first = cold(&one, &p);
         assert!(first > 0, "a first burst from an idle pool has cold starts");
-        assert_eq!(autoscaler(&two, &p, 0.05).cold_starts, first, "the second burst had cold starts");
-        // Without the reserve the second burst starts from min_ready again.
+        assert_eq!(cold(&two, &p), first, "the second burst had cold starts");
+        // Without the reserve the second burst starts from nothing again.
         let p = PoolPolicy { burst_window_s: 0.0, ..p };
-        assert!(autoscaler(&two, &p, 0.05).cold_starts > autoscaler(&one, &p, 0.05).cold_starts);
+        assert!(cold(&two, &p) > cold(&one, &p));
     }
 
     #[test]
     fn recycled_clones_serve_many_invocations() {
-        let t: Vec<Invocation> =
-            (0..100).map(|i| Invocation { arrival: f64::from(i), function: "f".into(), duration: 0.5 }).collect();
-        let single = autoscaler(&t, &PoolPolicy::default(), 0.05);
-        assert!(single.restores >= 100, "{single:?}");
-        let reused = autoscaler(&t, &PoolPolicy { max_uses: 1000, ..Default::default() }, 0.05);
-        assert_eq!(reused.cold_starts, 0);
+        // 200 a second, 0.1 s each.
+        let t: Vec<Invocation> = (0..20_000)
+            .map(|i| Invocation { arrival: f64::from(i) * 0.005, function: "f".into(), duration: 0.1 })
+            .collect();
+        let run =
+            |max_uses| autoscaler(&t, &PoolPolicy { max_uses, ..Default::default() }, &SimHost::default(), 0.05).0;
+        let single = run(Some(1));
+        assert!(single.restores >= 20_000, "{single:?}");
+        // Recycling is the default for invocations.
+        let reused = run(None);
+        assert!(reused.cold_starts <= 5, "only as it starts: {reused:?}");
         assert!(reused.restores * 10 < single.restores, "{reused:?}");
-        let twice = autoscaler(&t, &PoolPolicy { max_uses: 2, ..Default::default() }, 0.05);
-        assert!((50..60).contains(&twice.restores), "{twice:?}");
+        let twice = run(Some(2));
+        assert!((10_000..12_000).contains(&twice.restores), "{twice:?}");
     }
 
     #[test]
     fn the_autoscaler_covers_a_steady_load() {
         let t = generate(Shape::Steady, 300.0, 3);
-        let a = autoscaler(&t, &PoolPolicy::default(), 0.05);
+        let a = autoscaler(&t, &PoolPolicy::default(), &SimHost::default(), 0.05).0;
         assert!(a.cold_start_rate() < 0.01, "{a:?}");
     }
 }

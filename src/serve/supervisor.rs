@@ -619,10 +619,10 @@ impl Supervisor {
         {
             let mut pool = f.pool.locked();
             // A cold start adds a clone: never past `max` (in use, ready, starting and restoring).
-            if pool.busy + pool.have() >= f.spec.pool.max {
+            if pool.busy + pool.have() >= f.max_clones {
                 return Err(Refusal::Unavailable(format!(
                     "function {name:?} is at its pool.max of {} clones; try again",
-                    f.spec.pool.max
+                    f.max_clones
                 )));
             }
             pool.mark_busy();
@@ -695,6 +695,14 @@ impl Supervisor {
     /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
     /// recycled.
     pub fn release(&self, id: u64, lease: &str, destroy: bool) -> Result<bool, Refusal> {
+        self.release_after(id, lease, destroy, false)
+    }
+
+    /// [`Supervisor::release`] after an `acquire` (`invoked` false) or an `invoke` (true): with
+    /// `max_uses` unset only the latter recycles ([`PoolPolicy::uses_allowed`]).
+    ///
+    /// [`PoolPolicy::uses_allowed`]: super::scaler::PoolPolicy::uses_allowed
+    fn release_after(&self, id: u64, lease: &str, destroy: bool, invoked: bool) -> Result<bool, Refusal> {
         let h = {
             let mut handed = self.handed.locked();
             let h = handed.get(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
@@ -705,7 +713,7 @@ impl Supervisor {
         };
         let (f, clone) = (h.function, h.clone);
         let recycle = !destroy
-            && clone.uses < f.spec.pool.max_uses
+            && clone.uses < f.spec.pool.uses_allowed(invoked)
             && !f.deleted.load(Ordering::SeqCst)
             && !self.stopping.load(Ordering::SeqCst)
             && clone.vm.exit().is_none()
@@ -817,7 +825,9 @@ impl Supervisor {
         // A clone that did not answer (or answered out of protocol) is not handed to anyone again;
         // nor is one whose runtime (one of ember's) broke: it answers `failed` only then.
         let broken = managed && r.as_ref().is_ok_and(|i| i.status == ember_abi::Status::Failed);
-        let _ = self.release(handoff.id, &handoff.lease, r.is_err() || broken);
+        // Recycled (by the policy) only when it ran the function's own handler.
+        let own = handler == f.spec.default_function();
+        let _ = self.release_after(handoff.id, &handoff.lease, r.is_err() || broken, own);
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(inv) => {

@@ -1,0 +1,527 @@
+//! What the autoscaler knows of a function's arrivals: the model behind its targets. Pure logic,
+//! fed the time of every handoff and asked, at each tick, what the k-th ready clone is worth: the
+//! cold starts it is expected to save per second.
+//!
+//! A pool is refilled after every handoff, so a cold start is an arrival that comes while the
+//! refills of earlier ones are still restoring: with n ready clones, an arrival is cold when n
+//! others arrived within one refill time before it. The k-th ready clone is therefore worth the
+//! rate of arrivals that find k - 1 others within a refill before them. Two estimates of it, the
+//! larger one counts:
+//!
+//! - **now** (hot functions): the arrival rate over the last `peak_window_s` (its arrivals less
+//!   one: one arrival alone says nothing of a rate), or over the last tick, 2 ticks or second
+//!   when that is well beyond it (more than 4 standard deviations of Poisson arrivals at the
+//!   longer rate, and 1: the onset of a burst, seen within a tick; and between ticks, at every
+//!   arrival, the rate since the last tick when it is as far beyond, or when the arrival found the
+//!   pool empty), Poisson within a refill: the
+//!   k-th clone is worth rate x P(k - 1 arrivals within a refill);
+//! - **between clusters** (rare and bursty functions, the pool a quiet function should keep):
+//!   arrivals less than a refill apart form a cluster (one invocation, a queue's batch, the start
+//!   of a burst). The k-th clone is worth the rate of clusters x the share of recent clusters that
+//!   needed k clones before a tick could react (arrivals within one refill, in a cluster's first
+//!   refill + tick; with one cluster more than seen, k deep with probability 2^(1 - k) for a
+//!   function just registered, a belief in deep clusters that fades with a half-life of a minute
+//!   of its age). The rate of clusters is
+//!   - for a **periodic** function (its last three gaps between clusters agree to within 2%, or
+//!     within the refill and a tick): one arrival spread over a window around the next predicted
+//!     one (four times the spread of those gaps, 0.5% of the period, a refill and a tick, either
+//!     side), nothing before
+//!     it (the clone is restored ahead of the arrival, unloaded after);
+//!   - otherwise the clusters seen per second of history, both forgotten with a half-life (the
+//!     policy's `burst_window_s`; 0 turns this estimate off); with none seen yet, what a rate spread log-uniformly over 9 decades (from once a
+//!     month to a thousand a second, the spread of the Azure Functions trace) leaves after that
+//!     long without one: about 1 / (T ln(1 / (T x once a month))).
+//!
+//! So a quiet function keeps a clone while it is called more often than the price asks, a timer
+//! has one only around its firing, and a function that had bursts keeps a reserve for their
+//! onsets that decays as time passes without one.
+
+use std::collections::VecDeque;
+
+/// The rarest rate the prior allows: once a month.
+const RAREST: f64 = 1.0 / (30.0 * 86_400.0);
+/// The largest cluster depth recorded (deeper ones count as this deep).
+const MAX_DEPTH: usize = 256;
+/// The weight of the prior on clusters' depths, in clusters, at registration, and its half-life.
+const PRIOR_CLUSTERS: f64 = 1.0;
+const PRIOR_HALF_LIFE_S: f64 = 60.0;
+/// Gaps between clusters kept for the periodicity check.
+const GAPS: usize = 3;
+/// A tick's arrival counts kept for the short windows (60 s of 100 ms ticks at most).
+const MAX_TICKS: usize = 600;
+
+/// Exponentially forgotten counts (lazily: decayed to `at` when touched), with a half-life.
+#[derive(Clone, Debug)]
+struct Decayed {
+    value: f64,
+    at: f64,
+    half_life: f64,
+}
+
+impl Decayed {
+    fn new(at: f64, half_life: f64) -> Self {
+        Self { value: 0.0, at, half_life: half_life.max(1e-3) }
+    }
+
+    fn factor(&self, from: f64, to: f64) -> f64 {
+        (-(to - from).max(0.0) * std::f64::consts::LN_2 / self.half_life).exp()
+    }
+
+    fn get(&self, now: f64) -> f64 {
+        self.value * self.factor(self.at, now)
+    }
+
+    fn add(&mut self, now: f64, v: f64) {
+        self.value = self.get(now) + v;
+        self.at = now.max(self.at);
+    }
+}
+
+/// What the model expects of the next cluster (for metrics and tests).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pattern {
+    /// No cluster seen yet.
+    Unknown,
+    /// Clusters at this rate (per second).
+    Rate(f64),
+    /// Periodic: the next one is expected at this time, give or take this much.
+    Periodic { next: f64, within: f64 },
+}
+
+/// The model of one function's arrivals.
+#[derive(Debug)]
+pub struct ArrivalModel {
+    /// When the function was registered (its history starts).
+    born: f64,
+    /// Arrival counts of the last ticks (newest last), and the tick's own count so far.
+    ticks: VecDeque<u32>,
+    this_tick: u32,
+    /// The windows of the rate now, in ticks (1, 2, 1 s and the longest), and their arrivals.
+    windows: [usize; 4],
+    sums: [u64; 4],
+    /// Arrivals within the last refill time (their times).
+    recent: VecDeque<f64>,
+    /// The cluster under way: when it started, the deepest it got in its first refill + tick.
+    cluster: Option<(f64, u32)>,
+    last_arrival: Option<f64>,
+    /// Clusters seen (forgotten with the half-life), and how many needed at least k clones
+    /// (depths[k - 1]).
+    clusters: Decayed,
+    depths: Vec<f64>,
+    depths_at: f64,
+    /// Starts of the last clusters, for the periodicity check.
+    starts: VecDeque<f64>,
+    /// The refill time and tick last seen, and when the last tick was.
+    refill_s: f64,
+    tick_s: f64,
+    ticked_at: f64,
+    /// Whether clusters are remembered at all (a half-life above 0).
+    remembers: bool,
+    /// Whether it has been ticked yet.
+    ticked: bool,
+}
+
+impl ArrivalModel {
+    /// A function registered at `now`, ticked every `tick_s`, remembering clusters with a
+    /// half-life of `memory_s` (0: not at all), its rate now taken over `window_s` at most.
+    pub fn new(now: f64, tick_s: f64, memory_s: f64, window_s: f64) -> Self {
+        let ticks = |s: f64| ((s / tick_s).round() as usize).clamp(1, MAX_TICKS);
+        let longest = ticks(window_s).max(ticks(1.0));
+        Self {
+            born: now,
+            ticks: VecDeque::with_capacity(longest + 1),
+            this_tick: 0,
+            windows: [1, 2.min(longest), ticks(1.0), longest],
+            sums: [0; 4],
+            recent: VecDeque::new(),
+            cluster: None,
+            last_arrival: None,
+            clusters: Decayed::new(now, memory_s),
+            depths: Vec::new(),
+            depths_at: now,
+            starts: VecDeque::with_capacity(GAPS + 2),
+            refill_s: 0.0,
+            tick_s,
+            ticked_at: now,
+            remembers: memory_s > 0.0,
+            ticked: false,
+        }
+    }
+
+    /// A handoff at `now` (warm or cold).
+    pub fn arrival(&mut self, now: f64) {
+        self.this_tick = self.this_tick.saturating_add(1);
+        let r = self.refill_s.max(1e-6);
+        while self.recent.front().is_some_and(|&t| t <= now - r) {
+            self.recent.pop_front();
+        }
+        // (Bounded: a clone per arrival within a refill would be beyond any pool anyway.)
+        if self.recent.len() < MAX_DEPTH {
+            self.recent.push_back(now);
+        }
+        let depth = self.recent.len() as u32;
+        let gap = self.last_arrival.map_or(f64::INFINITY, |l| now - l);
+        self.last_arrival = Some(now);
+        // A surge within a cluster whose early part is over (a burst on a busy function) counts as
+        // a cluster of its own: its onset is what a reserve would have to cover.
+        let early = |start: f64| now - start <= r + self.tick_s;
+        let surging = self.cluster.is_some_and(|(start, _)| !early(start)) && self.surge(now, false).is_some();
+        match &mut self.cluster {
+            Some((start, deepest)) if gap < r && !surging => {
+                if now - *start <= r + self.tick_s {
+                    *deepest = (*deepest).max(depth);
+                }
+            }
+            _ => {
+                self.close_cluster(now);
+                self.cluster = Some((now, depth));
+                self.clusters.add(now, 1.0);
+                if self.starts.len() == GAPS + 1 {
+                    self.starts.pop_front();
+                }
+                self.starts.push_back(now);
+            }
+        }
+    }
+
+    /// Records the finished cluster's depth.
+    fn close_cluster(&mut self, now: f64) {
+        let Some((_, deepest)) = self.cluster.take() else { return };
+        let f = self.clusters.factor(self.depths_at, now);
+        self.depths.iter_mut().for_each(|d| *d *= f);
+        self.depths_at = now.max(self.depths_at);
+        let k = (deepest as usize).clamp(1, MAX_DEPTH);
+        if self.depths.len() < k {
+            self.depths.resize(k, 0.0);
+        }
+        self.depths[..k].iter_mut().for_each(|d| *d += 1.0);
+    }
+
+    /// A tick at `now`: closes the tick's count; `refill_s` is how long a refill takes now. The
+    /// function's history starts at its first tick (a function whose template is still being
+    /// made is not ticked), unless an arrival came first.
+    pub fn tick(&mut self, now: f64, refill_s: f64) {
+        if !self.ticked && self.last_arrival.is_none() {
+            self.born = now;
+            self.clusters = Decayed::new(now, self.clusters.half_life);
+        }
+        self.ticked = true;
+        self.refill_s = refill_s.max(0.0);
+        self.ticked_at = now;
+        let c = std::mem::take(&mut self.this_tick);
+        self.ticks.push_back(c);
+        let n = self.ticks.len();
+        for (sum, &w) in self.sums.iter_mut().zip(&self.windows) {
+            *sum += u64::from(c);
+            if n > w {
+                *sum -= u64::from(self.ticks[n - 1 - w]);
+            }
+        }
+        if n > self.windows[3] {
+            self.ticks.pop_front();
+        }
+        // A cluster whose early part is over is recorded now, so that its depth counts at once.
+        if let Some((start, _)) = self.cluster {
+            if now - start > self.refill_s + self.tick_s {
+                self.close_cluster(now);
+            }
+        }
+    }
+
+    /// Arrivals per second now: the rate over the longest window, or a shorter window's when it
+    /// is well beyond that (see the module's description).
+    pub fn rate_now(&self) -> f64 {
+        let have = self.ticks.len().max(1);
+        let rate = |i: usize| {
+            let w = self.windows[i].min(have) as f64 * self.tick_s;
+            (self.sums[i].saturating_sub(1) as f64 / w, w)
+        };
+        let (long, _) = rate(3);
+        let mut best = long;
+        for i in 0..3 {
+            let (r, w) = rate(i);
+            if beyond(self.sums[i], long * w) {
+                best = best.max(r);
+            }
+        }
+        best
+    }
+
+    /// The arrival rate since the last tick, at `now`, when it is well beyond the rate now (the
+    /// onset of a burst between ticks), or whatever it is when the pool ran dry (`cold`: demand
+    /// beyond what the pool was sized for, whatever the statistics say); `None` otherwise.
+    pub fn surge(&self, now: f64, cold: bool) -> Option<f64> {
+        let elapsed = (now - self.ticked_at).max(self.refill_s).max(1e-3);
+        let long = self.rate_now();
+        let k = u64::from(self.this_tick);
+        if cold {
+            return Some(k as f64 / elapsed);
+        }
+        beyond(k, long * elapsed).then(|| k.saturating_sub(1) as f64 / elapsed)
+    }
+
+    /// How long a refill takes, as of the last tick.
+    pub fn refill_s(&self) -> f64 {
+        self.refill_s
+    }
+
+    /// The pattern of clusters as of `now`.
+    pub fn pattern(&self, now: f64) -> Pattern {
+        let seen = self.clusters.get(now);
+        if self.starts.is_empty() {
+            return Pattern::Unknown;
+        }
+        if self.starts.len() == GAPS + 1 {
+            let mut gaps = [0.0; GAPS];
+            for (g, (a, b)) in gaps.iter_mut().zip(self.starts.iter().zip(self.starts.iter().skip(1))) {
+                *g = b - a;
+            }
+            gaps.sort_by(f64::total_cmp);
+            let period = gaps[GAPS / 2];
+            let spread = gaps[GAPS - 1] - gaps[0];
+            let slack = (0.02 * period).max(self.refill_s + self.tick_s);
+            let last = self.starts.back().copied().unwrap_or(now);
+            // The window: four times the spread seen, 0.5% of the period, a refill and a tick.
+            let within = 4.0 * spread + 0.005 * period + self.refill_s + self.tick_s;
+            if spread <= slack && now <= last + period + within {
+                return Pattern::Periodic { next: last + period, within };
+            }
+        }
+        // Clusters per second of (forgotten) history since the function was registered.
+        let c = &self.clusters;
+        let history = c.half_life / std::f64::consts::LN_2 * (1.0 - c.factor(self.born, now));
+        Pattern::Rate(seen / history.max(self.tick_s))
+    }
+
+    /// Clusters expected per second around `now`: the pattern's rate, or with no cluster yet the
+    /// prior's (see the module's description).
+    pub fn cluster_rate(&self, now: f64) -> f64 {
+        match self.pattern(now) {
+            Pattern::Unknown => {
+                let t = (now - self.born).max(1.0);
+                1.0 / (t * ((1.0 / (RAREST * t)).ln() - 0.577).max(1.0))
+            }
+            Pattern::Rate(r) => r,
+            Pattern::Periodic { next, within } => {
+                // Ready from a refill and a tick before the window opens until it closes.
+                let lead = self.refill_s + self.tick_s;
+                if now + lead >= next - within && now <= next + within {
+                    1.0 / (2.0 * within)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// The share of recent clusters that needed at least `k` clones (1 for k = 1).
+    fn deeper(&self, k: usize, prior: f64) -> f64 {
+        if k <= 1 {
+            return 1.0;
+        }
+        let all = self.depths.first().copied().unwrap_or(0.0);
+        let seen = self.depths.get(k - 1).copied().unwrap_or(0.0);
+        (seen + prior * 0.5f64.powi(k as i32 - 1)) / (all + PRIOR_CLUSTERS)
+    }
+
+    /// How many ready clones are worth at least `price` cold starts saved per second each, with
+    /// arrival rates multiplied by `headroom`, up to `cap`.
+    pub fn wanted(&self, now: f64, price: f64, headroom: f64, cap: u32) -> u32 {
+        let price = price.max(1e-12);
+        // Now: Poisson arrivals within a refill at the current rate.
+        let rate = self.rate_now() * headroom;
+        let now_n = poisson_wanted(rate, self.refill_s, price, cap);
+        // Between clusters: their rate x the share that went at least k deep.
+        let clusters = if self.remembers { self.cluster_rate(now) * headroom } else { 0.0 };
+        // One cluster more than seen, k deep with probability 2^(1 - k) for a function just
+        // registered, a belief in deep clusters that fades with a half-life of a minute of its
+        // age (the cluster itself stays: one cluster no deeper than 1).
+        let prior = PRIOR_CLUSTERS * 0.5f64.powf((now - self.born) / PRIOR_HALF_LIFE_S);
+        let mut quiet_n = 0u32;
+        while quiet_n < cap && clusters * self.deeper(quiet_n as usize + 1, prior) >= price {
+            quiet_n += 1;
+        }
+        now_n.max(quiet_n)
+    }
+
+    /// Arrivals expected per second now: the larger of the rate now and the clusters' rate (for
+    /// /metrics).
+    pub fn predicted_rate(&self, now: f64) -> f64 {
+        self.rate_now().max(self.cluster_rate(now))
+    }
+}
+
+/// Whether `count` arrivals are well beyond `expected` (more than 4 standard deviations of
+/// Poisson arrivals, and 1).
+fn beyond(count: u64, expected: f64) -> bool {
+    count.saturating_sub(1) as f64 > expected + 4.0 * expected.sqrt() + 1.0
+}
+
+/// The ready clones worth `price` for Poisson arrivals at `rate` refilled in `refill_s`, up to
+/// `cap`: the k-th is worth rate x P(k - 1 arrivals within a refill). Up to the most likely count
+/// those values rise: the clones below it are needed together, and each is counted at that
+/// count's value (the concave envelope), so that a higher price never asks for more.
+pub fn poisson_wanted(rate: f64, refill_s: f64, price: f64, cap: u32) -> u32 {
+    let mean = rate * refill_s;
+    let mode = mean.floor();
+    let mut ln_pmf = -mean + mode * mean.max(1e-300).ln() - ln_factorial(mode);
+    let mut n = 0u32;
+    if rate * ln_pmf.exp() >= price {
+        n = (mode as u32).min(cap);
+        while n < cap && rate * ln_pmf.exp() >= price {
+            n += 1;
+            ln_pmf += mean.max(1e-300).ln() - f64::from(n).ln();
+        }
+    }
+    n
+}
+
+/// ln(n!) (Stirling's series beyond small n).
+fn ln_factorial(n: f64) -> f64 {
+    if n < 16.0 {
+        (2..=n as u32).map(|k| f64::from(k).ln()).sum()
+    } else {
+        n * n.ln() - n + 0.5 * (2.0 * std::f64::consts::PI * n).ln() + 1.0 / (12.0 * n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: f64 = 0.1;
+    const REFILL: f64 = 0.05;
+
+    /// Feeds arrivals (sorted) up to `until`, ticking every 100 ms; calls `each` after every tick.
+    fn run(m: &mut ArrivalModel, arrivals: &[f64], from: f64, until: f64, mut each: impl FnMut(&ArrivalModel, f64)) {
+        let mut next = arrivals.iter().copied().filter(|&a| a >= from).peekable();
+        let mut t = from;
+        while t < until {
+            t += TICK;
+            while let Some(a) = next.next_if(|&a| a < t) {
+                m.arrival(a);
+            }
+            m.tick(t, REFILL);
+            each(m, t);
+        }
+    }
+
+    #[test]
+    fn a_new_function_keeps_a_clone_for_minutes_then_lets_it_go() {
+        let m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        // Worth a clone at an hour's price for a few minutes after registration (more in the
+        // first minutes: see the prior below), not after 20.
+        let price = 1.0 / 3600.0;
+        assert!(m.wanted(60.0, price, 1.0, 100) >= 1);
+        assert_eq!(m.wanted(300.0, price, 1.0, 100), 1);
+        assert_eq!(m.wanted(1200.0, price, 1.0, 100), 0);
+        assert_eq!(m.pattern(1200.0), Pattern::Unknown);
+    }
+
+    #[test]
+    fn a_function_just_registered_is_assumed_bursty_for_a_minute_or_so() {
+        // One arrival right after registration: the prior's clusters (half of them at least 2
+        // deep, a quarter 3...) ask for a few clones; minutes later, with every cluster seen one
+        // deep, one clone.
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        run(&mut m, &[0.05], 0.0, 0.2, |_, _| {});
+        let early = m.wanted(0.2, 1.0 / 3600.0, 1.0, 100);
+        assert!(early >= 4, "{early}");
+        let arrivals: Vec<f64> = (0..20).map(|i| 0.05 + f64::from(i) * 30.0).collect();
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        run(&mut m, &arrivals, 0.0, 600.0, |_, _| {});
+        assert_eq!(m.wanted(600.0, 1.0 / 3600.0, 1.0, 100), 1);
+    }
+
+    #[test]
+    fn a_surge_between_ticks_is_seen_at_once_and_a_cold_start_always_counts() {
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        // A quiet second (one arrival), then 3 arrivals within 10 ms of a tick.
+        run(&mut m, &[0.5], 0.0, 1.0, |_, _| {});
+        m.arrival(1.001);
+        assert_eq!(m.surge(1.001, false), None, "one arrival is no surge");
+        assert!(m.surge(1.001, true).is_some(), "a cold start is");
+        m.arrival(1.005);
+        m.arrival(1.009);
+        let rate = m.surge(1.009, false).expect("a surge");
+        // 3 arrivals within a refill (50 ms): (3 - 1) / 0.05.
+        assert!((rate - 40.0).abs() < 1e-9, "{rate}");
+        let n = poisson_wanted(rate, REFILL, 1.0 / 3600.0, 1000);
+        assert!((8..=14).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn a_rare_function_is_kept_warm_when_it_is_called_more_often_than_the_price() {
+        // Every 5 to 15 minutes (not periodic).
+        let arrivals: Vec<f64> = [0.0, 300.0, 1200.0, 1700.0, 2600.0, 3000.0].to_vec();
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        let mut dropped = Vec::new();
+        run(&mut m, &arrivals, 0.0, 3600.0, |m, t| {
+            if m.wanted(t, 1.0 / 3600.0, 1.0, 100) == 0 {
+                dropped.push(t);
+            }
+        });
+        assert!(dropped.is_empty(), "dropped at {:?}", &dropped[..dropped.len().min(3)]);
+        assert!(matches!(m.pattern(3600.0), Pattern::Rate(r) if (1.0 / 900.0..1.0 / 400.0).contains(&r)));
+        // At a price of one cold start per minute of idle clone it is not worth keeping.
+        assert_eq!(m.wanted(3600.0, 1.0 / 60.0, 1.0, 100), 0);
+    }
+
+    #[test]
+    fn a_periodic_function_is_warmed_just_ahead_of_its_next_call() {
+        // Every 5 minutes, up to 0.3 s late.
+        let arrivals: Vec<f64> = (0..12).map(|i| f64::from(i) * 300.0 + 0.3 * f64::from(i % 2)).collect();
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        let mut warm = Vec::new();
+        run(&mut m, &arrivals, 0.0, 3590.0, |m, t| {
+            if t > 1000.0 && m.wanted(t, 1.0 / 3600.0, 1.0, 100) > 0 {
+                warm.push(t);
+            }
+        });
+        assert!(matches!(m.pattern(3590.0), Pattern::Periodic { next, .. } if (next - 3600.0).abs() < 1.0));
+        // Warm only within seconds of each call: a few seconds in every 300.
+        let before: Vec<f64> = warm.iter().copied().filter(|t| (1480.0..1500.0).contains(t)).collect();
+        assert!(!before.is_empty() && before[0] > 1490.0, "warm from {before:?}");
+        assert!(warm.len() < 9 * 100, "{} warm ticks", warm.len());
+        // A missed call ends the prediction: back to the rate.
+        assert!(matches!(m.pattern(3700.0), Pattern::Rate(_)));
+    }
+
+    #[test]
+    fn a_burst_leaves_a_reserve_that_decays() {
+        // One arrival a minute, and a burst of 200 within a second at 600 s.
+        let mut arrivals: Vec<f64> = (0..60).map(|i| f64::from(i) * 60.0 + 7.0).collect();
+        arrivals.extend((0..200).map(|i| 600.0 + f64::from(i) * 0.005));
+        arrivals.sort_by(f64::total_cmp);
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        let price = 1.0 / 3600.0;
+        let mut at = std::collections::BTreeMap::new();
+        run(&mut m, &arrivals, 0.0, 3600.0, |m, t| {
+            at.insert((t * 10.0).round() as u64, m.wanted(t, price, 1.0, 1000));
+        });
+        let wanted = |tenths: u64| at[&tenths];
+        assert!(wanted(3000) <= 1, "before the burst: {}", wanted(3000));
+        // During the burst: the arrivals within a refill at 200/s, with Poisson headroom.
+        assert!(wanted(6005) >= 15, "{}", wanted(6005));
+        // After it: a reserve for the onset of the next one (~10 arrivals within a refill), which
+        // shrinks as time passes without another.
+        let reserve: Vec<u32> = [6600, 12_000, 24_000, 35_900].iter().map(|&s| wanted(s)).collect();
+        assert!(reserve[0] >= 5, "{reserve:?}");
+        assert!(reserve.windows(2).all(|w| w[1] <= w[0]), "{reserve:?}");
+        assert!(reserve[3] < reserve[0], "{reserve:?}");
+        // At a higher price the reserve is gone sooner.
+        assert!(m.wanted(3590.0, 1.0 / 600.0, 1.0, 1000) < reserve[3].max(2));
+    }
+
+    #[test]
+    fn a_steady_hot_function_wants_the_arrivals_within_a_refill_with_poisson_headroom() {
+        // 100 arrivals a second, evenly: 5 within a refill.
+        let arrivals: Vec<f64> = (0..6000).map(|i| f64::from(i) * 0.01).collect();
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        run(&mut m, &arrivals, 0.0, 60.0, |_, _| {});
+        let n = m.wanted(60.0, 1.0 / 3600.0, 1.0, 1000);
+        assert!((12..=20).contains(&n), "{n}");
+        assert!(m.wanted(60.0, 1.0 / 3600.0, 1.0, 10) == 10, "capped");
+        assert!((m.rate_now() - 100.0).abs() < 15.0, "{}", m.rate_now());
+    }
+}
