@@ -134,6 +134,11 @@ impl Function {
 
     pub(super) fn info(&self) -> FunctionInfo {
         let pool = self.pool.locked();
+        // One lock of the scaler (a second in the same expression would wait on the first).
+        let (target_ready, predicted_arrivals_per_s) = {
+            let scaler = self.scaler.locked();
+            (scaler.target(), scaler.predicted_rate())
+        };
         let c = &self.counters;
         FunctionInfo {
             name: self.name.clone(),
@@ -145,8 +150,8 @@ impl Function {
             warming: pool.warming.len() as u32,
             busy: pool.busy,
             restoring: pool.restoring,
-            target_ready: self.scaler.locked().target(),
-            predicted_arrivals_per_s: self.scaler.locked().predicted_rate(),
+            target_ready,
+            predicted_arrivals_per_s,
             max_clones: self.max_clones,
             handoffs: c.handoffs.load(Ordering::Relaxed),
             cold_starts: c.cold_starts.load(Ordering::Relaxed),
