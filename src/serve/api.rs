@@ -307,6 +307,8 @@ fn is_json(resp: &Response) -> bool {
 
 /// How far over its limit a body is still read through before the 413 answer.
 const DRAIN_OVER_LIMIT: u64 = 32 << 20;
+/// How long an over-limit body is read for at most.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// A request whose declared body is over its route's limit: (declared, limit).
 fn oversized(req: &Request) -> Option<(u64, u64)> {
@@ -332,12 +334,14 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = match oversized(&req) {
         Some((declared, limit)) => {
-            // Read a body somewhat over the limit through (and drop it): a client still sending
-            // when the connection closed would never see the answer.
+            // Read a body somewhat over the limit through (and drop it), for a while: a client
+            // still sending when the connection closed would never see the answer; one that
+            // stops sending gets it after DRAIN_TIME.
             if declared <= limit + DRAIN_OVER_LIMIT {
                 use http_body_util::BodyExt;
                 let mut body = req.into_body();
-                while let Some(Ok(_)) = body.frame().await {}
+                let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
             }
             let msg = format!("the body is {declared} bytes, over this request's limit of {limit} bytes");
             ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
