@@ -17,8 +17,16 @@ log() { printf '[build-python-layer] %s\n' "$*" >&2; }
 packages=(python3-minimal python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
   libc6 libgcc-s1 libexpat1 zlib1g libssl3 libffi8 libbz2-1.0 liblzma5 libuuid1 media-types)
 
-versions=$(apt-cache policy "${packages[@]}" | awk '/^[^ ]/{p=$1} /Candidate:/{print p, $2}')
-if grep -q "(none)" <<<"$versions"; then
+policy() { apt-cache policy "${packages[@]}" | awk '/^[^ ]/{p=$1} /Candidate:/{print p, $2}'; }
+versions=$(policy)
+if grep -q "(none)" <<<"$versions" || (($(wc -l <<<"$versions") < ${#packages[@]})); then
+  log "package lists lack some packages: apt-get update"
+  sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq || true
+  versions=$(policy)
+fi
+if grep -q "(none)" <<<"$versions" || (($(wc -l <<<"$versions") < ${#packages[@]})); then
   log "error: a package has no candidate (apt-get update first?):"
   grep "(none)" <<<"$versions" >&2
   exit 1

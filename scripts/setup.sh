@@ -28,6 +28,8 @@ fi
 
 scripts/build-kernel.sh
 scripts/build-initramfs.sh
+# ember's python3 runtime layer (Debian's packages, extracted; cached under ~/.cache/ember/python).
+scripts/build-python-layer.sh
 log "building ember (release)"
 cargo build --release -q
 log "ember is at target/release/ember"
