@@ -270,6 +270,27 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     }
     std::fs::rename(&kept, &memory).unwrap();
 
+    // A new registration that changes only the pool policy: the same version, the template kept
+    // (no boot), the new policy in force; the restart below finds the template matching it.
+    let version = json_of(&http(&s, "GET", "/functions/rev", None).1)["version"].clone();
+    assert!(version.is_string(), "{version}");
+    let mut repooled: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    repooled["pool"]["lease_s"] = json!(9.0);
+    let (code, body) = http(&s, "PUT", "/functions/rev", Some(&repooled.to_string()));
+    assert_eq!(code, 202, "{body}");
+    let t = Instant::now();
+    let info = loop {
+        let i = json_of(&http(&s, "GET", "/functions/rev", None).1);
+        if i["update"].is_null() && i["spec"]["pool"]["lease_s"] == 9.0 {
+            break i;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the new policy never took over: {i}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(info["version"], version, "{info}");
+    assert!(t.elapsed() < Duration::from_secs(20), "a pool-only change booted a template ({:?})", t.elapsed());
+    assert_eq!(invoke(&s, "rev", r#"{"payload": "new"}"#)["payload"], "wen");
+
     // A clean restart: the function comes back from its saved template, without booting.
     assert_eq!(srv.signal(libc::SIGTERM).code(), Some(0));
     assert!(!s.exists());

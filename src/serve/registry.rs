@@ -82,6 +82,12 @@ impl Registry {
         Ok(())
     }
 
+    /// Records that the function's template now serves `spec` (a new registration that changed
+    /// nothing the guest sees).
+    pub fn relabel(&self, name: &str, spec: &FunctionSpec, version: &str) -> Result<(), String> {
+        Self::label(&self.template_dir(name), spec, version)
+    }
+
     /// Removes a new version's template that will not be used.
     pub fn discard_next(&self, name: &str) {
         let _ = std::fs::remove_dir_all(self.next_template_dir(name));

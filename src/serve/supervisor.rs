@@ -484,8 +484,12 @@ impl Supervisor {
             self.discard(prepared);
             return;
         }
-        let switched = (if fresh { self.registry.promote(&name) } else { Ok(()) })
-            .and_then(|()| self.registry.save(&name, &new.spec));
+        // A template kept from the current version is relabelled with the new registration (a
+        // restart then finds them matching).
+        let version = new.version.locked().clone().unwrap_or_default();
+        let switched =
+            (if fresh { self.registry.promote(&name) } else { self.registry.relabel(&name, &new.spec, &version) })
+                .and_then(|()| self.registry.save(&name, &new.spec));
         if let Err(e) = switched {
             drop(functions);
             tracing::error!(function = %name, "cannot switch to the new version: {e}");
