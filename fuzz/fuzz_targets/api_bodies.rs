@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(spec) = serde_json::from_slice::<FunctionSpec>(data) {
         if spec.validate().is_ok() {
-            assert!(spec.pool.max >= spec.pool.min_ready && spec.pool.lease_s > 0.0);
+            assert!(spec.pool.max.is_none_or(|m| m >= spec.pool.min_ready) && spec.pool.lease_s > 0.0);
         }
     }
     if let Ok(p) = serde_json::from_slice::<PoolPolicy>(data) {
