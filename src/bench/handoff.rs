@@ -68,11 +68,51 @@ pub fn handoff(snapshot: &Path, pool: u32, per_client: usize) -> Result<TableRep
     result
 }
 
-/// Registers `name` in the state directory `state` with the template in `snapshot`.
-fn register(snapshot: &Path, state: &Path, name: &str, pool: serde_json::Value) -> Result<(), String> {
-    let spec = serde_json::json!({"kernel": "/nonexistent", "initramfs": "/nonexistent", "pool": pool});
+/// Registers `name` in the state directory `state` with the template in `snapshot`, its pool
+/// policy `pool` and the registration's other fields from `extra` (a JSON object).
+pub(super) fn register(
+    snapshot: &Path,
+    state: &Path,
+    name: &str,
+    pool: serde_json::Value,
+    extra: serde_json::Value,
+) -> Result<(), String> {
+    let mut spec = serde_json::json!({"kernel": "/nonexistent", "initramfs": "/nonexistent", "pool": pool});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
     let spec: FunctionSpec = serde_json::from_value(spec).map_err(|e| e.to_string())?;
     Registry::open(state).map_err(|e| e.to_string())?.install(name, &spec, snapshot)
+}
+
+/// `ember serve` in this process over the state directory `state` (its functions installed with
+/// [`register`]; nothing is booted, so no image directory), its API on `socket`.
+pub(super) struct Daemon {
+    pub(super) sup: Arc<Supervisor>,
+    scaler: std::thread::JoinHandle<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    pub(super) fn start(state: &Path, socket: &Path) -> Result<Self, String> {
+        let images = crate::serve::images::ImageDirs::open(&[])?;
+        let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(state), None)
+            .map_err(|e| e.to_string())?;
+        let sup = Supervisor::open(state, images, builder).map_err(|e| e.to_string())?;
+        let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
+        let app = crate::serve::api::router(sup.clone());
+        let server = rt.spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { sup, scaler, server, _rt: rt })
+    }
+
+    pub(super) fn stop(self) {
+        self.server.abort();
+        self.sup.shutdown();
+        let _ = self.scaler.join();
+    }
 }
 
 pub(super) type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
@@ -142,21 +182,13 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
         serde_json::json!({"min_ready": min_ready, "max": min_ready * 2 + 16, "headroom": 1.0,
             "scale_in_delay_s": 3600.0, "burst_window_s": 0.0, "max_uses": 1})
     };
-    register(snapshot, &state, FRESH, quiet(pool))?;
+    register(snapshot, &state, FRESH, quiet(pool), serde_json::json!({}))?;
     let mut recycled = quiet(RECYCLED_POOL);
     recycled["max_uses"] = u32::MAX.into();
-    register(snapshot, &state, RECYCLED, recycled)?;
-    // The templates are installed: nothing is booted, so no image directory is needed.
-    let images = crate::serve::images::ImageDirs::open(&[])?;
-    let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(&state), None)
-        .map_err(|e| e.to_string())?;
-    let sup = Supervisor::open(&state, images, builder).map_err(|e| e.to_string())?;
-    let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
+    register(snapshot, &state, RECYCLED, recycled, serde_json::json!({}))?;
     let socket = dir.join("api.sock");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket) }).map_err(|e| e.to_string())?;
-    let app = crate::serve::api::router(sup.clone());
-    let server = rt.spawn(async move { axum::serve(listener, app).await });
+    let daemon = Daemon::start(&state, &socket)?;
+    let sup = daemon.sup.clone();
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);
         wait_full(&sup, FRESH, pool)?;
@@ -193,9 +225,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     let r = round(&socket, 1, per_client.min(pool as usize), &invoke(FRESH), &no_release)?;
     add("invoke no-op, fresh clone, 1 client".into(), r);
     let (fresh, recycled) = (sup.get(FRESH).map_err(|e| e.to_string())?, sup.get(RECYCLED).map_err(|e| e.to_string())?);
-    server.abort();
-    sup.shutdown();
-    let _ = scaler.join();
+    daemon.stop();
     let notes = vec![
         format!(
             "cold starts: {} of {} handoffs (recycled pool), {} of {} (fresh pool)",

@@ -59,12 +59,12 @@ fn data_file(path: &Path, mib: u64) -> std::io::Result<()> {
 }
 
 /// A serving clone of `t`.
-fn clone_of(t: &Template, id: u64) -> Result<RunningVm, BenchError> {
+pub(super) fn clone_of(t: &Template, id: u64) -> Result<RunningVm, BenchError> {
     let channels = Channels { serve: true, ..Default::default() };
     Ok(t.restore(id, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?)
 }
 
-fn call(vm: &RunningVm, function: &str, payload: &str, timeout: Duration) -> Result<String, BenchError> {
+pub(super) fn call(vm: &RunningVm, function: &str, payload: &str, timeout: Duration) -> Result<String, BenchError> {
     let r = vm
         .invoke(function, payload.as_bytes(), CallOptions { timeout, ..Default::default() })
         .map_err(|e| failed(&format!("{function} {payload}"), e))?;

@@ -17,17 +17,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::handoff::{request, round, wait_full, wait_quiet};
+use super::handoff::{register, request, round, wait_full, wait_quiet, Daemon};
+use super::layers::{call, clone_of};
 use super::restore::private_kib;
 use super::{ms, BenchError, Summary, TableReport};
-use crate::channel::mailbox::CallOptions;
 use crate::config::{DriveConfig, VmConfig};
 use crate::image::{Limits, Store};
-use crate::serve::model::FunctionSpec;
-use crate::serve::registry::Registry;
-use crate::serve::supervisor::Supervisor;
 use crate::template::{MakeOptions, Template};
-use crate::vmm::{Channels, RunOptions, RunningVm};
 
 /// What `ember bench python` measures.
 pub struct PythonBench {
@@ -44,20 +40,6 @@ const HANDLER: &str = "def handler(event, context):\n    return event\n";
 
 fn failed(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(format!("{what}: {e}"))
-}
-
-fn clone_of(t: &Template, id: u64) -> Result<RunningVm, BenchError> {
-    let channels = Channels { serve: true, ..Default::default() };
-    Ok(t.restore(id, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?)
-}
-
-fn call(vm: &RunningVm, function: &str, payload: &[u8], timeout: Duration) -> Result<(), BenchError> {
-    let r =
-        vm.invoke(function, payload, CallOptions { timeout, ..Default::default() }).map_err(|e| failed(function, e))?;
-    if r.status != ember_abi::Status::Ok {
-        return Err(failed(function, String::from_utf8_lossy(&r.payload)));
-    }
-    Ok(())
 }
 
 pub fn python(cfg: &VmConfig, b: &PythonBench) -> Result<TableReport, BenchError> {
@@ -118,7 +100,7 @@ fn run(cfg: &VmConfig, b: &PythonBench, scratch: &Path) -> Result<TableReport, B
     // Restore -> first answer, alternating Python and echo clones of the one template.
     let (mut py_ms, mut echo_ms) = (Vec::new(), Vec::new());
     for i in 0..b.runs {
-        for (samples, function, payload) in [(&mut py_ms, "python3", &b"{}"[..]), (&mut echo_ms, "echo", b"{}")] {
+        for (samples, function, payload) in [(&mut py_ms, "python3", "{}"), (&mut echo_ms, "echo", "{}")] {
             let start = Instant::now();
             let vm = clone_of(&t, 10 + i as u64 * 2 + u64::from(function == "echo"))?;
             call(&vm, function, payload, b.timeout)?;
@@ -141,12 +123,12 @@ fn run(cfg: &VmConfig, b: &PythonBench, scratch: &Path) -> Result<TableReport, B
 
     // Warm no-op calls on one clone through the mailbox.
     let vm = clone_of(&t, 5)?;
-    call(&vm, "python3", b"{}", b.timeout)?;
+    call(&vm, "python3", "{}", b.timeout)?;
     let warm = |function: &str| -> Result<Option<Summary>, BenchError> {
         let mut v = Vec::with_capacity(b.calls);
         for _ in 0..b.calls {
             let s = Instant::now();
-            call(&vm, function, b"{}", b.timeout)?;
+            call(&vm, function, "{}", b.timeout)?;
             v.push(s.elapsed().as_secs_f64() * 1e6);
         }
         Ok(Summary::of(&v))
@@ -164,7 +146,7 @@ fn run(cfg: &VmConfig, b: &PythonBench, scratch: &Path) -> Result<TableReport, B
     let mut held = Vec::with_capacity(b.clones);
     for i in 0..b.clones {
         let vm = clone_of(&t, 100_000 + i as u64)?;
-        call(&vm, "python3", b"{}", b.timeout)?;
+        call(&vm, "python3", "{}", b.timeout)?;
         held.push(vm);
     }
     wait_quiet();
@@ -197,30 +179,19 @@ fn api_rounds(
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     let state = scratch.join("state");
-    let registry = Registry::open(&state).map_err(|e| e.to_string())?;
     let pool = serde_json::json!({"min_ready": 2, "max": 8, "max_uses": u32::MAX, "headroom": 1.0,
         "scale_in_delay_s": 3600.0, "burst_window_s": 0.0});
-    for (name, extra) in [
-        ("py", serde_json::json!({"runtime": "python3", "handler": "app.handler"})),
-        ("echo", serde_json::json!({"handler": "echo"})),
-    ] {
-        let mut spec = serde_json::json!({"kernel": "/nonexistent", "initramfs": "/nonexistent", "pool": pool});
-        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-            s.extend(e.clone());
-        }
-        let spec: FunctionSpec = serde_json::from_value(spec).map_err(|e| e.to_string())?;
-        registry.install(name, &spec, template)?;
-    }
-    let images = crate::serve::images::ImageDirs::open(&[])?;
-    let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(&state), None)
-        .map_err(|e| e.to_string())?;
-    let sup = Supervisor::open(&state, images, builder).map_err(|e| e.to_string())?;
-    let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
+    register(
+        template,
+        &state,
+        "py",
+        pool.clone(),
+        serde_json::json!({"runtime": "python3", "handler": "app.handler"}),
+    )?;
+    register(template, &state, "echo", pool, serde_json::json!({"handler": "echo"}))?;
     let socket = scratch.join("api.sock");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket) }).map_err(|e| e.to_string())?;
-    let app = crate::serve::api::router(sup.clone());
-    let server = rt.spawn(async move { axum::serve(listener, app).await });
+    let daemon = Daemon::start(&state, &socket)?;
+    let sup = daemon.sup.clone();
     let result = (|| {
         wait_full(&sup, "py", 2)?;
         wait_full(&sup, "echo", 2)?;
@@ -257,8 +228,6 @@ fn api_rounds(
         );
         Ok(())
     })();
-    server.abort();
-    sup.shutdown();
-    let _ = scaler.join();
+    daemon.stop();
     result
 }
