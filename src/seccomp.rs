@@ -165,6 +165,10 @@ pub fn daemon_filter() -> Result<BpfProgram, Error> {
 /// unpacking archives into a directory tree and running `mkfs.erofs` (which inherits the filter)
 /// take. No guest input reaches this thread: it builds what the API's client names.
 pub fn builder_filter() -> Result<BpfProgram, Error> {
+    compile(builder_filter_rules()?, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+fn builder_filter_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules = daemon_rules()?;
     for call in [
         // Starting mkfs.erofs and waiting for it (any clone flags: posix_spawn's vfork).
@@ -213,6 +217,36 @@ pub fn builder_filter() -> Result<BpfProgram, Error> {
     ] {
         rules.insert(call, vec![]);
     }
+    Ok(rules)
+}
+
+/// Builds the filter of the daemon's launcher thread (the one that starts and reaps worker
+/// processes), which every worker inherits and then narrows to the daemon's filter once it has
+/// jailed itself: the builder's calls, plus starting a process in new namespaces and what a worker
+/// does to jail itself (mounts, pivot_root, dropping its uid and capabilities, rlimits).
+pub fn launcher_filter() -> Result<BpfProgram, Error> {
+    let mut rules = builder_filter_rules()?;
+    for call in [
+        libc::SYS_execveat,
+        libc::SYS_kill,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_sethostname,
+        libc::SYS_setgroups,
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
+        libc::SYS_setrlimit,
+        libc::SYS_capget,
+        libc::SYS_capset,
+        libc::SYS_getppid,
+        libc::SYS_poll,
+        libc::SYS_sigaltstack,
+        libc::SYS_fchown,
+        libc::SYS_fchownat,
+    ] {
+        rules.insert(call, vec![]);
+    }
     compile(rules, SeccompAction::Errno(libc::ENOSYS as u32))
 }
 
@@ -243,6 +277,9 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
         libc::SYS_rmdir,
         libc::SYS_chmod,
         libc::SYS_fchmod,
+        // Handing a worker its channel directory.
+        libc::SYS_chown,
+        libc::SYS_fchownat,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
         libc::SYS_ftruncate,
@@ -281,6 +318,8 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
         libc::SYS_accept4,
         libc::SYS_connect,
         libc::SYS_getsockopt,
+        // Receive timeouts on a worker's socket.
+        libc::SYS_setsockopt,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_recvmsg,

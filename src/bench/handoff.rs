@@ -4,6 +4,7 @@
 //! response read) and by the daemon (the `server-timing` header: request routed -> response
 //! built, which is the handoff itself plus HTTP routing and JSON).
 
+use crate::serve::worker::Isolation;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -61,9 +62,10 @@ pub(super) fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, b
 /// Runs the benchmark on a copy of the template in `snapshot` (hard links): `pool` single-use
 /// clones for the fresh-clone invoke, 16 recycled ones for the acquire rounds, `per_client`
 /// requests per client and round.
-pub fn handoff(snapshot: &Path, pool: u32, per_client: usize) -> Result<TableReport, String> {
+/// Clones run where `isolation` says (in worker processes, or in the daemon itself).
+pub fn handoff(snapshot: &Path, pool: u32, per_client: usize, isolation: Isolation) -> Result<TableReport, String> {
     let dir = std::env::temp_dir().join(format!("ember-bench-handoff-{}", std::process::id()));
-    let result = run(snapshot, &dir, pool, per_client);
+    let result = run(snapshot, &dir, pool, per_client, isolation);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -95,11 +97,15 @@ pub(super) struct Daemon {
 }
 
 impl Daemon {
-    pub(super) fn start(state: &Path, socket: &Path) -> Result<Self, String> {
+    pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation) -> Result<Self, String> {
         let images = crate::serve::images::ImageDirs::open(&[])?;
         let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(state), None)
             .map_err(|e| e.to_string())?;
-        let sup = Supervisor::open(state, images, builder).map_err(|e| e.to_string())?;
+        let workers = match isolation {
+            Isolation::None => None,
+            _ => Some(crate::serve::worker::Workers::open(state, isolation, None)?),
+        };
+        let sup = Supervisor::open(state, images, builder, workers).map_err(|e| e.to_string())?;
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
@@ -176,7 +182,7 @@ fn no_release(_: &mut BufReader<UnixStream>, _: &Timed) -> Result<(), String> {
     Ok(())
 }
 
-fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<TableReport, String> {
+fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Isolation) -> Result<TableReport, String> {
     let state = dir.join("state");
     let quiet = |min_ready: u32| {
         serde_json::json!({"min_ready": min_ready, "max": min_ready * 2 + 16, "headroom": 1.0,
@@ -187,7 +193,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize) -> Result<Tabl
     recycled["max_uses"] = u32::MAX.into();
     register(snapshot, &state, RECYCLED, recycled, serde_json::json!({}))?;
     let socket = dir.join("api.sock");
-    let daemon = Daemon::start(&state, &socket)?;
+    let daemon = Daemon::start(&state, &socket, isolation)?;
     let sup = daemon.sup.clone();
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);

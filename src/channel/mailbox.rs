@@ -217,7 +217,8 @@ impl Mailbox {
         self.wake();
     }
 
-    fn ended(&self) -> bool {
+    /// Whether the VM behind the mailbox has ended (as its VMM, or a supervisor, marked it).
+    pub fn ended(&self) -> bool {
         self.word32(VM_STATE_OFF).load(Ordering::Acquire) == VM_ENDED
     }
 

@@ -103,6 +103,9 @@ pub(crate) struct BenchHandoffArgs {
     /// the fresh-clone round makes at most --pool calls).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     requests: u64,
+    /// Where the daemon runs the clones (as `ember serve --isolation`).
+    #[arg(long, value_name = "MODE")]
+    isolation: Option<super::serve::Isolation>,
 }
 
 #[derive(Args)]
@@ -203,7 +206,12 @@ pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
             };
             bench::python::python(&cfg, &b).map_err(|e| e.to_string())?
         }
-        BenchCommand::Handoff(args) => bench::handoff::handoff(&args.snapshot, args.pool, args.requests as usize)?,
+        BenchCommand::Handoff(args) => bench::handoff::handoff(
+            &args.snapshot,
+            args.pool,
+            args.requests as usize,
+            super::serve::Isolation::resolve(args.isolation)?,
+        )?,
         BenchCommand::Invoke(args) => {
             let b = bench::invoke::InvokeBench {
                 calls: args.calls,

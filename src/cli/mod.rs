@@ -72,6 +72,9 @@ pub(crate) enum Command {
     /// layout or a `docker save` tarball), kept content-addressed under --state-dir/images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// A function's worker process (started by `ember serve`, with its socket on descriptor 3).
+    #[command(hide = true)]
+    Worker,
 }
 
 /// Runs the parsed command; `process_start` anchors boot timelines.
@@ -84,6 +87,7 @@ pub(crate) fn dispatch(cli: Cli, process_start: Instant) -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Bench(command) => bench::bench(command),
         Command::Image(command) => image::image(command),
+        Command::Worker => ember::serve::worker::process::run().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e}");

@@ -19,6 +19,33 @@ pub(crate) struct ServeArgs {
     /// no symlink, is ever opened. Without one, every registration is refused.
     #[arg(long = "images", value_name = "DIR")]
     images: Vec<PathBuf>,
+    /// Where clones run: `jail` (a worker process per function, jailed: namespaces, its own root
+    /// and uid, no capabilities, a cgroup; needs root), `process` (a worker process per function,
+    /// not jailed), `none` (in the daemon itself). Default: `jail` as root, else `process`.
+    #[arg(long, value_name = "MODE")]
+    isolation: Option<Isolation>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Isolation {
+    Jail,
+    Process,
+    None,
+}
+
+impl Isolation {
+    pub(crate) fn resolve(mode: Option<Self>) -> Result<ember::serve::worker::Isolation, String> {
+        use ember::serve::worker::Isolation as I;
+        Ok(match mode {
+            None => I::default_for_this_user(),
+            Some(Self::Jail) if I::default_for_this_user() != I::Jail => {
+                return Err("--isolation jail needs root (to create namespaces, mount and change uids)".into())
+            }
+            Some(Self::Jail) => I::Jail,
+            Some(Self::Process) => I::Process,
+            Some(Self::None) => I::None,
+        })
+    }
 }
 
 fn default_state_dir() -> Result<PathBuf, String> {
@@ -31,6 +58,7 @@ fn default_state_dir() -> Result<PathBuf, String> {
 
 pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let dir = args.state_dir.map(Ok).unwrap_or_else(default_state_dir)?;
-    ember::serve::run(&args.socket, &dir, &args.images)?;
+    let isolation = Isolation::resolve(args.isolation)?;
+    ember::serve::run(&args.socket, &dir, &args.images, isolation)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,7 @@ pub mod scaler;
 pub mod simulate;
 pub mod supervisor;
 pub mod traces;
+pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +35,12 @@ use std::sync::Arc;
 use supervisor::Supervisor;
 
 /// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket.
-pub fn run(socket: &Path, state_dir: &Path, images: &[std::path::PathBuf]) -> Result<(), String> {
+pub fn run(
+    socket: &Path,
+    state_dir: &Path,
+    images: &[std::path::PathBuf],
+    isolation: worker::Isolation,
+) -> Result<(), String> {
     let images = images::ImageDirs::open(images)?;
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         use std::os::unix::fs::FileTypeExt;
@@ -56,9 +62,10 @@ pub fn run(socket: &Path, state_dir: &Path, images: &[std::path::PathBuf]) -> Re
         crate::seccomp::builder_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     let builder =
         layers::Builder::spawn(&layers::Layers::store_dir(state_dir), Some(builder_filter)).map_err(state_err)?;
+    let workers = start_workers(state_dir, isolation)?;
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
-    let sup = Supervisor::open(state_dir, images, builder).map_err(state_err)?;
+    let sup = Supervisor::open(state_dir, images, builder, workers).map_err(state_err)?;
     let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -70,6 +77,18 @@ pub fn run(socket: &Path, state_dir: &Path, images: &[std::path::PathBuf]) -> Re
     let _ = scaler.join();
     let _ = std::fs::remove_file(socket);
     result
+}
+
+/// Sets up worker processes (their launcher confined with its own filter), unless clones are to
+/// run in the daemon itself. Before the daemon confines itself.
+pub fn start_workers(state_dir: &Path, isolation: worker::Isolation) -> Result<Option<Arc<worker::Workers>>, String> {
+    if isolation == worker::Isolation::None {
+        return Ok(None);
+    }
+    let filter = crate::seccomp::launcher_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
+    let w = worker::Workers::open(state_dir, isolation, Some(filter))?;
+    tracing::info!("clones run in worker processes ({isolation:?})");
+    Ok(Some(w))
 }
 
 async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {

@@ -43,6 +43,61 @@ pub struct FunctionSpec {
     pub code: Option<PathBuf>,
     #[serde(default)]
     pub pool: PoolPolicy,
+    /// Caps on the function's worker process (its cgroup): all its clones together.
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
+}
+
+/// Caps on a function's worker (`limits` in a registration); each absent one has a default worked
+/// out from the pool (see [`Limits::resolve`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory of the worker: the guest pages its clones have written and its own (MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// CPU time, in CPUs (e.g. 0.5); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Threads of the worker (each clone has one per vCPU and one per device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.memory_mib {
+            if !(32..=1 << 20).contains(&m) {
+                return Err(format!("limits.memory_mib: {m}, expected 32 to {}", 1 << 20));
+            }
+        }
+        if let Some(c) = self.cpus {
+            if !(c.is_finite() && (0.01..=1024.0).contains(&c)) {
+                return Err(format!("limits.cpus: {c}, expected 0.01 to 1024"));
+            }
+        }
+        if let Some(p) = self.pids {
+            if !(16..=1 << 20).contains(&p) {
+                return Err(format!("limits.pids: {p}, expected 16 to {}", 1 << 20));
+            }
+        }
+        Ok(())
+    }
+
+    /// The caps of a worker holding up to `max_clones` clones of `vcpus` vCPUs and `mem_mib` MiB:
+    /// what was asked, else room for every clone to write all its memory, and its threads.
+    pub fn resolve(&self, max_clones: u32, vcpus: u8, mem_mib: u64) -> crate::serve::worker::cgroup::CgroupLimits {
+        let clones = u64::from(max_clones.max(1));
+        crate::serve::worker::cgroup::CgroupLimits {
+            memory_bytes: self.memory_mib.unwrap_or(clones * (mem_mib + 16) + 128) << 20,
+            pids: self.pids.unwrap_or(clones * (u64::from(vcpus) + 4) + 64),
+            cpus: self.cpus,
+        }
+    }
 }
 
 /// Layers per function, at most (each is a drive; `code` is one more).
@@ -140,6 +195,7 @@ impl FunctionSpec {
         if self.code.as_ref().is_some_and(|c| c.as_os_str().is_empty()) {
             return Err(Refusal::BadRequest("code: an empty path".into()));
         }
+        self.limits.validate().map_err(Refusal::BadRequest)?;
         self.pool.validate().map_err(Refusal::BadRequest)
     }
 
@@ -262,6 +318,33 @@ pub struct FunctionInfo {
     pub expired_leases: u64,
     /// Restore to agent serving, as the scaler assumes it now (seconds).
     pub refill_s: f64,
+    /// The process its clones run in (absent when the daemon runs them itself, or before the
+    /// first clone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerInfo>,
+}
+
+/// A function's worker process, as `GET /functions/{name}` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerInfo {
+    /// Its pid (in the daemon's pid namespace); absent while none runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// The uid it runs as.
+    pub uid: u32,
+    /// Whether it is jailed (namespaces, its own root, no capabilities); false when the daemon
+    /// has no root to jail it with.
+    pub jailed: bool,
+    /// Its memory cgroup, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Workers of the function that ended without being asked to, and were replaced.
+    pub restarts: u64,
+    /// How the last of those ended (e.g. "killed by SIGKILL (memory limit reached: 1 OOM kill)").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// A new version of a function on its way (`PUT /functions/{name}` of a registered name).

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::fleet::{self, Host};
-use super::model::{FunctionInfo, FunctionSpec, FunctionState};
+use super::model::{FunctionInfo, FunctionSpec, FunctionState, WorkerInfo};
 use super::scaler::{Action, Load, Scaler};
 use super::supervisor::Supervisor;
+use super::worker::{CloneVm, Worker};
 use crate::sys::Locked;
 use crate::template::Template;
-use crate::vmm::RunningVm;
 
 /// How often the background loop scales pools (it also refills them after every handoff).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -42,7 +42,7 @@ pub(super) fn host() -> &'static Host {
 /// A clone: a restored VM and its channels.
 pub struct PooledVm {
     pub id: u64,
-    pub(super) vm: RunningVm,
+    pub(super) vm: CloneVm,
     pub mailbox: PathBuf,
     pub vsock: PathBuf,
     /// Handoffs so far.
@@ -108,6 +108,11 @@ pub struct Function {
     /// Most clones (ready, starting, restoring and in use) at once: the policy's `max`, or as
     /// many of its guests as the host's memory holds.
     pub(super) max_clones: u32,
+    /// The process its clones run in (with worker isolation), once started.
+    pub(super) worker: Mutex<Option<Arc<Worker>>>,
+    /// Workers that ended without being asked to, and how the last one did.
+    pub(super) worker_restarts: AtomicU64,
+    pub(super) last_worker_exit: Mutex<Option<String>>,
 }
 
 impl Function {
@@ -125,6 +130,9 @@ impl Function {
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
             version: Mutex::new(None),
+            worker: Mutex::new(None),
+            worker_restarts: AtomicU64::new(0),
+            last_worker_exit: Mutex::new(None),
         }
     }
 
@@ -161,7 +169,30 @@ impl Function {
             recycled_clones: c.recycled.load(Ordering::Relaxed),
             expired_leases: c.expired_leases.load(Ordering::Relaxed),
             refill_s: *self.refill_s.locked(),
+            worker: self.worker_info(),
         }
+    }
+}
+
+impl Function {
+    fn worker_info(&self) -> Option<WorkerInfo> {
+        let w = self.worker.locked().clone()?;
+        let (restarts, mut last_exit) =
+            (self.worker_restarts.load(Ordering::Relaxed), self.last_worker_exit.locked().clone());
+        let alive = !w.dead();
+        if !alive {
+            // Ended, not replaced yet (the next restore replaces it).
+            last_exit = w.exit().or(last_exit);
+        }
+        Some(WorkerInfo {
+            pid: alive.then_some(w.pid),
+            uid: w.uid,
+            jailed: w.jailed,
+            cgroup: w.cgroup_path.clone(),
+            memory_limit_bytes: w.memory_limit,
+            restarts: restarts + u64::from(!alive),
+            last_exit,
+        })
     }
 }
 
@@ -173,7 +204,7 @@ impl Supervisor {
         let mut crashed = Vec::new();
         let mut warm = None;
         while let Some(c) = pool.ready.pop_front().or_else(|| pool.warming.pop_front()) {
-            if c.vm.exit().is_none() {
+            if !c.vm.ended() {
                 warm = Some(c);
                 break;
             }
@@ -229,7 +260,7 @@ impl Supervisor {
         // and holds the lock the handoff path needs as briefly as possible.
         let mut i = 0;
         while i < pool.ready.len() {
-            if pool.ready[i].vm.exit().is_some() {
+            if pool.ready[i].vm.ended() {
                 dead.extend(pool.ready.remove(i));
             } else {
                 i += 1;
@@ -238,7 +269,7 @@ impl Supervisor {
         let mut i = 0;
         while i < pool.warming.len() {
             let c = &pool.warming[i];
-            if c.vm.exit().is_some() {
+            if c.vm.ended() {
                 dead.extend(pool.warming.remove(i));
             } else if c.vm.mailbox().agent_serving() {
                 started.extend(pool.warming.remove(i));

@@ -22,9 +22,11 @@ use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal, UpdateInfo};
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
+use super::worker::{CloneVm, Worker, Workers};
 use crate::channel::mailbox::{check_request, CallOptions, InvokeError};
 use crate::config::DriveConfig;
 use crate::sys::Locked;
+use crate::template::Template;
 use crate::vmm::{Channels, RunOptions};
 use ember_abi::mailbox::{envelope_request, parse_envelope_response};
 
@@ -90,6 +92,8 @@ pub struct Supervisor {
     /// Template boots running now.
     template_boots: Mutex<usize>,
     template_boot_done: Condvar,
+    /// Worker processes for clones; None: clones run in this process.
+    workers: Option<Arc<Workers>>,
 }
 
 /// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
@@ -211,6 +215,7 @@ fn version_of(spec: &FunctionSpec, drives: &[DriveConfig]) -> String {
     let mut guest = serde_json::to_value(spec).unwrap_or_default();
     if let Some(o) = guest.as_object_mut() {
         o.remove("pool");
+        o.remove("limits");
     }
     let mut h = Sha256::new();
     h.update(guest.to_string().as_bytes());
@@ -243,7 +248,12 @@ fn invoke_refusal(e: InvokeError) -> Refusal {
 impl Supervisor {
     /// Opens (or creates) the state directory and loads every registered function; layers are
     /// built by `builder` (see [`Builder`]).
-    pub fn open(state_dir: &Path, images: ImageDirs, builder: Builder) -> std::io::Result<Arc<Self>> {
+    pub fn open(
+        state_dir: &Path,
+        images: ImageDirs,
+        builder: Builder,
+        workers: Option<Arc<Workers>>,
+    ) -> std::io::Result<Arc<Self>> {
         let registry = Registry::open(state_dir)?;
         let saved = registry.load()?;
         let layers = Layers::open(state_dir, builder)?;
@@ -263,6 +273,7 @@ impl Supervisor {
             invokes: AtomicUsize::new(0),
             template_boots: Mutex::new(0),
             template_boot_done: Condvar::new(),
+            workers,
         });
         for (name, spec) in saved {
             // (Names come from distinct directory entries: no conflict is possible here.)
@@ -599,6 +610,13 @@ impl Supervisor {
     pub(super) fn restore_clone(&self, f: &Function) -> Result<PooledVm, String> {
         let template = f.template().ok_or("the function has no template yet")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(workers) = &self.workers {
+            let worker = self.worker_of(workers, f, &template)?;
+            let t = Instant::now();
+            let (vm, mailbox, vsock) = worker.restore(id)?;
+            self.metrics.restore.observe(t.elapsed());
+            return Ok(PooledVm { id, vm: CloneVm::Remote(vm), mailbox, vsock, uses: 0, restored: t });
+        }
         let (mailbox, vsock) = self.registry.channels(id);
         let channels =
             Channels { mailbox: Some(mailbox.clone()), vsock: Some(vsock.clone()), serve: true, ..Default::default() };
@@ -608,7 +626,27 @@ impl Supervisor {
             .and_then(|vm| vm.start(RunOptions::default()))
             .map_err(|e| format!("restore: {e}"))?;
         self.metrics.restore.observe(t.elapsed());
-        Ok(PooledVm { id, vm, mailbox, vsock, uses: 0, restored: t })
+        Ok(PooledVm { id, vm: CloneVm::Local(vm), mailbox, vsock, uses: 0, restored: t })
+    }
+
+    /// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with
+    /// how it ended).
+    fn worker_of(&self, workers: &Arc<Workers>, f: &Function, template: &Template) -> Result<Arc<Worker>, String> {
+        let mut slot = f.worker.locked();
+        if let Some(w) = slot.as_ref() {
+            if !w.dead() {
+                return Ok(w.clone());
+            }
+            let how = w.exit().unwrap_or_else(|| "ended".into());
+            tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
+            f.worker_restarts.fetch_add(1, Ordering::Relaxed);
+            *f.last_worker_exit.locked() = Some(how);
+        }
+        let limits = f.spec.limits.resolve(f.max_clones, f.spec.vcpus, f.spec.mem_mib);
+        let w = workers.spawn(&f.name, template, &limits, f.max_clones)?;
+        tracing::info!(function = %f.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
+        *slot = Some(w.clone());
+        Ok(w)
     }
 
     /// Hands a ready clone of `name` over; restores one on the spot (a cold start) when the pool is
@@ -720,7 +758,7 @@ impl Supervisor {
             && clone.uses < f.spec.pool.uses_allowed(invoked)
             && !f.deleted.load(Ordering::SeqCst)
             && !self.stopping.load(Ordering::SeqCst)
-            && clone.vm.exit().is_none()
+            && !clone.vm.ended()
             && clone.vm.mailbox().quiescent();
         let mut pool = f.pool.locked();
         pool.busy -= 1;
@@ -744,7 +782,7 @@ impl Supervisor {
         }
         let spawned = std::thread::Builder::new().name("discard".into()).spawn(move || {
             for c in clones {
-                drop(c.vm.stop("discarded"));
+                c.vm.stop("discarded");
             }
         });
         if let Err(e) = spawned {

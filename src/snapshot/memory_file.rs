@@ -107,6 +107,29 @@ impl MemoryFile {
         Ok(Self { path: self.path.clone(), file: memfd, mem_bytes: self.mem_bytes })
     }
 
+    /// The open file (a worker gets a sealed template's memfd through its socket).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A memory file handed over by another process: accepted only as a memfd sealed the way
+    /// [`MemoryFile::sealed`] seals one (nothing can write, grow or shrink it, so mapping it can
+    /// never fault), of exactly `mem_bytes`.
+    pub fn from_sealed(file: File, mem_bytes: u64) -> Result<Self, SnapshotError> {
+        let path = PathBuf::from("(sealed memfd)");
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: F_GET_SEALS on a descriptor we own; no pointer is passed.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & want != want {
+            return Err(SnapshotError::Io(path, std::io::Error::other("the memory file is not a sealed memfd")));
+        }
+        let actual = file.metadata().map_err(io_err(&path))?.len();
+        if actual != mem_bytes {
+            return Err(SnapshotError::MemorySize { path, expected: mem_bytes, actual });
+        }
+        Ok(Self { path, file, mem_bytes })
+    }
+
     /// Guest RAM for one clone: the file mapped private (copy-on-write) and lazily, so this costs
     /// a few mmap calls whatever the guest's size, and the clone's writes never reach the file.
     pub fn map_private(&self) -> Result<GuestMemory, SnapshotError> {

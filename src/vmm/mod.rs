@@ -17,7 +17,7 @@ pub mod vcpu_state;
 pub mod vm_state;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -490,8 +490,8 @@ fn guest_memory(mem_bytes: u64) -> Result<GuestMemory, VmError> {
 
 /// Opens KVM and creates a VM with `mem` and the mailbox registered, the TSS, the in-kernel irqchip
 /// and the PIT.
-fn create_vm(mem: &GuestMemory, mailbox: &Mailbox) -> Result<(Kvm, VmFd), VmError> {
-    let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+fn create_vm(mem: &GuestMemory, mailbox: &Mailbox) -> Result<(&'static Kvm, VmFd), VmError> {
+    let kvm = kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
     register_memory(&vm, mem, mailbox)?;
@@ -500,6 +500,17 @@ fn create_vm(mem: &GuestMemory, mailbox: &Mailbox) -> Result<(Kvm, VmFd), VmErro
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     Ok((kvm, vm))
+}
+
+/// This process's handle on /dev/kvm, opened on first use and kept (one handle creates any number
+/// of VMs; a jailed worker opens it before it drops the rights to).
+pub fn kvm() -> Result<&'static Kvm, VmError> {
+    static KVM: OnceLock<Kvm> = OnceLock::new();
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    Ok(KVM.get_or_init(|| k))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it has exited, then joins it.

@@ -6,7 +6,7 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use super::{kvm_err, VmError};
@@ -39,7 +39,7 @@ fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
     if let Some(l) = LIST.get() {
         return Ok(l);
     }
-    let kvm = Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    let kvm = super::kvm()?;
     let listed = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut ok = Vec::new();
     for &index in listed.as_slice() {

@@ -1,0 +1,171 @@
+//! A cgroup per worker: its memory (the guest pages its clones write, its own heap), its tasks and,
+//! when asked, its CPU time are capped, all clones of the function together. cgroup v2 when the
+//! host has its controllers (under `/sys/fs/cgroup/ember-<id>`), else cgroup v1's memory, pids and
+//! cpu hierarchies (under the daemon's own cgroup in each). `<id>` names the daemon's state
+//! directory, so a restarted daemon finds and removes what a killed one left.
+
+use std::path::{Path, PathBuf};
+
+/// What one worker may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// CPUs' worth of time per period, if capped.
+    pub cpus: Option<f64>,
+}
+
+const V2_ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Where a daemon's worker cgroups go.
+#[derive(Debug, Clone)]
+pub enum CgroupBase {
+    V2(PathBuf),
+    /// One directory per controller: (controller, directory).
+    V1(Vec<(&'static str, PathBuf)>),
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl CgroupBase {
+    /// Finds (and creates) the base for the daemon whose state directory is named by `id`; None
+    /// when this host has no usable cgroup controllers (or this process may not use them).
+    pub fn open(id: &str) -> Result<Self, String> {
+        let name = format!("ember-{id}");
+        if Path::new(V2_ROOT).join("cgroup.controllers").exists() {
+            let base = Path::new(V2_ROOT).join(&name);
+            // The root may hand controllers down (it is exempt from "no internal processes").
+            for c in ["+memory", "+pids", "+cpu"] {
+                let _ = write(&Path::new(V2_ROOT).join("cgroup.subtree_control"), c);
+            }
+            std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+            write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
+            let _ = write(&base.join("cgroup.subtree_control"), "+cpu");
+            return Ok(Self::V2(base));
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+        let mut dirs = Vec::new();
+        for c in V1_CONTROLLERS {
+            let mount = Path::new(V2_ROOT).join(c);
+            if !mount.join("cgroup.procs").exists() {
+                return Err(format!("no cgroup v1 {c} hierarchy at {}", mount.display()));
+            }
+            let path = own
+                .lines()
+                .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+                .find(|(ctrls, _)| ctrls.split(',').any(|x| x == c))
+                .map(|(_, p)| p.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            let base = mount.join(path).join(&name);
+            std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+            dirs.push((c, base));
+        }
+        Ok(Self::V1(dirs))
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        match self {
+            Self::V2(d) => vec![d.clone()],
+            Self::V1(ds) => ds.iter().map(|(_, d)| d.clone()).collect(),
+        }
+    }
+
+    /// Removes the cgroups of workers that are gone (a daemon killed before it could).
+    pub fn remove_stale(&self) {
+        for base in self.dirs() {
+            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+
+    /// Creates the cgroup `name` with `limits`.
+    pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Cgroup, String> {
+        let cg = Cgroup { dirs: self.dirs().iter().map(|d| d.join(name)).collect(), v2: matches!(self, Self::V2(_)) };
+        for d in &cg.dirs {
+            std::fs::create_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        cg.set(limits).inspect_err(|_| cg.remove())?;
+        Ok(cg)
+    }
+}
+
+/// One worker's cgroup.
+#[derive(Debug)]
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+    v2: bool,
+}
+
+impl Cgroup {
+    fn dir(&self, controller: &str) -> &Path {
+        let i = if self.v2 { 0 } else { V1_CONTROLLERS.iter().position(|c| *c == controller).unwrap_or(0) };
+        &self.dirs[i]
+    }
+
+    fn set(&self, l: &CgroupLimits) -> Result<(), String> {
+        let quota = l.cpus.map(|c| ((c * CPU_PERIOD_US as f64) as u64).max(1000));
+        if self.v2 {
+            let d = self.dir("memory");
+            write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
+            let _ = write(&d.join("memory.swap.max"), "0");
+            write(&d.join("pids.max"), &l.pids.to_string())?;
+            if let Some(q) = quota {
+                write(&d.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+            }
+        } else {
+            write(&self.dir("memory").join("memory.limit_in_bytes"), &l.memory_bytes.to_string())?;
+            write(&self.dir("pids").join("pids.max"), &l.pids.to_string())?;
+            if let Some(q) = quota {
+                write(&self.dir("cpu").join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(&self.dir("cpu").join("cpu.cfs_quota_us"), &q.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes to join.
+    pub fn procs(&self) -> Vec<String> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs").display().to_string()).collect()
+    }
+
+    /// The memory cgroup's directory (reported by the API).
+    pub fn path(&self) -> String {
+        self.dir("memory").display().to_string()
+    }
+
+    /// Processes the kernel's OOM killer killed in this cgroup (its memory limit reached).
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        std::fs::read_to_string(self.dir("memory").join(file))
+            .ok()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+            .unwrap_or(0)
+    }
+
+    /// The memory limit as the kernel has it.
+    pub fn memory_limit(&self) -> Option<u64> {
+        let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::read_to_string(self.dir("memory").join(file)).ok().and_then(|t| t.trim().parse().ok())
+    }
+
+    /// Removes the cgroup (once its processes are gone; a few tries while the kernel lets go).
+    pub fn remove(&self) {
+        for d in &self.dirs {
+            for _ in 0..50 {
+                match std::fs::remove_dir(d) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
