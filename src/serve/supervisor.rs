@@ -603,6 +603,8 @@ impl Supervisor {
         f.deleted.store(true, Ordering::SeqCst);
         let drained = f.pool.locked().take_idle();
         self.discard(drained);
+        // Its worker exits when its last clone is gone.
+        f.worker.locked().take();
         Ok(())
     }
 
@@ -632,6 +634,9 @@ impl Supervisor {
     /// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with
     /// how it ended).
     fn worker_of(&self, workers: &Arc<Workers>, f: &Function, template: &Template) -> Result<Arc<Worker>, String> {
+        if f.deleted.load(Ordering::SeqCst) {
+            return Err("the function has been deleted".into());
+        }
         let mut slot = f.worker.locked();
         if let Some(w) = slot.as_ref() {
             if !w.dead() {
@@ -895,6 +900,14 @@ impl Supervisor {
         }
         let handed: Vec<Handed> = self.handed.locked().drain().map(|(_, h)| h).collect();
         drop(handed);
+        // Workers exit once the last handle on each goes; wait for them (and their cgroups).
+        let functions: Vec<Arc<Function>> = self.functions.locked().values().cloned().collect();
+        for f in functions.iter().chain(self.updates.locked().values()) {
+            f.worker.locked().take();
+        }
+        if let Some(w) = &self.workers {
+            w.wait_all(Duration::from_secs(10));
+        }
     }
 
     /// Prometheus text for /metrics.

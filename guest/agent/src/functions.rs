@@ -181,6 +181,7 @@ impl Functions {
             "vsock-ping" => reply(out, crate::vsock::ping_host(payload), Status::Failed),
             "storm" => reply(out, crate::storm::run(payload), Status::BadRequest),
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
+            "touch" => reply(out, touch(payload), Status::BadRequest),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
                 // Without the host's context (vsock, or a mailbox caller without an envelope).
@@ -267,6 +268,23 @@ impl Runtime {
 
 /// The guest's CPU time so far, from /proc/stat: `user nice system idle iowait irq softirq` in
 /// clock ticks.
+/// Writes every page of a new buffer of the given MiB (a test of the host's memory caps: the
+/// guest's pages become the VMM's), and frees it.
+fn touch(payload: &[u8]) -> io::Result<String> {
+    let mib = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|m| (1..=65536).contains(m))
+        .ok_or_else(|| io::Error::other("touch takes MiB, 1 to 65536"))?;
+    let mut buf: Vec<u8> = Vec::new();
+    buf.try_reserve_exact(mib << 20).map_err(|e| io::Error::other(format!("{mib} MiB: {e}")))?;
+    buf.resize(mib << 20, 0);
+    for page in buf.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    Ok(format!("touched {mib} MiB"))
+}
+
 fn cpu_stat() -> io::Result<String> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().ok_or_else(|| io::Error::other("empty /proc/stat"))?;

@@ -74,14 +74,35 @@ impl CgroupBase {
         }
     }
 
-    /// Removes the cgroups of workers that are gone (a daemon killed before it could).
+    /// Removes the cgroups of workers that are gone (a daemon killed before it could): those there
+    /// now, retried in the background for a while (the kernel lets go of a dead worker's cgroup
+    /// only once its VMs are torn down).
     pub fn remove_stale(&self) {
-        for base in self.dirs() {
-            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = std::fs::remove_dir(e.path());
+        let stale: Vec<PathBuf> = self
+            .dirs()
+            .iter()
+            .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        let mut left: Vec<PathBuf> = stale.into_iter().filter(|d| std::fs::remove_dir(d).is_err()).collect();
+        if left.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("cgroup-cleanup".into()).spawn(move || {
+            for _ in 0..300 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                left.retain(|d| d.exists() && std::fs::remove_dir(d).is_err());
+                if left.is_empty() {
+                    return;
                 }
             }
+            for d in left {
+                tracing::warn!("cannot remove the stale cgroup {}", d.display());
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the cgroup cleanup: {e}");
         }
     }
 

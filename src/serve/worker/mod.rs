@@ -73,6 +73,8 @@ pub struct Workers {
     /// Uid slots in use (a uid per live worker).
     slots: Mutex<BTreeSet<u32>>,
     serial: AtomicU64,
+    /// The threads that follow each worker until it has ended and been cleaned up after.
+    followers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// The first uid (and gid) given to workers; each live worker has its own above it.
@@ -115,7 +117,23 @@ impl Workers {
             uid_base: DEFAULT_UID_BASE,
             slots: Mutex::new(BTreeSet::new()),
             serial: AtomicU64::new(1),
+            followers: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Waits up to `timeout` for every worker to end and be cleaned up after (at shutdown, once
+    /// the handles on them are gone).
+    pub fn wait_all(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let followers: Vec<_> = self.followers.locked().drain(..).collect();
+        for h in followers {
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
     }
 
     fn take_slot(&self) -> Result<u32, String> {
@@ -211,8 +229,13 @@ impl Workers {
                     }
                     workers.slots.locked().remove(&slot);
                 });
-                if let Err(e) = spawned {
-                    return Err(format!("cannot start the worker's reader thread: {e}"));
+                match spawned {
+                    Ok(h) => {
+                        let mut followers = self.followers.locked();
+                        followers.retain(|h| !h.is_finished());
+                        followers.push(h);
+                    }
+                    Err(e) => return Err(format!("cannot start the worker's reader thread: {e}")),
                 }
                 Ok(w)
             }
