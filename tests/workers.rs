@@ -113,7 +113,7 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
         serde_json::from_value(json!({"kernel": kernel, "initramfs": initrd, "pool": pool, "limits": limits})).unwrap()
     };
     registry.install("a", &spec(json!({})), template).unwrap();
-    registry.install("b", &spec(json!({"memory_mib": 40, "pids": 64})), template).unwrap();
+    registry.install("b", &spec(json!({"memory_mib": 40, "pids": 64, "cpus": 0.5})), template).unwrap();
     drop(registry);
     let mut srv = Server::start(&dir);
     let s = srv.socket.clone();
@@ -152,7 +152,8 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
 
     // A guest that writes more memory than its function's cap: the kernel kills b's worker (not
     // anything else), b's clones are replaced by a new worker's, a never notices.
-    let (code, body) = http(&s, "POST", "/functions/b/invoke", Some(r#"{"function": "touch", "payload": "96"}"#));
+    let (code, body) =
+        http(&s, "POST", "/functions/b/invoke", Some(r#"{"function": "touch", "payload": "96", "timeout_s": 120}"#));
     assert!(code >= 500 || json_of(&body)["ok"] == false, "{code} {body}");
     wait_for("b's worker to be replaced", Duration::from_secs(30), || {
         let w = worker(&s, "b");
@@ -168,6 +169,37 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     assert_eq!(invoke(&s, "b", r#"{"function": "echo", "payload": "b"}"#)["payload"], "b");
     // Within the cap, b's guests work as before.
     assert_eq!(invoke(&s, "b", r#"{"function": "touch", "payload": "4"}"#)["payload"], "touched 4 MiB");
+
+    // A guest that storms exits (doorbells, unclaimed MMIO, queue notifications) as fast as its
+    // vCPU goes: its worker is throttled at b's CPU cap, a keeps answering, the daemon does not grow.
+    let rss = |pid: u32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap()
+    };
+    let (throttled, rss_before) = (worker(&s, "b")["cpu_throttled_periods"].as_u64().unwrap(), rss(daemon));
+    let storm = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            http(
+                &s,
+                "POST",
+                "/functions/b/invoke",
+                Some(r#"{"function": "storm", "payload": "doorbell 3000", "timeout_s": 120}"#),
+            )
+        })
+    };
+    let mut calls = 0;
+    while !storm.is_finished() {
+        assert_eq!(invoke(&s, "a", r#"{"function": "echo", "payload": "a"}"#)["payload"], "a");
+        calls += 1;
+    }
+    let (code, body) = storm.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(calls > 0);
+    let wb = worker(&s, "b");
+    assert!(wb["cpu_throttled_periods"].as_u64().unwrap() > throttled, "the storming worker was not throttled: {wb}");
+    assert!(rss(daemon) < rss_before + 16 * 1024, "the daemon grew: {} -> {} KiB", rss_before, rss(daemon));
+    eprintln!("storm: {} periods throttled; a answered {calls} invocations meanwhile", wb["cpu_throttled_periods"]);
 
     // SIGKILL of a's worker: a's clones are replaced, b keeps serving throughout.
     // SAFETY: kill(2) on a process this test found.

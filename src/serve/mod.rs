@@ -62,6 +62,11 @@ pub fn run(
         crate::seccomp::builder_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     let builder =
         layers::Builder::spawn(&layers::Layers::store_dir(state_dir), Some(builder_filter)).map_err(state_err)?;
+    // The one /dev/kvm handle the daemon keeps (template boots, clones run here); a host without
+    // KVM still gets a daemon that answers (every boot then fails with the reason).
+    if let Err(e) = crate::vmm::kvm() {
+        tracing::warn!("{e}");
+    }
     let workers = start_workers(state_dir, isolation)?;
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;

@@ -340,6 +340,9 @@ pub struct WorkerInfo {
     pub cgroup: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_limit_bytes: Option<u64>,
+    /// Scheduler periods in which its CPU cap (`limits.cpus`) throttled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttled_periods: Option<u64>,
     /// Workers of the function that ended without being asked to, and were replaced.
     pub restarts: u64,
     /// How the last of those ended (e.g. "killed by SIGKILL (memory limit reached: 1 OOM kill)").
@@ -427,6 +430,26 @@ mod tests {
         let custom = FunctionSpec { runtime: Some("flip /init --x".into()), handler: "flip".into(), ..spec };
         custom.validate().unwrap();
         assert_eq!((custom.default_function(), custom.code_prefix()), ("flip", ""));
+    }
+
+    #[test]
+    fn worker_limits_are_checked_and_default_from_the_pool() {
+        let with = |limits: &str| -> Result<FunctionSpec, String> {
+            let spec: FunctionSpec =
+                serde_json::from_str(&format!(r#"{{"kernel": "/k", "initramfs": "/i", "limits": {limits}}}"#))
+                    .map_err(|e| e.to_string())?;
+            spec.validate().map_err(|e| e.to_string())?;
+            Ok(spec)
+        };
+        for bad in [r#"{"memory_mib": 1}"#, r#"{"cpus": 0}"#, r#"{"cpus": 2000}"#, r#"{"pids": 2}"#, r#"{"swap": 1}"#] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        let l = with(r#"{"memory_mib": 64, "cpus": 0.5}"#).unwrap().limits.resolve(4, 2, 128);
+        assert_eq!((l.memory_bytes, l.cpus, l.pids), (64 << 20, Some(0.5), 4 * 6 + 64));
+        let d = with("{}").unwrap();
+        assert_eq!(d.limits, Limits::default());
+        assert!(!serde_json::to_string(&d).unwrap().contains("limits"));
+        assert_eq!(d.limits.resolve(2, 1, 128).memory_bytes, (2 * (128 + 16) + 128) << 20);
     }
 
     #[test]

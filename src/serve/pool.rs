@@ -113,6 +113,8 @@ pub struct Function {
     /// Workers that ended without being asked to, and how the last one did.
     pub(super) worker_restarts: AtomicU64,
     pub(super) last_worker_exit: Mutex<Option<String>>,
+    /// When a new worker may start, and how many in a row ended soon after they started.
+    pub(super) worker_backoff: Mutex<(Option<Instant>, u32)>,
 }
 
 impl Function {
@@ -133,6 +135,7 @@ impl Function {
             worker: Mutex::new(None),
             worker_restarts: AtomicU64::new(0),
             last_worker_exit: Mutex::new(None),
+            worker_backoff: Mutex::new((None, 0)),
         }
     }
 
@@ -190,7 +193,8 @@ impl Function {
             jailed: w.jailed,
             cgroup: w.cgroup_path.clone(),
             memory_limit_bytes: w.memory_limit,
-            restarts: restarts + u64::from(!alive),
+            cpu_throttled_periods: w.cpu_throttled(),
+            restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
             last_exit,
         })
     }

@@ -96,6 +96,12 @@ pub struct Supervisor {
     workers: Option<Arc<Workers>>,
 }
 
+/// A worker that lived less than this before it ended counts as a quick death (see the backoff).
+const WORKER_STABLE: Duration = Duration::from_secs(60);
+/// The delay before a worker after its second quick death in a row, doubled with each one more.
+const WORKER_BACKOFF: Duration = Duration::from_millis(200);
+const WORKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
 /// a call).
 struct Slot<'a>(&'a AtomicUsize);
@@ -642,13 +648,32 @@ impl Supervisor {
             if !w.dead() {
                 return Ok(w.clone());
             }
+        }
+        if let Some(w) = slot.as_ref().filter(|w| !w.counted.swap(true, Ordering::SeqCst)) {
             let how = w.exit().unwrap_or_else(|| "ended".into());
             tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
             f.worker_restarts.fetch_add(1, Ordering::Relaxed);
             *f.last_worker_exit.locked() = Some(how);
+            // A worker that keeps dying soon after its start is restarted less and less often.
+            let mut b = f.worker_backoff.locked();
+            b.1 = if w.started.elapsed() < WORKER_STABLE { b.1 + 1 } else { 0 };
+            let delay = if b.1 <= 1 {
+                Duration::ZERO
+            } else {
+                (WORKER_BACKOFF * (1 << (b.1 - 1).min(10))).min(WORKER_BACKOFF_MAX)
+            };
+            b.0 = Some(Instant::now() + delay);
+        }
+        if let Some(at) = f.worker_backoff.locked().0.filter(|at| Instant::now() < *at) {
+            return Err(format!(
+                "its worker keeps ending; the next one starts in {:.1} s",
+                at.saturating_duration_since(Instant::now()).as_secs_f64()
+            ));
         }
         let limits = f.spec.limits.resolve(f.max_clones, f.spec.vcpus, f.spec.mem_mib);
-        let w = workers.spawn(&f.name, template, &limits, f.max_clones)?;
+        let w = workers.spawn(&f.name, template, &limits, f.max_clones).inspect_err(|_| {
+            f.worker_backoff.locked().0 = Some(Instant::now() + Duration::from_secs(1));
+        })?;
         tracing::info!(function = %f.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
         *slot = Some(w.clone());
         Ok(w)

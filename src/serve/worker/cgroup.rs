@@ -56,7 +56,10 @@ impl CgroupBase {
             }
             let path = own
                 .lines()
-                .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+                .filter_map(|l| {
+                    let mut f = l.splitn(3, ':').skip(1);
+                    f.next().zip(f.next())
+                })
                 .find(|(ctrls, _)| ctrls.split(',').any(|x| x == c))
                 .map(|(_, p)| p.trim_start_matches('/').to_string())
                 .unwrap_or_default();
@@ -168,6 +171,14 @@ impl Cgroup {
             .ok()
             .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
             .unwrap_or(0)
+    }
+
+    /// Periods in which the kernel throttled the worker for using up its CPU cap.
+    pub fn cpu_throttled(&self) -> Option<u64> {
+        std::fs::read_to_string(self.dir("cpu").join("cpu.stat"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled ").and_then(|n| n.trim().parse().ok()))
     }
 
     /// The memory limit as the kernel has it.

@@ -188,19 +188,23 @@ impl Workers {
             },
             _ => None,
         };
-        let result = self.start(function, template, &name, uid, &run_dir, &root, cgroup.as_ref(), max_clones);
+        let cgroup = cgroup.map(Arc::new);
+        let result = self.start(function, template, &name, uid, &run_dir, &root, cgroup.as_deref(), max_clones);
         match result {
             Ok((pid, sock)) => {
                 let shared = Arc::new(Shared::default());
                 let w = Arc::new(Worker {
                     pid,
+                    started: std::time::Instant::now(),
+                    counted: AtomicBool::new(false),
                     uid,
                     jailed: self.jailed,
                     sock,
                     shared: shared.clone(),
                     run_dir: run_dir.clone(),
-                    cgroup_path: cgroup.as_ref().map(Cgroup::path),
-                    memory_limit: cgroup.as_ref().and_then(Cgroup::memory_limit),
+                    cgroup_path: cgroup.as_deref().map(Cgroup::path),
+                    memory_limit: cgroup.as_deref().and_then(Cgroup::memory_limit),
+                    cgroup: cgroup.clone(),
                 });
                 let reader = w.sock.try_clone().map_err(|e| format!("socket: {e}"));
                 let reader = match reader {
@@ -240,7 +244,7 @@ impl Workers {
                 Ok(w)
             }
             Err(e) => {
-                cleanup(cgroup.as_ref());
+                cleanup(cgroup.as_deref());
                 Err(e)
             }
         }
@@ -386,6 +390,9 @@ fn read_events(sock: &UnixDatagram, shared: &Shared) {
 /// its clones') closes the socket: the worker stops its clones and exits.
 pub struct Worker {
     pub pid: i32,
+    pub started: std::time::Instant,
+    /// Set once the supervisor has counted this worker's end (as a restart).
+    pub counted: AtomicBool,
     pub uid: u32,
     pub jailed: bool,
     sock: UnixDatagram,
@@ -393,12 +400,18 @@ pub struct Worker {
     run_dir: PathBuf,
     pub cgroup_path: Option<String>,
     pub memory_limit: Option<u64>,
+    cgroup: Option<Arc<Cgroup>>,
 }
 
 impl Worker {
     /// Whether the process has ended.
     pub fn dead(&self) -> bool {
         self.shared.dead.load(Ordering::SeqCst)
+    }
+
+    /// Periods its CPU cap throttled it in, so far (with a cgroup).
+    pub fn cpu_throttled(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(|c| c.cpu_throttled())
     }
 
     /// How it ended (once it has and was reaped).
