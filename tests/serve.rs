@@ -113,6 +113,26 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!(json_of(&body)["state"], "creating");
     // A new version cannot be registered while the first template is still being made.
     assert_error(http(&s, "PUT", "/functions/rev", Some(&spec)), 409, "still being created");
+    // As root, the template boots in a jailed worker of its own (the guest never runs in the
+    // daemon): a child process of the daemon, under a uid of its own, confined.
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let maker = loop {
+            let found = common::api::children(srv.child.id()).into_iter().find_map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let uid = status.lines().find(|l| l.starts_with("Uid:"))?.split_whitespace().nth(1)?.to_string();
+                (uid != "0" && status.contains("\nSeccomp:\t2\n")).then_some(pid)
+            });
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no worker makes the template");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let ns = |p: String| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+        assert_ne!(ns(maker.to_string()), ns("self".into()));
+    }
     wait_ready(&s, "rev", 2);
 
     // Acquire: a warm clone, reachable through its mailbox; released once, never twice.

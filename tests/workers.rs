@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::api::{http, invoke, json_of, wait_ready, Server};
+use common::api::{children, http, invoke, json_of, wait_ready, Server};
 use ember::serve::model::FunctionSpec;
 use ember::serve::registry::Registry;
 use serde_json::{json, Value};
@@ -37,20 +37,6 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Processes whose parent is `ppid`.
-fn children(ppid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split(' ').collect()).unwrap_or_default();
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// The worker cgroup directories under the daemon's base (next to `cgroup`, a worker's).

@@ -38,6 +38,11 @@ pub struct ImageFile {
 }
 
 impl ImageFile {
+    /// The open file's descriptor (for handing it to a worker).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// A path that names this open file (and no other) while it stays open.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))

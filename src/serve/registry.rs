@@ -153,6 +153,7 @@ impl Registry {
     /// with `version` (anything there before is removed first); with `next`, a new version's, to
     /// be [promoted](Registry::promote). The kernel and initramfs are opened beneath `images` and
     /// booted from those open files.
+    #[allow(clippy::too_many_arguments)]
     pub fn make_template(
         &self,
         name: &str,
@@ -161,16 +162,23 @@ impl Registry {
         drives: Vec<DriveConfig>,
         images: &ImageDirs,
         next: bool,
+        workers: Option<&super::worker::Workers>,
     ) -> Result<Template, String> {
         let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
         let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
-        let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
         let dir = if next { self.next_template_dir(name) } else { self.template_dir(name) };
         let _ = std::fs::remove_dir_all(&dir);
-        let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
-        let made = Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
+        match workers {
+            // Booted in a worker of its own: the guest's first run never happens in the daemon.
+            Some(w) => w.make_template(name, spec, &drives, &dir, kernel.fd(), initramfs.fd(), BOOT_TIMEOUT)?,
+            None => {
+                let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
+                let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
+                Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
+            }
+        }
         Self::label(&dir, spec, version)?;
-        made.template.sealed().map_err(|e| e.to_string())
+        Template::open(&dir).and_then(Template::sealed).map_err(|e| e.to_string())
     }
 
     /// The function's saved template, its memory held sealed (clones never map the file itself),

@@ -415,7 +415,15 @@ impl Supervisor {
                         return Ok((t, false, code));
                     }
                 }
-                let t = sup.registry.make_template(&f.name, &f.spec, &version, d, &sup.images, update)?;
+                let t = sup.registry.make_template(
+                    &f.name,
+                    &f.spec,
+                    &version,
+                    d,
+                    &sup.images,
+                    update,
+                    sup.workers.as_deref(),
+                )?;
                 Ok((Arc::new(t), update, code))
             });
             *sup.template_boots.locked() -= 1;

@@ -93,7 +93,18 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM (the daemon stops its workers and removes their cgroups), SIGKILL if it has not
+    /// ended within 20 s.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -143,4 +154,18 @@ pub fn http_bytes(socket: &Path, method: &str, path: &str, content_type: &str, b
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {head:?}"));
     (status, head, resp[split + 4..].to_vec())
+}
+
+/// Processes whose parent is `ppid`.
+pub fn children(ppid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split(' ').collect()).unwrap_or_default();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
 }

@@ -77,18 +77,41 @@ impl CgroupBase {
         }
     }
 
-    /// Removes the cgroups of workers that are gone (a daemon killed before it could): those there
-    /// now, retried in the background for a while (the kernel lets go of a dead worker's cgroup
-    /// only once its VMs are torn down).
+    /// Removes the cgroups of workers that are gone (a daemon killed before it could), its own and
+    /// those of other ember daemons' bases beside it that hold no process (and such bases once
+    /// empty): those there now, retried in the background for a while (the kernel lets go of a
+    /// dead worker's cgroup only once its VMs are torn down).
     pub fn remove_stale(&self) {
-        let stale: Vec<PathBuf> = self
-            .dirs()
-            .iter()
-            .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.path())
-            .collect();
+        let mut stale: Vec<PathBuf> = Vec::new();
+        for base in self.dirs() {
+            let own = base.file_name().map(|n| n.to_os_string());
+            let parent = base.parent().map(Path::to_path_buf).unwrap_or_default();
+            for b in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let name = b.file_name();
+                if !name.to_string_lossy().starts_with("ember-") || !b.path().is_dir() {
+                    continue;
+                }
+                for e in std::fs::read_dir(b.path()).into_iter().flatten().flatten() {
+                    // Another daemon's cgroup with no process that is more than a minute old (not
+                    // one it has just made for a worker about to join it).
+                    let old = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 60));
+                    let idle = old
+                        && std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+                    if e.file_type().is_ok_and(|t| t.is_dir()) && (Some(&name) == own.as_ref() || idle) {
+                        stale.push(e.path());
+                    }
+                }
+                if Some(&name) != own.as_ref() {
+                    stale.push(b.path());
+                }
+            }
+        }
         let mut left: Vec<PathBuf> = stale.into_iter().filter(|d| std::fs::remove_dir(d).is_err()).collect();
+        // Other daemons' bases that still hold cgroups are theirs.
+        left.retain(|d| self.dirs().iter().any(|b| d.starts_with(b)));
         if left.is_empty() {
             return;
         }
@@ -109,10 +132,19 @@ impl CgroupBase {
         }
     }
 
+    /// Removes the bases (at shutdown, once every worker's cgroup has gone).
+    pub fn remove(&self) {
+        for d in self.dirs() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     /// Creates the cgroup `name` with `limits`.
     pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Cgroup, String> {
         let cg = Cgroup { dirs: self.dirs().iter().map(|d| d.join(name)).collect(), v2: matches!(self, Self::V2(_)) };
-        for d in &cg.dirs {
+        for (d, base) in cg.dirs.iter().zip(self.dirs()) {
+            // (Another daemon's sweep may have removed an empty base meanwhile.)
+            let _ = std::fs::create_dir(&base);
             std::fs::create_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
         cg.set(limits).inspect_err(|_| cg.remove())?;

@@ -22,6 +22,8 @@ pub struct JailSpec {
     pub binds: Vec<Bind>,
     /// `cgroup.procs` files the worker joins (one per hierarchy on cgroup v1; one on v2).
     pub cgroups: Vec<String>,
+    /// A /proc of its own pid namespace (a worker that makes a template reads its own pagemap).
+    pub proc: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +102,11 @@ pub fn enter(spec: &JailSpec, max_files: u64) -> Result<(), String> {
             None,
         )?;
     }
+    if spec.proc {
+        let p = root.join("proc");
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        mount(Some(Path::new("proc")), &p, Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)?;
+    }
     // The new root's own tmpfs read-only from now on.
     pivot_into(&root)?;
     mount(
@@ -113,7 +120,9 @@ pub fn enter(spec: &JailSpec, max_files: u64) -> Result<(), String> {
     // SAFETY: `host` is valid for its length.
     check("sethostname", unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) })?;
     set_limits(max_files)?;
-    drop_privileges(spec.uid, spec.gid)
+    // A worker that reads its own /proc (its pagemap) stays dumpable: /proc/self of a
+    // non-dumpable process is root's.
+    drop_privileges(spec.uid, spec.gid, !spec.proc)
 }
 
 /// pivot_root(2) into `root` and detach the old root.
@@ -141,9 +150,9 @@ fn set_limits(max_files: u64) -> Result<(), String> {
 }
 
 /// Drops the capability bounding set, every supplementary group and root for `uid`/`gid` (which
-/// clears the permitted and effective capabilities), then sets no_new_privs and makes the
-/// process non-dumpable. The parent-death signal is set last: a credential change clears it.
-pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
+/// clears the permitted and effective capabilities), then sets no_new_privs and (if asked) makes
+/// the process non-dumpable. The parent-death signal is set last: a credential change clears it.
+pub fn drop_privileges(uid: u32, gid: u32, non_dumpable: bool) -> Result<(), String> {
     if uid == 0 || gid == 0 {
         return Err("a worker never runs as uid or gid 0".into());
     }
@@ -164,7 +173,10 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
     unsafe {
         check("PR_CAP_AMBIENT", libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
         check("PR_SET_NO_NEW_PRIVS", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-        check("PR_SET_DUMPABLE", libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
+        // (A uid change has just made the process non-dumpable; a worker that reads its own /proc
+        // is made dumpable again.)
+        let dumpable = if non_dumpable { 0 } else { 1 };
+        check("PR_SET_DUMPABLE", libc::prctl(libc::PR_SET_DUMPABLE, dumpable, 0, 0, 0))?;
     }
     die_with_parent()
 }

@@ -14,7 +14,7 @@ pub mod process;
 pub mod protocol;
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +27,7 @@ use base64::Engine;
 use self::cgroup::{Cgroup, CgroupBase, CgroupLimits};
 use self::jail::{Bind, JailSpec};
 use self::launcher::{Launcher, JAIL_NAMESPACES};
-use self::protocol::{FromWorker, Received, Setup, ToWorker};
+use self::protocol::{FromWorker, Received, Setup, Task, ToWorker};
 use crate::channel::mailbox::Mailbox;
 use crate::sys::Locked;
 use crate::template::Template;
@@ -134,6 +134,9 @@ impl Workers {
                 let _ = h.join();
             }
         }
+        if let Some(c) = &self.cgroups {
+            c.remove();
+        }
     }
 
     fn take_slot(&self) -> Result<u32, String> {
@@ -141,6 +144,101 @@ impl Workers {
         let slot = (0..UID_SLOTS).find(|s| !slots.contains(s)).ok_or("every worker uid is in use")?;
         slots.insert(slot);
         Ok(slot)
+    }
+
+    /// Takes a uid and makes a worker's channel directory, jail root and cgroup.
+    fn prepare(&self, function: &str, limits: &CgroupLimits) -> Result<Place, String> {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let slot = self.take_slot()?;
+        let name = format!("{serial}-{function}");
+        let mut place = Place {
+            slot,
+            uid: self.uid_base + slot,
+            run_dir: self.dir.join(&name),
+            root: self.dir.join(format!("{name}.root")),
+            cgroup: None,
+        };
+        let made = (|| -> std::io::Result<()> {
+            crate::sys::private_dir(&place.run_dir)?;
+            if self.jailed {
+                crate::sys::private_dir(&place.root)?;
+                std::os::unix::fs::chown(&place.run_dir, Some(place.uid), Some(place.uid))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            self.release(&place);
+            return Err(format!("{}: {e}", place.run_dir.display()));
+        }
+        if let (Some(base), true) = (&self.cgroups, self.jailed) {
+            match base.create(&name, limits) {
+                Ok(c) => place.cgroup = Some(Arc::new(c)),
+                Err(e) => {
+                    self.release(&place);
+                    return Err(format!("cgroup: {e}"));
+                }
+            }
+        }
+        Ok(place)
+    }
+
+    /// Removes what [`Workers::prepare`] made (once the worker has ended) and frees its uid.
+    fn release(&self, place: &Place) {
+        let _ = std::fs::remove_dir_all(&place.run_dir);
+        let _ = std::fs::remove_dir(&place.root);
+        if let Some(c) = &place.cgroup {
+            c.remove();
+        }
+        self.slots.locked().remove(&place.slot);
+    }
+
+    /// How a worker that ended did (with its cgroup's word on its memory).
+    fn ended(&self, pid: i32, place: &Place) -> String {
+        let how = self.launcher.wait_exit(pid, Duration::from_secs(5)).unwrap_or_else(|| "ended".into());
+        match &place.cgroup {
+            Some(c) if c.oom_kills() > 0 => {
+                format!("{how} (its memory limit was reached: {} OOM kill(s))", c.oom_kills())
+            }
+            _ => how,
+        }
+    }
+
+    /// The worker's setup: jailed in `place` with `binds` (besides its channel directory).
+    fn setup(&self, function: &str, place: &Place, task: Task, binds: Vec<Bind>, proc: bool, max_files: u64) -> Setup {
+        let mut all = vec![Bind { path: place.run_dir.display().to_string(), writable: true }];
+        all.extend(binds);
+        Setup {
+            function: function.to_string(),
+            task,
+            run_dir: place.run_dir.display().to_string(),
+            jail: self.jailed.then(|| JailSpec {
+                root: place.root.display().to_string(),
+                uid: place.uid,
+                gid: place.uid,
+                binds: all,
+                cgroups: place.cgroup.as_deref().map(Cgroup::procs).unwrap_or_default(),
+                proc,
+            }),
+            max_files,
+        }
+    }
+
+    /// The drives a worker reads, bound into its jail: the daemon's own images are made readable
+    /// to the worker's uid (they sit in the daemon's private state directory, and a worker sees
+    /// only its function's).
+    fn drive_binds(&self, drives: &[crate::config::DriveConfig]) -> Vec<Bind> {
+        let state = self.dir.parent().unwrap_or(Path::new("/"));
+        drives
+            .iter()
+            .map(|d| {
+                if self.jailed && d.path_on_host.starts_with(state) {
+                    let mode = if d.is_read_only { 0o444 } else { 0o666 };
+                    let _ =
+                        std::fs::set_permissions(&d.path_on_host, std::os::unix::fs::PermissionsExt::from_mode(mode));
+                }
+                Bind { path: d.path_on_host.display().to_string(), writable: !d.is_read_only }
+            })
+            .collect()
     }
 
     /// Starts a worker for `function`'s `template`, capped at `limits`, holding up to
@@ -152,146 +250,151 @@ impl Workers {
         limits: &CgroupLimits,
         max_clones: u32,
     ) -> Result<Arc<Worker>, String> {
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let slot = self.take_slot()?;
-        let uid = self.uid_base + slot;
-        let name = format!("{serial}-{function}");
-        let run_dir = self.dir.join(&name);
-        let root = self.dir.join(format!("{name}.root"));
-        let cleanup = |cg: Option<&Cgroup>| {
-            let _ = std::fs::remove_dir_all(&run_dir);
-            let _ = std::fs::remove_dir(&root);
-            if let Some(c) = cg {
-                c.remove();
-            }
-            self.slots.locked().remove(&slot);
-        };
-        let made = (|| -> std::io::Result<()> {
-            crate::sys::private_dir(&run_dir)?;
-            if self.jailed {
-                crate::sys::private_dir(&root)?;
-                std::os::unix::fs::chown(&run_dir, Some(uid), Some(uid))?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = made {
-            cleanup(None);
-            return Err(format!("{}: {e}", run_dir.display()));
-        }
-        let cgroup = match (&self.cgroups, self.jailed) {
-            (Some(base), true) => match base.create(&name, limits) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    cleanup(None);
-                    return Err(format!("cgroup: {e}"));
-                }
-            },
-            _ => None,
-        };
-        let cgroup = cgroup.map(Arc::new);
-        let result = self.start(function, template, &name, uid, &run_dir, &root, cgroup.as_deref(), max_clones);
-        match result {
-            Ok((pid, sock)) => {
-                let shared = Arc::new(Shared::default());
-                let w = Arc::new(Worker {
-                    pid,
-                    started: std::time::Instant::now(),
-                    counted: AtomicBool::new(false),
-                    uid,
-                    jailed: self.jailed,
-                    sock,
-                    shared: shared.clone(),
-                    run_dir: run_dir.clone(),
-                    cgroup_path: cgroup.as_deref().map(Cgroup::path),
-                    memory_limit: cgroup.as_deref().and_then(Cgroup::memory_limit),
-                    cgroup: cgroup.clone(),
-                });
-                let reader = w.sock.try_clone().map_err(|e| format!("socket: {e}"));
-                let reader = match reader {
-                    Ok(r) => r,
-                    Err(e) => {
-                        drop(w);
-                        return Err(e);
-                    }
-                };
-                let workers = self.clone();
-                let spawned = std::thread::Builder::new().name(format!("worker-{pid}")).spawn(move || {
-                    read_events(&reader, &shared);
-                    shared.fail_everything();
-                    let how = workers.launcher.wait_exit(pid, Duration::from_secs(5)).unwrap_or_else(|| "ended".into());
-                    let how = match &cgroup {
-                        Some(c) if c.oom_kills() > 0 => {
-                            format!("{how} (its memory limit was reached: {} OOM kill(s))", c.oom_kills())
-                        }
-                        _ => how,
-                    };
-                    *shared.exit.locked() = Some(how);
-                    let _ = std::fs::remove_dir_all(&run_dir);
-                    let _ = std::fs::remove_dir(&root);
-                    if let Some(c) = &cgroup {
-                        c.remove();
-                    }
-                    workers.slots.locked().remove(&slot);
-                });
-                match spawned {
-                    Ok(h) => {
-                        let mut followers = self.followers.locked();
-                        followers.retain(|h| !h.is_finished());
-                        followers.push(h);
-                    }
-                    Err(e) => return Err(format!("cannot start the worker's reader thread: {e}")),
-                }
-                Ok(w)
-            }
+        let place = self.prepare(function, limits)?;
+        let state = match template.state.encode() {
+            Ok(s) => base64::engine::general_purpose::STANDARD.encode(s),
             Err(e) => {
-                cleanup(cgroup.as_deref());
-                Err(e)
+                self.release(&place);
+                return Err(e.to_string());
             }
+        };
+        let binds = self.drive_binds(&template.state.devices.drives);
+        let max_files = 256 + u64::from(max_clones) * FILES_PER_CLONE;
+        let setup = self.setup(function, &place, Task::Serve { state }, binds, false, max_files);
+        let (pid, sock) = match self.launch(setup, &[template.memory.file().as_raw_fd()]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(&place);
+                return Err(e);
+            }
+        };
+        let reader = match sock.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                // SAFETY: signals our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = self.ended(pid, &place);
+                self.release(&place);
+                return Err(format!("socket: {e}"));
+            }
+        };
+        let shared = Arc::new(Shared::default());
+        let w = Arc::new(Worker {
+            pid,
+            started: std::time::Instant::now(),
+            counted: AtomicBool::new(false),
+            uid: place.uid,
+            jailed: self.jailed,
+            sock,
+            shared: shared.clone(),
+            run_dir: place.run_dir.clone(),
+            cgroup_path: place.cgroup.as_deref().map(Cgroup::path),
+            memory_limit: place.cgroup.as_deref().and_then(Cgroup::memory_limit),
+            cgroup: place.cgroup.clone(),
+        });
+        let workers = self.clone();
+        let follow = move || {
+            read_events(&reader, &shared);
+            shared.fail_everything();
+            *shared.exit.locked() = Some(workers.ended(pid, &place));
+            workers.release(&place);
+        };
+        match std::thread::Builder::new().name(format!("worker-{pid}")).spawn(follow) {
+            Ok(h) => {
+                let mut followers = self.followers.locked();
+                followers.retain(|h| !h.is_finished());
+                followers.push(h);
+            }
+            // The worker goes with its last handle; its directories stay until the next start.
+            Err(e) => return Err(format!("cannot start the worker's reader thread: {e}")),
         }
+        Ok(w)
+    }
+
+    /// Makes `function`'s template in `dir` in a worker of its own (jailed like the ones that
+    /// serve, with `dir` writable), booting `spec` with `drives` from the open `kernel` and
+    /// `initramfs`; waits for it (at most `timeout` for the guest to be ready). The guest's first
+    /// run, the function's own code included, never runs in the daemon.
+    #[allow(clippy::too_many_arguments)]
+    pub fn make_template(
+        &self,
+        function: &str,
+        spec: &crate::serve::model::FunctionSpec,
+        drives: &[crate::config::DriveConfig],
+        dir: &Path,
+        kernel: RawFd,
+        initramfs: RawFd,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        // The guest's RAM, the memory file written from it, the working-set clone.
+        let limits = CgroupLimits {
+            memory_bytes: (spec.mem_mib * 2 + 256) << 20,
+            pids: u64::from(spec.vcpus) * 2 + 64,
+            cpus: spec.limits.cpus,
+        };
+        let place = self.prepare(function, &limits)?;
+        let result = self.make_in(function, spec, drives, dir, kernel, initramfs, timeout, &place);
+        if self.jailed {
+            // The template's files are the daemon's again.
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let _ = std::os::unix::fs::chown(e.path(), Some(0), Some(0));
+            }
+            let _ = std::os::unix::fs::chown(dir, Some(0), Some(0));
+        }
+        self.release(&place);
+        result
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn start(
+    fn make_in(
         &self,
         function: &str,
-        template: &Template,
-        name: &str,
-        uid: u32,
-        run_dir: &Path,
-        root: &Path,
-        cgroup: Option<&Cgroup>,
-        max_clones: u32,
-    ) -> Result<(i32, UnixDatagram), String> {
-        let state = template.state.encode().map_err(|e| e.to_string())?;
-        let mut binds = vec![Bind { path: run_dir.display().to_string(), writable: true }];
-        for d in &template.state.devices.drives {
-            if self.jailed {
-                // The worker reads its drives as its own uid: the daemon's images are made
-                // readable (they sit in its private state directory, and a worker sees only its
-                // function's).
-                if d.path_on_host.starts_with(self.dir.parent().unwrap_or(Path::new("/"))) {
-                    let _ = std::fs::set_permissions(
-                        &d.path_on_host,
-                        std::os::unix::fs::PermissionsExt::from_mode(if d.is_read_only { 0o444 } else { 0o666 }),
-                    );
-                }
-            }
-            binds.push(Bind { path: d.path_on_host.display().to_string(), writable: !d.is_read_only });
+        spec: &crate::serve::model::FunctionSpec,
+        drives: &[crate::config::DriveConfig],
+        dir: &Path,
+        kernel: RawFd,
+        initramfs: RawFd,
+        timeout: Duration,
+        place: &Place,
+    ) -> Result<(), String> {
+        crate::sys::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if self.jailed {
+            std::os::unix::fs::chown(dir, Some(place.uid), Some(place.uid))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let jail = self.jailed.then(|| JailSpec {
-            root: root.display().to_string(),
-            uid,
-            gid: uid,
-            binds,
-            cgroups: cgroup.map(Cgroup::procs).unwrap_or_default(),
-        });
-        let setup = Setup {
-            function: function.to_string(),
-            state: base64::engine::general_purpose::STANDARD.encode(state),
-            run_dir: run_dir.display().to_string(),
-            jail,
-            max_files: 256 + u64::from(max_clones) * FILES_PER_CLONE,
+        let mut binds = self.drive_binds(drives);
+        binds.push(Bind { path: dir.display().to_string(), writable: true });
+        let task = Task::Make {
+            spec: Box::new(spec.clone()),
+            drives: drives.to_vec(),
+            dir: dir.display().to_string(),
+            timeout_s: timeout.as_secs_f64(),
         };
+        let setup = self.setup(function, place, task, binds, true, 1024);
+        let (pid, sock) = self.launch(setup, &[kernel, initramfs])?;
+        let _ = protocol::set_recv_timeout(&sock, timeout + Duration::from_secs(120));
+        let answer = match protocol::recv::<FromWorker>(&sock) {
+            Ok(Received::Message(FromWorker::Made { ready_s }, _)) => {
+                tracing::info!(function, "template made in a worker (ready after {ready_s:.1} s)");
+                Ok(())
+            }
+            Ok(Received::Message(FromWorker::MakeFailed { error }, _)) => Err(error),
+            Ok(Received::Message(m, _)) => Err(format!("the worker said {m:?}")),
+            Ok(Received::Closed) => Err(format!("the worker {} while it made the template", self.ended(pid, place))),
+            Ok(Received::Nothing) => Err("the worker did not make the template in time".into()),
+            Err(e) => Err(format!("worker: {e}")),
+        };
+        drop(sock);
+        if answer.is_err() {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.ended(pid, place);
+        answer
+    }
+
+    /// Starts a worker with `setup` (and `fds` sent with it), waits until it is set up.
+    fn launch(&self, setup: Setup, fds: &[RawFd]) -> Result<(i32, UnixDatagram), String> {
         let (mine, theirs) = protocol::pair().map_err(|e| format!("socketpair: {e}"))?;
         let namespaces = if self.jailed { JAIL_NAMESPACES } else { 0 };
         let pid = self.launcher.start(&theirs, namespaces).map_err(|e| format!("cannot start a worker: {e}"))?;
@@ -302,8 +405,8 @@ impl Workers {
             let _ = self.launcher.wait_exit(pid, Duration::from_secs(1));
             e
         };
-        protocol::send(&mine, &ToWorker::Setup(Box::new(setup)), Some(template.memory.file().as_raw_fd()))
-            .map_err(|e| kill(format!("worker {name}: setup: {e}")))?;
+        protocol::send_fds(&mine, &ToWorker::Setup(Box::new(setup)), fds)
+            .map_err(|e| kill(format!("worker setup: {e}")))?;
         protocol::set_recv_timeout(&mine, SETUP_TIMEOUT).map_err(|e| kill(e.to_string()))?;
         match protocol::recv::<FromWorker>(&mine) {
             Ok(Received::Message(FromWorker::Ready, _)) => {}
@@ -321,6 +424,15 @@ impl Workers {
         mine.set_read_timeout(None).map_err(|e| kill(e.to_string()))?;
         Ok((pid, mine))
     }
+}
+
+/// Where one worker lives: its uid, channel directory, jail root and cgroup.
+struct Place {
+    slot: u32,
+    uid: u32,
+    run_dir: PathBuf,
+    root: PathBuf,
+    cgroup: Option<Arc<Cgroup>>,
 }
 
 /// A short stable name for a state directory (its cgroups are named after it).

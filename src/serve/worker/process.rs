@@ -13,8 +13,11 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::launcher::WORKER_FD;
-use super::protocol::{self, FromWorker, Received, Setup, ToWorker};
+use super::protocol::{self, FromWorker, Received, Setup, Task, ToWorker};
+use crate::config::DriveConfig;
+use crate::serve::model::FunctionSpec;
 use crate::snapshot::{MemoryFile, SnapshotPaths};
+use crate::template::MakeOptions;
 use crate::template::Template;
 use crate::vmm::persist::SnapshotState;
 use crate::vmm::{Channels, RunOptions, RunningVm};
@@ -22,34 +25,43 @@ use crate::vmm::{Channels, RunOptions, RunningVm};
 /// How often the worker looks for clones that ended on their own.
 const SWEEP: Duration = Duration::from_millis(50);
 
-/// Runs the worker on descriptor 3 until the supervisor closes its end.
+/// Runs the worker on descriptor 3 until the supervisor closes its end (or, making a template,
+/// until it is made).
 pub fn run() -> Result<(), String> {
     // SAFETY: descriptor 3 is the socket the launcher handed this process, owned by nothing else.
     let sock = unsafe { UnixDatagram::from_raw_fd(WORKER_FD) };
     // SAFETY: F_SETFD on our own descriptor.
     unsafe { libc::fcntl(WORKER_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let (setup, memfd) = match protocol::recv::<ToWorker>(&sock).map_err(|e| format!("setup: {e}"))? {
-        Received::Message(ToWorker::Setup(s), Some(fd)) => (s, fd),
-        Received::Message(..) => return Err("the first message was not a setup with the template's memory".into()),
+    let (setup, fds) = match protocol::recv::<ToWorker>(&sock).map_err(|e| format!("setup: {e}"))? {
+        Received::Message(ToWorker::Setup(s), fds) => (s, fds),
+        Received::Message(..) => return Err("the first message was not a setup".into()),
         _ => return Err("the supervisor went away before the setup".into()),
     };
-    let template = match prepare(&setup, memfd) {
-        Ok(t) => t,
-        Err(error) => {
-            let _ = protocol::send(&sock, &FromWorker::SetupFailed { error: error.clone() }, None);
-            return Err(error);
-        }
+    let fail = |error: String| {
+        let _ = protocol::send(&sock, &FromWorker::SetupFailed { error: error.clone() }, None);
+        error
     };
-    protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
-    serve(&sock, &template, Path::new(&setup.run_dir));
+    match &setup.task {
+        Task::Serve { state } => {
+            let template = prepare_serve(&setup, state, fds).map_err(fail)?;
+            protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
+            serve(&sock, &template, Path::new(&setup.run_dir));
+        }
+        Task::Make { spec, drives, dir, timeout_s } => {
+            let images = prepare_make(&setup, fds).map_err(fail)?;
+            protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
+            let reply = match make(spec, drives, Path::new(dir), *timeout_s, &images) {
+                Ok(ready_s) => FromWorker::Made { ready_s },
+                Err(error) => FromWorker::MakeFailed { error },
+            };
+            protocol::send(&sock, &reply, None).map_err(|e| format!("socket: {e}"))?;
+        }
+    }
     Ok(())
 }
 
-/// Decodes the template, opens what must be opened with rights, confines the process.
-fn prepare(setup: &Setup, memfd: OwnedFd) -> Result<Template, String> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(&setup.state).map_err(|e| format!("state: {e}"))?;
-    let state = SnapshotState::decode(&bytes, Path::new("(setup)")).map_err(|e| e.to_string())?;
-    let memory = MemoryFile::from_sealed(memfd.into(), state.machine.mem_bytes).map_err(|e| e.to_string())?;
+/// Opens what must be opened with rights, confines the process.
+fn confine(setup: &Setup) -> Result<(), String> {
     crate::vmm::kvm().map_err(|e| e.to_string())?;
     crate::vmm::vcpu::install_kick_handler().map_err(|e| e.to_string())?;
     match &setup.jail {
@@ -58,8 +70,58 @@ fn prepare(setup: &Setup, memfd: OwnedFd) -> Result<Template, String> {
     }
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("seccomp: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("seccomp: {e}"))?;
-    tracing::debug!(function = %setup.function, "worker ready");
+    tracing::debug!(function = %setup.function, "worker confined");
+    Ok(())
+}
+
+/// Decodes the template to serve, then confines the process.
+fn prepare_serve(setup: &Setup, state: &str, mut fds: Vec<OwnedFd>) -> Result<Template, String> {
+    let memfd = fds.pop().filter(|_| fds.is_empty()).ok_or("expected the template's memory with the setup")?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(state).map_err(|e| format!("state: {e}"))?;
+    let state = SnapshotState::decode(&bytes, Path::new("(setup)")).map_err(|e| e.to_string())?;
+    let memory = MemoryFile::from_sealed(memfd.into(), state.machine.mem_bytes).map_err(|e| e.to_string())?;
+    confine(setup)?;
     Ok(Template { paths: SnapshotPaths::new(PathBuf::from("/")), state, memory })
+}
+
+/// Copies the kernel and initramfs sent with the setup into memfds of this process (which it can
+/// open again by path once it has dropped its rights, unlike the files they came from), then
+/// confines the process. Returns the memfds (kernel, initramfs).
+fn prepare_make(setup: &Setup, fds: Vec<OwnedFd>) -> Result<(std::fs::File, std::fs::File), String> {
+    let [kernel, initramfs]: [OwnedFd; 2] =
+        fds.try_into().map_err(|_| "expected the kernel and the initramfs with the setup".to_string())?;
+    let copy = |from: OwnedFd, name: &std::ffi::CStr| -> Result<std::fs::File, String> {
+        // SAFETY: the name is NUL-terminated; a non-negative result is a new fd that we own.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("memfd: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let mut to = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut from = std::fs::File::from(from);
+        std::io::copy(&mut from, &mut to).map_err(|e| format!("{name:?}: {e}"))?;
+        Ok(to)
+    };
+    let images = (copy(kernel, c"kernel")?, copy(initramfs, c"initramfs")?);
+    confine(setup)?;
+    Ok(images)
+}
+
+/// Boots `spec`'s guest from the copied images and makes its template in `dir`.
+fn make(
+    spec: &FunctionSpec,
+    drives: &[DriveConfig],
+    dir: &Path,
+    timeout_s: f64,
+    images: &(std::fs::File, std::fs::File),
+) -> Result<f64, String> {
+    use std::os::fd::AsRawFd;
+    let fd_path = |f: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+    let opened = FunctionSpec { kernel: fd_path(&images.0), initramfs: fd_path(&images.1), ..spec.clone() };
+    let timeout = Duration::try_from_secs_f64(timeout_s).map_err(|e| format!("timeout: {e}"))?;
+    let opts = MakeOptions { timeout, ..Default::default() };
+    let made = Template::make(&opened.vm_config_with_drives(drives.to_vec()), dir, opts).map_err(|e| e.to_string())?;
+    Ok(made.ready.as_secs_f64())
 }
 
 fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {

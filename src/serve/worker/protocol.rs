@@ -3,7 +3,6 @@
 //! end-of-file), at most [`MAX_MESSAGE`] bytes; the template's memory rides along the setup
 //! message once, as a sealed memfd.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
@@ -17,14 +16,29 @@ pub const MAX_MESSAGE: usize = 256 << 10;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Setup {
     pub function: String,
-    /// The template's state file, base64 (its memory is the memfd sent with this message).
-    pub state: String,
+    /// What the worker does: serve clones of a template, or make one.
+    pub task: Task,
     /// Where clones' mailboxes and vsock sockets go: the same path inside the jail and outside.
     pub run_dir: String,
     /// None: the worker is not jailed (it still confines itself with seccomp and rlimits).
     pub jail: Option<super::jail::JailSpec>,
     /// Most open files the worker may have.
     pub max_files: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Task {
+    /// Restore clones of the template whose state file this is (base64; its memory is the sealed
+    /// memfd sent with the setup).
+    Serve { state: String },
+    /// Boot the function's guest (its kernel and initramfs are the two descriptors sent with the
+    /// setup) to ready and make its template in `dir`; answer `Made` or `MakeFailed`, then exit.
+    Make {
+        spec: Box<crate::serve::model::FunctionSpec>,
+        drives: Vec<crate::config::DriveConfig>,
+        dir: String,
+        timeout_s: f64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +73,13 @@ pub enum FromWorker {
         id: u64,
         why: String,
     },
+    /// The template is made (the guest signalled ready after `ready_s`).
+    Made {
+        ready_s: f64,
+    },
+    MakeFailed {
+        error: String,
+    },
 }
 
 /// A new connected `SOCK_SEQPACKET` pair, close-on-exec.
@@ -76,21 +97,32 @@ pub fn pair() -> std::io::Result<(UnixDatagram, UnixDatagram)> {
 
 /// Sends `msg`, with `fd` attached if given.
 pub fn send<T: Serialize>(sock: &UnixDatagram, msg: &T, fd: Option<RawFd>) -> std::io::Result<()> {
+    send_fds(sock, msg, fd.as_slice())
+}
+
+/// The most descriptors one message carries.
+pub const MAX_FDS: usize = 4;
+
+/// Sends `msg` with `fds` attached (at most [`MAX_FDS`]).
+pub fn send_fds<T: Serialize>(sock: &UnixDatagram, msg: &T, fds: &[RawFd]) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    if bytes.len() > MAX_MESSAGE {
-        return Err(std::io::Error::other(format!("message of {} bytes is over {MAX_MESSAGE}", bytes.len())));
+    if bytes.len() > MAX_MESSAGE || fds.len() > MAX_FDS {
+        return Err(std::io::Error::other(format!(
+            "message of {} bytes and {} fds is too big",
+            bytes.len(),
+            fds.len()
+        )));
     }
-    match fd {
-        Some(fd) => {
-            sock.send_with_fd(&bytes[..], fd).map(|_| ()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-        }
-        None => sock.send(&bytes).map(|_| ()),
+    if fds.is_empty() {
+        return sock.send(&bytes).map(|_| ());
     }
+    sock.send_with_fds(&[&bytes[..]], fds).map(|_| ()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 /// What [`recv`] read.
 pub enum Received<T> {
-    Message(T, Option<OwnedFd>),
+    /// A message and the descriptors sent with it.
+    Message(T, Vec<OwnedFd>),
     /// The peer closed its end.
     Closed,
     /// Nothing before the socket's receive timeout.
@@ -100,16 +132,21 @@ pub enum Received<T> {
 /// Receives one message (and the descriptor sent with it, if any).
 pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixDatagram) -> std::io::Result<Received<T>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let (n, file): (usize, Option<File>) = match sock.recv_with_fd(&mut buf) {
+    let mut raw = [-1; MAX_FDS];
+    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+    // SAFETY: the iovec points at `buf`, which any bytes may be written to, for its length.
+    let (n, nfds) = match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
         Ok(r) => r,
         Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => return Ok(Received::Nothing),
         Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
     };
-    if n == 0 && file.is_none() {
+    // SAFETY: the first `nfds` descriptors were just received and are owned by nothing else.
+    let fds: Vec<OwnedFd> = raw[..nfds.min(MAX_FDS)].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    if n == 0 && fds.is_empty() {
         return Ok(Received::Closed);
     }
     let msg = serde_json::from_slice(&buf[..n]).map_err(|e| std::io::Error::other(format!("bad message: {e}")))?;
-    Ok(Received::Message(msg, file.map(OwnedFd::from)))
+    Ok(Received::Message(msg, fds))
 }
 
 /// Makes `recv` on `sock` give up after `timeout`.
@@ -125,6 +162,7 @@ pub fn raw(sock: &UnixDatagram) -> RawFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     #[test]
     fn messages_and_a_descriptor_cross_and_a_closed_peer_reads_as_closed() {
@@ -132,12 +170,14 @@ mod tests {
         let f = File::open("/dev/null").unwrap();
         send(&a, &ToWorker::Restore { id: 7 }, Some(f.as_raw_fd())).unwrap();
         match recv::<ToWorker>(&b).unwrap() {
-            Received::Message(ToWorker::Restore { id: 7 }, Some(_)) => {}
+            Received::Message(ToWorker::Restore { id: 7 }, fds) if fds.len() == 1 => {}
             _ => panic!("wrong message"),
         }
         send(&b, &FromWorker::Exited { id: 7, why: "poweroff".into() }, None).unwrap();
         match recv::<FromWorker>(&a).unwrap() {
-            Received::Message(m, None) => assert_eq!(m, FromWorker::Exited { id: 7, why: "poweroff".into() }),
+            Received::Message(m, fds) if fds.is_empty() => {
+                assert_eq!(m, FromWorker::Exited { id: 7, why: "poweroff".into() })
+            }
             _ => panic!("wrong message"),
         }
         b.send(b"{not json").unwrap();
