@@ -295,8 +295,10 @@ impl Workers {
         let workers = self.clone();
         let follow = move || {
             read_events(&reader, &shared);
-            shared.fail_everything();
+            // How it ended first (it is reaped within milliseconds of closing its socket), so that
+            // whoever sees it dead also sees why.
             *shared.exit.locked() = Some(workers.ended(pid, &place));
+            shared.fail_everything();
             workers.release(&place);
         };
         match std::thread::Builder::new().name(format!("worker-{pid}")).spawn(follow) {
