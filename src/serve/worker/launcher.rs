@@ -61,7 +61,17 @@ fn describe(status: libc::c_int) -> String {
 impl Launcher {
     /// Starts the launcher thread, confined with `filter`.
     pub fn spawn(filter: Option<seccompiler::BpfProgram>) -> std::io::Result<Self> {
-        let exe: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
+        let opened: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
+        // Above the descriptor a worker's socket is moved to, so that moving it never replaces
+        // the binary about to be run.
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; a non-negative result is a new one.
+        let fd = unsafe { libc::fcntl(opened.as_raw_fd(), libc::F_DUPFD_CLOEXEC, WORKER_FD + 1) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let exe = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        drop(opened);
         let (tx, rx) = channel::<Job>();
         let exits = Arc::new(Exits::default());
         let ex = exits.clone();
