@@ -265,4 +265,18 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     assert!(srv2.signal(libc::SIGTERM).success());
     wait_for("the worker to exit with the daemon", Duration::from_secs(10), || !alive(pb));
     wait_for("the cgroup to go", Duration::from_secs(10), || !Path::new(&cg_b).exists());
+
+    // `--isolation process` (what a daemon without root runs): workers, not jailed, still
+    // confined with seccomp and no_new_privs.
+    let pdir = common::scratch("process");
+    Registry::open(&pdir.join("state")).unwrap().install("p", &spec(json!({})), template).unwrap();
+    let srv3 = Server::start_with_args(&pdir, &[], &["--isolation", "process"]);
+    let s = srv3.socket.clone();
+    wait_ready(&s, "p", 2);
+    let w = worker(&s, "p");
+    assert_eq!((w["jailed"].as_bool(), w["uid"].as_u64(), w["cgroup"].is_null()), (Some(false), Some(0), true), "{w}");
+    let pid = pid_of(&s, "p");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n") && status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+    assert_eq!(invoke(&s, "p", r#"{"function": "echo", "payload": "p"}"#)["payload"], "p");
 }

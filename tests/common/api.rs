@@ -69,9 +69,15 @@ impl Server {
 
     /// A daemon whose image directories are the guest images' and `more`.
     pub fn start_with_images(dir: &Path, more: &[PathBuf]) -> Self {
+        Self::start_with_args(dir, more, &[])
+    }
+
+    /// A daemon with more arguments.
+    pub fn start_with_args(dir: &Path, more: &[PathBuf], args: &[&str]) -> Self {
         let socket = dir.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
+            .args(args)
             .args(image_dirs().iter().chain(more).flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

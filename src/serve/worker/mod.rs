@@ -153,7 +153,8 @@ impl Workers {
         let name = format!("{serial}-{function}");
         let mut place = Place {
             slot,
-            uid: self.uid_base + slot,
+            // SAFETY: geteuid has no arguments. (An unjailed worker keeps the daemon's uid.)
+            uid: if self.jailed { self.uid_base + slot } else { unsafe { libc::geteuid() } },
             run_dir: self.dir.join(&name),
             root: self.dir.join(format!("{name}.root")),
             cgroup: None,
