@@ -115,6 +115,8 @@ pub struct Function {
     pub(super) last_worker_exit: Mutex<Option<String>>,
     /// When a new worker may start, and how many in a row ended soon after they started.
     pub(super) worker_backoff: Mutex<(Option<Instant>, u32)>,
+    /// Held while a worker is started (`worker` itself only for a moment: GET reads it).
+    pub(super) worker_spawn: Mutex<()>,
 }
 
 impl Function {
@@ -136,6 +138,7 @@ impl Function {
             worker_restarts: AtomicU64::new(0),
             last_worker_exit: Mutex::new(None),
             worker_backoff: Mutex::new((None, 0)),
+            worker_spawn: Mutex::new(()),
         }
     }
 
@@ -320,7 +323,8 @@ impl Supervisor {
             match c {
                 Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
                 Ok(_) => {}
-                Err(e) => tracing::error!(function = %f.name, "cannot refill the pool: {e}"),
+                // (A guest can make this happen: its worker killed over and over. Rate-limited.)
+                Err(e) => crate::log_limited!(error, "cannot refill the pool of {}: {e}", f.name),
             }
         }
     }

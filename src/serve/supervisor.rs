@@ -651,30 +651,30 @@ impl Supervisor {
         if f.deleted.load(Ordering::SeqCst) {
             return Err("the function has been deleted".into());
         }
-        let mut slot = f.worker.locked();
-        if let Some(w) = slot.as_ref() {
+        let _spawning = f.worker_spawn.locked();
+        if let Some(w) = f.worker.locked().clone() {
             if !w.dead() {
-                return Ok(w.clone());
+                return Ok(w);
             }
-        }
-        if let Some(w) = slot.as_ref().filter(|w| !w.counted.swap(true, Ordering::SeqCst)) {
-            let how = w.exit().unwrap_or_else(|| "ended".into());
-            tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
-            f.worker_restarts.fetch_add(1, Ordering::Relaxed);
-            *f.last_worker_exit.locked() = Some(how);
-            // A worker that keeps dying soon after its start is restarted less and less often.
-            let mut b = f.worker_backoff.locked();
-            b.1 = if w.started.elapsed() < WORKER_STABLE { b.1 + 1 } else { 0 };
-            let delay = if b.1 <= 1 {
-                Duration::ZERO
-            } else {
-                (WORKER_BACKOFF * (1 << (b.1 - 1).min(10))).min(WORKER_BACKOFF_MAX)
-            };
-            b.0 = Some(Instant::now() + delay);
+            if !w.counted.swap(true, Ordering::SeqCst) {
+                let how = w.exit().unwrap_or_else(|| "ended".into());
+                tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
+                f.worker_restarts.fetch_add(1, Ordering::Relaxed);
+                *f.last_worker_exit.locked() = Some(how);
+                // A worker that keeps dying soon after its start is restarted less and less often.
+                let mut b = f.worker_backoff.locked();
+                b.1 = if w.started.elapsed() < WORKER_STABLE { b.1 + 1 } else { 0 };
+                let delay = if b.1 <= 1 {
+                    Duration::ZERO
+                } else {
+                    (WORKER_BACKOFF * (1 << (b.1 - 1).min(10))).min(WORKER_BACKOFF_MAX)
+                };
+                b.0 = Some(Instant::now() + delay);
+            }
         }
         if let Some(at) = f.worker_backoff.locked().0.filter(|at| Instant::now() < *at) {
             return Err(format!(
-                "its worker keeps ending; the next one starts in {:.1} s",
+                "no worker until {:.1} s from now (the last one ended or could not start)",
                 at.saturating_duration_since(Instant::now()).as_secs_f64()
             ));
         }
@@ -683,7 +683,7 @@ impl Supervisor {
             f.worker_backoff.locked().0 = Some(Instant::now() + Duration::from_secs(1));
         })?;
         tracing::info!(function = %f.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
-        *slot = Some(w.clone());
+        *f.worker.locked() = Some(w.clone());
         Ok(w)
     }
 
