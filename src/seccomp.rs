@@ -332,6 +332,8 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     };
     rules.insert(libc::SYS_socket, unix_only()?);
     rules.insert(libc::SYS_socketpair, unix_only()?);
+    // SIGKILL to a worker that did not set itself up (or make its template) in time.
+    rules.insert(libc::SYS_kill, vec![SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::SIGKILL as u64)?])?]);
     // Threads, never processes: clone must carry CLONE_THREAD. (clone3's flags are behind a
     // pointer the filter cannot read: it is refused with ENOSYS and glibc falls back to clone.)
     rules.insert(
@@ -472,5 +474,18 @@ mod tests {
         });
         assert!(thread_ok, "a confined daemon thread could not start a thread");
         assert_eq!((inet, exec, fork), (libc::ENOSYS, libc::ENOSYS, libc::ENOSYS));
+    }
+
+    #[test]
+    fn the_daemon_may_kill_a_worker_and_send_no_other_signal() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let (term, kill) = confined(daemon_filter().unwrap(), move || {
+            // SAFETY: scalar arguments; signals the child this test started.
+            unsafe { (errno_of(libc::kill(pid, libc::SIGTERM) as _), errno_of(libc::kill(pid, libc::SIGKILL) as _)) }
+        });
+        assert_eq!((term, kill), (libc::ENOSYS, 0));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 }
