@@ -33,6 +33,9 @@ use ember_abi::mailbox::{envelope_request, parse_envelope_response};
 /// How long `invoke` polls for the agent's answer before sleeping until the agent rings.
 const INVOKE_SPIN: Duration = Duration::from_micros(50);
 
+/// How long past its timeout an invocation keeps its clone from the lease sweep.
+const INVOKE_LEASE_MARGIN: Duration = Duration::from_secs(1);
+
 /// A handed-out clone.
 struct Handed {
     function: Arc<Function>,
@@ -876,9 +879,15 @@ impl Supervisor {
         let handoff = self.acquire(name)?;
         // The version of the clone's function (a switch may have happened since `f` was looked up).
         let (mailbox, version) = {
-            let handed = self.handed.locked();
-            match handed.get(&handoff.id) {
-                Some(h) => (h.clone.vm.mailbox(), h.function.version.locked().clone()),
+            let mut handed = self.handed.locked();
+            match handed.get_mut(&handoff.id) {
+                Some(h) => {
+                    // The invocation is bounded by its own timeout, not by the pool's lease (which
+                    // is for clients that acquire a clone): a `timeout_s` longer than `lease_s`
+                    // must not lose the clone mid-call.
+                    h.expires = h.expires.max(Instant::now() + timeout + INVOKE_LEASE_MARGIN);
+                    (h.clone.vm.mailbox(), h.function.version.locked().clone())
+                }
                 None => return Err(Refusal::Internal("the handed-out VM vanished".into())),
             }
         };
