@@ -25,6 +25,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod serve;
 pub mod snapshot;
+pub mod svg;
 pub mod sys;
 pub mod template;
 pub mod vmm;

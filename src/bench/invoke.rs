@@ -135,7 +135,7 @@ fn invoke_channels(vm: RunningVm, sock: &Path, b: &InvokeBench) -> Result<TableR
         }
         rows.push(("mailbox, clone idle 150 ms (vCPU parked host-side)".to_string(), Summary::of(&v)));
     }
-    let p50 = |i: usize| rows.get(i).and_then(|r| r.1).map(|s| s.p50).unwrap_or(f64::NAN);
+    let p50 = |i: usize| rows.get(i).and_then(|r| r.1.as_ref()).map(|s| s.p50).unwrap_or(f64::NAN);
     notes.push(format!("doorbell / polled (p50): {:.1}x; vsock / polled: {:.0}x", p50(2) / p50(1), p50(3) / p50(1)));
     vm.stop("measured");
     Ok(TableReport {

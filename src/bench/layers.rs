@@ -184,8 +184,8 @@ fn run(cfg: &VmConfig, b: &LayersBench, scratch: &Path) -> Result<TableReport, B
         }
     }
     let (base, layer) = (Summary::of(&base_ms), Summary::of(&layer_ms));
-    rows.push(("restore -> first answer, code in the initramfs (ms)".into(), base));
-    rows.push(("restore -> first answer, code in a layer (ms)".into(), layer));
+    rows.push(("restore -> first answer, code in the initramfs (ms)".into(), base.clone()));
+    rows.push(("restore -> first answer, code in a layer (ms)".into(), layer.clone()));
     if let (Some(base), Some(layer)) = (base, layer) {
         notes.push(format!("code in a layer / in the initramfs, p50: {:.2}x", layer.p50 / base.p50));
     }
@@ -207,7 +207,7 @@ fn run(cfg: &VmConfig, b: &LayersBench, scratch: &Path) -> Result<TableReport, B
     ));
     let guest_rand = match ["p50_us", "p90_us", "p99_us", "min_us", "max_us"].map(|k| field(&rand, k)) {
         [Some(p50), Some(p90), Some(p99), Some(min), Some(max)] => {
-            Summary { n: b.random_reads, p50, p90, p99, min, max }
+            Summary { n: b.random_reads, p50, p90, p99, min, max, samples: Vec::new() }
         }
         _ => return Err(failed("readbench rand", rand)),
     };

@@ -109,8 +109,8 @@ fn run(cfg: &VmConfig, b: &PythonBench, scratch: &Path) -> Result<TableReport, B
         }
     }
     let (py, echo) = (Summary::of(&py_ms), Summary::of(&echo_ms));
-    rows.push(("restore -> first answer, Python handler (ms)".into(), py));
-    rows.push(("restore -> first answer, built-in echo, same template (ms)".into(), echo));
+    rows.push(("restore -> first answer, Python handler (ms)".into(), py.clone()));
+    rows.push(("restore -> first answer, built-in echo, same template (ms)".into(), echo.clone()));
     if let (Some(py), Some(echo), Some(boot)) = (py, echo, Summary::of(&boot_s)) {
         notes.push(format!(
             "cold start from the template / a fresh boot, p50: {:.4}x ({:.1} ms against {:.1} s); Python / echo: {:.2}x",

@@ -10,6 +10,18 @@ use ember::bench;
 use super::args::MachineArgs;
 use super::timeout;
 
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+    /// Also write the results as JSON: each measure's percentiles and every sample, and the notes.
+    #[arg(long, value_name = "FILE", global = true)]
+    json: Option<PathBuf>,
+    /// Also write the latency distributions as an SVG plot (a row per measure, log scale).
+    #[arg(long, value_name = "FILE", global = true)]
+    plot: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
     /// Boot the guest N times; report p50/p90/p99 of VM start -> kernel start, -> init, -> the
@@ -172,8 +184,23 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
     report
 }
 
-pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
-    let report = match command {
+/// Writes `text` to `path` whole or not at all (a temporary file renamed over it).
+fn write_out(path: &std::path::Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp-ember");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
+    // Checked before anything is measured: a run of minutes must not end in a bad path.
+    for p in args.json.iter().chain(&args.plot) {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!("{}: no directory {}", p.display(), dir.display()));
+        }
+    }
+    let report = match args.command {
         BenchCommand::Boot(args) => {
             let cfg = args.machine.to_config()?;
             let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(120));
@@ -223,5 +250,12 @@ pub(crate) fn bench(command: BenchCommand) -> Result<ExitCode, String> {
         }
     };
     println!("{report}");
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?;
+        write_out(p, &(text + "\n"))?;
+    }
+    if let Some(p) = &args.plot {
+        write_out(p, &report.svg())?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -65,9 +65,9 @@ pub(crate) enum Command {
     /// a generated one (single functions or a fleet), or the Azure Functions 2019 trace's files.
     /// Or write a synthetic trace.
     Simulate(simulate::SimulateArgs),
-    /// Measure ember.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Measure ember: a table of p50/p90/p99 per measure (and, with --json / --plot, every
+    /// sample as JSON and the distributions as an SVG plot).
+    Bench(bench::BenchArgs),
     /// Build, list and remove read-only EROFS layer images (from a directory, a tar, an OCI image
     /// layout or a `docker save` tarball), kept content-addressed under --state-dir/images.
     #[command(subcommand)]
@@ -85,7 +85,7 @@ pub(crate) fn dispatch(cli: Cli, process_start: Instant) -> ExitCode {
         Command::Invoke(args) => invoke::invoke(args),
         Command::Simulate(args) => simulate::simulate(args),
         Command::Serve(args) => serve::serve(args),
-        Command::Bench(command) => bench::bench(command),
+        Command::Bench(args) => bench::bench(args),
         Command::Image(command) => image::image(command),
         Command::Worker => ember::serve::worker::process::run().map(|()| ExitCode::SUCCESS),
     };

@@ -551,7 +551,7 @@ pub fn curve_table(points: &[Point]) -> String {
 /// The trade-off curve as an SVG plot: cold-start rate (log) against idle clone-seconds (log), a
 /// line per policy, each point labelled with its setting.
 pub fn curve_svg(points: &[Point], title: &str) -> String {
-    use std::fmt::Write;
+    use crate::svg::{decades, Doc};
     let (w, h, left, right, top, bottom) = (860.0, 560.0, 80.0, 220.0, 50.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     // A cold-start rate of 0 is drawn a decade below the lowest other one.
@@ -559,87 +559,52 @@ pub fn curve_svg(points: &[Point], title: &str) -> String {
     let floor = 10f64.powf(lowest.log10().floor() - 1.0);
     let rate = |p: &Point| p.outcome.cold_start_rate().max(floor);
     let idle = |p: &Point| p.outcome.idle_clone_seconds.max(1.0);
-    let decades = |lo: f64, hi: f64| (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0));
     let (x0, x1) =
         decades(points.iter().map(idle).fold(f64::INFINITY, f64::min), points.iter().map(idle).fold(1.0, f64::max));
     let (y0, y1) = decades(floor, points.iter().map(rate).fold(floor * 10.0, f64::max));
     let x = |v: f64| left + (v.log10() - x0) / (x1 - x0) * pw;
     let y = |v: f64| top + ph - (v.log10() - y0) / (y1 - y0) * ph;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="14">{}</text>"#,
-        left + pw / 2.0,
-        esc(title)
-    );
-    for d in x0 as i32..=x1 as i32 {
-        for m in [1.0, 2.0, 5.0] {
-            let v = m * 10f64.powi(d);
-            if v > 10f64.powf(x1) * 1.001 {
-                break;
-            }
-            let px = x(v);
-            let label = if m == 1.0 { format!("1e{d}") } else { format!("{m}e{d}") };
-            let _ = writeln!(s, r##"<line x1="{px}" y1="{top}" x2="{px}" y2="{}" stroke="#ddd"/>"##, top + ph);
-            let _ = writeln!(s, r#"<text x="{px}" y="{}" text-anchor="middle">{label}</text>"#, top + ph + 18.0);
-        }
-    }
+    let mut doc = Doc::new(w, h, title, left + pw / 2.0);
+    doc.log_x_grid((x0, x1), x, (top, ph), |m, d, _| if m == 1.0 { format!("1e{d}") } else { format!("{m}e{d}") });
     for d in y0 as i32..=y1 as i32 {
         let py = y(10f64.powi(d));
         let label = if d == y0 as i32 { "0".to_string() } else { format!("{}%", 10f64.powi(d + 2)) };
-        let _ = writeln!(s, r##"<line x1="{left}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/>"##, left + pw);
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{label}</text>"#, left - 6.0, py + 4.0);
+        doc.raw(format_args!(r##"<line x1="{left}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/>"##, left + pw));
+        doc.text(left - 6.0, py + 4.0, "end", "", &label);
     }
-    let _ = writeln!(s, r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
-    let _ =
-        writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">idle clone-seconds</text>"#, left + pw / 2.0, h - 16.0);
-    let _ = writeln!(
-        s,
-        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">cold-start rate</text>"#,
-        top + ph / 2.0,
-        top + ph / 2.0
-    );
+    doc.raw(format_args!(r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#));
+    doc.text(left + pw / 2.0, h - 16.0, "middle", "", "idle clone-seconds");
+    let mid = top + ph / 2.0;
+    doc.text(18.0, mid, "middle", &format!(r#" transform="rotate(-90 18 {mid})""#), "cold-start rate");
     let colours = [("ember", "#d62728"), ("keep-alive", "#1f77b4"), ("hybrid histogram", "#2ca02c")];
     for (i, (name, colour)) in colours.iter().enumerate() {
         let mut series: Vec<&Point> = points.iter().filter(|p| p.policy == *name).collect();
         series.sort_by(|a, b| idle(a).total_cmp(&idle(b)));
         let path: Vec<String> = series.iter().map(|p| format!("{:.1},{:.1}", x(idle(p)), y(rate(p)))).collect();
-        let _ =
-            writeln!(s, r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#, path.join(" "));
+        doc.raw(format_args!(
+            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+            path.join(" ")
+        ));
         let mut labelled: Vec<(f64, f64)> = Vec::new();
         for p in &series {
             let (px, py) = (x(idle(p)), y(rate(p)));
-            let _ = writeln!(s, r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#);
+            doc.raw(format_args!(r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#));
             // One label where points coincide.
             if labelled.iter().any(|&(lx, ly)| (lx - px).abs() < 40.0 && (ly - py).abs() < 10.0) {
                 continue;
             }
             labelled.push((px, py));
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" fill="{colour}" font-size="10">{}</text>"#,
-                px + 6.0,
-                py - 6.0,
-                esc(&p.setting)
-            );
+            doc.text(px + 6.0, py - 6.0, "start", &format!(r#" fill="{colour}" font-size="10""#), &p.setting);
         }
         let ly = top + 20.0 + 22.0 * i as f64;
         let lx = left + pw + 16.0;
-        let _ = writeln!(
-            s,
+        doc.raw(format_args!(
             r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/>"#,
             lx + 24.0
-        );
-        let _ = writeln!(s, r#"<text x="{}" y="{}">{name}</text>"#, lx + 30.0, ly + 4.0);
+        ));
+        doc.text(lx + 30.0, ly + 4.0, "start", "", name);
     }
-    s.push_str("</svg>\n");
-    s
+    doc.finish()
 }
 
 /// Writes a trace as CSV.
