@@ -330,3 +330,39 @@ fn after_a_restore_old_vsock_connections_are_reset_and_new_ones_work() {
     assert_eq!(new.call("echo", b"after the restore").unwrap().payload, b"after the restore");
     assert_eq!(b.invoke("echo", b"mailbox", opts(CALL)).unwrap().payload, b"mailbox");
 }
+
+/// The guest's `clock` answer: (CLOCK_REALTIME, CLOCK_MONOTONIC) in ns.
+fn guest_clocks(vm: &RunningVm) -> (u128, u128) {
+    let r = vm.invoke("clock", b"", opts(CALL)).unwrap();
+    let text = String::from_utf8(r.payload).unwrap();
+    let field = |name: &str| -> u128 {
+        let v = text.split_whitespace().find_map(|f| f.strip_prefix(name)?.strip_prefix('='));
+        v.unwrap_or_else(|| panic!("no {name} in {text:?}")).parse().unwrap()
+    };
+    (field("realtime"), field("monotonic"))
+}
+
+#[test]
+fn a_clone_goes_on_from_its_snapshots_clock_with_the_hosts_wall_clock_time() {
+    let _one = common::one_at_a_time();
+    let Some(dir) = common::template("a_clone_goes_on_from_its_snapshots_clock") else { return };
+    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let first = serving_clone(dir, 1, &Channels { serve: true, ..Default::default() });
+    let (_, mono_first) = guest_clocks(&first);
+    first.stop("test");
+    // Clones restored later do not see the time in between on their monotonic clock (nor replay
+    // it: a clone's kernel would otherwise run every timer of the gap before anything else)...
+    std::thread::sleep(Duration::from_secs(5));
+    let later = serving_clone(dir, 2, &Channels { serve: true, ..Default::default() });
+    let before = now_ns();
+    let (real, mono_later) = guest_clocks(&later);
+    let after = now_ns();
+    let gap = mono_later.abs_diff(mono_first);
+    assert!(gap < 3_000_000_000, "a clone restored 5 s later is {gap} ns further on its monotonic clock");
+    // ...but their wall clock is the host's (set by the agent from the control page).
+    assert!(
+        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
+        "the clone's wall clock {real} is not the host's ({before}..{after})"
+    );
+    later.stop("test");
+}

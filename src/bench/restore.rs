@@ -19,6 +19,8 @@ pub struct RestoreBench {
     pub clones: usize,
     /// How long to wait for one clone's first action.
     pub timeout: Duration,
+    /// Restore the template already in the directory instead of booting one (no baseline).
+    pub existing: bool,
 }
 
 /// Largest pool of populated idle clones `ember bench restore` holds.
@@ -42,12 +44,18 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
     let mut notes = Vec::new();
 
     // The baseline: a fresh boot of the same guest, to the same point (its ready doorbell).
-    let opts = MakeOptions { timeout: b.timeout.max(Duration::from_secs(600)), ..Default::default() };
-    let made = Template::make(cfg, dir, opts)?;
-    let boot_ms = ms(made.ready);
-    rows.push(("fresh boot: VM start -> guest ready (1 run)".to_string(), Summary::of(&[boot_ms])));
-    rows.push(("pause + snapshot (1 run)".to_string(), Summary::of(&[ms(made.pause + made.save)])));
-    let template = made.template;
+    let (template, boot_ms, working_set) = if b.existing {
+        notes.push(format!("restoring the existing template {} (no fresh boot measured)", dir.display()));
+        let template = Template::open(dir)?;
+        let ws = template.working_set()?;
+        (template, f64::NAN, ws)
+    } else {
+        let opts = MakeOptions { timeout: b.timeout.max(Duration::from_secs(600)), ..Default::default() };
+        let made = Template::make(cfg, dir, opts)?;
+        rows.push(("fresh boot: VM start -> guest ready (1 run)".to_string(), Summary::of(&[ms(made.ready)])));
+        rows.push(("pause + snapshot (1 run)".to_string(), Summary::of(&[ms(made.pause + made.save)])));
+        (made.template, ms(made.ready), made.working_set)
+    };
     let paths = &template.paths;
     {
         use std::os::unix::fs::MetadataExt;
@@ -61,7 +69,7 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
 
     // Sequential restores, each to the clone's first instruction and first observable action:
     // first as they come, then with the working set populated beforehand (as a pool does).
-    let ws = match made.working_set {
+    let ws = match working_set {
         Some(ws) => ws,
         None => return Err(BenchError::Failed("the template has no working set".into())),
     };
@@ -114,11 +122,13 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         }
         to_io_p50[k] = Summary::of(&to_io).map(|s| s.p50).unwrap_or(f64::NAN);
     }
-    notes.push(format!(
-        "fresh boot to ready / restore to first action (p50): {:.0}x; with the working set populated: {:.0}x",
-        boot_ms / to_io_p50[0],
-        boot_ms / to_io_p50[1]
-    ));
+    if !b.existing {
+        notes.push(format!(
+            "fresh boot to ready / restore to first action (p50): {:.0}x; with the working set populated: {:.0}x",
+            boot_ms / to_io_p50[0],
+            boot_ms / to_io_p50[1]
+        ));
+    }
 
     // Many clones at once, restored and held idle as a pool holds them: without and with the
     // working set populated.

@@ -162,8 +162,13 @@ pub(crate) struct BenchRestoreArgs {
     #[arg(long, default_value_t = 1000)]
     clones: usize,
     /// Where to keep the snapshot (default: a temporary directory, removed afterwards).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "template")]
     snapshot_dir: Option<PathBuf>,
+    /// Restore this existing template (a --snapshot-dir of an earlier run, or `ember run
+    /// --snapshot-on-ready DIR`) instead of booting one: no fresh-boot baseline then, for
+    /// profiling the restore path quickly.
+    #[arg(long, value_name = "DIR")]
+    template: Option<PathBuf>,
     /// Seconds to wait for one clone's first action.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     timeout: f64,
@@ -172,11 +177,16 @@ pub(crate) struct BenchRestoreArgs {
 fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
     let cfg = args.machine.to_config()?;
     let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(10));
-    let (dir, temporary) = match args.snapshot_dir {
-        Some(d) => (d, false),
-        None => (std::env::temp_dir().join(format!("ember-bench-restore-{}", std::process::id())), true),
+    let (dir, temporary) = match (args.template.clone(), args.snapshot_dir) {
+        (Some(d), _) | (None, Some(d)) => (d, false),
+        (None, None) => (std::env::temp_dir().join(format!("ember-bench-restore-{}", std::process::id())), true),
     };
-    let b = bench::restore::RestoreBench { runs: args.runs, clones: args.clones, timeout: t };
+    let b = bench::restore::RestoreBench {
+        runs: args.runs,
+        clones: args.clones,
+        timeout: t,
+        existing: args.template.is_some(),
+    };
     let report = bench::restore::restore(&cfg, &dir, &b).map_err(|e| e.to_string());
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);

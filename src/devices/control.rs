@@ -32,8 +32,22 @@ impl ControlPage {
     }
 }
 
+/// The host's CLOCK_REALTIME in nanoseconds since the epoch (0 if the clock is before it).
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 impl BusDevice for ControlPage {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The wall clock is read when the guest asks, not when the page was made (a clone's page
+        // is made at restore; a pooled clone may read it much later).
+        if offset == REALTIME_OFFSET && data.len() == 8 {
+            data.copy_from_slice(&realtime_ns().to_le_bytes());
+            return;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()
@@ -71,6 +85,10 @@ mod tests {
         assert_eq!(u64::from_le_bytes(q), FLAG_SERVE);
         p.read(SEED_OFFSET + 24, &mut q);
         assert_eq!(q, [0xab; 8]);
+        // The wall clock, as of the read.
+        let before = realtime_ns();
+        p.read(REALTIME_OFFSET, &mut q);
+        assert!((before..=realtime_ns()).contains(&u64::from_le_bytes(q)));
         // Past the registers: zeros, never a panic.
         p.read(0xff8, &mut q);
         assert_eq!(q, [0; 8]);

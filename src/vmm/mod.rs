@@ -264,6 +264,7 @@ impl Vm {
         for (i, s) in state.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
             s.restore(&v.fd)?;
+            s.anchor_kvmclock(&v.fd, &mem, state.vm.clock.clock)?;
             vcpus.push(v);
         }
         Ok(Self { vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })

@@ -10,6 +10,8 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use super::{kvm_err, VmError};
+use crate::memory::GuestMemory;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Everything KVM holds for one vCPU.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -31,6 +33,17 @@ pub struct VcpuState {
 
 /// The TSC-deadline MSR must be set after the TSC itself.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+const MSR_IA32_TSC: u32 = 0x10;
+/// Where the guest asked KVM to keep this vCPU's kvm-clock page (bit 0: enabled): the current
+/// and the legacy MSR.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+
+/// `struct pvclock_vcpu_time_info`: the fields of a kvm-clock page that anchor it.
+const PVCLOCK_VERSION: u64 = 0;
+const PVCLOCK_TSC_TIMESTAMP: u64 = 8;
+const PVCLOCK_SYSTEM_TIME: u64 = 16;
+const PVCLOCK_LEN: u64 = 32;
 
 /// The MSRs this host's KVM can save for a vCPU: its MSR index list, less those that fail to read
 /// (KVM lists some that a given vCPU model rejects). Worked out once per process.
@@ -111,6 +124,38 @@ impl VcpuState {
             return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
         }
         vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Re-anchors this vCPU's kvm-clock page (in the clone's memory) at the snapshot's clock:
+    /// the guest's TSC as KVM has it now maps to `clock_ns`, the kvm-clock value when the snapshot
+    /// was taken. KVM rewrites the page itself on the vCPU's first entry where it can; where the
+    /// host cannot offset a guest's TSC (the guest reads the host's), the page from the snapshot
+    /// would otherwise put the clone's clock ahead by the snapshot's age, and the guest kernel
+    /// would replay that gap timer by timer before anything else. One KVM_GET_MSRS; nothing to do
+    /// when the guest has no kvm-clock.
+    pub fn anchor_kvmclock(&self, vcpu: &VcpuFd, mem: &GuestMemory, clock_ns: u64) -> Result<(), VmError> {
+        let Some(msr) = self.msrs.iter().find(|e| e.index == MSR_KVM_SYSTEM_TIME_NEW || e.index == MSR_KVM_SYSTEM_TIME)
+        else {
+            return Ok(());
+        };
+        if msr.data & 1 == 0 {
+            return Ok(());
+        }
+        let page = GuestAddress(msr.data & !1);
+        let mut tsc = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+            .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+        if vcpu.get_msrs(&mut tsc).map_err(kvm_err("KVM_GET_MSRS"))? != 1 {
+            return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
+        }
+        let tsc = tsc.as_slice()[0].data;
+        let bad = |_| VmError::Kvm("kvm-clock page outside guest memory", libc::EFAULT);
+        mem.check_range(page, PVCLOCK_LEN as usize).then_some(()).ok_or(()).map_err(bad)?;
+        let version: u32 = mem.read_obj(page.unchecked_add(PVCLOCK_VERSION)).map_err(|_| bad(()))?;
+        // Even: no update in progress; changed: a reader that raced nothing still sees a new page.
+        mem.write_obj((version & !1).wrapping_add(2), page.unchecked_add(PVCLOCK_VERSION)).map_err(|_| bad(()))?;
+        mem.write_obj(tsc, page.unchecked_add(PVCLOCK_TSC_TIMESTAMP)).map_err(|_| bad(()))?;
+        mem.write_obj(clock_ns, page.unchecked_add(PVCLOCK_SYSTEM_TIME)).map_err(|_| bad(()))?;
         Ok(())
     }
 }

@@ -6,6 +6,9 @@
 //! offset 0x08  u64  clone id: 0 in a VM that booted, 1.. in clones restored from a snapshot
 //! offset 0x10  32 bytes of seed material for the guest's RNG, fresh from the host for every VM
 //! offset 0x30  u64  flags from the host (FLAG_SERVE)
+//! offset 0x38  u64  the host's wall-clock time (CLOCK_REALTIME, ns since the epoch), read at the
+//!                   moment of the access: a clone sets its clock from it (its own clock goes on
+//!                   from the snapshot's)
 //! offset 0x100      doorbell "ready": the snapshot point
 //! offset 0x108      doorbell "response": a mailbox response is written (when the request asked)
 //! offset 0x110      doorbell "idle": the agent has nothing to do; the vCPU waits host-side for the
@@ -21,8 +24,9 @@ pub const CLONE_ID_OFFSET: u64 = 0x08;
 pub const SEED_OFFSET: u64 = 0x10;
 pub const SEED_LEN: usize = 32;
 pub const FLAGS_OFFSET: u64 = 0x30;
+pub const REALTIME_OFFSET: u64 = 0x38;
 /// Size of the readable registers.
-pub const REGS_LEN: usize = 0x38;
+pub const REGS_LEN: usize = 0x40;
 
 pub const READY_DOORBELL: u64 = 0x100;
 pub const RESPONSE_DOORBELL: u64 = 0x108;

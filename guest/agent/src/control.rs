@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 use crate::devmem::PhysPage;
 
 use ember_abi::control::{
-    CLONE_ID_OFFSET, CONTROL_ADDR, FLAGS_OFFSET, FLAG_SERVE, IDLE_DOORBELL, MAGIC, READY_DOORBELL, RESPONSE_DOORBELL,
-    SEED_LEN, SEED_OFFSET,
+    CLONE_ID_OFFSET, CONTROL_ADDR, FLAGS_OFFSET, FLAG_SERVE, IDLE_DOORBELL, MAGIC, READY_DOORBELL, REALTIME_OFFSET,
+    RESPONSE_DOORBELL, SEED_LEN, SEED_OFFSET,
 };
 
 pub struct ControlPage {
@@ -31,6 +31,11 @@ impl ControlPage {
     /// Whether the host wants invocations served after "ready".
     pub fn serve(&self) -> bool {
         self.page.read::<u64>(FLAGS_OFFSET as usize) & FLAG_SERVE != 0
+    }
+
+    /// The host's wall-clock time in ns since the epoch; 0 from a VMM that does not tell it.
+    pub fn realtime_ns(&self) -> u64 {
+        self.page.read(REALTIME_OFFSET as usize)
     }
 
     pub fn seed(&self) -> [u8; SEED_LEN] {
@@ -77,6 +82,21 @@ pub fn seed_kernel_rng(seed: &[u8; SEED_LEN]) -> io::Result<()> {
     // SAFETY: RNDRESEEDCRNG takes no argument.
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
         return Err(io::Error::other(format!("RNDRESEEDCRNG: {}", io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// Sets the guest's wall clock to `ns` since the epoch (a clone's clock goes on from its
+/// snapshot's, so its wall-clock time is the snapshot's until set). Nothing to do for 0.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    if ns == 0 {
+        return Ok(());
+    }
+    let ts =
+        libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as libc::c_long };
+    // SAFETY: clock_settime reads the timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::other(format!("clock_settime: {}", io::Error::last_os_error())));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The functions the agent serves: built-ins for tests and benchmarks (`echo`, `sha256`, `sleep`,
-//! `cpu-stat`, `vsock-ping`, `storm`: a guest misbehaving on purpose) and the image's own runtime, a long-running process started before the snapshot
+//! `cpu-stat`, `clock`, `vsock-ping`, `storm`: a guest misbehaving on purpose) and the image's own
+//! runtime, a long-running process started before the snapshot
 //! that reads requests on stdin and writes responses on stdout:
 //!
 //! ```text
@@ -181,6 +182,7 @@ impl Functions {
             "vsock-ping" => reply(out, crate::vsock::ping_host(payload), Status::Failed),
             "storm" => reply(out, crate::storm::run(payload), Status::BadRequest),
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
+            "clock" => reply(out, clocks(), Status::Failed),
             "touch" => reply(out, touch(payload), Status::BadRequest),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
@@ -484,4 +486,17 @@ fn serve_frames(mut handle: impl FnMut(&[u8]) -> (Status, Vec<u8>)) -> io::Resul
         stdout.write_all(&out)?;
         stdout.flush()?;
     }
+}
+
+/// `clock`: the guest's CLOCK_REALTIME and CLOCK_MONOTONIC, in ns, as `realtime=N monotonic=N`.
+fn clocks() -> io::Result<String> {
+    let read = |clock: libc::clockid_t| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec we own.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128)
+    };
+    Ok(format!("realtime={} monotonic={}", read(libc::CLOCK_REALTIME)?, read(libc::CLOCK_MONOTONIC)?))
 }

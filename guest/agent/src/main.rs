@@ -122,6 +122,8 @@ fn init() -> io::Result<()> {
     c.ring_ready();
     let clone_id = c.clone_id();
     if clone_id != 0 {
+        // A clone's clocks go on from the snapshot's: the wall clock is set to the host's now.
+        control::set_realtime(c.realtime_ns())?;
         // A clone: its own seed, so that it shares no future randomness with its siblings.
         control::seed_kernel_rng(&c.seed())?;
         // The runtime reseeds what it derived from randomness before the snapshot.
