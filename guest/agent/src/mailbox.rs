@@ -60,7 +60,10 @@ impl Mailbox {
         let mut epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
         let mut seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
         self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
-        let mut idle_at = crate::tsc::now() + ticks;
+        // Before the first request, park at once: a clone waits in a pool, maybe long, and spinning
+        // there would cost its host a core for SPIN and its guest kernel a timer tick every 10 ms
+        // (emulated work on some hosts). After each request it spins: the next one often follows.
+        let mut idle_at = crate::tsc::now();
         let mut spins = 0u32;
         let mut loadavg = std::fs::File::open("/proc/loadavg").ok();
         let mut nap = MIN_NAP;
