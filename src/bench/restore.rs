@@ -143,14 +143,23 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         let before = private_kib();
         let t = Instant::now();
         let mut pool = Vec::with_capacity(n);
+        let mut each = Vec::with_capacity(n);
         for i in 0..n {
+            let one = Instant::now();
             let vm = template.restore(i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
             if populate {
                 vm.populate(&ws).map_err(VmError::WorkingSet)?;
             }
+            each.push(ms(one.elapsed()));
             pool.push(vm);
         }
         let total = t.elapsed();
+        if !populate && n >= 200 {
+            // Whether a restore costs more with many VMs in the process.
+            let tenth = n / 10;
+            rows.push((format!("restore call, the first {tenth} of {n} held clones"), Summary::of(&each[..tenth])));
+            rows.push((format!("restore call, the last {tenth} of {n} held clones"), Summary::of(&each[n - tenth..])));
+        }
         let private = private_kib().saturating_sub(before);
         notes.push(format!(
             "{} idle clones{} restored in {:.1} ms ({:.0} clones/s); private memory {:.1} KiB per clone",
