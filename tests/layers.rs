@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Top-level modules of `src/`, lowest first; modules on one floor may not import each other.
 const FLOORS: &[&[&str]] = &[
-    &["memory", "sys", "seccomp"],
+    &["memory", "sys", "seccomp", "svg"],
     &["config"],
     &["snapshot", "image"],
     &["channel"],
