@@ -149,13 +149,16 @@ impl VcpuState {
             return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
         }
         let tsc = tsc.as_slice()[0].data;
-        let bad = |_| VmError::Kvm("kvm-clock page outside guest memory", libc::EFAULT);
-        mem.check_range(page, PVCLOCK_LEN as usize).then_some(()).ok_or(()).map_err(bad)?;
-        let version: u32 = mem.read_obj(page.unchecked_add(PVCLOCK_VERSION)).map_err(|_| bad(()))?;
+        // The page's address is the guest's choice: outside its RAM, the snapshot is refused.
+        if !mem.check_range(page, PVCLOCK_LEN as usize) {
+            return Err(VmError::Kvm("kvm-clock page outside guest memory", libc::EFAULT));
+        }
+        let at = |offset| page.unchecked_add(offset);
+        let version: u32 = mem.read_obj(at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
         // Even: no update in progress; changed: a reader that raced nothing still sees a new page.
-        mem.write_obj((version & !1).wrapping_add(2), page.unchecked_add(PVCLOCK_VERSION)).map_err(|_| bad(()))?;
-        mem.write_obj(tsc, page.unchecked_add(PVCLOCK_TSC_TIMESTAMP)).map_err(|_| bad(()))?;
-        mem.write_obj(clock_ns, page.unchecked_add(PVCLOCK_SYSTEM_TIME)).map_err(|_| bad(()))?;
+        mem.write_obj((version & !1).wrapping_add(2), at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
+        mem.write_obj(tsc, at(PVCLOCK_TSC_TIMESTAMP)).map_err(VmError::GuestMemory)?;
+        mem.write_obj(clock_ns, at(PVCLOCK_SYSTEM_TIME)).map_err(VmError::GuestMemory)?;
         Ok(())
     }
 }
