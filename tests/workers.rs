@@ -141,7 +141,7 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     let (code, body) =
         http(&s, "POST", "/functions/b/invoke", Some(r#"{"function": "touch", "payload": "96", "timeout_s": 120}"#));
     assert!(code >= 500 || json_of(&body)["ok"] == false, "{code} {body}");
-    wait_for("b's worker to be replaced", Duration::from_secs(30), || {
+    wait_for("b's worker to be replaced", Duration::from_secs(90), || {
         let w = worker(&s, "b");
         w["restarts"] == 1 && w["pid"].is_i64()
     });
@@ -195,7 +195,7 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     for _ in 0..20 {
         assert_eq!(invoke(&s, "b", r#"{"function": "echo", "payload": "b"}"#)["payload"], "b");
     }
-    wait_for("a's worker to be replaced", Duration::from_secs(30), || {
+    wait_for("a's worker to be replaced", Duration::from_secs(90), || {
         worker(&s, "a")["pid"].as_i64().is_some_and(|p| p as i32 != pa)
     });
     let wa = worker(&s, "a");
@@ -246,27 +246,27 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     // DELETE: the worker exits, its cgroup and channel directory go.
     let cg_a = worker(&s, "a")["cgroup"].as_str().unwrap().to_string();
     assert_eq!(http(&s, "DELETE", "/functions/a", None).0, 204);
-    wait_for("a's worker to exit", Duration::from_secs(10), || !alive(pa));
-    wait_for("a's cgroup to go", Duration::from_secs(10), || !Path::new(&cg_a).exists());
+    wait_for("a's worker to exit", Duration::from_secs(60), || !alive(pa));
+    wait_for("a's cgroup to go", Duration::from_secs(60), || !Path::new(&cg_a).exists());
     assert!(!rd.exists(), "{} is left", rd.display());
 
     // A daemon killed with SIGKILL takes its workers with it; a restart removes what they left.
     let pb = pid_of(&s, "b");
     let cg_b = worker(&s, "b")["cgroup"].as_str().unwrap().to_string();
     srv.signal(libc::SIGKILL);
-    wait_for("b's worker to die with the daemon", Duration::from_secs(10), || !alive(pb));
+    wait_for("b's worker to die with the daemon", Duration::from_secs(60), || !alive(pb));
     let srv2 = Server::start(&dir);
     let s = srv2.socket.clone();
     wait_ready(&s, "b", 2);
-    wait_for("the killed daemon's worker cgroup to go", Duration::from_secs(30), || !Path::new(&cg_b).exists());
+    wait_for("the killed daemon's worker cgroup to go", Duration::from_secs(90), || !Path::new(&cg_b).exists());
     assert_eq!(sibling_cgroups(worker(&s, "b")["cgroup"].as_str().unwrap()).len(), 1);
     assert_eq!(invoke(&s, "b", r#"{"function": "echo", "payload": "again"}"#)["payload"], "again");
     let pb = pid_of(&s, "b");
     let cg_b = worker(&s, "b")["cgroup"].as_str().unwrap().to_string();
     let mut srv2 = srv2;
     assert!(srv2.signal(libc::SIGTERM).success());
-    wait_for("the worker to exit with the daemon", Duration::from_secs(10), || !alive(pb));
-    wait_for("the cgroup to go", Duration::from_secs(10), || !Path::new(&cg_b).exists());
+    wait_for("the worker to exit with the daemon", Duration::from_secs(60), || !alive(pb));
+    wait_for("the cgroup to go", Duration::from_secs(60), || !Path::new(&cg_b).exists());
 
     // `--isolation process` (what a daemon without root runs): workers, not jailed, still
     // confined with seccomp and no_new_privs.

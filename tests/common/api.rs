@@ -132,7 +132,16 @@ pub fn wait_ready(s: &Path, name: &str, min_ready: u64) -> Value {
 }
 
 pub fn invoke(s: &Path, name: &str, body: &str) -> Value {
-    let (code, resp) = http(s, "POST", &format!("/functions/{name}/invoke"), Some(body));
+    // A generous timeout unless the test sets one: tests check answers, and a slow CI machine once
+    // took over 30 s (the default) for a call while many busy guests shared its cores.
+    let body = match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(mut o)) => {
+            o.entry("timeout_s").or_insert(Value::from(300));
+            Value::Object(o).to_string()
+        }
+        _ => body.to_string(),
+    };
+    let (code, resp) = http(s, "POST", &format!("/functions/{name}/invoke"), Some(&body));
     assert_eq!(code, 200, "{resp}");
     json_of(&resp)
 }
