@@ -17,7 +17,7 @@ pub fn decades(lo: f64, hi: f64) -> (f64, f64) {
 
 /// A document being written: `w` x `h`, white, with `title` centred over the plot area.
 pub struct Doc {
-    pub s: String,
+    s: String,
 }
 
 impl Doc {

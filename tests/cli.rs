@@ -156,6 +156,22 @@ fn invoke_and_channel_usage_errors() {
 fn serve_bench_and_simulate_usage_errors() {
     assert_fails(&["bench", "handoff", "--snapshot", "/nonexistent"], 1, "/nonexistent/state");
     assert_fails(&["bench", "handoff", "--snapshot", "/tmp", "--requests", "0"], 2, "--requests");
+    // Output paths are checked before minutes of measuring; a template that is not there is named.
+    assert_fails(
+        &["bench", "restore", "--kernel", "/k", "--json", "/nonexistent/r.json"],
+        1,
+        "no directory /nonexistent",
+    );
+    assert_fails(
+        &["bench", "restore", "--kernel", "/k", "--plot", "/nonexistent/r.svg"],
+        1,
+        "no directory /nonexistent",
+    );
+    assert_fails(
+        &["bench", "restore", "--kernel", "/k", "--template", "/a", "--snapshot-dir", "/b"],
+        2,
+        "cannot be used",
+    );
     let trace = common::repo().join("benches/traces/bursty.csv");
     let trace = trace.to_str().unwrap();
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max_uses": 0}"#], 1, "max_uses");

@@ -38,7 +38,6 @@ pub fn private_kib() -> u64 {
 /// Boots `cfg` once to its ready doorbell (the baseline), snapshots it into `dir`, then measures
 /// restores of that snapshot.
 pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableReport, BenchError> {
-    tracing::info!("booting the baseline guest to its ready doorbell");
     crate::sys::raise_fd_limit();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -50,6 +49,7 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         let ws = template.working_set()?;
         (template, f64::NAN, ws)
     } else {
+        tracing::info!("booting the baseline guest to its ready doorbell");
         let opts = MakeOptions { timeout: b.timeout.max(Duration::from_secs(600)), ..Default::default() };
         let made = Template::make(cfg, dir, opts)?;
         rows.push(("fresh boot: VM start -> guest ready (1 run)".to_string(), Summary::of(&[ms(made.ready)])));

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use ember::bench;
+use ember::snapshot::write_atomic;
 
 use super::args::MachineArgs;
 use super::timeout;
@@ -194,14 +195,6 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
     report
 }
 
-/// Writes `text` to `path` whole or not at all (a temporary file renamed over it).
-fn write_out(path: &std::path::Path, text: &str) -> Result<(), String> {
-    let tmp = path.with_extension("tmp-ember");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     // Checked before anything is measured: a run of minutes must not end in a bad path.
     for p in args.json.iter().chain(&args.plot) {
@@ -262,10 +255,10 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     println!("{report}");
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?;
-        write_out(p, &(text + "\n"))?;
+        write_atomic(p, (text + "\n").as_bytes()).map_err(|e| e.to_string())?;
     }
     if let Some(p) = &args.plot {
-        write_out(p, &report.svg())?;
+        write_atomic(p, report.svg().as_bytes()).map_err(|e| e.to_string())?;
     }
     Ok(ExitCode::SUCCESS)
 }
