@@ -47,6 +47,8 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("drive: {0}")]
     Drive(String),
+    #[error("network interface: {0}")]
+    Net(String),
 }
 
 /// A block device (Firecracker's `drives` entry): a host file the guest sees as `/dev/vdX`, in
@@ -100,10 +102,7 @@ pub fn check_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
     }
     for (i, d) in drives.iter().enumerate() {
         let id = &d.drive_id;
-        let ok = !id.is_empty()
-            && id.len() <= MAX_DRIVE_ID_LEN
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
+        if !is_id(id) {
             return Err(ConfigError::Drive(format!(
                 "bad drive_id {id:?}: use 1 to {MAX_DRIVE_ID_LEN} characters of [A-Za-z0-9_-]"
             )));
@@ -126,6 +125,130 @@ pub fn ordered_drives(drives: &[DriveConfig]) -> Vec<DriveConfig> {
     let mut v = drives.to_vec();
     v.sort_by_key(|d| !d.is_root_device);
     v
+}
+
+/// Network interfaces per VM, at most (the agent configures one).
+pub const MAX_NETS: usize = 1;
+/// The MAC address a guest's interface gets when none is given.
+pub const DEFAULT_GUEST_MAC: &str = "02:ee:00:00:00:02";
+
+/// A network interface (Firecracker's `network-interfaces` entry): a virtio-net card on the host's
+/// TAP device `host_dev_name`. ember's own additions: `guest_ip` (`ADDR/PREFIX`) and `gateway`,
+/// which the agent gives the guest's `eth0` before the snapshot point (without them the guest
+/// configures its interface itself).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// 1 to 20 characters of `[A-Za-z0-9_-]`.
+    pub iface_id: String,
+    /// The TAP device (ember opens it; it must exist unless ember may create it).
+    pub host_dev_name: String,
+    #[serde(default)]
+    pub guest_mac: Option<String>,
+    #[serde(default)]
+    pub guest_ip: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+impl NetConfig {
+    /// `TAP[,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR][,id=ID]` (the `--net` argument).
+    pub fn parse(arg: &str) -> Result<Self, ConfigError> {
+        let mut parts = arg.split(',');
+        let tap = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Net("empty TAP name".into()))?;
+        let mut n = NetConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: tap.into(),
+            guest_mac: None,
+            guest_ip: None,
+            gateway: None,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                Some(("mac", v)) => n.guest_mac = Some(v.into()),
+                Some(("ip", v)) => n.guest_ip = Some(v.into()),
+                Some(("gw", v)) => n.gateway = Some(v.into()),
+                Some(("id", v)) => n.iface_id = v.into(),
+                _ => {
+                    return Err(ConfigError::Net(format!(
+                        "{arg:?}: unknown option {p:?} (mac=MAC, ip=ADDR/PREFIX, gw=ADDR, id=ID)"
+                    )))
+                }
+            }
+        }
+        n.check()?;
+        Ok(n)
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        let text = self.guest_mac.as_deref().unwrap_or(DEFAULT_GUEST_MAC);
+        crate::devices::virtio::net::tap::parse_mac(text).unwrap_or([2, 0xee, 0, 0, 0, 2])
+    }
+
+    /// Checks every field; the address and gateway are parsed, the MAC is a unicast one.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let id = &self.iface_id;
+        if !is_id(id) {
+            return Err(ConfigError::Net(format!(
+                "bad iface_id {id:?}: use 1 to {MAX_DRIVE_ID_LEN} characters of [A-Za-z0-9_-]"
+            )));
+        }
+        let name = &self.host_dev_name;
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            return Err(ConfigError::Net(format!("bad host_dev_name {name:?} (1 to 15 bytes, no '/')")));
+        }
+        if let Some(m) = &self.guest_mac {
+            match crate::devices::virtio::net::tap::parse_mac(m) {
+                Some(mac) if mac[0] & 1 == 0 && mac != [0; 6] => {}
+                _ => return Err(ConfigError::Net(format!("bad guest_mac {m:?} (a unicast aa:bb:cc:dd:ee:ff)"))),
+            }
+        }
+        if let Some(ip) = &self.guest_ip {
+            parse_cidr(ip).map_err(|e| ConfigError::Net(format!("bad guest_ip {ip:?}: {e}")))?;
+        }
+        if let Some(gw) = &self.gateway {
+            if self.guest_ip.is_none() {
+                return Err(ConfigError::Net("a gateway needs a guest_ip".into()));
+            }
+            gw.parse::<std::net::Ipv4Addr>().map_err(|e| ConfigError::Net(format!("bad gateway {gw:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// What the agent reads from the command line to configure `eth0` (`ember_net=ADDR/PREFIX[,GW]`).
+    pub fn cmdline(&self) -> Option<String> {
+        let ip = self.guest_ip.as_ref()?;
+        Some(match &self.gateway {
+            Some(gw) => format!("ember_net={ip},{gw}"),
+            None => format!("ember_net={ip}"),
+        })
+    }
+}
+
+/// Parses `ADDR/PREFIX` (IPv4).
+pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, prefix) = s.split_once('/').ok_or("expected ADDR/PREFIX")?;
+    let addr = addr.parse::<std::net::Ipv4Addr>().map_err(|e| e.to_string())?;
+    let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or("the prefix must be 0 to 32")?;
+    Ok((addr, prefix))
+}
+
+fn is_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DRIVE_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Checks a VM's network interfaces: each well-formed, ids distinct, not too many.
+pub fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    if nets.len() > MAX_NETS {
+        return Err(ConfigError::Net(format!("{} network interfaces, at most {MAX_NETS}", nets.len())));
+    }
+    for n in nets {
+        n.check()?;
+    }
+    Ok(())
 }
 
 /// What to boot.
@@ -176,6 +299,8 @@ pub struct VmConfig {
     pub machine_config: MachineConfig,
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -219,7 +344,8 @@ impl VmConfig {
                 return Err(ConfigError::CmdlineNul);
             }
         }
-        check_drives(&self.drives)
+        check_drives(&self.drives)?;
+        check_nets(&self.network_interfaces)
     }
 
     pub fn vcpus(&self) -> u8 {
@@ -245,7 +371,10 @@ impl VmConfig {
     /// The kernel command line: the configured one, or ember's default; with a root drive, the
     /// kernel mounts it as `/` (unless the command line names a root itself).
     pub fn cmdline(&self) -> String {
-        let base = self.boot_source.boot_args.clone().unwrap_or_else(default_cmdline);
+        let mut base = self.boot_source.boot_args.clone().unwrap_or_else(default_cmdline);
+        if let Some(net) = self.network_interfaces.first().and_then(NetConfig::cmdline) {
+            base = format!("{base} {net}");
+        }
         match self.drives.iter().find(|d| d.is_root_device) {
             Some(d) if !base.split_whitespace().any(|w| w.starts_with("root=")) => {
                 format!("{base} root=/dev/vda {}", if d.is_read_only { "ro" } else { "rw" })
@@ -359,6 +488,7 @@ mod tests {
             boot_source: BootSource { kernel_image_path: "/k".into(), initrd_path: None, boot_args: Some(long) },
             machine_config: MachineConfig::default(),
             drives: Vec::new(),
+            network_interfaces: Vec::new(),
         };
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2048))));
     }

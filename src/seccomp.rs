@@ -143,8 +143,13 @@ pub fn device_filter() -> Result<BpfProgram, Error> {
             cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_STREAM as u64)?,
         ])?],
     );
-    // set_nonblocking, and the fd-flag reads and writes of std and vmm-sys-util.
-    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?]);
+    // set_nonblocking, and virtio-net's TAP offloads (set once the driver has taken its features).
+    let ioctls = [libc::FIONBIO, crate::devices::virtio::net::tap::TUNSETOFFLOAD]
+        .iter()
+        .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, ioctls);
+    // The fd-flag reads and writes of std and vmm-sys-util.
     let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
         .iter()
         .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op as u64)?]))

@@ -33,6 +33,7 @@ fn booted(test: &str) -> Option<&'static Booted> {
             boot_source: BootSource { kernel_image_path: kernel, initrd_path: Some(initrd), boot_args: None },
             machine_config: MachineConfig::default(),
             drives: Vec::new(),
+            network_interfaces: Vec::new(),
         };
         let cap = Capture::default();
         let vm = Vm::boot(&cfg, &ember::vmm::Channels::default(), Box::new(cap.clone()), Instant::now())

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ember::config::{BootSource, DriveConfig, MachineConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use ember::config::{BootSource, DriveConfig, MachineConfig, NetConfig, VmConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 /// How the host reaches the guest agent.
 #[derive(Args, Clone)]
@@ -34,7 +34,7 @@ impl ChannelArgs {
         };
         let (mailbox, vsock) = (path(&self.mailbox), path(&self.vsock));
         let serve = self.serve || mailbox.is_some() || vsock.is_some();
-        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: !no_seccomp })
+        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: !no_seccomp, taps: Vec::new() })
     }
 
     /// Checks that per-clone paths differ.
@@ -72,6 +72,11 @@ pub(crate) struct MachineArgs {
     /// with the root device first, each id as /sys/block/vdX/serial). Added to a --config file's.
     #[arg(long = "drive", value_name = "PATH[,ro][,id=ID][,root]")]
     drives: Vec<String>,
+    /// A network interface on an existing TAP device: `TAP[,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR]`
+    /// (the agent gives the guest's eth0 the address and default route). Added to a --config
+    /// file's `network-interfaces`.
+    #[arg(long = "net", value_name = "TAP[,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR]")]
+    nets: Vec<String>,
     /// The whole machine as a Firecracker-style JSON file ("boot-source", "machine-config")
     /// instead of the flags above.
     #[arg(long, value_name = "FILE")]
@@ -90,12 +95,16 @@ impl MachineArgs {
                 },
                 machine_config: MachineConfig { vcpu_count: self.vcpus, mem_size_mib: self.mem_mib },
                 drives: Vec::new(),
+                network_interfaces: Vec::new(),
             },
             (None, None) => return Err("either --kernel or --config is required".into()),
         };
         let first = cfg.drives.len();
         for (i, d) in self.drives.iter().enumerate() {
             cfg.drives.push(DriveConfig::parse(d, first + i).map_err(|e| e.to_string())?);
+        }
+        for n in &self.nets {
+            cfg.network_interfaces.push(NetConfig::parse(n).map_err(|e| e.to_string())?);
         }
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)

@@ -41,6 +41,9 @@ pub struct DevicesState {
     pub virtio: Vec<virtio::mmio::MmioState>,
     /// The drives the VM's block devices serve, in slot order (a restore opens them again).
     pub drives: Vec<crate::config::DriveConfig>,
+    /// The network interfaces, in slot order after the drives (a restore opens or is handed a TAP
+    /// for each).
+    pub nets: Vec<crate::config::NetConfig>,
 }
 
 /// A component whose state goes into snapshots (the shape of Firecracker's `Persist`): `save`

@@ -251,6 +251,7 @@ impl FunctionSpec {
             },
             machine_config,
             drives: Vec::new(),
+            network_interfaces: Vec::new(),
         }
     }
 

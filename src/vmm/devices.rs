@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::Channels;
 use crate::channel::mailbox::Mailbox;
-use crate::config::DriveConfig;
+use crate::config::{DriveConfig, NetConfig};
 use crate::devices::boot_timer::{BootClock, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::control::{ControlPage, FLAG_SERVE};
@@ -20,6 +20,7 @@ use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, DevicesState, Persist};
@@ -33,12 +34,22 @@ use crate::sys::Locked;
 /// is one line here.
 fn virtio_devices(
     drives: &[DriveConfig],
+    nets: &[NetConfig],
     channels: &Channels,
     seccomp: Option<Arc<BpfProgram>>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(drives.len() + 1);
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(drives.len() + nets.len() + 1);
     for d in drives {
         devices.push(Box::new(Block::new(d, seccomp.clone())?));
+    }
+    for (i, n) in nets.iter().enumerate() {
+        let what = || format!("network interface {:?} (TAP {})", n.iface_id, n.host_dev_name);
+        let tap = match channels.taps.get(i) {
+            Some(fd) => fd.try_clone().and_then(Tap::from_fd),
+            None => Tap::open(&n.host_dev_name),
+        }
+        .map_err(DeviceError::io(what()))?;
+        devices.push(Box::new(Net::new(&n.iface_id, n.mac(), tap, seccomp.clone())?));
     }
     devices.push(Box::new(Vsock::new(channels.vsock.as_deref(), seccomp)?));
     Ok(devices)
@@ -60,6 +71,7 @@ pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     drives: Vec<DriveConfig>,
+    nets: Vec<NetConfig>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
 }
@@ -76,6 +88,8 @@ pub struct DeviceArgs<'a> {
     pub clone_id: u64,
     /// The block devices' drives, in slot order (a restore: the snapshot's).
     pub drives: &'a [DriveConfig],
+    /// The network interfaces, after the drives (a restore: the snapshot's).
+    pub nets: &'a [NetConfig],
 }
 
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
@@ -88,7 +102,7 @@ impl Devices {
     /// Creates every device and wires its interrupt; `saved` is a snapshot's device state, for a
     /// clone.
     pub fn create(args: DeviceArgs<'_>, saved: Option<&DevicesState>) -> Result<Self, DeviceError> {
-        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id, drives } = args;
+        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id, drives, nets } = args;
         let serial_irq = irqfd(vm, COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(match saved {
             Some(s) => SerialDevice::restore((serial_irq, console), &s.serial)?,
@@ -112,7 +126,7 @@ impl Devices {
             }
             false => None,
         };
-        let devices = virtio_devices(drives, channels, filter)?;
+        let devices = virtio_devices(drives, nets, channels, filter)?;
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceError::BadState(format!(
                 "{} virtio devices, at most {MAX_VIRTIO_DEVICES}",
@@ -145,7 +159,14 @@ impl Devices {
             mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
             virtio.push(transport);
         }
-        Ok(Self { serial, virtio, drives: drives.to_vec(), pio: Arc::new(pio), mmio: Arc::new(mmio) })
+        Ok(Self {
+            serial,
+            virtio,
+            drives: drives.to_vec(),
+            nets: nets.to_vec(),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+        })
     }
 
     /// Every device's state, for a snapshot.
@@ -154,6 +175,7 @@ impl Devices {
             serial: self.serial.locked().save(),
             virtio: self.virtio.iter().map(|t| t.locked().save()).collect(),
             drives: self.drives.clone(),
+            nets: self.nets.clone(),
         }
     }
 

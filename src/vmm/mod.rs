@@ -95,11 +95,15 @@ pub struct Channels {
     pub serve: bool,
     /// Confine device threads (vsock) with seccomp; on unless debugging (`--no-seccomp`).
     pub device_seccomp: bool,
+    /// Open TAP devices for the VM's network interfaces, in order (`ember serve` hands a clone the
+    /// one it prepared in the clone's network namespace); an interface without one opens its
+    /// `host_dev_name`.
+    pub taps: Vec<Arc<OwnedFd>>,
 }
 
 impl Default for Channels {
     fn default() -> Self {
-        Self { mailbox: None, vsock: None, serve: false, device_seccomp: true }
+        Self { mailbox: None, vsock: None, serve: false, device_seccomp: true, taps: Vec::new() }
     }
 }
 
@@ -188,7 +192,8 @@ impl Vm {
             None => None,
         };
         let drives = crate::config::ordered_drives(&config.drives);
-        let vm = Self::assemble(mem, vcpu_count, kernel.entry, &drives, channels, console, clock)?;
+        let nets = &config.network_interfaces;
+        let vm = Self::assemble(mem, vcpu_count, kernel.entry, (&drives, nets), channels, console, clock)?;
         // The command line names every virtio device the VM was assembled with.
         let cmdline = format!("{} {}", config.cmdline(), devices::virtio_cmdline(vm.devices.virtio_count()));
         let cmdline_size = boot::load_command_line(&vm.mem, &cmdline)?;
@@ -208,7 +213,7 @@ impl Vm {
         mem.write_slice(code, vm_memory::GuestAddress(PAYLOAD_START)).map_err(|e| BootError::Params(e.to_string()))?;
         boot::regs::write_boot_tables(&mem, entry).map_err(|e| BootError::Params(e.to_string()))?;
         let clock = BootClock::new(Instant::now());
-        let vm = Self::assemble(mem, vcpu_count, entry, &[], &Channels::default(), console, clock)?;
+        let vm = Self::assemble(mem, vcpu_count, entry, (&[], &[]), &Channels::default(), console, clock)?;
         for v in &vm.vcpus {
             v.start_payload(vcpu_count)?;
         }
@@ -220,7 +225,7 @@ impl Vm {
         mem: GuestMemory,
         vcpu_count: u8,
         entry: boot::EntryPoint,
-        drives: &[crate::config::DriveConfig],
+        (drives, nets): (&[crate::config::DriveConfig], &[crate::config::NetConfig]),
         channels: &Channels,
         console: ConsoleOut,
         clock: Arc<BootClock>,
@@ -228,8 +233,17 @@ impl Vm {
         let mem_bytes = mem.iter().map(|r| r.len()).sum();
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (kvm, vm) = create_vm(&mem, &mailbox)?;
-        let args =
-            DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id: 0, drives };
+        let args = DeviceArgs {
+            vm: &vm,
+            mem: &mem,
+            mailbox: &mailbox,
+            console,
+            clock: &clock,
+            channels,
+            clone_id: 0,
+            drives,
+            nets,
+        };
         let devices = Devices::create(args, None)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
@@ -256,9 +270,18 @@ impl Vm {
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         let (_kvm, vm) = create_vm(&mem, &mailbox)?;
         state.vm.restore(&vm)?;
-        let drives = &state.devices.drives;
-        let args =
-            DeviceArgs { vm: &vm, mem: &mem, mailbox: &mailbox, console, clock: &clock, channels, clone_id, drives };
+        let (drives, nets) = (&state.devices.drives, &state.devices.nets);
+        let args = DeviceArgs {
+            vm: &vm,
+            mem: &mem,
+            mailbox: &mailbox,
+            console,
+            clock: &clock,
+            channels,
+            clone_id,
+            drives,
+            nets,
+        };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (i, s) in state.vcpus.iter().enumerate() {

@@ -144,6 +144,7 @@ pub fn template(test: &str) -> Option<&'static Path> {
             boot_source: BootSource { kernel_image_path: kernel, initrd_path: Some(initrd), boot_args: None },
             machine_config: MachineConfig::default(),
             drives: Vec::new(),
+            network_interfaces: Vec::new(),
         };
         let cap = Capture::default();
         let opts = MakeOptions { console: Box::new(cap.clone()), timeout: BOOT_TIMEOUT, ..Default::default() };

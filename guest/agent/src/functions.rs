@@ -184,6 +184,7 @@ impl Functions {
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
             "clock" => reply(out, clocks(), Status::Failed),
             "touch" => reply(out, touch(payload), Status::BadRequest),
+            "http-get" => reply(out, crate::net::http_get(payload), Status::Failed),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
                 // Without the host's context (vsock, or a mailbox caller without an envelope).

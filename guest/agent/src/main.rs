@@ -11,6 +11,7 @@
 //! The kernel passes unknown `key=value` command-line parameters to init as environment variables:
 //! - `ember_exit=panic`: exit instead of powering off (the kernel then panics: a guest-crash test).
 //! - `ember_exit=reboot`: reboot (i8042 reset) instead of powering off.
+//! - `ember_net=ADDR/PREFIX[,GATEWAY]`: configure eth0 (net.rs).
 
 use std::fs;
 use std::io::{self, Write};
@@ -22,6 +23,7 @@ mod functions;
 mod layers;
 mod mailbox;
 mod managed;
+mod net;
 mod storm;
 mod tsc;
 mod vsock;
@@ -105,6 +107,10 @@ fn init() -> io::Result<()> {
     let control = control::ControlPage::map()?;
     if let Some(c) = &control {
         control::seed_kernel_rng(&c.seed())?;
+    }
+    // The network (when the command line gives one), before the runtime: it may connect at start.
+    if let Some(what) = net::configure()? {
+        println!("ember-agent: network {what}");
     }
     let root = layers::mount_root()?;
     let functions = std::sync::Arc::new(std::sync::Mutex::new(functions::Functions::start(root.as_deref())?));

@@ -155,6 +155,7 @@ impl MmioTransport {
         // The device gets its own copies of the queues (virtio-queue's Queue is not Clone).
         let queues: Result<Vec<Queue>, DeviceError> =
             self.queues.iter().map(|q| QueueSnapshot::of(q).queue()).collect();
+        self.device.negotiated(self.driver_features);
         let result = queues.and_then(|q| self.device.activate(self.mem.clone(), q, self.interrupt.clone()));
         match result {
             Ok(()) => self.active = true,

@@ -3,12 +3,13 @@
 //! guest's queue notifications arrive on ioeventfds (no exit to ember) and interrupts go in
 //! through irqfds.
 //!
-//! A device is a folder here (`vsock/`): its front end implements [`VirtioDevice`], its own
+//! A device is a folder here (`vsock/`, `net/`): its front end implements [`VirtioDevice`], its own
 //! snapshot state (if any) travels through `save_state` / `restore_state`, and it is assembled
 //! with one line in `vmm::devices`.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod ring;
 pub mod thread;
 pub mod vsock;
@@ -43,6 +44,8 @@ pub trait VirtioDevice: Send {
     /// Writes the device's configuration space (ignored by devices whose configuration is
     /// read-only).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The features the driver took, told before [`VirtioDevice::activate`] (also on a restore).
+    fn negotiated(&mut self, _features: u64) {}
     /// Starts the device with the driver's queues. Called on a (confined) vCPU thread: a device
     /// prepares its thread and file descriptors when it is created, and only hands work over here.
     fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError>;

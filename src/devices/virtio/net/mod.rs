@@ -1,0 +1,372 @@
+//! virtio-net on a TAP device: the guest's network card.
+//!
+//! Two queues (receive, transmit), the guest's MAC address in configuration space, checksum and
+//! TCP segmentation offload in both directions when the driver takes them (the TAP is opened with
+//! the virtio-net header, so offloaded frames pass through unchanged; TUNSETOFFLOAD tells the TAP
+//! what the guest accepts). The TAP is opened (or handed over, already open) when the device is
+//! created, before any vCPU runs; the device's own thread, confined with the device seccomp
+//! filter, moves frames between the queues and the TAP.
+//!
+//! Bounded: at most [`FRAME_BUDGET`] frames per direction per wakeup (more wait for the next
+//! round), one frame held host-side while the guest has no receive buffers (the TAP is not read
+//! until it posts some: the host kernel's queue, not ember, absorbs or drops the rest), and two
+//! frame buffers per device. A malformed chain is returned to the guest unused.
+//!
+//! A snapshot keeps the interface's id and MAC with the queues; a clone gets the TAP its restorer
+//! hands it (`ember serve`: one prepared in the clone's own network namespace).
+
+pub mod frames;
+pub mod tap;
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::thread::{self, Commands, DeviceThread, DeviceWorker};
+use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use crate::devices::DeviceError;
+use crate::memory::GuestMemory;
+use crate::sys::Locked;
+pub use tap::Tap;
+
+pub const NET_DEVICE_ID: u32 = 1;
+const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+/// Frames moved per direction per wakeup of the device thread.
+pub const FRAME_BUDGET: usize = 64;
+
+// Feature bits (virtio 1.x, 5.1.3).
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_HOST_TSO4: u64 = 1 << 11;
+
+const TOKEN_COMMAND: u64 = 1;
+const TOKEN_RXQ: u64 = 2;
+const TOKEN_TXQ: u64 = 3;
+const TOKEN_TAP: u64 = 4;
+
+/// The device's own snapshot state.
+#[derive(Debug, Serialize, Deserialize)]
+struct NetState {
+    iface_id: String,
+    mac: [u8; 6],
+}
+
+/// What activation hands the device thread.
+struct Activation {
+    mem: GuestMemory,
+    queues: Arc<Mutex<Vec<Queue>>>,
+    interrupt: Arc<Interrupt>,
+    features: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    iface_id: String,
+    mac: [u8; 6],
+    acked: u64,
+    queue_events: Vec<EventFd>,
+    queues: Option<Arc<Mutex<Vec<Queue>>>>,
+    thread: DeviceThread<Activation>,
+}
+
+impl Net {
+    /// A device for interface `iface_id` with `mac`, on `tap`; its thread confined with `seccomp`.
+    pub fn new(
+        iface_id: &str,
+        mac: [u8; 6],
+        tap: Tap,
+        seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    ) -> Result<Self, DeviceError> {
+        // Everything the thread needs is created here: once confined, it may not make new fds.
+        let setup = || -> std::io::Result<_> {
+            let rx = EventFd::new(libc::EFD_NONBLOCK)?;
+            let tx = EventFd::new(libc::EFD_NONBLOCK)?;
+            let (rx_notify, tx_notify) = (rx.try_clone()?, tx.try_clone()?);
+            let epoll = Epoll::new()?;
+            epoll.ctl(ControlOperation::Add, rx_notify.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_RXQ))?;
+            epoll.ctl(ControlOperation::Add, tx_notify.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_TXQ))?;
+            Ok((vec![rx, tx], rx_notify, tx_notify, epoll))
+        };
+        let (queue_events, rx_notify, tx_notify, epoll) = setup().map_err(DeviceError::io("virtio-net setup"))?;
+        let worker = Worker {
+            tap,
+            rx_notify,
+            tx_notify,
+            epoll,
+            tap_watched: false,
+            active: None,
+            rx: frames::RxBuffer::default(),
+            tx: Vec::new(),
+        };
+        let thread = DeviceThread::spawn("virtio-net", seccomp, move |commands| worker.run(commands))
+            .map_err(DeviceError::io("virtio-net thread"))?;
+        Ok(Self { iface_id: iface_id.to_owned(), mac, acked: 0, queue_events, queues: None, thread })
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        NET_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | F_MAC | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_GUEST_TSO4
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config { u8 mac[6]; le16 status; ... }: only the MAC is offered.
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| self.mac.get(o.checked_add(i)?)).copied().unwrap_or(0);
+        }
+    }
+
+    fn negotiated(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
+        if queues.len() != 2 {
+            return Err(DeviceError::BadState(format!("virtio-net needs 2 queues, got {}", queues.len())));
+        }
+        let queues = Arc::new(Mutex::new(queues));
+        self.queues = Some(queues.clone());
+        self.thread.activate(Activation { mem, queues, interrupt, features: self.acked });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues = None;
+        self.thread.deactivate();
+    }
+
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+
+    fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+        let q = self.queues.as_ref()?.locked();
+        Some(q.iter().map(QueueSnapshot::of).collect())
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        let state = NetState { iface_id: self.iface_id.clone(), mac: self.mac };
+        bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap_or_default()
+    }
+
+    /// Refuses a snapshot of another interface: a clone's guest keeps the MAC it booted with.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        let (saved, _): (NetState, _) =
+            bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<4096>())
+                .map_err(|e| DeviceError::BadState(format!("virtio-net: {e}")))?;
+        if saved.iface_id != self.iface_id || saved.mac != self.mac {
+            return Err(DeviceError::BadState(format!(
+                "network interface {:?} ({}) in the snapshot, {:?} ({}) here",
+                saved.iface_id,
+                tap::format_mac(&saved.mac),
+                self.iface_id,
+                tap::format_mac(&self.mac)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the device thread works with once the driver has activated the device.
+struct Active {
+    mem: GuestMemory,
+    queues: Arc<Mutex<Vec<Queue>>>,
+    interrupt: Arc<Interrupt>,
+}
+
+struct Worker {
+    tap: Tap,
+    /// Copies of the queues' notification eventfds: also signalled by the thread itself when a
+    /// budget ran out with work left.
+    rx_notify: EventFd,
+    tx_notify: EventFd,
+    epoll: Epoll,
+    /// Whether the TAP is in the epoll set (not while the guest has no receive buffers).
+    tap_watched: bool,
+    active: Option<Active>,
+    rx: frames::RxBuffer,
+    tx: Vec<u8>,
+}
+
+impl DeviceWorker for Worker {
+    type Activation = Activation;
+
+    fn activate(&mut self, a: Activation) {
+        let mut offload = 0;
+        if a.features & F_GUEST_CSUM != 0 {
+            offload |= tap::TUN_F_CSUM;
+            if a.features & F_GUEST_TSO4 != 0 {
+                offload |= tap::TUN_F_TSO4;
+            }
+        }
+        if let Err(e) = self.tap.set_offload(offload) {
+            crate::log_limited!(warn, "virtio-net: TUNSETOFFLOAD: {e}");
+        }
+        self.active = Some(Active { mem: a.mem, queues: a.queues, interrupt: a.interrupt });
+        self.watch_tap(true);
+        // Frames queued before a snapshot go out now; receive buffers posted then are used.
+        let _ = self.tx_notify.write(1);
+        let _ = self.rx_notify.write(1);
+    }
+
+    fn deactivate(&mut self) {
+        self.active = None;
+        self.rx.clear();
+        self.watch_tap(false);
+    }
+}
+
+impl Worker {
+    fn run(mut self, commands: Commands<Activation>) {
+        if let Err(e) = commands.watch(&self.epoll, TOKEN_COMMAND) {
+            tracing::error!("virtio-net: epoll: {e}");
+            return;
+        }
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let Some(ready) = thread::wait(&self.epoll, &mut events, "virtio-net") else { return };
+            let tokens: Vec<u64> = ready.iter().map(|e| e.data()).collect();
+            for token in tokens {
+                match token {
+                    TOKEN_COMMAND => {
+                        if !commands.serve(&mut self) {
+                            return;
+                        }
+                    }
+                    TOKEN_TXQ => {
+                        let _ = self.tx_notify.read();
+                        self.process_tx();
+                    }
+                    TOKEN_RXQ => {
+                        let _ = self.rx_notify.read();
+                        self.process_rx();
+                    }
+                    _ => self.process_rx(),
+                }
+            }
+        }
+    }
+
+    fn watch_tap(&mut self, on: bool) {
+        if on == self.tap_watched || (on && self.active.is_none()) {
+            return;
+        }
+        let fd = self.tap.as_raw_fd();
+        let r = match on {
+            true => self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, TOKEN_TAP)),
+            false => self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
+        };
+        match r {
+            Ok(()) => self.tap_watched = on,
+            Err(e) => crate::log_limited!(warn, "virtio-net: epoll on the TAP: {e}"),
+        }
+    }
+
+    /// Sends up to [`FRAME_BUDGET`] of the guest's frames to the TAP.
+    fn process_tx(&mut self) {
+        let Some(a) = &self.active else { return };
+        let mut q = a.queues.locked();
+        let Some(q) = q.get_mut(TXQ) else { return };
+        let mut served = 0;
+        while served < FRAME_BUDGET {
+            let Some(chain) = q.pop_descriptor_chain(&a.mem) else { break };
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
+            match frames::gather(&a.mem, &descs, &mut self.tx) {
+                Ok(()) => match self.tap.write_frame(&self.tx) {
+                    Ok(true) => {}
+                    Ok(false) => crate::log_limited!(debug, "virtio-net: the TAP is full, a frame dropped"),
+                    Err(e) => crate::log_limited!(warn, "virtio-net: TAP write: {e}"),
+                },
+                Err(e) => crate::log_limited!(warn, "virtio-net: malformed transmit chain returned unused: {e}"),
+            }
+            if q.add_used(&a.mem, head, 0).is_err() {
+                crate::log_limited!(warn, "virtio-net: cannot return a transmit chain to the guest");
+            }
+            served += 1;
+        }
+        if served > 0 && q.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.trigger(INT_USED_RING);
+        }
+        if served == FRAME_BUDGET {
+            let _ = self.tx_notify.write(1);
+        }
+    }
+
+    /// Moves up to [`FRAME_BUDGET`] frames from the TAP into the guest's receive buffers.
+    fn process_rx(&mut self) {
+        let Some((served, starved)) = self.receive() else { return };
+        // No receive buffers: the TAP waits (the guest's next refill notifies the queue).
+        self.watch_tap(!starved);
+        if served == FRAME_BUDGET {
+            let _ = self.rx_notify.write(1);
+        }
+    }
+
+    /// The frames moved, and whether the guest ran out of receive buffers.
+    fn receive(&mut self) -> Option<(usize, bool)> {
+        let a = self.active.as_ref()?;
+        let mut q = a.queues.locked();
+        let q = q.get_mut(RXQ)?;
+        let mut served = 0;
+        let mut starved = false;
+        while served < FRAME_BUDGET {
+            if self.rx.is_empty() {
+                match self.rx.fill(&self.tap) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        crate::log_limited!(warn, "virtio-net: TAP read: {e}");
+                        break;
+                    }
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
+                starved = true;
+                break;
+            };
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
+            let used = match frames::scatter(&a.mem, &descs, self.rx.frame()) {
+                Ok(n) => n,
+                Err(e) => {
+                    crate::log_limited!(warn, "virtio-net: a received frame dropped: {e}");
+                    0
+                }
+            };
+            self.rx.clear();
+            if q.add_used(&a.mem, head, used).is_err() {
+                crate::log_limited!(warn, "virtio-net: cannot return a receive buffer to the guest");
+            }
+            served += 1;
+        }
+        if served > 0 && q.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.trigger(INT_USED_RING);
+        }
+        Some((served, starved))
+    }
+}
