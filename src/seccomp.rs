@@ -225,6 +225,28 @@ fn builder_filter_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     Ok(rules)
 }
 
+/// Builds the filter of the daemon's network thread (started before the daemon confines itself;
+/// see serve/network): the daemon's calls, plus entering new network namespaces and coming back,
+/// netlink sockets (rtnetlink, libnftables), opening TAP devices and their ioctls. No guest input
+/// reaches this thread: it acts on registrations and on clones' ends.
+pub fn network_filter() -> Result<BpfProgram, Error> {
+    let mut rules = daemon_rules()?;
+    // (libnftables polls its netlink socket with pselect6.)
+    for call in [libc::SYS_unshare, libc::SYS_setns, libc::SYS_getsockname, libc::SYS_getpid, libc::SYS_pselect6] {
+        rules.insert(call, vec![]);
+    }
+    let family =
+        |f: i32| -> Result<SeccompRule, BackendError> { SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, f as u64)?]) };
+    rules.insert(libc::SYS_socket, vec![family(libc::AF_UNIX)?, family(libc::AF_NETLINK)?]);
+    let tun = crate::devices::virtio::net::tap::TUN_IOCTLS
+        .iter()
+        .chain(&[libc::FIONBIO])
+        .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, tun);
+    compile(rules, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
 /// Builds the filter of the daemon's launcher thread (the one that starts and reaps worker
 /// processes), which every worker inherits and then narrows to the daemon's filter once it has
 /// jailed itself: the builder's calls, plus starting a process in new namespaces and what a worker
@@ -349,14 +371,16 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
             libc::CLONE_THREAD as u64,
         )?])?],
     );
-    // KVM's ioctls (on /dev/kvm, VM and vCPU fds) and FIONBIO.
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?])?,
-            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
-        ],
-    );
+    // KVM's ioctls (on /dev/kvm, VM and vCPU fds), FIONBIO, and checking a TAP handed over for
+    // a network card (never creating one).
+    let mut ioctls = vec![
+        SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?])?,
+        SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
+    ];
+    for op in crate::devices::virtio::net::tap::TAP_CHECK_IOCTLS {
+        ioctls.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, op)?])?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     Ok(rules)
 }
 

@@ -164,7 +164,9 @@ impl Template {
         let template = Self::open(dir)?;
         let working_set = match opts.working_set {
             true => {
-                let ws = template.record_working_set(WORKING_SET_WINDOW)?;
+                // The clone gets the boot's network card back (the booted VM has stopped).
+                let channels = Channels { taps: opts.channels.taps.clone(), ..Default::default() };
+                let ws = template.record_working_set_with(WORKING_SET_WINDOW, &channels)?;
                 ws.save(&template.paths.working_set())?;
                 tracing::info!(
                     "working set recorded: {} pages read, {} pages written",
@@ -200,7 +202,12 @@ impl Template {
     /// Records the template's working set: restores one clone (console off), lets it run until
     /// its guest ends it or `window` passes, and reads which pages it read and wrote.
     pub fn record_working_set(&self, window: Duration) -> Result<WorkingSet, VmError> {
-        let vm = self.restore(1, &Channels::default(), Box::new(std::io::sink()))?.start(RunOptions::default())?;
+        self.record_working_set_with(window, &Channels::default())
+    }
+
+    /// [`Template::record_working_set`] with the clone's `channels` (its TAPs).
+    pub fn record_working_set_with(&self, window: Duration, channels: &Channels) -> Result<WorkingSet, VmError> {
+        let vm = self.restore(1, channels, Box::new(std::io::sink()))?.start(RunOptions::default())?;
         let _ = vm.poll(window);
         vm.pause().or_else(|e| if matches!(e, VmError::Ended(_)) { Ok(()) } else { Err(e) })?;
         let ws = vm.record_working_set().map_err(VmError::WorkingSet)?;

@@ -105,7 +105,14 @@ impl Daemon {
             Isolation::None => None,
             _ => Some(crate::serve::worker::Workers::open(state, isolation, None)?),
         };
-        let sup = Supervisor::open(state, images, builder, workers).map_err(|e| e.to_string())?;
+        let sup = Supervisor::open(
+            state,
+            images,
+            builder,
+            workers,
+            crate::serve::network::Network::unavailable("not in benchmarks".into()),
+        )
+        .map_err(|e| e.to_string())?;
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;

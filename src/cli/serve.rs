@@ -24,6 +24,17 @@ pub(crate) struct ServeArgs {
     /// not jailed), `none` (in the daemon itself). Default: `jail` as root, else `process`.
     #[arg(long, value_name = "MODE")]
     isolation: Option<Isolation>,
+    /// How networked clones' public egress leaves this host: `masquerade` (with the host's own
+    /// address), or `routed` (with each clone's own transit address in 10.199.0.0/16, which the
+    /// network beyond this host routes back here). A function's `egress_ip` applies either way.
+    #[arg(long, value_name = "MODE", default_value = "masquerade")]
+    egress_nat: EgressNat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum EgressNat {
+    Masquerade,
+    Routed,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -59,6 +70,7 @@ fn default_state_dir() -> Result<PathBuf, String> {
 pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let dir = args.state_dir.map(Ok).unwrap_or_else(default_state_dir)?;
     let isolation = Isolation::resolve(args.isolation)?;
-    ember::serve::run(&args.socket, &dir, &args.images, isolation)?;
+    let masquerade = matches!(args.egress_nat, EgressNat::Masquerade);
+    ember::serve::run(&args.socket, &dir, &args.images, isolation, masquerade)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@
 //! - [`pool`]: pools of clones and the background loop that scales them.
 //! - [`registry`]: the state directory's files.
 //! - [`images`]: the image directories registrations may boot from.
+//! - [`network`]: clones' networks (a namespace each, prepared ahead), the host's rules, tunnels.
 //! - [`layers`]: shared layers by name, functions' code layers, the layer builder thread.
 //! - [`scaler`]: the autoscaling policy (pure logic), [`arrivals`] the model of a function's
 //!   arrivals behind it, [`fleet`] the host's idle budget shared by every function's scaler.
@@ -21,6 +22,7 @@ pub mod images;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod network;
 pub mod pool;
 pub mod registry;
 pub mod scaler;
@@ -40,6 +42,7 @@ pub fn run(
     state_dir: &Path,
     images: &[std::path::PathBuf],
     isolation: worker::Isolation,
+    masquerade: bool,
 ) -> Result<(), String> {
     let images = images::ImageDirs::open(images)?;
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
@@ -68,9 +71,12 @@ pub fn run(
         tracing::warn!("{e}");
     }
     let workers = start_workers(state_dir, isolation)?;
+    // The network thread, confined with its own filter (networked functions are refused, with the
+    // reason, where it cannot run).
+    let network = network::Network::start(state_dir, masquerade);
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
-    let sup = Supervisor::open(state_dir, images, builder, workers).map_err(state_err)?;
+    let sup = Supervisor::open(state_dir, images, builder, workers, network).map_err(state_err)?;
     let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -46,6 +46,10 @@ pub struct FunctionSpec {
     /// Caps on the function's worker process (its cgroup): all its clones together.
     #[serde(default, skip_serializing_if = "Limits::is_default")]
     pub limits: Limits,
+    /// What the function's clones may reach over a network card of their own (see
+    /// serve/network); absent: no network card at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::serve::network::NetworkPolicy>,
 }
 
 /// Caps on a function's worker (`limits` in a registration); each absent one has a default worked
@@ -196,6 +200,9 @@ impl FunctionSpec {
             return Err(Refusal::BadRequest("code: an empty path".into()));
         }
         self.limits.validate().map_err(Refusal::BadRequest)?;
+        if let Some(n) = &self.network {
+            n.validate().map_err(Refusal::BadRequest)?;
+        }
         self.pool.validate().map_err(Refusal::BadRequest)
     }
 
@@ -251,7 +258,8 @@ impl FunctionSpec {
             },
             machine_config,
             drives: Vec::new(),
-            network_interfaces: Vec::new(),
+            // Every clone keeps the template's card; its namespace gives it a network of its own.
+            network_interfaces: self.network.iter().map(|_| crate::serve::network::guest_interface()).collect(),
         }
     }
 
@@ -323,6 +331,9 @@ pub struct FunctionInfo {
     /// first clone).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerInfo>,
+    /// With a network: its pool of prepared namespaces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::serve::network::NetInfo>,
 }
 
 /// A function's worker process, as `GET /functions/{name}` shows it.
@@ -370,6 +381,10 @@ pub struct Handoff {
     pub cold_start: bool,
     /// The handoff's lease token: `release` must present it.
     pub lease: String,
+    /// With a network: the address the clone's traffic has on the host's side (its own
+    /// namespace's; a function's `egress_ip` or private address replaces it further on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 #[cfg(test)]

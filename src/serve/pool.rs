@@ -48,6 +48,8 @@ pub struct PooledVm {
     /// Handoffs so far.
     pub(super) uses: u32,
     pub(super) restored: Instant,
+    /// The clone's network namespace (last: it goes after the clone).
+    pub(super) net: Option<crate::serve::network::Slot>,
 }
 
 #[derive(Default)]
@@ -176,6 +178,7 @@ impl Function {
             expired_leases: c.expired_leases.load(Ordering::Relaxed),
             refill_s: *self.refill_s.locked(),
             worker: self.worker_info(),
+            network: None,
         }
     }
 }

@@ -163,6 +163,7 @@ impl Registry {
         images: &ImageDirs,
         next: bool,
         workers: Option<&super::worker::Workers>,
+        net: Option<&super::network::Slot>,
     ) -> Result<Template, String> {
         let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
         let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
@@ -170,10 +171,18 @@ impl Registry {
         let _ = std::fs::remove_dir_all(&dir);
         match workers {
             // Booted in a worker of its own: the guest's first run never happens in the daemon.
-            Some(w) => w.make_template(name, spec, &drives, &dir, kernel.fd(), initramfs.fd(), BOOT_TIMEOUT)?,
+            Some(w) => {
+                let tap = net.map(|n| n.tap());
+                w.make_template(name, spec, &drives, &dir, [kernel.fd(), initramfs.fd()], tap, BOOT_TIMEOUT)?
+            }
             None => {
                 let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
-                let opts = MakeOptions { timeout: BOOT_TIMEOUT, ..Default::default() };
+                let taps = match net {
+                    Some(n) => vec![std::sync::Arc::new(n.dup_tap().map_err(|e| format!("TAP: {e}"))?)],
+                    None => Vec::new(),
+                };
+                let channels = crate::vmm::Channels { taps, ..Default::default() };
+                let opts = MakeOptions { timeout: BOOT_TIMEOUT, channels, ..Default::default() };
                 Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
             }
         }

@@ -20,6 +20,7 @@ use super::images::{ImageDirs, ImageError};
 use super::layers::{Builder, LayerInfo, Layers};
 use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal, UpdateInfo};
+use super::network::Network;
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
 use super::worker::{CloneVm, Worker, Workers};
@@ -97,6 +98,8 @@ pub struct Supervisor {
     template_boot_done: Condvar,
     /// Worker processes for clones; None: clones run in this process.
     workers: Option<Arc<Workers>>,
+    /// Clones' networks (their namespaces, the host's rules).
+    pub(super) network: Network,
 }
 
 /// A worker that lived less than this before it ended counts as a quick death (see the backoff).
@@ -104,6 +107,8 @@ const WORKER_STABLE: Duration = Duration::from_secs(60);
 /// The delay before a worker after its second quick death in a row, doubled with each one more.
 const WORKER_BACKOFF: Duration = Duration::from_millis(200);
 const WORKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a clone's restore waits for a prepared network namespace when its pool is empty.
+const NETWORK_WAIT: Duration = Duration::from_secs(10);
 
 /// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
 /// a call).
@@ -225,6 +230,10 @@ fn version_of(spec: &FunctionSpec, drives: &[DriveConfig]) -> String {
     if let Some(o) = guest.as_object_mut() {
         o.remove("pool");
         o.remove("limits");
+        // The guest sees whether it has a network card, not what its namespace lets through.
+        if o.remove("network").is_some() {
+            o.insert("network".into(), true.into());
+        }
     }
     let mut h = Sha256::new();
     h.update(guest.to_string().as_bytes());
@@ -262,6 +271,7 @@ impl Supervisor {
         images: ImageDirs,
         builder: Builder,
         workers: Option<Arc<Workers>>,
+        network: Network,
     ) -> std::io::Result<Arc<Self>> {
         let registry = Registry::open(state_dir)?;
         let saved = registry.load()?;
@@ -283,22 +293,30 @@ impl Supervisor {
             template_boots: Mutex::new(0),
             template_boot_done: Condvar::new(),
             workers,
+            network,
         });
         for (name, spec) in saved {
             // (Names come from distinct directory entries: no conflict is possible here.)
             match spec.and_then(|s| sup.insert(&name, s).map_err(|e| e.to_string())) {
-                Ok(f) => match sup.registry.open_template(&name, &f.spec) {
-                    Ok((t, version)) => {
-                        *f.template.locked() = Some(Arc::new(t));
-                        *f.version.locked() = Some(version);
-                        *f.state.locked() = FunctionState::Ready;
-                        tracing::info!(function = %name, "loaded with its saved template");
+                Ok(f) => {
+                    if let Err(e) = sup.attach_network(&f.name, &f.spec) {
+                        tracing::error!(function = %name, "its network cannot be set up: {e}");
+                        *f.state.locked() = FunctionState::Failed(format!("network: {e}"));
+                        continue;
                     }
-                    Err(e) => {
-                        tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
-                        sup.spawn_template(f, false);
+                    match sup.registry.open_template(&name, &f.spec) {
+                        Ok((t, version)) => {
+                            *f.template.locked() = Some(Arc::new(t));
+                            *f.version.locked() = Some(version);
+                            *f.state.locked() = FunctionState::Ready;
+                            tracing::info!(function = %name, "loaded with its saved template");
+                        }
+                        Err(e) => {
+                            tracing::warn!(function = %name, "saved template unusable ({e}); booting again");
+                            sup.spawn_template(f, false);
+                        }
                     }
-                },
+                }
                 Err(e) => tracing::error!("cannot load a registration: {e}; skipped"),
             }
         }
@@ -348,15 +366,33 @@ impl Supervisor {
             self.images.open_source("code", code).map_err(image_refusal)?;
         }
         if self.functions.locked().contains_key(name) {
+            self.attach_network(name, &spec).map_err(Refusal::BadRequest)?;
             return self.update(name, spec);
         }
-        let f = self.insert(name, spec)?;
+        // The network first: a policy the host cannot carry refuses the registration, with
+        // nothing half made.
+        self.attach_network(name, &spec).map_err(Refusal::BadRequest)?;
+        let f = match self.insert(name, spec) {
+            Ok(f) => f,
+            Err(e) => {
+                self.network.detach(name);
+                return Err(e);
+            }
+        };
         if let Err(e) = self.registry.save(name, &f.spec) {
             self.functions.locked().remove(name);
+            self.network.detach(name);
             return Err(Refusal::Internal(format!("cannot save the registration: {e}")));
         }
         self.spawn_template(f.clone(), false);
         Ok(f.info())
+    }
+
+    /// Sets up `spec`'s network policy for `name` (nothing for a function without one).
+    fn attach_network(&self, name: &str, spec: &FunctionSpec) -> Result<(), String> {
+        let Some(policy) = &spec.network else { return Ok(()) };
+        let spare = spec.pool.min_ready as usize + 2;
+        self.network.attach(name, policy, spare)
     }
 
     /// Starts making a new version of a registered function; the current one keeps serving.
@@ -418,6 +454,12 @@ impl Supervisor {
                         return Ok((t, false, code));
                     }
                 }
+                // A networked guest boots with its card on a prepared namespace's TAP, as its
+                // clones will.
+                let net = match &f.spec.network {
+                    Some(_) => Some(sup.network.take(&f.name, NETWORK_WAIT)?),
+                    None => None,
+                };
                 let t = sup.registry.make_template(
                     &f.name,
                     &f.spec,
@@ -426,6 +468,7 @@ impl Supervisor {
                     &sup.images,
                     update,
                     sup.workers.as_deref(),
+                    net.as_ref(),
                 )?;
                 Ok((Arc::new(t), update, code))
             });
@@ -603,6 +646,9 @@ impl Supervisor {
         let mut info = f.info();
         let update = self.updates.locked().get(&f.name).cloned();
         info.update = update.map(|u| UpdateInfo { state: u.state.locked().clone(), spec: u.spec.clone() });
+        if f.spec.network.is_some() {
+            info.network = self.network.info(&f.name);
+        }
         info
     }
 
@@ -620,6 +666,9 @@ impl Supervisor {
         f.deleted.store(true, Ordering::SeqCst);
         let drained = f.pool.locked().take_idle();
         self.discard(drained);
+        if f.spec.network.is_some() {
+            self.network.detach(name);
+        }
         // Its worker exits when its last clone is gone.
         f.worker.locked().take();
         Ok(())
@@ -629,23 +678,37 @@ impl Supervisor {
     pub(super) fn restore_clone(&self, f: &Function) -> Result<PooledVm, String> {
         let template = f.template().ok_or("the function has no template yet")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A clone counts as ready only with its network attached: a prepared namespace's TAP.
+        let net = match &f.spec.network {
+            Some(_) => Some(self.network.take(&f.name, NETWORK_WAIT)?),
+            None => None,
+        };
         if let Some(workers) = &self.workers {
             let worker = self.worker_of(workers, f, &template)?;
             let t = Instant::now();
-            let (vm, mailbox, vsock) = worker.restore(id)?;
+            let (vm, mailbox, vsock) = worker.restore(id, net.as_ref().map(|n| n.tap()))?;
             self.metrics.restore.observe(t.elapsed());
-            return Ok(PooledVm { id, vm: CloneVm::Remote(vm), mailbox, vsock, uses: 0, restored: t });
+            return Ok(PooledVm { id, vm: CloneVm::Remote(vm), mailbox, vsock, uses: 0, restored: t, net });
         }
         let (mailbox, vsock) = self.registry.channels(id);
-        let channels =
-            Channels { mailbox: Some(mailbox.clone()), vsock: Some(vsock.clone()), serve: true, ..Default::default() };
+        let taps = match &net {
+            Some(n) => vec![Arc::new(n.dup_tap().map_err(|e| format!("TAP: {e}"))?)],
+            None => Vec::new(),
+        };
+        let channels = Channels {
+            mailbox: Some(mailbox.clone()),
+            vsock: Some(vsock.clone()),
+            serve: true,
+            taps,
+            ..Default::default()
+        };
         let t = Instant::now();
         let vm = template
             .restore(id, &channels, Box::new(std::io::sink()))
             .and_then(|vm| vm.start(RunOptions::default()))
             .map_err(|e| format!("restore: {e}"))?;
         self.metrics.restore.observe(t.elapsed());
-        Ok(PooledVm { id, vm: CloneVm::Local(vm), mailbox, vsock, uses: 0, restored: t })
+        Ok(PooledVm { id, vm: CloneVm::Local(vm), mailbox, vsock, uses: 0, restored: t, net })
     }
 
     /// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with
@@ -761,6 +824,7 @@ impl Supervisor {
             vsock: clone.vsock.clone(),
             cold_start,
             lease: lease.clone(),
+            address: clone.net.as_ref().map(|n| n.address),
         };
         let expires = Instant::now() + Duration::from_secs_f64(f.spec.pool.lease_s);
         self.handed.locked().insert(clone.id, Handed { function: f, clone, lease, expires });
@@ -950,6 +1014,7 @@ impl Supervisor {
         if let Some(w) = &self.workers {
             w.wait_all(Duration::from_secs(10));
         }
+        self.network.shutdown();
     }
 
     /// Prometheus text for /metrics.

@@ -325,8 +325,8 @@ impl Workers {
         spec: &crate::serve::model::FunctionSpec,
         drives: &[crate::config::DriveConfig],
         dir: &Path,
-        kernel: RawFd,
-        initramfs: RawFd,
+        images: [RawFd; 2],
+        tap: Option<RawFd>,
         timeout: Duration,
     ) -> Result<(), String> {
         // The guest's RAM, the memory file written from it, the working-set clone.
@@ -336,7 +336,9 @@ impl Workers {
             cpus: spec.limits.cpus,
         };
         let place = self.prepare(function, &limits)?;
-        let result = self.make_in(function, spec, drives, dir, kernel, initramfs, timeout, &place);
+        let mut fds = images.to_vec();
+        fds.extend(tap);
+        let result = self.make_in(function, spec, drives, dir, &fds, timeout, &place);
         if self.jailed {
             // The template's files are the daemon's again.
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -355,8 +357,7 @@ impl Workers {
         spec: &crate::serve::model::FunctionSpec,
         drives: &[crate::config::DriveConfig],
         dir: &Path,
-        kernel: RawFd,
-        initramfs: RawFd,
+        fds: &[RawFd],
         timeout: Duration,
         place: &Place,
     ) -> Result<(), String> {
@@ -374,7 +375,7 @@ impl Workers {
             timeout_s: timeout.as_secs_f64(),
         };
         let setup = self.setup(function, place, task, binds, true, 1024);
-        let (pid, sock) = self.launch(setup, &[kernel, initramfs])?;
+        let (pid, sock) = self.launch(setup, fds)?;
         let _ = protocol::set_recv_timeout(&sock, timeout + Duration::from_secs(120));
         let answer = match protocol::recv::<FromWorker>(&sock) {
             Ok(Received::Message(FromWorker::Made { ready_s }, _)) => {
@@ -534,15 +535,16 @@ impl Worker {
         self.shared.exit.locked().clone()
     }
 
-    /// Restores clone `id` in the worker and maps its mailbox; returns its channels' paths too.
-    pub fn restore(self: &Arc<Self>, id: u64) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
+    /// Restores clone `id` in the worker (its network card on the TAP `tap`, when it has one) and
+    /// maps its mailbox; returns its channels' paths too.
+    pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
         let (tx, rx) = channel();
         self.shared.pending.locked().insert(id, tx);
         if self.dead() {
             self.shared.pending.locked().remove(&id);
             return Err("the worker has ended".into());
         }
-        if let Err(e) = protocol::send(&self.sock, &ToWorker::Restore { id }, None) {
+        if let Err(e) = protocol::send(&self.sock, &ToWorker::Restore { id }, tap) {
             self.shared.pending.locked().remove(&id);
             return Err(format!("worker: {e}"));
         }

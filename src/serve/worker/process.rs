@@ -86,8 +86,10 @@ fn prepare_serve(setup: &Setup, state: &str, mut fds: Vec<OwnedFd>) -> Result<Te
 
 /// Copies the kernel and initramfs sent with the setup into memfds of this process (which it can
 /// open again by path once it has dropped its rights, unlike the files they came from), then
-/// confines the process. Returns the memfds (kernel, initramfs).
-fn prepare_make(setup: &Setup, fds: Vec<OwnedFd>) -> Result<(std::fs::File, std::fs::File), String> {
+/// confines the process. Returns the memfds (kernel, initramfs) and the TAP of the guest's network
+/// card, when it has one.
+fn prepare_make(setup: &Setup, mut fds: Vec<OwnedFd>) -> Result<MakeImages, String> {
+    let tap = if fds.len() == 3 { fds.pop() } else { None };
     let [kernel, initramfs]: [OwnedFd; 2] =
         fds.try_into().map_err(|_| "expected the kernel and the initramfs with the setup".to_string())?;
     let copy = |from: OwnedFd, name: &std::ffi::CStr| -> Result<std::fs::File, String> {
@@ -102,9 +104,16 @@ fn prepare_make(setup: &Setup, fds: Vec<OwnedFd>) -> Result<(std::fs::File, std:
         std::io::copy(&mut from, &mut to).map_err(|e| format!("{name:?}: {e}"))?;
         Ok(to)
     };
-    let images = (copy(kernel, c"kernel")?, copy(initramfs, c"initramfs")?);
+    let images = MakeImages { kernel: copy(kernel, c"kernel")?, initramfs: copy(initramfs, c"initramfs")?, tap };
     confine(setup)?;
     Ok(images)
+}
+
+/// What a template boot gets with its setup.
+struct MakeImages {
+    kernel: std::fs::File,
+    initramfs: std::fs::File,
+    tap: Option<OwnedFd>,
 }
 
 /// Boots `spec`'s guest from the copied images and makes its template in `dir`.
@@ -113,13 +122,18 @@ fn make(
     drives: &[DriveConfig],
     dir: &Path,
     timeout_s: f64,
-    images: &(std::fs::File, std::fs::File),
+    images: &MakeImages,
 ) -> Result<f64, String> {
     use std::os::fd::AsRawFd;
     let fd_path = |f: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-    let opened = FunctionSpec { kernel: fd_path(&images.0), initramfs: fd_path(&images.1), ..spec.clone() };
+    let opened =
+        FunctionSpec { kernel: fd_path(&images.kernel), initramfs: fd_path(&images.initramfs), ..spec.clone() };
     let timeout = Duration::try_from_secs_f64(timeout_s).map_err(|e| format!("timeout: {e}"))?;
-    let opts = MakeOptions { timeout, ..Default::default() };
+    let taps = match &images.tap {
+        Some(t) => vec![std::sync::Arc::new(t.try_clone().map_err(|e| format!("TAP: {e}"))?)],
+        None => Vec::new(),
+    };
+    let opts = MakeOptions { timeout, channels: Channels { taps, ..Default::default() }, ..Default::default() };
     let made = Template::make(&opened.vm_config_with_drives(drives.to_vec()), dir, opts).map_err(|e| e.to_string())?;
     Ok(made.ready.as_secs_f64())
 }
@@ -129,8 +143,8 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let mut vms: HashMap<u64, RunningVm> = HashMap::new();
     loop {
         match protocol::recv::<ToWorker>(sock) {
-            Ok(Received::Message(ToWorker::Restore { id }, _)) => {
-                let reply = match restore(template, run_dir, id) {
+            Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
+                let reply = match restore(template, run_dir, id, fds) {
                     Ok(vm) => {
                         vms.insert(id, vm);
                         FromWorker::Restored { id }
@@ -169,11 +183,13 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     }
 }
 
-fn restore(template: &Template, run_dir: &Path, id: u64) -> Result<RunningVm, String> {
+/// Restores clone `id`; `taps`: its network card's TAP, when the template has one.
+fn restore(template: &Template, run_dir: &Path, id: u64, taps: Vec<OwnedFd>) -> Result<RunningVm, String> {
     let channels = Channels {
         mailbox: Some(run_dir.join(format!("{id}.mailbox"))),
         vsock: Some(run_dir.join(format!("{id}.vsock"))),
         serve: true,
+        taps: taps.into_iter().map(std::sync::Arc::new).collect(),
         ..Default::default()
     };
     template

@@ -19,6 +19,11 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 
+/// The ioctls opening a TAP takes (for seccomp filters).
+pub const TUN_IOCTLS: [libc::c_ulong; 3] = [TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ];
+/// The ioctls a TAP handed over takes ([`Tap::from_fd`], and its offloads).
+pub const TAP_CHECK_IOCTLS: [libc::c_ulong; 3] = [TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD];
+
 /// Offloads the guest may receive (TUNSETOFFLOAD's argument).
 pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
