@@ -9,7 +9,7 @@ use clap::Parser;
 
 /// ember's log at info level, without the rust-vmm crates' own error lines about what a guest put in
 /// its queues: a guest can cause those at will, and ember reports (rate-limited) what matters.
-const DEFAULT_LOG: &str = "info,virtio_queue=off,virtio_vsock=off";
+const DEFAULT_LOG: &str = "info,virtio_queue=off,virtio_vsock=off,netlink_packet_route=error";
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
