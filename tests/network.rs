@@ -285,7 +285,8 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     let (ok, out) = call("192.0.2.2:8080/".into());
     assert!(ok && out.contains(&format!("from {a_addr}")), "{out}");
     let gateway = Ipv4(a_addr).host_end();
-    for target in [format!("{b_addr}:8080/ 3000"), format!("192.0.2.1:8081/ 3000"), format!("{gateway}:8081/ 3000")] {
+    for target in [format!("{b_addr}:8080/ 3000"), "192.0.2.1:8081/ 3000".to_string(), format!("{gateway}:8081/ 3000")]
+    {
         let (ok, out) = call(target.clone());
         assert!(!ok, "{target}: {out}");
         assert!(out.contains("timed out"), "{target}: {out} (refused means the packet got through)");
