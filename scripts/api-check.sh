@@ -27,7 +27,12 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build -q
-target/debug/ember serve --socket "$work/api.sock" --state-dir "$work/state" --images images 2>"$work/serve.log" &
+# As root, in a network namespace of its own: registrations the tool makes up may ask for clone
+# networks, which must not touch this machine's.
+netns=()
+[[ $(id -u) == 0 ]] && netns=(unshare --net --)
+"${netns[@]}" target/debug/ember serve --socket "$work/api.sock" --state-dir "$work/state" --images images \
+  2>"$work/serve.log" &
 daemon=$!
 for _ in $(seq 100); do [[ -S $work/api.sock ]] && break; sleep 0.1; done
 # (socat's complaints about clients that hang up early are noise here.)

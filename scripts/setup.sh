@@ -11,7 +11,8 @@ cd "$root"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # erofs-utils: mkfs.erofs builds function layers (`ember image build`, `ember serve`).
-packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils erofs-utils)
+# nftables (libnftables) and iproute2: clones' networks (`ember serve`, tests/network.rs).
+packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils erofs-utils nftables iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -183,7 +183,7 @@ impl NetConfig {
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         let text = self.guest_mac.as_deref().unwrap_or(DEFAULT_GUEST_MAC);
-        crate::devices::virtio::net::tap::parse_mac(text).unwrap_or([2, 0xee, 0, 0, 0, 2])
+        parse_mac(text).unwrap_or([2, 0xee, 0, 0, 0, 2])
     }
 
     /// Checks every field; the address and gateway are parsed, the MAC is a unicast one.
@@ -199,7 +199,7 @@ impl NetConfig {
             return Err(ConfigError::Net(format!("bad host_dev_name {name:?} (1 to 15 bytes, no '/')")));
         }
         if let Some(m) = &self.guest_mac {
-            match crate::devices::virtio::net::tap::parse_mac(m) {
+            match parse_mac(m) {
                 Some(mac) if mac[0] & 1 == 0 && mac != [0; 6] => {}
                 _ => return Err(ConfigError::Net(format!("bad guest_mac {m:?} (a unicast aa:bb:cc:dd:ee:ff)"))),
             }
@@ -224,6 +224,24 @@ impl NetConfig {
             None => format!("ember_net={ip}"),
         })
     }
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Parses `ADDR/PREFIX` (IPv4).

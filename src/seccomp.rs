@@ -144,7 +144,7 @@ pub fn device_filter() -> Result<BpfProgram, Error> {
         ])?],
     );
     // set_nonblocking, and virtio-net's TAP offloads (set once the driver has taken its features).
-    let ioctls = [libc::FIONBIO, crate::devices::virtio::net::tap::TUNSETOFFLOAD]
+    let ioctls = [libc::FIONBIO, tun::TUNSETOFFLOAD]
         .iter()
         .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op)?]))
         .collect::<Result<Vec<_>, _>>()?;
@@ -238,7 +238,7 @@ pub fn network_filter() -> Result<BpfProgram, Error> {
     let family =
         |f: i32| -> Result<SeccompRule, BackendError> { SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, f as u64)?]) };
     rules.insert(libc::SYS_socket, vec![family(libc::AF_UNIX)?, family(libc::AF_NETLINK)?]);
-    let tun = crate::devices::virtio::net::tap::TUN_IOCTLS
+    let tun = tun::TUN_IOCTLS
         .iter()
         .chain(&[libc::FIONBIO])
         .map(|op| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, *op)?]))
@@ -377,7 +377,7 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
         SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?])?,
         SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
     ];
-    for op in crate::devices::virtio::net::tap::TAP_CHECK_IOCTLS {
+    for op in tun::TAP_CHECK_IOCTLS {
         ioctls.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, op)?])?);
     }
     rules.insert(libc::SYS_ioctl, ioctls);
@@ -402,6 +402,23 @@ fn prime_allocator() {
         drop(std::hint::black_box(blocks));
     });
     drop(std::hint::black_box(Vec::<u8>::with_capacity(64)));
+}
+
+/// The TUN/TAP driver's ioctls (linux/if_tun.h): what the filters allow on TAP devices, and what
+/// the TAP device (devices/virtio/net/tap.rs) calls.
+pub mod tun {
+    // _IOW('T', ..., int) and _IOR('T', ..., unsigned int).
+    pub const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    pub const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+    pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+    pub const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+    /// The ioctls opening a TAP takes.
+    pub const TUN_IOCTLS: [libc::c_ulong; 3] = [TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ];
+    /// The ioctls a TAP handed over takes (checking it, its header size, its offloads).
+    pub const TAP_CHECK_IOCTLS: [libc::c_ulong; 3] = [TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD];
+    /// Offloads the guest may receive (TUNSETOFFLOAD's argument).
+    pub const TUN_F_CSUM: u32 = 0x01;
+    pub const TUN_F_TSO4: u32 = 0x02;
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod handoff;
 pub mod invoke;
 pub mod layers;
+pub mod net;
 pub mod python;
 pub mod restore;
 

@@ -50,6 +50,29 @@ pub(crate) enum BenchCommand {
     /// mailbox and the daemon's API, private memory per idle Python clone. Needs the python3
     /// layer's tree (scripts/build-python-layer.sh).
     Python(BenchPythonArgs),
+    /// Clones' networks (as root, in a network namespace of the benchmark's own): the namespace
+    /// pool's refill rate; restore -> first answer and -> first TCP request answered; a request's
+    /// round trip over virtio-net next to the mailbox's; throughput over virtio-net both ways next
+    /// to the mailbox's. Boots one template.
+    Net(BenchNetArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchNetArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Clones timed from restore to their first TCP request answered.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=64))]
+    runs: u64,
+    /// Round trips per channel on one clone.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    calls: u64,
+    /// MiB per throughput run.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    mib: u64,
+    /// Seconds to wait for one boot or one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    timeout: f64,
 }
 
 #[derive(Args)]
@@ -235,6 +258,15 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
                 timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(600)),
             };
             bench::python::python(&cfg, &b).map_err(|e| e.to_string())?
+        }
+        BenchCommand::Net(args) => {
+            let b = bench::net::NetBench {
+                runs: args.runs as usize,
+                calls: args.calls as usize,
+                bytes: args.mib << 20,
+                timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(120)),
+            };
+            bench::net::net(&args.machine.to_config()?, &b).map_err(|e| e.to_string())?
         }
         BenchCommand::Handoff(args) => bench::handoff::handoff(
             &args.snapshot,

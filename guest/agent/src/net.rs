@@ -67,8 +67,23 @@ pub fn configure() -> io::Result<Option<String>> {
     // SAFETY: `fd` is ours.
     unsafe { libc::close(fd) };
     r?;
+    warm_up();
     let gw = c.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     Ok(Some(format!("eth0 {}/{}{gw}", c.addr, c.prefix)))
+}
+
+/// A guest kernel's first TCP connection and first UDP datagram set up state it keeps (one-time
+/// random keys behind static branches, whose code patching an emulated guest kernel takes seconds
+/// over): done here, before the snapshot point, every clone starts with them ready. To the
+/// loopback's discard port, refused at once.
+fn warm_up() {
+    let _ = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+        std::time::Duration::from_secs(30),
+    );
+    if let Ok(u) = std::net::UdpSocket::bind("127.0.0.1:0") {
+        let _ = u.send_to(b"", "127.0.0.1:9");
+    }
 }
 
 fn apply(fd: libc::c_int, c: &Config) -> io::Result<()> {
@@ -172,10 +187,45 @@ pub fn http_get(payload: &[u8]) -> io::Result<String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
     s.set_read_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    // One write: a server may answer (and close) as soon as it has the whole request.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())?;
     let mut body = Vec::new();
     s.take(64 << 10).read_to_end(&mut body).map_err(|e| io::Error::new(e.kind(), format!("read {addr}: {e}")))?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The built-ins `tcp-read ADDR:PORT` (reads until the peer closes) and `tcp-write ADDR:PORT
+/// BYTES` (writes that many bytes, then closes): how many bytes moved, for throughput benchmarks.
+pub fn tcp_transfer(payload: &[u8], write: bool) -> io::Result<String> {
+    use std::io::{Read, Write};
+    let text = std::str::from_utf8(payload).map_err(|_| io::Error::other("not UTF-8"))?;
+    let mut words = text.split_whitespace();
+    let addr: std::net::SocketAddr = words
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| io::Error::other("expected ADDR:PORT (and BYTES to write)"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut moved: u64 = 0;
+    if write {
+        let total: u64 = words.next().and_then(|b| b.parse().ok()).ok_or_else(|| io::Error::other("BYTES?"))?;
+        while moved < total {
+            let n = (total - moved).min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n])?;
+            moved += n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let _ = s.read(&mut buf);
+    } else {
+        loop {
+            match s.read(&mut buf)? {
+                0 => break,
+                n => moved += n as u64,
+            }
+        }
+    }
+    Ok(format!("{moved} bytes"))
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub(super) struct Host {
     /// Public egress leaves with the host's address.
     masquerade: bool,
     table: String,
+    /// Whether the table exists (made for the first networked function).
+    table_made: bool,
     functions: BTreeMap<String, FnNet>,
     next_fn: u32,
     next_slot: u32,
@@ -163,6 +165,7 @@ impl Host {
             id,
             masquerade,
             table,
+            table_made: false,
             functions: BTreeMap::new(),
             next_fn: 1,
             next_slot: 0,
@@ -172,21 +175,31 @@ impl Host {
         };
         // What a daemon killed on this state directory left: its table and its interfaces.
         host.remove_leftovers()?;
+        Ok(host)
+    }
+
+    /// Makes the host's side (forwarding on, this daemon's table) before the first networked
+    /// function: a daemon that has none leaves the host's network as it found it.
+    fn ensure_table(&mut self) -> Result<(), String> {
+        if self.table_made {
+            return Ok(());
+        }
         if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|s| s.trim() == "0").unwrap_or(true) {
             sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
             tracing::info!("IPv4 forwarding enabled (clones' traffic is routed through this host)");
         }
-        let t = host.table.clone();
+        let t = self.table.clone();
         let mut commands = vec![
             cmd::add(cmd::table(&t)),
             cmd::add(cmd::chain(&t, "forward", "filter", "forward", 0, "accept")),
             cmd::add(cmd::chain(&t, "input", "filter", "input", 0, "accept")),
             cmd::add(cmd::chain(&t, "post", "nat", "postrouting", 100, "accept")),
         ];
-        commands.extend(host.rules());
-        host.nft.run(commands)?;
-        tracing::info!(table = %host.table, "clone networking ready");
-        Ok(host)
+        commands.extend(self.rules());
+        self.nft.run(commands)?;
+        self.table_made = true;
+        tracing::info!(table = %t, "clone networking set up on this host");
+        Ok(())
     }
 
     /// Deletes this daemon's table and interfaces, if a previous run left them.
@@ -277,13 +290,10 @@ impl Host {
 
     fn refill(&mut self, function: &str) {
         let Some(fid) = self.functions.get(function).map(|f| f.id) else { return };
-        let Some(n) = self.free.pop_front().or_else(|| (self.next_slot < MAX_SLOTS).then_some(self.next_slot)) else {
+        let Some(n) = self.free_slot() else {
             self.fail(function, "every transit address is in use".into());
             return;
         };
-        if n == self.next_slot {
-            self.next_slot += 1;
-        }
         let t = Instant::now();
         let (_, address) = transit(n);
         let prepared = self.prepare(n).and_then(|fds| {
@@ -315,6 +325,24 @@ impl Host {
                 self.fail(function, e);
             }
         }
+    }
+
+    /// A slot number whose namespace is gone: a released slot whose host-side veth end has
+    /// disappeared (the kernel removes it with the namespace, once nothing holds the namespace),
+    /// else a new one.
+    fn free_slot(&mut self) -> Option<u32> {
+        for _ in 0..self.free.len() {
+            let Some(n) = self.free.pop_front() else { break };
+            let peer = format!("em{}-{n:x}", self.id);
+            let nl = self.nl.clone();
+            if self.rt.block_on(index(&nl, &peer)).is_err() {
+                return Some(n);
+            }
+            self.free.push_back(n);
+        }
+        let n = (self.next_slot < MAX_SLOTS).then_some(self.next_slot)?;
+        self.next_slot += 1;
+        Some(n)
     }
 
     fn fail(&mut self, function: &str, e: String) {
@@ -480,6 +508,7 @@ impl Host {
 
     /// Checks `policy` against the host and the other functions, then sets it up.
     fn attach(&mut self, function: &str, policy: NetworkPolicy, spare: usize) -> Result<(), String> {
+        self.ensure_table()?;
         if let Some(p) = &policy.private {
             let net = p.net()?;
             for (other, f) in self.functions.iter().filter(|(n, _)| n.as_str() != function) {
@@ -620,8 +649,10 @@ impl Host {
             }
         }
         let t = self.table.clone();
-        if let Err(e) = self.nft.run(vec![cmd::delete(cmd::table(&t))]) {
-            tracing::warn!("removing the table {t}: {e}");
+        if self.table_made {
+            if let Err(e) = self.nft.run(vec![cmd::delete(cmd::table(&t))]) {
+                tracing::warn!("removing the table {t}: {e}");
+            }
         }
     }
 }

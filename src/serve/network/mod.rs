@@ -89,6 +89,11 @@ impl Slot {
         self.fds.as_ref().map(|f| f.1.as_raw_fd()).unwrap_or(-1)
     }
 
+    /// The namespace's descriptor (benchmarks run a server in it).
+    pub fn namespace(&self) -> RawFd {
+        self.fds.as_ref().map(|f| f.0.as_raw_fd()).unwrap_or(-1)
+    }
+
     /// Another descriptor of the TAP (for a clone in this process).
     pub fn dup_tap(&self) -> std::io::Result<OwnedFd> {
         match &self.fds {

@@ -13,20 +13,8 @@ const IFNAMSIZ: usize = 16;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-// _IOW('T', ..., int) and _IOR('T', ..., unsigned int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-
-/// The ioctls opening a TAP takes (for seccomp filters).
-pub const TUN_IOCTLS: [libc::c_ulong; 3] = [TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ];
-/// The ioctls a TAP handed over takes ([`Tap::from_fd`], and its offloads).
-pub const TAP_CHECK_IOCTLS: [libc::c_ulong; 3] = [TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD];
-
-/// Offloads the guest may receive (TUNSETOFFLOAD's argument).
-pub const TUN_F_CSUM: u32 = 0x01;
-pub const TUN_F_TSO4: u32 = 0x02;
+pub use crate::seccomp::tun::{TAP_CHECK_IOCTLS, TUNSETOFFLOAD, TUN_F_CSUM, TUN_F_TSO4, TUN_IOCTLS};
+use crate::seccomp::tun::{TUNGETIFF, TUNSETIFF, TUNSETVNETHDRSZ};
 
 #[repr(C)]
 struct IfReq {
@@ -169,23 +157,7 @@ impl AsRawFd for Tap {
     }
 }
 
-/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
+pub use crate::config::{format_mac, parse_mac};
 
 #[cfg(test)]
 mod tests {
