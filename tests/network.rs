@@ -37,7 +37,7 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Self {
         let name = format!("embt{}{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         ip(&["netns", "add", &name]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Self(name)
@@ -336,6 +336,27 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     assert!(!ok && out.contains("timed out"), "{out}");
     assert_eq!(private.peers().len(), 1);
 
+    // A guest flooding its card costs its own worker: another function answers meanwhile, and the
+    // daemon's memory stays flat.
+    let pid = daemon.child.id();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse::<u64>().ok()).unwrap()
+    };
+    let before = rss();
+    let s2 = s.clone();
+    let flood = std::thread::spawn(move || {
+        invoke(&s2, "web", &json!({"function": "udp-flood", "payload": "192.0.2.2:9 8000"}).to_string())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, out) = get(&s, "pinned", "192.0.2.2:8080/");
+    assert!(ok && out.contains("from 192.0.2.10"), "{out}");
+    let flooded = flood.join().unwrap();
+    assert_eq!(flooded["ok"], true, "{flooded}");
+    let sent: u64 = flooded["payload"].as_str().unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(sent > 100, "{flooded}");
+    assert!(rss() < before + 8 * 1024, "daemon RSS {before} -> {} KiB during a flood", rss());
+
     // Bad policies are refused with the reason, and nothing is left half made.
     let links = host.ember_links().iter().filter(|l| l.starts_with("et")).count();
     let tables = host.run(|| Command::new("nft").args(["-j", "list", "sets"]).output().unwrap().stdout.len());
@@ -356,7 +377,6 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
 
     // Clone cycles leave no namespace behind (each clone's veth end shows its namespace).
     let cycles: u32 = if std::env::var("EMBER_SOAK").is_ok_and(|v| v == "1") { 1000 } else { 60 };
-    let pid = daemon.child.id();
     let fds_before = common::api::fds_and_threads(pid).0;
     for _ in 0..cycles {
         let (code, body) = http(&s, "POST", "/functions/web/acquire", None);

@@ -187,6 +187,7 @@ impl Functions {
             "http-get" => reply(out, crate::net::http_get(payload), Status::Failed),
             "tcp-read" => reply(out, crate::net::tcp_transfer(payload, false), Status::Failed),
             "tcp-write" => reply(out, crate::net::tcp_transfer(payload, true), Status::Failed),
+            "udp-flood" => reply(out, crate::net::udp_flood(payload), Status::BadRequest),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
                 // Without the host's context (vsock, or a mailbox caller without an envelope).

@@ -228,6 +228,27 @@ pub fn tcp_transfer(payload: &[u8], write: bool) -> io::Result<String> {
     Ok(format!("{moved} bytes"))
 }
 
+/// The built-in `udp-flood ADDR:PORT MS`: sends 1,400-byte datagrams as fast as it can for MS
+/// milliseconds (at most 60 s): a guest flooding its network card, for tests.
+pub fn udp_flood(payload: &[u8]) -> io::Result<String> {
+    let text = std::str::from_utf8(payload).map_err(|_| io::Error::other("not UTF-8"))?;
+    let mut words = text.split_whitespace();
+    let (Some(addr), Some(ms)) = (words.next(), words.next().and_then(|m| m.parse::<u64>().ok())) else {
+        return Err(io::Error::other("expected ADDR:PORT MS"));
+    };
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| io::Error::other(format!("{addr}: {e}")))?;
+    let u = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(ms.min(60_000));
+    let datagram = [0x55u8; 1400];
+    let mut sent = 0u64;
+    while std::time::Instant::now() < end {
+        if u.send_to(&datagram, addr).is_ok() {
+            sent += 1;
+        }
+    }
+    Ok(format!("{sent} datagrams"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
