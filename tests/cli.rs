@@ -70,8 +70,22 @@ fn config_file_errors() {
     assert_fails(&["run", "--config", "/nonexistent.json"], 1, "cannot read config file /nonexistent.json");
     let d = tmp();
     let c = d.path().join("vm.json");
-    std::fs::write(&c, r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": []}"#).unwrap();
-    assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "unknown field `network-interfaces`");
+    std::fs::write(&c, r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interface": []}"#).unwrap();
+    assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "unknown field `network-interface`");
+    for (ifaces, why) in [
+        (r#"[{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:00:00:00:01"}]"#, "bad guest_mac"),
+        (r#"[{"iface_id": "eth0", "host_dev_name": "tap/0"}]"#, "bad host_dev_name"),
+        (r#"[{"iface_id": "eth0", "host_dev_name": "tap0", "guest_ip": "10.0.0.2"}]"#, "bad guest_ip"),
+        (r#"[{"iface_id": "eth0", "host_dev_name": "tap0", "gateway": "10.0.0.1"}]"#, "a gateway needs a guest_ip"),
+        (r#"[{"iface_id": "a", "host_dev_name": "t0"}, {"iface_id": "b", "host_dev_name": "t1"}]"#, "at most 1"),
+        (r#"[{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}]"#, "unknown field `mtu`"),
+    ] {
+        let text = format!(r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "network-interfaces": {ifaces}}}"#);
+        std::fs::write(&c, text).unwrap();
+        assert_fails(&["run", "--config", c.to_str().unwrap()], 1, why);
+    }
+    assert_fails(&["run", "--kernel", "/k", "--net", "tap0,speed=10"], 1, "unknown option \"speed=10\"");
+    assert_fails(&["run", "--kernel", "/k", "--net", "tap0,ip=10.0.0.2/40"], 1, "bad guest_ip");
     std::fs::write(&c, r#"{"boot-source": {"kernel_image_path": "/k", "initrd": "/i"}}"#).unwrap();
     assert_fails(&["run", "--config", c.to_str().unwrap()], 1, "unknown field `initrd`");
     std::fs::write(&c, "{").unwrap();

@@ -126,12 +126,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, ns: &Netns) -> Self {
+    /// `egress_nat`: `routed` (clones leave with their transit addresses) or `masquerade`.
+    fn start(dir: &Path, ns: &Netns, egress_nat: &str) -> Self {
         let socket = dir.join("api.sock");
         let nsfile = std::fs::File::open(ns.path()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
         cmd.args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
-            .args(["--egress-nat", "routed"])
+            .args(["--egress-nat", egress_nat])
             .args(image_dirs().iter().flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -244,7 +245,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     let own = HttpServer::start(&host, "0.0.0.0:8081");
 
     let spec = |network: Value, min_ready: u32| json!({"kernel": kernel, "initramfs": initrd, "pool": {"min_ready": min_ready}, "network": network});
-    let mut daemon = Daemon::start(&dir, &host);
+    let mut daemon = Daemon::start(&dir, &host, "routed");
     let s = daemon.socket.clone();
     let (code, body) = register(&s, "web", &spec(json!({"egress": true}), 2));
     assert_eq!(code, 202, "{body}");
@@ -316,11 +317,14 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     install("pinned", json!({"egress_ip": "192.0.2.10"}));
     install("private", json!({"private": {"subnet": "10.50.0.0/24", "proxy": "198.51.100.2", "vni": 42}}));
     drop(registry);
-    let mut daemon = Daemon::start(&dir, &host);
+    // Restarted with public egress masqueraded (the default): the host's address on the way out.
+    let mut daemon = Daemon::start(&dir, &host, "masquerade");
     let s = daemon.socket.clone();
     for name in ["web", "pinned", "private"] {
         wait_ready(&s, name, 1);
     }
+    let (ok, out) = get(&s, "web", "192.0.2.2:8080/");
+    assert!(ok && out.contains("from 192.0.2.1\n"), "{out}");
 
     // egress_ip: the server sees the function's address.
     let (ok, out) = get(&s, "pinned", "192.0.2.2:8080/");

@@ -98,6 +98,17 @@ pub(super) struct Daemon {
 
 impl Daemon {
     pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation) -> Result<Self, String> {
+        let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
+        Self::start_with(state, socket, isolation, network)
+    }
+
+    /// [`Daemon::start`] with clones' networks.
+    pub(super) fn start_with(
+        state: &Path,
+        socket: &Path,
+        isolation: Isolation,
+        network: crate::serve::network::Network,
+    ) -> Result<Self, String> {
         let images = crate::serve::images::ImageDirs::open(&[])?;
         let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(state), None)
             .map_err(|e| e.to_string())?;
@@ -105,14 +116,7 @@ impl Daemon {
             Isolation::None => None,
             _ => Some(crate::serve::worker::Workers::open(state, isolation, None)?),
         };
-        let sup = Supervisor::open(
-            state,
-            images,
-            builder,
-            workers,
-            crate::serve::network::Network::unavailable("not in benchmarks".into()),
-        )
-        .map_err(|e| e.to_string())?;
+        let sup = Supervisor::open(state, images, builder, workers, network).map_err(|e| e.to_string())?;
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
@@ -173,7 +177,7 @@ pub(super) fn round(
 }
 
 /// Releases the clone an acquire handed over, on the same connection.
-fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
+pub(super) fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
     let id = v["id"].as_u64().ok_or("no id in the handoff")?;
     let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;

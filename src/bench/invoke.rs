@@ -25,7 +25,7 @@ pub struct InvokeBench {
 
 /// Connects to the agent over vsock, retrying while its listener is not up yet (a fresh clone
 /// starts it after reseeding).
-fn connect_agent(sock: &Path, timeout: Duration) -> Result<AgentConnection, String> {
+pub(super) fn connect_agent(sock: &Path, timeout: Duration) -> Result<AgentConnection, String> {
     let deadline = Instant::now() + timeout.max(Duration::from_secs(60));
     loop {
         match AgentConnection::connect(sock, timeout) {

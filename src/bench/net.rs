@@ -6,10 +6,11 @@
 //! - restore -> the first answer of a clone (the built-in `echo` over the mailbox: the baseline),
 //!   and then its first TCP request answered (`http-get` to a server in its namespace, behind the
 //!   TAP: connect, request, response);
-//! - a request's round trip over virtio-net (a new TCP connection each) next to the mailbox's
-//!   no-op round trip on the same clone;
+//! - a request's round trip over virtio-net (a new TCP connection each) next to the mailbox's and
+//!   vsock's no-op round trips on the same clone;
 //! - throughput over virtio-net, host -> guest and guest -> host (`tcp-read`, `tcp-write`), next to
-//!   the mailbox moving 1 MiB payloads.
+//!   the mailbox and vsock moving 256 KiB payloads;
+//! - the daemon's acquire on a pool of networked clones against one without a network.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,12 +19,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::handoff;
 use super::layers::call;
 use super::{ms, BenchError, Summary, TableReport};
 use crate::config::VmConfig;
 use crate::serve::network::{guest_interface, Network, NetworkPolicy, Slot, GATEWAY};
+use crate::serve::worker::Isolation;
 use crate::template::{MakeOptions, Template};
 use crate::vmm::{Channels, RunOptions, RunningVm};
+use serde_json::json;
 
 /// What `ember bench net` measures.
 pub struct NetBench {
@@ -117,6 +121,9 @@ fn clone_on(t: &Template, id: u64, slot: &Slot) -> Result<RunningVm, BenchError>
     Ok(t.restore(id, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?)
 }
 
+/// Ready clones per pool for the handoff comparison.
+const HANDOFF_POOL: u32 = 8;
+
 pub fn net(cfg: &VmConfig, b: &NetBench) -> Result<TableReport, BenchError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -134,7 +141,7 @@ pub fn net(cfg: &VmConfig, b: &NetBench) -> Result<TableReport, BenchError> {
     r
 }
 
-fn run(cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport, BenchError> {
+fn run(plain_cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport, BenchError> {
     let mut rows: Vec<(String, Option<Summary>)> = Vec::new();
     let mut notes = Vec::new();
     let network = Network::start(scratch, false);
@@ -161,7 +168,7 @@ fn run(cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport, Benc
     ));
 
     // The networked template.
-    let mut cfg = cfg.clone();
+    let mut cfg = plain_cfg.clone();
     cfg.network_interfaces = vec![guest_interface()];
     let slot = network.take("bench", b.timeout).map_err(|e| failed("namespace", e))?;
     let channels =
@@ -199,19 +206,33 @@ fn run(cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport, Benc
     // Round trips and throughput on one clone.
     let slot = network.take("bench", b.timeout).map_err(|e| failed("namespace", e))?;
     let servers = servers(&slot, b.bytes)?;
-    let vm = clone_on(&template, 1000, &slot)?;
+    let sock = scratch.join("vsock");
+    let tap = slot.dup_tap().map_err(|e| failed("TAP", e))?;
+    let channels = Channels { serve: true, taps: vec![Arc::new(tap)], vsock: Some(sock.clone()), ..Default::default() };
+    let vm = template.restore(1000, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?;
     call(&vm, "echo", "", b.timeout)?;
-    let mut mailbox = Vec::with_capacity(b.calls);
-    let mut http = Vec::with_capacity(b.calls);
+    let mut agent = super::invoke::connect_agent(&sock, b.timeout).map_err(|e| failed("vsock", e))?;
+    let mut vsock_call = |payload: &[u8]| -> Result<(), BenchError> {
+        let r = agent.call("echo", payload).map_err(|e| failed("vsock", e))?;
+        match r.payload.len() == payload.len() {
+            true => Ok(()),
+            false => Err(failed("vsock", "a short answer")),
+        }
+    };
+    let (mut mailbox, mut vsock, mut http) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..b.calls {
         let t = Instant::now();
         call(&vm, "echo", "", b.timeout)?;
         mailbox.push(ms(t.elapsed()));
         let t = Instant::now();
+        vsock_call(b"")?;
+        vsock.push(ms(t.elapsed()));
+        let t = Instant::now();
         call(&vm, "http-get", &format!("{GATEWAY}:{PORT}/"), b.timeout)?;
         http.push(ms(t.elapsed()));
     }
     rows.push(("round trip: mailbox no-op".into(), Summary::of(&mailbox)));
+    rows.push(("round trip: vsock no-op (one connection, kept open)".into(), Summary::of(&vsock)));
     rows.push(("round trip: TCP connect + request + answer over virtio-net".into(), Summary::of(&http)));
     let mib = b.bytes as f64 / (1 << 20) as f64;
     let mut rate = |what: &str, f: &dyn Fn() -> Result<String, BenchError>| -> Result<(), BenchError> {
@@ -241,12 +262,62 @@ fn run(cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport, Benc
         "mailbox: {:.1} MiB/s (32 echoes of 256 KiB, both directions counted)",
         16.0 / t.elapsed().as_secs_f64()
     ));
+    let t = Instant::now();
+    for _ in 0..4 {
+        vsock_call(payload.as_bytes())?;
+    }
+    notes.push(format!(
+        "vsock: {:.2} MiB/s (4 echoes of 256 KiB, both directions counted)",
+        2.0 / t.elapsed().as_secs_f64()
+    ));
     let p50 = |v: &[f64]| Summary::of(v).map(|s| s.p50).unwrap_or(f64::NAN);
-    notes.push(format!("TCP request / mailbox round trip (p50): {:.0}x", p50(&http) / p50(&mailbox)));
+    notes.push(format!(
+        "round trip (p50), against the mailbox: vsock {:.0}x, TCP request over virtio-net {:.0}x",
+        p50(&vsock) / p50(&mailbox),
+        p50(&http) / p50(&mailbox)
+    ));
     vm.stop("measured");
     drop(servers);
     drop(slot);
     network.shutdown();
+    drop(network);
+
+    // Handoff with networking on vs off: acquire + release through the API, on a pool of the
+    // networked template and one of a template without a card.
+    let plain = scratch.join("plain");
+    let opts = MakeOptions { timeout: Duration::from_secs(600), ..Default::default() };
+    Template::make(plain_cfg, &plain, opts)?;
+    let state = scratch.join("state");
+    let pool = json!({"min_ready": HANDOFF_POOL, "max": HANDOFF_POOL * 2, "headroom": 1.0,
+        "scale_in_delay_s": 3600.0, "burst_window_s": 0.0, "max_uses": u32::MAX});
+    handoff::register(&plain, &state, "plain", pool.clone(), json!({})).map_err(|e| failed("register", e))?;
+    handoff::register(&dir, &state, "net", pool, json!({"network": {}})).map_err(|e| failed("register", e))?;
+    // (The namespaces above are gone by now: the new network thread's transit addresses are free.)
+    std::thread::sleep(Duration::from_secs(1));
+    let socket = scratch.join("api.sock");
+    let network = Network::start(&state, false);
+    let daemon =
+        handoff::Daemon::start_with(&state, &socket, Isolation::None, network).map_err(|e| failed("daemon", e))?;
+    let measured = (|| -> Result<(), String> {
+        for name in ["plain", "net"] {
+            handoff::wait_full(&daemon.sup, name, HANDOFF_POOL)?;
+        }
+        handoff::wait_quiet();
+        daemon.sup.pause_scaling(true);
+        for name in ["plain", "net"] {
+            let acquire = move |c: &mut std::io::BufReader<std::os::unix::net::UnixStream>| {
+                handoff::request(c, "POST", &format!("/functions/{name}/acquire"), "")
+            };
+            let (rtt, srv) = handoff::round(&socket, 1, b.calls, &acquire, &handoff::release_it)?;
+            let what = if name == "net" { "networked pool" } else { "pool without network" };
+            let ms = |us: &[f64]| us.iter().map(|u| u / 1e3).collect::<Vec<_>>();
+            rows.push((format!("acquire + release, {what}: acquire in the daemon"), Summary::of(&ms(&srv))));
+            rows.push((format!("acquire + release, {what}: acquire round trip"), Summary::of(&ms(&rtt))));
+        }
+        Ok(())
+    })();
+    daemon.stop();
+    measured.map_err(|e| failed("handoff", e))?;
     Ok(TableReport {
         title: format!("ember bench net: {} clones, {} round trips per channel", b.runs, b.calls),
         heading: "latency (ms)",
