@@ -327,7 +327,8 @@ impl Worker {
         }
     }
 
-    /// The frames moved, and whether the guest ran out of receive buffers.
+    /// The frames moved, and whether the TAP must wait for the guest's next refill (it ran out of
+    /// receive buffers, or the TAP failed).
     fn receive(&mut self) -> Option<(usize, bool)> {
         let a = self.active.as_ref()?;
         let mut q = a.queues.locked();
@@ -340,7 +341,10 @@ impl Worker {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => {
+                        // Not read again until the guest's next refill: a failing TAP never spins
+                        // the thread.
                         crate::log_limited!(warn, "virtio-net: TAP read: {e}");
+                        starved = true;
                         break;
                     }
                 }
