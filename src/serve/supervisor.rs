@@ -375,7 +375,10 @@ impl Supervisor {
         let f = match self.insert(name, spec) {
             Ok(f) => f,
             Err(e) => {
-                self.network.detach(name);
+                // (A conflict: a registration of this name won a race, and the network is its.)
+                if !matches!(e, Refusal::Conflict(_)) {
+                    self.network.detach(name);
+                }
                 return Err(e);
             }
         };

@@ -74,7 +74,8 @@ pub struct Workers {
     slots: Mutex<BTreeSet<u32>>,
     serial: AtomicU64,
     /// The threads that follow each worker until it has ended and been cleaned up after.
-    followers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Each worker's pid and the thread that follows it (reaps it, removes its cgroup).
+    followers: Mutex<Vec<(i32, std::thread::JoinHandle<()>)>>,
 }
 
 /// The first uid (and gid) given to workers; each live worker has its own above it.
@@ -124,12 +125,24 @@ impl Workers {
     /// Waits up to `timeout` for every worker to end and be cleaned up after (at shutdown, once
     /// the handles on them are gone).
     pub fn wait_all(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        let followers: Vec<_> = self.followers.locked().drain(..).collect();
-        for h in followers {
-            while !h.is_finished() && std::time::Instant::now() < deadline {
+        let wait = |followers: &[(i32, std::thread::JoinHandle<()>)], deadline: std::time::Instant| {
+            while followers.iter().any(|(_, h)| !h.is_finished()) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+        };
+        let followers: Vec<_> = self.followers.locked().drain(..).collect();
+        wait(&followers, std::time::Instant::now() + timeout);
+        // A worker still stopping its clones (slowly, under its CPU cap, say) is killed, so that
+        // its follower can reap it and remove its cgroup before the daemon goes. (Not reaped yet:
+        // its pid cannot have been reused.)
+        for (pid, h) in &followers {
+            if !h.is_finished() {
+                // SAFETY: signals our own unreaped child.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+        }
+        wait(&followers, std::time::Instant::now() + Duration::from_secs(5));
+        for (_, h) in followers {
             if h.is_finished() {
                 let _ = h.join();
             }
@@ -305,8 +318,8 @@ impl Workers {
         match std::thread::Builder::new().name(format!("worker-{pid}")).spawn(follow) {
             Ok(h) => {
                 let mut followers = self.followers.locked();
-                followers.retain(|h| !h.is_finished());
-                followers.push(h);
+                followers.retain(|(_, h)| !h.is_finished());
+                followers.push((pid, h));
             }
             // The worker goes with its last handle; its directories stay until the next start.
             Err(e) => return Err(format!("cannot start the worker's reader thread: {e}")),
