@@ -15,6 +15,7 @@ use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::{MemoryFile, SnapshotError, SnapshotPaths};
 use crate::vmm::exit::VmExit;
 use crate::vmm::persist::SnapshotState;
+use crate::vmm::shell::{ShellSpec, VmShell};
 use crate::vmm::{Channels, RunOptions, Vm, VmError};
 
 /// How long the clone that records a template's working set runs (it usually ends sooner: without
@@ -184,6 +185,23 @@ impl Template {
     /// from its control page, with fresh seed material.
     pub fn restore(&self, clone_id: u64, channels: &Channels, console: ConsoleOut) -> Result<Vm, VmError> {
         Vm::restore(&self.state, &self.memory, clone_id, channels, console)
+    }
+
+    /// [`Template::restore`] into `shell`, a VM made ahead for this template (see
+    /// [`crate::vmm::shell`]); one is made now when none is given or it does not fit.
+    pub fn restore_in(
+        &self,
+        shell: Option<VmShell>,
+        clone_id: u64,
+        channels: &Channels,
+        console: ConsoleOut,
+    ) -> Result<Vm, VmError> {
+        Vm::restore_in(shell, &self.state, &self.memory, clone_id, channels, console)
+    }
+
+    /// What a VM shell must be made with to take this template's clones.
+    pub fn shell_spec(&self) -> ShellSpec {
+        ShellSpec::of(&self.state)
     }
 
     /// The template with its memory held in a sealed copy (see [`MemoryFile::sealed`]): what a

@@ -367,3 +367,49 @@ fn a_clone_goes_on_from_its_snapshots_clock_with_the_hosts_wall_clock_time() {
     );
     later.stop("test");
 }
+
+#[test]
+fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
+    use ember::vmm::shell::{ShellSpec, VmShell};
+    let _one = common::one_at_a_time();
+    let Some(dir) = common::template("a_clone_restored_into_a_vm_shell") else { return };
+    let template = Template::open(dir).unwrap();
+    let channels = Channels { serve: true, ..Default::default() };
+    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    // A shell made now and left waiting: its vCPUs hold the template's registers, FPU and MSRs
+    // already, its RAM is still anonymous.
+    let shell = VmShell::new(&template.shell_spec()).unwrap();
+    assert!(shell.fits(&template.state));
+    let first = serving_clone(dir, 1, &channels);
+    let (_, mono_first) = guest_clocks(&first);
+    first.stop("test");
+    std::thread::sleep(Duration::from_secs(5));
+    let vm = template.restore_in(Some(shell), 2, &channels, Box::new(std::io::sink())).unwrap();
+    let vm = vm.start(RunOptions::default()).unwrap();
+    // It sees the template's memory (its agent answers, its runtime too) ...
+    assert_eq!(vm.invoke("echo", b"up?", opts(FIRST_CALL)).unwrap().payload, b"up?");
+    let r = vm.invoke("sha256", b"abc", opts(CALL)).unwrap();
+    assert_eq!(text(&r.payload), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
+    // ... and its clocks are a clone's, not the shell's age: its monotonic clock goes on from the
+    // snapshot, its wall clock is the host's.
+    let before = now_ns();
+    let (real, mono) = guest_clocks(&vm);
+    let after = now_ns();
+    let gap = mono.abs_diff(mono_first);
+    assert!(gap < 3_000_000_000, "a clone restored into a 5 s old shell is {gap} ns further on its monotonic clock");
+    assert!(
+        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
+        "wall clock {real} not in {before}..{after}"
+    );
+    vm.stop("test");
+
+    // A shell made for another machine does not fit; the restore makes the VM it needs instead.
+    let other = ShellSpec { mem_bytes: template.state.machine.mem_bytes * 2, ..template.shell_spec() };
+    let misfit = VmShell::new(&other).unwrap();
+    assert!(!misfit.fits(&template.state));
+    let vm = template.restore_in(Some(misfit), 3, &channels, Box::new(std::io::sink())).unwrap();
+    let vm = vm.start(RunOptions::default()).unwrap();
+    assert_eq!(vm.invoke("echo", b"up?", opts(FIRST_CALL)).unwrap().payload, b"up?");
+    vm.stop("test");
+}

@@ -113,11 +113,28 @@ fn io_err(path: &str) -> impl Fn(std::io::Error) -> MailboxError + '_ {
 impl Mailbox {
     /// Creates the region for a new VM: a memfd, or a new file at `path` (never an existing one).
     pub fn create(path: Option<&Path>) -> Result<Self, MailboxError> {
+        // SAFETY: no address given: the mapping goes where the kernel puts it.
+        unsafe { Self::create_at(path, None) }
+    }
+
+    /// [`Mailbox::create`], mapped over `at` when given.
+    ///
+    /// # Safety
+    /// `at` must be the start of a mapping of [`MAILBOX_SIZE`] bytes that the caller gives up: the
+    /// mailbox maps over it and unmaps it when dropped (also when this fails).
+    pub unsafe fn create_at(path: Option<&Path>, at: Option<*mut u8>) -> Result<Self, MailboxError> {
+        let give_up = || {
+            if let Some(p) = at {
+                // SAFETY: the caller handed the range over; nothing uses it after a failure.
+                unsafe { libc::munmap(p.cast(), MAILBOX_SIZE as usize) };
+            }
+        };
         let (file, name) = match path {
             None => {
                 // SAFETY: the name is a valid NUL-terminated string; the fd returned is ours.
                 let fd = unsafe { libc::memfd_create(c"ember-mailbox".as_ptr(), libc::MFD_CLOEXEC) };
                 if fd < 0 {
+                    give_up();
                     return Err(io_err("memfd")(std::io::Error::last_os_error()));
                 }
                 // SAFETY: `fd` was just created and is owned by nothing else.
@@ -126,6 +143,7 @@ impl Mailbox {
             Some(p) => {
                 let name = p.display().to_string();
                 let f = crate::sys::private_file().read(true).write(true).create_new(true).open(p).map_err(|e| {
+                    give_up();
                     if e.kind() == std::io::ErrorKind::AlreadyExists {
                         MailboxError::Exists(name.clone())
                     } else {
@@ -141,8 +159,12 @@ impl Mailbox {
             }
             e
         };
-        file.set_len(MAILBOX_SIZE).map_err(io_err(&name)).map_err(cleanup)?;
-        let mut m = Self::map(file, &name).map_err(cleanup)?;
+        if let Err(e) = file.set_len(MAILBOX_SIZE) {
+            give_up();
+            return Err(cleanup(io_err(&name)(e)));
+        }
+        // SAFETY: `at`, if any, is handed over by our caller (see above).
+        let mut m = unsafe { Self::map(file, &name, at) }.map_err(cleanup)?;
         m.owned_path = path.map(Path::to_path_buf);
         let mut epoch = [0u8; 8];
         crate::sys::getrandom(&mut epoch).map_err(io_err(&name)).map_err(cleanup)?;
@@ -161,7 +183,8 @@ impl Mailbox {
         if len != MAILBOX_SIZE {
             return Err(MailboxError::NotAMailbox(name));
         }
-        let m = Self::map(file, &name)?;
+        // SAFETY: no address given: the mapping goes where the kernel puts it.
+        let m = unsafe { Self::map(file, &name, None) }?;
         if m.word32(MAGIC_OFF).load(Ordering::Acquire) != MAGIC
             || m.word32(VERSION_OFF).load(Ordering::Acquire) != VERSION
         {
@@ -170,20 +193,32 @@ impl Mailbox {
         Ok(m)
     }
 
-    fn map(file: File, name: &str) -> Result<Self, MailboxError> {
-        // SAFETY: maps MAILBOX_SIZE bytes of a file of that size, shared; unmapped in Drop.
+    /// Maps the mailbox file; over `at` (a range of MAILBOX_SIZE bytes given up by the caller,
+    /// unmapped even on failure) when given.
+    unsafe fn map(file: File, name: &str, at: Option<*mut u8>) -> Result<Self, MailboxError> {
+        let (addr, fixed) = match at {
+            Some(p) => (p.cast(), libc::MAP_FIXED),
+            None => (std::ptr::null_mut(), 0),
+        };
+        // SAFETY: maps MAILBOX_SIZE bytes of a file of that size, shared, either where the kernel
+        // chooses or over a range our caller gave up; unmapped in Drop.
         let p = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
+                addr,
                 MAILBOX_SIZE as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | fixed,
                 file.as_raw_fd(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(io_err(name)(std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            if !addr.is_null() {
+                // SAFETY: the range was given up to us and holds nothing anyone uses.
+                unsafe { libc::munmap(addr, MAILBOX_SIZE as usize) };
+            }
+            return Err(io_err(name)(e));
         }
         Ok(Self { file, base: p.cast(), owned_path: None, call: Mutex::new(0) })
     }

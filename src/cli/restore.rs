@@ -9,6 +9,7 @@ use clap::Args;
 use ember::devices::serial::ConsoleOut;
 use ember::template::Template;
 use ember::vmm::exit::VmExit;
+use ember::vmm::shell::ShellMaker;
 use ember::vmm::RunningVm;
 
 use super::args::ChannelArgs;
@@ -53,12 +54,18 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     handle_stop_signals()?;
     let shared = Arc::new(Mutex::new(console(&args.console)?));
     let mut running = Vec::new();
+    // Several clones: their VMs are made ahead on a second thread while earlier ones restore.
+    let shells = match args.clones > 1 {
+        true => Some(ShellMaker::start(template.shell_spec(), 4).map_err(|e| format!("VM shells: {e}"))?),
+        false => None,
+    };
     for id in 1..=u64::from(args.clones) {
         let prefix = (args.clones > 1).then(|| format!("[clone {id}] "));
         let out: ConsoleOut = Box::new(SharedConsole::new(shared.clone(), prefix));
         let t = Instant::now();
         let channels = args.channels.for_vm(Some(id), args.no_seccomp)?;
-        let vm = template.restore(id, &channels, out).map_err(|e| format!("clone {id}: {e}"))?;
+        let shell = shells.as_ref().and_then(ShellMaker::take);
+        let vm = template.restore_in(shell, id, &channels, out).map_err(|e| format!("clone {id}: {e}"))?;
         if let Some(ws) = &ws {
             vm.populate(ws).map_err(|e| format!("clone {id}: cannot populate the working set: {e}"))?;
         }
@@ -66,6 +73,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         running.push(vm.start(options).map_err(|e| format!("clone {id}: {e}"))?);
         tracing::debug!("clone {id} restored and started in {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
     }
+    drop(shells);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut worst: Option<VmExit> = None;
     let mut running: Vec<(usize, RunningVm)> = running.into_iter().enumerate().collect();

@@ -12,6 +12,7 @@ pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod persist;
+pub mod shell;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm_state;
@@ -42,6 +43,7 @@ use control::VmControl;
 use devices::{DeviceArgs, Devices};
 use exit::VmExit;
 use persist::{MachineInfo, SnapshotState};
+use shell::{ShellSpec, VmShell};
 use vcpu::{Vcpu, VcpuContext};
 use vm_state::VmState;
 
@@ -81,6 +83,8 @@ pub enum VmError {
     Ended(VmExit),
     #[error(transparent)]
     Mailbox(#[from] MailboxError),
+    #[error("VM shell: {0}")]
+    Shell(String),
 }
 
 /// How the host reaches the guest agent: the mailbox (always there; a file at `mailbox` so that
@@ -153,22 +157,12 @@ pub struct RunOutcome {
     pub timeline: BootTimeline,
 }
 
-/// Registers every region of `mem` with the VM, slot by slot, then the mailbox.
-fn register_memory(vm: &VmFd, mem: &GuestMemory, mailbox: &Mailbox) -> Result<(), VmError> {
-    let mut regions = Vec::new();
-    for region in mem.iter() {
-        let host = mem.get_host_address(region.start_addr())?;
-        regions.push((region.start_addr().0, region.len(), host as u64));
-    }
-    regions.push((memory::MAILBOX_ADDR, memory::MAILBOX_SIZE, mailbox.host_addr()));
-    for (slot, (guest_phys_addr, memory_size, userspace_addr)) in regions.into_iter().enumerate() {
-        let r =
-            kvm_userspace_memory_region { slot: slot as u32, flags: 0, guest_phys_addr, memory_size, userspace_addr };
-        // SAFETY: each region is a live mapping of `memory_size` bytes owned by `mem` or the mailbox,
-        // which the Vm keeps (and drops after the VM fd), so KVM never sees it unmapped.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
+/// The memory slots of a VM whose RAM is `mem` and whose mailbox is mapped at `mailbox`:
+/// (guest address, size, host address), RAM first.
+fn memory_slots(mem: &GuestMemory, mailbox: u64) -> Vec<(u64, u64, u64)> {
+    let mut slots: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64)).collect();
+    slots.push((memory::MAILBOX_ADDR, memory::MAILBOX_SIZE, mailbox));
+    slots
 }
 
 impl Vm {
@@ -232,7 +226,9 @@ impl Vm {
     ) -> Result<Self, VmError> {
         let mem_bytes = mem.iter().map(|r| r.len()).sum();
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
-        let (kvm, vm) = create_vm(&mem, &mailbox)?;
+        // SAFETY: `mem` and the mailbox are owned by the Vm made here, which drops them after
+        // the VM fd.
+        let (kvm, vm) = unsafe { create_vm(&memory_slots(&mem, mailbox.host_addr())) }?;
         let args = DeviceArgs {
             vm: &vm,
             mem: &mem,
@@ -265,10 +261,29 @@ impl Vm {
         channels: &Channels,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
+        Self::restore_in(None, state, memory, clone_id, channels, console)
+    }
+
+    /// [`Vm::restore`] into `shell`, a VM made ahead for this snapshot (one made now when none is
+    /// given or it does not fit): what is left is mapping the memory and loading the state.
+    pub fn restore_in(
+        shell: Option<VmShell>,
+        state: &SnapshotState,
+        memory: &MemoryFile,
+        clone_id: u64,
+        channels: &Channels,
+        console: ConsoleOut,
+    ) -> Result<Self, VmError> {
         let clock = BootClock::new(Instant::now());
-        let mem = memory.map_private()?;
-        let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
-        let (_kvm, vm) = create_vm(&mem, &mailbox)?;
+        let mut shell = match shell {
+            Some(s) if s.fits(state) => s,
+            _ => VmShell::new(&ShellSpec::of(state))?,
+        };
+        let mem = shell.map_template(memory)?;
+        // SAFETY: the shell's mailbox range is handed over to the mailbox, which maps over it; the
+        // shell's memory slot for it follows the new mapping.
+        let mailbox = Arc::new(unsafe { Mailbox::create_at(channels.mailbox.as_deref(), shell.take_mailbox_range()) }?);
+        let VmShell { vcpus: shell_vcpus, vm, .. } = shell;
         state.vm.restore(&vm)?;
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
         let args = DeviceArgs {
@@ -284,9 +299,8 @@ impl Vm {
         };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (i, s) in state.vcpus.iter().enumerate() {
-            let v = Vcpu::new(&vm, i as u8)?;
-            s.restore(&v.fd)?;
+        for (v, s) in shell_vcpus.into_iter().zip(&state.vcpus) {
+            s.finish(&v.fd)?;
             s.anchor_kvmclock(&v.fd, &mem, state.vm.clock.clock)?;
             vcpus.push(v);
         }
@@ -512,13 +526,23 @@ fn guest_memory(mem_bytes: u64) -> Result<GuestMemory, VmError> {
     memory::create_guest_memory(mem_bytes).map_err(|source| VmError::Memory { mib: mem_bytes >> 20, source })
 }
 
-/// Opens KVM and creates a VM with `mem` and the mailbox registered, the TSS, the in-kernel irqchip
-/// and the PIT.
-fn create_vm(mem: &GuestMemory, mailbox: &Mailbox) -> Result<(&'static Kvm, VmFd), VmError> {
+/// Creates a KVM VM with `slots` (guest address, size, host address) registered as its memory,
+/// then the TSS, the in-kernel irqchip and the PIT.
+///
+/// # Safety
+/// Every slot's host range must be mapped, and stay mapped (whatever is mapped there) until the
+/// VM fd is closed.
+unsafe fn create_vm(slots: &[(u64, u64, u64)]) -> Result<(&'static Kvm, VmFd), VmError> {
     let kvm = kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    // Memory before the TSS, irqchip and PIT: the other order is measurably slower on some hosts.
-    register_memory(&vm, mem, mailbox)?;
+    // Memory before the TSS, irqchip and PIT: the other order is much slower on some hosts
+    // (registering a slot after the irqchip measured several milliseconds here).
+    for (slot, &(guest_phys_addr, memory_size, userspace_addr)) in slots.iter().enumerate() {
+        let r =
+            kvm_userspace_memory_region { slot: slot as u32, flags: 0, guest_phys_addr, memory_size, userspace_addr };
+        // SAFETY: the caller keeps each range mapped until the VM fd is closed.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };

@@ -67,6 +67,17 @@ fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
     Ok(LIST.get_or_init(|| ok))
 }
 
+/// Sets `entries`; every one must be taken.
+fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), VmError> {
+    let msrs = Msrs::from_entries(entries).map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::E2BIG))?;
+    let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        tracing::error!("KVM refused MSR {:#x} of the snapshot", entries[n].index);
+        return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
+    }
+    Ok(())
+}
+
 /// Works out what saving needs from outside a confined vCPU thread (the MSR list needs /dev/kvm).
 pub fn prepare(vcpu: &VcpuFd) -> Result<(), VmError> {
     saveable_msrs(vcpu).map(|_| ())
@@ -98,12 +109,19 @@ impl VcpuState {
         })
     }
 
-    /// Loads this state into a freshly created vCPU. The order follows what KVM needs: CPUID first
-    /// (it shapes what the rest may contain), MSRs after the registers, events last.
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
+    /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
+    /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
+    /// FPU/XSAVE, XCRs, debug registers and the MSRs. [`VcpuState::finish`] loads the rest.
+    /// The order follows what KVM needs: CPUID first (it shapes what the rest may contain), MSRs
+    /// after the registers.
+    pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
             if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
-                tracing::warn!("cannot set the guest TSC to {} kHz ({e}); guest time may drift", self.tsc_khz);
+                crate::log_limited!(
+                    warn,
+                    "cannot set the guest TSC to {} kHz ({e}); guest time may drift",
+                    self.tsc_khz
+                );
             }
         }
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
@@ -116,15 +134,32 @@ impl VcpuState {
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        set_msrs(vcpu, &self.msrs)
+    }
+
+    /// Loads the part of the state that depends on when the clone starts: the local APIC (its
+    /// timer counts from when it is set), the TSC and the TSC deadline (after the APIC, whose
+    /// timer mode decides whether KVM takes a deadline), and the pending events last.
+    pub fn finish(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::E2BIG))?;
-        let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if n != self.msrs.len() {
-            tracing::error!("KVM refused MSR {:#x} of the snapshot", self.msrs[n].index);
-            return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
-        }
+        let timed: Vec<kvm_msr_entry> =
+            self.msrs.iter().filter(|e| matches!(e.index, MSR_IA32_TSC | MSR_IA32_TSC_DEADLINE)).copied().collect();
+        set_msrs(vcpu, &timed)?;
         vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
+    }
+
+    /// Whether a vCPU preloaded with `self` ([`VcpuState::preload`]) holds `other`'s shared part.
+    pub fn preloads_as(&self, other: &VcpuState) -> bool {
+        self.tsc_khz == other.tsc_khz
+            && self.cpuid == other.cpuid
+            && self.mp_state == other.mp_state
+            && self.regs == other.regs
+            && self.sregs == other.sregs
+            && self.xsave.region == other.xsave.region
+            && self.xcrs == other.xcrs
+            && self.debugregs == other.debugregs
+            && self.msrs == other.msrs
     }
 
     /// Re-anchors this vCPU's kvm-clock page (in the clone's memory) at the snapshot's clock:
@@ -160,5 +195,16 @@ impl VcpuState {
         mem.write_obj(tsc, at(PVCLOCK_TSC_TIMESTAMP)).map_err(VmError::GuestMemory)?;
         mem.write_obj(clock_ns, at(PVCLOCK_SYSTEM_TIME)).map_err(VmError::GuestMemory)?;
         Ok(())
+    }
+}
+
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        Self {
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            xsave: kvm_xsave { region: self.xsave.region, ..Default::default() },
+            ..*self
+        }
     }
 }

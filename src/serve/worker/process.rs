@@ -20,10 +20,14 @@ use crate::snapshot::{MemoryFile, SnapshotPaths};
 use crate::template::MakeOptions;
 use crate::template::Template;
 use crate::vmm::persist::SnapshotState;
+use crate::vmm::shell::{ShellMaker, VmShell};
 use crate::vmm::{Channels, RunOptions, RunningVm};
 
 /// How often the worker looks for clones that ended on their own.
 const SWEEP: Duration = Duration::from_millis(50);
+/// VM shells a serving worker keeps made ahead (each: a KVM VM with its vCPUs, tens of KiB of
+/// kernel memory, and reserved but unpopulated address space).
+const SHELLS_AHEAD: usize = 2;
 
 /// Runs the worker on descriptor 3 until the supervisor closes its end (or, making a template,
 /// until it is made).
@@ -141,10 +145,16 @@ fn make(
 fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let _ = protocol::set_recv_timeout(sock, SWEEP);
     let mut vms: HashMap<u64, RunningVm> = HashMap::new();
+    // VMs made ahead for the next restores, on a thread of their own (without it, each restore
+    // makes its VM itself).
+    let shells = ShellMaker::start(template.shell_spec(), SHELLS_AHEAD)
+        .inspect_err(|e| tracing::warn!("worker: no VM shells made ahead: {e}"))
+        .ok();
     loop {
         match protocol::recv::<ToWorker>(sock) {
             Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
-                let reply = match restore(template, run_dir, id, fds) {
+                let shell = shells.as_ref().and_then(ShellMaker::take);
+                let reply = match restore(template, shell, run_dir, id, fds) {
                     Ok(vm) => {
                         vms.insert(id, vm);
                         FromWorker::Restored { id }
@@ -184,7 +194,13 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
 }
 
 /// Restores clone `id`; `taps`: its network card's TAP, when the template has one.
-fn restore(template: &Template, run_dir: &Path, id: u64, taps: Vec<OwnedFd>) -> Result<RunningVm, String> {
+fn restore(
+    template: &Template,
+    shell: Option<VmShell>,
+    run_dir: &Path,
+    id: u64,
+    taps: Vec<OwnedFd>,
+) -> Result<RunningVm, String> {
     let channels = Channels {
         mailbox: Some(run_dir.join(format!("{id}.mailbox"))),
         vsock: Some(run_dir.join(format!("{id}.vsock"))),
@@ -193,7 +209,7 @@ fn restore(template: &Template, run_dir: &Path, id: u64, taps: Vec<OwnedFd>) -> 
         ..Default::default()
     };
     template
-        .restore(id, &channels, Box::new(std::io::sink()))
+        .restore_in(shell, id, &channels, Box::new(std::io::sink()))
         .and_then(|vm| vm.start(RunOptions::default()))
         .map_err(|e| format!("restore: {e}"))
 }

@@ -1,0 +1,276 @@
+//! VM shells: the parts of a clone that do not depend on which clone it is, made ahead of the
+//! restore that needs them.
+//!
+//! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over address ranges
+//! the shell reserves (anonymous, nothing populated), the TSS, the in-kernel irqchip and the PIT,
+//! and its vCPUs created and loaded with the part of the template's vCPU state that every clone
+//! shares (CPUID, TSC frequency, registers, FPU, MSRs: [`VcpuState::preload`]). A restore maps the
+//! template's memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM follows the
+//! change through its MMU notifier), the clone's mailbox over the reserved mailbox range, and loads
+//! what depends on when the clone starts (clock, PIT, interrupt controllers, local APICs, TSCs,
+//! pending events) and its devices.
+//!
+//! The slots are registered before the irqchip exists, which keeps KVM_SET_USER_MEMORY_REGION
+//! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
+//! whose cost grows with the number of VMs a process holds, leaves the restore path.
+//!
+//! [`ShellMaker`] keeps a few shells of one template ready on a thread of its own.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::persist::SnapshotState;
+use super::vcpu::Vcpu;
+use super::vcpu_state::VcpuState;
+use super::VmError;
+use crate::memory::{self, GuestMemory};
+use crate::snapshot::MemoryFile;
+
+/// What a shell is made for: the machine's RAM and each vCPU's state (of which the shell loads
+/// the part every clone shares).
+#[derive(Clone, Debug)]
+pub struct ShellSpec {
+    pub mem_bytes: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+impl ShellSpec {
+    /// The shell a clone of `state` needs.
+    pub fn of(state: &SnapshotState) -> Self {
+        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone() }
+    }
+}
+
+/// An anonymous range of address space reserved for a mapping to come (unmapped on drop unless
+/// handed over).
+struct Reservation {
+    addr: usize,
+    len: usize,
+}
+
+impl Reservation {
+    fn new(len: usize) -> Result<Self, VmError> {
+        // SAFETY: a new anonymous mapping at an address the kernel picks; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(VmError::Shell(format!("cannot reserve {len} bytes: {}", std::io::Error::last_os_error())));
+        }
+        Ok(Self { addr: p as usize, len })
+    }
+
+    /// Gives the range to a new owner (who maps over it and unmaps it when done).
+    fn hand_over(self) -> *mut u8 {
+        let p = self.addr as *mut u8;
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `new` and is still ours (never handed over).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A VM made ahead of a restore (see the module's documentation).
+pub struct VmShell {
+    // Drop order: vCPUs and the VM fd before the memory its slots point at.
+    pub(super) vcpus: Vec<Vcpu>,
+    pub(super) vm: VmFd,
+    /// Guest RAM: anonymous until the restore maps the template over it.
+    ram: GuestMemory,
+    /// Taken by the restore, whose mailbox maps over it.
+    mailbox: Option<Reservation>,
+    spec: ShellSpec,
+}
+
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell").field("vcpus", &self.vcpus.len()).field("mem_bytes", &self.spec.mem_bytes).finish()
+    }
+}
+
+impl VmShell {
+    /// Makes a shell for clones of `spec`.
+    pub fn new(spec: &ShellSpec) -> Result<Self, VmError> {
+        let mut regions = Vec::new();
+        for (addr, size) in memory::ram_ranges(spec.mem_bytes) {
+            let region = MmapRegionBuilder::new(size as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| VmError::Shell(format!("cannot reserve guest RAM: {e}")))?;
+            regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| VmError::Shell("RAM overflows".into()))?);
+        }
+        let ram = GuestMemory::from_regions(regions).map_err(|e| VmError::Shell(format!("guest RAM: {e}")))?;
+        let mailbox = Reservation::new(memory::MAILBOX_SIZE as usize)?;
+        // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
+        // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
+        // it, drop the VM fd first.
+        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.addr as u64)) }?;
+        let mut vcpus = Vec::with_capacity(spec.vcpus.len());
+        for (i, state) in spec.vcpus.iter().enumerate() {
+            let v = Vcpu::new(&vm, i as u8)?;
+            state.preload(&v.fd)?;
+            vcpus.push(v);
+        }
+        Ok(Self { vcpus, vm, ram, mailbox: Some(mailbox), spec: spec.clone() })
+    }
+
+    /// Whether this shell can take a clone of `state`.
+    pub fn fits(&self, state: &SnapshotState) -> bool {
+        let s = &self.spec;
+        s.mem_bytes == state.machine.mem_bytes
+            && s.vcpus.len() == state.vcpus.len()
+            && s.vcpus.iter().zip(&state.vcpus).all(|(a, b)| a.preloads_as(b))
+    }
+
+    /// Maps `memory` copy-on-write over the shell's RAM (the guest sees the template's pages from
+    /// its first access; KVM drops whatever it had mapped there) and returns the clone's RAM.
+    pub(super) fn map_template(&self, memory: &MemoryFile) -> Result<GuestMemory, VmError> {
+        use std::os::fd::AsRawFd;
+        let mut off = 0u64;
+        for r in self.ram.iter() {
+            // SAFETY: replaces the shell's own anonymous mapping of exactly this range (owned by
+            // `self.ram`, which the clone keeps) with a private mapping of the template file; the
+            // guest has not run, and nothing else refers to the range's old contents.
+            let p = unsafe {
+                libc::mmap(
+                    r.as_ptr().cast(),
+                    r.len() as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    memory.file().as_raw_fd(),
+                    off as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(VmError::Shell(format!("cannot map the template: {}", std::io::Error::last_os_error())));
+            }
+            off += r.len();
+        }
+        Ok(self.ram.clone())
+    }
+
+    /// The reserved mailbox range, for the clone's mailbox to be mapped over (it unmaps it then).
+    pub(super) fn take_mailbox_range(&mut self) -> Option<*mut u8> {
+        self.mailbox.take().map(Reservation::hand_over)
+    }
+}
+
+/// Keeps up to `ahead` shells of one spec ready, made on a thread of its own.
+pub struct ShellMaker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<MakerState>,
+    wake: Condvar,
+}
+
+struct MakerState {
+    ready: Vec<VmShell>,
+    stop: bool,
+    /// The last failure to make one (the maker backs off and tries again).
+    failed: Option<String>,
+}
+
+/// How long the maker waits after a failure before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl ShellMaker {
+    /// Starts a thread that keeps `ahead` shells for `spec` ready.
+    pub fn start(spec: ShellSpec, ahead: usize) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(MakerState { ready: Vec::with_capacity(ahead), stop: false, failed: None }),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread =
+            std::thread::Builder::new().name("vm-shells".into()).spawn(move || make_ahead(&s, &spec, ahead))?;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// A ready shell, if there is one (the maker makes another).
+    pub fn take(&self) -> Option<VmShell> {
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let shell = st.ready.pop();
+        self.shared.wake.notify_one();
+        shell
+    }
+
+    /// How many shells are ready now.
+    pub fn ready(&self) -> usize {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).ready.len()
+    }
+
+    /// The last error making a shell, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).failed.clone()
+    }
+
+    /// Waits until `n` shells are ready (or `timeout` passes); whether they are.
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.ready() < n {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}
+
+impl Drop for ShellMaker {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn make_ahead(shared: &Shared, spec: &ShellSpec, ahead: usize) {
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if st.stop {
+            return;
+        }
+        if st.ready.len() >= ahead {
+            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        drop(st);
+        let made = VmShell::new(spec);
+        st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        match made {
+            Ok(shell) => {
+                st.ready.push(shell);
+                st.failed = None;
+            }
+            Err(e) => {
+                crate::log_limited!(warn, "cannot make a VM shell ahead: {e}");
+                st.failed = Some(e.to_string());
+                st = shared.wake.wait_timeout(st, RETRY).unwrap_or_else(|e| e.into_inner()).0;
+            }
+        }
+    }
+}
