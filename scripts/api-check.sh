@@ -62,4 +62,8 @@ schemathesis --config-file scripts/schemathesis.toml run "$api/openapi.json" \
 # The daemon must still be there, answering.
 curl -sf "$api/functions" >/dev/null || { log "the daemon stopped answering"; status=1; }
 kill -0 "$daemon" || { log "the daemon died"; status=1; }
+if [[ $status != 0 ]]; then
+  log "the daemon's warnings and errors:"
+  grep -aE "WARN|ERROR|panicked" "$work/serve.log" | tail -50 >&2 || true
+fi
 exit $status

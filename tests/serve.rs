@@ -79,6 +79,46 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         assert!(answer.contains(r#"{"error":"#), "{answer}");
     }
+    // A refused request whose body comes after its head (a route that ignores bodies, a wrong
+    // method) is answered after the body, on a connection kept alive for the next request.
+    {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(s).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut answer = |r: &mut BufReader<std::os::unix::net::UnixStream>| {
+            let (mut head, mut len) = (String::new(), 0usize);
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            (head, String::from_utf8(body).unwrap())
+        };
+        for (method, path, status) in [("OPTIONS", "/vms/0/release", "405"), ("POST", "/functions/nope/acquire", "404")]
+        {
+            let body = r#"{"destroy": false, "lease": ""}"#;
+            write!(c, "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            c.write_all(body.as_bytes()).unwrap();
+            let (head, body) = answer(&mut r);
+            assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{method} {path}: {head}");
+            assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+            assert!(body.contains(r#""error""#), "{body}");
+        }
+        c.write_all(b"GET /functions HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let (head, body) = answer(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "the kept-alive connection: {head}");
+        assert_eq!(json_of(&body), json!({"functions": []}));
+    }
     assert_error(http(s, "DELETE", "/functions", None), 405, "method not allowed");
     assert_error(http(s, "DELETE", "/functions/nope", None), 404, "no function");
     // Nothing was registered by any of that.

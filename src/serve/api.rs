@@ -310,18 +310,49 @@ const DRAIN_OVER_LIMIT: u64 = 32 << 20;
 /// How long an over-limit body is read for at most.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
+/// The most body bytes a request to `req`'s route may carry.
+fn body_limit(req: &Request) -> usize {
+    if req.uri().path().starts_with("/layers/") {
+        MAX_UPLOAD
+    } else {
+        MAX_BODY
+    }
+}
+
 /// A request whose declared body is over its route's limit: (declared, limit).
 fn oversized(req: &Request) -> Option<(u64, u64)> {
     let declared: u64 = req.headers().get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()?;
-    let limit = if req.uri().path().starts_with("/layers/") { MAX_UPLOAD } else { MAX_BODY } as u64;
+    let limit = body_limit(req) as u64;
     (declared > limit).then_some((declared, limit))
+}
+
+/// Reads a request's whole body (at most its route's limit) before it is routed, so that every
+/// answer, those of routes that ignore the body included (405, 404, acquire), comes after the
+/// body: answered earlier, the connection could not be kept alive, and a client that had sent its
+/// next request on it would see it close without an answer. Requests without a body pass as
+/// they are.
+async fn read_body(req: Request) -> Result<Request, ApiError> {
+    use http_body_util::BodyExt;
+    if axum::body::HttpBody::is_end_stream(req.body()) {
+        return Ok(req);
+    }
+    let limit = body_limit(&req);
+    let (parts, body) = req.into_parts();
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over this request's limit of {limit} bytes"),
+        )),
+        Err(e) => Err(bad_request(format!("cannot read the body: {e}"))),
+    }
 }
 
 /// Gives every request an id (the caller's `x-request-id` or a new one), logs under it and
 /// returns it, with the time the daemon took (`server-timing: ember;dur=<ms>`, request routed to
 /// response built).
 async fn request_id(mut req: Request, next: Next) -> Response {
-    let t = std::time::Instant::now();
+    let mut t = std::time::Instant::now();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let id = req
         .headers()
@@ -346,7 +377,14 @@ async fn request_id(mut req: Request, next: Next) -> Response {
             let msg = format!("the body is {declared} bytes, over this request's limit of {limit} bytes");
             ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
         }
-        None => next.run(req).instrument(span.clone()).await,
+        None => match read_body(req).await {
+            Ok(req) => {
+                // The client's upload time is not the daemon's.
+                t = std::time::Instant::now();
+                next.run(req).instrument(span.clone()).await
+            }
+            Err(e) => e.into_response(),
+        },
     };
     if resp.status().is_client_error() && !is_json(&resp) {
         // axum's own refusals (a body over the limit, a bad content length) come as text: every
