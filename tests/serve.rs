@@ -86,7 +86,7 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
         let mut c = std::os::unix::net::UnixStream::connect(s).unwrap();
         c.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
         let mut r = BufReader::new(c.try_clone().unwrap());
-        let mut answer = |r: &mut BufReader<std::os::unix::net::UnixStream>| {
+        let answer = |r: &mut BufReader<std::os::unix::net::UnixStream>| {
             let (mut head, mut len) = (String::new(), 0usize);
             loop {
                 let mut line = String::new();
