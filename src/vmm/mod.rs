@@ -44,7 +44,7 @@ use devices::{DeviceArgs, Devices};
 use exit::VmExit;
 use persist::{MachineInfo, SnapshotState};
 use shell::{ShellSpec, VmShell};
-use vcpu::{Vcpu, VcpuContext};
+use vcpu::{ParkedThread, Vcpu, VcpuContext};
 use vm_state::VmState;
 
 /// Where [`Vm::with_payload`] loads its code.
@@ -119,6 +119,8 @@ pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmErr
 /// A VM that is assembled and ready to run.
 pub struct Vm {
     // Field order is drop order: vCPUs and devices before the VM fd, guest memory last.
+    /// vCPU threads made ahead (a shell's), one per vCPU, or none.
+    parked: Vec<ParkedThread>,
     vcpus: Vec<Vcpu>,
     devices: Devices,
     clock: Arc<BootClock>,
@@ -248,7 +250,7 @@ impl Vm {
             v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, devices, clock, vm, mailbox, mem, mem_bytes })
+        Ok(Self { parked: Vec::new(), vcpus, devices, clock, vm, mailbox, mem, mem_bytes })
     }
 
     /// Builds a clone of a snapshot: a new VM whose RAM maps `memory` copy-on-write, with every
@@ -283,7 +285,7 @@ impl Vm {
         // SAFETY: the shell's mailbox range is handed over to the mailbox, which maps over it; the
         // shell's memory slot for it follows the new mapping.
         let mailbox = Arc::new(unsafe { Mailbox::create_at(channels.mailbox.as_deref(), shell.take_mailbox_range()) }?);
-        let VmShell { vcpus: shell_vcpus, vm, .. } = shell;
+        let VmShell { parked, vcpus: shell_vcpus, vm, .. } = shell;
         state.vm.restore(&vm)?;
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
         let args = DeviceArgs {
@@ -304,7 +306,7 @@ impl Vm {
             s.anchor_kvmclock(&v.fd, &mem, state.vm.clock.clock)?;
             vcpus.push(v);
         }
-        Ok(Self { vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })
+        Ok(Self { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })
     }
 
     /// Faults a snapshot's working set into this (restored, not yet started) VM's memory from the
@@ -328,17 +330,24 @@ impl Vm {
     /// Starts the vCPU threads and returns a handle to the running VM.
     pub fn start(self, options: RunOptions) -> Result<RunningVm, VmError> {
         vcpu::install_kick_handler()?;
-        // One filter per vCPU thread: each may reach its own vCPU fd only.
-        let filters = self
-            .vcpus
-            .iter()
-            .map(|v| options.seccomp.then(|| seccomp::vcpu_filter(v.fd.as_raw_fd())).transpose())
-            .collect::<Result<Vec<_>, _>>()?;
         // What a vCPU thread needs to save its state when paused, worked out before it is confined.
         if let Some(v) = self.vcpus.first() {
             vcpu_state::prepare(&v.fd)?;
         }
-        let Vm { vcpus, devices, clock, vm, mailbox, mem, mem_bytes } = self;
+        let Vm { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes } = self;
+        // Threads made ahead (confined already) when there is one per vCPU and seccomp is on;
+        // otherwise one thread per vCPU now, with one filter each: each may reach its own vCPU fd
+        // only.
+        let mut parked = match options.seccomp && parked.len() == vcpus.len() {
+            true => parked.into_iter().map(Some).collect(),
+            false => Vec::new(),
+        };
+        parked.resize_with(vcpus.len(), || None);
+        let filters = vcpus
+            .iter()
+            .zip(&parked)
+            .map(|(v, p)| (options.seccomp && p.is_none()).then(|| seccomp::vcpu_filter(v.fd.as_raw_fd())).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         let ctl = Arc::new(VmControl::new(vcpus.len()));
         ctl.set_pause_on_ready(options.pause_on_ready);
         if options.start_paused {
@@ -361,7 +370,7 @@ impl Vm {
             mem: mem.clone(),
             mem_bytes,
         };
-        for (v, filter) in vcpus.into_iter().zip(filters) {
+        for ((v, filter), parked) in vcpus.into_iter().zip(filters).zip(parked) {
             let cx = VcpuContext {
                 pio: running.devices.pio.clone(),
                 mmio: running.devices.mmio.clone(),
@@ -370,6 +379,20 @@ impl Vm {
                 mem: mem.clone(),
                 mailbox: mailbox.clone(),
                 seccomp: filter,
+            };
+            let (v, cx) = match parked {
+                Some(p) => match p.start(v, cx) {
+                    Ok(t) => {
+                        running.threads.push(t);
+                        continue;
+                    }
+                    // The thread made ahead is gone: this vCPU gets a new one, confined as usual.
+                    Err((v, mut cx)) => {
+                        cx.seccomp = Some(seccomp::vcpu_filter(v.fd.as_raw_fd())?);
+                        (v, cx)
+                    }
+                },
+                None => (v, cx),
             };
             match std::thread::Builder::new().name(format!("vcpu{}", v.index)).spawn(move || v.run(cx)) {
                 Ok(t) => running.threads.push(t),

@@ -8,7 +8,8 @@
 //! template's memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM follows the
 //! change through its MMU notifier), the clone's mailbox over the reserved mailbox range, and loads
 //! what depends on when the clone starts (clock, PIT, interrupt controllers, local APICs, TSCs,
-//! pending events) and its devices.
+//! pending events) and its devices. Each vCPU's thread is started with the shell too, confined
+//! with its vCPU's seccomp filter, and waits for the VM to start.
 //!
 //! The slots are registered before the irqchip exists, which keeps KVM_SET_USER_MEMORY_REGION
 //! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
@@ -16,6 +17,7 @@
 //!
 //! [`ShellMaker`] keeps a few shells of one template ready on a thread of its own.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use super::persist::SnapshotState;
-use super::vcpu::Vcpu;
+use super::vcpu::{ParkedThread, Vcpu};
 use super::vcpu_state::VcpuState;
 use super::VmError;
 use crate::memory::{self, GuestMemory};
@@ -90,6 +92,8 @@ impl Drop for Reservation {
 /// A VM made ahead of a restore (see the module's documentation).
 pub struct VmShell {
     // Drop order: vCPUs and the VM fd before the memory its slots point at.
+    /// A thread per vCPU, started and confined, waiting for the VM to start.
+    pub(super) parked: Vec<ParkedThread>,
     pub(super) vcpus: Vec<Vcpu>,
     pub(super) vm: VmFd,
     /// Guest RAM: anonymous until the restore maps the template over it.
@@ -124,12 +128,14 @@ impl VmShell {
         // it, drop the VM fd first.
         let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.addr as u64)) }?;
         let mut vcpus = Vec::with_capacity(spec.vcpus.len());
+        let mut parked = Vec::with_capacity(spec.vcpus.len());
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
             state.preload(&v.fd)?;
+            parked.push(ParkedThread::spawn(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
             vcpus.push(v);
         }
-        Ok(Self { vcpus, vm, ram, mailbox: Some(mailbox), spec: spec.clone() })
+        Ok(Self { parked, vcpus, vm, ram, mailbox: Some(mailbox), spec: spec.clone() })
     }
 
     /// Whether this shell can take a clone of `state`.
@@ -143,7 +149,6 @@ impl VmShell {
     /// Maps `memory` copy-on-write over the shell's RAM (the guest sees the template's pages from
     /// its first access; KVM drops whatever it had mapped there) and returns the clone's RAM.
     pub(super) fn map_template(&self, memory: &MemoryFile) -> Result<GuestMemory, VmError> {
-        use std::os::fd::AsRawFd;
         let mut off = 0u64;
         for r in self.ram.iter() {
             // SAFETY: replaces the shell's own anonymous mapping of exactly this range (owned by
