@@ -216,6 +216,46 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert_eq!((code, json_of(&body)), (200, json!({"id": id, "recycled": false})));
     assert_error(http(&s, "POST", &format!("/vms/{id}/release"), Some(&release)), 404, "no handed-out VM");
 
+    // The lean protocol on the same socket: a line each way on a kept-open connection, the same
+    // handoffs and refusals (the HTTP status in the error line); the connection outlives refusals.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let c = std::os::unix::net::UnixStream::connect(&s).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut w = c;
+        w.write_all(ember::serve::lean::HELLO).unwrap();
+        let mut ask = |line: &str| -> serde_json::Value {
+            w.write_all(line.as_bytes()).unwrap();
+            let mut answer = String::new();
+            r.read_line(&mut answer).unwrap();
+            json_of(&answer)
+        };
+        let h = ask("acquire rev\n");
+        let (id, lease) = (h["id"].as_u64().expect("a handoff"), h["lease"].as_str().unwrap().to_string());
+        assert_eq!((h["function"].as_str(), h["cold_start"].as_bool()), (Some("rev"), Some(false)), "{h}");
+        let mailbox = ember::channel::mailbox::Mailbox::open(Path::new(h["mailbox"].as_str().unwrap())).unwrap();
+        assert_eq!(mailbox.call("echo", b"lean", opts).unwrap().payload, b"lean");
+        let e = ask(&format!("release {id} {}\n", "0".repeat(32)));
+        assert_eq!(e["status"], 403, "{e}");
+        assert_eq!(ask(&format!("release {id} {lease}\n")), json!({"id": id, "recycled": false}));
+        assert_eq!(ask(&format!("release {id} {lease}\n"))["status"], 404);
+        assert_eq!(ask("acquire nope\n")["status"], 404);
+        let e = ask("launch rev\n");
+        assert_eq!(e["status"], 400, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("acquire NAME"), "{e}");
+        assert_eq!(ask("release x y\n")["status"], 400);
+        // Destroying on release, asked for explicitly.
+        let h = ask("acquire rev\n");
+        let id = h["id"].as_u64().unwrap();
+        assert_eq!(ask(&format!("release {id} {} destroy\n", h["lease"].as_str().unwrap()))["recycled"], false);
+        // A line over the limit ends the connection after its error.
+        let e = ask(&format!("acquire {}\n", "x".repeat(ember::serve::lean::MAX_LINE)));
+        assert_eq!(e["status"], 400, "{e}");
+        let mut rest = String::new();
+        assert_eq!(r.read_line(&mut rest).unwrap(), 0, "the connection stayed open: {rest}");
+    }
+
     // Invoke: the registration's handler (the image's runtime), or a named built-in.
     let r = invoke(&s, "rev", r#"{"payload": "stressed"}"#);
     assert_eq!((r["ok"].as_bool(), r["payload"].as_str()), (Some(true), Some("desserts")), "{r}");

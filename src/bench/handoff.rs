@@ -2,7 +2,8 @@
 //! over the real API on a Unix socket, with 1 and 16 concurrent clients, against pools restored
 //! from an existing template. Each request is timed twice: by the client (request written ->
 //! response read) and by the daemon (the `server-timing` header: request routed -> response
-//! built, which is the handoff itself plus HTTP routing and JSON).
+//! built, which is the handoff itself plus HTTP routing and JSON). Acquire is also timed over the
+//! lean protocol on the same socket ([`crate::serve::lean`]).
 
 use crate::serve::worker::Isolation;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -120,8 +121,7 @@ impl Daemon {
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
-        let app = crate::serve::api::router(sup.clone());
-        let server = rt.spawn(async move { axum::serve(listener, app).await });
+        let server = rt.spawn(crate::serve::serve_api(listener, sup.clone(), std::future::pending()));
         Ok(Self { sup, scaler, server, _rt: rt })
     }
 
@@ -144,11 +144,24 @@ pub(super) fn round(
     req: &Request,
     after: &After,
 ) -> Result<(Vec<f64>, Vec<f64>), String> {
+    round_with(socket, b"", clients, n, req, after)
+}
+
+/// [`round`] on connections that open with `hello`.
+fn round_with(
+    socket: &Path,
+    hello: &[u8],
+    clients: usize,
+    n: usize,
+    req: &Request,
+    after: &After,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
     let per_client: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(move || -> Result<(Vec<f64>, Vec<f64>), String> {
                     let mut c = BufReader::new(UnixStream::connect(socket).map_err(|e| e.to_string())?);
+                    c.get_mut().write_all(hello).map_err(|e| e.to_string())?;
                     let (mut rtt, mut srv) = (Vec::with_capacity(n), Vec::with_capacity(n));
                     for _ in 0..n {
                         let t = req(&mut c).map_err(|e| e.to_string())?;
@@ -189,6 +202,33 @@ pub(super) fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Res
     Ok(())
 }
 
+/// One request line of the lean protocol ([`crate::serve::lean`]) and its answer line; the
+/// status is 200 unless the answer is an error.
+fn lean_request(s: &mut BufReader<UnixStream>, line: &str) -> std::io::Result<Timed> {
+    let t = Instant::now();
+    s.get_mut().write_all(line.as_bytes())?;
+    let mut body = Vec::new();
+    if s.read_until(b'\n', &mut body)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let round_trip_us = t.elapsed().as_secs_f64() * 1e6;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+    let status = v.get("status").and_then(|s| s.as_u64()).map_or(200, |s| s as u16);
+    Ok(Timed { status, round_trip_us, server_us: None, body })
+}
+
+/// Releases the clone a lean acquire handed over, on the same connection.
+fn lean_release(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
+    let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
+    let id = v["id"].as_u64().ok_or("no id in the handoff")?;
+    let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;
+    let t = lean_request(c, &format!("release {id} {lease}\n")).map_err(|e| e.to_string())?;
+    if t.status != 200 {
+        return Err(format!("release answered {}", String::from_utf8_lossy(&t.body)));
+    }
+    Ok(())
+}
+
 fn no_release(_: &mut BufReader<UnixStream>, _: &Timed) -> Result<(), String> {
     Ok(())
 }
@@ -222,15 +262,23 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         }
     };
 
+    let lean_acquire = |c: &mut BufReader<UnixStream>| lean_request(c, &format!("acquire {RECYCLED}\n"));
+
     let mut rows = Vec::new();
     let mut add = |what: String, (rtt, srv): (Vec<f64>, Vec<f64>)| {
         rows.push((format!("{what}: round trip"), Summary::of(&rtt)));
-        rows.push((format!("{what}: in the daemon"), Summary::of(&srv)));
+        if !srv.is_empty() {
+            rows.push((format!("{what}: in the daemon"), Summary::of(&srv)));
+        }
     };
     for clients in [1usize, 16] {
         settle()?;
         let r = round(&socket, clients, per_client, &acquire, &release_it)?;
         add(format!("acquire (recycled pool), {clients} client(s)"), r);
+        settle()?;
+        let hello = crate::serve::lean::HELLO;
+        let r = round_with(&socket, hello, clients, per_client, &lean_acquire, &lean_release)?;
+        add(format!("acquire, lean protocol (recycled pool), {clients} client(s)"), r);
     }
     for clients in [1usize, 16] {
         settle()?;
@@ -250,6 +298,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         ),
         "round trip: request written -> response read by the client, HTTP/1.1 on a kept-alive Unix-socket connection"
             .into(),
+        "lean protocol: a request line and a JSON answer line on a kept-open connection to the same socket".into(),
         "in the daemon: the server-timing header, request routed -> response built (axum middleware)".into(),
         "each round starts with full, quiet pools (clones done starting) and refills paused".into(),
     ];

@@ -44,16 +44,7 @@ impl IntoResponse for ApiError {
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
-        let status = match &r {
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Refusal::NotFound(_) => StatusCode::NOT_FOUND,
-            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
-            Refusal::Unavailable(_) => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Conflict(_) => StatusCode::CONFLICT,
-            Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Refusal::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError(status, r.to_string())
     }
 }

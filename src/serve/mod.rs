@@ -20,6 +20,7 @@ pub mod fleet;
 pub mod hybrid;
 pub mod images;
 pub mod layers;
+pub mod lean;
 pub mod metrics;
 pub mod model;
 pub mod network;
@@ -108,10 +109,83 @@ async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {
     // Only the daemon's own user (and root) may connect; checked again per connection below.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-    let listener = OwnerOnly(listener);
     tracing::info!("serving on {}", socket.display());
+    serve_api(listener, sup, stop_signal()).await.map_err(|e| format!("server: {e}"))
+}
+
+/// Serves the API on `listener` until `stop` resolves: HTTP, and the lean protocol
+/// ([`lean`]) on connections that open with its hello; connections only from processes of the
+/// daemon's own user or root.
+pub async fn serve_api(
+    listener: tokio::net::UnixListener,
+    sup: Arc<Supervisor>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let accepting = tokio::spawn(accept(listener, tx, sup.clone()));
     let app = api::router(sup);
-    axum::serve(listener, app).with_graceful_shutdown(stop_signal()).await.map_err(|e| format!("server: {e}"))
+    let result = axum::serve(HttpConnections { rx }, app).with_graceful_shutdown(stop).await;
+    accepting.abort();
+    result
+}
+
+/// Accepts connections from the daemon's own user (and root: SO_PEERCRED), whatever the socket
+/// file's mode became, and sorts them by their first bytes: lean ones get a thread, HTTP ones go
+/// to the HTTP server.
+async fn accept(
+    listener: tokio::net::UnixListener,
+    http: tokio::sync::mpsc::Sender<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)>,
+    sup: Arc<Supervisor>,
+) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => match stream.peer_cred() {
+                Ok(c) if c.uid() == me || c.uid() == 0 => {
+                    let (http, sup) = (http.clone(), sup.clone());
+                    tokio::spawn(async move {
+                        match lean::opening(&stream).await {
+                            lean::Opening::Lean => lean::serve(stream, sup),
+                            lean::Opening::Http => {
+                                let _ = http.send((stream, addr)).await;
+                            }
+                        }
+                    });
+                }
+                Ok(c) => crate::log_limited!(warn, "refused a connection from uid {}", c.uid()),
+                Err(e) => crate::log_limited!(warn, "refused a connection without credentials: {e}"),
+            },
+            Err(e) => {
+                // Out of fds, most likely: wait a little rather than spin.
+                crate::log_limited!(warn, "accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The HTTP server's listener: the connections [`accept`] found to be HTTP.
+struct HttpConnections {
+    rx: tokio::sync::mpsc::Receiver<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)>,
+}
+
+impl axum::serve::Listener for HttpConnections {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accepting task is gone (the server is stopping): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Not asked by the server (and getsockname is not among the daemon's system calls).
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 async fn stop_signal() {
@@ -122,37 +196,5 @@ async fn stop_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-}
-
-/// The API's listener: takes connections only from processes of the daemon's own user or root
-/// (SO_PEERCRED), whatever the socket file's mode became.
-struct OwnerOnly(tokio::net::UnixListener);
-
-impl axum::serve::Listener for OwnerOnly {
-    type Io = tokio::net::UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        loop {
-            match self.0.accept().await {
-                Ok((stream, addr)) => match stream.peer_cred() {
-                    Ok(c) if c.uid() == me || c.uid() == 0 => return (stream, addr),
-                    Ok(c) => crate::log_limited!(warn, "refused a connection from uid {}", c.uid()),
-                    Err(e) => crate::log_limited!(warn, "refused a connection without credentials: {e}"),
-                },
-                Err(e) => {
-                    // Out of fds, most likely: wait a little rather than spin.
-                    crate::log_limited!(warn, "accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
     }
 }

@@ -155,6 +155,22 @@ pub enum Refusal {
     Internal(String),
 }
 
+impl Refusal {
+    /// The HTTP status the API answers it with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            Refusal::NotFound(_) => 404,
+            Refusal::Forbidden(_) => 403,
+            Refusal::Unavailable(_) => 429,
+            Refusal::Conflict(_) => 409,
+            Refusal::BadGateway(_) => 502,
+            Refusal::Timeout(_) => 504,
+            Refusal::Internal(_) => 500,
+        }
+    }
+}
+
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (Refusal::BadRequest(m)

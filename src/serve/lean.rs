@@ -1,0 +1,193 @@
+//! The lean protocol: acquire and release on a kept-open connection to the API socket, one line
+//! each way, for schedulers that count microseconds (the HTTP API stays the reference; this
+//! carries the same two calls with the same answers, without HTTP or a runtime hop).
+//!
+//! A connection whose first bytes are [`HELLO`] (`EMBER/1` and a newline) speaks it; any other
+//! connection is HTTP. Then, one request per line, answered in order with one JSON line:
+//!
+//! ```text
+//! acquire NAME                 -> the handoff, as POST /functions/NAME/acquire answers it
+//! release ID LEASE [destroy]   -> {"id": ID, "recycled": BOOL}, as POST /vms/ID/release
+//! (anything refused)           -> {"error": "...", "status": CODE}  (CODE: the HTTP API's status)
+//! ```
+//!
+//! Each such connection has a thread of its own (blocking reads and writes, under the daemon's
+//! seccomp filter), at most [`MAX_CONNECTIONS`] at once; a line longer than [`MAX_LINE`] bytes ends
+//! its connection after the error.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::model::Refusal;
+use super::supervisor::Supervisor;
+
+/// What a lean connection opens with.
+pub const HELLO: &[u8] = b"EMBER/1\n";
+/// The longest request line (a function name and a lease fit many times over).
+pub const MAX_LINE: usize = 512;
+/// Lean connections served at once; more are refused with an error line.
+pub const MAX_CONNECTIONS: usize = 64;
+
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// What a new connection's first bytes say it speaks.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opening {
+    Lean,
+    Http,
+}
+
+/// Looks at (without taking) the first bytes of `stream`: [`Opening::Lean`] once they are
+/// [`HELLO`], HTTP as soon as they cannot be (or the peer sent nothing and closed).
+pub async fn opening(stream: &tokio::net::UnixStream) -> Opening {
+    let mut buf = [0u8; HELLO.len()];
+    let mut partial_waits = 0u32;
+    loop {
+        if stream.readable().await.is_err() {
+            return Opening::Http;
+        }
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: peeks at most buf.len() bytes into `buf`, a live buffer of that size.
+            let n = unsafe {
+                libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match peeked {
+            Ok(0) => return Opening::Http,
+            Ok(n) if buf[..n] != HELLO[..n] => return Opening::Http,
+            Ok(n) if n == HELLO.len() => return Opening::Lean,
+            // The start of the hello so far: wait for the rest (briefly; then it is not one).
+            Ok(_) => {
+                partial_waits += 1;
+                if partial_waits > 1000 {
+                    return Opening::Http;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Opening::Http,
+        }
+    }
+}
+
+/// Serves a lean connection on a thread of its own.
+pub fn serve(stream: tokio::net::UnixStream, sup: Arc<Supervisor>) {
+    let stream = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|_| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            crate::log_limited!(warn, "lean connection: {e}");
+            return;
+        }
+    };
+    if OPEN.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        OPEN.fetch_sub(1, Ordering::SeqCst);
+        let msg = format!("{MAX_CONNECTIONS} lean connections are open; try again");
+        let _ = (&stream).write_all(&error_line(&Refusal::Unavailable(msg)));
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("ember-lean".into()).spawn(move || {
+        if let Err(e) = converse(stream, &sup) {
+            tracing::debug!("lean connection ended: {e}");
+        }
+        OPEN.fetch_sub(1, Ordering::SeqCst);
+    });
+    if let Err(e) = spawned {
+        OPEN.fetch_sub(1, Ordering::SeqCst);
+        crate::log_limited!(warn, "cannot start a lean connection's thread: {e}");
+    }
+}
+
+/// Answers a connection's requests until it closes.
+fn converse(stream: std::os::unix::net::UnixStream, sup: &Supervisor) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let mut lines = BufReader::with_capacity(4096, stream);
+    let mut hello = [0u8; HELLO.len()];
+    lines.read_exact(&mut hello)?;
+    let mut line = Vec::with_capacity(MAX_LINE);
+    loop {
+        line.clear();
+        let n = (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            let too_long = Refusal::BadRequest(format!("a request line is at most {MAX_LINE} bytes"));
+            out.write_all(&error_line(&too_long))?;
+            return Ok(());
+        }
+        line.pop();
+        out.write_all(&answer(sup, &line))?;
+    }
+}
+
+/// The answer line to one request line (without its newline).
+pub fn answer(sup: &Supervisor, line: &[u8]) -> Vec<u8> {
+    let reply = std::str::from_utf8(line)
+        .map_err(|_| Refusal::BadRequest("a request line must be UTF-8".into()))
+        .and_then(|text| request(sup, text));
+    match reply {
+        Ok(mut v) => {
+            v.push(b'\n');
+            v
+        }
+        Err(r) => error_line(&r),
+    }
+}
+
+fn request(sup: &Supervisor, text: &str) -> Result<Vec<u8>, Refusal> {
+    let internal = |e: serde_json::Error| Refusal::Internal(e.to_string());
+    let words: Vec<&str> = text.split(' ').collect();
+    match words.as_slice() {
+        ["acquire", name] => {
+            let handoff = match sup.acquire_warm(name)? {
+                Some(h) => h,
+                // A cold start: restoring blocks this connection's thread only.
+                None => sup.acquire(name)?,
+            };
+            serde_json::to_vec(&handoff).map_err(internal)
+        }
+        ["release", id, lease, rest @ ..] => {
+            let destroy = match rest {
+                [] => false,
+                ["destroy"] => true,
+                _ => return Err(Refusal::BadRequest("release takes ID LEASE and, optionally, destroy".into())),
+            };
+            let id: u64 = id.parse().map_err(|_| Refusal::BadRequest(format!("bad VM id {id:?}")))?;
+            let recycled = sup.release(id, lease, destroy)?;
+            serde_json::to_vec(&serde_json::json!({"id": id, "recycled": recycled})).map_err(internal)
+        }
+        [verb, ..] => Err(Refusal::BadRequest(format!(
+            "unknown request {:?}: acquire NAME, or release ID LEASE [destroy]",
+            verb.chars().take(32).collect::<String>()
+        ))),
+        [] => Err(Refusal::BadRequest("an empty request".into())),
+    }
+}
+
+fn error_line(r: &Refusal) -> Vec<u8> {
+    let mut v = serde_json::json!({"error": r.to_string(), "status": r.status()}).to_string().into_bytes();
+    v.push(b'\n');
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_http_request_opens_like_the_hello() {
+        // HTTP/1.x methods and the HTTP/2 preface: none shares the hello's first byte, so an
+        // HTTP connection is told apart from its first byte.
+        for m in ["GET", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "HEAD", "TRACE", "CONNECT", "PRI"] {
+            assert_ne!(m.as_bytes()[0], HELLO[0], "{m}");
+        }
+        assert_eq!(HELLO.last(), Some(&b'\n'));
+    }
+}
