@@ -202,11 +202,23 @@ pub(super) fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Res
     Ok(())
 }
 
+/// How long a polling lean client looks for its answer before it sleeps in its read.
+const CLIENT_POLL: Duration = Duration::from_micros(200);
+
 /// One request line of the lean protocol ([`crate::serve::lean`]) and its answer line; the
-/// status is 200 unless the answer is an error.
-fn lean_request(s: &mut BufReader<UnixStream>, line: &str) -> std::io::Result<Timed> {
+/// status is 200 unless the answer is an error. `poll`: look for the answer for up to
+/// [`CLIENT_POLL`] before sleeping in the read (as a scheduler that wants microseconds would).
+fn lean_request(s: &mut BufReader<UnixStream>, line: &str, poll: bool) -> std::io::Result<Timed> {
+    use std::os::fd::AsRawFd;
     let t = Instant::now();
     s.get_mut().write_all(line.as_bytes())?;
+    if poll && s.buffer().is_empty() {
+        let mut fd = libc::pollfd { fd: s.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polls one live pollfd, without waiting.
+        while t.elapsed() < CLIENT_POLL && unsafe { libc::poll(&mut fd, 1, 0) } == 0 {
+            std::hint::spin_loop();
+        }
+    }
     let mut body = Vec::new();
     if s.read_until(b'\n', &mut body)? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -222,7 +234,7 @@ fn lean_release(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), S
     let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
     let id = v["id"].as_u64().ok_or("no id in the handoff")?;
     let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;
-    let t = lean_request(c, &format!("release {id} {lease}\n")).map_err(|e| e.to_string())?;
+    let t = lean_request(c, &format!("release {id} {lease}\n"), false).map_err(|e| e.to_string())?;
     if t.status != 200 {
         return Err(format!("release answered {}", String::from_utf8_lossy(&t.body)));
     }
@@ -262,7 +274,8 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         }
     };
 
-    let lean_acquire = |c: &mut BufReader<UnixStream>| lean_request(c, &format!("acquire {RECYCLED}\n"));
+    let lean_acquire =
+        |poll: bool| move |c: &mut BufReader<UnixStream>| lean_request(c, &format!("acquire {RECYCLED}\n"), poll);
 
     let mut rows = Vec::new();
     let mut add = |what: String, (rtt, srv): (Vec<f64>, Vec<f64>)| {
@@ -275,10 +288,12 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         settle()?;
         let r = round(&socket, clients, per_client, &acquire, &release_it)?;
         add(format!("acquire (recycled pool), {clients} client(s)"), r);
-        settle()?;
         let hello = crate::serve::lean::HELLO;
-        let r = round_with(&socket, hello, clients, per_client, &lean_acquire, &lean_release)?;
-        add(format!("acquire, lean protocol (recycled pool), {clients} client(s)"), r);
+        for (poll, how) in [(false, "client reads"), (true, "client polls")] {
+            settle()?;
+            let r = round_with(&socket, hello, clients, per_client, &lean_acquire(poll), &lean_release)?;
+            add(format!("acquire, lean protocol, {how}, {clients} client(s)"), r);
+        }
     }
     for clients in [1usize, 16] {
         settle()?;
@@ -298,7 +313,9 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         ),
         "round trip: request written -> response read by the client, HTTP/1.1 on a kept-alive Unix-socket connection"
             .into(),
-        "lean protocol: a request line and a JSON answer line on a kept-open connection to the same socket".into(),
+        "lean protocol: a request line and a JSON answer line on a kept-open connection to the same socket; \
+         'client polls': the client looks for the answer for up to 200 us before sleeping in its read"
+            .into(),
         "in the daemon: the server-timing header, request routed -> response built (axum middleware)".into(),
         "each round starts with full, quiet pools (clones done starting) and refills paused".into(),
     ];
