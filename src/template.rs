@@ -199,9 +199,11 @@ impl Template {
         Vm::restore_in(shell, &self.state, &self.memory, clone_id, channels, console)
     }
 
-    /// What a VM shell must be made with to take this template's clones.
+    /// What a VM shell must be made with to take this template's clones (its memory mapped
+    /// when the shell is made, when the file can be opened again).
     pub fn shell_spec(&self) -> ShellSpec {
-        ShellSpec::of(&self.state)
+        let memory = self.memory.try_clone().ok().map(std::sync::Arc::new);
+        ShellSpec { memory, ..ShellSpec::of(&self.state) }
     }
 
     /// The template with its memory held in a sealed copy (see [`MemoryFile::sealed`]): what a

@@ -112,6 +112,23 @@ impl MemoryFile {
         &self.file
     }
 
+    /// The guest RAM size the file holds.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    /// Another handle on the same file.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self { path: self.path.clone(), file: self.file.try_clone()?, mem_bytes: self.mem_bytes })
+    }
+
+    /// Which file this is (device and inode): two handles on one file have the same.
+    pub fn identity(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// A memory file handed over by another process: accepted only as a memfd sealed the way
     /// [`MemoryFile::sealed`] seals one (nothing can write, grow or shrink it, so mapping it can
     /// never fault), of exactly `mem_bytes`.

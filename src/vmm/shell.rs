@@ -15,6 +15,9 @@
 //! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
 //! whose cost grows with the number of VMs a process holds, leaves the restore path.
 //!
+//! Made for a template whose memory file is known ([`crate::template::Template::shell_spec`]), a
+//! shell maps that file when it is made, and the restore maps nothing.
+//!
 //! [`ShellMaker`] keeps a few shells of one template ready on a thread of its own.
 
 use std::os::fd::AsRawFd;
@@ -34,17 +37,29 @@ use crate::memory::{self, GuestMemory};
 use crate::snapshot::MemoryFile;
 
 /// What a shell is made for: the machine's RAM and each vCPU's state (of which the shell loads
-/// the part every clone shares).
-#[derive(Clone, Debug)]
+/// the part every clone shares), and the template's memory when known (the shell then maps it
+/// when it is made, and the restore has no mapping left to do).
+#[derive(Clone)]
 pub struct ShellSpec {
     pub mem_bytes: u64,
     pub vcpus: Vec<VcpuState>,
+    pub memory: Option<Arc<MemoryFile>>,
+}
+
+impl std::fmt::Debug for ShellSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShellSpec")
+            .field("mem_bytes", &self.mem_bytes)
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory.is_some())
+            .finish()
+    }
 }
 
 impl ShellSpec {
-    /// The shell a clone of `state` needs.
+    /// The shell a clone of `state` needs (its memory mapped at the restore).
     pub fn of(state: &SnapshotState) -> Self {
-        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone() }
+        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone(), memory: None }
     }
 }
 
@@ -96,8 +111,11 @@ pub struct VmShell {
     pub(super) parked: Vec<ParkedThread>,
     pub(super) vcpus: Vec<Vcpu>,
     pub(super) vm: VmFd,
-    /// Guest RAM: anonymous until the restore maps the template over it.
+    /// Guest RAM: the template's memory mapped private when the spec had it, else anonymous until
+    /// the restore maps the template over it.
     ram: GuestMemory,
+    /// The memory file `ram` maps (device, inode), if any.
+    mapped: Option<(u64, u64)>,
     /// Taken by the restore, whose mailbox maps over it.
     mailbox: Option<Reservation>,
     spec: ShellSpec,
@@ -112,16 +130,13 @@ impl std::fmt::Debug for VmShell {
 impl VmShell {
     /// Makes a shell for clones of `spec`.
     pub fn new(spec: &ShellSpec) -> Result<Self, VmError> {
-        let mut regions = Vec::new();
-        for (addr, size) in memory::ram_ranges(spec.mem_bytes) {
-            let region = MmapRegionBuilder::new(size as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| VmError::Shell(format!("cannot reserve guest RAM: {e}")))?;
-            regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| VmError::Shell("RAM overflows".into()))?);
-        }
-        let ram = GuestMemory::from_regions(regions).map_err(|e| VmError::Shell(format!("guest RAM: {e}")))?;
+        let (ram, mapped) = match &spec.memory {
+            Some(m) if m.mem_bytes() == spec.mem_bytes => {
+                let id = m.identity().map_err(|e| VmError::Shell(format!("the template's memory: {e}")))?;
+                (m.map_private()?, Some(id))
+            }
+            _ => (reserve_ram(spec.mem_bytes)?, None),
+        };
         let mailbox = Reservation::new(memory::MAILBOX_SIZE as usize)?;
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
@@ -135,7 +150,7 @@ impl VmShell {
             parked.push(ParkedThread::spawn(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
             vcpus.push(v);
         }
-        Ok(Self { parked, vcpus, vm, ram, mailbox: Some(mailbox), spec: spec.clone() })
+        Ok(Self { parked, vcpus, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
     }
 
     /// Whether this shell can take a clone of `state`.
@@ -147,8 +162,13 @@ impl VmShell {
     }
 
     /// Maps `memory` copy-on-write over the shell's RAM (the guest sees the template's pages from
-    /// its first access; KVM drops whatever it had mapped there) and returns the clone's RAM.
+    /// its first access; KVM drops whatever it had mapped there) and returns the clone's RAM;
+    /// nothing to do when the shell was made with that very file mapped (its guest never ran, so
+    /// the mapping is as the file is).
     pub(super) fn map_template(&self, memory: &MemoryFile) -> Result<GuestMemory, VmError> {
+        if self.mapped.is_some() && memory.identity().ok() == self.mapped {
+            return Ok(self.ram.clone());
+        }
         let mut off = 0u64;
         for r in self.ram.iter() {
             // SAFETY: replaces the shell's own anonymous mapping of exactly this range (owned by
@@ -176,6 +196,20 @@ impl VmShell {
     pub(super) fn take_mailbox_range(&mut self) -> Option<*mut u8> {
         self.mailbox.take().map(Reservation::hand_over)
     }
+}
+
+/// Anonymous, unpopulated guest RAM for a shell whose template is mapped at the restore.
+fn reserve_ram(mem_bytes: u64) -> Result<GuestMemory, VmError> {
+    let mut regions = Vec::new();
+    for (addr, size) in memory::ram_ranges(mem_bytes) {
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| VmError::Shell(format!("cannot reserve guest RAM: {e}")))?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| VmError::Shell("RAM overflows".into()))?);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| VmError::Shell(format!("guest RAM: {e}")))
 }
 
 /// Keeps up to `ahead` shells of one spec ready, made on a thread of its own.
