@@ -26,8 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::VmFd;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::persist::SnapshotState;
 use super::vcpu::{ParkedThread, Vcpu};
@@ -135,7 +134,8 @@ impl VmShell {
                 let id = m.identity().map_err(|e| VmError::Shell(format!("the template's memory: {e}")))?;
                 (m.map_private()?, Some(id))
             }
-            _ => (reserve_ram(spec.mem_bytes)?, None),
+            // Anonymous and unpopulated until the restore maps the template over it.
+            _ => (super::guest_memory(spec.mem_bytes)?, None),
         };
         let mailbox = Reservation::new(memory::MAILBOX_SIZE as usize)?;
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
@@ -196,20 +196,6 @@ impl VmShell {
     pub(super) fn take_mailbox_range(&mut self) -> Option<*mut u8> {
         self.mailbox.take().map(Reservation::hand_over)
     }
-}
-
-/// Anonymous, unpopulated guest RAM for a shell whose template is mapped at the restore.
-fn reserve_ram(mem_bytes: u64) -> Result<GuestMemory, VmError> {
-    let mut regions = Vec::new();
-    for (addr, size) in memory::ram_ranges(mem_bytes) {
-        let region = MmapRegionBuilder::new(size as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| VmError::Shell(format!("cannot reserve guest RAM: {e}")))?;
-        regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| VmError::Shell("RAM overflows".into()))?);
-    }
-    GuestMemory::from_regions(regions).map_err(|e| VmError::Shell(format!("guest RAM: {e}")))
 }
 
 /// Keeps up to `ahead` shells of one spec ready, made on a thread of its own.
