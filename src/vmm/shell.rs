@@ -15,7 +15,7 @@
 //! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
 //! whose cost grows with the number of VMs a process holds, leaves the restore path.
 //!
-//! Made for a template whose memory file is known ([`crate::template::Template::shell_spec`]), a
+//! Made for a template whose memory file is known (what `Template::shell_spec` gives), a
 //! shell maps that file when it is made, and the restore maps nothing.
 //!
 //! [`ShellMaker`] keeps a few shells of one template ready on a thread of its own.
