@@ -343,28 +343,34 @@ fn guest_clocks(vm: &RunningVm) -> (u128, u128) {
     (field("realtime"), field("monotonic"))
 }
 
+/// Asserts that `vm`'s clocks are a clone's: its monotonic clock within 3 s of `mono_first` (an
+/// earlier clone's reading of the same snapshot), its wall clock the host's.
+fn assert_clone_clocks(vm: &RunningVm, mono_first: u128, what: &str) {
+    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let before = now_ns();
+    let (real, mono) = guest_clocks(vm);
+    let after = now_ns();
+    let gap = mono.abs_diff(mono_first);
+    assert!(gap < 3_000_000_000, "{what} is {gap} ns further on its monotonic clock");
+    assert!(
+        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
+        "{what}: its wall clock {real} is not the host's ({before}..{after})"
+    );
+}
+
 #[test]
 fn a_clone_goes_on_from_its_snapshots_clock_with_the_hosts_wall_clock_time() {
     let _one = common::one_at_a_time();
     let Some(dir) = common::template("a_clone_goes_on_from_its_snapshots_clock") else { return };
-    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let first = serving_clone(dir, 1, &Channels { serve: true, ..Default::default() });
     let (_, mono_first) = guest_clocks(&first);
     first.stop("test");
     // Clones restored later do not see the time in between on their monotonic clock (nor replay
     // it: a clone's kernel would otherwise run every timer of the gap before anything else)...
     std::thread::sleep(Duration::from_secs(5));
-    let later = serving_clone(dir, 2, &Channels { serve: true, ..Default::default() });
-    let before = now_ns();
-    let (real, mono_later) = guest_clocks(&later);
-    let after = now_ns();
-    let gap = mono_later.abs_diff(mono_first);
-    assert!(gap < 3_000_000_000, "a clone restored 5 s later is {gap} ns further on its monotonic clock");
     // ...but their wall clock is the host's (set by the agent from the control page).
-    assert!(
-        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
-        "the clone's wall clock {real} is not the host's ({before}..{after})"
-    );
+    let later = serving_clone(dir, 2, &Channels { serve: true, ..Default::default() });
+    assert_clone_clocks(&later, mono_first, "a clone restored 5 s later");
     later.stop("test");
 }
 
@@ -375,9 +381,8 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     let Some(dir) = common::template("a_clone_restored_into_a_vm_shell") else { return };
     let template = Template::open(dir).unwrap();
     let channels = Channels { serve: true, ..Default::default() };
-    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     // A shell made now and left waiting: its vCPUs hold the template's registers, FPU and MSRs
-    // already, its RAM is still anonymous.
+    // already, its RAM maps the template's memory file (its guest has never run).
     let shell = VmShell::new(&template.shell_spec()).unwrap();
     assert!(shell.fits(&template.state));
     let first = serving_clone(dir, 1, &channels);
@@ -393,15 +398,7 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
     // ... and its clocks are a clone's, not the shell's age: its monotonic clock goes on from the
     // snapshot, its wall clock is the host's.
-    let before = now_ns();
-    let (real, mono) = guest_clocks(&vm);
-    let after = now_ns();
-    let gap = mono.abs_diff(mono_first);
-    assert!(gap < 3_000_000_000, "a clone restored into a 5 s old shell is {gap} ns further on its monotonic clock");
-    assert!(
-        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
-        "wall clock {real} not in {before}..{after}"
-    );
+    assert_clone_clocks(&vm, mono_first, "a clone restored into a 5 s old shell");
     vm.stop("test");
 
     // A shell made for another machine does not fit; the restore makes the VM it needs instead.
