@@ -421,6 +421,22 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     wait_ready(&s, "rev", 1);
     assert_eq!(invoke(&s, "rev", r#"{"payload": "xyz"}"#)["payload"], "zyx");
 
+    // One client calling in a loop with `max` 1 and single-use clones: each call finds the one
+    // clone being restored and waits for it instead of being refused (429).
+    let mut one = repooled.clone();
+    one["pool"] = json!({"min_ready": 1, "max": 1});
+    let (code, body) = http(&s, "PUT", "/functions/rev", Some(&one.to_string()));
+    assert_eq!(code, 202, "{body}");
+    let t = Instant::now();
+    while json_of(&http(&s, "GET", "/functions/rev", None).1)["spec"]["pool"]["max"] != 1 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the new policy never took over");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..30 {
+        let (code, body) = http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "echo", "payload": "1"}"#));
+        assert_eq!(code, 200, "call {i}: {body}");
+    }
+
     assert_eq!(http(&s, "DELETE", "/functions/rev", None).0, 204);
     assert_error(http(&s, "GET", "/functions/rev", None), 404, "no function");
     assert!(!dir.join("state/functions/rev").exists());

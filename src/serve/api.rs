@@ -92,7 +92,7 @@ async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, 
     // a clone, which blocks, on the blocking pool.
     let handoff = match sup.acquire_warm(&name)? {
         Some(h) => h,
-        None => blocking(move || sup.acquire(&name)).await?,
+        None => blocking(move || sup.acquire_cold(&name)).await?,
     };
     Ok(Json(handoff).into_response())
 }

@@ -176,7 +176,7 @@ fn request(sup: &Supervisor, text: &str) -> Result<Vec<u8>, Refusal> {
             let handoff = match sup.acquire_warm(name)? {
                 Some(h) => h,
                 // A cold start: restoring blocks this connection's thread only.
-                None => sup.acquire(name)?,
+                None => sup.acquire_cold(name)?,
             };
             serde_json::to_vec(&handoff).map_err(internal)
         }

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::fleet::{self, Host};
@@ -100,6 +100,8 @@ pub struct Function {
     pub(super) state: Mutex<FunctionState>,
     pub(super) template: Mutex<Option<Arc<Template>>>,
     pub(super) pool: Mutex<Pool>,
+    /// Signalled (with `pool`) when a clone joins the pool or a place under `max` frees up.
+    pub(super) pool_changed: Condvar,
     pub(super) scaler: Mutex<Scaler>,
     pub(super) counters: Counters,
     pub(super) deleted: AtomicBool,
@@ -132,6 +134,7 @@ impl Function {
             state: Mutex::new(FunctionState::Creating),
             template: Mutex::new(None),
             pool: Mutex::new(Pool::default()),
+            pool_changed: Condvar::new(),
             counters: Counters::default(),
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
@@ -208,8 +211,9 @@ impl Function {
 
 impl Supervisor {
     /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
-    /// ready one, else one still starting (restored already, so still no cold start).
-    pub(super) fn take_warm(&self, f: &Function) -> Option<PooledVm> {
+    /// ready one, else one still starting (restored already, so still no cold start). `arrival`:
+    /// the scaler counts this as a request (false on an acquire's later tries).
+    pub(super) fn take_warm(&self, f: &Function, arrival: bool) -> Option<PooledVm> {
         let mut pool = f.pool.locked();
         let mut crashed = Vec::new();
         let mut warm = None;
@@ -226,7 +230,9 @@ impl Supervisor {
         let have = pool.have();
         drop(pool);
         // Every handoff, warm or cold (the cold path comes here first), is an arrival.
-        f.scaler.locked().arrival(clock_s(), warm.is_none());
+        if arrival {
+            f.scaler.locked().arrival(clock_s(), warm.is_none());
+        }
         f.counters.replaced.fetch_add(crashed.len() as u64, Ordering::Relaxed);
         // Dropping a VM joins its threads: never on the caller's (async) thread.
         self.discard(crashed);
@@ -314,11 +320,18 @@ impl Supervisor {
     }
 
     /// Restores up to `n` clones of `f` into its warming queue, within the host-wide limit of
-    /// clones starting at once; the rest follows on later passes, as clones finish starting.
+    /// clones starting at once and the function's `max`; the rest follows on later passes, as
+    /// clones finish starting.
     pub(super) fn grow(&self, f: &Function, n: u32, warming: &mut usize) {
         let n = (n as usize).min(MAX_WARMING.saturating_sub(*warming)) as u32;
+        // Never past `max` with what is in use now (the scaler's targets are as of its last tick).
+        let n = {
+            let mut pool = f.pool.locked();
+            let n = n.min(f.max_clones.saturating_sub(pool.busy + pool.have()));
+            pool.restoring += n;
+            n
+        };
         *warming += n as usize;
-        f.pool.locked().restoring += n;
         for _ in 0..n {
             let c = self.restore_clone(f);
             let mut pool = f.pool.locked();
@@ -329,6 +342,8 @@ impl Supervisor {
                 // (A guest can make this happen: its worker killed over and over. Rate-limited.)
                 Err(e) => crate::log_limited!(error, "cannot refill the pool of {}: {e}", f.name),
             }
+            drop(pool);
+            f.pool_changed.notify_all();
         }
     }
 

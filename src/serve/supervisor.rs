@@ -109,6 +109,8 @@ const WORKER_BACKOFF: Duration = Duration::from_millis(200);
 const WORKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a clone's restore waits for a prepared network namespace when its pool is empty.
 const NETWORK_WAIT: Duration = Duration::from_secs(10);
+/// How long an acquire at `max` waits for one of the clones being restored before it is refused.
+const AT_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
 /// a call).
@@ -759,22 +761,44 @@ impl Supervisor {
     /// Hands a ready clone of `name` over; restores one on the spot (a cold start) when the pool is
     /// empty. No clone is ever handed out twice: it leaves the pool under the pool's lock.
     pub fn acquire(&self, name: &str) -> Result<Handoff, Refusal> {
+        self.acquire_in(name, true)
+    }
+
+    /// [`Supervisor::acquire`] after [`Supervisor::acquire_warm`] found no clone (that request
+    /// has been counted).
+    pub fn acquire_cold(&self, name: &str) -> Result<Handoff, Refusal> {
+        self.acquire_in(name, false)
+    }
+
+    fn acquire_in(&self, name: &str, arrival: bool) -> Result<Handoff, Refusal> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
-        if let Some(c) = self.take_warm(&f) {
-            return self.hand_over(f, c, false, t);
-        }
-        // (`take_warm` has already asked for a refill.)
-        {
+        let deadline = t + AT_MAX_WAIT;
+        let mut arrival = arrival;
+        loop {
+            if let Some(c) = self.take_warm(&f, arrival) {
+                return self.hand_over(f, c, false, t);
+            }
+            arrival = false;
+            // (`take_warm` has already asked for a refill.)
             let mut pool = f.pool.locked();
             // A cold start adds a clone: never past `max` (in use, ready, starting and restoring).
-            if pool.busy + pool.have() >= f.max_clones {
+            if pool.busy + pool.have() < f.max_clones {
+                pool.mark_busy();
+                break;
+            }
+            // At `max` with clones being restored: one of them is sooner than a refusal and the
+            // caller's retry (a single caller in a loop meets this while the pool refills).
+            let now = Instant::now();
+            if pool.restoring == 0 || now >= deadline {
                 return Err(Refusal::Unavailable(format!(
                     "function {name:?} is at its pool.max of {} clones; try again",
                     f.max_clones
                 )));
             }
-            pool.mark_busy();
+            if pool.ready.is_empty() && pool.warming.is_empty() {
+                drop(f.pool_changed.wait_timeout(pool, deadline - now));
+            }
         }
         let c = self.restore_clone(&f).map_err(|e| {
             f.pool.locked().busy -= 1;
@@ -789,7 +813,7 @@ impl Supervisor {
     pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Refusal> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
-        self.take_warm(&f).map(|c| self.hand_over(f, c, false, t)).transpose()
+        self.take_warm(&f, true).map(|c| self.hand_over(f, c, false, t)).transpose()
     }
 
     fn ready_function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
@@ -870,6 +894,7 @@ impl Supervisor {
             && clone.vm.mailbox().quiescent();
         let mut pool = f.pool.locked();
         pool.busy -= 1;
+        f.pool_changed.notify_all();
         if recycle {
             // Taken first by the next acquire: its agent is the most likely to still be polling.
             pool.ready.push_front(clone);

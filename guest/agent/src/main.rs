@@ -83,6 +83,13 @@ fn main() {
     }
 }
 
+/// Waits until what was written to standard output has left the serial port (nothing to wait for
+/// when it is not a terminal).
+fn drain_console() {
+    // SAFETY: tcdrain only reads the descriptor number; an invalid or non-terminal one is an error.
+    let _ = unsafe { libc::tcdrain(libc::STDOUT_FILENO) };
+}
+
 fn init() -> io::Result<()> {
     mount("devtmpfs", "/dev", "devtmpfs")?;
     mount("proc", "/proc", "proc")?;
@@ -122,6 +129,9 @@ fn init() -> io::Result<()> {
     writeln!(out, "{MARKER} uptime={uptime} child_exit={CHILD_EXIT_CODE} random={}", random_hex(flags)?)?;
     out.flush()?;
     drop(out);
+    // A console write returns once the line is in the serial driver's buffer, which the UART
+    // sends later: the marker leaves the guest before the snapshot point, not in its clones.
+    drain_console();
 
     // The snapshot point. A VM that ember snapshots here is stopped; its clones go on from here.
     let Some(c) = control else { return Ok(()) };
