@@ -237,8 +237,18 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
     let (mounts_before, cgroups_before) = (mounts(), cgroups());
     // (EMBER_SOAK=1: the 10,000 cycles of the issue; about an hour here.)
     cycle(if std::env::var_os("EMBER_SOAK").is_some() { 10_000 } else { 150 });
-    let after = (count(format!("/proc/{pa}/fd")), count(format!("/proc/{pa}/task")), count(rd.display().to_string()));
-    assert!(after.0 <= before.0 + 8 && after.1 <= before.1 + 4 && after.2 <= before.2 + 4, "{before:?} -> {after:?}");
+    // What the worker holds at a given moment also depends on its pool and VM shells (clones
+    // being destroyed, restored, shells being made): a leak is what does not settle back.
+    let settled = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after =
+            (count(format!("/proc/{pa}/fd")), count(format!("/proc/{pa}/task")), count(rd.display().to_string()));
+        if after.0 <= before.0 + 8 && after.1 <= before.1 + 4 && after.2 <= before.2 + 4 {
+            break;
+        }
+        assert!(Instant::now() < settled, "{before:?} -> {after:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(pid_of(&s, "a"), pa);
     assert_eq!((mounts(), cgroups()), (mounts_before, cgroups_before), "mounts or cgroups left by clone cycles");
     assert_eq!(children(daemon).len(), 2, "processes left by clone cycles");

@@ -22,6 +22,8 @@ pub struct RestoreBench {
     pub timeout: Duration,
     /// Restore the template already in the directory instead of booting one (no baseline).
     pub existing: bool,
+    /// Processes the last held-clones round spreads its clones over (0 or 1: no such round).
+    pub processes: usize,
 }
 
 /// Largest pool of populated idle clones `ember bench restore` holds.
@@ -229,5 +231,131 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         ));
         drop(pool);
     }
+    if b.processes > 1 && b.clones > 0 {
+        held_over_processes(&template.paths.dir, b, &mut rows, &mut notes)?;
+    }
     Ok(TableReport { title: "ember bench restore".into(), heading: "measure (ms)", width: 52, rows, notes })
+}
+
+/// The held-clones round spread over `b.processes` processes (`ember bench hold-clones`), each
+/// with its share of the shells made ahead: in one process every VM makes the next one dearer.
+fn held_over_processes(
+    dir: &Path,
+    b: &RestoreBench,
+    rows: &mut Vec<(String, Option<Summary>)>,
+    notes: &mut Vec<String>,
+) -> Result<(), BenchError> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let failed = |what: String| BenchError::Failed(what);
+    let (n, p) = (b.clones, b.processes.min(b.clones));
+    let label = format!(" [over {p} processes]");
+    tracing::info!("holding {n} idle clones{label}");
+    let exe = std::env::current_exe().map_err(|e| failed(format!("this program's path: {e}")))?;
+    let shells = (SHELLS_AHEAD / p).max(1);
+    let mut children = Vec::with_capacity(p);
+    for i in 0..p {
+        let share = n / p + usize::from(i < n % p);
+        let mut child = Command::new(&exe)
+            .args(["bench", "hold-clones", "--clones", &share.to_string(), "--shells", &shells.to_string()])
+            .arg("--template")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", exe.display())))?;
+        let (Some(input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(failed("a child without pipes".into()));
+        };
+        children.push((child, input, BufReader::new(output)));
+    }
+    let line = |r: &mut BufReader<std::process::ChildStdout>| -> Result<String, BenchError> {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => Err(failed("a holding process ended early (its error is above)".into())),
+            Ok(_) => Ok(l.trim_end().to_string()),
+            Err(e) => Err(failed(format!("reading a holding process: {e}"))),
+        }
+    };
+    for (_, _, r) in children.iter_mut() {
+        let l = line(r)?;
+        if l != "ready" {
+            return Err(failed(format!("a holding process said {l:?}")));
+        }
+    }
+    let t = Instant::now();
+    for (_, w, _) in children.iter_mut() {
+        w.write_all(b"go\n").map_err(|e| failed(format!("starting a holding process: {e}")))?;
+    }
+    let (mut each, mut private, mut whole, mut waited) = (Vec::with_capacity(n), 0u64, 0u64, 0u64);
+    for (_, _, r) in children.iter_mut() {
+        let l = line(r)?;
+        let mut words = l.split_whitespace();
+        if words.next() != Some("done") {
+            return Err(failed(format!("a holding process said {l:?}")));
+        }
+        let mut number = || words.next().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+        private += number();
+        whole += number();
+        waited += number();
+        each.extend(words.filter_map(|w| w.parse::<f64>().ok()));
+    }
+    let total = t.elapsed();
+    for (mut child, w, _) in children {
+        drop(w);
+        let _ = child.wait();
+    }
+    rows.push((format!("restore call, {n} clones held{label}"), Summary::of(&each)));
+    notes.push(format!(
+        "{n} idle clones{label} restored in {:.1} ms ({:.0} clones/s); private memory {:.1} KiB per clone \
+         ({:.1} KiB with the processes' own); {waited} restores found no shell ready and made their VM",
+        ms(total),
+        n as f64 / total.as_secs_f64(),
+        private as f64 / n as f64,
+        whole as f64 / n as f64,
+    ));
+    Ok(())
+}
+
+/// `ember bench hold-clones`: one process of [`held_over_processes`]. Opens the template and makes
+/// `shells` VM shells, says `ready`; on `go` restores `clones` clones and holds them, says `done`,
+/// and holds them until its input closes. `done` says `PRIVATE_KIB TOTAL_KIB WAITED MS...`:
+/// private memory grown and in all, restores that found no shell, each restore call.
+pub fn hold_clones(dir: &Path, clones: usize, shells: usize, timeout: Duration) -> Result<(), BenchError> {
+    use std::io::{BufRead, Write};
+    crate::sys::raise_fd_limit();
+    let template = Template::open(dir)?;
+    let maker = ShellMaker::start(template.shell_spec(), shells).map_err(|e| BenchError::Failed(e.to_string()))?;
+    if !maker.wait_ready(shells, timeout) {
+        return Err(BenchError::Failed(format!("no VM shells made: {:?}", maker.last_error())));
+    }
+    let io = |e: std::io::Error| BenchError::Failed(format!("talking to the benchmark: {e}"));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready").and_then(|_| out.flush()).map_err(io)?;
+    let mut input = std::io::stdin().lock();
+    let mut go = String::new();
+    if input.read_line(&mut go).map_err(io)? == 0 {
+        return Ok(());
+    }
+    let before = private_kib();
+    let mut pool = Vec::with_capacity(clones);
+    let mut each = String::new();
+    let mut waited = 0usize;
+    for i in 0..clones {
+        let one = Instant::now();
+        let shell = maker.take().or_else(|| {
+            waited += 1;
+            None
+        });
+        pool.push(template.restore_in(shell, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?);
+        each.push_str(&format!(" {:.4}", ms(one.elapsed())));
+    }
+    drop(maker);
+    let now = private_kib();
+    writeln!(out, "done {} {now} {waited}{each}", now.saturating_sub(before)).and_then(|_| out.flush()).map_err(io)?;
+    // Held until the benchmark is done with every process.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut input, &mut rest);
+    drop(pool);
+    Ok(())
 }

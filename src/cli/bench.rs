@@ -55,6 +55,22 @@ pub(crate) enum BenchCommand {
     /// round trip over virtio-net next to the mailbox's; throughput over virtio-net both ways next
     /// to the mailbox's. Boots one template.
     Net(BenchNetArgs),
+    /// One process of `ember bench restore --processes` (started by it; talks on stdin/stdout).
+    #[command(hide = true)]
+    HoldClones(BenchHoldArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchHoldArgs {
+    /// The template snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    template: PathBuf,
+    /// Clones to restore and hold.
+    #[arg(long)]
+    clones: usize,
+    /// VM shells made before the clock starts.
+    #[arg(long, default_value_t = 2)]
+    shells: usize,
 }
 
 #[derive(Args)]
@@ -196,6 +212,9 @@ pub(crate) struct BenchRestoreArgs {
     /// Seconds to wait for one clone's first action.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     timeout: f64,
+    /// Also hold the idle clones spread over this many processes (1: not).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    processes: u64,
 }
 
 fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
@@ -210,6 +229,7 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<bench::TableReport, String> {
         clones: args.clones,
         timeout: t,
         existing: args.template.is_some(),
+        processes: args.processes as usize,
     };
     let report = bench::restore::restore(&cfg, &dir, &b).map_err(|e| e.to_string());
     if temporary {
@@ -233,6 +253,11 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
             bench::boot::boot(&cfg, args.runs, t).map_err(|e| e.to_string())?
         }
         BenchCommand::Restore(args) => bench_restore(args)?,
+        BenchCommand::HoldClones(args) => {
+            bench::restore::hold_clones(&args.template, args.clones, args.shells, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+            return Ok(ExitCode::SUCCESS);
+        }
         BenchCommand::Layers(args) => {
             let b = bench::layers::LayersBench {
                 code: args.code,
