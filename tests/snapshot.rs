@@ -85,6 +85,31 @@ fn ember_restore_runs_clones_from_the_command_line() {
     for id in [1, 2] {
         assert!(stdout.contains(&format!("[clone {id}] EMBER_CLONE id={id} ")), "{stdout}");
     }
+    // Spread over processes: each clone once, the ids distinct across the processes.
+    let out =
+        ember(&["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "5", "--processes=2", "--timeout", "120"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
+    for id in 1..=5 {
+        assert_eq!(stdout.matches(&format!("[clone {id}] EMBER_CLONE id={id} ")).count(), 1, "{stdout}");
+    }
+    // A clone that fails in one process: the exit status says so (4: stopped by the timeout).
+    let out = ember(&[
+        "restore",
+        "--snapshot",
+        dir.to_str().unwrap(),
+        "--clones",
+        "2",
+        "--processes",
+        "2",
+        "--serve",
+        "--timeout",
+        "0.5",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr).matches("timed out").count(), 4, "{}", text(&out.stderr));
 }
 
 /// A fresh directory with the template's files for a test to damage: the state file copied, the

@@ -22,9 +22,16 @@ pub(crate) struct RestoreArgs {
     /// The snapshot directory.
     #[arg(long, value_name = "DIR")]
     snapshot: PathBuf,
-    /// How many clones to run at once in this process.
+    /// How many clones to run at once.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     clones: u32,
+    /// Spread the clones over this many processes, each restoring and running its share: in one
+    /// process every VM makes the next one dearer to restore (see README, Benchmarks).
+    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    processes: u32,
+    /// The first clone's id (each process that --processes starts has its own range).
+    #[arg(long, hide = true, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    first_id: u64,
     /// Where the clones' consoles go: stdout, off, or a file path (appended to).
     #[arg(long, value_name = "PATH|stdout|off", default_value = "stdout")]
     console: String,
@@ -47,6 +54,10 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let timeout = timeout(args.timeout)?;
     args.channels.check_clones(args.clones)?;
     let template = Template::open(&args.snapshot).map_err(|e| e.to_string())?;
+    if args.processes > 1 && args.clones > 1 {
+        drop(template);
+        return spread(&args);
+    }
     let ws = match args.populate {
         false => None,
         true => template.working_set().map_err(|e| e.to_string())?,
@@ -59,8 +70,9 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         true => Some(ShellMaker::start(template.shell_spec(), 4).map_err(|e| format!("VM shells: {e}"))?),
         false => None,
     };
-    for id in 1..=u64::from(args.clones) {
-        let prefix = (args.clones > 1).then(|| format!("[clone {id}] "));
+    let several = args.clones > 1 || args.first_id > 1;
+    for id in args.first_id..args.first_id + u64::from(args.clones) {
+        let prefix = several.then(|| format!("[clone {id}] "));
         let out: ConsoleOut = Box::new(SharedConsole::new(shared.clone(), prefix));
         let t = Instant::now();
         let channels = args.channels.for_vm(Some(id), args.no_seccomp)?;
@@ -92,7 +104,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
                 continue;
             };
             if !exit.is_clean() {
-                eprintln!("ember: clone {}: {exit}", i + 1);
+                eprintln!("ember: clone {}: {exit}", args.first_id + i as u64);
             }
             if worst.as_ref().is_none_or(|w| severity(&exit) > severity(w)) {
                 worst = Some(exit);
@@ -104,4 +116,82 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(worst.map(|w| exit_status(&w)).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// `--processes P`: this program again in P processes, each with its share of the clones and ids
+/// (the same arguments otherwise). Stop signals are passed on; a process that dies takes its own
+/// clones only. The exit status is the worst of theirs.
+fn spread(args: &RestoreArgs) -> Result<ExitCode, String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    // This process's arguments without the ones each process gets its own value of.
+    let mut own = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if ["--clones", "--processes", "--first-id"].contains(&s.as_ref()) {
+            skip = true;
+        } else if !["--clones=", "--processes=", "--first-id="].iter().any(|p| s.starts_with(p)) {
+            own.push(a);
+        }
+    }
+    handle_stop_signals()?;
+    let p = args.processes.min(args.clones);
+    let mut children = Vec::with_capacity(p as usize);
+    let mut next = args.first_id;
+    for i in 0..p {
+        let share = args.clones / p + u32::from(i < args.clones % p);
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(&own).args(["--processes", "1", "--clones", &share.to_string(), "--first-id", &next.to_string()]);
+        // SAFETY: prctl with constant arguments, async-signal-safe, between fork and exec: the
+        // process ends (stopping its clones cleanly) if this one dies.
+        unsafe {
+            cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        tracing::debug!("clones {next}..{} in process {}", next + u64::from(share) - 1, child.id());
+        next += u64::from(share);
+        children.push(Some(child));
+    }
+    // Worst first: failed to start or set up (any other status), a VM that failed (3), stopped (4).
+    let rank = |code: i32| match code {
+        0 => 0,
+        4 => 1,
+        3 => 2,
+        _ => 3,
+    };
+    let mut worst = 0i32;
+    let mut forwarded = false;
+    while children.iter().any(Option::is_some) {
+        if let (Some(sig), false) = (stop_requested(), forwarded) {
+            let sig = if sig == "SIGINT" { libc::SIGINT } else { libc::SIGTERM };
+            for c in children.iter().flatten() {
+                // SAFETY: kill(2) on a child this process started and has not reaped.
+                unsafe { libc::kill(c.id() as i32, sig) };
+            }
+            forwarded = true;
+        }
+        for slot in children.iter_mut() {
+            let Some(c) = slot else { continue };
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    let code = status.code().unwrap_or(1);
+                    if rank(code) > rank(worst) {
+                        worst = code;
+                    }
+                    *slot = None;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("waiting for a process: {e}")),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(ExitCode::from(u8::try_from(worst).unwrap_or(1)))
 }
