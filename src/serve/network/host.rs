@@ -234,12 +234,11 @@ impl Host {
             let wanted = self.wanted();
             let wait = if wanted.is_some() { Duration::ZERO } else { Duration::from_millis(500) };
             match rx.recv_timeout(wait) {
-                Ok(Request::Stop(done)) => {
-                    self.teardown();
-                    let _ = done.send(());
-                    return;
+                Ok(r) => {
+                    if self.handle(r).is_break() {
+                        return;
+                    }
                 }
-                Ok(r) => self.handle(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.teardown();
@@ -252,7 +251,8 @@ impl Host {
         }
     }
 
-    fn handle(&mut self, r: Request) {
+    /// Carries out one request; `Break` after a stop (everything torn down).
+    fn handle(&mut self, r: Request) -> std::ops::ControlFlow<()> {
         match r {
             Request::Attach { function, policy, spare, reply } => {
                 let result = self.attach(&function, policy, spare);
@@ -268,10 +268,12 @@ impl Host {
                 self.free.push_back(n);
             }
             Request::Stop(done) => {
-                // (Handled by `run`.)
+                self.teardown();
                 let _ = done.send(());
+                return std::ops::ControlFlow::Break(());
             }
         }
+        std::ops::ControlFlow::Continue(())
     }
 
     /// The function whose pool most needs a namespace now.
