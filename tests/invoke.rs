@@ -117,6 +117,20 @@ fn built_in_functions_and_the_runtime_answer_over_the_mailbox() {
         let r = vm.invoke("echo", b"hello, mailbox", o).unwrap();
         assert_eq!((r.status, r.payload.as_slice()), (Status::Ok, &b"hello, mailbox"[..]), "doorbell {doorbell}");
     }
+    // The response doorbell (an exit) only for a caller that sleeps on it: one that polls long
+    // enough to see the answer costs the guest none; one that sleeps at once is rung.
+    let mailbox = vm.mailbox();
+    let rung = mailbox.responses_rung();
+    for _ in 0..20 {
+        let o = CallOptions { timeout: CALL, doorbell: true, spin: Duration::from_secs(10), ..Default::default() };
+        assert_eq!(vm.invoke("echo", b"p", o).unwrap().payload, b"p");
+    }
+    assert_eq!(mailbox.responses_rung(), rung, "the agent rang for a caller that polled");
+    for _ in 0..20 {
+        let o = CallOptions { timeout: CALL, doorbell: true, ..Default::default() };
+        assert_eq!(vm.invoke("echo", b"s", o).unwrap().payload, b"s");
+    }
+    assert!(mailbox.responses_rung() > rung, "the agent never rang for a caller that slept");
     let r = vm.invoke("sha256", b"abc", opts(CALL)).unwrap();
     assert_eq!(text(&r.payload), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     let r = vm.invoke("sleep", b"50", opts(CALL)).unwrap();

@@ -82,11 +82,20 @@ pub struct CallOptions {
     pub spin: Duration,
     /// The payload is an envelope and so will the response be (ember_abi::mailbox::FLAG_ENVELOPE).
     pub envelope: bool,
+    /// With `doorbell`: have the agent ring even when the answer is found by polling (as agents
+    /// without FEATURE_RING_IF_WAITING do; a benchmark's baseline).
+    pub ring_always: bool,
 }
 
 impl Default for CallOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(30), doorbell: false, spin: Duration::ZERO, envelope: false }
+        Self {
+            timeout: Duration::from_secs(30),
+            doorbell: false,
+            spin: Duration::ZERO,
+            envelope: false,
+            ring_always: false,
+        }
     }
 }
 
@@ -98,6 +107,8 @@ pub struct Mailbox {
     owned_path: Option<PathBuf>,
     /// One call at a time through this handle (other processes are kept out with flock).
     call: Mutex<u64>,
+    /// Response doorbells the agent rang (seen by this process's vCPU thread).
+    rung: AtomicU64,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics and volatile copies; the
@@ -220,7 +231,7 @@ impl Mailbox {
             }
             return Err(io_err(name)(e));
         }
-        Ok(Self { file, base: p.cast(), owned_path: None, call: Mutex::new(0) })
+        Ok(Self { file, base: p.cast(), owned_path: None, call: Mutex::new(0), rung: AtomicU64::new(0) })
     }
 
     /// The host address of the region (for KVM's memory slot).
@@ -305,7 +316,13 @@ impl Mailbox {
 
     /// Called by a vCPU thread when the agent rings the response doorbell.
     pub fn response_rung(&self) {
+        self.rung.fetch_add(1, Ordering::Relaxed);
         futex_wake(self.word32(RESP_SEQ_OFF));
+    }
+
+    /// How many times the agent rang the response doorbell.
+    pub fn responses_rung(&self) -> u64 {
+        self.rung.load(Ordering::Relaxed)
     }
 
     /// Invokes `function` with `payload` and waits for its response.
@@ -324,7 +341,15 @@ impl Mailbox {
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.base.add(REQ_DATA_OFF), payload.len()) };
         self.word64(REQ_ID_OFF).store(id, Ordering::Relaxed);
         self.store32(REQ_LEN_OFF, payload.len() as u32);
-        let flags = if opts.doorbell { FLAG_DOORBELL } else { 0 } | if opts.envelope { FLAG_ENVELOPE } else { 0 };
+        // An agent that can ring only when the caller sleeps is asked to: a caller that finds the
+        // answer while it polls then costs the guest no exit (during which it cannot see the next
+        // request).
+        let if_waiting = opts.doorbell
+            && !opts.ring_always
+            && self.word32(AGENT_FEATURES_OFF).load(Ordering::Acquire) & FEATURE_RING_IF_WAITING != 0;
+        let flags = if opts.doorbell { FLAG_DOORBELL } else { 0 }
+            | if if_waiting { FLAG_RING_IF_WAITING } else { 0 }
+            | if opts.envelope { FLAG_ENVELOPE } else { 0 };
         self.store32(REQ_FLAGS_OFF, flags);
         for (i, chunk) in name.chunks(8).enumerate() {
             let mut w = [0u8; 8];
@@ -346,10 +371,15 @@ impl Mailbox {
             }
         }
         let mut spins = 0u32;
+        // Cleared however the wait ends.
+        let waiting = Waiting(self.word32(HOST_WAITING_OFF));
         while resp_seq.load(Ordering::Acquire) != seq {
             if opts.doorbell {
                 let low = resp_seq.load(Ordering::Acquire) as u32;
-                if resp_seq.load(Ordering::Acquire) != seq {
+                if if_waiting {
+                    waiting.0.store(1, Ordering::SeqCst);
+                }
+                if resp_seq.load(Ordering::SeqCst) != seq {
                     futex_wait(self.word32(RESP_SEQ_OFF), low, Some(Duration::from_millis(10)));
                 }
             } else {
@@ -367,6 +397,7 @@ impl Mailbox {
                 return Err(InvokeError::Timeout(opts.timeout.as_secs_f64()));
             }
         }
+        drop(waiting);
         let raw = RawResponse {
             id: self.word64(RESP_ID_OFF).load(Ordering::Acquire),
             len: self.word32(RESP_LEN_OFF).load(Ordering::Acquire),
@@ -378,6 +409,16 @@ impl Mailbox {
         // area of the live mapping; the guest may still be writing it (its own response).
         unsafe { std::ptr::copy_nonoverlapping(self.base.add(RESP_DATA_OFF), out.as_mut_ptr(), len) };
         Ok(Response { status, payload: out })
+    }
+}
+
+/// The host-waiting word while a call may sleep on the response doorbell: cleared when the call
+/// is done waiting, answered or not.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
     }
 }
 

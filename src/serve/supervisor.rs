@@ -1000,7 +1000,7 @@ impl Supervisor {
         let checked = check_request(&handler, &request).map_err(invoke_refusal);
         // Many invocations wait at once on few cores: poll briefly, then sleep until the agent
         // rings, so that waiting callers do not take the CPU the guests need to answer.
-        let opts = CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN, envelope: managed };
+        let opts = CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN, envelope: managed, ..Default::default() };
         let r = checked.and_then(|_| mailbox.call(&handler, &request, opts).map_err(invoke_refusal));
         let r = r.and_then(|resp| Invoked::from_response(resp, managed, handoff.id, version.clone()));
         // A clone that did not answer (or answered out of protocol) is not handed to anyone again;

@@ -13,6 +13,8 @@
 //! 0x0080  u64  response seq (agent; = the request seq it answers, written last)
 //! 0x0088  u64  response id      0x0090  u32  response length   0x0094  u32  status
 //! 0x00c0  u32  agent state (agent: AGENT_*)   0x00c8  u64  the request seq the agent last saw
+//! 0x00d0  u32  host waiting (host: nonzero while a caller sleeps on the response doorbell)
+//! 0x00d4  u32  agent features (agent: FEATURE_*, written when it starts serving)
 //! 0x0100  u32  host wake word (host only: a futex the host's idle vCPU waits on)
 //! 0x1000  request payload  (up to MAX_PAYLOAD)
 //! 0x80000 response payload (up to MAX_PAYLOAD)
@@ -22,7 +24,12 @@
 //! (incremented by one per request). The agent handles a request when the seq differs from the one
 //! it last saw, and answers by writing the payload, length, status and id, then the response seq.
 //! With [`FLAG_DOORBELL`] it then also writes the control page's response doorbell (an exit the
-//! host sees); without it the host polls the response seq.
+//! host sees); without it the host polls the response seq. With [`FLAG_RING_IF_WAITING`] as well
+//! (sent only to an agent whose features have [`FEATURE_RING_IF_WAITING`]) it rings only if the
+//! host-waiting word is set once the response seq is written: a caller that polls first and finds
+//! the answer costs the guest no exit. The caller sets that word before it last looks at the
+//! response seq and sleeps, so one of the two always sees the other (both use sequentially
+//! consistent order).
 
 use crate::{check_function, AbiError, Status, MAX_FUNCTION_LEN};
 
@@ -48,6 +55,8 @@ pub const RESP_LEN_OFF: usize = 0x90;
 pub const RESP_STATUS_OFF: usize = 0x94;
 pub const AGENT_STATE_OFF: usize = 0xc0;
 pub const AGENT_SEEN_OFF: usize = 0xc8;
+pub const HOST_WAITING_OFF: usize = 0xd0;
+pub const AGENT_FEATURES_OFF: usize = 0xd4;
 pub const HOST_WAKE_OFF: usize = 0x100;
 pub const REQ_DATA_OFF: usize = 0x1000;
 pub const RESP_DATA_OFF: usize = 0x8_0000;
@@ -62,7 +71,12 @@ pub const FLAG_DOORBELL: u32 = 1;
 /// back the invocation's logs and error. Meta: `{"logs": TEXT, "logs_truncated": BOOL,
 /// "error": {"type", "message", "traceback"}}`, each field optional.
 pub const FLAG_ENVELOPE: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_DOORBELL | FLAG_ENVELOPE;
+/// Request flag, with [`FLAG_DOORBELL`]: ring only if the host-waiting word is set.
+pub const FLAG_RING_IF_WAITING: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_DOORBELL | FLAG_ENVELOPE | FLAG_RING_IF_WAITING;
+
+/// Agent feature: it understands [`FLAG_RING_IF_WAITING`].
+pub const FEATURE_RING_IF_WAITING: u32 = 1;
 
 /// Agent states.
 pub const AGENT_ABSENT: u32 = 0;
@@ -75,6 +89,7 @@ pub const AGENT_IDLE: u32 = 2;
 const _: () = assert!(HOST_WAKE_OFF + 4 <= REQ_DATA_OFF);
 const _: () = assert!(RESP_DATA_OFF + MAX_PAYLOAD <= MAILBOX_SIZE as usize);
 const _: () = assert!(REQ_FUNCTION_OFF + MAX_FUNCTION_LEN <= RESP_SEQ_OFF);
+const _: () = assert!(AGENT_SEEN_OFF + 8 <= HOST_WAITING_OFF && AGENT_FEATURES_OFF + 4 <= HOST_WAKE_OFF);
 
 /// A request header as the agent read it, before it is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +106,8 @@ pub struct Request<'a> {
     pub id: u64,
     pub len: usize,
     pub doorbell: bool,
+    /// With `doorbell`: only if the host is waiting ([`FLAG_RING_IF_WAITING`]).
+    pub ring_if_waiting: bool,
     pub envelope: bool,
     pub function: &'a str,
 }
@@ -162,6 +179,7 @@ impl RawRequest {
             id: self.id,
             len,
             doorbell: self.flags & FLAG_DOORBELL != 0,
+            ring_if_waiting: self.flags & FLAG_RING_IF_WAITING != 0,
             envelope: self.flags & FLAG_ENVELOPE != 0,
             function,
         })
@@ -212,11 +230,15 @@ mod tests {
     #[test]
     fn requests_are_checked() {
         let r = raw("echo", 5, FLAG_DOORBELL);
-        assert_eq!(r.check(), Ok(Request { id: 7, len: 5, doorbell: true, envelope: false, function: "echo" }));
+        assert_eq!(
+            r.check(),
+            Ok(Request { id: 7, len: 5, doorbell: true, ring_if_waiting: false, envelope: false, function: "echo" })
+        );
         assert!(raw("echo", 5, FLAG_ENVELOPE).check().unwrap().envelope);
         assert!(raw("echo", MAX_PAYLOAD as u32, 0).check().is_ok());
         assert!(matches!(raw("echo", MAX_PAYLOAD as u32 + 1, 0).check(), Err(AbiError::TooLong { .. })));
-        assert_eq!(raw("echo", 0, 4).check(), Err(AbiError::BadFlags(4)));
+        assert!(raw("echo", 0, FLAG_DOORBELL | FLAG_RING_IF_WAITING).check().unwrap().ring_if_waiting);
+        assert_eq!(raw("echo", 0, 8).check(), Err(AbiError::BadFlags(8)));
         assert_eq!(raw("", 0, 0).check(), Err(AbiError::BadFunction));
         let mut r = raw("echo", 0, 0);
         r.function[10] = b'x'; // bytes after the terminating NUL

@@ -59,6 +59,7 @@ impl Mailbox {
         let ticks = crate::tsc::ticks(SPIN);
         let mut epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
         let mut seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
+        self.u32_at(AGENT_FEATURES_OFF).store(FEATURE_RING_IF_WAITING, Ordering::Release);
         self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
         // Before the first request, park at once: a clone waits in a pool, maybe long, and spinning
         // there would cost its host a core for SPIN and its guest kernel a timer tick every 10 ms
@@ -74,14 +75,14 @@ impl Mailbox {
                 // serving. Its host starts counting afresh.
                 epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
                 seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
+                self.u32_at(AGENT_FEATURES_OFF).store(FEATURE_RING_IF_WAITING, Ordering::Release);
                 self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
                 continue;
             }
             if seq != seen {
                 seen = seq;
                 self.u64_at(AGENT_SEEN_OFF).store(seen, Ordering::Release);
-                let doorbell = self.handle(seq, functions);
-                if doorbell {
+                if self.handle(seq, functions) {
                     control.ring_response();
                 }
                 idle_at = crate::tsc::now() + ticks;
@@ -111,8 +112,8 @@ impl Mailbox {
         }
     }
 
-    /// Runs the request posted with `seq` and writes its response; whether the host asked for the
-    /// response doorbell.
+    /// Runs the request posted with `seq` and writes its response; whether to ring the response
+    /// doorbell (asked for, and the host waits on it if it asked to be rung only then).
     fn handle(&mut self, seq: u64, functions: &Mutex<Functions>) -> bool {
         let mut function = [0u8; MAX_FUNCTION_LEN];
         for (i, chunk) in function.chunks_mut(8).enumerate() {
@@ -125,7 +126,7 @@ impl Mailbox {
             function,
         };
         self.response.clear();
-        let (id, doorbell, status) = match raw.check() {
+        let (id, (doorbell, if_waiting), status) = match raw.check() {
             Ok(req) => {
                 self.request.resize(req.len, 0);
                 // SAFETY: `req.len` was checked against MAX_PAYLOAD: the copy stays in the request area.
@@ -142,11 +143,11 @@ impl Mailbox {
                 } else {
                     f.call(req.function, &self.request, &mut self.response)
                 };
-                (req.id, req.doorbell, status)
+                (req.id, (req.doorbell, req.ring_if_waiting), status)
             }
             Err(e) => {
                 self.response.extend_from_slice(e.to_string().as_bytes());
-                (raw.id, raw.flags & FLAG_DOORBELL != 0, Status::BadRequest)
+                (raw.id, (raw.flags & FLAG_DOORBELL != 0, false), Status::BadRequest)
             }
         };
         let status = if self.response.len() > MAX_PAYLOAD {
@@ -163,8 +164,9 @@ impl Mailbox {
         self.u64_at(RESP_ID_OFF).store(id, Ordering::Relaxed);
         self.u32_at(RESP_LEN_OFF).store(len as u32, Ordering::Relaxed);
         self.u32_at(RESP_STATUS_OFF).store(status as u32, Ordering::Relaxed);
-        self.u64_at(RESP_SEQ_OFF).store(seq, Ordering::Release);
-        doorbell
+        self.u64_at(RESP_SEQ_OFF).store(seq, Ordering::SeqCst);
+        // (The store above and this load are ordered: see ember_abi::mailbox.)
+        doorbell && (!if_waiting || self.u32_at(HOST_WAITING_OFF).load(Ordering::SeqCst) != 0)
     }
 }
 
