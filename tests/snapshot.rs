@@ -110,6 +110,23 @@ fn ember_restore_runs_clones_from_the_command_line() {
     ]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr).matches("timed out").count(), 4, "{}", text(&out.stderr));
+    // One clone per process: still each line is its clone's.
+    let out = ember(&[
+        "restore",
+        "--snapshot",
+        dir.to_str().unwrap(),
+        "--clones",
+        "2",
+        "--processes",
+        "2",
+        "--timeout",
+        "120",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
+    for id in [1, 2] {
+        assert!(stdout.contains(&format!("[clone {id}] EMBER_CLONE id={id} ")), "{stdout}");
+    }
 }
 
 /// A fresh directory with the template's files for a test to damage: the state file copied, the

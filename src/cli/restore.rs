@@ -30,8 +30,8 @@ pub(crate) struct RestoreArgs {
     #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     processes: u32,
     /// The first clone's id (each process that --processes starts has its own range).
-    #[arg(long, hide = true, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    first_id: u64,
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    first_id: Option<u64>,
     /// Where the clones' consoles go: stdout, off, or a file path (appended to).
     #[arg(long, value_name = "PATH|stdout|off", default_value = "stdout")]
     console: String,
@@ -70,8 +70,10 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         true => Some(ShellMaker::start(template.shell_spec(), 4).map_err(|e| format!("VM shells: {e}"))?),
         false => None,
     };
-    let several = args.clones > 1 || args.first_id > 1;
-    for id in args.first_id..args.first_id + u64::from(args.clones) {
+    // One of several processes' share (--first-id given) is prefixed like several clones.
+    let several = args.clones > 1 || args.first_id.is_some();
+    let first_id = args.first_id.unwrap_or(1);
+    for id in first_id..first_id + u64::from(args.clones) {
         let prefix = several.then(|| format!("[clone {id}] "));
         let out: ConsoleOut = Box::new(SharedConsole::new(shared.clone(), prefix));
         let t = Instant::now();
@@ -104,7 +106,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
                 continue;
             };
             if !exit.is_clean() {
-                eprintln!("ember: clone {}: {exit}", args.first_id + i as u64);
+                eprintln!("ember: clone {}: {exit}", first_id + i as u64);
             }
             if worst.as_ref().is_none_or(|w| severity(&exit) > severity(w)) {
                 worst = Some(exit);
@@ -141,7 +143,7 @@ fn spread(args: &RestoreArgs) -> Result<ExitCode, String> {
     handle_stop_signals()?;
     let p = args.processes.min(args.clones);
     let mut children = Vec::with_capacity(p as usize);
-    let mut next = args.first_id;
+    let mut next = args.first_id.unwrap_or(1);
     for i in 0..p {
         let share = args.clones / p + u32::from(i < args.clones % p);
         let mut cmd = std::process::Command::new(&exe);
