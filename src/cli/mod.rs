@@ -99,6 +99,11 @@ pub(crate) fn timeout(secs: Option<f64>) -> Result<Option<Duration>, String> {
     secs.map(|s| Duration::try_from_secs_f64(s).map_err(|_| format!("invalid timeout {s}"))).transpose()
 }
 
+/// Exit status: a VM failed (crashed, an error).
+const EXIT_VM_FAILED: u8 = 3;
+/// Exit status: ember stopped a VM (a timeout).
+const EXIT_VM_STOPPED: u8 = 4;
+
 /// ember's exit status for how a VM ended (the CLI's contract, see `ember run --help`).
 pub(crate) fn exit_status(exit: &VmExit) -> ExitCode {
     if exit.is_clean() {
@@ -106,10 +111,10 @@ pub(crate) fn exit_status(exit: &VmExit) -> ExitCode {
         ExitCode::SUCCESS
     } else if matches!(exit, VmExit::Stopped(_)) {
         eprintln!("ember: {exit}");
-        ExitCode::from(4)
+        ExitCode::from(EXIT_VM_STOPPED)
     } else {
         eprintln!("ember: VM failed: {exit}");
-        ExitCode::from(3)
+        ExitCode::from(EXIT_VM_FAILED)
     }
 }
 
@@ -119,5 +124,16 @@ pub(crate) fn severity(exit: &VmExit) -> u8 {
         e if e.is_clean() => 0,
         VmExit::Stopped(_) => 1,
         _ => 2,
+    }
+}
+
+/// [`severity`] of a process's exit status (another ember's): any status that is not one of
+/// [`exit_status`]'s (it could not start, set up or restore) is worse than a failed VM.
+pub(crate) fn status_severity(code: i32) -> u8 {
+    match u8::try_from(code) {
+        Ok(0) => 0,
+        Ok(EXIT_VM_STOPPED) => 1,
+        Ok(EXIT_VM_FAILED) => 2,
+        _ => 3,
     }
 }

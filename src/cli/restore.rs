@@ -15,7 +15,7 @@ use ember::vmm::RunningVm;
 use super::args::ChannelArgs;
 use super::console::{console, SharedConsole};
 use super::signals::{handle_stop_signals, stop_requested};
-use super::{exit_status, severity, timeout};
+use super::{exit_status, severity, status_severity, timeout};
 
 #[derive(Args)]
 pub(crate) struct RestoreArgs {
@@ -161,13 +161,6 @@ fn spread(args: &RestoreArgs) -> Result<ExitCode, String> {
         next += u64::from(share);
         children.push(Some(child));
     }
-    // Worst first: failed to start or set up (any other status), a VM that failed (3), stopped (4).
-    let rank = |code: i32| match code {
-        0 => 0,
-        4 => 1,
-        3 => 2,
-        _ => 3,
-    };
     let mut worst = 0i32;
     let mut forwarded = false;
     while children.iter().any(Option::is_some) {
@@ -184,7 +177,7 @@ fn spread(args: &RestoreArgs) -> Result<ExitCode, String> {
             match c.try_wait() {
                 Ok(Some(status)) => {
                     let code = status.code().unwrap_or(1);
-                    if rank(code) > rank(worst) {
+                    if status_severity(code) > status_severity(worst) {
                         worst = code;
                     }
                     *slot = None;

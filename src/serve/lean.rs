@@ -172,14 +172,8 @@ fn request(sup: &Supervisor, text: &str) -> Result<Vec<u8>, Refusal> {
     let internal = |e: serde_json::Error| Refusal::Internal(e.to_string());
     let words: Vec<&str> = text.split(' ').collect();
     match words.as_slice() {
-        ["acquire", name] => {
-            let handoff = match sup.acquire_warm(name)? {
-                Some(h) => h,
-                // A cold start: restoring blocks this connection's thread only.
-                None => sup.acquire_cold(name)?,
-            };
-            serde_json::to_vec(&handoff).map_err(internal)
-        }
+        // (A cold start blocks this connection's thread only.)
+        ["acquire", name] => serde_json::to_vec(&sup.acquire(name)?).map_err(internal),
         ["release", id, lease, rest @ ..] => {
             let destroy = match rest {
                 [] => false,
