@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::{ms, BenchError, Summary, TableReport};
 use crate::channel::mailbox::CallOptions;
 use crate::channel::vsock::AgentConnection;
+use crate::serve::supervisor::INVOKE_SPIN;
 use crate::template::Template;
 use crate::vmm::{Channels, RunOptions, RunningVm};
 
@@ -65,8 +66,9 @@ pub fn invoke(dir: &Path, b: &InvokeBench) -> Result<TableReport, BenchError> {
 enum Channel {
     MailboxPolled,
     MailboxDoorbell,
-    /// The doorbell asked for, the host polling 50 us first (as the daemon calls); `true`: the
-    /// agent rings every time (the baseline: no FLAG_RING_IF_WAITING).
+    /// The doorbell asked for, the host polling first as the daemon's invoke does
+    /// ([`INVOKE_SPIN`]); `true`: the agent rings every time (the baseline: no
+    /// FLAG_RING_IF_WAITING).
     MailboxSpinThenDoorbell(bool),
     Vsock,
 }
@@ -91,18 +93,18 @@ fn invoke_channels(vm: RunningVm, sock: &Path, b: &InvokeBench) -> Result<TableR
         Channel::MailboxSpinThenDoorbell(false),
         Channel::MailboxSpinThenDoorbell(true),
     ];
+    let spin_us = INVOKE_SPIN.as_micros();
     for channel in channels {
         let (label, calls) = match channel {
-            Channel::MailboxPolled => ("mailbox, host polls the response", b.calls),
-            Channel::MailboxDoorbell => ("mailbox, response doorbell (exit)", b.calls),
-            Channel::MailboxSpinThenDoorbell(false) => {
-                ("mailbox, doorbell asked, host polls 50 us first, agent rings only if it sleeps", b.calls)
+            Channel::MailboxPolled => ("mailbox, host polls the response".to_string(), b.calls),
+            Channel::MailboxDoorbell => ("mailbox, response doorbell (exit)".to_string(), b.calls),
+            Channel::MailboxSpinThenDoorbell(always) => {
+                let rings = if always { "every time" } else { "only if it sleeps" };
+                (format!("mailbox, doorbell asked, host polls {spin_us} us first, agent rings {rings}"), b.calls)
             }
-            Channel::MailboxSpinThenDoorbell(true) => {
-                ("mailbox, doorbell asked, host polls 50 us first, agent rings every time", b.calls)
-            }
-            Channel::Vsock => ("vsock (one connection, kept open)", b.vsock_calls),
+            Channel::Vsock => ("vsock (one connection, kept open)".to_string(), b.vsock_calls),
         };
+        let label = label.as_str();
         let mut conn = match channel {
             Channel::Vsock => Some(connect_agent(sock, b.timeout).map_err(|e| failed("vsock", &e))?),
             _ => None,
@@ -111,7 +113,7 @@ fn invoke_channels(vm: RunningVm, sock: &Path, b: &InvokeBench) -> Result<TableR
             timeout: b.timeout,
             doorbell: !matches!(channel, Channel::MailboxPolled),
             spin: match channel {
-                Channel::MailboxSpinThenDoorbell(_) => Duration::from_micros(50),
+                Channel::MailboxSpinThenDoorbell(_) => INVOKE_SPIN,
                 _ => Duration::ZERO,
             },
             ring_always: matches!(channel, Channel::MailboxSpinThenDoorbell(true)),

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use super::{ms, BenchError, Summary, TableReport};
 use crate::config::VmConfig;
+use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::SnapshotError;
 use crate::template::{MakeOptions, Template};
 use crate::vmm::shell::{ShellMaker, VmShell};
-use crate::vmm::{Channels, RunOptions, VmError};
+use crate::vmm::{Channels, RunOptions, Vm, VmError};
 
 /// What `ember bench restore` does.
 pub struct RestoreBench {
@@ -191,24 +192,7 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         };
         let before = private_kib();
         let t = Instant::now();
-        let mut pool = Vec::with_capacity(n);
-        let mut each = Vec::with_capacity(n);
-        let mut waited = 0usize;
-        for i in 0..n {
-            let one = Instant::now();
-            let shell = maker.as_ref().and_then(|m| {
-                m.take().or_else(|| {
-                    waited += 1;
-                    None
-                })
-            });
-            let vm = template.restore_in(shell, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
-            if populate {
-                vm.populate(&ws).map_err(VmError::WorkingSet)?;
-            }
-            each.push(ms(one.elapsed()));
-            pool.push(vm);
-        }
+        let (pool, each, waited) = restore_held(&template, maker.as_ref(), n, populate.then_some(&ws))?;
         let total = t.elapsed();
         drop(maker);
         if !populate && n >= 200 {
@@ -235,6 +219,30 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         held_over_processes(&template.paths.dir, b, &mut rows, &mut notes)?;
     }
     Ok(TableReport { title: "ember bench restore".into(), heading: "measure (ms)", width: 52, rows, notes })
+}
+
+/// Restores `n` idle clones of `template` and holds them: each into a shell from `maker` when it
+/// has one ready (else the restore makes its VM), populated with `ws` when given. Returns the
+/// clones, each one's time in ms (restore and populating), and how many found no shell.
+fn restore_held(
+    template: &Template,
+    maker: Option<&ShellMaker>,
+    n: usize,
+    ws: Option<&WorkingSet>,
+) -> Result<(Vec<Vm>, Vec<f64>, usize), BenchError> {
+    let (mut pool, mut each, mut waited) = (Vec::with_capacity(n), Vec::with_capacity(n), 0);
+    for i in 0..n {
+        let one = Instant::now();
+        let shell = maker.and_then(ShellMaker::take);
+        waited += usize::from(maker.is_some() && shell.is_none());
+        let vm = template.restore_in(shell, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
+        if let Some(ws) = ws {
+            vm.populate(ws).map_err(VmError::WorkingSet)?;
+        }
+        each.push(ms(one.elapsed()));
+        pool.push(vm);
+    }
+    Ok((pool, each, waited))
 }
 
 /// The held-clones round spread over `b.processes` processes (`ember bench hold-clones`), each
@@ -338,19 +346,9 @@ pub fn hold_clones(dir: &Path, clones: usize, shells: usize, timeout: Duration) 
         return Ok(());
     }
     let before = private_kib();
-    let mut pool = Vec::with_capacity(clones);
-    let mut each = String::new();
-    let mut waited = 0usize;
-    for i in 0..clones {
-        let one = Instant::now();
-        let shell = maker.take().or_else(|| {
-            waited += 1;
-            None
-        });
-        pool.push(template.restore_in(shell, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?);
-        each.push_str(&format!(" {:.4}", ms(one.elapsed())));
-    }
+    let (pool, each, waited) = restore_held(&template, Some(&maker), clones, None)?;
     drop(maker);
+    let each: String = each.iter().map(|ms| format!(" {ms:.4}")).collect();
     let now = private_kib();
     writeln!(out, "done {} {now} {waited}{each}", now.saturating_sub(before)).and_then(|_| out.flush()).map_err(io)?;
     // Held until the benchmark is done with every process.

@@ -32,7 +32,7 @@ use crate::vmm::{Channels, RunOptions};
 use ember_abi::mailbox::{envelope_request, parse_envelope_response};
 
 /// How long `invoke` polls for the agent's answer before sleeping until the agent rings.
-const INVOKE_SPIN: Duration = Duration::from_micros(50);
+pub const INVOKE_SPIN: Duration = Duration::from_micros(50);
 
 /// How long past its timeout an invocation keeps its clone from the lease sweep.
 const INVOKE_LEASE_MARGIN: Duration = Duration::from_secs(1);
