@@ -376,17 +376,21 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
         (m.ino(), m.mtime(), m.mtime_nsec())
     };
     let made = stamp();
-    let (code, body) = http(&s, "PUT", "/functions/rev", Some(&repooled.to_string()));
-    assert_eq!(code, 202, "{body}");
-    let t = Instant::now();
-    let info = loop {
-        let i = json_of(&http(&s, "GET", "/functions/rev", None).1);
-        if i["update"].is_null() && i["spec"]["pool"]["lease_s"] == 6.0 {
-            break i;
+    // PUTs `spec` and waits until the function's info says `took` (the new policy serves): that info.
+    let repool = |spec: &serde_json::Value, took: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let (code, body) = http(&s, "PUT", "/functions/rev", Some(&spec.to_string()));
+        assert_eq!(code, 202, "{body}");
+        let t = Instant::now();
+        loop {
+            let i = json_of(&http(&s, "GET", "/functions/rev", None).1);
+            if took(&i) {
+                break i;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "the new policy never took over: {i}");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "the new policy never took over: {i}");
-        std::thread::sleep(Duration::from_millis(100));
     };
+    let info = repool(&repooled, &|i| i["update"].is_null() && i["spec"]["pool"]["lease_s"] == 6.0);
     assert_eq!(info["version"], version, "{info}");
     assert_eq!(stamp(), made, "a pool-only change made the template again");
     assert_eq!(invoke(&s, "rev", r#"{"payload": "new"}"#)["payload"], "wen");
@@ -425,13 +429,7 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     // clone being restored and waits for it instead of being refused (429).
     let mut one = repooled.clone();
     one["pool"] = json!({"min_ready": 1, "max": 1});
-    let (code, body) = http(&s, "PUT", "/functions/rev", Some(&one.to_string()));
-    assert_eq!(code, 202, "{body}");
-    let t = Instant::now();
-    while json_of(&http(&s, "GET", "/functions/rev", None).1)["spec"]["pool"]["max"] != 1 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the new policy never took over");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    repool(&one, &|i| i["spec"]["pool"]["max"] == 1);
     for i in 0..30 {
         let (code, body) = http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "echo", "payload": "1"}"#));
         assert_eq!(code, 200, "call {i}: {body}");

@@ -79,54 +79,26 @@ fn a_snapshot_of_a_clone_restores_too() {
 fn ember_restore_runs_clones_from_the_command_line() {
     let _one = common::one_at_a_time();
     let Some(dir) = common::template("ember_restore_runs_clones_from_the_command_line") else { return };
-    let out = ember(&["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "2", "--timeout", "120"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
-    for id in [1, 2] {
-        assert!(stdout.contains(&format!("[clone {id}] EMBER_CLONE id={id} ")), "{stdout}");
-    }
+    let restore = |args: &[&str]| ember(&[&["restore", "--snapshot", dir.to_str().unwrap()], args].concat());
+    // Runs `args`, which must succeed with each of clones 1..=n's console lines prefixed and
+    // seen once.
+    let each_clone_once = |args: &[&str], n: u64| {
+        let out = restore(args);
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
+        for id in 1..=n {
+            assert_eq!(stdout.matches(&format!("[clone {id}] EMBER_CLONE id={id} ")).count(), 1, "{stdout}");
+        }
+    };
+    each_clone_once(&["--clones", "2", "--timeout", "120"], 2);
     // Spread over processes: each clone once, the ids distinct across the processes.
-    let out =
-        ember(&["restore", "--snapshot", dir.to_str().unwrap(), "--clones", "5", "--processes=2", "--timeout", "120"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
-    for id in 1..=5 {
-        assert_eq!(stdout.matches(&format!("[clone {id}] EMBER_CLONE id={id} ")).count(), 1, "{stdout}");
-    }
+    each_clone_once(&["--clones", "5", "--processes=2", "--timeout", "120"], 5);
+    // One clone per process: still each line is its clone's.
+    each_clone_once(&["--clones", "2", "--processes", "2", "--timeout", "120"], 2);
     // A clone that fails in one process: the exit status says so (4: stopped by the timeout).
-    let out = ember(&[
-        "restore",
-        "--snapshot",
-        dir.to_str().unwrap(),
-        "--clones",
-        "2",
-        "--processes",
-        "2",
-        "--serve",
-        "--timeout",
-        "0.5",
-        "--console",
-        "off",
-    ]);
+    let out = restore(&["--clones", "2", "--processes", "2", "--serve", "--timeout", "0.5", "--console", "off"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr).matches("timed out").count(), 4, "{}", text(&out.stderr));
-    // One clone per process: still each line is its clone's.
-    let out = ember(&[
-        "restore",
-        "--snapshot",
-        dir.to_str().unwrap(),
-        "--clones",
-        "2",
-        "--processes",
-        "2",
-        "--timeout",
-        "120",
-    ]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}\n{stdout}", text(&out.stderr));
-    for id in [1, 2] {
-        assert!(stdout.contains(&format!("[clone {id}] EMBER_CLONE id={id} ")), "{stdout}");
-    }
 }
 
 /// A fresh directory with the template's files for a test to damage: the state file copied, the
