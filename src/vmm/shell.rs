@@ -34,6 +34,7 @@ use super::vcpu_state::VcpuState;
 use super::VmError;
 use crate::memory::{self, GuestMemory};
 use crate::snapshot::MemoryFile;
+use crate::sys::Locked;
 
 /// What a shell is made for: the machine's RAM and each vCPU's state (of which the shell loads
 /// the part every clone shares), and the template's memory when known (the shell then maps it
@@ -234,7 +235,7 @@ impl ShellMaker {
 
     /// A ready shell, if there is one (the maker makes another).
     pub fn take(&self) -> Option<VmShell> {
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.shared.state.locked();
         let shell = st.ready.pop();
         self.shared.wake.notify_one();
         shell
@@ -242,12 +243,12 @@ impl ShellMaker {
 
     /// How many shells are ready now.
     pub fn ready(&self) -> usize {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).ready.len()
+        self.shared.state.locked().ready.len()
     }
 
     /// The last error making a shell, if any.
     pub fn last_error(&self) -> Option<String> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).failed.clone()
+        self.shared.state.locked().failed.clone()
     }
 
     /// Waits until `n` shells are ready (or `timeout` passes); whether they are.
@@ -265,7 +266,7 @@ impl ShellMaker {
 
 impl Drop for ShellMaker {
     fn drop(&mut self) {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.shared.state.locked().stop = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -274,7 +275,7 @@ impl Drop for ShellMaker {
 }
 
 fn make_ahead(shared: &Shared, spec: &ShellSpec, ahead: usize) {
-    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut st = shared.state.locked();
     loop {
         if st.stop {
             return;
@@ -285,7 +286,7 @@ fn make_ahead(shared: &Shared, spec: &ShellSpec, ahead: usize) {
         }
         drop(st);
         let made = VmShell::new(spec);
-        st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st = shared.state.locked();
         match made {
             Ok(shell) => {
                 st.ready.push(shell);
