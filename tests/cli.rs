@@ -100,6 +100,15 @@ fn usage_errors() {
     assert_fails(&["restore"], 2, "--snapshot");
     assert_fails(&["restore", "--snapshot", "/s", "--clones", "0"], 2, "invalid value '0'");
     assert_fails(&["restore", "--snapshot", "/s", "--clones", "5000"], 2, "invalid value '5000'");
+    assert_fails(&["restore", "--snapshot", "/s", "--clones", "4", "--processes", "0"], 2, "invalid value '0'");
+    assert_fails(&["restore", "--snapshot", "/s", "--clones", "4", "--processes", "65"], 2, "invalid value '65'");
+    // A bad snapshot is refused once, before any process is started.
+    assert_fails(
+        &["restore", "--snapshot", "/nonexistent-snapshot", "--clones", "4", "--processes", "2"],
+        1,
+        "/nonexistent-snapshot/state",
+    );
+    assert_fails(&["bench", "restore", "--kernel", "/k", "--processes", "0"], 2, "invalid value '0'");
     assert_fails(&["restore", "--snapshot", "/nonexistent-snapshot"], 1, "/nonexistent-snapshot/state");
     assert_fails(&["bench", "restore", "--kernel", "/k", "--runs", "x"], 2, "invalid value 'x'");
 }
