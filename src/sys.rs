@@ -40,38 +40,33 @@ pub fn futex_wake(word: &AtomicU32) {
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
-/// An exclusive flock held until dropped: one holder at a time across processes.
-pub struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    /// Takes the lock, waiting for it at most `timeout` (another holder never hangs the caller):
-    /// `ErrorKind::TimedOut` when it stays taken.
-    pub fn take(f: &'a File, timeout: Duration) -> std::io::Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(20);
-        loop {
-            // SAFETY: flock on an fd we borrow for the guard's lifetime.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(Self(f));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            if Instant::now() >= deadline {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another caller holds the lock"));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
+/// Takes an exclusive flock on `f` (one holder at a time across processes; released by
+/// [`funlock`] or by closing the file), waiting for it at most `timeout` (another holder never
+/// hangs the caller): `ErrorKind::TimedOut` when it stays taken.
+pub fn flock_exclusive(f: &File, timeout: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_micros(20);
+    loop {
+        // SAFETY: flock on an fd we borrow; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
         }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another caller holds the lock"));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }
 
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: releases the lock taken in `take` on the fd the guard borrows.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
+/// Releases a lock taken with [`flock_exclusive`].
+pub fn funlock(f: &File) {
+    // SAFETY: flock on an fd we borrow; no memory is passed.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
 }
 
 /// Locking that survives a poisoned mutex: a thread that panicked while holding the lock leaves
@@ -264,14 +259,14 @@ mod tests {
     #[test]
     fn a_file_lock_held_elsewhere_times_out() {
         let f = tempfile::tempfile().unwrap();
-        let held = FileLock::take(&f, Duration::ZERO).unwrap();
+        flock_exclusive(&f, Duration::ZERO).unwrap();
         // flock locks belong to the open file description: a second open of it contends.
         let path = format!("/proc/self/fd/{}", f.as_raw_fd());
         let other = File::open(path).unwrap();
-        let e = FileLock::take(&other, Duration::from_millis(20)).err().unwrap();
+        let e = flock_exclusive(&other, Duration::from_millis(20)).err().unwrap();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-        drop(held);
-        assert!(FileLock::take(&other, Duration::from_millis(20)).is_ok());
+        funlock(&f);
+        assert!(flock_exclusive(&other, Duration::from_millis(20)).is_ok());
     }
 
     #[test]

@@ -8,17 +8,16 @@
 //! asked for the response doorbell waits on the response seq.
 
 use std::fs::File;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ember_abi::mailbox::*;
 use ember_abi::{AbiError, Status, MAX_FUNCTION_LEN};
 
-use crate::sys::Locked;
-use crate::sys::{futex_wait, futex_wake, FileLock};
+use crate::sys::{futex_wait, futex_wake};
 use thiserror::Error;
 
 /// Host-only word: whether the VM behind the mailbox still runs (a caller in another process has
@@ -105,8 +104,10 @@ pub struct Mailbox {
     base: *mut u8,
     /// The file to remove when the VM's mailbox goes (only for one ember created at a path).
     owned_path: Option<PathBuf>,
-    /// One call at a time through this handle (other processes are kept out with flock).
-    call: Mutex<u64>,
+    /// Whether a call holds this handle (one at a time; other processes are kept out with flock).
+    calling: AtomicBool,
+    /// The last request id this handle used.
+    last_id: AtomicU64,
     /// Response doorbells the agent rang (seen by this process's vCPU thread).
     rung: AtomicU64,
 }
@@ -114,7 +115,7 @@ pub struct Mailbox {
 // SAFETY: the mapping is shared memory accessed only through atomics and volatile copies; the
 // pointer stays valid for the Mailbox's life.
 unsafe impl Send for Mailbox {}
-// SAFETY: as above; concurrent callers are serialized by `call`.
+// SAFETY: as above; concurrent callers are serialized by `calling`.
 unsafe impl Sync for Mailbox {}
 
 fn io_err(path: &str) -> impl Fn(std::io::Error) -> MailboxError + '_ {
@@ -231,7 +232,14 @@ impl Mailbox {
             }
             return Err(io_err(name)(e));
         }
-        Ok(Self { file, base: p.cast(), owned_path: None, call: Mutex::new(0), rung: AtomicU64::new(0) })
+        Ok(Self {
+            file,
+            base: p.cast(),
+            owned_path: None,
+            calling: AtomicBool::new(false),
+            last_id: AtomicU64::new(0),
+            rung: AtomicU64::new(0),
+        })
     }
 
     /// The host address of the region (for KVM's memory slot).
@@ -327,60 +335,157 @@ impl Mailbox {
 
     /// Invokes `function` with `payload` and waits for its response.
     pub fn call(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Response, InvokeError> {
+        Mailbox::begin(self, function, payload, opts)?.finish()
+    }
+
+    /// Posts a request and returns without waiting for its answer: [`PendingCall::poll`] looks for
+    /// it, [`PendingCall::finish`] waits for it as `opts` says. Waits for another caller's call to
+    /// end (at most `opts.timeout`).
+    pub fn begin<M: Deref<Target = Mailbox>>(
+        this: M,
+        function: &str,
+        payload: &[u8],
+        opts: CallOptions,
+    ) -> Result<PendingCall<M>, InvokeError> {
         let name = check_request(function, payload)?;
-        let mut last_id = self.call.locked();
-        let _flock = FileLock::take(&self.file, opts.timeout).map_err(InvokeError::Lock)?;
-        if self.ended() {
+        this.take_call(opts.timeout)?;
+        Self::post(this, name, payload, opts)
+    }
+
+    /// [`Mailbox::begin`] only if no other call holds the mailbox now (`None` otherwise, nothing
+    /// posted): for a caller that must not wait.
+    pub fn try_begin<M: Deref<Target = Mailbox>>(
+        this: M,
+        function: &str,
+        payload: &[u8],
+        opts: CallOptions,
+    ) -> Result<Option<PendingCall<M>>, InvokeError> {
+        let name = check_request(function, payload)?;
+        match this.take_call(Duration::ZERO) {
+            Ok(()) => Self::post(this, name, payload, opts).map(Some),
+            Err(InvokeError::Lock(e)) if e.kind() == std::io::ErrorKind::TimedOut => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the right to call: one call at a time through this handle (`calling`), and across
+    /// processes (flock; threads of one process share the open file, so flock alone would not
+    /// keep them apart). Waits at most `timeout` for each. Released by [`PendingCall`]'s drop.
+    fn take_call(&self, timeout: Duration) -> Result<(), InvokeError> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(20);
+        while self.calling.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            if Instant::now() >= deadline {
+                let busy = std::io::Error::new(std::io::ErrorKind::TimedOut, "another call holds the mailbox");
+                return Err(InvokeError::Lock(busy));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = crate::sys::flock_exclusive(&self.file, left) {
+            self.calling.store(false, Ordering::Release);
+            return Err(InvokeError::Lock(e));
+        }
+        Ok(())
+    }
+
+    fn release_call(&self) {
+        crate::sys::funlock(&self.file);
+        self.calling.store(false, Ordering::Release);
+    }
+
+    /// Writes the request (the caller holds the call, which the returned [`PendingCall`] or this
+    /// failure releases) and makes it visible to the agent.
+    fn post<M: Deref<Target = Mailbox>>(
+        this: M,
+        name: [u8; MAX_FUNCTION_LEN],
+        payload: &[u8],
+        opts: CallOptions,
+    ) -> Result<PendingCall<M>, InvokeError> {
+        if this.ended() {
+            this.release_call();
             return Err(InvokeError::VmEnded);
         }
-        *last_id = last_id.wrapping_add(1);
-        let id = *last_id ^ (u64::from(std::process::id()) << 32);
-
-        // SAFETY: the request area lies inside the mapping and holds MAX_PAYLOAD bytes; the guest
-        // does not write it (a guest that does only corrupts its own request).
-        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.base.add(REQ_DATA_OFF), payload.len()) };
-        self.word64(REQ_ID_OFF).store(id, Ordering::Relaxed);
-        self.store32(REQ_LEN_OFF, payload.len() as u32);
+        let id = this.last_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1) ^ (u64::from(std::process::id()) << 32);
+        // SAFETY: the request area lies inside the mapping and holds MAX_PAYLOAD bytes (checked by
+        // `check_request`); the guest does not write it (a guest that does only corrupts its own
+        // request).
+        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), this.base.add(REQ_DATA_OFF), payload.len()) };
+        this.word64(REQ_ID_OFF).store(id, Ordering::Relaxed);
+        this.store32(REQ_LEN_OFF, payload.len() as u32);
         // An agent that can ring only when the caller sleeps is asked to: a caller that finds the
         // answer while it polls then costs the guest no exit (during which it cannot see the next
         // request).
         let if_waiting = opts.doorbell
             && !opts.ring_always
-            && self.word32(AGENT_FEATURES_OFF).load(Ordering::Acquire) & FEATURE_RING_IF_WAITING != 0;
+            && this.word32(AGENT_FEATURES_OFF).load(Ordering::Acquire) & FEATURE_RING_IF_WAITING != 0;
         let flags = if opts.doorbell { FLAG_DOORBELL } else { 0 }
             | if if_waiting { FLAG_RING_IF_WAITING } else { 0 }
             | if opts.envelope { FLAG_ENVELOPE } else { 0 };
-        self.store32(REQ_FLAGS_OFF, flags);
+        this.store32(REQ_FLAGS_OFF, flags);
         for (i, chunk) in name.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(chunk);
-            self.word64(REQ_FUNCTION_OFF + i * 8).store(u64::from_le_bytes(w), Ordering::Relaxed);
+            this.word64(REQ_FUNCTION_OFF + i * 8).store(u64::from_le_bytes(w), Ordering::Relaxed);
         }
-        let seq = self.word64(REQ_SEQ_OFF).load(Ordering::Relaxed).wrapping_add(1);
-        self.word64(REQ_SEQ_OFF).store(seq, Ordering::SeqCst);
-        if self.word32(AGENT_STATE_OFF).load(Ordering::SeqCst) == AGENT_IDLE {
-            self.wake();
+        let seq = this.word64(REQ_SEQ_OFF).load(Ordering::Relaxed).wrapping_add(1);
+        this.word64(REQ_SEQ_OFF).store(seq, Ordering::SeqCst);
+        if this.word32(AGENT_STATE_OFF).load(Ordering::SeqCst) == AGENT_IDLE {
+            this.wake();
         }
+        Ok(PendingCall { start: Instant::now(), mailbox: this, id, seq, opts, if_waiting })
+    }
+}
 
+/// A request posted through [`Mailbox::begin`], its answer not read yet. Holds the mailbox's call
+/// (no other caller posts until it is dropped) and may move to another thread to be finished.
+pub struct PendingCall<M: Deref<Target = Mailbox>> {
+    mailbox: M,
+    id: u64,
+    seq: u64,
+    opts: CallOptions,
+    if_waiting: bool,
+    /// When the request was posted: `opts.spin` and `opts.timeout` count from here.
+    start: Instant,
+}
+
+impl<M: Deref<Target = Mailbox>> PendingCall<M> {
+    fn answered(&self) -> bool {
+        self.mailbox.word64(RESP_SEQ_OFF).load(Ordering::Acquire) == self.seq
+    }
+
+    /// Whether the answer is there, looking for it for at most `spin`.
+    pub fn poll(&self, spin: Duration) -> bool {
         let start = Instant::now();
-        let deadline = start + opts.timeout;
-        let resp_seq = self.word64(RESP_SEQ_OFF);
-        if opts.doorbell && !opts.spin.is_zero() {
-            while resp_seq.load(Ordering::Acquire) != seq && start.elapsed() < opts.spin {
-                std::hint::spin_loop();
+        while !self.answered() {
+            if start.elapsed() >= spin {
+                return false;
             }
+            std::hint::spin_loop();
         }
+        true
+    }
+
+    /// Waits for the answer as the call's options say and reads it.
+    pub fn finish(self) -> Result<Response, InvokeError> {
+        let (m, opts, seq) = (&*self.mailbox, self.opts, self.seq);
+        let deadline = self.start + opts.timeout;
+        if opts.doorbell && !opts.spin.is_zero() {
+            self.poll(opts.spin.saturating_sub(self.start.elapsed()));
+        }
+        let resp_seq = m.word64(RESP_SEQ_OFF);
         let mut spins = 0u32;
         // Cleared however the wait ends.
-        let waiting = Waiting(self.word32(HOST_WAITING_OFF));
+        let waiting = Waiting(m.word32(HOST_WAITING_OFF));
         while resp_seq.load(Ordering::Acquire) != seq {
             if opts.doorbell {
                 let low = resp_seq.load(Ordering::Acquire) as u32;
-                if if_waiting {
+                if self.if_waiting {
                     waiting.0.store(1, Ordering::SeqCst);
                 }
                 if resp_seq.load(Ordering::SeqCst) != seq {
-                    futex_wait(self.word32(RESP_SEQ_OFF), low, Some(Duration::from_millis(10)));
+                    futex_wait(m.word32(RESP_SEQ_OFF), low, Some(Duration::from_millis(10)));
                 }
             } else {
                 std::hint::spin_loop();
@@ -389,26 +494,31 @@ impl Mailbox {
                     continue;
                 }
             }
-            if self.ended() {
+            if m.ended() {
                 return Err(InvokeError::VmEnded);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(InvokeError::Timeout(opts.timeout.as_secs_f64()));
             }
         }
         drop(waiting);
         let raw = RawResponse {
-            id: self.word64(RESP_ID_OFF).load(Ordering::Acquire),
-            len: self.word32(RESP_LEN_OFF).load(Ordering::Acquire),
-            status: self.word32(RESP_STATUS_OFF).load(Ordering::Acquire),
+            id: m.word64(RESP_ID_OFF).load(Ordering::Acquire),
+            len: m.word32(RESP_LEN_OFF).load(Ordering::Acquire),
+            status: m.word32(RESP_STATUS_OFF).load(Ordering::Acquire),
         };
-        let (status, len) = raw.check(id).map_err(InvokeError::Malformed)?;
+        let (status, len) = raw.check(self.id).map_err(InvokeError::Malformed)?;
         let mut out = vec![0u8; len];
         // SAFETY: `len` was checked against MAX_PAYLOAD, so the copy stays within the response
         // area of the live mapping; the guest may still be writing it (its own response).
-        unsafe { std::ptr::copy_nonoverlapping(self.base.add(RESP_DATA_OFF), out.as_mut_ptr(), len) };
+        unsafe { std::ptr::copy_nonoverlapping(m.base.add(RESP_DATA_OFF), out.as_mut_ptr(), len) };
         Ok(Response { status, payload: out })
+    }
+}
+
+impl<M: Deref<Target = Mailbox>> Drop for PendingCall<M> {
+    fn drop(&mut self) {
+        self.mailbox.release_call();
     }
 }
 
@@ -436,6 +546,7 @@ impl Drop for Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// Plays the agent's part on the host: answers one request the way the agent does.
     fn answer(m: &Mailbox, status: u32, body: &[u8], id_delta: u64) {
@@ -510,6 +621,31 @@ mod tests {
         assert!(!p.exists(), "the mailbox file outlived its VM");
         std::fs::write(&p, b"not a mailbox").unwrap();
         assert!(matches!(Mailbox::open(&p), Err(MailboxError::NotAMailbox(_))));
+    }
+
+    #[test]
+    fn a_posted_call_holds_the_mailbox_and_is_finished_on_another_thread() {
+        let m = Arc::new(Mailbox::create(None).unwrap());
+        let p = Mailbox::begin(m.clone(), "echo", b"one", CallOptions::default()).unwrap();
+        assert!(!p.poll(Duration::from_micros(50)), "answered before the agent wrote anything");
+        // While it is posted no other call gets in: one that must not wait posts nothing, one
+        // that may wait gives up at its timeout.
+        let seq = m.word64(REQ_SEQ_OFF).load(Ordering::SeqCst);
+        assert!(Mailbox::try_begin(&*m, "echo", b"two", CallOptions::default()).unwrap().is_none());
+        let short = CallOptions { timeout: Duration::from_millis(5), ..Default::default() };
+        assert!(matches!(m.call("echo", b"two", short), Err(InvokeError::Lock(_))));
+        assert_eq!(m.word64(REQ_SEQ_OFF).load(Ordering::SeqCst), seq, "a refused call posted a request");
+        answer(&m, 0, b"first", 0);
+        assert!(p.poll(Duration::ZERO));
+        let r = std::thread::spawn(move || p.finish()).join().unwrap().unwrap();
+        assert_eq!(r.payload, b"first");
+        // Finished (and dropped), it lets the next call in.
+        let next = Mailbox::try_begin(&*m, "echo", b"three", CallOptions::default()).unwrap().expect("free");
+        answer(&m, 0, b"second", 0);
+        assert_eq!(next.finish().unwrap().payload, b"second");
+        // Dropped unanswered, it frees the mailbox too.
+        drop(Mailbox::begin(&*m, "echo", b"", CallOptions::default()).unwrap());
+        assert!(Mailbox::try_begin(&*m, "echo", b"", CallOptions::default()).unwrap().is_some());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 use super::model::{FunctionSpec, Refusal};
-use super::supervisor::Supervisor;
+use super::supervisor::{InvokeCall, Supervisor, Take};
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 /// The largest request body: a payload as large as the mailbox takes, base64-encoded in JSON.
@@ -143,6 +143,11 @@ struct InvokeQuery {
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
+/// How long an invocation's answer is looked for on the API's own (async) thread before the wait
+/// moves to a blocking thread: a no-op through a polling agent answers in a few microseconds;
+/// this bounds what a slower call holds the async thread for.
+const INLINE_SPIN: Duration = Duration::from_micros(20);
+
 /// An invocation's timeout: more than 0 and at most [`MAX_INVOKE_TIMEOUT_S`] seconds.
 fn check_timeout(t: f64) -> Result<Duration, ApiError> {
     if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S {
@@ -191,8 +196,34 @@ async fn invoke(
         None => Duration::from_secs(30),
         Some(t) => check_timeout(t)?,
     };
-    let rid = request_id.clone();
-    let r = blocking(move || sup.invoke(&name, function.as_deref(), &payload, timeout, &rid)).await?;
+    let call =
+        InvokeCall { name: &name, handler: function.as_deref(), payload: &payload, timeout, request_id: &request_id };
+    // A ready clone and a quick answer are served here, with no hop to a blocking thread (the
+    // hop's two thread wake-ups cost more than the whole call); anything slower (a cold start,
+    // a busy mailbox, an answer not there within INLINE_SPIN) goes on a blocking thread.
+    let r = match sup.invoke_begin(&call, Take::Warm).map_err(ApiError::from)? {
+        Some(inflight) if inflight.answered(INLINE_SPIN) => sup.invoke_finish(inflight).map_err(ApiError::from)?,
+        Some(inflight) => {
+            let s = sup.clone();
+            blocking(move || s.invoke_finish(inflight)).await?
+        }
+        None => {
+            let (s, rid) = (sup.clone(), request_id.clone());
+            blocking(move || {
+                let call = InvokeCall {
+                    name: &name,
+                    handler: function.as_deref(),
+                    payload: &payload,
+                    timeout,
+                    request_id: &rid,
+                };
+                let inflight =
+                    s.invoke_begin(&call, Take::Cold)?.ok_or_else(|| Refusal::Internal("no clone taken".into()))?;
+                s.invoke_finish(inflight)
+            })
+            .await?
+        }
+    };
     let ok = r.status == ember_abi::Status::Ok;
     if raw {
         let status = HeaderValue::from_static(r.status.describe());

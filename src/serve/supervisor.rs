@@ -24,7 +24,7 @@ use super::network::Network;
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
 use super::worker::{CloneVm, Worker, Workers};
-use crate::channel::mailbox::{check_request, CallOptions, InvokeError};
+use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Mailbox, PendingCall};
 use crate::config::DriveConfig;
 use crate::sys::Locked;
 use crate::template::Template;
@@ -92,7 +92,7 @@ pub struct Supervisor {
     /// Set by a handoff to have the background loop refill pools before its next tick.
     pub(super) refill_wanted: Mutex<bool>,
     pub(super) refill_signal: Condvar,
-    invokes: AtomicUsize,
+    invokes: Arc<AtomicUsize>,
     /// Template boots running now.
     template_boots: Mutex<usize>,
     template_boot_done: Condvar,
@@ -112,23 +112,99 @@ const NETWORK_WAIT: Duration = Duration::from_secs(10);
 /// How long an acquire at `max` waits for one of the clones being restored before it is refused.
 const AT_MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// One of at most `max` in-flight slots of `count`, given back when dropped (on every way out of
-/// a call).
-struct Slot<'a>(&'a AtomicUsize);
+/// An invocation's place among the daemon's (at most [`MAX_INVOKES`]) and its function's (at
+/// most [`MAX_INVOKES_PER_FUNCTION`]) in flight, given back when dropped (on every way out of a
+/// call).
+pub struct InvokeSlots {
+    all: Arc<AtomicUsize>,
+    f: Arc<Function>,
+}
 
-impl<'a> Slot<'a> {
-    fn take(count: &'a AtomicUsize, max: usize) -> Option<Self> {
-        if count.fetch_add(1, Ordering::SeqCst) >= max {
-            count.fetch_sub(1, Ordering::SeqCst);
-            return None;
+impl InvokeSlots {
+    fn take(all: &Arc<AtomicUsize>, f: &Arc<Function>) -> Result<Self, Refusal> {
+        if all.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES {
+            all.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")));
         }
-        Some(Self(count))
+        if f.counters.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES_PER_FUNCTION {
+            f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+            all.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Unavailable(format!(
+                "function {:?} has {MAX_INVOKES_PER_FUNCTION} invocations in flight; try again",
+                f.name
+            )));
+        }
+        Ok(Self { all: all.clone(), f: f.clone() })
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for InvokeSlots {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.all.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What [`Supervisor::invoke_begin`] is asked to invoke.
+#[derive(Clone, Copy)]
+pub struct InvokeCall<'a> {
+    pub name: &'a str,
+    /// The handler (the function's own when `None`).
+    pub handler: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub timeout: Duration,
+    pub request_id: &'a str,
+}
+
+/// Which clone an invocation may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// A ready one, or none (no cold start, no wait).
+    Warm,
+    /// As [`Supervisor::acquire_cold`], after `Warm` found none.
+    Cold,
+    /// As [`Supervisor::acquire`].
+    Any,
+}
+
+/// Where an invocation's request stands.
+enum CallState {
+    Posted(PendingCall<Arc<Mailbox>>),
+    /// Not posted yet: the clone's mailbox was held by another caller when it was tried.
+    Waiting {
+        mailbox: Arc<Mailbox>,
+        handler: String,
+        request: Vec<u8>,
+        opts: CallOptions,
+    },
+    /// Refused before it reached the guest.
+    Failed(InvokeError),
+}
+
+/// An invocation with its clone taken (and, usually, its request posted), its answer not read:
+/// [`InvokeInFlight::answered`] looks for the answer without blocking for long, and
+/// [`Supervisor::invoke_finish`] completes it (on any thread).
+pub struct InvokeInFlight {
+    f: Arc<Function>,
+    _slots: InvokeSlots,
+    id: u64,
+    lease: String,
+    version: Option<String>,
+    /// Whether it runs the function's own handler (only then is the clone recycled).
+    own: bool,
+    managed: bool,
+    request_id: String,
+    state: CallState,
+}
+
+impl InvokeInFlight {
+    /// Whether the answer can be read without waiting, looking for it for at most `spin`.
+    pub fn answered(&self, spin: Duration) -> bool {
+        match &self.state {
+            CallState::Posted(p) => p.poll(spin),
+            CallState::Waiting { .. } => false,
+            CallState::Failed(_) => true,
+        }
     }
 }
 
@@ -291,7 +367,7 @@ impl Supervisor {
             scaling_paused: AtomicBool::new(false),
             refill_wanted: Mutex::new(false),
             refill_signal: Condvar::new(),
-            invokes: AtomicUsize::new(0),
+            invokes: Arc::new(AtomicUsize::new(0)),
             template_boots: Mutex::new(0),
             template_boot_done: Condvar::new(),
             workers,
@@ -946,7 +1022,7 @@ impl Supervisor {
 
     /// acquire + invoke through the mailbox + release. With one of ember's runtimes the
     /// invocation carries its context (`request_id` among it) and comes back with its log and,
-    /// for a handler's error, the runtime's report.
+    /// for a handler's error, the runtime's report. Blocks (a cold start, a slow function).
     pub fn invoke(
         &self,
         name: &str,
@@ -955,20 +1031,34 @@ impl Supervisor {
         timeout: Duration,
         request_id: &str,
     ) -> Result<Invoked, Refusal> {
+        let call = InvokeCall { name, handler, payload, timeout, request_id };
+        match self.invoke_begin(&call, Take::Any)? {
+            Some(inflight) => self.invoke_finish(inflight),
+            None => Err(Refusal::Internal("no clone for the invocation".into())),
+        }
+    }
+
+    /// The first half of [`Supervisor::invoke`], for a caller that must not block: with `Warm`,
+    /// `None` when the pool has no ready clone (nothing taken; the arrival is counted, so the
+    /// caller goes on with `Cold`). Otherwise the request is posted to the clone if its mailbox is
+    /// free now (it is left to [`Supervisor::invoke_finish`] if not). Microseconds, no waiting.
+    pub fn invoke_begin(&self, call: &InvokeCall<'_>, take: Take) -> Result<Option<InvokeInFlight>, Refusal> {
+        let InvokeCall { name, handler, payload, timeout, request_id } = *call;
         let f = self.function(name)?;
         // Bounded: a refusal now beats a caller waiting on a blocking pool that hung guests fill.
-        let _all = Slot::take(&self.invokes, MAX_INVOKES)
-            .ok_or_else(|| Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")))?;
-        let _mine = Slot::take(&f.counters.in_flight, MAX_INVOKES_PER_FUNCTION).ok_or_else(|| {
-            Refusal::Unavailable(format!(
-                "function {name:?} has {MAX_INVOKES_PER_FUNCTION} invocations in flight; try again"
-            ))
-        })?;
+        let slots = InvokeSlots::take(&self.invokes, &f)?;
         // What can be checked without a clone is checked before one is taken.
         let handler = handler.unwrap_or(f.spec.default_function()).to_string();
         let managed = f.spec.known_runtime() == Some(handler.as_str());
         check_request(&handler, payload).map_err(invoke_refusal)?;
-        let handoff = self.acquire(name)?;
+        let handoff = match take {
+            Take::Warm => match self.acquire_warm(name)? {
+                Some(h) => h,
+                None => return Ok(None),
+            },
+            Take::Cold => self.acquire_cold(name)?,
+            Take::Any => self.acquire(name)?,
+        };
         // The version of the clone's function (a switch may have happened since `f` was looked up).
         let (mailbox, version) = {
             let mut handed = self.handed.locked();
@@ -997,25 +1087,47 @@ impl Supervisor {
         } else {
             payload.to_vec()
         };
-        let checked = check_request(&handler, &request).map_err(invoke_refusal);
         // Many invocations wait at once on few cores: poll briefly, then sleep until the agent
         // rings, so that waiting callers do not take the CPU the guests need to answer.
         let opts = CallOptions { timeout, doorbell: true, spin: INVOKE_SPIN, envelope: managed, ..Default::default() };
-        let r = checked.and_then(|_| mailbox.call(&handler, &request, opts).map_err(invoke_refusal));
-        let r = r.and_then(|resp| Invoked::from_response(resp, managed, handoff.id, version.clone()));
+        let own = handler == f.spec.default_function();
+        let state = match check_request(&handler, &request) {
+            Err(e) => CallState::Failed(e),
+            Ok(_) => match Mailbox::try_begin(mailbox.clone(), &handler, &request, opts) {
+                Ok(Some(p)) => CallState::Posted(p),
+                Ok(None) => CallState::Waiting { mailbox, handler, request, opts },
+                Err(e) => CallState::Failed(e),
+            },
+        };
+        let (id, lease, request_id) = (handoff.id, handoff.lease, request_id.to_string());
+        Ok(Some(InvokeInFlight { f, _slots: slots, id, lease, version, own, managed, request_id, state }))
+    }
+
+    /// The second half of [`Supervisor::invoke`]: waits for the answer (blocks, at most the
+    /// call's timeout), releases the clone and counts the invocation.
+    pub fn invoke_finish(&self, inflight: InvokeInFlight) -> Result<Invoked, Refusal> {
+        let InvokeInFlight { f, _slots, id, lease, version, own, managed, request_id, state } = inflight;
+        let response = match state {
+            CallState::Posted(p) => p.finish(),
+            CallState::Waiting { mailbox, handler, request, opts } => {
+                Mailbox::begin(mailbox, &handler, &request, opts).and_then(|p| p.finish())
+            }
+            CallState::Failed(e) => Err(e),
+        };
+        let r = response.map_err(invoke_refusal);
+        let r = r.and_then(|resp| Invoked::from_response(resp, managed, id, version));
         // A clone that did not answer (or answered out of protocol) is not handed to anyone again;
         // nor is one whose runtime (one of ember's) broke: it answers `failed` only then.
         let broken = managed && r.as_ref().is_ok_and(|i| i.status == ember_abi::Status::Failed);
         // Recycled (by the policy) only when it ran the function's own handler.
-        let own = handler == f.spec.default_function();
-        let _ = self.release_after(handoff.id, &handoff.lease, r.is_err() || broken, own);
+        let _ = self.release_after(id, &lease, r.is_err() || broken, own);
         f.counters.invocations.fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(inv) => {
                 if inv.status != ember_abi::Status::Ok {
                     f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                inv.log_lines(name, request_id);
+                inv.log_lines(&f.name, &request_id);
             }
             Err(_) => {
                 f.counters.invocation_errors.fetch_add(1, Ordering::Relaxed);
