@@ -51,6 +51,13 @@ fn eight_concurrent_clones_continue_from_the_snapshot_with_their_own_id_and_entr
         assert!(randoms.insert(clone_random(&console, id)), "clone {id} repeats a sibling's random bytes");
         assert!(out.timeline.first_io.is_some());
     }
+    // A clone whose console the host discards (`quiet`) is told so and prints no line of its own.
+    let cap = Capture::default();
+    let quiet = Channels { quiet: true, ..Default::default() };
+    let vm = template.restore(9, &quiet, Box::new(cap.clone())).expect("restore");
+    let out = vm.start(RunOptions::default()).expect("start").wait(Some(CLONE_TIMEOUT));
+    assert_eq!(out.exit, VmExit::PowerOff, "quiet clone:\n{}", cap.text());
+    assert!(!cap.text().contains("EMBER_CLONE"), "a quiet clone printed its marker:\n{}", cap.text());
     // The clones' writes went to their private copies, never to the memory file.
     assert_eq!(file_hash(&template.paths.memory()), before, "the snapshot's memory file changed");
 }

@@ -34,7 +34,7 @@ impl ChannelArgs {
         };
         let (mailbox, vsock) = (path(&self.mailbox), path(&self.vsock));
         let serve = self.serve || mailbox.is_some() || vsock.is_some();
-        Ok(ember::vmm::Channels { serve, mailbox, vsock, device_seccomp: !no_seccomp, taps: Vec::new() })
+        Ok(ember::vmm::Channels { serve, mailbox, vsock, quiet: false, device_seccomp: !no_seccomp, taps: Vec::new() })
     }
 
     /// Checks that per-clone paths differ.

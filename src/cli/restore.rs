@@ -77,7 +77,8 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
         let prefix = several.then(|| format!("[clone {id}] "));
         let out: ConsoleOut = Box::new(SharedConsole::new(shared.clone(), prefix));
         let t = Instant::now();
-        let channels = args.channels.for_vm(Some(id), args.no_seccomp)?;
+        let mut channels = args.channels.for_vm(Some(id), args.no_seccomp)?;
+        channels.quiet = args.console == "off";
         let shell = shells.as_ref().and_then(ShellMaker::take);
         let vm = template.restore_in(shell, id, &channels, out).map_err(|e| format!("clone {id}: {e}"))?;
         if let Some(ws) = &ws {

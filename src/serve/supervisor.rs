@@ -780,6 +780,7 @@ impl Supervisor {
             mailbox: Some(mailbox.clone()),
             vsock: Some(vsock.clone()),
             serve: true,
+            quiet: true,
             taps,
             ..Default::default()
         };

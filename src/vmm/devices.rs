@@ -14,7 +14,7 @@ use crate::channel::mailbox::Mailbox;
 use crate::config::{DriveConfig, NetConfig};
 use crate::devices::boot_timer::{BootClock, BootTimer};
 use crate::devices::bus::Bus;
-use crate::devices::control::{ControlPage, FLAG_SERVE};
+use crate::devices::control::{ControlPage, FLAG_QUIET, FLAG_SERVE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
@@ -115,7 +115,7 @@ impl Devices {
         pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)))?;
         let mut mmio = Bus::new();
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))?;
-        let flags = if channels.serve { FLAG_SERVE } else { 0 };
+        let flags = if channels.serve { FLAG_SERVE } else { 0 } | if channels.quiet { FLAG_QUIET } else { 0 };
         let control = ControlPage::new(clone_id, flags).map_err(DeviceError::io("control page seed"))?;
         mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control)))?;
 

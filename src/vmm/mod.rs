@@ -97,6 +97,8 @@ pub struct Channels {
     /// the host are refused.
     pub vsock: Option<std::path::PathBuf>,
     pub serve: bool,
+    /// The VM's console is discarded: the guest agent is told to print nothing of its own there.
+    pub quiet: bool,
     /// Confine device threads (vsock) with seccomp; on unless debugging (`--no-seccomp`).
     pub device_seccomp: bool,
     /// Open TAP devices for the VM's network interfaces, in order (`ember serve` hands a clone the
@@ -107,7 +109,7 @@ pub struct Channels {
 
 impl Default for Channels {
     fn default() -> Self {
-        Self { mailbox: None, vsock: None, serve: false, device_seccomp: true, taps: Vec::new() }
+        Self { mailbox: None, vsock: None, serve: false, quiet: false, device_seccomp: true, taps: Vec::new() }
     }
 }
 

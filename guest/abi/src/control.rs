@@ -5,7 +5,7 @@
 //! offset 0x00  u32  magic "EMBR" (reads only)
 //! offset 0x08  u64  clone id: 0 in a VM that booted, 1.. in clones restored from a snapshot
 //! offset 0x10  32 bytes of seed material for the guest's RNG, fresh from the host for every VM
-//! offset 0x30  u64  flags from the host (FLAG_SERVE)
+//! offset 0x30  u64  flags from the host (FLAG_SERVE, FLAG_QUIET)
 //! offset 0x38  u64  the host's wall-clock time (CLOCK_REALTIME, ns since the epoch), read at the
 //!                   moment of the access: a clone sets its clock from it (its own clock goes on
 //!                   from the snapshot's)
@@ -35,3 +35,6 @@ pub const IDLE_DOORBELL: u64 = 0x110;
 /// The host wants the agent to serve invocations (on the mailbox and vsock) after "ready". Without
 /// it the agent powers the VM off after "ready" (a one-shot boot: ember's boot check).
 pub const FLAG_SERVE: u64 = 1;
+/// The host discards the VM's console: the agent writes no line of its own there (a clone's
+/// marker line is serial-port work, interrupts and all, that nobody would read).
+pub const FLAG_QUIET: u64 = 2;

@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 use crate::devmem::PhysPage;
 
 use ember_abi::control::{
-    CLONE_ID_OFFSET, CONTROL_ADDR, FLAGS_OFFSET, FLAG_SERVE, IDLE_DOORBELL, MAGIC, READY_DOORBELL, REALTIME_OFFSET,
-    RESPONSE_DOORBELL, SEED_LEN, SEED_OFFSET,
+    CLONE_ID_OFFSET, CONTROL_ADDR, FLAGS_OFFSET, FLAG_QUIET, FLAG_SERVE, IDLE_DOORBELL, MAGIC, READY_DOORBELL,
+    REALTIME_OFFSET, RESPONSE_DOORBELL, SEED_LEN, SEED_OFFSET,
 };
 
 pub struct ControlPage {
@@ -31,6 +31,11 @@ impl ControlPage {
     /// Whether the host wants invocations served after "ready".
     pub fn serve(&self) -> bool {
         self.page.read::<u64>(FLAGS_OFFSET as usize) & FLAG_SERVE != 0
+    }
+
+    /// Whether the host discards the console (the agent then prints nothing of its own).
+    pub fn quiet(&self) -> bool {
+        self.page.read::<u64>(FLAGS_OFFSET as usize) & FLAG_QUIET != 0
     }
 
     /// The host's wall-clock time in ns since the epoch; 0 from a VMM that does not tell it.
@@ -66,7 +71,8 @@ impl ControlPage {
 
 /// Mixes `seed` into the kernel's RNG, credits it as full entropy and reseeds the CRNG at once, so
 /// that getrandom() neither blocks nor repeats what a sibling clone produces.
-pub fn seed_kernel_rng(seed: &[u8; SEED_LEN]) -> io::Result<()> {
+/// `urandom` is /dev/urandom opened for writing (a clone uses the one its template opened).
+pub fn seed_kernel_rng(urandom: &fs::File, seed: &[u8; SEED_LEN]) -> io::Result<()> {
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = Vec::with_capacity(8 + SEED_LEN);
     info.extend_from_slice(&((SEED_LEN * 8) as i32).to_ne_bytes());
@@ -74,7 +80,7 @@ pub fn seed_kernel_rng(seed: &[u8; SEED_LEN]) -> io::Result<()> {
     info.extend_from_slice(seed);
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-    let f = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let f = urandom;
     // SAFETY: RNDADDENTROPY reads a rand_pool_info of 8 + buf_size bytes, which `info` holds.
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
         return Err(io::Error::other(format!("RNDADDENTROPY: {}", io::Error::last_os_error())));
@@ -84,6 +90,11 @@ pub fn seed_kernel_rng(seed: &[u8; SEED_LEN]) -> io::Result<()> {
         return Err(io::Error::other(format!("RNDRESEEDCRNG: {}", io::Error::last_os_error())));
     }
     Ok(())
+}
+
+/// Opens /dev/urandom for [`seed_kernel_rng`].
+pub fn open_urandom() -> io::Result<fs::File> {
+    fs::OpenOptions::new().write(true).open("/dev/urandom")
 }
 
 /// Sets the guest's wall clock to `ns` since the epoch (a clone's clock goes on from its

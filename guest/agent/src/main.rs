@@ -112,9 +112,16 @@ fn init() -> io::Result<()> {
     // timer-jitter entropy gathering (emulated kernel work on some hosts). Before the runtime
     // starts: an interpreter asks for random bytes as it starts.
     let control = control::ControlPage::map()?;
-    if let Some(c) = &control {
-        control::seed_kernel_rng(&c.seed())?;
-    }
+    // Opened once: a clone reseeds through the template's descriptor (no path lookup after the
+    // snapshot point).
+    let urandom = match &control {
+        Some(c) => {
+            let f = control::open_urandom()?;
+            control::seed_kernel_rng(&f, &c.seed())?;
+            Some(f)
+        }
+        None => None,
+    };
     // The network (when the command line gives one), before the runtime: it may connect at start.
     if let Some(what) = net::configure()? {
         println!("ember-agent: network {what}");
@@ -133,25 +140,31 @@ fn init() -> io::Result<()> {
     // sends later: the marker leaves the guest before the snapshot point, not in its clones.
     drain_console();
 
+    let (Some(c), Some(urandom)) = (control, urandom) else { return Ok(()) };
+    // The vsock listener starts before the snapshot point: a clone that serves finds it listening
+    // (starting a thread and a socket is guest-kernel work, emulated on some hosts); one that does
+    // not serve powers off.
+    vsock::start(functions.clone())?;
+
     // The snapshot point. A VM that ember snapshots here is stopped; its clones go on from here.
-    let Some(c) = control else { return Ok(()) };
     c.ring_ready();
     let clone_id = c.clone_id();
     if clone_id != 0 {
         // A clone's clocks go on from the snapshot's: the wall clock is set to the host's now.
         control::set_realtime(c.realtime_ns())?;
         // A clone: its own seed, so that it shares no future randomness with its siblings.
-        control::seed_kernel_rng(&c.seed())?;
+        control::seed_kernel_rng(&urandom, &c.seed())?;
         // The runtime reseeds what it derived from randomness before the snapshot.
         functions.lock().unwrap_or_else(|p| p.into_inner()).restored(clone_id);
-        let mut out = io::stdout().lock();
-        writeln!(out, "{CLONE_MARKER} id={clone_id} random={}", random_hex(libc::GRND_NONBLOCK)?)?;
-        out.flush()?;
+        if !c.quiet() {
+            let mut out = io::stdout().lock();
+            writeln!(out, "{CLONE_MARKER} id={clone_id} random={}", random_hex(libc::GRND_NONBLOCK)?)?;
+            out.flush()?;
+        }
     }
     if !c.serve() {
         return Ok(());
     }
-    vsock::start(functions.clone())?;
     match &mut mailbox {
         Some(m) => m.serve(&c, &functions),
         None => Err(io::Error::other("asked to serve, but the VM has no mailbox")),

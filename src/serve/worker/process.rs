@@ -205,6 +205,7 @@ fn restore(
         mailbox: Some(run_dir.join(format!("{id}.mailbox"))),
         vsock: Some(run_dir.join(format!("{id}.vsock"))),
         serve: true,
+        quiet: true,
         taps: taps.into_iter().map(std::sync::Arc::new).collect(),
         ..Default::default()
     };
