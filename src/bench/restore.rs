@@ -27,6 +27,8 @@ pub struct RestoreBench {
     pub processes: usize,
 }
 
+/// Serving clones `ember bench restore` follows to their first park (at most).
+const SERVING_RUNS: usize = 50;
 /// Largest pool of populated idle clones `ember bench restore` holds.
 const POPULATED_POOL: usize = 100;
 /// Shells the held-clones round keeps made ahead.
@@ -163,6 +165,8 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         ));
     }
 
+    serving_clones(&template, b, &mut rows, &mut notes)?;
+
     // Many clones at once, restored and held idle as a pool holds them: without and with the
     // working set populated.
     for (ahead, populate) in [(false, false), (true, false), (false, true)] {
@@ -219,6 +223,45 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         held_over_processes(&template.paths.dir, b, &mut rows, &mut notes)?;
     }
     Ok(TableReport { title: "ember bench restore".into(), heading: "measure (ms)", width: 52, rows, notes })
+}
+
+/// Clones that serve, as a pool's do (their console discarded), one at a time: restore -> the
+/// agent parks its vCPU (rings the idle doorbell), and the process's CPU time over that span,
+/// nearly all of it the clone's guest running from the snapshot point to its first park.
+fn serving_clones(
+    template: &Template,
+    b: &RestoreBench,
+    rows: &mut Vec<(String, Option<Summary>)>,
+    notes: &mut Vec<String>,
+) -> Result<(), BenchError> {
+    use crate::devices::boot_timer::process_cpu_time;
+    let n = b.runs.min(SERVING_RUNS);
+    tracing::info!("{n} serving clones, each to its first park");
+    let (mut to_park, mut cpu, mut failed) = (Vec::new(), Vec::new(), 0);
+    let channels = Channels { serve: true, quiet: true, ..Default::default() };
+    for i in 0..n {
+        let (t, c) = (Instant::now(), process_cpu_time());
+        let vm = template.restore_in(None, i as u64 + 1, &channels, Box::new(std::io::sink()))?;
+        let vm = vm.start(RunOptions::default())?;
+        let mailbox = vm.mailbox();
+        let deadline = t + b.timeout;
+        while !mailbox.agent_idle() && Instant::now() < deadline && vm.exit().is_none() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        if mailbox.agent_idle() {
+            to_park.push(ms(t.elapsed()));
+            cpu.push(ms(process_cpu_time().saturating_sub(c)));
+        } else {
+            failed += 1;
+        }
+        vm.stop("measured");
+    }
+    rows.push(("serving clone: restore -> agent parks its vCPU".to_string(), Summary::of(&to_park)));
+    rows.push(("serving clone: CPU time, restore -> park".to_string(), Summary::of(&cpu)));
+    if failed > 0 {
+        notes.push(format!("{failed} serving clones did not park within the timeout"));
+    }
+    Ok(())
 }
 
 /// Restores `n` idle clones of `template` and holds them: each into a shell from `maker` when it

@@ -287,6 +287,11 @@ impl Mailbox {
         self.word32(AGENT_STATE_OFF).load(Ordering::Acquire) != AGENT_ABSENT
     }
 
+    /// Whether the agent has parked its vCPU (rung the idle doorbell) and not been woken since.
+    pub fn agent_idle(&self) -> bool {
+        self.word32(AGENT_STATE_OFF).load(Ordering::Acquire) == AGENT_IDLE
+    }
+
     /// Whether the agent serves and has answered every request posted so far (nothing in flight:
     /// the clone can be handed to someone else).
     pub fn quiescent(&self) -> bool {
