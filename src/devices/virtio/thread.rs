@@ -1,16 +1,22 @@
 //! The thread a virtio device serves its queues on, and how its front end (what the transport
 //! calls, on vCPU threads) drives it: activate with the driver's queues, deactivate on reset, pause
 //! before a snapshot (the thread answers once it has stopped touching guest memory), resume, stop.
-//! Every device with a thread of its own (vsock, block) uses this one protocol.
+//! Every device with a thread of its own (vsock, block, net) uses this one protocol, its front end
+//! through [`QueueFront`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::QueueSnapshot;
+use crate::devices::DeviceError;
+use crate::sys::Locked;
 
 /// How long pausing waits for a device thread to stop touching the queues.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,6 +102,57 @@ impl<A: Send + 'static> DeviceThread<A> {
 
     pub fn resume(&self) {
         self.send(Command::Resume);
+    }
+}
+
+/// A device front end's share of the thread protocol: the queues it handed to its thread (kept
+/// for snapshots) and the thread. The `VirtioDevice` methods of every threaded device are these.
+pub struct QueueFront<A> {
+    queues: Option<Arc<Mutex<Vec<Queue>>>>,
+    thread: DeviceThread<A>,
+}
+
+impl<A: Send + 'static> QueueFront<A> {
+    pub fn new(thread: DeviceThread<A>) -> Self {
+        Self { queues: None, thread }
+    }
+
+    /// Hands the driver's `queues` (exactly `count` of them, or the device is not activated) to
+    /// the thread, in what `activation` makes of them.
+    pub fn activate(
+        &mut self,
+        device: &str,
+        count: usize,
+        queues: Vec<Queue>,
+        activation: impl FnOnce(Arc<Mutex<Vec<Queue>>>) -> A,
+    ) -> Result<(), DeviceError> {
+        if queues.len() != count {
+            let noun = if count == 1 { "queue" } else { "queues" };
+            return Err(DeviceError::BadState(format!("{device} needs {count} {noun}, got {}", queues.len())));
+        }
+        let queues = Arc::new(Mutex::new(queues));
+        self.queues = Some(queues.clone());
+        self.thread.activate(activation(queues));
+        Ok(())
+    }
+
+    pub fn reset(&mut self) {
+        self.queues = None;
+        self.thread.deactivate();
+    }
+
+    pub fn pause(&self) {
+        self.thread.pause();
+    }
+
+    pub fn resume(&self) {
+        self.thread.resume();
+    }
+
+    /// The queues' state for a snapshot (none before activation).
+    pub fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
+        let q = self.queues.as_ref()?.locked();
+        Some(q.iter().map(QueueSnapshot::of).collect())
     }
 }
 

@@ -23,7 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::thread::{self, Commands, DeviceThread, DeviceWorker};
+use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::config::DriveConfig;
 use crate::devices::DeviceError;
@@ -101,8 +101,7 @@ pub struct Block {
     capacity: u64,
     identity: DriveIdentity,
     queue_events: Vec<EventFd>,
-    queues: Option<Arc<Mutex<Vec<Queue>>>>,
-    thread: DeviceThread<Activation>,
+    front: QueueFront<Activation>,
 }
 
 impl Block {
@@ -143,8 +142,7 @@ impl Block {
             capacity,
             identity,
             queue_events: vec![queue_event],
-            queues: None,
-            thread,
+            front: QueueFront::new(thread),
         })
     }
 
@@ -183,31 +181,23 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
-        if queues.len() != 1 {
-            return Err(DeviceError::BadState(format!("virtio-blk needs 1 queue, got {}", queues.len())));
-        }
-        let queues = Arc::new(Mutex::new(queues));
-        self.queues = Some(queues.clone());
-        self.thread.activate(Activation { mem, queues, interrupt });
-        Ok(())
+        self.front.activate("virtio-blk", 1, queues, |queues| Activation { mem, queues, interrupt })
     }
 
     fn reset(&mut self) {
-        self.queues = None;
-        self.thread.deactivate();
+        self.front.reset();
     }
 
     fn pause(&mut self) {
-        self.thread.pause();
+        self.front.pause();
     }
 
     fn resume(&mut self) {
-        self.thread.resume();
+        self.front.resume();
     }
 
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
-        let q = self.queues.as_ref()?.locked();
-        Some(q.iter().map(QueueSnapshot::of).collect())
+        self.front.queue_snapshots()
     }
 
     fn save_state(&self) -> Vec<u8> {

@@ -26,7 +26,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::thread::{self, Commands, DeviceThread, DeviceWorker};
+use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
@@ -73,8 +73,7 @@ pub struct Net {
     mac: [u8; 6],
     acked: u64,
     queue_events: Vec<EventFd>,
-    queues: Option<Arc<Mutex<Vec<Queue>>>>,
-    thread: DeviceThread<Activation>,
+    front: QueueFront<Activation>,
 }
 
 impl Net {
@@ -108,7 +107,7 @@ impl Net {
         };
         let thread = DeviceThread::spawn("virtio-net", seccomp, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-net thread"))?;
-        Ok(Self { iface_id: iface_id.to_owned(), mac, acked: 0, queue_events, queues: None, thread })
+        Ok(Self { iface_id: iface_id.to_owned(), mac, acked: 0, queue_events, front: QueueFront::new(thread) })
     }
 }
 
@@ -141,31 +140,24 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
-        if queues.len() != 2 {
-            return Err(DeviceError::BadState(format!("virtio-net needs 2 queues, got {}", queues.len())));
-        }
-        let queues = Arc::new(Mutex::new(queues));
-        self.queues = Some(queues.clone());
-        self.thread.activate(Activation { mem, queues, interrupt, features: self.acked });
-        Ok(())
+        let features = self.acked;
+        self.front.activate("virtio-net", 2, queues, |queues| Activation { mem, queues, interrupt, features })
     }
 
     fn reset(&mut self) {
-        self.queues = None;
-        self.thread.deactivate();
+        self.front.reset();
     }
 
     fn pause(&mut self) {
-        self.thread.pause();
+        self.front.pause();
     }
 
     fn resume(&mut self) {
-        self.thread.resume();
+        self.front.resume();
     }
 
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
-        let q = self.queues.as_ref()?.locked();
-        Some(q.iter().map(QueueSnapshot::of).collect())
+        self.front.queue_snapshots()
     }
 
     fn save_state(&self) -> Vec<u8> {

@@ -28,11 +28,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::net::UnixListener;
 
-use super::thread::DeviceThread;
+use super::thread::{DeviceThread, QueueFront};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
-use crate::sys::Locked;
 pub use worker::drive_packets;
 use worker::Worker;
 
@@ -69,10 +68,9 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 pub struct Vsock {
     path: Option<PathBuf>,
     queue_events: Vec<EventFd>,
-    queues: Option<Arc<Mutex<Vec<Queue>>>>,
     /// A restored device tells the guest to reset its connections when it starts.
     reset_on_start: bool,
-    thread: DeviceThread<Activation>,
+    front: QueueFront<Activation>,
 }
 
 /// What activation hands the worker thread.
@@ -108,7 +106,12 @@ impl Vsock {
             Ok((queue_events, thread))
         };
         let (queue_events, thread) = make().map_err(setup)?;
-        Ok(Self { path: path.map(Path::to_path_buf), queue_events, queues: None, reset_on_start: false, thread })
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            queue_events,
+            reset_on_start: false,
+            front: QueueFront::new(thread),
+        })
     }
 }
 
@@ -147,32 +150,29 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), DeviceError> {
-        if queues.len() != QUEUES {
-            return Err(DeviceError::BadState(format!("vsock needs {QUEUES} queues, got {}", queues.len())));
-        }
-        let queues = Arc::new(Mutex::new(queues));
-        self.queues = Some(queues.clone());
-        let reset = std::mem::take(&mut self.reset_on_start);
-        self.thread.activate(Activation { mem, queues, interrupt, reset });
-        Ok(())
+        let reset_on_start = &mut self.reset_on_start;
+        self.front.activate("vsock", QUEUES, queues, |queues| Activation {
+            mem,
+            queues,
+            interrupt,
+            reset: std::mem::take(reset_on_start),
+        })
     }
 
     fn reset(&mut self) {
-        self.queues = None;
-        self.thread.deactivate();
+        self.front.reset();
     }
 
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
-        let q = self.queues.as_ref()?.locked();
-        Some(q.iter().map(QueueSnapshot::of).collect())
+        self.front.queue_snapshots()
     }
 
     fn pause(&mut self) {
-        self.thread.pause();
+        self.front.pause();
     }
 
     fn resume(&mut self) {
-        self.thread.resume();
+        self.front.resume();
     }
 
     /// vsock keeps nothing of its own in a snapshot: the connections' host ends do not survive a
