@@ -40,27 +40,38 @@ pub fn futex_wake(word: &AtomicU32) {
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
-/// Takes an exclusive flock on `f` (one holder at a time across processes; released by
-/// [`funlock`] or by closing the file), waiting for it at most `timeout` (another holder never
-/// hangs the caller): `ErrorKind::TimedOut` when it stays taken.
-pub fn flock_exclusive(f: &File, timeout: Duration) -> std::io::Result<()> {
+/// Calls `attempt` until it answers (`Some`) or `timeout` has passed (`None`), pausing between
+/// tries from 20 us, doubling up to 5 ms: for a resource whose holder lets go soon, without
+/// spinning on it or hanging on one that does not.
+pub fn retry_for<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_micros(20);
     loop {
-        // SAFETY: flock on an fd we borrow; no memory is passed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        if let Some(v) = attempt() {
+            return Some(v);
         }
         if Instant::now() >= deadline {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another caller holds the lock"));
+            return None;
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(5));
     }
+}
+
+/// Takes an exclusive flock on `f` (one holder at a time across processes; released by
+/// [`funlock`] or by closing the file), waiting for it at most `timeout` (another holder never
+/// hangs the caller): `ErrorKind::TimedOut` when it stays taken.
+pub fn flock_exclusive(f: &File, timeout: Duration) -> std::io::Result<()> {
+    let taken = retry_for(timeout, || {
+        // SAFETY: flock on an fd we borrow; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Some(Ok(()));
+        }
+        let e = std::io::Error::last_os_error();
+        let held = e.raw_os_error() == Some(libc::EWOULDBLOCK) || e.kind() == std::io::ErrorKind::Interrupted;
+        (!held).then_some(Err(e))
+    });
+    taken.unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another caller holds the lock")))
 }
 
 /// Releases a lock taken with [`flock_exclusive`].

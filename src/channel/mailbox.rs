@@ -378,14 +378,10 @@ impl Mailbox {
     /// keep them apart). Waits at most `timeout` for each. Released by [`PendingCall`]'s drop.
     fn take_call(&self, timeout: Duration) -> Result<(), InvokeError> {
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(20);
-        while self.calling.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            if Instant::now() >= deadline {
-                let busy = std::io::Error::new(std::io::ErrorKind::TimedOut, "another call holds the mailbox");
-                return Err(InvokeError::Lock(busy));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
+        let free = || self.calling.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok();
+        if crate::sys::retry_for(timeout, || free().then_some(())).is_none() {
+            let busy = std::io::Error::new(std::io::ErrorKind::TimedOut, "another call holds the mailbox");
+            return Err(InvokeError::Lock(busy));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = crate::sys::flock_exclusive(&self.file, left) {

@@ -217,9 +217,7 @@ async fn invoke(
                     timeout,
                     request_id: &rid,
                 };
-                let inflight =
-                    s.invoke_begin(&call, Take::Cold)?.ok_or_else(|| Refusal::Internal("no clone taken".into()))?;
-                s.invoke_finish(inflight)
+                s.invoke(&call, Take::Cold)
             })
             .await?
         }

@@ -163,8 +163,6 @@ pub enum Take {
     Warm,
     /// As [`Supervisor::acquire_cold`], after `Warm` found none.
     Cold,
-    /// As [`Supervisor::acquire`].
-    Any,
 }
 
 /// Where an invocation's request stands.
@@ -1021,22 +1019,13 @@ impl Supervisor {
         self.discard(clones);
     }
 
-    /// acquire + invoke through the mailbox + release. With one of ember's runtimes the
-    /// invocation carries its context (`request_id` among it) and comes back with its log and,
-    /// for a handler's error, the runtime's report. Blocks (a cold start, a slow function).
-    pub fn invoke(
-        &self,
-        name: &str,
-        handler: Option<&str>,
-        payload: &[u8],
-        timeout: Duration,
-        request_id: &str,
-    ) -> Result<Invoked, Refusal> {
-        let call = InvokeCall { name, handler, payload, timeout, request_id };
-        match self.invoke_begin(&call, Take::Any)? {
-            Some(inflight) => self.invoke_finish(inflight),
-            None => Err(Refusal::Internal("no clone for the invocation".into())),
-        }
+    /// acquire (a clone as `take` says) + invoke through the mailbox + release. With one of
+    /// ember's runtimes the invocation carries its context (`request_id` among it) and comes back
+    /// with its log and, for a handler's error, the runtime's report. Blocks (a cold start, a slow
+    /// function).
+    pub fn invoke(&self, call: &InvokeCall<'_>, take: Take) -> Result<Invoked, Refusal> {
+        let inflight = self.invoke_begin(call, take)?.ok_or_else(|| Refusal::Unavailable("no ready clone".into()))?;
+        self.invoke_finish(inflight)
     }
 
     /// The first half of [`Supervisor::invoke`], for a caller that must not block: with `Warm`,
@@ -1058,7 +1047,6 @@ impl Supervisor {
                 None => return Ok(None),
             },
             Take::Cold => self.acquire_cold(name)?,
-            Take::Any => self.acquire(name)?,
         };
         // The version of the clone's function (a switch may have happened since `f` was looked up).
         let (mailbox, version) = {
