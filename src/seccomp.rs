@@ -108,6 +108,25 @@ pub fn vcpu_filter(vcpu_fd: RawFd) -> Result<BpfProgram, Error> {
     compile(rules, SeccompAction::Errno(libc::EPERM as u32))
 }
 
+/// Builds the filter of a fresh boot's loader thread (`vmm::boot::lazy`), which fills guest RAM
+/// from the kernel and initramfs files through its userfaultfd `uffd`: waiting for and reading its
+/// events, reading the files, its own ioctls, writes for its log lines, and closing what it holds
+/// when it ends.
+pub fn loader_filter(uffd: RawFd) -> Result<BpfProgram, Error> {
+    let mut rules = allow_all(&[
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_close,
+    ]);
+    add_memory_rules(&mut rules)?;
+    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, uffd as u64)?])?]);
+    compile(rules, SeccompAction::Errno(libc::EPERM as u32))
+}
+
 /// Builds the filter for a device's own thread (the vsock device's event loop): it handles what
 /// the guest puts in the device's queues and moves bytes between them and host Unix sockets.
 pub fn device_filter() -> Result<BpfProgram, Error> {

@@ -184,11 +184,17 @@ impl Vm {
 
         // Guest memory and the guest's software first: bad input fails before KVM is touched.
         let mem = guest_memory(mem_bytes)?;
-        let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
+        // What can wait is left to a thread that fills it while the VM is made and the guest
+        // starts (boot::lazy).
+        let mut loader = boot::lazy::Loader::new(&mem);
+        let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path, &mut loader)?;
         let initrd = match &config.boot_source.initrd_path {
-            Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p)?),
+            Some(p) => Some(boot::load_initrd(&mem, mem_bytes, kernel.kernel_end, p, &mut loader)?),
             None => None,
         };
+        loader
+            .start(channels.device_seccomp)
+            .map_err(|source| BootError::KernelRead { path: config.boot_source.kernel_image_path.clone(), source })?;
         let drives = crate::config::ordered_drives(&config.drives);
         let nets = &config.network_interfaces;
         let vm = Self::assemble(mem, vcpu_count, kernel.entry, (&drives, nets), channels, console, clock)?;

@@ -3,6 +3,7 @@
 
 pub mod cpuid;
 pub mod gdt;
+pub mod lazy;
 pub mod mptable;
 pub mod msr;
 pub mod params;
@@ -90,7 +91,8 @@ fn detect_format(file: &mut File) -> std::io::Result<Option<bool>> {
 }
 
 /// Loads an ELF vmlinux (PVH entry when it has the note, else the 64-bit entry) or a bzImage.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
+/// Its segments are read through `loader` (which may leave them to be filled later: [`lazy`]).
+pub fn load_kernel(mem: &GuestMemory, path: &Path, loader: &mut lazy::Loader) -> Result<LoadedKernel, BootError> {
     let read_err = |source| BootError::KernelRead { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(read_err)?;
     let is_elf = detect_format(&mut file).map_err(read_err)?.ok_or_else(|| BootError::KernelFormat(path.to_owned()))?;
@@ -101,8 +103,17 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         mem_mib,
         reason: e.to_string(),
     };
+    let mut file = loader.reader(&mut file).map_err(read_err)?;
+    load_image(mem, &mut file, is_elf).map_err(load_err)
+}
+
+fn load_image(
+    mem: &GuestMemory,
+    file: &mut lazy::LazyReader,
+    is_elf: bool,
+) -> Result<LoadedKernel, linux_loader::loader::Error> {
     if is_elf {
-        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START)))?;
         let entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(a) => EntryPoint::Pvh(a.0),
             // vmlinux's ELF entry is the physical address of startup_64.
@@ -110,7 +121,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         };
         Ok(LoadedKernel { entry, kernel_end: r.kernel_end, header: r.setup_header })
     } else {
-        let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let r = BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START)))?;
         Ok(LoadedKernel {
             entry: EntryPoint::Linux64(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
             kernel_end: r.kernel_end,
@@ -119,12 +130,14 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     }
 }
 
-/// Loads the initramfs at the top of low RAM (below the MMIO gap), page-aligned, above the kernel.
+/// Loads the initramfs at the top of low RAM (below the MMIO gap), page-aligned, above the kernel
+/// (read through `loader`).
 pub fn load_initrd(
     mem: &GuestMemory,
     mem_bytes: u64,
     kernel_end: u64,
     path: &Path,
+    loader: &mut lazy::Loader,
 ) -> Result<InitrdLocation, BootError> {
     let read_err = |source| BootError::InitrdRead { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(read_err)?;
@@ -135,6 +148,7 @@ pub fn load_initrd(
     if addr < kernel_end.max(HIMEM_START) {
         return Err(no_room());
     }
+    let mut file = loader.reader(&mut file).map_err(read_err)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     Ok(InitrdLocation { addr, size })
