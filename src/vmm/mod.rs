@@ -184,8 +184,8 @@ impl Vm {
 
         // Guest memory and the guest's software first: bad input fails before KVM is touched.
         let mem = guest_memory(mem_bytes)?;
-        // What can wait is left to a thread that fills it while the VM is made and the guest
-        // starts (boot::lazy).
+        // What can wait is left to a thread that fills it from the guest's first fault on
+        // (boot::lazy).
         let mut loader = boot::lazy::Loader::new(&mem);
         let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path, &mut loader)?;
         let initrd = match &config.boot_source.initrd_path {

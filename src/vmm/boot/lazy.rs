@@ -4,9 +4,9 @@
 //! guest RAM: every 4 KiB of the copy faults in a page of anonymous memory (about 7 of the 10 ms
 //! from VM start to the first guest instruction on the development host). Instead, the page-aligned
 //! part of each such read is registered with a userfaultfd (missing-page mode) and filled by a
-//! thread of its own (`UFFDIO_COPY`, in steps, from the file) while the VM is made and the guest
-//! starts. A page the guest (or the VMM) touches before the thread got to it waits for that page
-//! only: the thread serves faults before it goes on.
+//! thread of its own (`UFFDIO_COPY`, in steps, from the file) from the guest's first fault on (its
+//! entry point is on such a page), while the guest runs. A page the guest (or the VMM) touches
+//! before the thread got to it waits for that page only: the thread serves faults before it goes on.
 //!
 //! Guest RAM stays anonymous memory throughout (never a mapping of the files), so nothing done to
 //! the files afterwards can reach the guest or fault the VMM; what the guest sees is the files'
