@@ -128,6 +128,7 @@ impl Loader {
     }
 
     /// A loader that copies everything when it is read.
+    #[cfg(test)]
     pub fn copying(mem: &GuestMemory) -> Self {
         Self { uffd: None, ..Self::new(mem) }
     }
@@ -148,6 +149,7 @@ impl Loader {
     }
 
     /// How many bytes are left to be filled in the background.
+    #[cfg(test)]
     pub fn pending_bytes(&self) -> usize {
         self.pending.iter().map(|p| p.len).sum()
     }
@@ -174,28 +176,27 @@ impl Loader {
             true => Some(crate::seccomp::loader_filter(uffd_fd).map_err(std::io::Error::other)?),
             false => None,
         };
-        // The thread takes the work from here; if it cannot start, this thread does it.
-        let slot = Arc::new(std::sync::Mutex::new(Some(fill)));
-        let theirs = slot.clone();
+        // The thread is handed the work once it runs; if it cannot start (or is gone before it
+        // takes it), this thread does the work.
+        let (tx, rx) = std::sync::mpsc::channel::<Fill>();
         let spawned = std::thread::Builder::new().name("boot-load".into()).spawn(move || {
             if let Some(f) = &filter {
                 if let Err(e) = crate::seccomp::apply(f) {
                     tracing::error!("boot-load: cannot apply the seccomp filter: {e}");
                 }
             }
-            let fill = theirs.lock().map(|mut f| f.take());
-            if let Ok(Some(mut fill)) = fill {
+            if let Ok(mut fill) = rx.recv() {
                 fill.run();
             }
         });
         match spawned {
-            Ok(t) => Ok(Some(t)),
+            Ok(t) => match tx.send(fill) {
+                Ok(()) => Ok(Some(t)),
+                Err(std::sync::mpsc::SendError(fill)) => fill.copy_all().map(|()| None),
+            },
             Err(e) => {
                 tracing::warn!("boot-load: cannot start the thread ({e}); copying");
-                match slot.lock().map(|mut f| f.take()) {
-                    Ok(Some(fill)) => fill.copy_all().map(|()| None),
-                    _ => Ok(None),
-                }
+                fill.copy_all().map(|()| None)
             }
         }
     }
@@ -410,13 +411,13 @@ impl Fill {
             if rc == 0 {
                 break;
             }
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            match (errno, c.copy) {
+            let e = std::io::Error::last_os_error();
+            match (e.raw_os_error(), c.copy) {
                 // Copied up to a page that is there already (EAGAIN), or that page first (EEXIST).
                 (Some(libc::EAGAIN), n) if n > 0 => done += n as usize,
                 (Some(libc::EEXIST), _) | (Some(libc::EAGAIN), _) => done += PAGE,
                 _ => {
-                    tracing::warn!("boot-load: UFFDIO_COPY: {:?}", std::io::Error::last_os_error());
+                    tracing::warn!("boot-load: UFFDIO_COPY: {e}");
                     break;
                 }
             }
