@@ -177,6 +177,16 @@ pub fn device_filter() -> Result<BpfProgram, Error> {
     compile(rules, SeccompAction::Errno(libc::EPERM as u32))
 }
 
+/// [`device_filter`], compiled once per process (every device thread of every VM shares it).
+pub fn shared_device_filter() -> Result<std::sync::Arc<BpfProgram>, Error> {
+    static FILTER: std::sync::OnceLock<std::sync::Arc<BpfProgram>> = std::sync::OnceLock::new();
+    if let Some(f) = FILTER.get() {
+        return Ok(f.clone());
+    }
+    let f = std::sync::Arc::new(device_filter()?);
+    Ok(FILTER.get_or_init(|| f).clone())
+}
+
 /// Builds the filter `ember serve` confines itself with before it starts any thread (so every
 /// thread it ever runs has it): the calls traced from a daemon that registers functions, boots
 /// their templates, restores, hands out, invokes, recycles and deletes clones, and serves its API.

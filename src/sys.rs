@@ -1,5 +1,5 @@
-//! Small system helpers every layer may use: the host's RNG, futexes, file locks and poison-free
-//! mutexes. Ground floor: imports nothing of ember.
+//! Small system helpers every layer may use: the host's RNG, futexes, file locks, poison-free
+//! mutexes and threads started ahead of their work. Ground floor: imports nothing of ember.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -162,6 +162,59 @@ pub fn private_file() -> std::fs::OpenOptions {
     o
 }
 
+/// A thread started ahead of its work: it prepares itself at once (confines itself, say), then
+/// waits for the one value its work needs. Starting work on it is then a wakeup, not a thread
+/// creation, whose stack and guard-page mappings cost a pass over every MMU notifier of the
+/// process (each VM's). Dropped unstarted, the thread ends.
+pub struct Parked<T> {
+    /// Until started: the channel its work comes through, and the thread.
+    inner: Option<(std::sync::mpsc::SyncSender<T>, std::thread::JoinHandle<()>)>,
+}
+
+impl<T: Send + 'static> Parked<T> {
+    /// Starts thread `name`: it runs `prepare` and, if that succeeds, waits to `run` what
+    /// [`Parked::start`] hands it.
+    pub fn spawn(
+        name: String,
+        prepare: impl FnOnce() -> bool + Send + 'static,
+        run: impl FnOnce(T) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        // A rendezvous: `start` hands the work over only to a prepared thread, or gets it back.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<T>(0);
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            if prepare() {
+                // Nothing sent: never started; the thread ends.
+                if let Ok(work) = rx.recv() {
+                    run(work);
+                }
+            }
+        })?;
+        Ok(Self { inner: Some((tx, handle)) })
+    }
+
+    /// Hands the thread its work and returns the running thread; the work back when the thread
+    /// is gone (its preparation failed).
+    pub fn start(mut self, work: T) -> Result<std::thread::JoinHandle<()>, T> {
+        let Some((tx, handle)) = self.inner.take() else { return Err(work) };
+        match tx.send(work) {
+            Ok(()) => Ok(handle),
+            Err(std::sync::mpsc::SendError(back)) => {
+                let _ = handle.join();
+                Err(back)
+            }
+        }
+    }
+}
+
+impl<T> Drop for Parked<T> {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.inner.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Raises the soft open-file limit to the hard one: many VMs hold a few thousand fds.
 pub fn raise_fd_limit() {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -217,6 +270,21 @@ impl TestRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parked_thread_runs_what_it_is_handed_or_ends_unstarted() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n * 2).unwrap()).unwrap();
+        t.start(21).unwrap().join().unwrap();
+        assert_eq!(rx.recv().unwrap(), 42);
+        // Dropped unstarted: the thread ends (drop joins it) and its work never runs.
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        drop(Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n).unwrap()).unwrap());
+        assert!(rx.recv().is_err());
+        // A thread whose preparation failed is gone: the work comes back.
+        let t = Parked::spawn("parked".into(), || false, |_: u32| unreachable!()).unwrap();
+        assert_eq!(t.start(7).unwrap_err(), 7);
+    }
 
     #[test]
     fn random_bytes_differ() {

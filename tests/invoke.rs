@@ -427,4 +427,22 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     let vm = vm.start(RunOptions::default()).unwrap();
     assert_eq!(vm.invoke("echo", b"up?", opts(FIRST_CALL)).unwrap().payload, b"up?");
     vm.stop("test");
+
+    // A clone whose channels are named files (as a worker's are): its mailbox, a file another
+    // process opens, is mapped over the one the shell made; its vsock device runs on the thread
+    // the shell started for it, activated when the clone starts.
+    let scratch = common::scratch("shell-channels");
+    let (mbox, sock) = (scratch.join("4.mailbox"), scratch.join("4.vsock"));
+    let named = Channels { mailbox: Some(mbox.clone()), ..vsock_channels(&sock) };
+    let shell = VmShell::new(&template.shell_spec()).unwrap();
+    let vm = template.restore_in(Some(shell), 4, &named, Box::new(std::io::sink())).unwrap();
+    let vm = vm.start(RunOptions::default()).unwrap();
+    let outside = ember::channel::mailbox::Mailbox::open(&mbox).unwrap();
+    assert_eq!(outside.call("echo", b"named", opts(FIRST_CALL)).unwrap().payload, b"named");
+    let mut conn = vsock_connect(&sock);
+    assert_eq!(conn.call("echo", b"over vsock").unwrap().payload, b"over vsock");
+    assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
+    drop(outside);
+    vm.stop("test");
+    assert!(!mbox.exists() && !sock.exists(), "the clone's files outlived it");
 }

@@ -35,7 +35,7 @@ pub fn boot(cfg: &VmConfig, runs: usize, timeout: Duration) -> Result<TableRepor
         run_init.extend(t.run_init.as_ref().map(since_vm));
         if let Some(e) = t.boot_timer {
             timer.push(since_vm(&e));
-            timer_cpu.push(ms(e.cpu));
+            timer_cpu.extend(e.cpu.map(ms));
         }
     }
     let rows = [

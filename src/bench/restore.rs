@@ -10,7 +10,7 @@ use crate::config::VmConfig;
 use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::SnapshotError;
 use crate::template::{MakeOptions, Template};
-use crate::vmm::shell::{ShellMaker, VmShell};
+use crate::vmm::shell::{ShellMaker, ShellSpec, VmShell};
 use crate::vmm::{Channels, RunOptions, Vm, VmError};
 
 /// What `ember bench restore` does.
@@ -167,39 +167,52 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
 
     serving_clones(&template, b, &mut rows, &mut notes)?;
 
-    // Many clones at once, restored and held idle as a pool holds them: without and with the
-    // working set populated.
-    for (ahead, populate) in [(false, false), (true, false), (false, true)] {
+    // Many clones at once, restored and held idle as a pool holds them: with the VM made in each
+    // call, into shells made on a second thread meanwhile (a pool's steady state), into shells
+    // all made before the clock, and with the working set populated.
+    for (source, populate) in
+        [(Shells::None, false), (Shells::Maker, false), (Shells::Ahead, false), (Shells::None, true)]
+    {
         // Populated clones hold private copies of the written pages, and unmapping a thousand
         // populated mappings of one file is slow here: a smaller pool gives the per-clone figure.
         let n = if populate { b.clones.min(POPULATED_POOL) } else { b.clones };
         if n == 0 {
             break;
         }
-        let label = match (ahead, populate) {
-            (true, _) => " [shells made on a second thread]",
-            (false, true) => " with the working set populated",
-            (false, false) => " [VM made in each call]",
+        let label = match (source, populate) {
+            (Shells::Maker, _) => " [shells made on a second thread]",
+            (Shells::Ahead, _) => " [shells all made ahead]",
+            (Shells::None, true) => " with the working set populated",
+            (Shells::None, false) => " [VM made in each call]",
         };
         tracing::info!("holding {n} idle clones{label}");
-        // Shells made ahead: a thread of their own keeps some ready (started before the clock,
-        // its first shells ready; then it makes them while the clones are restored).
-        let maker = match ahead {
-            true => {
+        let before = private_kib();
+        // A thread of its own keeps some shells ready (started before the clock, its first
+        // shells ready; then it makes them while the clones are restored).
+        let maker = match source {
+            Shells::Maker => {
                 let m = ShellMaker::start(spec.clone(), SHELLS_AHEAD).map_err(|e| BenchError::Failed(e.to_string()))?;
                 if !m.wait_ready(SHELLS_AHEAD, b.timeout) {
                     return Err(BenchError::Failed(format!("no VM shells made: {:?}", m.last_error())));
                 }
                 Some(m)
             }
-            false => None,
+            _ => None,
         };
-        let before = private_kib();
+        let (mut ahead, shells_made) = match source {
+            Shells::Ahead => make_shells(&spec, n)?,
+            _ => (Vec::new(), Duration::ZERO),
+        };
+        let shells_kib = private_kib().saturating_sub(before);
         let t = Instant::now();
-        let (pool, each, waited) = restore_held(&template, maker.as_ref(), n, populate.then_some(&ws))?;
+        let mut take = || match &maker {
+            Some(m) => m.take(),
+            None => ahead.pop(),
+        };
+        let (pool, each, made_in_call) = restore_held(&template, n, populate.then_some(&ws), &mut take)?;
         let total = t.elapsed();
         drop(maker);
-        if !populate && n >= 200 {
+        if !populate && n >= 200 && source != Shells::Ahead {
             // Whether a restore costs more with many VMs in the process.
             let tenth = n / 10;
             let first = format!("restore call, the first {tenth} of {n} held clones{label}");
@@ -208,6 +221,8 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
                 format!("restore call, the last {tenth} of {n} held clones{label}"),
                 Summary::of(&each[n - tenth..]),
             ));
+        } else if source == Shells::Ahead {
+            rows.push((format!("restore call, {n} clones held{label}"), Summary::of(&each)));
         }
         let private = private_kib().saturating_sub(before);
         notes.push(format!(
@@ -215,14 +230,42 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
             ms(total),
             n as f64 / total.as_secs_f64(),
             private as f64 / n as f64,
-            if ahead { format!("; {waited} restores found no shell ready and made their VM") } else { String::new() }
+            match source {
+                Shells::Maker => format!("; {made_in_call} restores found no shell ready and made their VM"),
+                Shells::Ahead => format!(
+                    " ({:.1} KiB of it the shells'); the {n} shells made before the clock in {:.1} ms",
+                    shells_kib as f64 / n as f64,
+                    ms(shells_made)
+                ),
+                Shells::None => String::new(),
+            }
         ));
         drop(pool);
     }
     if b.processes > 1 && b.clones > 0 {
-        held_over_processes(&template.paths.dir, b, &mut rows, &mut notes)?;
+        for ahead in [false, true] {
+            held_over_processes(&template.paths.dir, b, ahead, &mut rows, &mut notes)?;
+        }
     }
     Ok(TableReport { title: "ember bench restore".into(), heading: "measure (ms)", width: 52, rows, notes })
+}
+
+/// Where the held clones' VMs come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shells {
+    /// Made in each restore call.
+    None,
+    /// Shells made on a second thread while the clones are restored.
+    Maker,
+    /// Shells all made before the clock.
+    Ahead,
+}
+
+/// `n` shells for `spec`, and how long making them took.
+fn make_shells(spec: &ShellSpec, n: usize) -> Result<(Vec<VmShell>, Duration), BenchError> {
+    let t = Instant::now();
+    let shells = (0..n).map(|_| VmShell::new(spec)).collect::<Result<Vec<_>, _>>()?;
+    Ok((shells, t.elapsed()))
 }
 
 /// Clones that serve, as a pool's do (their console discarded), one at a time: restore -> the
@@ -264,20 +307,20 @@ fn serving_clones(
     Ok(())
 }
 
-/// Restores `n` idle clones of `template` and holds them: each into a shell from `maker` when it
-/// has one ready (else the restore makes its VM), populated with `ws` when given. Returns the
-/// clones, each one's time in ms (restore and populating), and how many found no shell.
+/// Restores `n` idle clones of `template` and holds them: each into the shell `take` gives, if
+/// any (else the restore makes its VM), populated with `ws` when given. Returns the clones, each
+/// one's time in ms (restore and populating), and how many made their VM.
 fn restore_held(
     template: &Template,
-    maker: Option<&ShellMaker>,
     n: usize,
     ws: Option<&WorkingSet>,
+    take: &mut dyn FnMut() -> Option<VmShell>,
 ) -> Result<(Vec<Vm>, Vec<f64>, usize), BenchError> {
-    let (mut pool, mut each, mut waited) = (Vec::with_capacity(n), Vec::with_capacity(n), 0);
+    let (mut pool, mut each, mut made) = (Vec::with_capacity(n), Vec::with_capacity(n), 0);
     for i in 0..n {
         let one = Instant::now();
-        let shell = maker.and_then(ShellMaker::take);
-        waited += usize::from(maker.is_some() && shell.is_none());
+        let shell = take();
+        made += usize::from(shell.is_none());
         let vm = template.restore_in(shell, i as u64 + 1, &Channels::default(), Box::new(std::io::sink()))?;
         if let Some(ws) = ws {
             vm.populate(ws).map_err(VmError::WorkingSet)?;
@@ -285,14 +328,17 @@ fn restore_held(
         each.push(ms(one.elapsed()));
         pool.push(vm);
     }
-    Ok((pool, each, waited))
+    Ok((pool, each, made))
 }
 
 /// The held-clones round spread over `b.processes` processes (`ember bench hold-clones`), each
-/// with its share of the shells made ahead: in one process every VM makes the next one dearer.
+/// restoring its share: into shells all made before the clock (`ahead`) or with the VM made in
+/// each call. In one process every VM makes some of the next one's work dearer (KVM_CREATE_VM,
+/// and whatever runs the process's MMU notifiers, one per VM).
 fn held_over_processes(
     dir: &Path,
     b: &RestoreBench,
+    ahead: bool,
     rows: &mut Vec<(String, Option<Summary>)>,
     notes: &mut Vec<String>,
 ) -> Result<(), BenchError> {
@@ -300,13 +346,17 @@ fn held_over_processes(
     use std::process::{Command, Stdio};
     let failed = |what: String| BenchError::Failed(what);
     let (n, p) = (b.clones, b.processes.min(b.clones));
-    let label = format!(" [over {p} processes]");
+    let label = match ahead {
+        true => format!(" [over {p} processes, shells all made ahead]"),
+        false => format!(" [over {p} processes, VM made in each call]"),
+    };
     tracing::info!("holding {n} idle clones{label}");
     let exe = std::env::current_exe().map_err(|e| failed(format!("this program's path: {e}")))?;
-    let shells = (SHELLS_AHEAD / p).max(1);
+    let started = Instant::now();
     let mut children = Vec::with_capacity(p);
     for i in 0..p {
         let share = n / p + usize::from(i < n % p);
+        let shells = if ahead { share } else { 0 };
         let mut child = Command::new(&exe)
             .args(["bench", "hold-clones", "--clones", &share.to_string(), "--shells", &shells.to_string()])
             .arg("--template")
@@ -328,17 +378,21 @@ fn held_over_processes(
             Err(e) => Err(failed(format!("reading a holding process: {e}"))),
         }
     };
+    let mut shells_kib = 0u64;
     for (_, _, r) in children.iter_mut() {
         let l = line(r)?;
-        if l != "ready" {
+        let mut words = l.split_whitespace();
+        if words.next() != Some("ready") {
             return Err(failed(format!("a holding process said {l:?}")));
         }
+        shells_kib += words.next().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
     }
+    let prepared = started.elapsed();
     let t = Instant::now();
     for (_, w, _) in children.iter_mut() {
         w.write_all(b"go\n").map_err(|e| failed(format!("starting a holding process: {e}")))?;
     }
-    let (mut each, mut private, mut whole, mut waited) = (Vec::with_capacity(n), 0u64, 0u64, 0u64);
+    let (mut each, mut private, mut whole, mut made) = (Vec::with_capacity(n), 0u64, 0u64, 0u64);
     for (_, _, r) in children.iter_mut() {
         let l = line(r)?;
         let mut words = l.split_whitespace();
@@ -348,7 +402,7 @@ fn held_over_processes(
         let mut number = || words.next().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
         private += number();
         whole += number();
-        waited += number();
+        made += number();
         each.extend(words.filter_map(|w| w.parse::<f64>().ok()));
     }
     let total = t.elapsed();
@@ -357,9 +411,17 @@ fn held_over_processes(
         let _ = child.wait();
     }
     rows.push((format!("restore call, {n} clones held{label}"), Summary::of(&each)));
+    let shells = match ahead {
+        true => format!(
+            "; the processes started and made their shells ({:.1} KiB each) before the clock in {:.1} ms",
+            shells_kib as f64 / n as f64,
+            ms(prepared)
+        ),
+        false => String::new(),
+    };
     notes.push(format!(
         "{n} idle clones{label} restored in {:.1} ms ({:.0} clones/s); private memory {:.1} KiB per clone \
-         ({:.1} KiB with the processes' own); {waited} restores found no shell ready and made their VM",
+         ({:.1} KiB with the processes' own and the shells'); {made} restores made their VM{shells}",
         ms(total),
         n as f64 / total.as_secs_f64(),
         private as f64 / n as f64,
@@ -369,31 +431,30 @@ fn held_over_processes(
 }
 
 /// `ember bench hold-clones`: one process of [`held_over_processes`]. Opens the template and makes
-/// `shells` VM shells, says `ready`; on `go` restores `clones` clones and holds them, says `done`,
-/// and holds them until its input closes. `done` says `PRIVATE_KIB TOTAL_KIB WAITED MS...`:
-/// private memory grown and in all, restores that found no shell, each restore call.
-pub fn hold_clones(dir: &Path, clones: usize, shells: usize, timeout: Duration) -> Result<(), BenchError> {
+/// `shells` VM shells, says `ready SHELLS_KIB` (the private memory they took); on `go` restores
+/// `clones` clones (into those shells while there are some, else making each VM in the call)
+/// and holds them, says `done`, and holds them until its input closes. `done` says
+/// `PRIVATE_KIB TOTAL_KIB MADE MS...`: private memory grown by the restores and in all, restores
+/// that made their VM, each restore call.
+pub fn hold_clones(dir: &Path, clones: usize, shells: usize) -> Result<(), BenchError> {
     use std::io::{BufRead, Write};
     crate::sys::raise_fd_limit();
     let template = Template::open(dir)?;
-    let maker = ShellMaker::start(template.shell_spec(), shells).map_err(|e| BenchError::Failed(e.to_string()))?;
-    if !maker.wait_ready(shells, timeout) {
-        return Err(BenchError::Failed(format!("no VM shells made: {:?}", maker.last_error())));
-    }
+    let before = private_kib();
+    let (mut ahead, _) = make_shells(&template.shell_spec(), shells)?;
     let io = |e: std::io::Error| BenchError::Failed(format!("talking to the benchmark: {e}"));
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready").and_then(|_| out.flush()).map_err(io)?;
+    writeln!(out, "ready {}", private_kib().saturating_sub(before)).and_then(|_| out.flush()).map_err(io)?;
     let mut input = std::io::stdin().lock();
     let mut go = String::new();
     if input.read_line(&mut go).map_err(io)? == 0 {
         return Ok(());
     }
     let before = private_kib();
-    let (pool, each, waited) = restore_held(&template, Some(&maker), clones, None)?;
-    drop(maker);
+    let (pool, each, made) = restore_held(&template, clones, None, &mut || ahead.pop())?;
     let each: String = each.iter().map(|ms| format!(" {ms:.4}")).collect();
     let now = private_kib();
-    writeln!(out, "done {} {now} {waited}{each}", now.saturating_sub(before)).and_then(|_| out.flush()).map_err(io)?;
+    writeln!(out, "done {} {now} {made}{each}", now.saturating_sub(before)).and_then(|_| out.flush()).map_err(io)?;
     // Held until the benchmark is done with every process.
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut input, &mut rest);

@@ -242,6 +242,12 @@ impl Mailbox {
         })
     }
 
+    /// Closes the mailbox but leaves its mapping, whose range is returned: the caller owns it
+    /// (to map over it, [`Mailbox::create_at`]) and must unmap it.
+    pub fn into_range(mut self) -> *mut u8 {
+        std::mem::replace(&mut self.base, std::ptr::null_mut())
+    }
+
     /// The host address of the region (for KVM's memory slot).
     pub fn host_addr(&self) -> u64 {
         self.base as u64
@@ -535,9 +541,12 @@ impl Drop for Waiting<'_> {
 
 impl Drop for Mailbox {
     fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `map`; nothing else refers to it once we are dropped
-        // (KVM's memory slot is gone with the VM fd, which the VM drops first).
-        unsafe { libc::munmap(self.base.cast(), MAILBOX_SIZE as usize) };
+        if !self.base.is_null() {
+            // SAFETY: unmaps the mapping made in `map` (not given up by `into_range`); nothing
+            // else refers to it once we are dropped (KVM's memory slot is gone with the VM fd,
+            // which the VM drops first).
+            unsafe { libc::munmap(self.base.cast(), MAILBOX_SIZE as usize) };
+        }
         if let Some(p) = &self.owned_path {
             let _ = std::fs::remove_file(p);
         }

@@ -68,8 +68,8 @@ pub(crate) struct BenchHoldArgs {
     /// Clones to restore and hold.
     #[arg(long)]
     clones: usize,
-    /// VM shells made before the clock starts.
-    #[arg(long, default_value_t = 2)]
+    /// VM shells made before the clock starts (restores beyond them make their VM).
+    #[arg(long, default_value_t = 0)]
     shells: usize,
 }
 
@@ -254,8 +254,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         }
         BenchCommand::Restore(args) => bench_restore(args)?,
         BenchCommand::HoldClones(args) => {
-            bench::restore::hold_clones(&args.template, args.clones, args.shells, Duration::from_secs(60))
-                .map_err(|e| e.to_string())?;
+            bench::restore::hold_clones(&args.template, args.clones, args.shells).map_err(|e| e.to_string())?;
             return Ok(ExitCode::SUCCESS);
         }
         BenchCommand::Layers(args) => {

@@ -26,8 +26,9 @@ pub fn process_cpu_time() -> Duration {
 pub struct BootEvent {
     pub since_process: Duration,
     pub since_vm: Duration,
-    /// CPU time the whole process used since the VM started (all of its threads: vCPUs included).
-    pub cpu: Duration,
+    /// CPU time the whole process used since the VM started (all of its threads: vCPUs included),
+    /// when its clock follows it (a booted VM's; not a clone's).
+    pub cpu: Option<Duration>,
 }
 
 /// The boot's milestones, each recorded the first time it happens.
@@ -49,18 +50,26 @@ pub struct BootTimeline {
 pub struct BootClock {
     process_start: Instant,
     vm_start: Instant,
-    cpu_start: Duration,
+    /// The process's CPU time at VM start, when followed: reading it costs a walk over every
+    /// thread of the process (microseconds each), so a clone's clock, read on its restore and
+    /// first entry in processes that hold thousands of threads, leaves it out.
+    cpu_start: Option<Duration>,
     timeline: Mutex<BootTimeline>,
 }
 
 impl BootClock {
+    /// A booted VM's clock: its events carry the process's CPU time too.
     pub fn new(process_start: Instant) -> Arc<Self> {
-        Arc::new(Self {
-            process_start,
-            vm_start: Instant::now(),
-            cpu_start: process_cpu_time(),
-            timeline: Mutex::new(BootTimeline::default()),
-        })
+        Self::with_cpu(process_start, Some(process_cpu_time()))
+    }
+
+    /// A clone's clock (started now): wall time only.
+    pub fn wall_only() -> Arc<Self> {
+        Self::with_cpu(Instant::now(), None)
+    }
+
+    fn with_cpu(process_start: Instant, cpu_start: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self { process_start, vm_start: Instant::now(), cpu_start, timeline: Mutex::default() })
     }
 
     pub fn now(&self) -> BootEvent {
@@ -68,7 +77,7 @@ impl BootClock {
         BootEvent {
             since_process: now.duration_since(self.process_start),
             since_vm: now.duration_since(self.vm_start),
-            cpu: process_cpu_time().saturating_sub(self.cpu_start),
+            cpu: self.cpu_start.map(|c| process_cpu_time().saturating_sub(c)),
         }
     }
 
@@ -95,13 +104,11 @@ fn ms(d: Duration) -> f64 {
 
 impl std::fmt::Display for BootEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:.3} ms since VM start, {:.3} ms since process start, {:.3} ms CPU since VM start",
-            ms(self.since_vm),
-            ms(self.since_process),
-            ms(self.cpu)
-        )
+        write!(f, "{:.3} ms since VM start, {:.3} ms since process start", ms(self.since_vm), ms(self.since_process))?;
+        match self.cpu {
+            Some(cpu) => write!(f, ", {:.3} ms CPU since VM start", ms(cpu)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Channels;
@@ -21,6 +20,7 @@ use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
+use crate::devices::virtio::thread::{ParkedDevice, Threads};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, DevicesState, Persist};
@@ -36,11 +36,11 @@ fn virtio_devices(
     drives: &[DriveConfig],
     nets: &[NetConfig],
     channels: &Channels,
-    seccomp: Option<Arc<BpfProgram>>,
+    threads: &Threads,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(drives.len() + nets.len() + 1);
     for d in drives {
-        devices.push(Box::new(Block::new(d, seccomp.clone())?));
+        devices.push(Box::new(Block::new(d, threads)?));
     }
     for (i, n) in nets.iter().enumerate() {
         let what = || format!("network interface {:?} (TAP {})", n.iface_id, n.host_dev_name);
@@ -49,10 +49,19 @@ fn virtio_devices(
             None => Tap::open(&n.host_dev_name),
         }
         .map_err(DeviceError::io(what()))?;
-        devices.push(Box::new(Net::new(&n.iface_id, n.mac(), tap, seccomp.clone())?));
+        devices.push(Box::new(Net::new(&n.iface_id, n.mac(), tap, threads)?));
     }
-    devices.push(Box::new(Vsock::new(channels.vsock.as_deref(), seccomp)?));
+    devices.push(Box::new(Vsock::new(channels.vsock.as_deref(), threads)?));
     Ok(devices)
+}
+
+/// The threads of `virtio_devices`' devices (for `drives` drives and `nets` network cards), by
+/// name: what a VM shell starts ahead.
+pub fn device_threads(drives: usize, nets: usize) -> Vec<&'static str> {
+    let mut names = vec![Block::THREAD; drives];
+    names.extend(std::iter::repeat_n(Net::THREAD, nets));
+    names.push(Vsock::THREAD);
+    names
 }
 
 /// What the guest kernel's command line needs to find `count` virtio-mmio devices.
@@ -90,6 +99,8 @@ pub struct DeviceArgs<'a> {
     pub drives: &'a [DriveConfig],
     /// The network interfaces, after the drives (a restore: the snapshot's).
     pub nets: &'a [NetConfig],
+    /// Device threads started ahead (a VM shell's), confined with the device filter.
+    pub parked: Vec<ParkedDevice>,
 }
 
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
@@ -102,7 +113,7 @@ impl Devices {
     /// Creates every device and wires its interrupt; `saved` is a snapshot's device state, for a
     /// clone.
     pub fn create(args: DeviceArgs<'_>, saved: Option<&DevicesState>) -> Result<Self, DeviceError> {
-        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id, drives, nets } = args;
+        let DeviceArgs { vm, mem, mailbox, console, clock, channels, clone_id, drives, nets, parked } = args;
         let serial_irq = irqfd(vm, COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(match saved {
             Some(s) => SerialDevice::restore((serial_irq, console), &s.serial)?,
@@ -119,14 +130,15 @@ impl Devices {
         let control = ControlPage::new(clone_id, flags).map_err(DeviceError::io("control page seed"))?;
         mmio.insert(CONTROL_ADDR, CONTROL_SIZE, Arc::new(Mutex::new(control)))?;
 
-        let filter = match channels.device_seccomp {
+        // Threads made ahead are confined with the device filter: not used without it.
+        let threads = match channels.device_seccomp {
             true => {
-                let f = crate::seccomp::device_filter().map_err(|e| DeviceError::Seccomp(e.to_string()))?;
-                Some(Arc::new(f))
+                let f = crate::seccomp::shared_device_filter().map_err(|e| DeviceError::Seccomp(e.to_string()))?;
+                Threads::new(Some(f)).with_ahead(parked)
             }
-            false => None,
+            false => Threads::new(None),
         };
-        let devices = virtio_devices(drives, nets, channels, filter)?;
+        let devices = virtio_devices(drives, nets, channels, &threads)?;
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceError::BadState(format!(
                 "{} virtio devices, at most {MAX_VIRTIO_DEVICES}",
@@ -182,6 +194,13 @@ impl Devices {
     /// How many virtio devices there are (the guest's command line names each).
     pub fn virtio_count(&self) -> usize {
         self.virtio.len()
+    }
+
+    /// The VM is starting: devices restored running are activated.
+    pub fn start(&self) {
+        for t in &self.virtio {
+            t.locked().start();
+        }
     }
 
     /// Stops every device's own thread from touching guest memory and queues (before a snapshot).

@@ -249,6 +249,7 @@ impl Vm {
             clone_id: 0,
             drives,
             nets,
+            parked: Vec::new(),
         };
         let devices = Devices::create(args, None)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -284,16 +285,14 @@ impl Vm {
         channels: &Channels,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
-        let clock = BootClock::new(Instant::now());
+        let clock = BootClock::wall_only();
         let mut shell = match shell {
             Some(s) if s.fits(state) => s,
             _ => VmShell::new(&ShellSpec::of(state))?,
         };
         let mem = shell.map_template(memory)?;
-        // SAFETY: the shell's mailbox range is handed over to the mailbox, which maps over it; the
-        // shell's memory slot for it follows the new mapping.
-        let mailbox = Arc::new(unsafe { Mailbox::create_at(channels.mailbox.as_deref(), shell.take_mailbox_range()) }?);
-        let VmShell { parked, vcpus: shell_vcpus, vm, .. } = shell;
+        let mailbox = Arc::new(shell.take_mailbox(channels.mailbox.as_deref())?);
+        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, vm, .. } = shell;
         state.vm.restore(&vm)?;
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
         let args = DeviceArgs {
@@ -306,6 +305,7 @@ impl Vm {
             clone_id,
             drives,
             nets,
+            parked: parked_devices,
         };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -343,6 +343,7 @@ impl Vm {
             vcpu_state::prepare(&v.fd)?;
         }
         let Vm { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes } = self;
+        devices.start();
         // Threads made ahead (confined already) when there is one per vCPU and seccomp is on;
         // otherwise one thread per vCPU now, with one filter each: each may reach its own vCPU fd
         // only.
@@ -389,7 +390,7 @@ impl Vm {
                 seccomp: filter,
             };
             let (v, cx) = match parked {
-                Some(p) => match p.start(v, cx) {
+                Some(p) => match p.start((v, cx)) {
                     Ok(t) => {
                         running.threads.push(t);
                         continue;

@@ -32,6 +32,8 @@ use super::persist::SnapshotState;
 use super::vcpu::{ParkedThread, Vcpu};
 use super::vcpu_state::VcpuState;
 use super::VmError;
+use crate::channel::mailbox::Mailbox;
+use crate::devices::virtio::thread::{ParkedDevice, Threads};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot::MemoryFile;
 use crate::sys::Locked;
@@ -44,6 +46,8 @@ pub struct ShellSpec {
     pub mem_bytes: u64,
     pub vcpus: Vec<VcpuState>,
     pub memory: Option<Arc<MemoryFile>>,
+    /// The clone's device threads, by name (started ahead, confined with the device filter).
+    pub device_threads: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for ShellSpec {
@@ -52,6 +56,7 @@ impl std::fmt::Debug for ShellSpec {
             .field("mem_bytes", &self.mem_bytes)
             .field("vcpus", &self.vcpus.len())
             .field("memory", &self.memory.is_some())
+            .field("device_threads", &self.device_threads)
             .finish()
     }
 }
@@ -59,7 +64,8 @@ impl std::fmt::Debug for ShellSpec {
 impl ShellSpec {
     /// The shell a clone of `state` needs (its memory mapped at the restore).
     pub fn of(state: &SnapshotState) -> Self {
-        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone(), memory: None }
+        let device_threads = super::devices::device_threads(state.devices.drives.len(), state.devices.nets.len());
+        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone(), memory: None, device_threads }
     }
 }
 
@@ -109,6 +115,8 @@ pub struct VmShell {
     // Drop order: vCPUs and the VM fd before the memory its slots point at.
     /// A thread per vCPU, started and confined, waiting for the VM to start.
     pub(super) parked: Vec<ParkedThread>,
+    /// A thread per device that has one, started and confined, waiting for its device.
+    pub(super) devices: Vec<ParkedDevice>,
     pub(super) vcpus: Vec<Vcpu>,
     pub(super) vm: VmFd,
     /// Guest RAM: the template's memory mapped private when the spec had it, else anonymous until
@@ -116,8 +124,9 @@ pub struct VmShell {
     ram: GuestMemory,
     /// The memory file `ram` maps (device, inode), if any.
     mapped: Option<(u64, u64)>,
-    /// Taken by the restore, whose mailbox maps over it.
-    mailbox: Option<Reservation>,
+    /// The clone's mailbox (an anonymous one), mapped where the memory slot points; a clone
+    /// whose mailbox is a named file maps that over it.
+    mailbox: Option<Mailbox>,
     spec: ShellSpec,
 }
 
@@ -138,20 +147,29 @@ impl VmShell {
             // Anonymous and unpopulated until the restore maps the template over it.
             _ => (super::guest_memory(spec.mem_bytes)?, None),
         };
-        let mailbox = Reservation::new(memory::MAILBOX_SIZE as usize)?;
+        let range = Reservation::new(memory::MAILBOX_SIZE as usize)?.hand_over();
+        // SAFETY: the range was just reserved and is given up to the mailbox.
+        let mailbox = unsafe { Mailbox::create_at(None, Some(range)) }?;
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
         // it, drop the VM fd first.
-        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.addr as u64)) }?;
+        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr())) }?;
         let mut vcpus = Vec::with_capacity(spec.vcpus.len());
         let mut parked = Vec::with_capacity(spec.vcpus.len());
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
             state.preload(&v.fd)?;
-            parked.push(ParkedThread::spawn(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
+            parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
+            if mapped.is_some() {
+                // Its copy-on-write fault taken now, not at the restore (which writes it).
+                state.copy_kvmclock_page(&ram)?;
+            }
             vcpus.push(v);
         }
-        Ok(Self { parked, vcpus, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
+        let filter =
+            crate::seccomp::shared_device_filter().map_err(|e| VmError::Shell(format!("device filter: {e}")))?;
+        let devices = Threads::park(&spec.device_threads, &filter).map_err(VmError::Thread)?;
+        Ok(Self { parked, devices, vcpus, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
     }
 
     /// Whether this shell can take a clone of `state`.
@@ -193,9 +211,15 @@ impl VmShell {
         Ok(self.ram.clone())
     }
 
-    /// The reserved mailbox range, for the clone's mailbox to be mapped over (it unmaps it then).
-    pub(super) fn take_mailbox_range(&mut self) -> Option<*mut u8> {
-        self.mailbox.take().map(Reservation::hand_over)
+    /// The clone's mailbox: the shell's when `path` is none, else a new one at `path`, mapped
+    /// over the shell's.
+    pub(super) fn take_mailbox(&mut self, path: Option<&std::path::Path>) -> Result<Mailbox, VmError> {
+        match (path, self.mailbox.take()) {
+            (None, Some(m)) => Ok(m),
+            // SAFETY: the range is the shell's mailbox mapping, given up to the new mailbox; the
+            // shell's memory slot for it follows the new mapping.
+            (path, made) => Ok(unsafe { Mailbox::create_at(path, made.map(Mailbox::into_range)) }?),
+        }
     }
 }
 

@@ -65,57 +65,21 @@ fn set_apic_delivery_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
 /// A vCPU thread started ahead of its VM (by a [`super::shell::VmShell`]), already confined with
 /// its vCPU's seccomp filter, waiting for its vCPU and context: starting the VM then costs a
 /// wakeup instead of a thread creation and a filter installation (together ~0.3 ms here).
-pub struct ParkedThread {
-    /// Until started: the channel its vCPU and context come through, and the thread.
-    inner: Option<(StartSender, std::thread::JoinHandle<()>)>,
-}
+pub type ParkedThread = crate::sys::Parked<(Vcpu, VcpuContext)>;
 
-type StartSender = std::sync::mpsc::SyncSender<(Vcpu, VcpuContext)>;
-
-impl ParkedThread {
-    /// Starts the thread for vCPU `index`, confined with `filter` (the filter of that vCPU's fd).
-    pub fn spawn(index: u8, filter: seccompiler::BpfProgram) -> Result<Self, VmError> {
-        install_kick_handler()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vcpu, VcpuContext)>(1);
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::apply(&filter) {
-                    crate::log_limited!(warn, "a vCPU thread made ahead cannot confine itself: {e}");
-                    return;
-                }
-                // Nothing sent: the VM was never started; the thread ends.
-                if let Ok((v, cx)) = rx.recv() {
-                    v.run(cx);
-                }
-            })
-            .map_err(VmError::Thread)?;
-        Ok(Self { inner: Some((tx, handle)) })
-    }
-
-    /// Hands the thread its vCPU (whose fd is the one its filter names) and context, and returns
-    /// the running thread; both back when the thread is gone (it could not confine itself).
-    #[allow(clippy::result_large_err)]
-    pub fn start(mut self, v: Vcpu, cx: VcpuContext) -> Result<std::thread::JoinHandle<()>, (Vcpu, VcpuContext)> {
-        let Some((tx, handle)) = self.inner.take() else { return Err((v, cx)) };
-        match tx.send((v, cx)) {
-            Ok(()) => Ok(handle),
-            Err(std::sync::mpsc::SendError(back)) => {
-                let _ = handle.join();
-                Err(back)
-            }
+/// Starts the parked thread for vCPU `index`, confined with `filter` (the filter of that vCPU's
+/// fd).
+pub fn park(index: u8, filter: seccompiler::BpfProgram) -> Result<ParkedThread, VmError> {
+    install_kick_handler()?;
+    let confine = move || match crate::seccomp::apply(&filter) {
+        Ok(()) => true,
+        Err(e) => {
+            crate::log_limited!(warn, "a vCPU thread made ahead cannot confine itself: {e}");
+            false
         }
-    }
-}
-
-impl Drop for ParkedThread {
-    fn drop(&mut self) {
-        // Never started: closing the channel ends the thread.
-        if let Some((tx, handle)) = self.inner.take() {
-            drop(tx);
-            let _ = handle.join();
-        }
-    }
+    };
+    ParkedThread::spawn(format!("vcpu{index}"), confine, |(v, cx): (Vcpu, VcpuContext)| v.run(cx))
+        .map_err(VmError::Thread)
 }
 
 /// What a vCPU thread needs besides its vCPU.

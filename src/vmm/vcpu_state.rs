@@ -38,6 +38,13 @@ const MSR_IA32_TSC: u32 = 0x10;
 /// and the legacy MSR.
 const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+/// Where the guest asked KVM to write the host's boot time (the current and the legacy MSR).
+/// Setting them makes KVM write that page of guest memory at once; the guest reads it when its
+/// kernel starts or resumes only, and a clone's wall clock is set by its agent: a restore leaves
+/// them unset, and the page (a copy-on-write fault, running every MMU notifier of the process)
+/// untouched.
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+const MSR_KVM_WALL_CLOCK: u32 = 0x11;
 
 /// `struct pvclock_vcpu_time_info`: the fields of a kvm-clock page that anchor it.
 const PVCLOCK_VERSION: u64 = 0;
@@ -111,7 +118,8 @@ impl VcpuState {
 
     /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
     /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
-    /// FPU/XSAVE, XCRs, debug registers and the MSRs. [`VcpuState::finish`] loads the rest.
+    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones). [`VcpuState::finish`]
+    /// loads the rest.
     /// The order follows what KVM needs: CPUID first (it shapes what the rest may contain), MSRs
     /// after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
@@ -134,7 +142,9 @@ impl VcpuState {
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        set_msrs(vcpu, &self.msrs)
+        let msrs: Vec<kvm_msr_entry> =
+            self.msrs.iter().filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK_NEW | MSR_KVM_WALL_CLOCK)).copied().collect();
+        set_msrs(vcpu, &msrs)
     }
 
     /// Loads the part of the state that depends on when the clone starts: the local APIC (its
@@ -170,31 +180,55 @@ impl VcpuState {
     /// would replay that gap timer by timer before anything else. One KVM_GET_MSRS; nothing to do
     /// when the guest has no kvm-clock.
     pub fn anchor_kvmclock(&self, vcpu: &VcpuFd, mem: &GuestMemory, clock_ns: u64) -> Result<(), VmError> {
-        let Some(msr) = self.msrs.iter().find(|e| e.index == MSR_KVM_SYSTEM_TIME_NEW || e.index == MSR_KVM_SYSTEM_TIME)
-        else {
-            return Ok(());
-        };
-        if msr.data & 1 == 0 {
-            return Ok(());
-        }
-        let page = GuestAddress(msr.data & !1);
+        let Some(page) = self.kvmclock_page(mem)? else { return Ok(()) };
         let mut tsc = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
             .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
         if vcpu.get_msrs(&mut tsc).map_err(kvm_err("KVM_GET_MSRS"))? != 1 {
             return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
         }
         let tsc = tsc.as_slice()[0].data;
+        let at = |offset| page.unchecked_add(offset);
+        // A write first: the page (the template's, mapped copy-on-write) is then copied on a
+        // fault that maps nothing before. Read first, it would be mapped read-only and then
+        // copied on a write fault, which runs every MMU notifier of the process (each VM's),
+        // milliseconds in a process that holds a thousand clones. The guest is not running.
+        mem.write_obj(tsc, at(PVCLOCK_TSC_TIMESTAMP)).map_err(VmError::GuestMemory)?;
+        let version: u32 = mem.read_obj(at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
+        // Even: no update in progress; changed: a reader that raced nothing still sees a new page.
+        mem.write_obj((version & !1).wrapping_add(2), at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
+        mem.write_obj(clock_ns, at(PVCLOCK_SYSTEM_TIME)).map_err(VmError::GuestMemory)?;
+        Ok(())
+    }
+}
+
+impl VcpuState {
+    /// Where this vCPU's kvm-clock page is, if the guest enabled one.
+    fn kvmclock_page(&self, mem: &GuestMemory) -> Result<Option<GuestAddress>, VmError> {
+        let Some(msr) = self.msrs.iter().find(|e| e.index == MSR_KVM_SYSTEM_TIME_NEW || e.index == MSR_KVM_SYSTEM_TIME)
+        else {
+            return Ok(None);
+        };
+        if msr.data & 1 == 0 {
+            return Ok(None);
+        }
+        let page = GuestAddress(msr.data & !1);
         // The page's address is the guest's choice: outside its RAM, the snapshot is refused.
         if !mem.check_range(page, PVCLOCK_LEN as usize) {
             return Err(VmError::Kvm("kvm-clock page outside guest memory", libc::EFAULT));
         }
-        let at = |offset| page.unchecked_add(offset);
-        let version: u32 = mem.read_obj(at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
-        // Even: no update in progress; changed: a reader that raced nothing still sees a new page.
-        mem.write_obj((version & !1).wrapping_add(2), at(PVCLOCK_VERSION)).map_err(VmError::GuestMemory)?;
-        mem.write_obj(tsc, at(PVCLOCK_TSC_TIMESTAMP)).map_err(VmError::GuestMemory)?;
-        mem.write_obj(clock_ns, at(PVCLOCK_SYSTEM_TIME)).map_err(VmError::GuestMemory)?;
-        Ok(())
+        Ok(Some(page))
+    }
+
+    /// Takes the copy-on-write fault of this vCPU's kvm-clock page in `mem` (a VM shell's view of
+    /// the template) now, writing one word of it back as it is, so that the restore that
+    /// re-anchors it ([`VcpuState::anchor_kvmclock`]) writes a private page: made with the shell
+    /// (KVM may have mapped the page read-only when the preloaded MSRs were set), the fault runs
+    /// every MMU notifier of the process, off the restore path.
+    pub fn copy_kvmclock_page(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        let Some(page) = self.kvmclock_page(mem)? else { return Ok(()) };
+        let at = page.unchecked_add(PVCLOCK_TSC_TIMESTAMP);
+        let tsc: u64 = mem.read_obj(at).map_err(VmError::GuestMemory)?;
+        mem.write_obj(tsc, at).map_err(VmError::GuestMemory)
     }
 }
 

@@ -76,6 +76,8 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     queue_sel: u32,
     active: bool,
+    /// Restored running: activated when the VM starts ([`MmioTransport::start`]).
+    start_pending: bool,
 }
 
 /// What a transport needs besides its state: the device behind it, guest memory and the
@@ -117,7 +119,19 @@ impl MmioTransport {
             driver_features_sel: 0,
             queue_sel: 0,
             active: false,
+            start_pending: false,
         })
+    }
+
+    /// The VM is starting: a device restored running is activated now (its thread gets its
+    /// queues and does what a restored device does first, such as vsock's transport reset). A
+    /// clone that is restored and held without running has its devices do nothing: their first
+    /// writes to guest memory (copy-on-write faults, which run every MMU notifier of the
+    /// process) wait for the guest.
+    pub fn start(&mut self) {
+        if std::mem::take(&mut self.start_pending) {
+            self.activate();
+        }
     }
 
     /// The device behind the transport.
@@ -168,6 +182,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.start_pending = false;
         self.shutdown();
         for q in &mut self.queues {
             q.reset();
@@ -232,7 +247,7 @@ impl Persist for MmioTransport {
     }
 
     /// A transport in a snapshot's state, its device given its own state back; a device that was
-    /// running is activated again.
+    /// running is activated again when the VM starts.
     fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, DeviceError> {
         let mut t = Self::new(args)?;
         let kind = t.device.device_type();
@@ -259,9 +274,7 @@ impl Persist for MmioTransport {
         if state.interrupt_status != 0 {
             t.interrupt.trigger(state.interrupt_status);
         }
-        if t.status & STATUS_DRIVER_OK != 0 {
-            t.activate();
-        }
+        t.start_pending = t.status & STATUS_DRIVER_OK != 0;
         Ok(t)
     }
 }
@@ -688,7 +701,7 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips_and_a_running_device_is_activated_again() {
+    fn state_round_trips_and_a_running_device_is_activated_again_when_the_vm_starts() {
         let (a, _, _) = args(false);
         let mut t = MmioTransport::new(a).unwrap();
         negotiate(&mut t, VIRTIO_F_VERSION_1);
@@ -701,9 +714,21 @@ mod tests {
         let (a, seen, _) = args(false);
         let mut r = MmioTransport::restore(a, &saved).unwrap();
         assert_eq!(seen.locked().restored.as_deref(), Some(&[7u8, 7][..]));
-        assert_eq!(seen.locked().activations, vec![vec![16, 8]]);
+        // Activated when the VM starts, once; saved alike before and after.
+        assert!(seen.locked().activations.is_empty(), "activated before the VM starts");
         assert_eq!(read(&mut r, REG_STATUS), read(&mut t, REG_STATUS));
         assert_eq!(r.save().queues.len(), 2);
+        r.start();
+        r.start();
+        assert_eq!(seen.locked().activations, vec![vec![16, 8]]);
+        assert_eq!(r.save().queues.len(), 2);
+
+        // A device the driver reset before the VM started stays inactive.
+        let (a, seen, _) = args(false);
+        let mut reset = MmioTransport::restore(a, &saved).unwrap();
+        write(&mut reset, REG_STATUS, 0);
+        reset.start();
+        assert!(seen.locked().activations.is_empty());
 
         // A snapshot of another device, or with other queues, is refused.
         let (a, _, _) = args(false);

@@ -53,26 +53,85 @@ pub struct Commands<A> {
     evt: EventFd,
 }
 
-impl<A: Send + 'static> DeviceThread<A> {
-    /// Starts thread `name`, confined with `seccomp`, running `body` with the commands it must
-    /// serve. The thread is created with the device (before any vCPU runs and is confined).
-    pub fn spawn(
-        name: &'static str,
-        seccomp: Option<Arc<seccompiler::BpfProgram>>,
-        body: impl FnOnce(Commands<A>) + Send + 'static,
-    ) -> std::io::Result<Self> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let (tx, rx) = channel();
-        let commands = Commands { rx, evt: evt.try_clone()? };
-        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+/// What a device thread runs.
+pub type Body = Box<dyn FnOnce() + Send>;
+
+/// A device thread started ahead (by a VM shell), confined, waiting for its device's body.
+pub type ParkedDevice = (&'static str, crate::sys::Parked<Body>);
+
+/// Where one VM's device threads come from: the threads its shell started ahead (each named for
+/// the device it was made for), else new threads, confined with `seccomp`.
+pub struct Threads {
+    seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    ahead: Mutex<Vec<ParkedDevice>>,
+}
+
+impl Threads {
+    /// New threads, each confined with `seccomp` (none: not confined).
+    pub fn new(seccomp: Option<Arc<seccompiler::BpfProgram>>) -> Self {
+        Self { seccomp, ahead: Mutex::new(Vec::new()) }
+    }
+
+    /// Takes `ahead` (threads confined with this source's filter) first.
+    pub fn with_ahead(self, ahead: Vec<ParkedDevice>) -> Self {
+        Self { ahead: Mutex::new(ahead), ..self }
+    }
+
+    /// Starts threads for devices `names` ahead, confined with `seccomp`.
+    pub fn park(names: &[&'static str], seccomp: &Arc<seccompiler::BpfProgram>) -> std::io::Result<Vec<ParkedDevice>> {
+        let park = |name: &'static str| {
+            let f = seccomp.clone();
+            let confine = move || match crate::seccomp::apply(&f) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::log_limited!(warn, "{name}: a device thread made ahead cannot confine itself: {e}");
+                    false
+                }
+            };
+            crate::sys::Parked::spawn(name.into(), confine, |body: Body| body()).map(|p| (name, p))
+        };
+        names.iter().map(|n| park(n)).collect()
+    }
+
+    /// Runs `body` on thread `name`: one started ahead for it if there is one, else a new one.
+    fn spawn(&self, name: &'static str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+        let mut body: Body = Box::new(body);
+        let parked = {
+            let mut ahead = self.ahead.locked();
+            ahead.iter().position(|(n, _)| *n == name).map(|i| ahead.swap_remove(i).1)
+        };
+        if let Some(p) = parked {
+            match p.start(body) {
+                Ok(t) => return Ok(t),
+                // Gone (it could not confine itself): a new thread, confined as usual.
+                Err(back) => body = back,
+            }
+        }
+        let seccomp = self.seccomp.clone();
+        std::thread::Builder::new().name(name.into()).spawn(move || {
             if let Some(f) = seccomp {
                 if let Err(e) = crate::seccomp::apply(&f) {
                     tracing::error!("{name}: cannot apply the seccomp filter: {e}");
                     return;
                 }
             }
-            body(commands);
-        })?;
+            body();
+        })
+    }
+}
+
+impl<A: Send + 'static> DeviceThread<A> {
+    /// Starts thread `name` (from `threads`) running `body` with the commands it must serve. The
+    /// thread is started with the device (before any vCPU runs and is confined).
+    pub fn spawn(
+        name: &'static str,
+        threads: &Threads,
+        body: impl FnOnce(Commands<A>) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let (tx, rx) = channel();
+        let commands = Commands { rx, evt: evt.try_clone()? };
+        let thread = threads.spawn(name, move || body(commands))?;
         Ok(Self { name, tx, evt, thread: Some(thread) })
     }
 
@@ -260,11 +319,60 @@ mod tests {
         }
     }
 
+    thread_local!(static PREPARED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+    /// Runs a body on `threads`' thread `name` and says which thread ran it and whether that
+    /// thread was prepared ahead.
+    fn run_on(threads: &Threads, name: &'static str) -> (Option<String>, bool) {
+        let (tx, rx) = channel();
+        let body = move || {
+            let _ = tx.send((std::thread::current().name().map(String::from), PREPARED.with(|p| p.get())));
+        };
+        threads.spawn(name, body).unwrap().join().unwrap();
+        rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_thread_made_ahead_runs_its_devices_body_and_other_devices_get_new_threads() {
+        let ahead = |ok: bool| {
+            let prepare = move || {
+                PREPARED.with(|p| p.set(true));
+                ok
+            };
+            ("vsock", crate::sys::Parked::spawn("vsock".into(), prepare, |body: Body| body()).unwrap())
+        };
+        let threads = Threads::new(None).with_ahead(vec![ahead(true)]);
+        assert_eq!(run_on(&threads, "virtio-blk"), (Some("virtio-blk".into()), false));
+        assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), true), "the thread made ahead");
+        assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), false), "each is used once");
+        // One that could not prepare itself has ended: the body gets a new thread.
+        let threads = Threads::new(None).with_ahead(vec![ahead(false)]);
+        assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), false));
+        // Dropped unused, they end (joined).
+        drop(Threads::new(None).with_ahead(vec![ahead(true), ahead(true)]));
+    }
+
+    #[test]
+    fn threads_made_ahead_are_confined_before_their_body_runs() {
+        let filter = Arc::new(crate::seccomp::device_filter().unwrap());
+        let parked = Threads::park(&["vsock"], &filter).unwrap();
+        let threads = Threads::new(Some(filter)).with_ahead(parked);
+        let (tx, rx) = channel();
+        let body = move || {
+            // Not among the device filter's calls.
+            // SAFETY: getppid has no arguments and touches no memory.
+            let _ = tx.send(unsafe { libc::syscall(libc::SYS_getppid) });
+        };
+        threads.spawn("vsock", body).unwrap().join().unwrap();
+        assert_eq!(rx.recv().unwrap(), -1);
+        assert!(threads.ahead.locked().is_empty(), "the thread made ahead was not used");
+    }
+
     #[test]
     fn commands_reach_the_thread_and_drop_stops_it() {
         let seen = Arc::new(AtomicUsize::new(0));
         let s = seen.clone();
-        let t = DeviceThread::spawn("test-device", None, move |commands: Commands<u32>| {
+        let t = DeviceThread::spawn("test-device", &Threads::new(None), move |commands: Commands<u32>| {
             let mut w = Counter { active: None, seen: s };
             let epoll = Epoll::new().unwrap();
             commands.watch(&epoll, 1).unwrap();

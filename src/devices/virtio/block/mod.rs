@@ -23,7 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront};
+use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Threads};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::config::DriveConfig;
 use crate::devices::DeviceError;
@@ -105,8 +105,11 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens `drive`'s file and starts the device thread, confined with `seccomp`.
-    pub fn new(drive: &DriveConfig, seccomp: Option<Arc<seccompiler::BpfProgram>>) -> Result<Self, DeviceError> {
+    /// The name of the device's thread.
+    pub const THREAD: &'static str = "virtio-blk";
+
+    /// Opens `drive`'s file and starts the device thread (from `threads`).
+    pub fn new(drive: &DriveConfig, threads: &Threads) -> Result<Self, DeviceError> {
         let path = &drive.path_on_host;
         let what = || format!("drive {:?} ({})", drive.drive_id, path.display());
         let file = std::fs::OpenOptions::new()
@@ -133,7 +136,7 @@ impl Block {
         };
         let (queue_event, notify, epoll) = setup().map_err(DeviceError::io("virtio-blk setup"))?;
         let worker = Worker { file, read_only: drive.is_read_only, capacity, id, notify, epoll, active: None };
-        let thread = DeviceThread::spawn("virtio-blk", seccomp, move |commands| worker.run(commands))
+        let thread = DeviceThread::spawn(Block::THREAD, threads, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-blk thread"))?;
         Ok(Self {
             drive_id: drive.drive_id.clone(),
@@ -323,7 +326,7 @@ mod tests {
     #[test]
     fn config_space_features_and_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let dev = Block::new(&drive(dir.path(), true), None).unwrap();
+        let dev = Block::new(&drive(dir.path(), true), &Threads::new(None)).unwrap();
         let mut b = [0u8; 8];
         dev.read_config(0, &mut b);
         assert_eq!(u64::from_le_bytes(b), 16, "capacity in whole sectors");
@@ -333,7 +336,7 @@ mod tests {
         dev.read_config(u64::MAX, &mut b);
         assert_eq!(b, [0; 8]);
         assert_ne!(dev.features() & F_RO, 0);
-        let rw = Block::new(&drive(dir.path(), false), None).unwrap();
+        let rw = Block::new(&drive(dir.path(), false), &Threads::new(None)).unwrap();
         assert_eq!(rw.features() & F_RO, 0);
     }
 
@@ -341,33 +344,33 @@ mod tests {
     fn a_snapshot_restores_only_onto_the_unchanged_file() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = drive(dir.path(), true);
-        let state = Block::new(&cfg, None).unwrap().save_state();
-        Block::new(&cfg, None).unwrap().restore_state(&state).unwrap();
+        let state = Block::new(&cfg, &Threads::new(None)).unwrap().save_state();
+        Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap();
 
         // Another drive id, or read-write instead of read-only: refused.
         let other = DriveConfig { drive_id: "layer-1".into(), ..cfg.clone() };
-        assert!(Block::new(&other, None).unwrap().restore_state(&state).is_err());
+        assert!(Block::new(&other, &Threads::new(None)).unwrap().restore_state(&state).is_err());
         let rw = DriveConfig { is_read_only: false, ..cfg.clone() };
-        assert!(Block::new(&rw, None).unwrap().restore_state(&state).is_err());
+        assert!(Block::new(&rw, &Threads::new(None)).unwrap().restore_state(&state).is_err());
 
         // The file grew: refused, with what changed.
         std::fs::OpenOptions::new().append(true).open(&cfg.path_on_host).unwrap().set_len(9000).unwrap();
-        let e = Block::new(&cfg, None).unwrap().restore_state(&state).unwrap_err().to_string();
+        let e = Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap_err().to_string();
         assert!(e.contains("changed since the snapshot") && e.contains("size"), "{e}");
 
         // Replaced by another file of the same size: refused.
-        let state = Block::new(&cfg, None).unwrap().save_state();
+        let state = Block::new(&cfg, &Threads::new(None)).unwrap().save_state();
         let copy = dir.path().join("copy.img");
         std::fs::copy(&cfg.path_on_host, &copy).unwrap();
         std::fs::rename(&copy, &cfg.path_on_host).unwrap();
-        let e = Block::new(&cfg, None).unwrap().restore_state(&state).unwrap_err().to_string();
+        let e = Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap_err().to_string();
         assert!(e.contains("replaced"), "{e}");
 
         // Gone: the device cannot be created.
         std::fs::remove_file(&cfg.path_on_host).unwrap();
-        assert!(Block::new(&cfg, None).is_err());
+        assert!(Block::new(&cfg, &Threads::new(None)).is_err());
 
         // Garbage state: refused, no panic.
-        assert!(Block::new(&drive(dir.path(), true), None).unwrap().restore_state(&[0xff; 64]).is_err());
+        assert!(Block::new(&drive(dir.path(), true), &Threads::new(None)).unwrap().restore_state(&[0xff; 64]).is_err());
     }
 }

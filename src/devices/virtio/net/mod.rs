@@ -26,7 +26,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront};
+use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Threads};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
@@ -77,13 +77,11 @@ pub struct Net {
 }
 
 impl Net {
-    /// A device for interface `iface_id` with `mac`, on `tap`; its thread confined with `seccomp`.
-    pub fn new(
-        iface_id: &str,
-        mac: [u8; 6],
-        tap: Tap,
-        seccomp: Option<Arc<seccompiler::BpfProgram>>,
-    ) -> Result<Self, DeviceError> {
+    /// The name of the device's thread.
+    pub const THREAD: &'static str = "virtio-net";
+
+    /// A device for interface `iface_id` with `mac`, on `tap`; its thread from `threads`.
+    pub fn new(iface_id: &str, mac: [u8; 6], tap: Tap, threads: &Threads) -> Result<Self, DeviceError> {
         // Everything the thread needs is created here: once confined, it may not make new fds.
         let setup = || -> std::io::Result<_> {
             let rx = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -105,7 +103,7 @@ impl Net {
             rx: frames::RxBuffer::default(),
             tx: Vec::new(),
         };
-        let thread = DeviceThread::spawn("virtio-net", seccomp, move |commands| worker.run(commands))
+        let thread = DeviceThread::spawn(Net::THREAD, threads, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-net thread"))?;
         Ok(Self { iface_id: iface_id.to_owned(), mac, acked: 0, queue_events, front: QueueFront::new(thread) })
     }

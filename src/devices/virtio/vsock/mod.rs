@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::net::UnixListener;
 
-use super::thread::{DeviceThread, QueueFront};
+use super::thread::{DeviceThread, QueueFront, Threads};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
@@ -83,9 +83,12 @@ struct Activation {
 }
 
 impl Vsock {
+    /// The name of the device's thread.
+    pub const THREAD: &'static str = "vsock";
+
     /// A device whose host side listens at `path` (none: guest connections are refused), its
-    /// thread confined with `seccomp`.
-    pub fn new(path: Option<&Path>, seccomp: Option<Arc<seccompiler::BpfProgram>>) -> Result<Self, DeviceError> {
+    /// thread from `threads`.
+    pub fn new(path: Option<&Path>, threads: &Threads) -> Result<Self, DeviceError> {
         let listener = match path {
             Some(p) => {
                 let l = UnixListener::bind(p).map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
@@ -102,7 +105,7 @@ impl Vsock {
             let queue_events: Vec<EventFd> =
                 (0..QUEUES).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
             let worker = Worker::new(listener, path, &queue_events)?;
-            let thread = DeviceThread::spawn("vsock", seccomp, move |commands| worker.run(commands))?;
+            let thread = DeviceThread::spawn(Vsock::THREAD, threads, move |commands| worker.run(commands))?;
             Ok((queue_events, thread))
         };
         let (queue_events, thread) = make().map_err(setup)?;
@@ -189,7 +192,7 @@ mod tests {
 
     #[test]
     fn config_space_reads_the_cid_and_nothing_past_it() {
-        let dev = Vsock::new(None, None).unwrap();
+        let dev = Vsock::new(None, &Threads::new(None)).unwrap();
         let mut b = [0u8; 8];
         dev.read_config(0, &mut b);
         assert_eq!(u64::from_le_bytes(b), GUEST_CID);

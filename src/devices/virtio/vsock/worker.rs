@@ -109,7 +109,6 @@ impl Worker {
             tracing::error!("vsock: epoll: {e}");
             return;
         }
-        self.scratch = vec![0u8; MAX_PKT_DATA as usize];
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let Some(ready) = thread::wait(&self.epoll, &mut events, "vsock") else { return };
@@ -462,6 +461,10 @@ impl Worker {
         // Data: each readable connection in turn, within the guest's credit.
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         let mut readable: VecDeque<Key> = keys.into_iter().filter(|k| self.wants_read(&self.conns[k])).collect();
+        if buf.is_empty() && !readable.is_empty() {
+            // Made for the first data (a clone that never has a connection never needs it).
+            buf = vec![0u8; MAX_PKT_DATA as usize];
+        }
         loop {
             let next_control = self.control.front().copied();
             if next_control.is_none() && readable.is_empty() {
