@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -167,8 +167,9 @@ pub fn private_file() -> std::fs::OpenOptions {
 /// creation, whose stack and guard-page mappings cost a pass over every MMU notifier of the
 /// process (each VM's). Dropped unstarted, the thread ends.
 pub struct Parked<T> {
-    /// Until started: the channel its work comes through, and the thread.
-    inner: Option<(std::sync::mpsc::SyncSender<T>, std::thread::JoinHandle<()>)>,
+    /// Until started: the channel its work comes through, whether its preparation failed (it
+    /// ends then), and the thread.
+    inner: Option<(std::sync::mpsc::SyncSender<T>, std::sync::Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl<T: Send + 'static> Parked<T> {
@@ -179,23 +180,35 @@ impl<T: Send + 'static> Parked<T> {
         prepare: impl FnOnce() -> bool + Send + 'static,
         run: impl FnOnce(T) + Send + 'static,
     ) -> std::io::Result<Self> {
-        // A rendezvous: `start` hands the work over only to a prepared thread, or gets it back.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<T>(0);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<T>(1);
+        let failed = std::sync::Arc::new(AtomicBool::new(false));
+        let f = failed.clone();
         let handle = std::thread::Builder::new().name(name).spawn(move || {
-            if prepare() {
-                // Nothing sent: never started; the thread ends.
-                if let Ok(work) = rx.recv() {
-                    run(work);
+            if !prepare() {
+                f.store(true, Ordering::Release);
+                // Work sent while it prepared is dropped: its owner finds its thread gone.
+                if rx.try_recv().is_ok() {
+                    tracing::error!("a thread made ahead could not prepare itself after its work was handed over");
                 }
+                return;
+            }
+            // Nothing sent: never started; the thread ends.
+            if let Ok(work) = rx.recv() {
+                run(work);
             }
         })?;
-        Ok(Self { inner: Some((tx, handle)) })
+        Ok(Self { inner: Some((tx, failed, handle)) })
     }
 
-    /// Hands the thread its work and returns the running thread; the work back when the thread
-    /// is gone (its preparation failed).
+    /// Hands the thread its work (without waiting for it to wake, or to finish preparing) and
+    /// returns the running thread; the work back when its preparation has failed. (A thread
+    /// still preparing when handed its work and failing then drops it, with an error logged.)
     pub fn start(mut self, work: T) -> Result<std::thread::JoinHandle<()>, T> {
-        let Some((tx, handle)) = self.inner.take() else { return Err(work) };
+        let Some((tx, failed, handle)) = self.inner.take() else { return Err(work) };
+        if failed.load(Ordering::Acquire) {
+            self.inner = Some((tx, failed, handle));
+            return Err(work);
+        }
         match tx.send(work) {
             Ok(()) => Ok(handle),
             Err(std::sync::mpsc::SendError(back)) => {
@@ -206,9 +219,17 @@ impl<T: Send + 'static> Parked<T> {
     }
 }
 
+impl<T> Parked<T> {
+    /// Whether its preparation is known to have failed.
+    #[cfg(test)]
+    pub(crate) fn failed(&self) -> bool {
+        self.inner.as_ref().is_none_or(|(_, failed, _)| failed.load(Ordering::Acquire))
+    }
+}
+
 impl<T> Drop for Parked<T> {
     fn drop(&mut self) {
-        if let Some((tx, handle)) = self.inner.take() {
+        if let Some((tx, _, handle)) = self.inner.take() {
             drop(tx);
             let _ = handle.join();
         }
@@ -283,7 +304,17 @@ mod tests {
         assert!(rx.recv().is_err());
         // A thread whose preparation failed is gone: the work comes back.
         let t = Parked::spawn("parked".into(), || false, |_: u32| unreachable!()).unwrap();
+        while !t.failed() {
+            std::thread::yield_now();
+        }
         assert_eq!(t.start(7).unwrap_err(), 7);
+        // Handed its work while preparing, then failing: the work is dropped, not run.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let prepare = move || wait.recv().is_ok();
+        let t = Parked::spawn("parked".into(), prepare, |_: u32| unreachable!()).unwrap();
+        let handle = t.start(8).unwrap();
+        drop(go);
+        assert!(handle.join().is_ok(), "the work ran on a thread that failed to prepare");
     }
 
     #[test]

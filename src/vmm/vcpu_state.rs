@@ -142,8 +142,12 @@ impl VcpuState {
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        let msrs: Vec<kvm_msr_entry> =
-            self.msrs.iter().filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK_NEW | MSR_KVM_WALL_CLOCK)).copied().collect();
+        let msrs: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK_NEW | MSR_KVM_WALL_CLOCK))
+            .copied()
+            .collect();
         set_msrs(vcpu, &msrs)
     }
 

@@ -346,7 +346,11 @@ mod tests {
         assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), true), "the thread made ahead");
         assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), false), "each is used once");
         // One that could not prepare itself has ended: the body gets a new thread.
-        let threads = Threads::new(None).with_ahead(vec![ahead(false)]);
+        let failed = ahead(false);
+        while !failed.1.failed() {
+            std::thread::yield_now();
+        }
+        let threads = Threads::new(None).with_ahead(vec![failed]);
         assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), false));
         // Dropped unused, they end (joined).
         drop(Threads::new(None).with_ahead(vec![ahead(true), ahead(true)]));
