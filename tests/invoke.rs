@@ -428,21 +428,41 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     assert_eq!(vm.invoke("echo", b"up?", opts(FIRST_CALL)).unwrap().payload, b"up?");
     vm.stop("test");
 
-    // A clone whose channels are named files (as a worker's are): its mailbox, a file another
-    // process opens, is mapped over the one the shell made; its vsock device runs on the thread
-    // the shell started for it, activated when the clone starts.
+    // Clones whose channels are named files (as a worker's are): the mailbox is a file another
+    // process opens, either the one a shell made in that directory, renamed, or one mapped over
+    // the shell's anonymous one; the vsock device runs on the thread the shell started for it,
+    // activated when the clone starts.
     let scratch = common::scratch("shell-channels");
-    let (mbox, sock) = (scratch.join("4.mailbox"), scratch.join("4.vsock"));
-    let named = Channels { mailbox: Some(mbox.clone()), ..vsock_channels(&sock) };
-    let shell = VmShell::new(&template.shell_spec()).unwrap();
-    let vm = template.restore_in(Some(shell), 4, &named, Box::new(std::io::sink())).unwrap();
+    let files = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&scratch).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        names
+    };
+    let in_scratch = ShellSpec { mailbox_dir: Some(scratch.clone()), ..template.shell_spec() };
+    for (id, spec) in [(4u64, template.shell_spec()), (5, in_scratch)] {
+        let (mbox, sock) = (scratch.join(format!("{id}.mailbox")), scratch.join(format!("{id}.vsock")));
+        let named = Channels { mailbox: Some(mbox.clone()), ..vsock_channels(&sock) };
+        let shell = VmShell::new(&spec).unwrap();
+        let vm = template.restore_in(Some(shell), id, &named, Box::new(std::io::sink())).unwrap();
+        assert_eq!(files(), [format!("{id}.mailbox"), format!("{id}.vsock")], "the shell's mailbox file is renamed");
+        let vm = vm.start(RunOptions::default()).unwrap();
+        let outside = ember::channel::mailbox::Mailbox::open(&mbox).unwrap();
+        assert_eq!(outside.call("echo", b"named", opts(FIRST_CALL)).unwrap().payload, b"named");
+        let mut conn = vsock_connect(&sock);
+        assert_eq!(conn.call("echo", b"over vsock").unwrap().payload, b"over vsock");
+        assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
+        drop(outside);
+        vm.stop("test");
+        assert!(files().is_empty(), "the clone's files outlived it: {:?}", files());
+    }
+    // A shell whose mailbox file is not used (the clone's mailbox is anonymous) removes it.
+    let in_scratch = ShellSpec { mailbox_dir: Some(scratch.clone()), ..template.shell_spec() };
+    let shell = VmShell::new(&in_scratch).unwrap();
+    assert_eq!(files().len(), 1);
+    let vm = template.restore_in(Some(shell), 6, &channels, Box::new(std::io::sink())).unwrap();
+    assert!(files().is_empty(), "{:?}", files());
     let vm = vm.start(RunOptions::default()).unwrap();
-    let outside = ember::channel::mailbox::Mailbox::open(&mbox).unwrap();
-    assert_eq!(outside.call("echo", b"named", opts(FIRST_CALL)).unwrap().payload, b"named");
-    let mut conn = vsock_connect(&sock);
-    assert_eq!(conn.call("echo", b"over vsock").unwrap().payload, b"over vsock");
-    assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
-    drop(outside);
+    assert_eq!(vm.invoke("echo", b"anonymous", opts(FIRST_CALL)).unwrap().payload, b"anonymous");
     vm.stop("test");
-    assert!(!mbox.exists() && !sock.exists(), "the clone's files outlived it");
 }

@@ -231,6 +231,12 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
         dir
     };
     let rd = cycle(20);
+    // Sampled with the pool full and quiet (its target reached, nothing being restored): what the
+    // worker holds then is the most it holds for that target.
+    wait_for("a's pool to fill", Duration::from_secs(30), || {
+        let f = json_of(&http(&s, "GET", "/functions/a", None).1);
+        f["restoring"] == 0 && f["warming"] == 0 && f["ready"] == f["target_ready"]
+    });
     let mounts = || std::fs::read_to_string(format!("/proc/{pa}/mountinfo")).unwrap().lines().count();
     let cgroups = || sibling_cgroups(worker(&s, "a")["cgroup"].as_str().unwrap()).len();
     let before = (count(format!("/proc/{pa}/fd")), count(format!("/proc/{pa}/task")), count(rd.display().to_string()));

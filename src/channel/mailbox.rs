@@ -242,8 +242,36 @@ impl Mailbox {
         })
     }
 
-    /// Closes the mailbox but leaves its mapping, whose range is returned: the caller owns it
-    /// (to map over it, [`Mailbox::create_at`]) and must unmap it.
+    /// Whether the mailbox is a file ember created at a path (removed when it goes).
+    pub fn is_named(&self) -> bool {
+        self.owned_path.is_some()
+    }
+
+    /// Moves a named mailbox's file to `to`, which must not exist (the mapping stays as it is).
+    pub fn rename(&mut self, to: &Path) -> Result<(), MailboxError> {
+        let Some(from) = &self.owned_path else {
+            return Err(io_err("an anonymous mailbox")(std::io::ErrorKind::Unsupported.into()));
+        };
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other);
+        let name = to.display().to_string();
+        let (from_c, to_c) = (c(from).map_err(io_err(&name))?, c(to).map_err(io_err(&name))?);
+        // SAFETY: both paths are NUL-terminated strings we own; renameat2 only reads them.
+        let rc = unsafe {
+            libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.kind() {
+                std::io::ErrorKind::AlreadyExists => MailboxError::Exists(name),
+                _ => io_err(&name)(e),
+            });
+        }
+        self.owned_path = Some(to.to_path_buf());
+        Ok(())
+    }
+
+    /// Closes the mailbox (removing its file, if named) but leaves its mapping, whose range is
+    /// returned: the caller owns it (to map over it, [`Mailbox::create_at`]) and must unmap it.
     pub fn into_range(mut self) -> *mut u8 {
         std::mem::replace(&mut self.base, std::ptr::null_mut())
     }
@@ -631,6 +659,31 @@ mod tests {
         assert!(!p.exists(), "the mailbox file outlived its VM");
         std::fs::write(&p, b"not a mailbox").unwrap();
         assert!(matches!(Mailbox::open(&p), Err(MailboxError::NotAMailbox(_))));
+    }
+
+    #[test]
+    fn a_named_mailbox_moves_to_a_new_name_but_never_over_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        let mut m = Mailbox::create(Some(&a)).unwrap();
+        m.rename(&b).unwrap();
+        assert!(!a.exists());
+        let other = leak(Mailbox::open(&b).unwrap());
+        let t = serve_once(other, 0, b"moved", 0);
+        assert_eq!(m.call("echo", b"", CallOptions::default()).unwrap().payload, b"moved");
+        t.join().unwrap();
+        std::fs::write(&c, b"someone else's").unwrap();
+        assert!(matches!(m.rename(&c), Err(MailboxError::Exists(_))));
+        assert_eq!(std::fs::read(&c).unwrap(), b"someone else's");
+        assert!(Mailbox::create(None).unwrap().rename(&dir.path().join("d")).is_err(), "an anonymous one");
+        drop(m);
+        assert!(!b.exists(), "the moved file outlived its mailbox");
+        // Given up as a range, a named mailbox's file goes with it.
+        let m = Mailbox::create(Some(&a)).unwrap();
+        let range = m.into_range();
+        assert!(!a.exists());
+        // SAFETY: the range was given up to us above and nothing else uses it.
+        unsafe { libc::munmap(range.cast(), MAILBOX_SIZE as usize) };
     }
 
     #[test]

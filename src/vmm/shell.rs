@@ -48,6 +48,9 @@ pub struct ShellSpec {
     pub memory: Option<Arc<MemoryFile>>,
     /// The clone's device threads, by name (started ahead, confined with the device filter).
     pub device_threads: Vec<&'static str>,
+    /// Where the clones' mailboxes are named files (a worker's run directory): the shell makes
+    /// its mailbox there under a name of its own, which the restore renames.
+    pub mailbox_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ShellSpec {
@@ -57,6 +60,7 @@ impl std::fmt::Debug for ShellSpec {
             .field("vcpus", &self.vcpus.len())
             .field("memory", &self.memory.is_some())
             .field("device_threads", &self.device_threads)
+            .field("mailbox_dir", &self.mailbox_dir)
             .finish()
     }
 }
@@ -65,7 +69,13 @@ impl ShellSpec {
     /// The shell a clone of `state` needs (its memory mapped at the restore).
     pub fn of(state: &SnapshotState) -> Self {
         let device_threads = super::devices::device_threads(state.devices.drives.len(), state.devices.nets.len());
-        Self { mem_bytes: state.machine.mem_bytes, vcpus: state.vcpus.clone(), memory: None, device_threads }
+        Self {
+            mem_bytes: state.machine.mem_bytes,
+            vcpus: state.vcpus.clone(),
+            memory: None,
+            device_threads,
+            mailbox_dir: None,
+        }
     }
 }
 
@@ -148,8 +158,13 @@ impl VmShell {
             _ => (super::guest_memory(spec.mem_bytes)?, None),
         };
         let range = Reservation::new(memory::MAILBOX_SIZE as usize)?.hand_over();
+        let named = spec.mailbox_dir.as_ref().map(|d| {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            d.join(format!(".shell-{}-{n}.mailbox", std::process::id()))
+        });
         // SAFETY: the range was just reserved and is given up to the mailbox.
-        let mailbox = unsafe { Mailbox::create_at(None, Some(range)) }?;
+        let mailbox = unsafe { Mailbox::create_at(named.as_deref(), Some(range)) }?;
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
         // it, drop the VM fd first.
@@ -211,15 +226,23 @@ impl VmShell {
         Ok(self.ram.clone())
     }
 
-    /// The clone's mailbox: the shell's when `path` is none, else a new one at `path`, mapped
-    /// over the shell's.
+    /// The clone's mailbox at `path` (none: anonymous): the shell's, renamed to `path` when it
+    /// made a named one; else a new one mapped over the shell's.
     pub(super) fn take_mailbox(&mut self, path: Option<&std::path::Path>) -> Result<Mailbox, VmError> {
-        match (path, self.mailbox.take()) {
-            (None, Some(m)) => Ok(m),
-            // SAFETY: the range is the shell's mailbox mapping, given up to the new mailbox; the
-            // shell's memory slot for it follows the new mapping.
-            (path, made) => Ok(unsafe { Mailbox::create_at(path, made.map(Mailbox::into_range)) }?),
-        }
+        let made = match (path, self.mailbox.take()) {
+            (None, Some(m)) if !m.is_named() => return Ok(m),
+            (Some(p), Some(mut m)) if m.is_named() => match m.rename(p) {
+                Ok(()) => return Ok(m),
+                Err(e) => {
+                    tracing::debug!("the shell's mailbox cannot become {}: {e}", p.display());
+                    Some(m)
+                }
+            },
+            (_, made) => made,
+        };
+        // SAFETY: the range is the shell's mailbox mapping, given up to the new mailbox; the
+        // shell's memory slot for it follows the new mapping.
+        Ok(unsafe { Mailbox::create_at(path, made.map(Mailbox::into_range)) }?)
     }
 }
 

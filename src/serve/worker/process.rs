@@ -20,7 +20,7 @@ use crate::snapshot::{MemoryFile, SnapshotPaths};
 use crate::template::MakeOptions;
 use crate::template::Template;
 use crate::vmm::persist::SnapshotState;
-use crate::vmm::shell::{ShellMaker, VmShell};
+use crate::vmm::shell::{ShellMaker, ShellSpec, VmShell};
 use crate::vmm::{Channels, RunOptions, RunningVm};
 
 /// How often the worker looks for clones that ended on their own.
@@ -147,7 +147,9 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let mut vms: HashMap<u64, RunningVm> = HashMap::new();
     // VMs made ahead for the next restores, on a thread of their own (without it, each restore
     // makes its VM itself).
-    let shells = ShellMaker::start(template.shell_spec(), SHELLS_AHEAD)
+    // Their mailboxes made in the run directory, where a restore names them.
+    let spec = ShellSpec { mailbox_dir: Some(run_dir.to_path_buf()), ..template.shell_spec() };
+    let shells = ShellMaker::start(spec, SHELLS_AHEAD)
         .inspect_err(|e| tracing::warn!("worker: no VM shells made ahead: {e}"))
         .ok();
     loop {
