@@ -2,21 +2,25 @@
 //! restore that needs them.
 //!
 //! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over address ranges
-//! the shell reserves (anonymous, nothing populated), the TSS, the in-kernel irqchip and the PIT,
-//! and its vCPUs created and loaded with the part of the template's vCPU state that every clone
-//! shares (CPUID, TSC frequency, registers, FPU, MSRs: [`VcpuState::preload`]). A restore maps the
-//! template's memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM follows the
-//! change through its MMU notifier), the clone's mailbox over the reserved mailbox range, and loads
-//! what depends on when the clone starts (clock, PIT, interrupt controllers, local APICs, TSCs,
-//! pending events) and its devices. Each vCPU's thread is started with the shell too, confined
-//! with its vCPU's seccomp filter, and waits for the VM to start.
+//! the shell reserves (RAM anonymous, nothing populated; the mailbox the clone's own, made with the
+//! shell), the TSS, the in-kernel irqchip and the PIT, and its vCPUs created and loaded with the
+//! part of the template's vCPU state that every clone shares (CPUID, TSC frequency, registers,
+//! FPU, MSRs: [`VcpuState::preload`]). Each vCPU's thread and each device's thread are started with
+//! the shell too, confined with their seccomp filters, and wait. A restore maps the template's
+//! memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM follows the change
+//! through its MMU notifier), and loads what depends on when the clone starts (clock, PIT,
+//! interrupt controllers, local APICs, TSCs, pending events) and its devices, on their threads.
 //!
 //! The slots are registered before the irqchip exists, which keeps KVM_SET_USER_MEMORY_REGION
 //! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
 //! whose cost grows with the number of VMs a process holds, leaves the restore path.
 //!
-//! Made for a template whose memory file is known (what `Template::shell_spec` gives), a
-//! shell maps that file when it is made, and the restore maps nothing.
+//! Made for a template whose memory file is known (what `Template::shell_spec` gives), a shell
+//! maps that file when it is made and takes the copy-on-write fault of each vCPU's kvm-clock page
+//! (which the restore writes), so that the restore changes no mapping of the process: each
+//! `mmap`, `munmap`, `mprotect` (a new thread's guard pages among them) or copy-on-write fault of
+//! a mapped page runs the MMU notifier of every VM in the process, which costs milliseconds in a
+//! process that holds a thousand.
 //!
 //! [`ShellMaker`] keeps a few shells of one template ready on a thread of its own.
 
@@ -134,8 +138,8 @@ pub struct VmShell {
     ram: GuestMemory,
     /// The memory file `ram` maps (device, inode), if any.
     mapped: Option<(u64, u64)>,
-    /// The clone's mailbox (an anonymous one), mapped where the memory slot points; a clone
-    /// whose mailbox is a named file maps that over it.
+    /// The clone's mailbox, mapped where the memory slot points: anonymous, or a file in the
+    /// spec's `mailbox_dir` (see [`VmShell::take_mailbox`]).
     mailbox: Option<Mailbox>,
     spec: ShellSpec,
 }

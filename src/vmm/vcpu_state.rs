@@ -118,9 +118,8 @@ impl VcpuState {
 
     /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
     /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
-    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones). [`VcpuState::finish`]
-    /// loads the rest.
-    /// The order follows what KVM needs: CPUID first (it shapes what the rest may contain), MSRs
+    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones).
+    /// [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it shapes what the rest may contain), MSRs
     /// after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
