@@ -419,18 +419,6 @@ pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
     seccompiler::apply_filter(filter)
 }
 
-/// [`apply`] on a thread made ahead of its work (`sys::Parked`'s preparation): whether it is
-/// confined; a failure is logged as `who`'s.
-pub fn confine_ahead(filter: &BpfProgram, who: &str) -> bool {
-    match apply(filter) {
-        Ok(()) => true,
-        Err(e) => {
-            crate::log_limited!(warn, "{who} made ahead cannot confine itself: {e}");
-            false
-        }
-    }
-}
-
 /// glibc's malloc reads files the first time some paths run: /sys/devices/system/cpu/online when
 /// it sets up arenas, /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks (both
 /// cached process-wide after that). The vCPU and device filters allow no opening of files, so those

@@ -71,7 +71,13 @@ pub type ParkedThread = crate::sys::Parked<(Vcpu, VcpuContext)>;
 /// fd).
 pub fn park(index: u8, filter: seccompiler::BpfProgram) -> Result<ParkedThread, VmError> {
     install_kick_handler()?;
-    let confine = move || crate::seccomp::confine_ahead(&filter, "a vCPU thread");
+    let confine = move || match crate::seccomp::apply(&filter) {
+        Ok(()) => true,
+        Err(e) => {
+            crate::log_limited!(warn, "a vCPU thread made ahead cannot confine itself: {e}");
+            false
+        }
+    };
     ParkedThread::spawn(format!("vcpu{index}"), confine, |(v, cx): (Vcpu, VcpuContext)| v.run(cx))
         .map_err(VmError::Thread)
 }

@@ -81,7 +81,13 @@ impl Threads {
     pub fn park(names: &[&'static str], seccomp: &Arc<seccompiler::BpfProgram>) -> std::io::Result<Vec<ParkedDevice>> {
         let park = |name: &'static str| {
             let f = seccomp.clone();
-            let confine = move || crate::seccomp::confine_ahead(&f, &format!("{name}: a device thread"));
+            let confine = move || match crate::seccomp::apply(&f) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::log_limited!(warn, "{name}: a device thread made ahead cannot confine itself: {e}");
+                    false
+                }
+            };
             crate::sys::Parked::spawn(name.into(), confine, |body: Body| body()).map(|p| (name, p))
         };
         names.iter().map(|n| park(n)).collect()
