@@ -165,6 +165,7 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         ));
     }
 
+    confinement(b.runs, &mut rows, &mut notes)?;
     serving_clones(&template, b, &mut rows, &mut notes)?;
 
     // Many clones at once, restored and held idle as a pool holds them: with the VM made in each
@@ -262,6 +263,42 @@ enum Shells {
 }
 
 /// `n` shells for `spec`, and how long making them took.
+/// Confining a new thread with a vCPU thread's filter (each vCPU and device thread does, a VM
+/// shell twice): ember's program, which finds a call by a search on its number, against
+/// seccompiler's linear program for the same rules (the kernel runs a new filter once per call
+/// number when it is installed), in alternation, `runs` times each.
+fn confinement(
+    runs: usize,
+    rows: &mut Vec<(String, Option<Summary>)>,
+    notes: &mut Vec<String>,
+) -> Result<(), BenchError> {
+    let filters = [crate::seccomp::vcpu_filter_linear(3), crate::seccomp::vcpu_filter(3)];
+    let [linear, searched] = filters.map(|f| f.map_err(|e| BenchError::Failed(format!("vCPU filter: {e}"))));
+    let (linear, searched) = (std::sync::Arc::new(linear?), std::sync::Arc::new(searched?));
+    let time = |filter: &std::sync::Arc<seccompiler::BpfProgram>| -> Result<f64, BenchError> {
+        let filter = filter.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            crate::seccomp::apply(&filter).map(|()| ms(t.elapsed()))
+        })
+        .join()
+        .map_err(|_| BenchError::Failed("a confined thread panicked".into()))?
+        .map_err(|e| BenchError::Failed(format!("confining a thread: {e}")))
+    };
+    let (mut each_linear, mut each_searched) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        each_linear.push(time(&linear)?);
+        each_searched.push(time(&searched)?);
+    }
+    let (l, s) = (Summary::of(&each_linear), Summary::of(&each_searched));
+    if let (Some(l), Some(s)) = (&l, &s) {
+        notes.push(format!("confining a thread, linear / searched filter (p50): {:.1}x", l.p50 / s.p50));
+    }
+    rows.push((format!("confining a thread, vCPU filter: linear program ({} insns, baseline)", linear.len()), l));
+    rows.push((format!("confining a thread, vCPU filter: searched ({} insns)", searched.len()), s));
+    Ok(())
+}
+
 fn make_shells(spec: &ShellSpec, n: usize) -> Result<(Vec<VmShell>, Duration), BenchError> {
     let t = Instant::now();
     let shells = (0..n).map(|_| VmShell::new(spec)).collect::<Result<Vec<_>, _>>()?;
