@@ -116,7 +116,7 @@ fn insn(code: u16, k: u32, jt: u8, jf: u8) -> seccompiler::sock_filter {
 /// seccompiler compiles them for that call alone.
 ///
 /// Why: when a thread installs a filter, the kernel converts and JIT-compiles it, then runs it
-/// once for every system call number (to cache the calls it always allows), under the thread's
+/// once for every system call number (to cache the calls it always allows), under the process's
 /// signal lock. A linear program of n calls costs O(n) instructions per number there (~0.9 us
 /// per instruction of the program on this host: ~100 us for the vCPU filter); with the search,
 /// O(log n). Every vCPU and device thread installs its filter. The search also shortens the
@@ -133,6 +133,7 @@ fn search_by_number(rules: BTreeMap<i64, Vec<SeccompRule>>, refused: SeccompActi
     let prologue = prog.len();
     let mut calls: Vec<(u32, Option<BpfProgram>)> = Vec::with_capacity(rules.len());
     for (nr, chain) in rules {
+        // (Call numbers are never negative; seccompiler itself would panic on one.)
         let number = u32::try_from(nr).map_err(|_| BackendError::FilterTooLarge(usize::MAX))?;
         if calls.is_empty() || !chain.is_empty() {
             // One call's program: [arch check][load the number][its block][refusal].

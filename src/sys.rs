@@ -174,11 +174,13 @@ pub struct Parked<T> {
 
 impl<T: Send + 'static> Parked<T> {
     /// Starts thread `name`: it runs `prepare` and, if that succeeds, waits to `run` what
-    /// [`Parked::start`] hands it.
+    /// [`Parked::start`] hands it. Work handed over while it was still preparing, when that then
+    /// fails, goes to `refused` instead (never to `run`): its owner learns that it will not run.
     pub fn spawn(
         name: String,
         prepare: impl FnOnce() -> bool + Send + 'static,
         run: impl FnOnce(T) + Send + 'static,
+        refused: impl FnOnce(T) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<T>(1);
         let failed = std::sync::Arc::new(AtomicBool::new(false));
@@ -186,9 +188,9 @@ impl<T: Send + 'static> Parked<T> {
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             if !prepare() {
                 f.store(true, Ordering::Release);
-                // Work sent while it prepared is dropped: its owner finds its thread gone.
-                if rx.try_recv().is_ok() {
+                if let Ok(work) = rx.try_recv() {
                     tracing::error!("a thread made ahead could not prepare itself after its work was handed over");
+                    refused(work);
                 }
                 return;
             }
@@ -202,7 +204,7 @@ impl<T: Send + 'static> Parked<T> {
 
     /// Hands the thread its work (without waiting for it to wake, or to finish preparing) and
     /// returns the running thread; the work back when its preparation has failed. (A thread
-    /// still preparing when handed its work and failing then drops it, with an error logged.)
+    /// still preparing when handed its work and failing then gives it to its `refused`.)
     pub fn start(mut self, work: T) -> Result<std::thread::JoinHandle<()>, T> {
         let Some((tx, failed, handle)) = self.inner.take() else { return Err(work) };
         if failed.load(Ordering::Acquire) {
@@ -295,26 +297,29 @@ mod tests {
     #[test]
     fn a_parked_thread_runs_what_it_is_handed_or_ends_unstarted() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let t = Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n * 2).unwrap()).unwrap();
+        let t =
+            Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n * 2).unwrap(), |_| unreachable!()).unwrap();
         t.start(21).unwrap().join().unwrap();
         assert_eq!(rx.recv().unwrap(), 42);
         // Dropped unstarted: the thread ends (drop joins it) and its work never runs.
         let (tx, rx) = std::sync::mpsc::channel::<u32>();
-        drop(Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n).unwrap()).unwrap());
+        drop(Parked::spawn("parked".into(), || true, move |n: u32| tx.send(n).unwrap(), |_| unreachable!()).unwrap());
         assert!(rx.recv().is_err());
         // A thread whose preparation failed is gone: the work comes back.
-        let t = Parked::spawn("parked".into(), || false, |_: u32| unreachable!()).unwrap();
+        let t = Parked::spawn("parked".into(), || false, |_: u32| unreachable!(), |_| unreachable!()).unwrap();
         while !t.failed() {
             std::thread::yield_now();
         }
         assert_eq!(t.start(7).unwrap_err(), 7);
-        // Handed its work while preparing, then failing: the work is dropped, not run.
+        // Handed its work while preparing, then failing: the work is refused, not run.
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let prepare = move || wait.recv().is_ok();
-        let t = Parked::spawn("parked".into(), prepare, |_: u32| unreachable!()).unwrap();
+        let (tx, refused) = std::sync::mpsc::channel::<u32>();
+        let t = Parked::spawn("parked".into(), prepare, |_: u32| unreachable!(), move |n| tx.send(n).unwrap()).unwrap();
         let handle = t.start(8).unwrap();
         drop(go);
         assert!(handle.join().is_ok(), "the work ran on a thread that failed to prepare");
+        assert_eq!(refused.try_recv(), Ok(8));
     }
 
     #[test]

@@ -78,7 +78,11 @@ pub fn park(index: u8, filter: seccompiler::BpfProgram) -> Result<ParkedThread, 
             false
         }
     };
-    ParkedThread::spawn(format!("vcpu{index}"), confine, |(v, cx): (Vcpu, VcpuContext)| v.run(cx))
+    // A vCPU that will not run ends its VM at once (not at its owner's readiness timeout).
+    let refused = |(v, cx): (Vcpu, VcpuContext)| {
+        cx.ctl.end(VmExit::Stopped(format!("vCPU {}'s thread could not confine itself", v.index)))
+    };
+    ParkedThread::spawn(format!("vcpu{index}"), confine, |(v, cx): (Vcpu, VcpuContext)| v.run(cx), refused)
         .map_err(VmError::Thread)
 }
 

@@ -88,7 +88,9 @@ impl Threads {
                     false
                 }
             };
-            crate::sys::Parked::spawn(name.into(), confine, |body: Body| body()).map(|p| (name, p))
+            // (A device whose thread will not run leaves its queues unserved: the guest's requests
+            // to it time out. Logged by Parked.)
+            crate::sys::Parked::spawn(name.into(), confine, |body: Body| body(), drop).map(|p| (name, p))
         };
         names.iter().map(|n| park(n)).collect()
     }
@@ -339,7 +341,7 @@ mod tests {
                 PREPARED.with(|p| p.set(true));
                 ok
             };
-            ("vsock", crate::sys::Parked::spawn("vsock".into(), prepare, |body: Body| body()).unwrap())
+            ("vsock", crate::sys::Parked::spawn("vsock".into(), prepare, |body: Body| body(), drop).unwrap())
         };
         let threads = Threads::new(None).with_ahead(vec![ahead(true)]);
         assert_eq!(run_on(&threads, "virtio-blk"), (Some("virtio-blk".into()), false));
