@@ -262,7 +262,6 @@ enum Shells {
     Ahead,
 }
 
-/// `n` shells for `spec`, and how long making them took.
 /// Confining a new thread with a vCPU thread's filter (each vCPU and device thread does, a VM
 /// shell twice): ember's program, which finds a call by a search on its number, against
 /// seccompiler's linear program for the same rules (the kernel runs a new filter once per call
@@ -299,6 +298,7 @@ fn confinement(
     Ok(())
 }
 
+/// `n` shells for `spec`, and how long making them took.
 fn make_shells(spec: &ShellSpec, n: usize) -> Result<(Vec<VmShell>, Duration), BenchError> {
     let t = Instant::now();
     let shells = (0..n).map(|_| VmShell::new(spec)).collect::<Result<Vec<_>, _>>()?;
