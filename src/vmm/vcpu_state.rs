@@ -119,8 +119,8 @@ impl VcpuState {
     /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
     /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
     /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones).
-    /// [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it shapes what the rest may contain), MSRs
-    /// after the registers.
+    /// [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it
+    /// shapes what the rest may contain), MSRs after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
             if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
@@ -202,9 +202,7 @@ impl VcpuState {
         mem.write_obj(clock_ns, at(PVCLOCK_SYSTEM_TIME)).map_err(VmError::GuestMemory)?;
         Ok(())
     }
-}
 
-impl VcpuState {
     /// Where this vCPU's kvm-clock page is, if the guest enabled one.
     fn kvmclock_page(&self, mem: &GuestMemory) -> Result<Option<GuestAddress>, VmError> {
         let Some(msr) = self.msrs.iter().find(|e| e.index == MSR_KVM_SYSTEM_TIME_NEW || e.index == MSR_KVM_SYSTEM_TIME)
