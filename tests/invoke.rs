@@ -339,6 +339,10 @@ fn after_a_restore_old_vsock_connections_are_reset_and_new_ones_work() {
 
     let cap = common::Capture::default();
     let b = serving_clone_with_console(&second, 2, &vsock_channels(&sock_b), Box::new(cap.clone()));
+    // One event was delivered: the transport reset.
+    b.pause().unwrap();
+    assert_eq!(vsock_events(&b.state().unwrap()), vsock_events(&read_state(&second)).wrapping_add(1));
+    b.resume();
     // The guest's side of the old connection was reset by the transport reset ember sends.
     let deadline = Instant::now() + FIRST_CALL;
     while !cap.text().contains("vsock connection ended") {
@@ -348,6 +352,31 @@ fn after_a_restore_old_vsock_connections_are_reset_and_new_ones_work() {
     let mut new = vsock_connect(&sock_b);
     assert_eq!(new.call("echo", b"after the restore").unwrap().payload, b"after the restore");
     assert_eq!(b.invoke("echo", b"mailbox", opts(CALL)).unwrap().payload, b"mailbox");
+}
+
+#[test]
+fn a_clone_of_a_template_without_vsock_connections_is_sent_no_transport_reset() {
+    let _one = common::one_at_a_time();
+    let Some(dir) = common::template("a_clone_of_a_template_without_vsock_connections") else { return };
+    let scratch = common::scratch("vsock-no-reset");
+    let sock = scratch.join("a.vsock");
+    // The clone serves (it has answered a call) and takes vsock connections ...
+    let a = serving_clone(dir, 1, &vsock_channels(&sock));
+    assert_eq!(vsock_connect(&sock).call("echo", b"over vsock").unwrap().payload, b"over vsock");
+    // ... and its guest was never told to reset its connections: no event was delivered, so it
+    // did not begin by taking that interrupt.
+    a.pause().unwrap();
+    assert_eq!(vsock_events(&a.state().unwrap()), vsock_events(&read_state(dir)));
+}
+
+fn read_state(dir: &std::path::Path) -> ember::vmm::persist::SnapshotState {
+    ember::vmm::persist::SnapshotState::read(&ember::snapshot::SnapshotPaths::new(dir)).unwrap()
+}
+
+/// How many events the vsock device has delivered to the guest (its event queue's used index).
+fn vsock_events(state: &ember::vmm::persist::SnapshotState) -> u16 {
+    let vsock = state.devices.virtio.iter().find(|d| d.device_type == 19).expect("no vsock device");
+    vsock.queues[2].next_used
 }
 
 /// The guest's `clock` answer: (CLOCK_REALTIME, CLOCK_MONOTONIC) in ns.

@@ -310,8 +310,8 @@ impl Vm {
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (v, s) in shell_vcpus.into_iter().zip(&state.vcpus) {
-            s.finish(&v.fd)?;
-            s.anchor_kvmclock(&v.fd, &mem, state.vm.clock.clock)?;
+            let tsc = s.finish(&v.fd)?;
+            s.anchor_kvmclock(&mem, state.vm.clock.clock, tsc)?;
             vcpus.push(v);
         }
         Ok(Self { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })

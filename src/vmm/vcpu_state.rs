@@ -31,7 +31,7 @@ pub struct VcpuState {
     pub tsc_khz: u32,
 }
 
-/// The TSC-deadline MSR must be set after the TSC itself.
+/// The TSC-deadline MSR (KVM interprets it against the TSC it has when it is set).
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_IA32_TSC: u32 = 0x10;
 /// Where the guest asked KVM to keep this vCPU's kvm-clock page (bit 0: enabled): the current
@@ -69,8 +69,6 @@ fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
             ok.push(index);
         }
     }
-    // The deadline after the TSC: KVM interprets the deadline against the TSC it has when set.
-    ok.sort_by_key(|&i| i == MSR_IA32_TSC_DEADLINE);
     Ok(LIST.get_or_init(|| ok))
 }
 
@@ -83,6 +81,28 @@ fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), VmError> {
         return Err(VmError::Kvm("KVM_SET_MSRS", libc::EINVAL));
     }
     Ok(())
+}
+
+/// The guest's TSC as KVM has it now.
+fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, VmError> {
+    let mut tsc = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+        .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+    if vcpu.get_msrs(&mut tsc).map_err(kvm_err("KVM_GET_MSRS"))? != 1 {
+        return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
+    }
+    Ok(tsc.as_slice()[0].data)
+}
+
+/// A snapshot's TSC deadline `deadline` (0: disarmed), saved when the TSC read `then`, for a
+/// clone whose TSC reads `now`: as far ahead of `now` as it was of `then`, at once (1) if it had
+/// passed. Where KVM can give a clone the snapshot's TSC, `now` is `then` plus the few
+/// microseconds since it was set; where it cannot (the guest reads the host's TSC), `now` is
+/// ahead by the snapshot's age, and the deadline as saved would have passed long ago: the clone
+/// would begin by taking a stale timer interrupt, its kernel's tick, before anything else.
+fn shifted_deadline(deadline: u64, then: Option<u64>, now: u64) -> u64 {
+    let Some(then) = then.filter(|_| deadline != 0) else { return deadline };
+    let due_in = i128::from(deadline) - i128::from(then);
+    (i128::from(now) + due_in).clamp(1, i128::from(u64::MAX)) as u64
 }
 
 /// Works out what saving needs from outside a confined vCPU thread (the MSR list needs /dev/kvm).
@@ -118,7 +138,8 @@ impl VcpuState {
 
     /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
     /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
-    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones).
+    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones, and the TSC and
+    /// its deadline, which [`VcpuState::finish`] loads).
     /// [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it
     /// shapes what the rest may contain), MSRs after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
@@ -144,22 +165,31 @@ impl VcpuState {
         let msrs: Vec<kvm_msr_entry> = self
             .msrs
             .iter()
-            .filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK_NEW | MSR_KVM_WALL_CLOCK))
+            .filter(|e| {
+                !matches!(e.index, MSR_KVM_WALL_CLOCK_NEW | MSR_KVM_WALL_CLOCK | MSR_IA32_TSC | MSR_IA32_TSC_DEADLINE)
+            })
             .copied()
             .collect();
         set_msrs(vcpu, &msrs)
     }
 
     /// Loads the part of the state that depends on when the clone starts: the local APIC (its
-    /// timer counts from when it is set), the TSC and the TSC deadline (after the APIC, whose
-    /// timer mode decides whether KVM takes a deadline), and the pending events last.
-    pub fn finish(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
+    /// timer counts from when it is set), the TSC, the TSC deadline (after the APIC, whose timer
+    /// mode decides whether KVM takes a deadline, and moved with the TSC) and the pending events
+    /// last. Returns the guest's TSC as KVM has it once set.
+    pub fn finish(&self, vcpu: &VcpuFd) -> Result<u64, VmError> {
         vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let timed: Vec<kvm_msr_entry> =
-            self.msrs.iter().filter(|e| matches!(e.index, MSR_IA32_TSC | MSR_IA32_TSC_DEADLINE)).copied().collect();
-        set_msrs(vcpu, &timed)?;
+        let saved = |index| self.msrs.iter().find(|e| e.index == index).map(|e| e.data);
+        if let Some(tsc) = saved(MSR_IA32_TSC) {
+            set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC, data: tsc, ..Default::default() }])?;
+        }
+        let now = guest_tsc(vcpu)?;
+        if let Some(deadline) = saved(MSR_IA32_TSC_DEADLINE) {
+            let deadline = shifted_deadline(deadline, saved(MSR_IA32_TSC), now);
+            set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() }])?;
+        }
         vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+        Ok(now)
     }
 
     /// Whether a vCPU preloaded with `self` ([`VcpuState::preload`]) holds `other`'s shared part.
@@ -176,20 +206,14 @@ impl VcpuState {
     }
 
     /// Re-anchors this vCPU's kvm-clock page (in the clone's memory) at the snapshot's clock:
-    /// the guest's TSC as KVM has it now maps to `clock_ns`, the kvm-clock value when the snapshot
-    /// was taken. KVM rewrites the page itself on the vCPU's first entry where it can; where the
+    /// `tsc`, the guest's TSC as KVM has it now ([`VcpuState::finish`]), maps to `clock_ns`, the
+    /// kvm-clock value when the snapshot was taken. KVM rewrites the page itself on the vCPU's first entry where it can; where the
     /// host cannot offset a guest's TSC (the guest reads the host's), the page from the snapshot
     /// would otherwise put the clone's clock ahead by the snapshot's age, and the guest kernel
-    /// would replay that gap timer by timer before anything else. One KVM_GET_MSRS; nothing to do
-    /// when the guest has no kvm-clock.
-    pub fn anchor_kvmclock(&self, vcpu: &VcpuFd, mem: &GuestMemory, clock_ns: u64) -> Result<(), VmError> {
+    /// would replay that gap timer by timer before anything else. Nothing to do when the guest has
+    /// no kvm-clock.
+    pub fn anchor_kvmclock(&self, mem: &GuestMemory, clock_ns: u64, tsc: u64) -> Result<(), VmError> {
         let Some(page) = self.kvmclock_page(mem)? else { return Ok(()) };
-        let mut tsc = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
-            .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
-        if vcpu.get_msrs(&mut tsc).map_err(kvm_err("KVM_GET_MSRS"))? != 1 {
-            return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
-        }
-        let tsc = tsc.as_slice()[0].data;
         let at = |offset| page.unchecked_add(offset);
         // A write first: the page (the template's, mapped copy-on-write) is then copied on a
         // fault that maps nothing before. Read first, it would be mapped read-only and then
@@ -241,5 +265,27 @@ impl Clone for VcpuState {
             xsave: kvm_xsave { region: self.xsave.region, ..Default::default() },
             ..*self
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shifted_deadline;
+
+    #[test]
+    fn a_deadline_keeps_its_distance_from_the_tsc() {
+        // Disarmed stays disarmed.
+        assert_eq!(shifted_deadline(0, Some(1_000), 5_000_000), 0);
+        // Due 300 ticks after the snapshot's TSC: 300 ticks after the clone's, whichever way the
+        // TSC moved (a host that could not offset it, a host whose TSC restarted).
+        assert_eq!(shifted_deadline(1_300, Some(1_000), 5_000_000), 5_000_300);
+        assert_eq!(shifted_deadline(5_000_300, Some(5_000_000), 1_000), 1_300);
+        assert_eq!(shifted_deadline(1_300, Some(1_000), 1_000), 1_300);
+        // Passed at the snapshot: due at once, never wrapped into the far future or disarmed.
+        assert!(shifted_deadline(900, Some(1_000), 5_000_000) <= 5_000_000);
+        assert_eq!(shifted_deadline(900, Some(100_000), 1_000), 1);
+        assert_eq!(shifted_deadline(u64::MAX, Some(0), 10), u64::MAX);
+        // No TSC in the snapshot: the deadline as it was saved.
+        assert_eq!(shifted_deadline(1_300, None, 5_000_000), 1_300);
     }
 }

@@ -28,13 +28,19 @@ pub trait DeviceWorker {
     fn activate(&mut self, a: Self::Activation);
     /// The driver reset the device: drop the queues and whatever depended on them.
     fn deactivate(&mut self);
+    /// The device's own state for a snapshot, taken as the thread pauses (empty for a device
+    /// that keeps none).
+    fn saved(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 enum Command<A> {
     Activate(A),
     Deactivate,
-    /// Stop touching the queues and guest memory until `Resume`; the thread answers once it has.
-    Pause(Sender<()>),
+    /// Stop touching the queues and guest memory until `Resume`; the thread answers once it has,
+    /// with the device's own state ([`DeviceWorker::saved`]).
+    Pause(Sender<Vec<u8>>),
     Resume,
     Stop,
 }
@@ -151,14 +157,17 @@ impl<A: Send + 'static> DeviceThread<A> {
         self.send(Command::Deactivate);
     }
 
-    /// Returns once the thread has stopped touching the queues and guest memory (or after a
-    /// second, with a warning: a thread that does not answer is stuck, not busy).
-    pub fn pause(&self) {
+    /// Returns once the thread has stopped touching the queues and guest memory, with the
+    /// device's own state as the thread had it then; `None` after a second, with a warning (a
+    /// thread that does not answer is stuck, not busy).
+    pub fn pause(&self) -> Option<Vec<u8>> {
         let (tx, rx) = channel();
         self.send(Command::Pause(tx));
-        if rx.recv_timeout(PAUSE_TIMEOUT).is_err() {
+        let saved = rx.recv_timeout(PAUSE_TIMEOUT).ok();
+        if saved.is_none() {
             crate::log_limited!(warn, "{}: the device thread did not pause in time", self.name);
         }
+        saved
     }
 
     pub fn resume(&self) {
@@ -167,15 +176,17 @@ impl<A: Send + 'static> DeviceThread<A> {
 }
 
 /// A device front end's share of the thread protocol: the queues it handed to its thread (kept
-/// for snapshots) and the thread. The `VirtioDevice` methods of every threaded device are these.
+/// for snapshots), the device's own state as its thread last paused, and the thread. The
+/// `VirtioDevice` methods of every threaded device are these.
 pub struct QueueFront<A> {
     queues: Option<Arc<Mutex<Vec<Queue>>>>,
+    paused: Option<Vec<u8>>,
     thread: DeviceThread<A>,
 }
 
 impl<A: Send + 'static> QueueFront<A> {
     pub fn new(thread: DeviceThread<A>) -> Self {
-        Self { queues: None, thread }
+        Self { queues: None, paused: None, thread }
     }
 
     /// Hands the driver's `queues` (exactly `count` of them, or the device is not activated) to
@@ -202,12 +213,19 @@ impl<A: Send + 'static> QueueFront<A> {
         self.thread.deactivate();
     }
 
-    pub fn pause(&self) {
-        self.thread.pause();
+    pub fn pause(&mut self) {
+        self.paused = self.thread.pause();
     }
 
-    pub fn resume(&self) {
+    pub fn resume(&mut self) {
+        self.paused = None;
         self.thread.resume();
+    }
+
+    /// The device's own state as its thread had it when it paused: `None` while it runs, or
+    /// when it did not answer.
+    pub fn paused_state(&self) -> Option<&[u8]> {
+        self.paused.as_deref()
     }
 
     /// The queues' state for a snapshot (none before activation).
@@ -267,15 +285,16 @@ impl<A> Commands<A> {
     }
 
     /// Paused (the VM is being saved): the thread touches neither the queues nor guest memory
-    /// until it is resumed; `ack` says it has stopped. False when the thread must stop.
-    fn hold<W: DeviceWorker<Activation = A>>(&self, w: &mut W, ack: Sender<()>) -> bool {
-        let _ = ack.send(());
+    /// until it is resumed; `ack` says it has stopped, with the device's own state. False when the
+    /// thread must stop.
+    fn hold<W: DeviceWorker<Activation = A>>(&self, w: &mut W, ack: Sender<Vec<u8>>) -> bool {
+        let _ = ack.send(w.saved());
         loop {
             match self.rx.recv() {
                 Ok(Command::Resume) => return true,
                 Ok(Command::Stop) | Err(_) => return false,
                 Ok(Command::Pause(again)) => {
-                    let _ = again.send(());
+                    let _ = again.send(w.saved());
                 }
                 Ok(Command::Deactivate) => w.deactivate(),
                 Ok(c @ Command::Activate(_)) => return self.command(w, c),
@@ -318,6 +337,9 @@ mod tests {
         }
         fn deactivate(&mut self) {
             self.active = None;
+        }
+        fn saved(&self) -> Vec<u8> {
+            self.active.unwrap_or(0).to_le_bytes().to_vec()
         }
     }
 
@@ -392,10 +414,11 @@ mod tests {
         })
         .unwrap();
         t.activate(5);
-        t.pause();
+        // The pause answers with the device's state as the thread has it.
+        assert_eq!(t.pause(), Some(5u32.to_le_bytes().to_vec()));
         // Paused: an activation waits behind the hold, and is carried out by it.
         t.activate(7);
-        t.pause();
+        assert_eq!(t.pause(), Some(7u32.to_le_bytes().to_vec()));
         t.resume();
         t.deactivate();
         drop(t);

@@ -9,8 +9,10 @@
 //! Packets are parsed by rust-vmm's virtio-vsock from the guest's descriptor chains; everything
 //! in them (addresses, lengths, ports, operations) is checked before use, and a malformed chain is
 //! returned to the guest unused. Flow control follows the virtio-vsock credit scheme in both
-//! directions. After a restore the device sends the guest a transport reset: connections from
-//! before the snapshot are reset (their host sides are gone) and new ones work.
+//! directions. After a restore of a snapshot taken while the guest held connections, the device
+//! sends the guest a transport reset: those connections are reset (their host sides are gone) and
+//! new ones work. A snapshot with none (a template at its ready point) restores without one, so a
+//! clone does not begin by handling an interrupt.
 //!
 //! The device is four parts: this front end (what the transport sees), the [`worker`] thread that
 //! serves the queues and host sockets, the connections' state ([`conn`]) and the TX packet parser
@@ -71,6 +73,26 @@ pub struct Vsock {
     /// A restored device tells the guest to reset its connections when it starts.
     reset_on_start: bool,
     front: QueueFront<Activation>,
+}
+
+/// vsock's own state in a snapshot.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct VsockState {
+    /// The guest may hold connections (or a reset is still owed to it): a restored device tells
+    /// the guest to reset them.
+    connections: bool,
+}
+
+impl VsockState {
+    fn encode(&self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
+    }
+
+    fn decode(state: &[u8]) -> Result<Self, DeviceError> {
+        bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<64>())
+            .map(|(s, _)| s)
+            .map_err(|e| DeviceError::BadState(format!("virtio-vsock: {e}")))
+    }
 }
 
 /// What activation hands the worker thread.
@@ -178,10 +200,20 @@ impl VirtioDevice for Vsock {
         self.front.resume();
     }
 
-    /// vsock keeps nothing of its own in a snapshot: the connections' host ends do not survive a
-    /// restore, so a restored device resets the guest's connections when it starts.
-    fn restore_state(&mut self, _state: &[u8]) -> Result<(), DeviceError> {
-        self.reset_on_start = true;
+    /// Whether the guest may hold connections, as the device's thread saw it when it paused
+    /// (empty when it did not answer: the restored device then resets).
+    fn save_state(&self) -> Vec<u8> {
+        self.front.paused_state().map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    /// The connections' host ends do not survive a restore: a restored device resets the
+    /// guest's connections when it starts if the snapshot says the guest may hold any, or says
+    /// nothing (a snapshot made before this was saved).
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        self.reset_on_start = match state {
+            [] => true,
+            _ => VsockState::decode(state)?.connections,
+        };
         Ok(())
     }
 }
@@ -200,5 +232,21 @@ mod tests {
         assert_eq!(b, [0; 8]);
         dev.read_config(u64::MAX, &mut b);
         assert_eq!(b, [0; 8]);
+    }
+
+    #[test]
+    fn a_restored_device_resets_the_guests_connections_only_when_it_may_hold_some() {
+        let mut dev = Vsock::new(None, &Threads::new(None)).unwrap();
+        let restored = |dev: &mut Vsock, state: &[u8]| dev.restore_state(state).map(|()| dev.reset_on_start);
+        assert!(!restored(&mut dev, &VsockState { connections: false }.encode()).unwrap());
+        assert!(restored(&mut dev, &VsockState { connections: true }.encode()).unwrap());
+        // A snapshot that does not say (made before this was saved): reset.
+        assert!(restored(&mut dev, &[]).unwrap());
+        assert!(restored(&mut dev, &[0xff; 9]).is_err(), "a malformed state is refused");
+        // What a paused device saves: what its thread saw (no connection here).
+        dev.pause();
+        assert_eq!(VsockState::decode(&dev.save_state()).unwrap(), VsockState { connections: false });
+        dev.resume();
+        assert!(dev.save_state().is_empty(), "a running device has no state to save");
     }
 }

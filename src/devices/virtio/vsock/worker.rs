@@ -162,6 +162,13 @@ impl DeviceWorker for Worker {
         self.process_tx();
     }
 
+    /// Whether the guest may hold connections: any the device tracks, a control packet not yet
+    /// delivered (a reset or response for one), or a transport reset still owed.
+    fn saved(&self) -> Vec<u8> {
+        let connections = !self.conns.is_empty() || !self.control.is_empty() || self.reset_pending;
+        super::VsockState { connections }.encode()
+    }
+
     /// The driver reset the device: every connection goes.
     fn deactivate(&mut self) {
         self.active = None;
@@ -675,6 +682,31 @@ mod tests {
             let data: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
             drive_packets(&data);
         }
+    }
+
+    fn says_connections(w: &Worker) -> bool {
+        super::super::VsockState::decode(&w.saved()).unwrap().connections
+    }
+
+    #[test]
+    fn a_snapshot_says_whether_the_guest_may_hold_connections() {
+        let (mut w, _tx) = worker(None);
+        assert!(!says_connections(&w), "a device with no connection");
+        // A control packet not yet delivered (here a reset for a refused connection).
+        w.rst((1, 2));
+        assert!(says_connections(&w));
+        w.control.clear();
+        // A transport reset still owed.
+        w.reset_pending = true;
+        assert!(says_connections(&w));
+        w.reset_pending = false;
+        // A connection.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let token = w.next_token;
+        w.insert_conn((1000, 2000), Conn::new(ours, token, ConnState::Established));
+        assert!(says_connections(&w));
+        w.deactivate();
+        assert!(!says_connections(&w), "a reset device holds none");
     }
 
     #[test]
