@@ -138,9 +138,8 @@ impl VcpuState {
 
     /// Loads the part of this state that every clone of the snapshot shares into a vCPU made
     /// ahead of the restore (see [`super::shell`]): TSC frequency, CPUID, MP state, registers,
-    /// FPU/XSAVE, XCRs, debug registers and the MSRs (less the wall-clock ones, and the TSC and
-    /// its deadline, which [`VcpuState::finish`] loads).
-    /// [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it
+    /// FPU/XSAVE, XCRs, debug registers and the MSRs but the wall-clock ones, the TSC and its
+    /// deadline. [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it
     /// shapes what the rest may contain), MSRs after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
@@ -184,7 +183,8 @@ impl VcpuState {
             set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC, data: tsc, ..Default::default() }])?;
         }
         let now = guest_tsc(vcpu)?;
-        if let Some(deadline) = saved(MSR_IA32_TSC_DEADLINE) {
+        // (A vCPU's deadline is 0, disarmed, until set.)
+        if let Some(deadline) = saved(MSR_IA32_TSC_DEADLINE).filter(|&d| d != 0) {
             let deadline = shifted_deadline(deadline, saved(MSR_IA32_TSC), now);
             set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() }])?;
         }
@@ -207,9 +207,9 @@ impl VcpuState {
 
     /// Re-anchors this vCPU's kvm-clock page (in the clone's memory) at the snapshot's clock:
     /// `tsc`, the guest's TSC as KVM has it now ([`VcpuState::finish`]), maps to `clock_ns`, the
-    /// kvm-clock value when the snapshot was taken. KVM rewrites the page itself on the vCPU's first entry where it can; where the
-    /// host cannot offset a guest's TSC (the guest reads the host's), the page from the snapshot
-    /// would otherwise put the clone's clock ahead by the snapshot's age, and the guest kernel
+    /// kvm-clock value when the snapshot was taken. KVM rewrites the page itself on the vCPU's
+    /// first entry where it can; where the host cannot offset a guest's TSC (the guest reads the
+    /// host's), the page from the snapshot would otherwise put the clone's clock ahead by the snapshot's age, and the guest kernel
     /// would replay that gap timer by timer before anything else. Nothing to do when the guest has
     /// no kvm-clock.
     pub fn anchor_kvmclock(&self, mem: &GuestMemory, clock_ns: u64, tsc: u64) -> Result<(), VmError> {
