@@ -16,6 +16,7 @@ use crate::snapshot::{MemoryFile, SnapshotError, SnapshotPaths};
 use crate::vmm::exit::VmExit;
 use crate::vmm::persist::SnapshotState;
 use crate::vmm::shell::{ShellSpec, VmShell};
+use crate::vmm::vcpu_state::VcpuState;
 use crate::vmm::{Channels, RunOptions, Vm, VmError};
 
 /// How long the clone that records a template's working set runs (it usually ends sooner: without
@@ -163,6 +164,12 @@ impl Template {
             save.as_secs_f64() * 1e3
         );
         let template = Self::open(dir)?;
+        if template.state.vcpus.iter().any(VcpuState::timer_was_due) {
+            tracing::info!(
+                "the guest's timer was due when the template was saved: each clone takes that interrupt \
+                 (its kernel's tick) before anything else"
+            );
+        }
         let working_set = match opts.working_set {
             true => {
                 // The clone gets the boot's network card back (the booted VM has stopped).

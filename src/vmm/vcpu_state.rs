@@ -192,6 +192,13 @@ impl VcpuState {
         Ok(now)
     }
 
+    /// Whether this vCPU's TSC deadline (its kernel's tick) had passed when it was saved: every
+    /// clone then takes that timer interrupt before anything else.
+    pub fn timer_was_due(&self) -> bool {
+        let saved = |index| self.msrs.iter().find(|e| e.index == index).map(|e| e.data);
+        matches!((saved(MSR_IA32_TSC_DEADLINE), saved(MSR_IA32_TSC)), (Some(d), Some(tsc)) if d != 0 && d <= tsc)
+    }
+
     /// Whether a vCPU preloaded with `self` ([`VcpuState::preload`]) holds `other`'s shared part.
     pub fn preloads_as(&self, other: &VcpuState) -> bool {
         self.tsc_khz == other.tsc_khz
@@ -270,7 +277,7 @@ impl Clone for VcpuState {
 
 #[cfg(test)]
 mod tests {
-    use super::shifted_deadline;
+    use super::*;
 
     #[test]
     fn a_deadline_keeps_its_distance_from_the_tsc() {
@@ -287,5 +294,20 @@ mod tests {
         assert_eq!(shifted_deadline(u64::MAX, Some(0), 10), u64::MAX);
         // No TSC in the snapshot: the deadline as it was saved.
         assert_eq!(shifted_deadline(1_300, None, 5_000_000), 1_300);
+    }
+
+    #[test]
+    fn a_snapshot_says_whether_its_timer_was_due() {
+        let state = |deadline: u64| VcpuState {
+            msrs: vec![
+                kvm_msr_entry { index: MSR_IA32_TSC, data: 1_000, ..Default::default() },
+                kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        assert!(state(900).timer_was_due());
+        assert!(!state(1_300).timer_was_due());
+        assert!(!state(0).timer_was_due(), "disarmed");
+        assert!(!VcpuState::default().timer_was_due());
     }
 }
