@@ -178,14 +178,13 @@ impl VcpuState {
     /// last. Returns the guest's TSC as KVM has it once set.
     pub fn finish(&self, vcpu: &VcpuFd) -> Result<u64, VmError> {
         vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let saved = |index| self.msrs.iter().find(|e| e.index == index).map(|e| e.data);
-        if let Some(tsc) = saved(MSR_IA32_TSC) {
+        if let Some(tsc) = self.msr(MSR_IA32_TSC) {
             set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC, data: tsc, ..Default::default() }])?;
         }
         let now = guest_tsc(vcpu)?;
         // (A vCPU's deadline is 0, disarmed, until set.)
-        if let Some(deadline) = saved(MSR_IA32_TSC_DEADLINE).filter(|&d| d != 0) {
-            let deadline = shifted_deadline(deadline, saved(MSR_IA32_TSC), now);
+        if let Some(deadline) = self.msr(MSR_IA32_TSC_DEADLINE).filter(|&d| d != 0) {
+            let deadline = shifted_deadline(deadline, self.msr(MSR_IA32_TSC), now);
             set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() }])?;
         }
         vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
@@ -195,8 +194,12 @@ impl VcpuState {
     /// Whether this vCPU's TSC deadline (its kernel's tick) had passed when it was saved: every
     /// clone then takes that timer interrupt before anything else.
     pub fn timer_was_due(&self) -> bool {
-        let saved = |index| self.msrs.iter().find(|e| e.index == index).map(|e| e.data);
-        matches!((saved(MSR_IA32_TSC_DEADLINE), saved(MSR_IA32_TSC)), (Some(d), Some(tsc)) if d != 0 && d <= tsc)
+        matches!((self.msr(MSR_IA32_TSC_DEADLINE), self.msr(MSR_IA32_TSC)), (Some(d), Some(tsc)) if d != 0 && d <= tsc)
+    }
+
+    /// The saved value of MSR `index`, if the snapshot has it.
+    fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|e| e.index == index).map(|e| e.data)
     }
 
     /// Whether a vCPU preloaded with `self` ([`VcpuState::preload`]) holds `other`'s shared part.
