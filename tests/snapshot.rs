@@ -83,6 +83,44 @@ fn a_snapshot_of_a_clone_restores_too() {
 }
 
 #[test]
+fn clones_get_a_pit_only_when_their_template_may_use_it() {
+    let _one = common::one_at_a_time();
+    let Some(dir) = common::template("clones_get_a_pit_only_when_their_template_may_use_it") else { return };
+    let mut template = Template::open(dir).unwrap();
+    // ember's guest takes its clock events from the local APIC: it stops the PIT at boot and
+    // masks its interrupt, so the template's clones are made without one.
+    assert!(!template.state.vm.pit_in_use(), "{:?}", template.state.vm.pit);
+    let saved = format!("{:?}", template.state.vm.pit);
+    // Restores clone `id`, snapshots it before it runs, then lets it run to its end: whether it
+    // had a PIT (KVM's answer) and the PIT state its snapshot saved.
+    let run = |template: &Template, id: u64| {
+        let cap = Capture::default();
+        let vm = template.restore(id, &Channels::default(), Box::new(cap.clone())).unwrap();
+        let vm = vm.start(RunOptions { start_paused: true, ..Default::default() }).unwrap();
+        let has_pit = vm.has_pit();
+        vm.pause().unwrap();
+        let snap = common::scratch(&format!("pit-{id}"));
+        vm.snapshot(&snap).unwrap();
+        vm.resume();
+        let out = vm.wait(Some(CLONE_TIMEOUT));
+        assert_eq!(out.exit, VmExit::PowerOff, "clone {id}:\n{}", cap.text());
+        clone_random(&cap.text(), id);
+        (has_pit, Template::open(&snap).unwrap().state.vm.pit)
+    };
+    let (has_pit, pit) = run(&template, 1);
+    assert!(!has_pit, "a clone of a template whose guest left its PIT unused has one");
+    // Its own snapshot keeps the template's PIT state, as KVM would have kept it.
+    assert_eq!(format!("{pit:?}"), saved);
+    // A guest that may still use its PIT (here: channel 2's gate on, as while calibrating)
+    // keeps it in its clones, with its state.
+    template.state.vm.pit.channels[2].gate = 1;
+    assert!(template.state.vm.pit_in_use());
+    let (has_pit, pit) = run(&template, 2);
+    assert!(has_pit, "a clone of a template whose guest may use its PIT has none");
+    assert_eq!(pit.channels[2].gate, 1, "{pit:?}");
+}
+
+#[test]
 fn ember_restore_runs_clones_from_the_command_line() {
     let _one = common::one_at_a_time();
     let Some(dir) = common::template("ember_restore_runs_clones_from_the_command_line") else { return };

@@ -100,6 +100,8 @@ pub struct Supervisor {
     workers: Option<Arc<Workers>>,
     /// Clones' networks (their namespaces, the host's rules).
     pub(super) network: Network,
+    /// Where discarded clones are destroyed ([`Supervisor::discard`]).
+    discarded: crate::sys::Reaper<Vec<PooledVm>>,
 }
 
 /// A worker that lived less than this before it ended counts as a quick death (see the backoff).
@@ -370,6 +372,7 @@ impl Supervisor {
             template_boot_done: Condvar::new(),
             workers,
             network,
+            discarded: crate::sys::Reaper::start("discard"),
         });
         for (name, spec) in saved {
             // (Names come from distinct directory entries: no conflict is possible here.)
@@ -788,7 +791,7 @@ impl Supervisor {
             .and_then(|vm| vm.start(RunOptions::default()))
             .map_err(|e| format!("restore: {e}"))?;
         self.metrics.restore.observe(t.elapsed());
-        Ok(PooledVm { id, vm: CloneVm::Local(vm), mailbox, vsock, uses: 0, restored: t, net })
+        Ok(PooledVm { id, vm: CloneVm::Local(Box::new(vm)), mailbox, vsock, uses: 0, restored: t, net })
     }
 
     /// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with
@@ -982,19 +985,12 @@ impl Supervisor {
         Ok(false)
     }
 
-    /// Destroys clones on a thread of their own: stopping a VM joins its threads, which must never
-    /// happen on an async worker or under a pool's lock.
+    /// Destroys clones on the discard thread: stopping a VM joins its threads and closes its KVM
+    /// VM, which must never happen on an async worker or under a pool's lock (a clone in a
+    /// worker is a message to it).
     pub(super) fn discard(&self, clones: Vec<PooledVm>) {
-        if clones.is_empty() {
-            return;
-        }
-        let spawned = std::thread::Builder::new().name("discard".into()).spawn(move || {
-            for c in clones {
-                c.vm.stop("discarded");
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start a thread to destroy clones: {e}");
+        if !clones.is_empty() {
+            self.discarded.reap(clones);
         }
     }
 

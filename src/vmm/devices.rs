@@ -16,6 +16,7 @@ use crate::devices::bus::Bus;
 use crate::devices::control::{ControlPage, FLAG_QUIET, FLAG_SERVE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
+use crate::devices::pit::{AbsentPit, PIT_PORT, PIT_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioArgs, MmioTransport, REG_QUEUE_NOTIFY};
@@ -124,6 +125,7 @@ impl Devices {
         pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default())))?;
         pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone()))))?;
         pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)))?;
+        pio.insert(PIT_PORT, PIT_PORTS, Arc::new(Mutex::new(AbsentPit::default())))?;
         let mut mmio = Bus::new();
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, Arc::new(Mutex::new(BootTimer::new(clock.clone()))))?;
         let flags = if channels.serve { FLAG_SERVE } else { 0 } | if channels.quiet { FLAG_QUIET } else { 0 };

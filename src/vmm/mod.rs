@@ -22,7 +22,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -127,6 +129,9 @@ pub struct Vm {
     devices: Devices,
     clock: Arc<BootClock>,
     vm: VmFd,
+    /// A clone made without a PIT (its snapshot's guest had left it unused): the snapshot's PIT
+    /// state, which the clone's own snapshots save as it was.
+    absent_pit: Option<Box<kvm_pit_state2>>,
     mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     mem_bytes: u64,
@@ -238,7 +243,8 @@ impl Vm {
         let mailbox = Arc::new(Mailbox::create(channels.mailbox.as_deref())?);
         // SAFETY: `mem` and the mailbox are owned by the Vm made here, which drops them after
         // the VM fd.
-        let (kvm, vm) = unsafe { create_vm(&memory_slots(&mem, mailbox.host_addr())) }?;
+        // A booting guest gets a PIT: a kernel may need it to calibrate its clocks.
+        let (kvm, vm) = unsafe { create_vm(&memory_slots(&mem, mailbox.host_addr()), true) }?;
         let args = DeviceArgs {
             vm: &vm,
             mem: &mem,
@@ -259,7 +265,7 @@ impl Vm {
             v.configure_boot(&supported, vcpu_count, entry)?;
             vcpus.push(v);
         }
-        Ok(Self { parked: Vec::new(), vcpus, devices, clock, vm, mailbox, mem, mem_bytes })
+        Ok(Self { parked: Vec::new(), vcpus, devices, clock, vm, absent_pit: None, mailbox, mem, mem_bytes })
     }
 
     /// Builds a clone of a snapshot: a new VM whose RAM maps `memory` copy-on-write, with every
@@ -292,8 +298,9 @@ impl Vm {
         };
         let mem = shell.map_template(memory)?;
         let mailbox = Arc::new(shell.take_mailbox(channels.mailbox.as_deref())?);
-        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, vm, .. } = shell;
-        state.vm.restore(&vm)?;
+        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, vm, spec, .. } = shell;
+        state.vm.restore(&vm, spec.pit)?;
+        let absent_pit = (!spec.pit).then(|| Box::new(state.vm.pit));
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
         let args = DeviceArgs {
             vm: &vm,
@@ -314,7 +321,7 @@ impl Vm {
             s.anchor_kvmclock(&mem, state.vm.clock.clock, tsc)?;
             vcpus.push(v);
         }
-        Ok(Self { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes: state.machine.mem_bytes })
+        Ok(Self { parked, vcpus, devices, clock, vm, absent_pit, mailbox, mem, mem_bytes: state.machine.mem_bytes })
     }
 
     /// Faults a snapshot's working set into this (restored, not yet started) VM's memory from the
@@ -342,7 +349,7 @@ impl Vm {
         if let Some(v) = self.vcpus.first() {
             vcpu_state::prepare(&v.fd)?;
         }
-        let Vm { parked, vcpus, devices, clock, vm, mailbox, mem, mem_bytes } = self;
+        let Vm { parked, vcpus, devices, clock, vm, absent_pit, mailbox, mem, mem_bytes } = self;
         devices.start();
         // Threads made ahead (confined already) when there is one per vCPU and seccomp is on;
         // otherwise one thread per vCPU now, with one filter each: each may reach its own vCPU fd
@@ -375,6 +382,7 @@ impl Vm {
             devices,
             clock: clock.clone(),
             vm,
+            absent_pit,
             mailbox: mailbox.clone(),
             mem: mem.clone(),
             mem_bytes,
@@ -425,6 +433,9 @@ pub struct RunningVm {
     devices: Devices,
     clock: Arc<BootClock>,
     vm: VmFd,
+    /// A clone made without a PIT (its snapshot's guest had left it unused): the snapshot's PIT
+    /// state, which the clone's own snapshots save as it was.
+    absent_pit: Option<Box<kvm_pit_state2>>,
     mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     mem_bytes: u64,
@@ -468,6 +479,12 @@ impl RunningVm {
         self.ctl.exit()
     }
 
+    /// Whether KVM emulates a PIT for this VM (a clone has one only when its snapshot's guest may
+    /// use it: [`VmState::pit_in_use`]).
+    pub fn has_pit(&self) -> bool {
+        self.vm.get_pit2().is_ok()
+    }
+
     /// Pauses every vCPU: each leaves KVM_RUN, completes the I/O it was in the middle of, saves its
     /// state and parks; then every device thread. Returns once all have stopped.
     pub fn pause(&self) -> Result<(), VmError> {
@@ -502,7 +519,7 @@ impl RunningVm {
         let vcpus = self.ctl.parked_states()?;
         Ok(SnapshotState {
             machine: MachineInfo { vcpus: vcpus.len() as u8, mem_bytes: self.mem_bytes },
-            vm: VmState::save(&self.vm)?,
+            vm: VmState::save(&self.vm, self.absent_pit.as_deref())?,
             vcpus,
             devices: self.devices.save(),
         })
@@ -559,12 +576,12 @@ fn guest_memory(mem_bytes: u64) -> Result<GuestMemory, VmError> {
 }
 
 /// Creates a KVM VM with `slots` (guest address, size, host address) registered as its memory,
-/// then the TSS, the in-kernel irqchip and the PIT.
+/// then the TSS, the in-kernel irqchip and, when `pit`, the PIT.
 ///
 /// # Safety
 /// Every slot's host range must be mapped, and stay mapped (whatever is mapped there) until the
 /// VM fd is closed.
-unsafe fn create_vm(slots: &[(u64, u64, u64)]) -> Result<(&'static Kvm, VmFd), VmError> {
+unsafe fn create_vm(slots: &[(u64, u64, u64)], pit: bool) -> Result<(&'static Kvm, VmFd), VmError> {
     let kvm = kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // Memory before the TSS, irqchip and PIT: the other order is much slower on some hosts
@@ -577,8 +594,10 @@ unsafe fn create_vm(slots: &[(u64, u64, u64)]) -> Result<(&'static Kvm, VmFd), V
     }
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    if pit {
+        let config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(config).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    }
     Ok((kvm, vm))
 }
 

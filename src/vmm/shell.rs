@@ -3,13 +3,15 @@
 //!
 //! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over address ranges
 //! the shell reserves (RAM anonymous, nothing populated; the mailbox the clone's own, made with the
-//! shell), the TSS, the in-kernel irqchip and the PIT, and its vCPUs created and loaded with the
-//! part of the template's vCPU state that every clone shares (CPUID, TSC frequency, registers,
-//! FPU, MSRs: [`VcpuState::preload`]). Each vCPU's thread and each device's thread are started with
-//! the shell too, confined with their seccomp filters, and wait. A restore maps the template's
-//! memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM follows the change
-//! through its MMU notifier), and loads what depends on when the clone starts (clock, PIT,
-//! interrupt controllers, local APICs, TSCs, pending events) and its devices, on their threads.
+//! shell), the TSS, the in-kernel irqchip, the PIT when the template's guest may use it
+//! ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)), and its vCPUs created and
+//! loaded with the part of the template's vCPU state that every clone shares (CPUID, TSC
+//! frequency, registers, FPU, MSRs: [`VcpuState::preload`]). Each vCPU's thread and each device's
+//! thread are started with the shell too, confined with their seccomp filters, and wait. A restore
+//! maps the template's memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM
+//! follows the change through its MMU notifier), and loads what depends on when the clone starts
+//! (clock, PIT, interrupt controllers, local APICs, TSCs, pending events) and its devices, on their
+//! threads.
 //!
 //! The slots are registered before the irqchip exists, which keeps KVM_SET_USER_MEMORY_REGION
 //! cheap (registering them after it is several milliseconds on some hosts), and KVM_CREATE_VM,
@@ -55,6 +57,8 @@ pub struct ShellSpec {
     /// Where the clones' mailboxes are named files (a worker's run directory): the shell makes
     /// its mailbox there under a name of its own, which the restore renames.
     pub mailbox_dir: Option<std::path::PathBuf>,
+    /// Whether the clones get a PIT ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)).
+    pub pit: bool,
 }
 
 impl std::fmt::Debug for ShellSpec {
@@ -62,6 +66,7 @@ impl std::fmt::Debug for ShellSpec {
         f.debug_struct("ShellSpec")
             .field("mem_bytes", &self.mem_bytes)
             .field("vcpus", &self.vcpus.len())
+            .field("pit", &self.pit)
             .field("memory", &self.memory.is_some())
             .field("device_threads", &self.device_threads)
             .field("mailbox_dir", &self.mailbox_dir)
@@ -79,6 +84,7 @@ impl ShellSpec {
             memory: None,
             device_threads,
             mailbox_dir: None,
+            pit: state.vm.pit_in_use(),
         }
     }
 }
@@ -133,6 +139,7 @@ pub struct VmShell {
     pub(super) devices: Vec<ParkedDevice>,
     pub(super) vcpus: Vec<Vcpu>,
     pub(super) vm: VmFd,
+    pub(super) spec: ShellSpec,
     /// Guest RAM: the template's memory mapped private when the spec had it, else anonymous until
     /// the restore maps the template over it.
     ram: GuestMemory,
@@ -141,7 +148,6 @@ pub struct VmShell {
     /// The clone's mailbox, mapped where the memory slot points: anonymous, or a file in the
     /// spec's `mailbox_dir` (see [`VmShell::take_mailbox`]).
     mailbox: Option<Mailbox>,
-    spec: ShellSpec,
 }
 
 impl std::fmt::Debug for VmShell {
@@ -172,7 +178,7 @@ impl VmShell {
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
         // it, drop the VM fd first.
-        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr())) }?;
+        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr()), spec.pit) }?;
         let mut vcpus = Vec::with_capacity(spec.vcpus.len());
         let mut parked = Vec::with_capacity(spec.vcpus.len());
         for (i, state) in spec.vcpus.iter().enumerate() {
@@ -195,6 +201,7 @@ impl VmShell {
     pub fn fits(&self, state: &SnapshotState) -> bool {
         let s = &self.spec;
         s.mem_bytes == state.machine.mem_bytes
+            && s.pit == state.vm.pit_in_use()
             && s.vcpus.len() == state.vcpus.len()
             && s.vcpus.iter().zip(&state.vcpus).all(|(a, b)| a.preloads_as(b))
     }

@@ -607,7 +607,7 @@ impl Drop for RemoteVm {
 
 /// A clone, wherever it runs.
 pub enum CloneVm {
-    Local(RunningVm),
+    Local(Box<RunningVm>),
     Remote(RemoteVm),
 }
 
@@ -630,7 +630,7 @@ impl CloneVm {
     /// Stops and destroys the clone (joins its threads when it runs here).
     pub fn stop(self, why: &str) {
         match self {
-            Self::Local(vm) => drop(vm.stop(why)),
+            Self::Local(vm) => drop((*vm).stop(why)),
             Self::Remote(r) => drop(r),
         }
     }

@@ -152,6 +152,8 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let shells = ShellMaker::start(spec, SHELLS_AHEAD)
         .inspect_err(|e| tracing::warn!("worker: no VM shells made ahead: {e}"))
         .ok();
+    // Clones are destroyed there, so that a restore asked for meanwhile does not wait for it.
+    let reaper = crate::sys::Reaper::<RunningVm>::start("reaper");
     loop {
         match protocol::recv::<ToWorker>(sock) {
             Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
@@ -169,7 +171,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
             }
             Ok(Received::Message(ToWorker::Stop { id }, _)) => {
                 if let Some(vm) = vms.remove(&id) {
-                    vm.stop("destroyed");
+                    reaper.reap(vm);
                 }
             }
             Ok(Received::Message(ToWorker::Setup(_), _)) => tracing::warn!("worker: a second setup, ignored"),
@@ -183,7 +185,8 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         let ended: Vec<u64> = vms.iter().filter(|(_, vm)| vm.exit().is_some()).map(|(id, _)| *id).collect();
         for id in ended {
             if let Some(vm) = vms.remove(&id) {
-                let why = vm.wait(Some(Duration::ZERO)).exit.to_string();
+                let why = vm.exit().map(|e| e.to_string()).unwrap_or_default();
+                reaper.reap(vm);
                 if protocol::send(sock, &FromWorker::Exited { id, why }, None).is_err() {
                     break;
                 }
@@ -191,7 +194,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         }
     }
     for (_, vm) in vms.drain() {
-        vm.stop("the supervisor went away");
+        reaper.reap(vm);
     }
 }
 
