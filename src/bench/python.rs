@@ -207,6 +207,8 @@ fn api_rounds(
         wait_quiet();
         sup.pause_scaling(true);
         for name in ["py", "echo"] {
+            // The previous round's clone polls on for a while after its last call: not beside this one.
+            wait_quiet();
             let invoke = move |c: &mut BufReader<UnixStream>| {
                 request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": "{}"}"#)
             };
