@@ -52,6 +52,7 @@ const VCPU_IOCTLS: &[u64] = &[
     0x83, // KVM_GET_SREGS
     0x85, // KVM_TRANSLATE
     0x88, // KVM_GET_MSRS
+    0x89, // KVM_SET_MSRS: the first wake from the idle park moves an overdue TSC deadline
     0x8e, // KVM_GET_LAPIC
     0x91, // KVM_GET_CPUID2
     0x98, // KVM_GET_MP_STATE

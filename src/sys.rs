@@ -337,6 +337,8 @@ impl TestRng {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_reaper_drops_on_its_thread_in_order_and_waits_for_them_when_dropped() {
         struct Noted(u32, std::sync::Arc<Mutex<Vec<(u32, String)>>>);
@@ -356,8 +358,6 @@ mod tests {
         let want: Vec<(u32, String)> = (0..3).map(|i| (i, "test-reaper".to_string())).collect();
         assert_eq!(seen, want);
     }
-
-    use super::*;
 
     #[test]
     fn a_parked_thread_runs_what_it_is_handed_or_ends_unstarted() {

@@ -98,6 +98,10 @@ pub struct VcpuContext {
     pub seccomp: Option<seccompiler::BpfProgram>,
 }
 
+/// How long after a vCPU's first wake from the idle park a timer interrupt that fell due while it
+/// was parked is delivered (a tenth of a tick of ember's guest kernel, HZ=100).
+const FIRST_WAKE_GRACE_MS: u64 = 1;
+
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
@@ -161,6 +165,9 @@ impl Vcpu {
         }
         let mut first_io = true;
         let mut wake_seen = mailbox.wake_generation();
+        // The first wake from the idle park answers the call before the timer interrupt that fell
+        // due meanwhile (see `defer_overdue_deadline`): it comes FIRST_WAKE_GRACE_MS later.
+        let mut first_wake_grace = self.fd.get_tsc_khz().ok().map(|khz| u64::from(khz) * FIRST_WAKE_GRACE_MS);
         while !ctl.should_stop() {
             if ctl.pause_requested() {
                 self.park(&ctl);
@@ -212,6 +219,11 @@ impl Vcpu {
                     }
                     GuestRequest::Idle => {
                         mailbox.idle_wait(&mut wake_seen, || ctl.should_stop() || ctl.pause_requested());
+                        if let Some(grace) = first_wake_grace.take() {
+                            if let Err(e) = super::vcpu_state::defer_overdue_deadline(&self.fd, grace) {
+                                tracing::debug!("vCPU {}: its timer stays as it was: {e}", self.index);
+                            }
+                        }
                         continue;
                     }
                 };

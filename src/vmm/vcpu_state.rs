@@ -105,6 +105,32 @@ fn shifted_deadline(deadline: u64, then: Option<u64>, now: u64) -> u64 {
     (i128::from(now) + due_in).clamp(1, i128::from(u64::MAX)) as u64
 }
 
+/// Where a vCPU's TSC deadline `deadline` (0: disarmed) had passed when its TSC read `tsc`: the
+/// deadline `grace` ticks from `tsc` (see [`defer_overdue_deadline`]).
+fn deferred_deadline(tsc: u64, deadline: u64, grace: u64) -> Option<u64> {
+    (deadline != 0 && deadline <= tsc).then(|| tsc.saturating_add(grace))
+}
+
+/// Moves the vCPU's TSC deadline `grace` TSC ticks ahead when it has passed (whether it did).
+/// For a vCPU woken from the agent's idle park for the first time: a clone parks at once after
+/// its restore, so its timer falls due while it waits in a pool, and at its first call the guest
+/// would take that interrupt, then run the work its restore left (reseeding, woken tasks) before
+/// the agent sees the call. Moved, the agent answers first and the tick follows `grace` later.
+pub fn defer_overdue_deadline(vcpu: &VcpuFd, grace: u64) -> Result<bool, VmError> {
+    let mut m = Msrs::from_entries(&[
+        kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() },
+        kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, ..Default::default() },
+    ])
+    .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+    if vcpu.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS"))? != 2 {
+        return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
+    }
+    let (tsc, deadline) = (m.as_slice()[0].data, m.as_slice()[1].data);
+    let Some(moved) = deferred_deadline(tsc, deadline, grace) else { return Ok(false) };
+    set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: moved, ..Default::default() }])?;
+    Ok(true)
+}
+
 /// Works out what saving needs from outside a confined vCPU thread (the MSR list needs /dev/kvm).
 pub fn prepare(vcpu: &VcpuFd) -> Result<(), VmError> {
     saveable_msrs(vcpu).map(|_| ())
@@ -297,6 +323,15 @@ mod tests {
         assert_eq!(shifted_deadline(u64::MAX, Some(0), 10), u64::MAX);
         // No TSC in the snapshot: the deadline as it was saved.
         assert_eq!(shifted_deadline(1_300, None, 5_000_000), 1_300);
+    }
+
+    #[test]
+    fn only_an_armed_deadline_that_has_passed_is_deferred() {
+        assert_eq!(deferred_deadline(1_000, 0, 50), None, "disarmed");
+        assert_eq!(deferred_deadline(1_000, 1_001, 50), None, "not due yet");
+        assert_eq!(deferred_deadline(1_000, 1_000, 50), Some(1_050));
+        assert_eq!(deferred_deadline(1_000, 3, 50), Some(1_050));
+        assert_eq!(deferred_deadline(u64::MAX - 1, 5, 50), Some(u64::MAX));
     }
 
     #[test]
