@@ -167,7 +167,7 @@ impl Vcpu {
         let mut wake_seen = mailbox.wake_generation();
         // The first wake from the idle park answers the call before the timer interrupt that fell
         // due meanwhile (see `defer_overdue_deadline`): it comes FIRST_WAKE_GRACE_MS later.
-        let mut first_wake_grace = self.fd.get_tsc_khz().ok().map(|khz| u64::from(khz) * FIRST_WAKE_GRACE_MS);
+        let mut first_wake = true;
         while !ctl.should_stop() {
             if ctl.pause_requested() {
                 self.park(&ctl);
@@ -219,8 +219,14 @@ impl Vcpu {
                     }
                     GuestRequest::Idle => {
                         mailbox.idle_wait(&mut wake_seen, || ctl.should_stop() || ctl.pause_requested());
-                        if let Some(grace) = first_wake_grace.take() {
-                            if let Err(e) = super::vcpu_state::defer_overdue_deadline(&self.fd, grace) {
+                        if std::mem::take(&mut first_wake) {
+                            let deferred = self.fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ")).and_then(|khz| {
+                                super::vcpu_state::defer_overdue_deadline(
+                                    &self.fd,
+                                    u64::from(khz) * FIRST_WAKE_GRACE_MS,
+                                )
+                            });
+                            if let Err(e) = deferred {
                                 tracing::debug!("vCPU {}: its timer stays as it was: {e}", self.index);
                             }
                         }
