@@ -13,12 +13,15 @@ command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz"; cargo install
 export RUSTC_BOOTSTRAP=1
 cd "$root/fuzz"
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+# The targets' own files (a drive, staging directories) go to a directory of this run's, removed
+# with it: a fuzzer ends by exit(), so the targets cannot clean up after themselves.
+scratch=$(mktemp -d)
+trap 'rm -f "$out"; rm -rf "$scratch"' EXIT
 log "building the targets"
 cargo fuzz build -O >"$out" 2>&1 || { cat "$out" >&2; exit 1; }
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
-  if ! cargo fuzz run -O "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$out" 2>&1; then
+  if ! TMPDIR="$scratch" cargo fuzz run -O "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$out" 2>&1; then
     tail -n 60 "$out" >&2
     log "$target failed (the input that did it is under fuzz/artifacts/$target)"
     exit 1
