@@ -164,7 +164,7 @@ impl Template {
             save.as_secs_f64() * 1e3
         );
         let template = Self::open(dir)?;
-        if template.state.vcpus.iter().any(VcpuState::timer_was_due) {
+        if template.timer_was_due() {
             tracing::info!(
                 "the guest's timer was due when the template was saved: each clone takes that interrupt \
                  (its kernel's tick) before anything else"
@@ -204,6 +204,12 @@ impl Template {
         console: ConsoleOut,
     ) -> Result<Vm, VmError> {
         Vm::restore_in(shell, &self.state, &self.memory, clone_id, channels, console)
+    }
+
+    /// Whether a vCPU's timer (the guest kernel's tick) was due when the template was saved: each
+    /// clone then takes that interrupt before anything else.
+    pub fn timer_was_due(&self) -> bool {
+        self.state.vcpus.iter().any(VcpuState::timer_was_due)
     }
 
     /// What a VM shell must be made with to take this template's clones (its memory mapped

@@ -64,7 +64,7 @@ pub fn restore(cfg: &VmConfig, dir: &Path, b: &RestoreBench) -> Result<TableRepo
         rows.push(("pause + snapshot (1 run)".to_string(), Summary::of(&[ms(made.pause + made.save)])));
         (made.template, ms(made.ready), made.working_set)
     };
-    if template.state.vcpus.iter().any(crate::vmm::vcpu_state::VcpuState::timer_was_due) {
+    if template.timer_was_due() {
         notes.push(
             "the guest's timer (its tick) was due when the template was saved: each clone takes that interrupt \
              before its first action"

@@ -83,14 +83,20 @@ fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The guest's TSC as KVM has it now.
-fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, VmError> {
-    let mut tsc = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+/// The MSRs `indices` as KVM has them now, in one KVM_GET_MSRS.
+fn get_msrs<const N: usize>(vcpu: &VcpuFd, indices: [u32; N]) -> Result<[u64; N], VmError> {
+    let mut msrs = Msrs::from_entries(&indices.map(|index| kvm_msr_entry { index, ..Default::default() }))
         .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
-    if vcpu.get_msrs(&mut tsc).map_err(kvm_err("KVM_GET_MSRS"))? != 1 {
+    if vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))? != N {
         return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
     }
-    Ok(tsc.as_slice()[0].data)
+    let read = msrs.as_slice();
+    Ok(std::array::from_fn(|i| read[i].data))
+}
+
+/// The guest's TSC as KVM has it now.
+fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, VmError> {
+    get_msrs(vcpu, [MSR_IA32_TSC]).map(|[tsc]| tsc)
 }
 
 /// A snapshot's TSC deadline `deadline` (0: disarmed), saved when the TSC read `then`, for a
@@ -117,15 +123,7 @@ fn deferred_deadline(tsc: u64, deadline: u64, grace: u64) -> Option<u64> {
 /// would take that interrupt, then run the work its restore left (reseeding, woken tasks) before
 /// the agent sees the call. Moved, the agent answers first and the tick follows `grace` later.
 pub fn defer_overdue_deadline(vcpu: &VcpuFd, grace: u64) -> Result<bool, VmError> {
-    let mut m = Msrs::from_entries(&[
-        kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() },
-        kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, ..Default::default() },
-    ])
-    .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
-    if vcpu.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS"))? != 2 {
-        return Err(VmError::Kvm("KVM_GET_MSRS", libc::EINVAL));
-    }
-    let (tsc, deadline) = (m.as_slice()[0].data, m.as_slice()[1].data);
+    let [tsc, deadline] = get_msrs(vcpu, [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE])?;
     let Some(moved) = deferred_deadline(tsc, deadline, grace) else { return Ok(false) };
     set_msrs(vcpu, &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: moved, ..Default::default() }])?;
     Ok(true)
