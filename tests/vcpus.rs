@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ember::vmm::exit::VmExit;
-use ember::vmm::Vm;
+use ember::vmm::{RunOptions, Vm};
 
 /// mov al, bl; add al, 0x50; out 0x80, al; lock inc qword [0x2000]; cmp [0x2000], rcx;
 /// jne halt; xor eax, eax; out 0xf4, al; halt: hlt; jmp halt
@@ -56,4 +56,24 @@ fn an_invalid_instruction_is_reported_with_rip() {
     assert!(!exit.is_clean(), "{exit}");
     assert!(exit.to_string().contains("RIP 0x"), "{exit}");
     assert!(!matches!(exit, VmExit::Stopped(_)), "{exit}");
+}
+
+#[test]
+fn a_stop_request_takes_the_vcpus_out_of_the_guest_at_once() {
+    if !common::kvm_usable("a_stop_request_takes_the_vcpus_out_of_the_guest_at_once") {
+        return;
+    }
+    // jmp $: guest code that never exits to the VMM by itself, so only the stop request's kick
+    // takes each vCPU out of KVM_RUN (before the VM is dropped, which would join its threads).
+    let vm = Vm::with_payload(&[0xeb, 0xfe], 2, Box::new(std::io::sink())).unwrap();
+    let running = vm.start(RunOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(running.vcpu_threads_running(), 2, "the payload ended by itself: {:?}", running.exit());
+    running.request_stop("asked to");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.vcpu_threads_running() > 0 {
+        assert!(Instant::now() < deadline, "vCPU threads still running 30 s after the stop request");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(running.exit(), Some(VmExit::Stopped("asked to".into())));
 }

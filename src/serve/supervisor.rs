@@ -990,6 +990,8 @@ impl Supervisor {
     /// worker is a message to it).
     pub(super) fn discard(&self, clones: Vec<PooledVm>) {
         if !clones.is_empty() {
+            // Their guests stop now, not when the thread gets to them.
+            clones.iter().for_each(|c| c.vm.request_stop());
             self.discarded.reap(clones);
         }
     }

@@ -551,11 +551,27 @@ impl RunningVm {
         self.clock.timeline()
     }
 
-    fn shutdown(&mut self) {
+    /// Asks the VM to stop and returns without waiting: each vCPU is kicked out of KVM_RUN once and
+    /// leaves the guest there (dropping the VM then joins its threads and frees it). For a VM that
+    /// is handed to another thread to be destroyed: its guest does not go on using a core (and
+    /// faulting pages under the process's memory lock) while it waits there.
+    pub fn request_stop(&self, why: &str) {
         if !self.ctl.should_stop() {
-            self.ctl.end(VmExit::Stopped("stopped".into()));
+            self.ctl.end(VmExit::Stopped(why.into()));
         }
         self.mailbox.vm_ended();
+        for t in &self.threads {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+
+    /// How many of the VM's vCPU threads have not ended yet.
+    pub fn vcpu_threads_running(&self) -> usize {
+        self.threads.iter().filter(|t| !t.is_finished()).count()
+    }
+
+    fn shutdown(&mut self) {
+        self.request_stop("stopped");
         stop_vcpus(&self.ctl, std::mem::take(&mut self.threads));
         self.devices.shutdown();
         if let Some(l) = self.input.take() {

@@ -627,6 +627,14 @@ impl CloneVm {
         }
     }
 
+    /// Makes a clone that runs here leave its guest at once, without waiting (see
+    /// [`RunningVm::request_stop`]); a clone in a worker is stopped there when it is dropped.
+    pub fn request_stop(&self) {
+        if let Self::Local(vm) = self {
+            vm.request_stop("stopped");
+        }
+    }
+
     /// Stops and destroys the clone (joins its threads when it runs here).
     pub fn stop(self, why: &str) {
         match self {

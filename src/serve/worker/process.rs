@@ -152,8 +152,14 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let shells = ShellMaker::start(spec, SHELLS_AHEAD)
         .inspect_err(|e| tracing::warn!("worker: no VM shells made ahead: {e}"))
         .ok();
-    // Clones are destroyed there, so that a restore asked for meanwhile does not wait for it.
+    // Clones are destroyed there, so that a restore asked for meanwhile does not wait for it; each
+    // leaves its guest at once, before it waits there (a guest that went on running would take a
+    // core from the clones being served).
     let reaper = crate::sys::Reaper::<RunningVm>::start("reaper");
+    let reap = |vm: RunningVm| {
+        vm.request_stop("stopped");
+        reaper.reap(vm);
+    };
     loop {
         match protocol::recv::<ToWorker>(sock) {
             Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
@@ -171,7 +177,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
             }
             Ok(Received::Message(ToWorker::Stop { id }, _)) => {
                 if let Some(vm) = vms.remove(&id) {
-                    reaper.reap(vm);
+                    reap(vm);
                 }
             }
             Ok(Received::Message(ToWorker::Setup(_), _)) => tracing::warn!("worker: a second setup, ignored"),
@@ -186,7 +192,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         for id in ended {
             if let Some(vm) = vms.remove(&id) {
                 let why = vm.exit().map(|e| e.to_string()).unwrap_or_default();
-                reaper.reap(vm);
+                reap(vm);
                 if protocol::send(sock, &FromWorker::Exited { id, why }, None).is_err() {
                     break;
                 }
@@ -194,7 +200,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         }
     }
     for (_, vm) in vms.drain() {
-        reaper.reap(vm);
+        reap(vm);
     }
 }
 
