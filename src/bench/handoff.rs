@@ -22,6 +22,9 @@ const FRESH: &str = "fresh";
 /// Recycled clones: released clones go back to the pool.
 const RECYCLED: &str = "recycled";
 const RECYCLED_POOL: u32 = 16;
+/// The pause between calls of the sparse round: longer than the agent's longest spin after an
+/// answer (100 ms).
+const SPARSE_GAP: Duration = Duration::from_millis(200);
 
 /// What one request measured: the client's round trip and the daemon's own time, in us.
 pub(super) struct Timed {
@@ -300,6 +303,22 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
         let r = round(&socket, clients, per_client, &invoke(RECYCLED), &no_release)?;
         add(format!("invoke no-op, recycled clone, {clients} client(s)"), r);
     }
+    // Calls further apart than the agent's longest spin after an answer: each finds the vCPU
+    // parked; the host's CPU time over the round is what the clone costs between calls.
+    settle()?;
+    let busy_before = host_busy_ticks();
+    let sparse = (per_client / 40).max(10);
+    let pause = |_: &mut BufReader<UnixStream>, _: &Timed| {
+        std::thread::sleep(SPARSE_GAP);
+        Ok(())
+    };
+    let r = round(&socket, 1, sparse, &invoke(RECYCLED), &pause)?;
+    let busy_ms = host_busy_ticks().saturating_sub(busy_before) as f64 * 10.0;
+    add(format!("invoke no-op, recycled clone, 1 client, a call every {} ms", SPARSE_GAP.as_millis()), r);
+    let sparse_note = format!(
+        "sparse round: the host's CPU busy {:.0} ms per call (all processes; /proc/stat, 10 ms ticks)",
+        busy_ms / sparse as f64
+    );
     // A fresh clone per call: its agent has parked the vCPU, so the call includes waking it.
     settle()?;
     let r = round(&socket, 1, per_client.min(pool as usize), &invoke(FRESH), &no_release)?;
@@ -317,6 +336,7 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
          'client polls': the client looks for the answer for up to 200 us before sleeping in its read"
             .into(),
         host_gaps(),
+        sparse_note,
         "in the daemon: the server-timing header, request routed -> response built (axum middleware)".into(),
         "each round starts with full, quiet pools (clones done starting) and refills paused".into(),
     ];
@@ -361,23 +381,26 @@ pub(super) fn wait_full(sup: &Arc<Supervisor>, name: &str, pool: u32) -> Result<
     }
 }
 
+/// The host's busy time so far, every core's, in clock ticks (100/s): from the first line of
+/// /proc/stat, user, nice, system, irq and softirq (not idle, iowait or time the hypervisor
+/// stole). 0 when it cannot be read.
+fn host_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
+            Some([0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum())
+        })
+        .unwrap_or(0)
+}
+
 /// Waits until the host is nearly idle, every process counted: clones run in worker processes,
 /// freshly restored clones spend their first moments reseeding (on some hosts seconds of emulated
 /// guest work), and a clone's agent polls for a while after its last request before it parks,
 /// which on a small host takes a core from whatever is measured next. Gives up after a minute,
 /// saying so in the log.
 pub(super) fn wait_quiet() {
-    // The first line of /proc/stat: every core's time by kind, in clock ticks (100/s); busy is
-    // user, nice, system, irq and softirq (not idle, iowait or time the hypervisor stole).
-    let busy = || -> u64 {
-        std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
-                Some([0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum())
-            })
-            .unwrap_or(0)
-    };
+    let busy = host_busy_ticks;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let before = busy();

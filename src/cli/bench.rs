@@ -38,7 +38,8 @@ pub(crate) enum BenchCommand {
     Invoke(BenchInvokeArgs),
     /// Latency of `POST /functions/{name}/acquire` and of a no-op `invoke` through `ember serve`'s
     /// API, with 1 and 16 concurrent clients, measured by the client and by the daemon, on pools
-    /// restored from a template (`ember run --snapshot-on-ready`).
+    /// restored from a template (`ember run --snapshot-on-ready`); sparse invokes (a call every
+    /// 200 ms) with the host's CPU time per call; a fresh clone's first call.
     Handoff(BenchHandoffArgs),
     /// Functions whose files are layers: image build time and size; restore -> first answer with
     /// the code in a layer against the code in the initramfs; virtio-blk sequential and 4 KiB

@@ -13,8 +13,10 @@ use crate::devmem::PhysPage;
 use crate::functions::{Functions, Invocation};
 use crate::managed::Log;
 
-/// How long the agent polls for the next request before it lets the vCPU wait host-side.
-const SPIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the agent polls for the next request after an answer before it lets the vCPU wait
+/// host-side: a window between these bounds, see [`SpinWindow`].
+const MAX_SPIN: std::time::Duration = std::time::Duration::from_millis(100);
+const MIN_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
 /// Bounds of the pause between looks at whether other tasks still want the CPU (see `serve`).
 /// Each look is guest kernel work; with many clones sharing few host cores, frequent looks kept
 /// the guests busy enough that their other tasks never finished (64 clones on 2 cores never went
@@ -58,15 +60,20 @@ impl Mailbox {
     }
 
     /// Serves requests forever: polls the request seq, runs each request, answers in place. After
-    /// [`SPIN`] without a request it rings the idle doorbell (the vCPU then waits host-side).
+    /// its [`SpinWindow`] without a request it rings the idle doorbell (the vCPU then waits
+    /// host-side).
     pub fn serve(&mut self, control: &ControlPage, functions: &Mutex<Functions>) -> ! {
-        let ticks = crate::tsc::ticks(SPIN);
+        let mut window = SpinWindow::default();
+        let mut ticks = crate::tsc::ticks(window.get());
+        // Whether the agent is in the window after an answer (a request now is one that came
+        // within it).
+        let mut after_answer = false;
         let mut epoch = self.u64_at(EPOCH_OFF).load(Ordering::Acquire);
         let mut seen = self.u64_at(AGENT_SEEN_OFF).load(Ordering::Acquire);
         self.u32_at(AGENT_FEATURES_OFF).store(FEATURE_RING_IF_WAITING, Ordering::Release);
         self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
         // Before the first request, park at once: a clone waits in a pool, maybe long, and spinning
-        // there would cost its host a core for SPIN and its guest kernel a timer tick every 10 ms
+        // there would cost its host a core for MAX_SPIN and its guest kernel a timer tick every 10 ms
         // (emulated work on some hosts). After each request it spins: the next one often follows.
         let mut idle_at = crate::tsc::now();
         // The first park of a clone (or of a VM that just started serving) does not wait for
@@ -96,6 +103,10 @@ impl Mailbox {
                 if self.handle(seq, functions) {
                     control.ring_response();
                 }
+                if std::mem::replace(&mut after_answer, true) {
+                    window.request_came();
+                    ticks = crate::tsc::ticks(window.get());
+                }
                 idle_at = crate::tsc::now() + ticks;
                 nap = MIN_NAP;
                 continue;
@@ -103,6 +114,10 @@ impl Mailbox {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(256) && crate::tsc::now() > idle_at {
+                if std::mem::take(&mut after_answer) {
+                    window.passed();
+                    ticks = crate::tsc::ticks(window.get());
+                }
                 // Parking the vCPU stops the whole guest: only when nothing else wants to run
                 // (the vsock listener, the runtime, kernel workers); else let them have it.
                 // Each look costs system calls, so the pause between looks doubles up to MAX_NAP
@@ -213,6 +228,35 @@ fn enveloped(f: &mut Functions, function: &str, request: &[u8], response: &mut V
     status
 }
 
+/// How long the agent polls for the next request after an answer. It starts at [`MAX_SPIN`],
+/// doubles (up to that) when a request comes within it and halves (down to [`MIN_SPIN`]) when it
+/// passes without one: requests closer together than the window keep it open, while a clone
+/// called now and then, which parks after each call anyway, stops spending a host core for
+/// [`MAX_SPIN`] after each (~[`MIN_SPIN`] after a few calls).
+struct SpinWindow {
+    current: std::time::Duration,
+}
+
+impl Default for SpinWindow {
+    fn default() -> Self {
+        Self { current: MAX_SPIN }
+    }
+}
+
+impl SpinWindow {
+    fn get(&self) -> std::time::Duration {
+        self.current
+    }
+
+    fn request_came(&mut self) {
+        self.current = (self.current * 2).min(MAX_SPIN);
+    }
+
+    fn passed(&mut self) {
+        self.current = (self.current / 2).max(MIN_SPIN);
+    }
+}
+
 /// Whether a task other than this one is runnable, from /proc/loadavg's `running/total` field
 /// (a few system calls: only asked when about to park the vCPU). True when it cannot tell.
 fn others_runnable(loadavg: &mut Option<std::fs::File>) -> bool {
@@ -224,4 +268,30 @@ fn others_runnable(loadavg: &mut Option<std::fs::File>) -> bool {
     }
     let running = s.split_whitespace().nth(3).and_then(|w| w.split('/').next()).and_then(|n| n.parse::<u32>().ok());
     running.is_none_or(|n| n > 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spin_window_shrinks_for_sparse_requests_and_grows_back_for_close_ones() {
+        let mut w = SpinWindow::default();
+        assert_eq!(w.get(), MAX_SPIN);
+        // Calls further apart than the window: it halves each time, down to its floor.
+        let mut last = w.get();
+        for _ in 0..20 {
+            w.passed();
+            assert!(w.get() <= last && w.get() >= MIN_SPIN);
+            last = w.get();
+        }
+        assert_eq!(w.get(), MIN_SPIN);
+        // A burst: each request within the window doubles it, up to MAX_SPIN.
+        w.request_came();
+        assert_eq!(w.get(), MIN_SPIN * 2);
+        for _ in 0..20 {
+            w.request_came();
+        }
+        assert_eq!(w.get(), MAX_SPIN);
+    }
 }
