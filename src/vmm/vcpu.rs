@@ -101,7 +101,7 @@ pub struct VcpuContext {
 /// How long after a vCPU's first wake from the idle park a timer interrupt that fell due while it
 /// was parked is delivered (one tick of ember's guest kernel, HZ=100). A no-op call's answer takes
 /// 0.5-5 ms on a host that emulates guest kernel mode; with 1 ms, about one first call in 25 took
-/// the tick (and 50-90 ms of the guest kernel's work) before its answer.
+/// the tick, and the guest kernel's work behind it, before its answer (50-90 ms in all).
 const FIRST_WAKE_GRACE_MS: u64 = 10;
 
 pub struct Vcpu {
