@@ -401,12 +401,11 @@ fn host_busy_ticks() -> u64 {
 /// which on a small host takes a core from whatever is measured next. Gives up after a minute,
 /// saying so in the log.
 pub(super) fn wait_quiet() {
-    let busy = host_busy_ticks;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let before = busy();
+        let before = host_busy_ticks();
         std::thread::sleep(Duration::from_millis(500));
-        let used = busy().saturating_sub(before);
+        let used = host_busy_ticks().saturating_sub(before);
         // Under 10% of one core over the half second.
         if used <= 5 {
             return;

@@ -991,7 +991,7 @@ impl Supervisor {
     pub(super) fn discard(&self, clones: Vec<PooledVm>) {
         if !clones.is_empty() {
             // Their guests stop now, not when the thread gets to them.
-            clones.iter().for_each(|c| c.vm.request_stop());
+            clones.iter().for_each(|c| c.vm.request_stop("discarded"));
             self.discarded.reap(clones);
         }
     }

@@ -64,7 +64,6 @@ impl Mailbox {
     /// host-side).
     pub fn serve(&mut self, control: &ControlPage, functions: &Mutex<Functions>) -> ! {
         let mut window = SpinWindow::default();
-        let mut ticks = crate::tsc::ticks(window.get());
         // Whether the agent is in the window after an answer (a request now is one that came
         // within it).
         let mut after_answer = false;
@@ -105,9 +104,8 @@ impl Mailbox {
                 }
                 if std::mem::replace(&mut after_answer, true) {
                     window.request_came();
-                    ticks = crate::tsc::ticks(window.get());
                 }
-                idle_at = crate::tsc::now() + ticks;
+                idle_at = crate::tsc::now() + crate::tsc::ticks(window.get());
                 nap = MIN_NAP;
                 continue;
             }
@@ -116,7 +114,6 @@ impl Mailbox {
             if spins.is_multiple_of(256) && crate::tsc::now() > idle_at {
                 if std::mem::take(&mut after_answer) {
                     window.passed();
-                    ticks = crate::tsc::ticks(window.get());
                 }
                 // Parking the vCPU stops the whole guest: only when nothing else wants to run
                 // (the vsock listener, the runtime, kernel workers); else let them have it.
@@ -134,7 +131,7 @@ impl Mailbox {
                     control.ring_idle();
                 }
                 self.u32_at(AGENT_STATE_OFF).store(AGENT_POLLING, Ordering::SeqCst);
-                idle_at = crate::tsc::now() + ticks;
+                idle_at = crate::tsc::now() + crate::tsc::ticks(window.get());
             }
         }
     }

@@ -629,9 +629,9 @@ impl CloneVm {
 
     /// Makes a clone that runs here leave its guest at once, without waiting (see
     /// [`RunningVm::request_stop`]); a clone in a worker is stopped there when it is dropped.
-    pub fn request_stop(&self) {
+    pub fn request_stop(&self, why: &str) {
         if let Self::Local(vm) = self {
-            vm.request_stop("stopped");
+            vm.request_stop(why);
         }
     }
 

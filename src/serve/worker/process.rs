@@ -156,8 +156,8 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     // leaves its guest at once, before it waits there (a guest that went on running would take a
     // core from the clones being served).
     let reaper = crate::sys::Reaper::<RunningVm>::start("reaper");
-    let reap = |vm: RunningVm| {
-        vm.request_stop("stopped");
+    let reap = |vm: RunningVm, why: &str| {
+        vm.request_stop(why);
         reaper.reap(vm);
     };
     loop {
@@ -177,7 +177,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
             }
             Ok(Received::Message(ToWorker::Stop { id }, _)) => {
                 if let Some(vm) = vms.remove(&id) {
-                    reap(vm);
+                    reap(vm, "destroyed");
                 }
             }
             Ok(Received::Message(ToWorker::Setup(_), _)) => tracing::warn!("worker: a second setup, ignored"),
@@ -192,7 +192,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         for id in ended {
             if let Some(vm) = vms.remove(&id) {
                 let why = vm.exit().map(|e| e.to_string()).unwrap_or_default();
-                reap(vm);
+                reap(vm, &why);
                 if protocol::send(sock, &FromWorker::Exited { id, why }, None).is_err() {
                     break;
                 }
@@ -200,7 +200,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         }
     }
     for (_, vm) in vms.drain() {
-        reap(vm);
+        reap(vm, "the supervisor went away");
     }
 }
 
