@@ -457,6 +457,19 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     assert_eq!(vm.invoke("echo", b"up?", opts(FIRST_CALL)).unwrap().payload, b"up?");
     vm.stop("test");
 
+    // Threads made ahead are confined; a clone run without seccomp (`--no-seccomp`) starts its
+    // own, unconfined, and still serves (its vsock device on a thread of its own too).
+    let shell = VmShell::new(&template.shell_spec()).unwrap();
+    assert_eq!(shell.threads_ahead(), template.state.vcpus.len() + 1, "a vCPU thread each, and vsock's");
+    let bare = VmShell::new(&ShellSpec { threads_ahead: false, ..template.shell_spec() }).unwrap();
+    assert_eq!(bare.threads_ahead(), 0);
+    drop((shell, bare));
+    let unconfined = Channels { device_seccomp: false, ..channels.clone() };
+    let vm = template.restore_in(None, 4, &unconfined, Box::new(std::io::sink())).unwrap();
+    let vm = vm.start(RunOptions { seccomp: false, ..RunOptions::default() }).unwrap();
+    assert_eq!(vm.invoke("echo", b"unconfined", opts(FIRST_CALL)).unwrap().payload, b"unconfined");
+    vm.stop("test");
+
     // Clones whose channels are named files (as a worker's are): the mailbox is a file another
     // process opens, either the one a shell made in that directory, renamed, or one mapped over
     // the shell's anonymous one; the vsock device runs on the thread the shell started for it,

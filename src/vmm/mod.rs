@@ -294,7 +294,8 @@ impl Vm {
         let clock = BootClock::wall_only();
         let mut shell = match shell {
             Some(s) if s.fits(state) => s,
-            _ => VmShell::new(&ShellSpec::of(state))?,
+            // Threads made ahead are confined: a clone without seccomp starts its own.
+            _ => VmShell::new(&ShellSpec { threads_ahead: channels.device_seccomp, ..ShellSpec::of(state) })?,
         };
         let mem = shell.map_template(memory)?;
         let mailbox = Arc::new(shell.take_mailbox(channels.mailbox.as_deref())?);

@@ -59,6 +59,9 @@ pub struct ShellSpec {
     pub mailbox_dir: Option<std::path::PathBuf>,
     /// Whether the clones get a PIT ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)).
     pub pit: bool,
+    /// Whether the shell starts the clone's vCPU and device threads, confined (a clone that runs
+    /// without seccomp starts its own: threads made ahead are confined).
+    pub threads_ahead: bool,
 }
 
 impl std::fmt::Debug for ShellSpec {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for ShellSpec {
             .field("mem_bytes", &self.mem_bytes)
             .field("vcpus", &self.vcpus.len())
             .field("pit", &self.pit)
+            .field("threads_ahead", &self.threads_ahead)
             .field("memory", &self.memory.is_some())
             .field("device_threads", &self.device_threads)
             .field("mailbox_dir", &self.mailbox_dir)
@@ -85,6 +89,7 @@ impl ShellSpec {
             device_threads,
             mailbox_dir: None,
             pit: state.vm.pit_in_use(),
+            threads_ahead: true,
         }
     }
 }
@@ -184,17 +189,29 @@ impl VmShell {
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
             state.preload(&v.fd)?;
-            parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
+            if spec.threads_ahead {
+                parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
+            }
             if mapped.is_some() {
                 // Its copy-on-write fault taken now, not at the restore (which writes it).
                 state.copy_kvmclock_page(&ram)?;
             }
             vcpus.push(v);
         }
-        let filter =
-            crate::seccomp::shared_device_filter().map_err(|e| VmError::Shell(format!("device filter: {e}")))?;
-        let devices = Threads::park(&spec.device_threads, &filter).map_err(VmError::Thread)?;
+        let devices = match spec.threads_ahead {
+            true => {
+                let filter = crate::seccomp::shared_device_filter()
+                    .map_err(|e| VmError::Shell(format!("device filter: {e}")))?;
+                Threads::park(&spec.device_threads, &filter).map_err(VmError::Thread)?
+            }
+            false => Vec::new(),
+        };
         Ok(Self { parked, devices, vcpus, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
+    }
+
+    /// How many threads the shell started (its vCPUs' and devices', confined, waiting).
+    pub fn threads_ahead(&self) -> usize {
+        self.parked.len() + self.devices.len()
     }
 
     /// Whether this shell can take a clone of `state`.

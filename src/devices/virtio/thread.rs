@@ -94,9 +94,8 @@ impl Threads {
                     false
                 }
             };
-            // (A device whose thread will not run leaves its queues unserved: the guest's requests
-            // to it time out. Logged by Parked.)
-            crate::sys::Parked::spawn(name.into(), confine, |body: Body| body(), drop).map(|p| (name, p))
+            let refused = respawn(name, Some(seccomp.clone()));
+            crate::sys::Parked::spawn(name.into(), confine, |body: Body| body(), refused).map(|p| (name, p))
         };
         names.iter().map(|n| park(n)).collect()
     }
@@ -115,17 +114,39 @@ impl Threads {
                 Err(back) => body = back,
             }
         }
-        let seccomp = self.seccomp.clone();
-        std::thread::Builder::new().name(name.into()).spawn(move || {
-            if let Some(f) = seccomp {
-                if let Err(e) = crate::seccomp::apply(&f) {
-                    tracing::error!("{name}: cannot apply the seccomp filter: {e}");
-                    return;
-                }
-            }
-            body();
-        })
+        spawn_confined(name, self.seccomp.clone(), body)
     }
+}
+
+/// What a thread made ahead does with the body it was handed while it was still confining itself,
+/// when that failed: runs it on a new thread, confined as usual, and waits for that thread (its
+/// owner joins this one).
+fn respawn(name: &'static str, seccomp: Option<Arc<seccompiler::BpfProgram>>) -> impl FnOnce(Body) + Send {
+    move |body: Body| match spawn_confined(name, seccomp, body) {
+        Ok(t) => {
+            let _ = t.join();
+        }
+        Err(e) => tracing::error!("{name}: cannot start the device thread: {e}"),
+    }
+}
+
+/// Runs `body` on a new thread `name`, confined with `seccomp` first (none: not confined). A thread
+/// that cannot confine itself does not run it: the device's queues then go unserved, and the
+/// guest's requests to it time out.
+fn spawn_confined(
+    name: &'static str,
+    seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    body: Body,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        if let Some(f) = seccomp {
+            if let Err(e) = crate::seccomp::apply(&f) {
+                tracing::error!("{name}: cannot apply the seccomp filter: {e}");
+                return;
+            }
+        }
+        body();
+    })
 }
 
 impl<A: Send + 'static> DeviceThread<A> {
@@ -378,6 +399,30 @@ mod tests {
         assert_eq!(run_on(&threads, "vsock"), (Some("vsock".into()), false));
         // Dropped unused, they end (joined).
         drop(Threads::new(None).with_ahead(vec![ahead(true), ahead(true)]));
+    }
+
+    #[test]
+    fn a_body_handed_to_a_thread_that_then_fails_to_prepare_runs_on_a_new_one() {
+        // The thread made ahead prepares itself only once its body has been handed over, and fails.
+        let (handed_tx, handed_rx) = channel::<()>();
+        let prepare = move || {
+            let _ = handed_rx.recv();
+            false
+        };
+        let parked =
+            crate::sys::Parked::spawn("vsock".into(), prepare, |body: Body| body(), respawn("vsock", None)).unwrap();
+        let (tx, rx) = channel();
+        let body: Body = Box::new(move || {
+            let _ = tx.send((std::thread::current().id(), std::thread::current().name().map(String::from)));
+        });
+        let handle = parked.start(body).map_err(|_| "refused at once").unwrap();
+        let parked_id = handle.thread().id();
+        handed_tx.send(()).unwrap();
+        // Joining the thread made ahead waits for the one that ran the body.
+        handle.join().unwrap();
+        let (ran_on, name) = rx.try_recv().expect("the body ran before the join returned");
+        assert_ne!(ran_on, parked_id, "not on the thread that could not prepare itself");
+        assert_eq!(name.as_deref(), Some("vsock"));
     }
 
     #[test]
