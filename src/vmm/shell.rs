@@ -1,14 +1,14 @@
 //! VM shells: the parts of a clone that do not depend on which clone it is, made ahead of the
 //! restore that needs them.
 //!
-//! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over address ranges
-//! the shell reserves (RAM anonymous, nothing populated; the mailbox the clone's own, made with the
-//! shell), the TSS, the in-kernel irqchip, the PIT when the template's guest may use it
+//! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over the shell's
+//! mappings (RAM anonymous and unpopulated, or the template's memory file, see below; the mailbox
+//! the clone's own, made with the shell), the TSS, the in-kernel irqchip, the PIT when the template's guest may use it
 //! ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)), and its vCPUs created and
 //! loaded with the part of the template's vCPU state that every clone shares (CPUID, TSC
 //! frequency, registers, FPU, MSRs: [`VcpuState::preload`]). Each vCPU's thread and each device's
 //! thread are started with the shell too, confined with their seccomp filters, and wait. A restore
-//! maps the template's memory file over the reserved RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM
+//! maps the template's memory file over the anonymous RAM range (`MAP_FIXED | MAP_PRIVATE`: KVM
 //! follows the change through its MMU notifier), and loads what depends on when the clone starts
 //! (clock, PIT, interrupt controllers, local APICs, TSCs, pending events) and its devices, on their
 //! threads.
@@ -40,7 +40,7 @@ use super::vcpu_state::VcpuState;
 use super::VmError;
 use crate::channel::mailbox::Mailbox;
 use crate::devices::virtio::thread::{ParkedDevice, Threads};
-use crate::memory::{self, GuestMemory};
+use crate::memory::GuestMemory;
 use crate::snapshot::MemoryFile;
 use crate::sys::Locked;
 
@@ -94,47 +94,6 @@ impl ShellSpec {
     }
 }
 
-/// An anonymous range of address space reserved for a mapping to come (unmapped on drop unless
-/// handed over).
-struct Reservation {
-    addr: usize,
-    len: usize,
-}
-
-impl Reservation {
-    fn new(len: usize) -> Result<Self, VmError> {
-        // SAFETY: a new anonymous mapping at an address the kernel picks; nothing else refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(VmError::Shell(format!("cannot reserve {len} bytes: {}", std::io::Error::last_os_error())));
-        }
-        Ok(Self { addr: p as usize, len })
-    }
-
-    /// Gives the range to a new owner (who maps over it and unmaps it when done).
-    fn hand_over(self) -> *mut u8 {
-        let p = self.addr as *mut u8;
-        std::mem::forget(self);
-        p
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the range was mapped by `new` and is still ours (never handed over).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
 /// A VM made ahead of a restore (see the module's documentation).
 pub struct VmShell {
     // Drop order: vCPUs and the VM fd before the memory its slots point at.
@@ -172,14 +131,12 @@ impl VmShell {
             // Anonymous and unpopulated until the restore maps the template over it.
             _ => (super::guest_memory(spec.mem_bytes)?, None),
         };
-        let range = Reservation::new(memory::MAILBOX_SIZE as usize)?.hand_over();
         let named = spec.mailbox_dir.as_ref().map(|d| {
             static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             d.join(format!(".shell-{}-{n}.mailbox", std::process::id()))
         });
-        // SAFETY: the range was just reserved and is given up to the mailbox.
-        let mailbox = unsafe { Mailbox::create_at(named.as_deref(), Some(range)) }?;
+        let mailbox = Mailbox::create(named.as_deref())?;
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
         // it, drop the VM fd first.
