@@ -68,9 +68,16 @@ pub(super) fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, b
 /// clones for the fresh-clone invoke, 16 recycled ones for the acquire rounds, `per_client`
 /// requests per client and round.
 /// Clones run where `isolation` says (in worker processes, or in the daemon itself).
-pub fn handoff(snapshot: &Path, pool: u32, per_client: usize, isolation: Isolation) -> Result<TableReport, String> {
+/// The daemon's HTTP API runs on `api_threads` threads.
+pub fn handoff(
+    snapshot: &Path,
+    pool: u32,
+    per_client: usize,
+    isolation: Isolation,
+    api_threads: usize,
+) -> Result<TableReport, String> {
     let dir = std::env::temp_dir().join(format!("ember-bench-handoff-{}", std::process::id()));
-    let result = run(snapshot, &dir, pool, per_client, isolation);
+    let result = run(snapshot, &dir, pool, per_client, isolation, api_threads);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -104,7 +111,7 @@ pub(super) struct Daemon {
 impl Daemon {
     pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation) -> Result<Self, String> {
         let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
-        Self::start_with(state, socket, isolation, network)
+        Self::start_with(state, socket, isolation, network, crate::serve::DEFAULT_API_THREADS)
     }
 
     /// [`Daemon::start`] with clones' networks.
@@ -113,6 +120,7 @@ impl Daemon {
         socket: &Path,
         isolation: Isolation,
         network: crate::serve::network::Network,
+        api_threads: usize,
     ) -> Result<Self, String> {
         let images = crate::serve::images::ImageDirs::open(&[])?;
         let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(state), None)
@@ -123,7 +131,7 @@ impl Daemon {
         };
         let sup = Supervisor::open(state, images, builder, workers, network).map_err(|e| e.to_string())?;
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let rt = crate::serve::api_runtime(api_threads).map_err(|e| e.to_string())?;
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
         let server = rt.spawn(crate::serve::serve_api(listener, sup.clone(), std::future::pending()));
         Ok(Self { sup, scaler, server, _rt: rt })
@@ -249,7 +257,14 @@ fn no_release(_: &mut BufReader<UnixStream>, _: &Timed) -> Result<(), String> {
     Ok(())
 }
 
-fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Isolation) -> Result<TableReport, String> {
+fn run(
+    snapshot: &Path,
+    dir: &Path,
+    pool: u32,
+    per_client: usize,
+    isolation: Isolation,
+    api_threads: usize,
+) -> Result<TableReport, String> {
     let state = dir.join("state");
     let quiet = |min_ready: u32| {
         serde_json::json!({"min_ready": min_ready, "max": min_ready * 2 + 16, "headroom": 1.0,
@@ -260,7 +275,8 @@ fn run(snapshot: &Path, dir: &Path, pool: u32, per_client: usize, isolation: Iso
     recycled["max_uses"] = u32::MAX.into();
     register(snapshot, &state, RECYCLED, recycled, serde_json::json!({}))?;
     let socket = dir.join("api.sock");
-    let daemon = Daemon::start(&state, &socket, isolation)?;
+    let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
+    let daemon = Daemon::start_with(&state, &socket, isolation, network, api_threads)?;
     let sup = daemon.sup.clone();
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);

@@ -297,7 +297,8 @@ fn run(plain_cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport
     let socket = scratch.join("api.sock");
     let network = Network::start(&state, false);
     let daemon =
-        handoff::Daemon::start_with(&state, &socket, Isolation::None, network).map_err(|e| failed("daemon", e))?;
+        handoff::Daemon::start_with(&state, &socket, Isolation::None, network, crate::serve::DEFAULT_API_THREADS)
+            .map_err(|e| failed("daemon", e))?;
     let measured = (|| -> Result<(), String> {
         for name in ["plain", "net"] {
             handoff::wait_full(&daemon.sup, name, HANDOFF_POOL)?;

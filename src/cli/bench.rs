@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use ember::bench;
 use ember::snapshot::write_atomic;
@@ -159,6 +160,10 @@ pub(crate) struct BenchHandoffArgs {
     /// Where the daemon runs the clones (as `ember serve --isolation`).
     #[arg(long, value_name = "MODE")]
     isolation: Option<super::serve::Isolation>,
+    /// Threads that serve the daemon's HTTP API (as `ember serve --api-threads`).
+    #[arg(long, value_name = "N", default_value_t = ember::serve::DEFAULT_API_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    api_threads: usize,
 }
 
 #[derive(Args)]
@@ -298,6 +303,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
             args.pool,
             args.requests as usize,
             super::serve::Isolation::resolve(args.isolation)?,
+            args.api_threads,
         )?,
         BenchCommand::Invoke(args) => {
             let b = bench::invoke::InvokeBench {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser as _;
 use clap::Args;
 
 #[derive(Args)]
@@ -29,6 +30,12 @@ pub(crate) struct ServeArgs {
     /// network beyond this host routes back here). A function's `egress_ip` applies either way.
     #[arg(long, value_name = "MODE", default_value = "masquerade")]
     egress_nat: EgressNat,
+    /// Threads that serve the HTTP API (what may take long goes to a blocking pool; lean-protocol
+    /// connections have threads of their own). One answers a request soonest: with more, each
+    /// request also wakes another to look for work.
+    #[arg(long, value_name = "N", default_value_t = ember::serve::DEFAULT_API_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    api_threads: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -71,6 +78,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let dir = args.state_dir.map(Ok).unwrap_or_else(default_state_dir)?;
     let isolation = Isolation::resolve(args.isolation)?;
     let masquerade = matches!(args.egress_nat, EgressNat::Masquerade);
-    ember::serve::run(&args.socket, &dir, &args.images, isolation, masquerade)?;
+    ember::serve::run(&args.socket, &dir, &args.images, isolation, masquerade, args.api_threads)?;
     Ok(ExitCode::SUCCESS)
 }
