@@ -44,8 +44,8 @@ pub const DEFAULT_API_THREADS: usize = 1;
 /// where it is read (what may take long goes to the runtime's blocking pool, lean-protocol
 /// connections have threads of their own), so one worker answers soonest: with more, a worker
 /// that takes a request wakes another to look for work, which costs the request a cross-core
-/// wake-up (1-client acquire round trip 11.8-12.0 us p50 with one worker, 31-34 us with two, on
-/// the development host; `ember bench handoff --api-threads N`).
+/// wake-up (1-client acquire round trip 11.8-12.0 us p50 with one worker, 29.5-33.5 us with two,
+/// on the development host; `ember bench handoff --api-threads N`).
 pub fn api_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))

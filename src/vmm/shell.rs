@@ -3,7 +3,8 @@
 //!
 //! A shell is a KVM VM with its guest RAM and mailbox memory slots registered over the shell's
 //! mappings (RAM anonymous and unpopulated, or the template's memory file, see below; the mailbox
-//! the clone's own, made with the shell), the TSS, the in-kernel irqchip, the PIT when the template's guest may use it
+//! the clone's own, made with the shell), the TSS, the in-kernel irqchip, the PIT when the
+//! template's guest may use it
 //! ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)), and its vCPUs created and
 //! loaded with the part of the template's vCPU state that every clone shares (CPUID, TSC
 //! frequency, registers, FPU, MSRs: [`VcpuState::preload`]). Each vCPU's thread and each device's
