@@ -179,6 +179,9 @@ fn invoke_and_channel_usage_errors() {
 fn serve_bench_and_simulate_usage_errors() {
     assert_fails(&["bench", "handoff", "--snapshot", "/nonexistent"], 1, "/nonexistent/state");
     assert_fails(&["bench", "handoff", "--snapshot", "/tmp", "--requests", "0"], 2, "--requests");
+    assert_fails(&["bench", "handoff", "--snapshot", "/tmp", "--api-threads", "0"], 2, "--api-threads");
+    assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--api-threads", "0"], 2, "--api-threads");
+    assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--api-threads", "65"], 2, "1..=64");
     // Output paths are checked before minutes of measuring; a template that is not there is named.
     assert_fails(
         &["bench", "restore", "--kernel", "/k", "--json", "/nonexistent/r.json"],

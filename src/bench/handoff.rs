@@ -109,9 +109,9 @@ pub(super) struct Daemon {
 }
 
 impl Daemon {
-    pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation) -> Result<Self, String> {
+    pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation, api_threads: usize) -> Result<Self, String> {
         let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
-        Self::start_with(state, socket, isolation, network, crate::serve::DEFAULT_API_THREADS)
+        Self::start_with(state, socket, isolation, network, api_threads)
     }
 
     /// [`Daemon::start`] with clones' networks.
@@ -275,8 +275,7 @@ fn run(
     recycled["max_uses"] = u32::MAX.into();
     register(snapshot, &state, RECYCLED, recycled, serde_json::json!({}))?;
     let socket = dir.join("api.sock");
-    let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
-    let daemon = Daemon::start_with(&state, &socket, isolation, network, api_threads)?;
+    let daemon = Daemon::start(&state, &socket, isolation, api_threads)?;
     let sup = daemon.sup.clone();
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);
