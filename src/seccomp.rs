@@ -44,24 +44,52 @@ const THREAD_RUNTIME: &[i64] = &[
 /// The ioctl "type" byte of every KVM ioctl.
 const KVMIO: u64 = 0xae;
 
-/// The KVM ioctls a vCPU thread issues, by number (linux/kvm.h): running, and reading the state it
-/// saves when it parks or reports when the VM fails.
-const VCPU_IOCTLS: &[u64] = &[
-    0x80, // KVM_RUN
-    0x81, // KVM_GET_REGS
-    0x83, // KVM_GET_SREGS
-    0x85, // KVM_TRANSLATE
-    0x88, // KVM_GET_MSRS
-    0x89, // KVM_SET_MSRS: the first wake from the idle park moves an overdue TSC deadline
-    0x8e, // KVM_GET_LAPIC
-    0x91, // KVM_GET_CPUID2
-    0x98, // KVM_GET_MP_STATE
-    0x9f, // KVM_GET_VCPU_EVENTS
-    0xa1, // KVM_GET_DEBUGREGS
-    0xa3, // KVM_GET_TSC_KHZ
-    0xa4, // KVM_GET_XSAVE
-    0xa6, // KVM_GET_XCRS
-];
+/// The KVM ioctls a vCPU thread issues, as whole request numbers (linux/kvm.h: direction, size,
+/// type and number; a rule that compared the number alone would also pass another ioctl of that
+/// number with another direction or size, e.g. KVM_ENABLE_CAP for KVM_GET_TSC_KHZ): running, and
+/// reading the state it saves when it parks or reports when the VM fails.
+mod vcpu_ioctls {
+    #![allow(non_snake_case)]
+    use kvm_bindings::*;
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+    use super::KVMIO;
+    const KVMIO_TYPE: u32 = KVMIO as u32;
+    ioctl_io_nr!(KVM_RUN, KVMIO_TYPE, 0x80);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO_TYPE, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO_TYPE, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO_TYPE, 0x85, kvm_translation);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO_TYPE, 0x88, kvm_msrs);
+    // The first wake from the idle park moves an overdue TSC deadline.
+    ioctl_iow_nr!(KVM_SET_MSRS, KVMIO_TYPE, 0x89, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO_TYPE, 0x8e, kvm_lapic_state);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO_TYPE, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO_TYPE, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO_TYPE, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO_TYPE, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO_TYPE, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO_TYPE, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO_TYPE, 0xa6, kvm_xcrs);
+
+    pub fn all() -> [u64; 14] {
+        [
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_TRANSLATE(),
+            KVM_GET_MSRS(),
+            KVM_SET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ]
+    }
+}
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, BackendError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
@@ -225,13 +253,10 @@ fn vcpu_rules(vcpu_fd: RawFd) -> Result<Rules, Error> {
         libc::SYS_close,
     ]);
     add_memory_rules(&mut rules)?;
-    let kvm = VCPU_IOCTLS
-        .iter()
-        .map(|nr| {
-            SeccompRule::new(vec![
-                cond(0, SeccompCmpOp::Eq, vcpu_fd as u64)?,
-                cond(1, SeccompCmpOp::MaskedEq(0xffff), (KVMIO << 8) | nr)?,
-            ])
+    let kvm = vcpu_ioctls::all()
+        .into_iter()
+        .map(|request| {
+            SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, vcpu_fd as u64)?, cond(1, SeccompCmpOp::Eq, request)?])
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_ioctl, kvm);
@@ -761,6 +786,27 @@ mod tests {
             }
         });
         assert_eq!((other_fd, not_kvm, exec, open), (libc::EPERM, libc::EPERM, libc::EPERM, libc::EPERM));
+    }
+
+    #[test]
+    fn a_vcpu_thread_gets_its_ioctls_by_whole_request_number() {
+        // KVM_ENABLE_CAP (_IOW(KVMIO, 0xa3, struct kvm_enable_cap)) shares its number with
+        // KVM_GET_TSC_KHZ (_IO(KVMIO, 0xa3)): only the allowed request passes the filter (and
+        // then fails in the kernel, fd 99 being no vCPU here).
+        vmm_sys_util::ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO as u32, 0xa3, kvm_bindings::kvm_enable_cap);
+        let (enable_cap, tsc_khz) = confined(vcpu_filter(99).unwrap(), || {
+            // SAFETY: ioctls on an fd that is not open, with a null argument: refused by the
+            // filter or by the kernel (EBADF) before anything is read.
+            unsafe {
+                (
+                    errno_of(libc::ioctl(99, KVM_ENABLE_CAP() as _, std::ptr::null_mut::<u8>()) as _),
+                    errno_of(libc::ioctl(99, vcpu_ioctls::KVM_GET_TSC_KHZ() as _) as _),
+                )
+            }
+        });
+        assert_eq!((enable_cap, tsc_khz), (libc::EPERM, libc::EBADF));
+        assert_eq!(vcpu_ioctls::KVM_RUN(), 0xae80);
+        assert_eq!(vcpu_ioctls::KVM_GET_REGS(), 0x8090_ae81);
     }
 
     #[test]

@@ -180,8 +180,12 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     let version1 = info["version"].as_str().unwrap().to_string();
 
     // JSON in, JSON out, with a dependency from the shared layer, the context filled in.
-    let (c, r) =
-        invoke_with_id(&s, "py", &json!({"payload": r#"{"xs": [1, 2, 39], "who": "ember"}"#}).to_string(), "req-42");
+    let (c, r) = invoke_with_id(
+        &s,
+        "py",
+        &json!({"payload": r#"{"xs": [1, 2, 39], "who": "ember"}"#, "timeout_s": 120}).to_string(),
+        "req-42",
+    );
     assert_eq!(c, 200, "{r}");
     assert_eq!((r["status"].as_str(), r["ok"].as_bool()), (Some("ok"), Some(true)), "{r}");
     let out: Value = serde_json::from_str(r["payload"].as_str().unwrap()).unwrap();
@@ -204,7 +208,7 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     // A return value JSON cannot encode; an event that is not JSON; stderr is in the log too.
     let r = call(&s, "py", json!({"op": "set"}));
     assert!(r["error"]["message"].as_str().unwrap().contains("cannot be encoded as JSON"), "{r}");
-    let (c, body) = http(&s, "POST", "/functions/py/invoke", Some(r#"{"payload": "not json"}"#));
+    let (c, body) = http(&s, "POST", "/functions/py/invoke", Some(r#"{"payload": "not json", "timeout_s": 120}"#));
     let r = json_of(&body);
     assert_eq!((c, r["status"].as_str()), (200, Some("error")), "{body}");
     assert!(r["error"]["message"].as_str().unwrap().contains("not JSON"), "{r}");
@@ -229,17 +233,17 @@ fn python_functions_answer_fail_log_and_switch_versions() {
     // The exec runtime: the context reaches the program, its stdout is the log, its error report
     // and its exit are told apart.
     wait_ready(&s, "ex", 1);
-    let (c, r) = invoke_with_id(&s, "ex", r#"{"payload": "hello"}"#, "req-ex");
+    let (c, r) = invoke_with_id(&s, "ex", r#"{"payload": "hello", "timeout_s": 120}"#, "req-ex");
     assert_eq!((c, r["status"].as_str(), r["payload"].as_str()), (200, Some("ok"), Some("HELLO")), "{r}");
     let context = r["logs"][0].as_str().unwrap().strip_prefix("context ").unwrap();
     let context = json_of(context);
     assert_eq!((context["request_id"].as_str(), context["function"].as_str()), (Some("req-ex"), Some("ex")), "{r}");
     assert_eq!(context["clone_id"], r["clone_id"], "{r}");
-    let r = json_of(&http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "fail"}"#)).1);
+    let r = json_of(&http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "fail", "timeout_s": 120}"#)).1);
     assert_eq!((r["status"].as_str(), r["error"]["type"].as_str()), (Some("error"), Some("ExampleError")), "{r}");
     let (_, body) = http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "exit", "timeout_s": 180}"#));
     assert_eq!(json_of(&body)["status"], "function failed", "{body}");
-    let (_, body) = http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "again"}"#));
+    let (_, body) = http(&s, "POST", "/functions/ex/invoke", Some(r#"{"payload": "again", "timeout_s": 120}"#));
     assert_eq!(json_of(&body)["payload"], "AGAIN", "{body}");
 
     // Two clones of one template draw different random numbers.
@@ -264,25 +268,40 @@ fn python_functions_answer_fail_log_and_switch_versions() {
 
     // A new version under a steady stream of invocations: none fails, and the answers move from
     // v1 to v2.
+    // (The stream runs while the new template boots, which slows every guest on the host: its
+    // calls get a generous timeout, and the test waits for what it asserts, a v1 answer before
+    // the switch and a v2 one after it, instead of sleeping for it.)
     let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let streamer = {
-        let (s, stop) = (s.clone(), stop.clone());
+        let (s, stop, seen) = (s.clone(), stop.clone(), seen.clone());
         std::thread::spawn(move || {
-            let mut seen = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                let (c, body) = http(&s, "POST", "/functions/py/invoke", Some(r#"{"payload": "{\"xs\": [1]}"}"#));
+                let body = r#"{"payload": "{\"xs\": [1]}", "timeout_s": 300}"#;
+                let (c, body) = http(&s, "POST", "/functions/py/invoke", Some(body));
                 assert_eq!(c, 200, "an invocation failed during the switch: {body}");
                 let r = json_of(&body);
                 assert_eq!(r["status"], "ok", "{r}");
                 let version = json_of(r["payload"].as_str().unwrap())["version"].as_str().unwrap().to_string();
+                let mut seen = seen.lock().unwrap();
                 if seen.last() != Some(&version) {
                     seen.push(version);
                 }
+                drop(seen);
                 std::thread::sleep(Duration::from_millis(500));
             }
-            seen
         })
     };
+    let seen_now = || seen.lock().unwrap().clone();
+    let wait_seen = |what: &str, f: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + common::BOOT_TIMEOUT;
+        while !f(&seen_now()) {
+            assert!(!streamer.is_finished(), "the invocation stream ended");
+            assert!(Instant::now() < deadline, "no {what} answer in the stream: {:?}", seen_now());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_seen("v1", &|s| !s.is_empty());
     let (c, body) = http(&s, "PUT", "/functions/py", Some(&spec(&v2, "app.handler")));
     assert_eq!(c, 202, "{body}");
     let v = json_of(&body);
@@ -301,10 +320,10 @@ fn python_functions_answer_fail_log_and_switch_versions() {
         assert!(Instant::now() < deadline, "the new version never took over: {v}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    std::thread::sleep(Duration::from_secs(2));
+    wait_seen("v2", &|s| s.len() > 1);
     stop.store(true, Ordering::SeqCst);
-    let seen = streamer.join().expect("the invocation stream failed");
-    assert_eq!(seen, ["v1", "v2"], "answers by version over the switch");
+    streamer.join().expect("the invocation stream failed");
+    assert_eq!(seen_now(), ["v1", "v2"], "answers by version over the switch");
     let r = call(&s, "py", json!({"xs": [5]}));
     assert_eq!(
         (r["version"].as_str(), json_of(r["payload"].as_str().unwrap())["version"].as_str()),

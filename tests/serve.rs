@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A file's permission bits.
@@ -195,7 +195,12 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
         assert!(status.contains("\nSeccomp:\t2\n") || status.is_empty(), "thread {name} is not confined");
     }
     // The clone's channels and the function's files are the daemon user's alone.
-    assert_eq!(mode(Path::new(h["mailbox"].as_str().unwrap())), 0o600);
+    // A worker's clone's mailbox is the daemon's own descriptor of the worker's sealed memfd
+    // (the daemon maps no file in a directory a worker can write): reachable through the
+    // daemon's /proc fd directory, which only the daemon's user can read.
+    let mailbox_path = Path::new(h["mailbox"].as_str().unwrap());
+    assert!(mailbox_path.starts_with(format!("/proc/{pid}/fd")), "{}", mailbox_path.display());
+    assert_eq!(mode(&PathBuf::from(format!("/proc/{pid}/fd"))), 0o500);
     assert_eq!(mode(Path::new(h["vsock"].as_str().unwrap())), 0o600);
     let fdir = dir.join("state/functions/rev");
     for f in ["spec.json", "template/state", "template/memory", "template/working-set"] {
@@ -431,7 +436,8 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     one["pool"] = json!({"min_ready": 1, "max": 1});
     repool(&one, &|i| i["spec"]["pool"]["max"] == 1);
     for i in 0..30 {
-        let (code, body) = http(&s, "POST", "/functions/rev/invoke", Some(r#"{"function": "echo", "payload": "1"}"#));
+        let body = r#"{"function": "echo", "payload": "1", "timeout_s": 300}"#;
+        let (code, body) = http(&s, "POST", "/functions/rev/invoke", Some(body));
         assert_eq!(code, 200, "call {i}: {body}");
     }
 

@@ -34,6 +34,16 @@ pub enum MailboxError {
     NotAMailbox(String),
     #[error("{0} already exists; remove it or choose another path (ember will not overwrite it)")]
     Exists(String),
+    #[error("{0} is not a mailbox whose size is sealed (a memfd of the mailbox's size that cannot shrink or grow)")]
+    NotSealed(String),
+}
+
+/// Seals `file`'s size (it must be a memfd made with `MFD_ALLOW_SEALING`): false on failure, with
+/// the error in errno.
+fn seal_size(file: &File) -> bool {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an int on a descriptor we own.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) == 0 }
 }
 
 /// What a call can be refused for before anything reaches the guest: the function's name and the
@@ -110,6 +120,10 @@ pub struct Mailbox {
     last_id: AtomicU64,
     /// Response doorbells the agent rang (seen by this process's vCPU thread).
     rung: AtomicU64,
+    /// Calls through this handle that set the host-waiting word (asked to be rung if they sleep).
+    announced: AtomicU64,
+    /// Calls through this handle that set it and then found no answer, so slept on the doorbell.
+    slept: AtomicU64,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics and volatile copies; the
@@ -144,7 +158,9 @@ impl Mailbox {
         let (file, name) = match path {
             None => {
                 // SAFETY: the name is a valid NUL-terminated string; the fd returned is ours.
-                let fd = unsafe { libc::memfd_create(c"ember-mailbox".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe {
+                    libc::memfd_create(c"ember-mailbox".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+                };
                 if fd < 0 {
                     give_up();
                     return Err(io_err("memfd")(std::io::Error::last_os_error()));
@@ -175,6 +191,13 @@ impl Mailbox {
             give_up();
             return Err(cleanup(io_err(&name)(e)));
         }
+        // An anonymous mailbox's size is sealed: whoever it is handed to (a worker's mailboxes
+        // go to the daemon) can map it without fearing that another holder truncates it under
+        // the mapping (a SIGBUS in the reader).
+        if path.is_none() && !seal_size(&file) {
+            give_up();
+            return Err(io_err(&name)(std::io::Error::last_os_error()));
+        }
         // SAFETY: `at`, if any, is handed over by our caller (see above).
         let mut m = unsafe { Self::map(file, &name, at) }.map_err(cleanup)?;
         m.owned_path = path.map(Path::to_path_buf);
@@ -203,6 +226,35 @@ impl Mailbox {
             return Err(MailboxError::NotAMailbox(name));
         }
         Ok(m)
+    }
+
+    /// Takes a mailbox handed over by another process (a worker's clone's): accepted only as a
+    /// file of the mailbox's size that nobody can shrink or grow (a memfd with those seals, as
+    /// [`Mailbox::create`] makes one), so that mapping it can never fault, and only with the
+    /// mailbox's magic and version.
+    pub fn from_sealed(file: File) -> Result<Self, MailboxError> {
+        let name = "a mailbox handed over".to_string();
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_GET_SEALS on a descriptor we own; no pointer is passed.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        let meta = file.metadata().map_err(io_err(&name))?;
+        if seals < 0 || seals & want != want || !meta.is_file() || meta.len() != MAILBOX_SIZE {
+            return Err(MailboxError::NotSealed(name));
+        }
+        // SAFETY: no address given: the mapping goes where the kernel puts it.
+        let m = unsafe { Self::map(file, &name, None) }?;
+        if m.word32(MAGIC_OFF).load(Ordering::Acquire) != MAGIC
+            || m.word32(VERSION_OFF).load(Ordering::Acquire) != VERSION
+        {
+            return Err(MailboxError::NotAMailbox(name));
+        }
+        Ok(m)
+    }
+
+    /// The mailbox's file, to hand to another process (see [`Mailbox::from_sealed`]).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
     }
 
     /// Maps the mailbox file; over `at` (a range of MAILBOX_SIZE bytes given up by the caller,
@@ -239,6 +291,8 @@ impl Mailbox {
             calling: AtomicBool::new(false),
             last_id: AtomicU64::new(0),
             rung: AtomicU64::new(0),
+            announced: AtomicU64::new(0),
+            slept: AtomicU64::new(0),
         })
     }
 
@@ -370,6 +424,16 @@ impl Mailbox {
     /// How many times the agent rang the response doorbell.
     pub fn responses_rung(&self) -> u64 {
         self.rung.load(Ordering::Relaxed)
+    }
+
+    /// How many calls through this handle asked to be rung (set the host-waiting word) and how
+    /// many of those then found no answer and slept. The protocol's promise, in these counts: the
+    /// agent rings for every call that slept and for no call that did not ask, so over any stretch
+    /// of calls without [`CallOptions::ring_always`], `slept <= responses rung <= announced` (a
+    /// ring is counted when the vCPU thread handles its exit, before the agent can see the next
+    /// request).
+    pub fn doorbell_waits(&self) -> (u64, u64) {
+        (self.announced.load(Ordering::Relaxed), self.slept.load(Ordering::Relaxed))
     }
 
     /// Invokes `function` with `payload` and waits for its response.
@@ -513,13 +577,18 @@ impl<M: Deref<Target = Mailbox>> PendingCall<M> {
         let mut spins = 0u32;
         // Cleared however the wait ends.
         let waiting = Waiting(m.word32(HOST_WAITING_OFF));
+        let (mut announced, mut slept) = (false, false);
         while resp_seq.load(Ordering::Acquire) != seq {
             if opts.doorbell {
                 let low = resp_seq.load(Ordering::Acquire) as u32;
-                if self.if_waiting {
+                if self.if_waiting && !std::mem::replace(&mut announced, true) {
                     waiting.0.store(1, Ordering::SeqCst);
+                    m.announced.fetch_add(1, Ordering::Relaxed);
                 }
                 if resp_seq.load(Ordering::SeqCst) != seq {
+                    if !std::mem::replace(&mut slept, true) {
+                        m.slept.fetch_add(1, Ordering::Relaxed);
+                    }
                     futex_wait(m.word32(RESP_SEQ_OFF), low, Some(Duration::from_millis(10)));
                 }
             } else {
@@ -709,6 +778,62 @@ mod tests {
         // Dropped unanswered, it frees the mailbox too.
         drop(Mailbox::begin(&*m, "echo", b"", CallOptions::default()).unwrap());
         assert!(Mailbox::try_begin(&*m, "echo", b"", CallOptions::default()).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_mailbox_handed_over_is_taken_only_with_its_size_sealed() {
+        let m = Mailbox::create(None).unwrap();
+        let handed = File::from(m.fd().try_clone_to_owned().unwrap());
+        // Nobody holding it can cut it under a mapping (the reader's SIGBUS).
+        assert!(handed.set_len(4096).is_err(), "an anonymous mailbox could be truncated");
+        assert!(handed.set_len(MAILBOX_SIZE * 2).is_err(), "an anonymous mailbox could be grown");
+        let other = leak(Mailbox::from_sealed(handed).unwrap());
+        let t = serve_once(other, 0, b"over", 0);
+        assert_eq!(m.call("echo", b"", CallOptions::default()).unwrap().payload, b"over");
+        t.join().unwrap();
+        // An unsealed memfd, a regular file, a sealed one of another size: refused.
+        let dir = tempfile::tempdir().unwrap();
+        let named = Mailbox::create(Some(&dir.path().join("named"))).unwrap();
+        let plain = File::from(named.fd().try_clone_to_owned().unwrap());
+        assert!(matches!(Mailbox::from_sealed(plain), Err(MailboxError::NotSealed(_))));
+        // SAFETY: the name is NUL-terminated; the new fd is owned by the File made from it.
+        let memfd = |flags| unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), flags)) };
+        let unsealed = memfd(libc::MFD_CLOEXEC);
+        unsealed.set_len(MAILBOX_SIZE).unwrap();
+        assert!(matches!(Mailbox::from_sealed(unsealed), Err(MailboxError::NotSealed(_))));
+        let small = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        small.set_len(4096).unwrap();
+        assert!(seal_size(&small));
+        assert!(matches!(Mailbox::from_sealed(small), Err(MailboxError::NotSealed(_))));
+        // Sealed, of the right size, but not a mailbox.
+        let blank = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        blank.set_len(MAILBOX_SIZE).unwrap();
+        assert!(seal_size(&blank));
+        assert!(matches!(Mailbox::from_sealed(blank), Err(MailboxError::NotAMailbox(_))));
+    }
+
+    #[test]
+    fn a_caller_that_sleeps_on_the_doorbell_is_counted_and_woken_by_the_ring() {
+        let m = leak(Mailbox::create(None).unwrap());
+        m.store32(AGENT_FEATURES_OFF, FEATURE_RING_IF_WAITING);
+        let opts = CallOptions { doorbell: true, ..Default::default() };
+        let t = std::thread::spawn(move || m.call("echo", b"", opts));
+        // The caller announces that it sleeps, finds no answer and sleeps: then the agent's part
+        // (which sees the host-waiting word set) answers and rings.
+        while m.doorbell_waits() != (1, 1) {
+            std::thread::yield_now();
+        }
+        assert_eq!(m.word32(HOST_WAITING_OFF).load(Ordering::SeqCst), 1);
+        answer(m, 0, b"rung", 0);
+        m.response_rung();
+        assert_eq!(t.join().unwrap().unwrap().payload, b"rung");
+        assert_eq!((m.responses_rung(), m.word32(HOST_WAITING_OFF).load(Ordering::SeqCst)), (1, 0));
+        // A caller that finds the answer while it polls announces nothing.
+        let t = serve_once(m, 0, b"polled", 0);
+        let spin = CallOptions { spin: Duration::from_secs(60), ..opts };
+        assert_eq!(m.call("echo", b"", spin).unwrap().payload, b"polled");
+        t.join().unwrap();
+        assert_eq!(m.doorbell_waits(), (1, 1));
     }
 
     #[test]

@@ -171,9 +171,24 @@ impl Registry {
         let _ = std::fs::remove_dir_all(&dir);
         match workers {
             // Booted in a worker of its own: the guest's first run never happens in the daemon.
+            // What the worker handed back (checked) is written here by the daemon alone, and the
+            // template served is the one checked, not one read back from disk.
             Some(w) => {
                 let tap = net.map(|n| n.tap());
-                w.make_template(name, spec, &drives, &dir, [kernel.fd(), initramfs.fd()], tap, BOOT_TIMEOUT)?
+                let made = w.make_template(name, spec, &drives, [kernel.fd(), initramfs.fd()], tap, BOOT_TIMEOUT)?;
+                let paths = snapshot::SnapshotPaths::new(&dir);
+                let written = (|| {
+                    private_dir(&dir).map_err(|e| snapshot::SnapshotError::Io(dir.clone(), e))?;
+                    snapshot::write_atomic(&paths.state(), &made.state_bytes)?;
+                    made.memory.save(&paths.memory())?;
+                    if let Some(ws) = &made.working_set {
+                        snapshot::write_atomic(&paths.working_set(), ws)?;
+                    }
+                    snapshot::sync_dir(&dir)
+                })();
+                written.map_err(|e| e.to_string())?;
+                Self::label(&dir, spec, version)?;
+                return Ok(Template { paths, state: made.state, memory: made.memory });
             }
             None => {
                 let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };

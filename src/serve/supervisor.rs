@@ -961,7 +961,15 @@ impl Supervisor {
             if !same_lease(&h.lease, lease) {
                 return Err(Refusal::Forbidden(format!("VM {id}: the lease does not match this handoff")));
             }
-            handed.remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?
+            let h = handed.remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+            // A lease ends at its deadline, whether or not the scaler's tick has come round to
+            // it yet: a release after it is refused as one after the tick would be.
+            if h.expires <= Instant::now() {
+                drop(handed);
+                self.expire(vec![h]);
+                return Err(Refusal::NotFound(format!("no handed-out VM {id} (its lease expired)")));
+            }
+            h
         };
         let (f, clone) = (h.function, h.clone);
         let recycle = !destroy
@@ -1005,6 +1013,11 @@ impl Supervisor {
             let ids: Vec<u64> = handed.iter().filter(|(_, h)| h.expires <= now).map(|(id, _)| *id).collect();
             ids.iter().filter_map(|id| handed.remove(id)).collect()
         };
+        self.expire(expired);
+    }
+
+    /// Destroys the clones of leases that ended, counting them.
+    fn expire(&self, expired: Vec<Handed>) {
         let clones = expired
             .into_iter()
             .map(|h| {

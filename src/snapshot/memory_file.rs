@@ -2,7 +2,7 @@
 //! clone, never written to after it is made.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -71,14 +71,20 @@ impl MemoryFile {
     /// data, in memory; its holes stay holes.
     pub fn sealed(&self) -> Result<Self, SnapshotError> {
         let err = |e: std::io::Error| SnapshotError::Io(self.path.clone(), e);
-        // SAFETY: the name is NUL-terminated; a non-negative result is a new fd that we own.
-        let fd = unsafe { libc::memfd_create(c"ember-template".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-        if fd < 0 {
+        let memfd = crate::sys::memfd(c"ember-template", true).map_err(err)?;
+        memfd.set_len(self.mem_bytes).map_err(err)?;
+        self.copy_data_to(&memfd).map_err(err)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS takes an int; the memfd is ours and has no shared writable mapping.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(self.mem_bytes).map_err(err)?;
+        Ok(Self { path: self.path.clone(), file: memfd, mem_bytes: self.mem_bytes })
+    }
+
+    /// Copies the file's data (not its holes) into `to`, at the same offsets: `to` must be
+    /// `mem_bytes` long and read as zeros where it was not written.
+    fn copy_data_to(&self, to: &File) -> std::io::Result<()> {
         let src = self.file.as_raw_fd();
         let mut buf = vec![0u8; 1 << 20];
         let mut at = 0i64;
@@ -93,18 +99,40 @@ impl MemoryFile {
             let mut off = data;
             while off < hole {
                 let n = ((hole - off) as usize).min(buf.len());
-                self.file.read_exact_at(&mut buf[..n], off as u64).map_err(err)?;
-                memfd.write_all_at(&buf[..n], off as u64).map_err(err)?;
+                self.file.read_exact_at(&mut buf[..n], off as u64)?;
+                to.write_all_at(&buf[..n], off as u64)?;
                 off += n as i64;
             }
             at = hole;
         }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-        // SAFETY: F_ADD_SEALS takes an int; the memfd is ours and has no shared writable mapping.
-        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(err(std::io::Error::last_os_error()));
+        Ok(())
+    }
+
+    /// Writes the memory to a new file at `path` (sparse: holes stay holes), under a temporary
+    /// name first that is always a new file (never written through a file or symlink that had
+    /// its name), synced and renamed into place.
+    pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_file_name(".memory.tmp");
+        let written = (|| {
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let f = crate::sys::private_file()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)?;
+            f.set_len(self.mem_bytes)?;
+            self.copy_data_to(&f)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(SnapshotError::Io(tmp, e));
         }
-        Ok(Self { path: self.path.clone(), file: memfd, mem_bytes: self.mem_bytes })
+        std::fs::rename(&tmp, path).map_err(io_err(path))
     }
 
     /// The open file (a worker gets a sealed template's memfd through its socket).

@@ -93,13 +93,24 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, synced, renamed into place,
-/// and the directory synced, so that a crash leaves either the old file or the new one.
+/// and the directory synced, so that a crash leaves either the old file or the new one. The
+/// temporary file is always a new one: whatever had its name (a file a crash left, a symlink
+/// someone planted) is removed first, never written through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = (|| {
-        let mut f = crate::sys::private_file().write(true).create(true).truncate(true).open(&tmp)?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = crate::sys::private_file()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -114,4 +125,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 /// Makes a directory's entries (renames, new files) durable.
 pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_atomic_write_never_writes_through_what_has_its_names() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"not yours").unwrap();
+        let dir = d.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        // Symlinks planted under the temporary name and under the name itself.
+        std::os::unix::fs::symlink(&outside, dir.join(".version.tmp")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("version")).unwrap();
+        write_atomic(&dir.join("version"), b"v2").unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"not yours");
+        assert_eq!(std::fs::read(dir.join("version")).unwrap(), b"v2");
+        assert!(!std::fs::symlink_metadata(dir.join("version")).unwrap().file_type().is_symlink());
+        assert!(!dir.join(".version.tmp").exists());
+        // A file a crash left under the temporary name is replaced, not reused.
+        std::fs::write(dir.join(".spec.tmp"), b"left over, longer than the new content").unwrap();
+        write_atomic(&dir.join("spec"), b"new").unwrap();
+        assert_eq!(std::fs::read(dir.join("spec")).unwrap(), b"new");
+    }
 }

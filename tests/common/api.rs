@@ -74,10 +74,16 @@ impl Server {
 
     /// A daemon with more arguments.
     pub fn start_with_args(dir: &Path, more: &[PathBuf], args: &[&str]) -> Self {
+        Self::start_with_env(dir, more, args, &[])
+    }
+
+    /// A daemon with more arguments and environment variables.
+    pub fn start_with_env(dir: &Path, more: &[PathBuf], args: &[&str], env: &[(&str, &Path)]) -> Self {
         let socket = dir.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
             .args(args)
+            .envs(env.iter().copied())
             .args(image_dirs().iter().chain(more).flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

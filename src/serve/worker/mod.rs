@@ -181,14 +181,14 @@ impl Workers {
             Ok(())
         })();
         if let Err(e) = made {
-            self.release(&place);
+            self.release(&place, true);
             return Err(format!("{}: {e}", place.run_dir.display()));
         }
         if let (Some(base), true) = (&self.cgroups, self.jailed) {
             match base.create(&name, limits) {
                 Ok(c) => place.cgroup = Some(Arc::new(c)),
                 Err(e) => {
-                    self.release(&place);
+                    self.release(&place, true);
                     return Err(format!("cgroup: {e}"));
                 }
             }
@@ -196,25 +196,33 @@ impl Workers {
         Ok(place)
     }
 
-    /// Removes what [`Workers::prepare`] made (once the worker has ended) and frees its uid.
-    fn release(&self, place: &Place) {
+    /// Removes what [`Workers::prepare`] made and frees its uid, once its worker has ended:
+    /// `reaped` says whether it is known to be gone (or never started). A uid whose process may
+    /// still live is never given to another worker (that one could then signal or trace it).
+    fn release(&self, place: &Place, reaped: bool) {
+        // (remove_dir_all removes symlinks, never what they point at.)
         let _ = std::fs::remove_dir_all(&place.run_dir);
         let _ = std::fs::remove_dir(&place.root);
         if let Some(c) = &place.cgroup {
             c.remove();
         }
-        self.slots.locked().remove(&place.slot);
+        if reaped {
+            self.slots.locked().remove(&place.slot);
+        } else {
+            tracing::warn!(uid = place.uid, "a worker was not seen to end: its uid is not reused");
+        }
     }
 
-    /// How a worker that ended did (with its cgroup's word on its memory).
-    fn ended(&self, pid: i32, place: &Place) -> String {
-        let how = self.launcher.wait_exit(pid, Duration::from_secs(5)).unwrap_or_else(|| "ended".into());
-        match &place.cgroup {
+    /// How a worker that ended did (with its cgroup's word on its memory); None if it was not
+    /// reaped within 5 s.
+    fn ended(&self, pid: i32, place: &Place) -> Option<String> {
+        let how = self.launcher.wait_exit(pid, Duration::from_secs(5))?;
+        Some(match &place.cgroup {
             Some(c) if c.oom_kills() > 0 => {
                 format!("{how} (its memory limit was reached: {} OOM kill(s))", c.oom_kills())
             }
             _ => how,
-        }
+        })
     }
 
     /// The worker's setup: jailed in `place` with `binds` (besides its channel directory).
@@ -238,19 +246,24 @@ impl Workers {
     }
 
     /// The drives a worker reads, bound into its jail: the daemon's own images are made readable
-    /// to the worker's uid (they sit in the daemon's private state directory, and a worker sees
-    /// only its function's).
-    fn drive_binds(&self, drives: &[crate::config::DriveConfig]) -> Vec<Bind> {
+    /// (or writable, for a writable drive) to the worker's uid (they sit in the daemon's private
+    /// state directory, and a worker sees only its function's). `drives` is the daemon's own
+    /// record; still, a path with `..` or one that is not a regular file (a symlink) is refused,
+    /// and the mode is changed on the file opened, never by path.
+    fn drive_binds(&self, drives: &[crate::config::DriveConfig]) -> Result<Vec<Bind>, String> {
         let state = self.dir.parent().unwrap_or(Path::new("/"));
         drives
             .iter()
             .map(|d| {
-                if self.jailed && d.path_on_host.starts_with(state) {
-                    let mode = if d.is_read_only { 0o444 } else { 0o666 };
-                    let _ =
-                        std::fs::set_permissions(&d.path_on_host, std::os::unix::fs::PermissionsExt::from_mode(mode));
+                let p = &d.path_on_host;
+                if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    return Err(format!("drive {}: {} is not a plain absolute path", d.drive_id, p.display()));
                 }
-                Bind { path: d.path_on_host.display().to_string(), writable: !d.is_read_only }
+                if self.jailed && p.starts_with(state) {
+                    let mode = if d.is_read_only { 0o444 } else { 0o666 };
+                    set_mode_nofollow(p, mode).map_err(|e| format!("drive {}: {}: {e}", d.drive_id, p.display()))?;
+                }
+                Ok(Bind { path: p.display().to_string(), writable: !d.is_read_only })
             })
             .collect()
     }
@@ -268,17 +281,23 @@ impl Workers {
         let state = match template.state.encode() {
             Ok(s) => base64::engine::general_purpose::STANDARD.encode(s),
             Err(e) => {
-                self.release(&place);
+                self.release(&place, true);
                 return Err(e.to_string());
             }
         };
-        let binds = self.drive_binds(&template.state.devices.drives);
+        let binds = match self.drive_binds(&template.state.devices.drives) {
+            Ok(b) => b,
+            Err(e) => {
+                self.release(&place, true);
+                return Err(e);
+            }
+        };
         let max_files = 256 + u64::from(max_clones) * FILES_PER_CLONE;
         let setup = self.setup(function, &place, Task::Serve { state }, binds, false, max_files);
         let (pid, sock) = match self.launch(setup, &[template.memory.file().as_raw_fd()]) {
             Ok(r) => r,
-            Err(e) => {
-                self.release(&place);
+            Err((e, reaped)) => {
+                self.release(&place, reaped);
                 return Err(e);
             }
         };
@@ -287,8 +306,8 @@ impl Workers {
             Err(e) => {
                 // SAFETY: signals our own child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                let _ = self.ended(pid, &place);
-                self.release(&place);
+                let reaped = self.ended(pid, &place).is_some();
+                self.release(&place, reaped);
                 return Err(format!("socket: {e}"));
             }
         };
@@ -311,9 +330,11 @@ impl Workers {
             read_events(&reader, &shared);
             // How it ended first (it is reaped within milliseconds of closing its socket), so that
             // whoever sees it dead also sees why.
-            *shared.exit.locked() = Some(workers.ended(pid, &place));
+            let how = workers.ended(pid, &place);
+            let reaped = how.is_some();
+            *shared.exit.locked() = Some(how.unwrap_or_else(|| "ended".into()));
             shared.fail_everything();
-            workers.release(&place);
+            workers.release(&place, reaped);
         };
         match std::thread::Builder::new().name(format!("worker-{pid}")).spawn(follow) {
             Ok(h) => {
@@ -327,22 +348,24 @@ impl Workers {
         Ok(w)
     }
 
-    /// Makes `function`'s template in `dir` in a worker of its own (jailed like the ones that
-    /// serve, with `dir` writable), booting `spec` with `drives` from the open `kernel` and
-    /// `initramfs`; waits for it (at most `timeout` for the guest to be ready). The guest's first
-    /// run, the function's own code included, never runs in the daemon.
+    /// Makes `function`'s template in a worker of its own (jailed like the ones that serve, in
+    /// its own directory), booting `spec` with `drives` from the open `kernel` and `initramfs`;
+    /// waits for it (at most `timeout` for the guest to be ready). The guest's first run, the
+    /// function's own code included, never runs in the daemon. What comes back is checked as
+    /// untrusted input (see [`MadeInWorker`]), and only after the worker is dead and reaped: the
+    /// daemon never reads, follows or changes anything in the worker's directory.
     #[allow(clippy::too_many_arguments)]
     pub fn make_template(
         &self,
         function: &str,
         spec: &crate::serve::model::FunctionSpec,
         drives: &[crate::config::DriveConfig],
-        dir: &Path,
         images: [RawFd; 2],
         tap: Option<RawFd>,
         timeout: Duration,
-    ) -> Result<(), String> {
-        // The guest's RAM, the memory file written from it, the working-set clone.
+    ) -> Result<MadeInWorker, String> {
+        // The guest's RAM, the memory file written from it, the working-set clone, the sealed
+        // copy of the memory handed back.
         let limits = CgroupLimits {
             memory_bytes: (spec.mem_mib * 2 + 256) << 20,
             pids: u64::from(spec.vcpus) * 2 + 64,
@@ -351,76 +374,54 @@ impl Workers {
         let place = self.prepare(function, &limits)?;
         let mut fds = images.to_vec();
         fds.extend(tap);
-        let result = self.make_in(function, spec, drives, dir, &fds, timeout, &place);
-        if self.jailed {
-            // The template's files are the daemon's again.
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let _ = std::os::unix::fs::chown(e.path(), Some(0), Some(0));
+        let binds = self.drive_binds(drives)?;
+        let task =
+            Task::Make { spec: Box::new(spec.clone()), drives: drives.to_vec(), timeout_s: timeout.as_secs_f64() };
+        let setup = self.setup(function, &place, task, binds, true, 1024);
+        let (pid, sock) = match self.launch(setup, &fds) {
+            Ok(r) => r,
+            Err((e, reaped)) => {
+                self.release(&place, reaped);
+                return Err(e);
             }
-            let _ = std::os::unix::fs::chown(dir, Some(0), Some(0));
-        }
-        self.release(&place);
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn make_in(
-        &self,
-        function: &str,
-        spec: &crate::serve::model::FunctionSpec,
-        drives: &[crate::config::DriveConfig],
-        dir: &Path,
-        fds: &[RawFd],
-        timeout: Duration,
-        place: &Place,
-    ) -> Result<(), String> {
-        crate::sys::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        if self.jailed {
-            std::os::unix::fs::chown(dir, Some(place.uid), Some(place.uid))
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        let mut binds = self.drive_binds(drives);
-        binds.push(Bind { path: dir.display().to_string(), writable: true });
-        let task = Task::Make {
-            spec: Box::new(spec.clone()),
-            drives: drives.to_vec(),
-            dir: dir.display().to_string(),
-            timeout_s: timeout.as_secs_f64(),
         };
-        let setup = self.setup(function, place, task, binds, true, 1024);
-        let (pid, sock) = self.launch(setup, fds)?;
         let _ = protocol::set_recv_timeout(&sock, timeout + Duration::from_secs(120));
-        let answer = match protocol::recv::<FromWorker>(&sock) {
-            Ok(Received::Message(FromWorker::Made { ready_s }, _)) => {
+        let answer = protocol::recv::<FromWorker>(&sock);
+        drop(sock);
+        // Its work is done whatever it said: it goes, and is reaped, before anything it sent is
+        // looked at (a worker that lingers could race the daemon's every step, and its uid is
+        // given to the next worker only once it is gone).
+        // SAFETY: signals our own child, not reaped yet (its pid cannot have been reused).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let how = self.ended(pid, &place);
+        self.release(&place, how.is_some());
+        let how = how.unwrap_or_else(|| "ended".into());
+        match answer {
+            Ok(Received::Message(FromWorker::Made { ready_s, working_set }, files)) => {
+                let made = MadeInWorker::check(files, working_set, spec, drives)?;
                 tracing::info!(function, "template made in a worker (ready after {ready_s:.1} s)");
-                Ok(())
+                Ok(made)
             }
             Ok(Received::Message(FromWorker::MakeFailed { error }, _)) => Err(error),
             Ok(Received::Message(m, _)) => Err(format!("the worker said {m:?}")),
-            Ok(Received::Closed) => Err(format!("the worker {} while it made the template", self.ended(pid, place))),
+            Ok(Received::Closed) => Err(format!("the worker {how} while it made the template")),
             Ok(Received::Nothing) => Err("the worker did not make the template in time".into()),
             Err(e) => Err(format!("worker: {e}")),
-        };
-        drop(sock);
-        if answer.is_err() {
-            // SAFETY: signals our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = self.ended(pid, place);
-        answer
     }
 
-    /// Starts a worker with `setup` (and `fds` sent with it), waits until it is set up.
-    fn launch(&self, setup: Setup, fds: &[RawFd]) -> Result<(i32, UnixDatagram), String> {
-        let (mine, theirs) = protocol::pair().map_err(|e| format!("socketpair: {e}"))?;
+    /// Starts a worker with `setup` (and `fds` sent with it), waits until it is set up. On
+    /// failure, also whether no process of it is left (none started, or it was reaped).
+    fn launch(&self, setup: Setup, fds: &[RawFd]) -> Result<(i32, UnixDatagram), (String, bool)> {
+        let (mine, theirs) = protocol::pair().map_err(|e| (format!("socketpair: {e}"), true))?;
         let namespaces = if self.jailed { JAIL_NAMESPACES } else { 0 };
-        let pid = self.launcher.start(&theirs, namespaces).map_err(|e| format!("cannot start a worker: {e}"))?;
+        let pid =
+            self.launcher.start(&theirs, namespaces).map_err(|e| (format!("cannot start a worker: {e}"), true))?;
         drop(theirs);
         let kill = |e: String| {
-            // SAFETY: signals our own child.
+            // SAFETY: signals our own child, not reaped yet.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = self.launcher.wait_exit(pid, Duration::from_secs(1));
-            e
+            (e, self.launcher.wait_exit(pid, Duration::from_secs(5)).is_some())
         };
         protocol::send_fds(&mine, &ToWorker::Setup(Box::new(setup)), fds)
             .map_err(|e| kill(format!("worker setup: {e}")))?;
@@ -432,8 +433,12 @@ impl Workers {
             }
             Ok(Received::Message(m, _)) => return Err(kill(format!("the worker said {m:?} before it was ready"))),
             Ok(Received::Closed) => {
-                let how = self.launcher.wait_exit(pid, Duration::from_secs(1)).unwrap_or_else(|| "ended".into());
-                return Err(format!("the worker {how} before it was ready"));
+                let how = self.launcher.wait_exit(pid, Duration::from_secs(5));
+                let reaped = how.is_some();
+                return Err((
+                    format!("the worker {} before it was ready", how.unwrap_or_else(|| "ended".into())),
+                    reaped,
+                ));
             }
             Ok(Received::Nothing) => return Err(kill("the worker did not set itself up in time".into())),
             Err(e) => return Err(kill(format!("worker: {e}"))),
@@ -441,6 +446,79 @@ impl Workers {
         mine.set_read_timeout(None).map_err(|e| kill(e.to_string()))?;
         Ok((pid, mine))
     }
+}
+
+/// A template a worker made, as it came back over the socket (the state file's bytes, the memory
+/// as a sealed memfd, the working set's bytes), checked: the state decodes and describes the
+/// registration's guest (its RAM, vCPUs and exactly the daemon's own drive list), the memory is
+/// sealed and of that size, the working set lies within it.
+pub struct MadeInWorker {
+    pub state: crate::vmm::persist::SnapshotState,
+    pub state_bytes: Vec<u8>,
+    pub memory: crate::snapshot::MemoryFile,
+    pub working_set: Option<Vec<u8>>,
+}
+
+impl MadeInWorker {
+    fn check(
+        files: Vec<std::os::fd::OwnedFd>,
+        working_set: bool,
+        spec: &crate::serve::model::FunctionSpec,
+        drives: &[crate::config::DriveConfig],
+    ) -> Result<Self, String> {
+        use crate::snapshot::working_set::WorkingSet;
+        let bad = |what: &str| format!("the worker's template is not acceptable: {what}");
+        let want = if working_set { 3 } else { 2 };
+        if files.len() != want {
+            return Err(bad(&format!("{} descriptors where {want} were due", files.len())));
+        }
+        let mut files = files.into_iter().map(std::fs::File::from);
+        let (Some(state_file), Some(memory)) = (files.next(), files.next()) else {
+            return Err(bad("descriptors missing"));
+        };
+        let origin = Path::new("(the worker's template state)");
+        let limit = crate::snapshot::MAX_STATE_LEN + 4096;
+        let state_bytes = crate::sys::read_file_limited(&state_file, limit).map_err(|e| bad(&format!("state: {e}")))?;
+        let state =
+            crate::vmm::persist::SnapshotState::decode(&state_bytes, origin).map_err(|e| bad(&e.to_string()))?;
+        let mem_bytes = spec.mem_mib << 20;
+        if state.machine.mem_bytes != mem_bytes || state.vcpus.len() != usize::from(spec.vcpus) {
+            return Err(bad(&format!(
+                "a guest of {} bytes and {} vCPUs, where {mem_bytes} bytes and {} were registered",
+                state.machine.mem_bytes,
+                state.vcpus.len(),
+                spec.vcpus
+            )));
+        }
+        if state.devices.drives != drives {
+            return Err(bad("its drives are not the registration's"));
+        }
+        let memory = crate::snapshot::MemoryFile::from_sealed(memory, mem_bytes).map_err(|e| bad(&e.to_string()))?;
+        let working_set = match files.next() {
+            Some(f) => {
+                let bytes = crate::sys::read_file_limited(&f, limit).map_err(|e| bad(&format!("working set: {e}")))?;
+                WorkingSet::decode(&bytes, mem_bytes, Path::new("(the worker's working set)"))
+                    .map_err(|e| bad(&e.to_string()))?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        Ok(Self { state, state_bytes, memory, working_set })
+    }
+}
+
+/// Sets the mode of the regular file at `path` on the file itself, opened without following a
+/// symlink in its last component.
+fn set_mode_nofollow(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 /// Where one worker lives: its uid, channel directory, jail root and cgroup.
@@ -459,10 +537,13 @@ fn state_id(state_dir: &Path) -> String {
     Sha256::digest(p.as_os_str().as_encoded_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
+/// A worker's answer to a restore: the descriptors that came with it (the clone's mailbox).
+type RestoreAnswer = Result<Vec<std::os::fd::OwnedFd>, String>;
+
 #[derive(Default)]
 struct Shared {
     /// Restores waiting for their answer, by clone id.
-    pending: Mutex<HashMap<u64, Sender<Result<(), String>>>>,
+    pending: Mutex<HashMap<u64, Sender<RestoreAnswer>>>,
     /// Every live clone's mailbox, by id (marked ended when the clone or the worker ends).
     clones: Mutex<HashMap<u64, Arc<Mailbox>>>,
     dead: AtomicBool,
@@ -486,10 +567,10 @@ impl Shared {
 fn read_events(sock: &UnixDatagram, shared: &Shared) {
     loop {
         match protocol::recv::<FromWorker>(sock) {
-            Ok(Received::Message(m, _)) => match m {
+            Ok(Received::Message(m, fds)) => match m {
                 FromWorker::Restored { id } => {
                     if let Some(tx) = shared.pending.locked().remove(&id) {
-                        let _ = tx.send(Ok(()));
+                        let _ = tx.send(Ok(fds));
                     }
                 }
                 FromWorker::Failed { id, error } => {
@@ -549,7 +630,10 @@ impl Worker {
     }
 
     /// Restores clone `id` in the worker (its network card on the TAP `tap`, when it has one) and
-    /// maps its mailbox; returns its channels' paths too.
+    /// maps its mailbox, which the worker hands over as a memfd whose size is sealed (never a
+    /// path: the daemon opens nothing in a directory a worker can write, and maps nothing a
+    /// worker could truncate under it). Returns its channels' paths too: for the mailbox, the
+    /// daemon's own descriptor of it under /proc (see [`mailbox_path`]).
     pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
         let (tx, rx) = channel();
         self.shared.pending.locked().insert(id, tx);
@@ -563,15 +647,17 @@ impl Worker {
         }
         let answer = rx.recv_timeout(RESTORE_TIMEOUT).map_err(|_| "the worker did not answer in time".to_string());
         self.shared.pending.locked().remove(&id);
-        answer??;
-        let (mailbox, vsock) = (self.run_dir.join(format!("{id}.mailbox")), self.run_dir.join(format!("{id}.vsock")));
-        let m = match Mailbox::open(&mailbox) {
+        let mut fds = answer??;
+        let handed =
+            fds.pop().filter(|_| fds.is_empty()).ok_or_else(|| "the worker sent no mailbox with the clone".to_string());
+        let m = match handed.and_then(|fd| Mailbox::from_sealed(fd.into()).map_err(|e| e.to_string())) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 let _ = protocol::send(&self.sock, &ToWorker::Stop { id }, None);
                 return Err(format!("the clone's mailbox: {e}"));
             }
         };
+        let (mailbox, vsock) = (mailbox_path(&m), self.run_dir.join(format!("{id}.vsock")));
         self.shared.clones.locked().insert(id, m.clone());
         // A worker that ended meanwhile has marked every clone it knew: look once more.
         if self.dead() {
@@ -586,6 +672,14 @@ impl Drop for Worker {
         // SAFETY: shutdown on our own socket; the worker reads end-of-file and exits.
         unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
     }
+}
+
+/// Where a scheduler maps a worker clone's mailbox: the daemon's own descriptor of the sealed
+/// memfd, `/proc/<daemon>/fd/<n>` (readable only by the daemon's user; valid while the clone is
+/// handed out, so it is opened while the lease is held, as `ember invoke --mailbox` does).
+fn mailbox_path(m: &Mailbox) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), m.fd().as_raw_fd()))
 }
 
 /// A clone running in a worker.

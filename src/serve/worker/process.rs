@@ -20,7 +20,7 @@ use crate::snapshot::{MemoryFile, SnapshotPaths};
 use crate::template::MakeOptions;
 use crate::template::Template;
 use crate::vmm::persist::SnapshotState;
-use crate::vmm::shell::{ShellMaker, ShellSpec, VmShell};
+use crate::vmm::shell::{ShellMaker, VmShell};
 use crate::vmm::{Channels, RunOptions, RunningVm};
 
 /// How often the worker looks for clones that ended on their own.
@@ -45,20 +45,29 @@ pub fn run() -> Result<(), String> {
         let _ = protocol::send(&sock, &FromWorker::SetupFailed { error: error.clone() }, None);
         error
     };
+    hostile::arm(&setup.function);
     match &setup.task {
         Task::Serve { state } => {
             let template = prepare_serve(&setup, state, fds).map_err(fail)?;
             protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
             serve(&sock, &template, Path::new(&setup.run_dir));
         }
-        Task::Make { spec, drives, dir, timeout_s } => {
+        Task::Make { spec, drives, timeout_s } => {
             let images = prepare_make(&setup, fds).map_err(fail)?;
             protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
-            let reply = match make(spec, drives, Path::new(dir), *timeout_s, &images) {
-                Ok(ready_s) => FromWorker::Made { ready_s },
-                Err(error) => FromWorker::MakeFailed { error },
+            // Made in this worker's own directory; what the supervisor keeps of it goes back
+            // over the socket as descriptors (it never reads a directory a worker could write).
+            let dir = Path::new(&setup.run_dir).join("template");
+            let sent = match make(spec, drives, &dir, *timeout_s, &images).and_then(|ready_s| made(&dir, ready_s)) {
+                Ok((reply, files)) => {
+                    use std::os::fd::AsRawFd;
+                    let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+                    protocol::send_fds(&sock, &reply, &fds)
+                }
+                Err(error) => protocol::send(&sock, &FromWorker::MakeFailed { error }, None),
             };
-            protocol::send(&sock, &reply, None).map_err(|e| format!("socket: {e}"))?;
+            sent.map_err(|e| format!("socket: {e}"))?;
+            hostile::linger(&dir);
         }
     }
     Ok(())
@@ -97,13 +106,7 @@ fn prepare_make(setup: &Setup, mut fds: Vec<OwnedFd>) -> Result<MakeImages, Stri
     let [kernel, initramfs]: [OwnedFd; 2] =
         fds.try_into().map_err(|_| "expected the kernel and the initramfs with the setup".to_string())?;
     let copy = |from: OwnedFd, name: &std::ffi::CStr| -> Result<std::fs::File, String> {
-        // SAFETY: the name is NUL-terminated; a non-negative result is a new fd that we own.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let mut to = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut to = crate::sys::memfd(name, false).map_err(|e| format!("memfd: {e}"))?;
         let mut from = std::fs::File::from(from);
         std::io::copy(&mut from, &mut to).map_err(|e| format!("{name:?}: {e}"))?;
         Ok(to)
@@ -142,14 +145,42 @@ fn make(
     Ok(made.ready.as_secs_f64())
 }
 
+/// What a made template is handed back as: `Made`, with the state file's bytes, the memory in a
+/// sealed memfd and the working set's bytes (when one was recorded), in that order.
+fn made(dir: &Path, ready_s: f64) -> Result<(FromWorker, Vec<std::fs::File>), String> {
+    let paths = SnapshotPaths::new(dir);
+    let bytes_in_memfd = |name: &std::ffi::CStr, bytes: &[u8]| -> Result<std::fs::File, String> {
+        use std::io::Write;
+        let mut f = crate::sys::memfd(name, false).map_err(|e| format!("memfd: {e}"))?;
+        f.write_all(bytes).map_err(|e| format!("memfd: {e}"))?;
+        Ok(f)
+    };
+    let template = Template::open(dir).map_err(|e| e.to_string())?;
+    let mut state = std::fs::read(paths.state()).map_err(|e| format!("state: {e}"))?;
+    let working_set = match std::fs::read(paths.working_set()) {
+        Ok(ws) => Some(ws),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("working set: {e}")),
+    };
+    hostile::made(dir, &mut state);
+    let mut files = vec![
+        bytes_in_memfd(c"state", &state)?,
+        template.memory.sealed().map_err(|e| e.to_string())?.file().try_clone().map_err(|e| e.to_string())?,
+    ];
+    if let Some(ws) = &working_set {
+        files.push(bytes_in_memfd(c"working-set", ws)?);
+    }
+    Ok((FromWorker::Made { ready_s, working_set: working_set.is_some() }, files))
+}
+
 fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     let _ = protocol::set_recv_timeout(sock, SWEEP);
     let mut vms: HashMap<u64, RunningVm> = HashMap::new();
     // VMs made ahead for the next restores, on a thread of their own (without it, each restore
     // makes its VM itself).
-    // Their mailboxes made in the run directory, where a restore names them.
-    let spec = ShellSpec { mailbox_dir: Some(run_dir.to_path_buf()), ..template.shell_spec() };
-    let shells = ShellMaker::start(spec, SHELLS_AHEAD)
+    // Their mailboxes are anonymous memfds with their size sealed: each goes to the supervisor
+    // as a descriptor, never as a file in a directory this process can write.
+    let shells = ShellMaker::start(template.shell_spec(), SHELLS_AHEAD)
         .inspect_err(|e| tracing::warn!("worker: no VM shells made ahead: {e}"))
         .ok();
     // Clones are destroyed there, so that a restore asked for meanwhile does not wait for it; each
@@ -164,14 +195,18 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
         match protocol::recv::<ToWorker>(sock) {
             Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
                 let shell = shells.as_ref().and_then(ShellMaker::take);
-                let reply = match restore(template, shell, run_dir, id, fds) {
+                let sent = match restore(template, shell, run_dir, id, fds) {
                     Ok(vm) => {
+                        use std::os::fd::AsRawFd;
+                        // The clone's mailbox goes with the answer.
+                        let mailbox = vm.mailbox();
                         vms.insert(id, vm);
-                        FromWorker::Restored { id }
+                        hostile::mailbox(&mailbox);
+                        protocol::send(sock, &FromWorker::Restored { id }, Some(mailbox.fd().as_raw_fd()))
                     }
-                    Err(error) => FromWorker::Failed { id, error },
+                    Err(error) => protocol::send(sock, &FromWorker::Failed { id, error }, None),
                 };
-                if protocol::send(sock, &reply, None).is_err() {
+                if sent.is_err() {
                     break;
                 }
             }
@@ -213,7 +248,6 @@ fn restore(
     taps: Vec<OwnedFd>,
 ) -> Result<RunningVm, String> {
     let channels = Channels {
-        mailbox: Some(run_dir.join(format!("{id}.mailbox"))),
         vsock: Some(run_dir.join(format!("{id}.vsock"))),
         serve: true,
         quiet: true,
@@ -224,4 +258,103 @@ fn restore(
         .restore_in(shell, id, &channels, Box::new(std::io::sink()))
         .and_then(|vm| vm.start(RunOptions::default()))
         .map_err(|e| format!("restore: {e}"))
+}
+
+/// A compromised worker, for tests: at each step, what an attacker in control of this process
+/// would try against the supervisor (which must not follow any of it). Compiled only into debug
+/// builds (the ones `cargo test` runs; never a release binary), and armed only by
+/// `EMBER_TEST_HOSTILE_WORKER=TARGET` (a file outside the worker's directories, what the attacks
+/// aim at) for a function named `hostile-links` (symlinks to TARGET planted under every name in
+/// its template directory, kept up after `Made`; the clones' mailboxes truncated) or
+/// `hostile-drives` (its template's state names TARGET, through `..`, as a writable drive).
+#[cfg(debug_assertions)]
+pub(super) use hostile::ENV as HOSTILE_ENV;
+
+#[cfg(debug_assertions)]
+mod hostile {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    use crate::channel::mailbox::Mailbox;
+    use crate::vmm::persist::SnapshotState;
+
+    pub const ENV: &str = "EMBER_TEST_HOSTILE_WORKER";
+    static ARMED: OnceLock<Option<(String, PathBuf)>> = OnceLock::new();
+
+    pub fn arm(function: &str) {
+        let armed = std::env::var_os(ENV)
+            .filter(|_| function.starts_with("hostile-"))
+            .map(|target| (function.trim_start_matches("hostile-").to_string(), PathBuf::from(target)));
+        let _ = ARMED.set(armed);
+    }
+
+    fn target(attack: &str) -> Option<&'static Path> {
+        ARMED.get()?.as_ref().filter(|(a, _)| a == attack).map(|(_, t)| t.as_path())
+    }
+
+    fn plant(dir: &Path, target: &Path) {
+        for name in ["memory", "state", "working-set", "registration.json", "version"] {
+            for name in [name.to_string(), format!(".{name}.tmp")] {
+                let p = dir.join(name);
+                let _ = std::fs::remove_file(&p);
+                let _ = std::os::unix::fs::symlink(target, &p);
+            }
+        }
+    }
+
+    pub fn made(dir: &Path, state: &mut Vec<u8>) {
+        if let Some(t) = target("links") {
+            plant(dir, t);
+        }
+        if let Some(t) = target("drives") {
+            // A path that starts lexically in the state directory and leads to the target.
+            let mut path = dir.to_path_buf();
+            for _ in dir.components().skip(1) {
+                path.push("..");
+            }
+            path.push(t.strip_prefix("/").unwrap_or(t));
+            if let Ok(mut s) = SnapshotState::decode(state, Path::new("(hostile)")) {
+                s.devices.drives.push(crate::config::DriveConfig {
+                    drive_id: "stolen".into(),
+                    path_on_host: path,
+                    is_root_device: false,
+                    is_read_only: false,
+                });
+                if let Ok(bytes) = s.encode() {
+                    *state = bytes;
+                }
+            }
+        }
+    }
+
+    /// After `Made`: a compromised worker does not exit; it keeps its symlinks up in `dir`.
+    pub fn linger(dir: &Path) {
+        if ARMED.get().and_then(Option::as_ref).is_none() {
+            return;
+        }
+        loop {
+            if let Some(t) = target("links") {
+                plant(dir, t);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn mailbox(m: &Mailbox) {
+        if target("links").is_some() {
+            if let Ok(fd) = m.fd().try_clone_to_owned() {
+                let f = std::fs::File::from(fd);
+                let _ = f.set_len(0);
+                let _ = f.set_len(4096);
+            }
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+mod hostile {
+    pub fn arm(_: &str) {}
+    pub fn made(_: &std::path::Path, _: &mut Vec<u8>) {}
+    pub fn linger(_: &std::path::Path) {}
+    pub fn mailbox(_: &crate::channel::mailbox::Mailbox) {}
 }

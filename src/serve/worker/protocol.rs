@@ -1,7 +1,8 @@
 //! What the supervisor and a worker say to each other: one JSON message per packet of a
 //! `SOCK_SEQPACKET` pair (so a message is never split or merged, and a closed peer reads as
-//! end-of-file), at most [`MAX_MESSAGE`] bytes; the template's memory rides along the setup
-//! message once, as a sealed memfd.
+//! end-of-file), at most [`MAX_MESSAGE`] bytes. Files cross as descriptors, never as paths: the
+//! template's memory rides along the setup message once, as a sealed memfd; each clone's
+//! mailbox comes back with `Restored`, a template made by a worker with `Made`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -32,13 +33,9 @@ pub enum Task {
     /// memfd sent with the setup).
     Serve { state: String },
     /// Boot the function's guest (its kernel and initramfs are the two descriptors sent with the
-    /// setup) to ready and make its template in `dir`; answer `Made` or `MakeFailed`, then exit.
-    Make {
-        spec: Box<crate::serve::model::FunctionSpec>,
-        drives: Vec<crate::config::DriveConfig>,
-        dir: String,
-        timeout_s: f64,
-    },
+    /// setup) to ready and make its template (in the worker's own directory); answer `Made` or
+    /// `MakeFailed`, then exit.
+    Make { spec: Box<crate::serve::model::FunctionSpec>, drives: Vec<crate::config::DriveConfig>, timeout_s: f64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,9 +70,12 @@ pub enum FromWorker {
         id: u64,
         why: String,
     },
-    /// The template is made (the guest signalled ready after `ready_s`).
+    /// The template is made (the guest signalled ready after `ready_s`): sent with its state
+    /// file's bytes and its memory as a sealed memfd, then its working set's bytes if
+    /// `working_set`. The supervisor checks all of it as untrusted input.
     Made {
         ready_s: f64,
+        working_set: bool,
     },
     MakeFailed {
         error: String,
