@@ -12,7 +12,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # erofs-utils: mkfs.erofs builds function layers (`ember image build`, `ember serve`).
 # nftables (libnftables) and iproute2: clones' networks (`ember serve`, tests/network.rs).
-packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils erofs-utils nftables iproute2)
+# curl: the README's quickstart talks to the daemon with it.
+packages=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio file xz-utils erofs-utils nftables iproute2 curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

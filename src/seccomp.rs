@@ -479,6 +479,26 @@ fn launcher_rules() -> Result<Rules, Error> {
     Ok((rules, SeccompAction::Errno(libc::ENOSYS as u32)))
 }
 
+/// Builds the filter a worker (`ember worker`) confines itself with once it has jailed itself:
+/// the daemon's calls, less what only the daemon needs of them. A worker signals no process (no
+/// `kill`; `tgkill` only to its own threads, process `tgid`: the vCPU kick), and `prctl` only
+/// names a thread or sets no-new-privileges (what confining a new thread takes).
+pub fn worker_filter(tgid: u32) -> Result<BpfProgram, Error> {
+    compile((worker_rules(tgid)?, SeccompAction::Errno(libc::ENOSYS as u32)))
+}
+
+fn worker_rules(tgid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
+    let mut rules = daemon_rules()?;
+    rules.remove(&libc::SYS_kill);
+    rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, u64::from(tgid))?])?]);
+    let prctl = [libc::PR_SET_NAME, libc::PR_GET_NAME, libc::PR_SET_NO_NEW_PRIVS]
+        .into_iter()
+        .map(|op| SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, op as u64)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_prctl, prctl);
+    Ok(rules)
+}
+
 fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules = allow_all(&[
         // Files: the state directory, templates, mailboxes, images.
@@ -676,6 +696,7 @@ mod tests {
             ("loader", loader_rules(7).unwrap()),
             ("device", device_rules().unwrap()),
             ("daemon", (daemon_rules().unwrap(), enosys.clone())),
+            ("worker", (worker_rules(4242).unwrap(), enosys.clone())),
             ("builder", (builder_filter_rules().unwrap(), enosys)),
             ("network", network_rules().unwrap()),
             ("launcher", launcher_rules().unwrap()),
@@ -848,6 +869,30 @@ mod tests {
         });
         assert!(thread_ok, "a confined daemon thread could not start a thread");
         assert_eq!((inet, exec, fork), (libc::ENOSYS, libc::ENOSYS, libc::ENOSYS));
+    }
+
+    #[test]
+    fn a_worker_signals_no_process_and_only_names_threads_with_prctl() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let me = std::process::id();
+        let (kill, other_tgid, own, dumpable, name) = confined(worker_filter(me).unwrap(), move || {
+            // SAFETY: scalar arguments; signals the child this test started (refused), and this
+            // process's own thread with signal 0 (no signal is sent).
+            unsafe {
+                let tid = libc::gettid();
+                (
+                    errno_of(libc::kill(pid, libc::SIGKILL) as _),
+                    errno_of(libc::syscall(libc::SYS_tgkill, pid, pid, 0)),
+                    errno_of(libc::syscall(libc::SYS_tgkill, me, tid, 0)),
+                    errno_of(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) as _),
+                    errno_of(libc::prctl(libc::PR_SET_NAME, c"w".as_ptr(), 0, 0, 0) as _),
+                )
+            }
+        });
+        assert_eq!((kill, other_tgid, own, dumpable, name), (libc::ENOSYS, libc::ENOSYS, 0, libc::ENOSYS, 0));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

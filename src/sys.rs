@@ -154,6 +154,36 @@ pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// openat2(2) beneath `dir`, never through a symlink.
+pub fn open_beneath(
+    dir: &std::os::fd::OwnedFd,
+    rel: &std::path::Path,
+    flags: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    let name = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()))
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain old data; all zeros is valid, and the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: the directory fd is open, `name` is NUL-terminated and `how` is a valid open_how of
+    // the size passed; a non-negative result is a new fd that nothing else owns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(dir),
+            name.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 /// A new memfd named `name` (close-on-exec), whose seals can be added when `sealable`.
 pub fn memfd(name: &std::ffi::CStr, sealable: bool) -> std::io::Result<std::fs::File> {
     let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };

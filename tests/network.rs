@@ -239,6 +239,15 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     ]);
     ip(&["-n", &proxy.0, "addr", "add", "10.50.0.5/24", "dev", "vx0"]);
     ip(&["-n", &proxy.0, "link", "set", "vx0", "up"]);
+    // An internal service beyond the host that is not public (10.60.0.0/24, routed through the
+    // server's side): egress does not reach it unless the policy allows it.
+    // So is a stand-in for a cloud's instance metadata service (link-local, 169.254.169.254).
+    ip(&["-n", &server.0, "addr", "add", "10.60.0.5/32", "dev", "lo"]);
+    ip(&["-n", &host.0, "route", "add", "10.60.0.0/24", "via", "192.0.2.2"]);
+    ip(&["-n", &server.0, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    ip(&["-n", &host.0, "route", "add", "169.254.169.254/32", "via", "192.0.2.2"]);
+    let internal = HttpServer::start(&server, "10.60.0.5:8080");
+    let metadata = HttpServer::start(&server, "169.254.169.254:80");
     let public = HttpServer::start(&server, "192.0.2.2:8080");
     let private = HttpServer::start(&proxy, "10.50.0.5:8080");
     // A service of the daemon's host, reachable from the server's side.
@@ -294,7 +303,24 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     }
     assert!(own.peers().is_empty(), "{:?}", own.peers());
     server.run(|| std::net::TcpStream::connect("192.0.2.1:8081").unwrap());
-    wait_for("the host's service to see the server", Duration::from_secs(5), || own.peers().len() == 1);
+    wait_for("the host's service to see the server", Duration::from_secs(60), || own.peers().len() == 1);
+    // A guest that forges its source (its sibling's transit address, an address of the private
+    // subnet) gets nothing out: the datagram with its own address, sent after the forged ones on
+    // the same path, is the first (and only) one the server gets, from the clone's own address.
+    let udp = server.run(|| std::net::UdpSocket::bind("192.0.2.2:9999").unwrap());
+    let send = |from: &str, text: &str| {
+        let r = mailbox.call("udp-from", format!("{from} 192.0.2.2:9999 {text}").as_bytes(), opts).unwrap();
+        assert_eq!(r.status, ember_abi::Status::Ok, "{}", String::from_utf8_lossy(&r.payload));
+    };
+    send(b_addr, "forged-sibling");
+    send("10.50.0.7", "forged-private");
+    send("172.16.0.2", "own");
+    let mut buf = [0u8; 256];
+    udp.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let (n, peer) = udp.recv_from(&mut buf).unwrap();
+    assert_eq!((String::from_utf8_lossy(&buf[..n]), peer.ip().to_string()), ("own".into(), a_addr.to_string()));
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(udp.recv_from(&mut buf).is_err(), "a forged datagram came after: {:?}", String::from_utf8_lossy(&buf));
     for h in [&a, &b] {
         let path = format!("/vms/{}/release", h["id"]);
         let (code, body) = http(&s, "POST", &path, Some(&json!({"lease": h["lease"], "destroy": true}).to_string()));
@@ -314,7 +340,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
         let spec: FunctionSpec = serde_json::from_value(spec(network, 1)).unwrap();
         registry.install(name, &spec, &template).unwrap();
     };
-    install("pinned", json!({"egress_ip": "192.0.2.10"}));
+    install("pinned", json!({"egress_ip": "192.0.2.10", "egress_allow": ["10.60.0.0/24"]}));
     install("private", json!({"private": {"subnet": "10.50.0.0/24", "proxy": "198.51.100.2", "vni": 42}}));
     drop(registry);
     // Restarted with public egress masqueraded (the default): the host's address on the way out.
@@ -339,6 +365,17 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     let (ok, out) = get(&s, "web", "10.50.0.5:8080/ 3000");
     assert!(!ok && out.contains("timed out"), "{out}");
     assert_eq!(private.peers().len(), 1);
+    // Egress is public egress: not the internal service nor the link-local metadata address
+    // (dropped: "timed out", where a packet that got through would be answered or refused)...
+    for target in ["10.60.0.5:8080/ 3000", "169.254.169.254:80/ 3000"] {
+        let (ok, out) = get(&s, "web", target);
+        assert!(!ok && out.contains("timed out"), "{target}: {out}");
+    }
+    assert!(internal.peers().is_empty() && metadata.peers().is_empty(), "{:?}", internal.peers());
+    // ...unless the function's policy allows it.
+    let (ok, out) = get(&s, "pinned", "10.60.0.5:8080/");
+    assert!(ok && out.contains("from 192.0.2.10"), "{out}");
+    assert_eq!(internal.peers(), ["192.0.2.10"]);
 
     // A guest flooding its card costs its own worker: another function answers meanwhile, and the
     // daemon's memory stays flat.

@@ -147,14 +147,21 @@ fn python_functions_answer_fail_log_and_switch_versions() {
         })
         .to_string()
     };
-    // Without the python3 layer the registration says what to do.
-    let (c, body) = http(&s, "PUT", "/functions/py", Some(&spec(&v1, "app.handler")));
-    assert_eq!(c, 400, "{body}");
-    assert!(body.contains("build-python-layer.sh"), "{body}");
-    for (name, path) in [("python3", python.as_path()), ("deps", sources.join("deps").as_path())] {
-        let (c, body) = http(&s, "PUT", &format!("/layers/{name}"), Some(&json!({"path": path}).to_string()));
-        assert_eq!(c, 201, "{body}");
+    // The daemon provides ember's python3 layer from the tree setup built (images/layers/python3
+    // in its image directory): listed once built, the same content as a PUT of that tree.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let layers = json_of(&http(&s, "GET", "/layers", None).1);
+        if layers["layers"].as_array().unwrap().iter().any(|l| l["name"] == "python3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the python3 layer was never provided: {layers}");
+        std::thread::sleep(Duration::from_millis(200));
     }
+    let (c, body) = http(&s, "PUT", "/layers/python3", Some(&json!({"path": python}).to_string()));
+    assert_eq!(c, 200, "{body}");
+    let (c, body) = http(&s, "PUT", "/layers/deps", Some(&json!({"path": sources.join("deps")}).to_string()));
+    assert_eq!(c, 201, "{body}");
     // A handler that is not Python's `module.function` is refused at once.
     let (c, body) = http(&s, "PUT", "/functions/bad", Some(&spec(&v1, "app")));
     assert_eq!(c, 400, "{body}");

@@ -132,6 +132,43 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
 }
 
 #[test]
+fn connections_are_bounded_per_client_and_silent_ones_closed() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = common::scratch("connections");
+    let srv = Server::start(&dir);
+    let s = srv.socket.clone();
+    // Another process (python3's sockets) opens connections and sends nothing: it gets 256 of
+    // them, the next is closed at once; meanwhile other clients (this one) are served; its silent
+    // connections are closed once their opening time has passed.
+    let script = "import socket, sys\n\
+        p = sys.argv[1]\n\
+        cs = []\n\
+        for i in range(256):\n    c = socket.socket(socket.AF_UNIX); c.connect(p); cs.append(c)\n\
+        o = socket.socket(socket.AF_UNIX); o.connect(p); o.settimeout(60)\n\
+        print('over', len(o.recv(16)), flush=True)\n\
+        sys.stdin.readline()\n\
+        cs[0].settimeout(120)\n\
+        print('silent', len(cs[0].recv(16)), flush=True)\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, s.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "over 0", "a connection over the client's cap was kept");
+    let (code, body) = http(&s, "GET", "/functions", None);
+    assert_eq!(code, 200, "another client was refused while one held its cap: {body}");
+    child.stdin.take().unwrap().write_all(b"go on\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "silent 0", "a silent connection was kept");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
 fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     if !common::kvm_usable("serve_functions") {
         return;

@@ -166,10 +166,10 @@ fn each_function_runs_in_a_jailed_worker_whose_death_costs_only_its_clones() {
         let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         st.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap()
     };
-    // b's CPU time, from its worker's cgroup (cpu.stat's usage_usec).
+    // b's CPU time, as its worker's cgroup counts it.
     let cpu_used = || -> u64 {
-        let stat = std::fs::read_to_string(Path::new(worker(&s, "b")["cgroup"].as_str().unwrap()).join("cpu.stat"));
-        stat.unwrap().lines().find_map(|l| l.strip_prefix("usage_usec ")?.parse().ok()).unwrap()
+        let w = worker(&s, "b");
+        w["cpu_used_us"].as_u64().unwrap_or_else(|| panic!("no CPU time for b's worker: {w}"))
     };
     let (throttled, rss_before) = (worker(&s, "b")["cpu_throttled_periods"].as_u64().unwrap(), rss(daemon));
     let (used_before, storm_start) = (cpu_used(), Instant::now());

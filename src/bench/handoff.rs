@@ -127,7 +127,12 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let workers = match isolation {
             Isolation::None => None,
-            _ => Some(crate::serve::worker::Workers::open(state, isolation, None)?),
+            _ => Some(crate::serve::worker::Workers::open(
+                state,
+                isolation,
+                crate::serve::worker::DEFAULT_UID_BASE,
+                None,
+            )?),
         };
         let sup = Supervisor::open(state, images, builder, workers, network).map_err(|e| e.to_string())?;
         let scaler = sup.start_scaling().map_err(|e| e.to_string())?;

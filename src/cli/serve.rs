@@ -25,6 +25,11 @@ pub(crate) struct ServeArgs {
     /// not jailed), `none` (in the daemon itself). Default: `jail` as root, else `process`.
     #[arg(long, value_name = "MODE")]
     isolation: Option<Isolation>,
+    /// The first of the 65536 uids (and gids) jailed workers run as, each its own: none may be an
+    /// account's, a group's or inside a subordinate id range of /etc/subuid or /etc/subgid
+    /// (checked at start).
+    #[arg(long, value_name = "UID", default_value_t = ember::serve::worker::DEFAULT_UID_BASE)]
+    worker_uid_base: u32,
     /// How networked clones' public egress leaves this host: `masquerade` (with the host's own
     /// address), or `routed` (with each clone's own transit address in 10.199.0.0/16, which the
     /// network beyond this host routes back here). A function's `egress_ip` applies either way.
@@ -78,6 +83,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let dir = args.state_dir.map(Ok).unwrap_or_else(default_state_dir)?;
     let isolation = Isolation::resolve(args.isolation)?;
     let masquerade = matches!(args.egress_nat, EgressNat::Masquerade);
-    ember::serve::run(&args.socket, &dir, &args.images, isolation, masquerade, args.api_threads)?;
+    ember::serve::run(&args.socket, &dir, &args.images, isolation, args.worker_uid_base, masquerade, args.api_threads)?;
     Ok(ExitCode::SUCCESS)
 }

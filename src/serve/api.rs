@@ -33,24 +33,39 @@ const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;
 #[derive(Clone)]
 struct RequestId(String);
 
-/// An error response: `{"error": "..."}`.
-pub struct ApiError(StatusCode, String);
+/// An error response: `{"error": "..."}`, with `Retry-After` (seconds) when the caller should
+/// come back later.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: String) -> Self {
+        Self { status, message, retry_after_s: None }
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let mut r = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if let Some(s) = self.retry_after_s {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
         let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(status, r.to_string())
+        Self { status, message: r.to_string(), retry_after_s: r.retry_after_s() }
     }
 }
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, msg.into())
+    ApiError::new(StatusCode::BAD_REQUEST, msg.into())
 }
 
 /// Parses a JSON body, refusing unknown fields (the types say `deny_unknown_fields`).
@@ -64,7 +79,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Refusal> + Se
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
         .map_err(ApiError::from)
 }
 
@@ -280,7 +295,10 @@ async fn put_layer(
     });
     let (info, created) = if json {
         if body.len() > MAX_BODY {
-            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("a JSON body is at most {MAX_BODY} bytes")));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a JSON body is at most {MAX_BODY} bytes"),
+            ));
         }
         let b: LayerBody = json_body(&body)?;
         blocking(move || sup.put_layer(&name, &b.path)).await?
@@ -314,11 +332,11 @@ async fn openapi() -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such endpoint (see GET /openapi.json)".into())
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint (see GET /openapi.json)".into())
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint (see GET /openapi.json)".into())
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint (see GET /openapi.json)".into())
 }
 
 fn is_json(resp: &Response) -> bool {
@@ -360,7 +378,7 @@ async fn read_body(req: Request) -> Result<Request, ApiError> {
     let (parts, body) = req.into_parts();
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError(
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is over this request's limit of {limit} bytes"),
         )),
@@ -395,7 +413,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
                 let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
             }
             let msg = format!("the body is {declared} bytes, over this request's limit of {limit} bytes");
-            ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
         }
         None => match read_body(req).await {
             Ok(req) => {
@@ -411,7 +429,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         // error this API answers is `{"error": "..."}`.
         let status = resp.status();
         let text = axum::body::to_bytes(resp.into_body(), 64 << 10).await.unwrap_or_default();
-        resp = ApiError(status, String::from_utf8_lossy(&text).trim().to_string()).into_response();
+        resp = ApiError::new(status, String::from_utf8_lossy(&text).trim().to_string()).into_response();
     }
     span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "done"));
     if let Ok(v) = HeaderValue::from_str(&id) {

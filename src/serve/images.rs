@@ -5,9 +5,7 @@
 //! swapped after the check is never the one booted: a client cannot make the daemon hand a host
 //! file it can read (a secret passed as the "initramfs") to a guest.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 /// Why an image cannot be used.
@@ -47,31 +45,6 @@ impl ImageFile {
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
-}
-
-/// openat2(2) beneath `dir`, never through a symlink.
-fn open_beneath(dir: &OwnedFd, rel: &Path, flags: i32) -> std::io::Result<OwnedFd> {
-    let name = CString::new(rel.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: open_how is plain old data; all zeros is valid, and the fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: the directory fd is open, `name` is NUL-terminated and `how` is a valid open_how of
-    // the size passed; a non-negative result is a new fd that nothing else owns.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            std::ptr::addr_of!(how),
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: see above.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 impl ImageDirs {
@@ -132,7 +105,7 @@ impl ImageDirs {
         }
         let mut last = None;
         for (dir, rel) in candidates {
-            match open_beneath(dir, rel, libc::O_RDONLY) {
+            match crate::sys::open_beneath(dir, rel, libc::O_RDONLY) {
                 Ok(fd) => {
                     let file = std::fs::File::from(fd);
                     match file.metadata() {

@@ -78,7 +78,8 @@ pub async fn opening(stream: &tokio::net::UnixStream) -> Opening {
 }
 
 /// Serves a lean connection on a thread of its own.
-pub fn serve(stream: tokio::net::UnixStream, sup: Arc<Supervisor>) {
+/// `slot`: whatever the caller counts the connection by, held until the connection ends.
+pub fn serve<S: Send + 'static>(stream: tokio::net::UnixStream, sup: Arc<Supervisor>, slot: S) {
     let stream = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|_| s)) {
         Ok(s) => s,
         Err(e) => {
@@ -96,6 +97,7 @@ pub fn serve(stream: tokio::net::UnixStream, sup: Arc<Supervisor>) {
         if let Err(e) = converse(stream, &sup) {
             tracing::debug!("lean connection ended: {e}");
         }
+        drop(slot);
         OPEN.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -193,7 +195,11 @@ fn request(sup: &Supervisor, text: &str) -> Result<Vec<u8>, Refusal> {
 }
 
 fn error_line(r: &Refusal) -> Vec<u8> {
-    let mut v = serde_json::json!({"error": r.to_string(), "status": r.status()}).to_string().into_bytes();
+    let mut v = serde_json::json!({"error": r.to_string(), "status": r.status()});
+    if let Some(s) = r.retry_after_s() {
+        v["retry_after_s"] = s.into();
+    }
+    let mut v = v.to_string().into_bytes();
     v.push(b'\n');
     v
 }

@@ -153,6 +153,9 @@ pub enum Refusal {
     BadGateway(String),
     Timeout(String),
     Internal(String),
+    /// Unavailable for a known time (its worker is being restarted): come back after that many
+    /// seconds (503 with `Retry-After`).
+    Restarting(String, u64),
 }
 
 impl Refusal {
@@ -167,6 +170,15 @@ impl Refusal {
             Refusal::BadGateway(_) => 502,
             Refusal::Timeout(_) => 504,
             Refusal::Internal(_) => 500,
+            Refusal::Restarting(..) => 503,
+        }
+    }
+
+    /// When to come back, in seconds, for a refusal that knows.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Refusal::Restarting(_, s) => Some(*s),
+            _ => None,
         }
     }
 }
@@ -180,7 +192,8 @@ impl std::fmt::Display for Refusal {
         | Refusal::Conflict(m)
         | Refusal::BadGateway(m)
         | Refusal::Timeout(m)
-        | Refusal::Internal(m)) = self;
+        | Refusal::Internal(m)
+        | Refusal::Restarting(m, _)) = self;
         f.write_str(m)
     }
 }
@@ -371,6 +384,9 @@ pub struct WorkerInfo {
     /// Scheduler periods in which its CPU cap (`limits.cpus`) throttled it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_throttled_periods: Option<u64>,
+    /// CPU time it used so far, in microseconds (its cgroup's count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_used_us: Option<u64>,
     /// Workers of the function that ended without being asked to, and were replaced.
     pub restarts: u64,
     /// How the last of those ended (e.g. "killed by SIGKILL (memory limit reached: 1 OOM kill)").

@@ -203,6 +203,7 @@ impl Function {
             cgroup: w.cgroup_path.clone(),
             memory_limit_bytes: w.memory_limit,
             cpu_throttled_periods: w.cpu_throttled(),
+            cpu_used_us: w.cpu_used_us(),
             restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
             last_exit,
         })

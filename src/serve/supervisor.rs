@@ -38,6 +38,50 @@ pub const INVOKE_SPIN: Duration = Duration::from_micros(50);
 const INVOKE_LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// A handed-out clone.
+/// Why a clone could not be restored.
+#[derive(Debug)]
+pub(super) enum RestoreError {
+    /// The function's worker is being restarted (its last one died before it served, or could
+    /// not start): none for this long.
+    Restarting(Duration),
+    Failed(String),
+}
+
+impl RestoreError {
+    fn refusal(self) -> Refusal {
+        match self {
+            Self::Restarting(d) => {
+                let msg = format!("the function's worker is being restarted: try again in {:.1} s", d.as_secs_f64());
+                Refusal::Restarting(msg, d.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            Self::Failed(e) => Refusal::Internal(e),
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Restarting(d) => {
+                write!(f, "no worker for {:.1} s (the last one ended or could not start)", d.as_secs_f64())
+            }
+            Self::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for RestoreError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl From<&str> for RestoreError {
+    fn from(e: &str) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
 struct Handed {
     function: Arc<Function>,
     clone: PooledVm,
@@ -104,8 +148,9 @@ pub struct Supervisor {
     discarded: crate::sys::Reaper<Vec<PooledVm>>,
 }
 
-/// A worker that lived less than this before it ended counts as a quick death (see the backoff).
-const WORKER_STABLE: Duration = Duration::from_secs(60);
+/// A worker that ended before it restored a clone, or less than this after its start, counts as
+/// a quick death (see the backoff); one killed later (from outside, say) is replaced at once.
+const WORKER_STABLE: Duration = Duration::from_secs(5);
 /// The delay before a worker after its second quick death in a row, doubled with each one more.
 const WORKER_BACKOFF: Duration = Duration::from_millis(200);
 const WORKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -430,10 +475,13 @@ impl Supervisor {
         // ember's Python runtime runs on its layer, at the bottom, unless the registration places it.
         if spec.known_runtime() == Some("python3") && !spec.layers.iter().any(|l| l == PYTHON_LAYER) {
             if self.layers.resolve(PYTHON_LAYER).is_err() {
-                return Err(Refusal::BadRequest(format!(
-                    "runtime python3 needs the layer {PYTHON_LAYER:?}: build its tree with \
-                     scripts/build-python-layer.sh and PUT /layers/{PYTHON_LAYER}"
-                )));
+                self.provide_runtime_layer(PYTHON_LAYER).map_err(|e| {
+                    Refusal::BadRequest(format!(
+                        "runtime python3 needs the layer {PYTHON_LAYER:?}, and none could be made ({e}): build \
+                         its tree with scripts/build-python-layer.sh (it writes images/layers/{PYTHON_LAYER}; \
+                         start the daemon with --images images) or PUT /layers/{PYTHON_LAYER}"
+                    ))
+                })?;
             }
             spec.layers.insert(0, PYTHON_LAYER.to_string());
         }
@@ -671,6 +719,35 @@ impl Supervisor {
     }
 
     /// Builds a layer from `source` (beneath an image directory) and names it.
+    /// Builds ember's runtime layer `name` (the python3 one) from the tree setup wrote,
+    /// `layers/NAME` in an image directory, unless a layer of that name exists.
+    pub fn provide_runtime_layer(&self, name: &str) -> Result<(), Refusal> {
+        if self.layers.resolve(name).is_ok() {
+            return Ok(());
+        }
+        let (info, _) = self.put_layer(name, &Path::new("layers").join(name))?;
+        tracing::info!(layer = %name, digest = %info.digest, "ember's runtime layer provided from its image directory");
+        Ok(())
+    }
+
+    /// Provides ember's runtime layers that the image directories have trees for (see
+    /// [`Supervisor::provide_runtime_layer`]), on a thread of its own: `GET /layers` lists them
+    /// once built, and a registration that needs one first builds it itself.
+    pub fn provide_runtime_layers(self: &Arc<Self>) {
+        let sup = self.clone();
+        let spawned = std::thread::Builder::new().name("runtime-layers".into()).spawn(move || {
+            let tree = Path::new("layers").join(PYTHON_LAYER);
+            if sup.images.open_source("layer", &tree).is_ok() {
+                if let Err(e) = sup.provide_runtime_layer(PYTHON_LAYER) {
+                    tracing::warn!(layer = PYTHON_LAYER, "cannot provide ember's runtime layer: {e}");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the runtime layers' thread: {e}");
+        }
+    }
+
     pub fn put_layer(&self, name: &str, source: &Path) -> Result<(LayerInfo, bool), Refusal> {
         check_name(name)?;
         let opened = self.images.open_source("layer source", source).map_err(image_refusal)?;
@@ -757,7 +834,7 @@ impl Supervisor {
     }
 
     /// Restores a new clone of `f`'s template with its own channels.
-    pub(super) fn restore_clone(&self, f: &Function) -> Result<PooledVm, String> {
+    pub(super) fn restore_clone(&self, f: &Function) -> Result<PooledVm, RestoreError> {
         let template = f.template().ok_or("the function has no template yet")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A clone counts as ready only with its network attached: a prepared namespace's TAP.
@@ -796,7 +873,12 @@ impl Supervisor {
 
     /// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with
     /// how it ended).
-    fn worker_of(&self, workers: &Arc<Workers>, f: &Function, template: &Template) -> Result<Arc<Worker>, String> {
+    fn worker_of(
+        &self,
+        workers: &Arc<Workers>,
+        f: &Function,
+        template: &Template,
+    ) -> Result<Arc<Worker>, RestoreError> {
         if f.deleted.load(Ordering::SeqCst) {
             return Err("the function has been deleted".into());
         }
@@ -810,9 +892,12 @@ impl Supervisor {
                 tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
                 f.worker_restarts.fetch_add(1, Ordering::Relaxed);
                 *f.last_worker_exit.locked() = Some(how);
-                // A worker that keeps dying soon after its start is restarted less and less often.
+                // A worker that keeps dying before it serves (or soon after its start) is
+                // restarted less and less often; one that served a while and was then killed is
+                // replaced at once.
                 let mut b = f.worker_backoff.locked();
-                b.1 = if w.started.elapsed() < WORKER_STABLE { b.1 + 1 } else { 0 };
+                let served = w.served.load(Ordering::SeqCst) && w.started.elapsed() >= WORKER_STABLE;
+                b.1 = if served { 0 } else { b.1 + 1 };
                 let delay = if b.1 <= 1 {
                     Duration::ZERO
                 } else {
@@ -822,14 +907,12 @@ impl Supervisor {
             }
         }
         if let Some(at) = f.worker_backoff.locked().0.filter(|at| Instant::now() < *at) {
-            return Err(format!(
-                "no worker until {:.1} s from now (the last one ended or could not start)",
-                at.saturating_duration_since(Instant::now()).as_secs_f64()
-            ));
+            return Err(RestoreError::Restarting(at.saturating_duration_since(Instant::now())));
         }
         let limits = f.spec.limits.resolve(f.max_clones, f.spec.vcpus, f.spec.mem_mib);
-        let w = workers.spawn(&f.name, template, &limits, f.max_clones).inspect_err(|_| {
+        let w = workers.spawn(&f.name, template, &limits, f.max_clones).map_err(|e| {
             f.worker_backoff.locked().0 = Some(Instant::now() + Duration::from_secs(1));
+            RestoreError::Failed(e)
         })?;
         tracing::info!(function = %f.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
         *f.worker.locked() = Some(w.clone());
@@ -880,7 +963,7 @@ impl Supervisor {
         }
         let c = self.restore_clone(&f).map_err(|e| {
             f.pool.locked().busy -= 1;
-            Refusal::Internal(e)
+            e.refusal()
         })?;
         tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
         self.hand_over(f, c, true, t)

@@ -188,6 +188,7 @@ impl Functions {
             "tcp-read" => reply(out, crate::net::tcp_transfer(payload, false), Status::Failed),
             "tcp-write" => reply(out, crate::net::tcp_transfer(payload, true), Status::Failed),
             "udp-flood" => reply(out, crate::net::udp_flood(payload), Status::BadRequest),
+            "udp-from" => reply(out, crate::net::udp_from(payload), Status::Failed),
             name if self.runtime.as_ref().is_some_and(|r| r.name == name) => self.call_runtime(payload, out),
             name if self.managed.as_ref().is_some_and(|m| m.name == name) => {
                 // Without the host's context (vsock, or a mailbox caller without an envelope).

@@ -249,9 +249,79 @@ pub fn udp_flood(payload: &[u8]) -> io::Result<String> {
     Ok(format!("{sent} datagrams"))
 }
 
+/// The built-in `udp-from SRC ADDR:PORT TEXT`: one UDP datagram carrying TEXT, sent through a
+/// raw socket with the IPv4 source SRC, whatever the guest's own address is: a guest forging its
+/// source, for tests (the host must never let it out).
+pub fn udp_from(payload: &[u8]) -> io::Result<String> {
+    let text = std::str::from_utf8(payload).map_err(|_| io::Error::other("not UTF-8"))?;
+    let mut words = text.splitn(3, ' ');
+    let (Some(src), Some(dst), Some(data)) = (words.next(), words.next(), words.next()) else {
+        return Err(io::Error::other("expected SRC ADDR:PORT TEXT"));
+    };
+    let src: Ipv4Addr = src.parse().map_err(|e| io::Error::other(format!("{src}: {e}")))?;
+    let dst: std::net::SocketAddrV4 = dst.parse().map_err(|e| io::Error::other(format!("{dst}: {e}")))?;
+    let packet = udp_packet(src, dst, 40000, data.as_bytes());
+    // SAFETY: socket() takes scalars; the fd is owned by the OwnedFd made from it.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(*dst.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sends `packet` (a live buffer of its length) to the address in `to`, of its size.
+    let n = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(format!("sent {n} bytes from {src}"))
+}
+
+/// An IPv4 + UDP packet (no UDP checksum; the kernel fills in the IP header's checksum and id).
+fn udp_packet(src: Ipv4Addr, dst: std::net::SocketAddrV4, sport: u16, data: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + data.len() as u16;
+    let total = 20 + udp_len;
+    let mut p = Vec::with_capacity(total as usize);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(data);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forged_datagram_is_laid_out_as_ipv4_and_udp() {
+        let p = udp_packet(Ipv4Addr::new(10, 0, 0, 9), "192.0.2.2:9999".parse().unwrap(), 40000, b"hi");
+        assert_eq!(p.len(), 30);
+        assert_eq!((p[0], u16::from_be_bytes([p[2], p[3]]), p[9]), (0x45, 30, 17));
+        assert_eq!((&p[12..16], &p[16..20]), (&[10, 0, 0, 9][..], &[192, 0, 2, 2][..]));
+        assert_eq!((u16::from_be_bytes([p[22], p[23]]), u16::from_be_bytes([p[24], p[25]])), (9999, 10));
+        assert_eq!(&p[28..], b"hi");
+    }
 
     #[test]
     fn the_command_line_form() {

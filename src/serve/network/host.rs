@@ -390,6 +390,10 @@ impl Host {
         let _ = sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
         let _ = sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
         sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        // Strict reverse-path filtering: a packet from the TAP whose source is not routed back
+        // through the TAP (a guest forging another clone's or function's address) is dropped.
+        sysctl("/proc/sys/net/ipv4/conf/all/rp_filter", "1")?;
+        sysctl("/proc/sys/net/ipv4/conf/default/rp_filter", "1")?;
         let ns = this_thread_ns()?;
         let tap = Tap::open(TAP_NAME).map_err(|e| e.to_string())?;
         let host_ns = self.host_ns.as_raw_fd();
@@ -423,25 +427,22 @@ impl Host {
             r
         })?;
         // The guest's address leaves as the namespace's own; nothing comes in that the guest did
-        // not start.
+        // not start; nothing from the TAP passes or reaches the namespace with another source
+        // than the guest's address (the host tells functions apart by their clones' sources).
         let t = "ember";
+        let guest = || cmd::ip("saddr", GUEST_ADDR.to_string().into());
+        let not_guest = cmd::ip_not("saddr", GUEST_ADDR.to_string().into());
         self.nft.run(vec![
             cmd::add(cmd::table(t)),
             cmd::add(cmd::chain(t, "post", "nat", "postrouting", 100, "accept")),
             cmd::add(cmd::chain(t, "forward", "filter", "forward", 0, "drop")),
-            cmd::add(cmd::rule(
-                t,
-                "post",
-                vec![
-                    cmd::meta("oifname", "veth0"),
-                    cmd::ip("saddr", GUEST_ADDR.to_string().into()),
-                    cmd::snat(ns_addr),
-                ],
-            )),
+            cmd::add(cmd::chain(t, "input", "filter", "input", 0, "accept")),
+            cmd::add(cmd::rule(t, "input", vec![cmd::meta("iifname", TAP_NAME), not_guest, cmd::verdict("drop")])),
+            cmd::add(cmd::rule(t, "post", vec![cmd::meta("oifname", "veth0"), guest(), cmd::snat(ns_addr)])),
             cmd::add(cmd::rule(
                 t,
                 "forward",
-                vec![cmd::meta("iifname", TAP_NAME), cmd::meta("oifname", "veth0"), cmd::verdict("accept")],
+                vec![cmd::meta("iifname", TAP_NAME), cmd::meta("oifname", "veth0"), guest(), cmd::verdict("accept")],
             )),
             cmd::add(cmd::rule(
                 t,
@@ -484,6 +485,18 @@ impl Host {
         }
         // Nobody else's tunnel.
         forward.push(vec![cmd::meta("iifname", &clones), cmd::meta("oifname", &tunnels), cmd::verdict("drop")]);
+        // Egress is to the public internet: what a function's policy allows beyond it first,
+        // then nothing else that is not public.
+        for f in self.functions.values().filter(|f| f.policy.has_egress()) {
+            for net in f.policy.allowed().unwrap_or_default() {
+                let to = cmd::prefix(net.base(), net.prefix);
+                forward.push(vec![cmd::ip("saddr", set(f)), cmd::ip("daddr", to), cmd::verdict("accept")]);
+            }
+        }
+        for net in super::policy::NOT_PUBLIC {
+            let to = cmd::prefix(net.base(), net.prefix);
+            forward.push(vec![cmd::meta("iifname", &clones), cmd::ip("daddr", to), cmd::verdict("drop")]);
+        }
         for f in self.functions.values() {
             if f.policy.has_egress() {
                 forward.push(vec![cmd::ip("saddr", set(f)), cmd::verdict("accept")]);

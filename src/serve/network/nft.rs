@@ -146,6 +146,11 @@ pub mod cmd {
         json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": right}})
     }
 
+    /// `ip FIELD != RIGHT`.
+    pub fn ip_not(field: &str, right: Value) -> Value {
+        json!({"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": field}}, "right": right}})
+    }
+
     pub fn prefix(addr: std::net::Ipv4Addr, len: u8) -> Value {
         json!({"prefix": {"addr": addr.to_string(), "len": len}})
     }

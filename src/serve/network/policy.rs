@@ -25,7 +25,27 @@ pub struct NetworkPolicy {
     /// A private network (the tenant's) reached through a tunnel to its proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private: Option<PrivateNetwork>,
+    /// With egress: networks beyond the host that are not public (see [`NOT_PUBLIC`]: private,
+    /// link-local such as cloud instance metadata, shared, loopback, multicast) which clones may
+    /// reach all the same, `ADDR/PREFIX` each. Egress reaches public addresses only otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
 }
+
+/// Destinations that egress does not reach unless a function's `egress_allow` names them: what is
+/// not the public internet (RFC 1918 private networks, link-local with cloud instance metadata at
+/// 169.254.169.254, shared address space, loopback, "this network", multicast and reserved).
+pub const NOT_PUBLIC: [Net; 9] = [
+    Net::new(Ipv4Addr::new(0, 0, 0, 0), 8),
+    Net::new(Ipv4Addr::new(10, 0, 0, 0), 8),
+    Net::new(Ipv4Addr::new(100, 64, 0, 0), 10),
+    Net::new(Ipv4Addr::new(127, 0, 0, 0), 8),
+    Net::new(Ipv4Addr::new(169, 254, 0, 0), 16),
+    Net::new(Ipv4Addr::new(172, 16, 0, 0), 12),
+    Net::new(Ipv4Addr::new(192, 168, 0, 0), 16),
+    Net::new(Ipv4Addr::new(224, 0, 0, 0), 4),
+    Net::new(Ipv4Addr::new(240, 0, 0, 0), 4),
+];
 
 /// A private network behind a VXLAN tunnel: traffic to `subnet` goes through the function's
 /// tunnel to `proxy`, leaving with `address` (the function's address in that network).
@@ -116,11 +136,36 @@ impl NetworkPolicy {
         self.egress || self.egress_ip.is_some()
     }
 
+    /// `egress_allow`, parsed (checked by [`NetworkPolicy::validate`]).
+    pub fn allowed(&self) -> Result<Vec<Net>, String> {
+        self.egress_allow
+            .iter()
+            .map(|a| {
+                let (addr, prefix) =
+                    crate::config::parse_cidr(a).map_err(|e| format!("network.egress_allow {a:?}: {e}"))?;
+                Ok(Net::new(addr, prefix))
+            })
+            .collect()
+    }
+
     /// Checks what needs nothing but the policy.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(ip) = self.egress_ip {
             if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
                 return Err(format!("network.egress_ip: {ip} cannot be a source address"));
+            }
+        }
+        if !self.egress_allow.is_empty() && !self.has_egress() {
+            return Err("network.egress_allow needs egress".into());
+        }
+        if self.egress_allow.len() > 64 {
+            return Err("network.egress_allow: at most 64 networks".into());
+        }
+        for net in self.allowed()? {
+            for (what, ours) in [("clones' transit range", TRANSIT), ("guests' own link", GUEST_LINK)] {
+                if net.overlaps(&ours) {
+                    return Err(format!("network.egress_allow {net} overlaps ember's {what} {ours}"));
+                }
             }
         }
         if let Some(p) = &self.private {
@@ -204,6 +249,16 @@ mod tests {
         assert!(p.validate().unwrap_err().contains("vni"));
         let e = NetworkPolicy { egress_ip: Some(Ipv4Addr::UNSPECIFIED), ..Default::default() }.validate();
         assert!(e.unwrap_err().contains("egress_ip"));
+        let allow = |nets: &[&str], egress| NetworkPolicy {
+            egress,
+            egress_allow: nets.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(allow(&["10.60.0.0/24"], true).allowed().unwrap(), [Net::new(Ipv4Addr::new(10, 60, 0, 0), 24)]);
+        assert!(allow(&["10.60.0.0/24"], false).validate().unwrap_err().contains("needs egress"));
+        assert!(allow(&["10.60.0.0"], true).validate().unwrap_err().contains("egress_allow"));
+        assert!(allow(&["10.0.0.0/8"], true).validate().unwrap_err().contains("transit"));
+        assert!(allow(&["169.254.169.254/32"], true).validate().is_ok());
         let json: NetworkPolicy = serde_json::from_str(r#"{"egress": true}"#).unwrap();
         assert!(json.has_egress());
         assert!(serde_json::from_str::<NetworkPolicy>(r#"{"egres": true}"#).is_err());

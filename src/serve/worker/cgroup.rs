@@ -48,24 +48,35 @@ impl CgroupBase {
             return Ok(Self::V2(base));
         }
         let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+        // This process's own cgroup in `controller`'s hierarchy (relative to its mount).
+        let own_path = |controller: &str| -> String {
+            own.lines()
+                .filter_map(|l| {
+                    let mut f = l.splitn(3, ':').skip(1);
+                    f.next().zip(f.next())
+                })
+                .find(|(ctrls, _)| ctrls.split(',').any(|x| x == controller))
+                .map(|(_, p)| p.trim_start_matches('/').to_string())
+                .unwrap_or_default()
+        };
         let mut dirs = Vec::new();
         for c in V1_CONTROLLERS {
             let mount = Path::new(V2_ROOT).join(c);
             if !mount.join("cgroup.procs").exists() {
                 return Err(format!("no cgroup v1 {c} hierarchy at {}", mount.display()));
             }
-            let path = own
-                .lines()
-                .filter_map(|l| {
-                    let mut f = l.splitn(3, ':').skip(1);
-                    f.next().zip(f.next())
-                })
-                .find(|(ctrls, _)| ctrls.split(',').any(|x| x == c))
-                .map(|(_, p)| p.trim_start_matches('/').to_string())
-                .unwrap_or_default();
-            let base = mount.join(path).join(&name);
+            let base = mount.join(own_path(c)).join(&name);
             std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
             dirs.push((c, base));
+        }
+        // CPU time is cpuacct's: a hierarchy of its own on some hosts, mounted with cpu on others
+        // (then its files are in the cpu directory).
+        let (cpu, cpuacct) = (Path::new(V2_ROOT).join("cpu"), Path::new(V2_ROOT).join("cpuacct"));
+        if cpuacct.join("cgroup.procs").exists() && cpu.canonicalize().ok() != cpuacct.canonicalize().ok() {
+            let base = cpuacct.join(own_path("cpuacct")).join(&name);
+            if std::fs::create_dir_all(&base).is_ok() {
+                dirs.push(("cpuacct", base));
+            }
         }
         Ok(Self::V1(dirs))
     }
@@ -141,7 +152,15 @@ impl CgroupBase {
 
     /// Creates the cgroup `name` with `limits`.
     pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Cgroup, String> {
-        let cg = Cgroup { dirs: self.dirs().iter().map(|d| d.join(name)).collect(), v2: matches!(self, Self::V2(_)) };
+        let controllers = match self {
+            Self::V2(_) => Vec::new(),
+            Self::V1(ds) => ds.iter().map(|(c, _)| *c).collect(),
+        };
+        let cg = Cgroup {
+            dirs: self.dirs().iter().map(|d| d.join(name)).collect(),
+            controllers,
+            v2: matches!(self, Self::V2(_)),
+        };
         for (d, base) in cg.dirs.iter().zip(self.dirs()) {
             // (Another daemon's sweep may have removed an empty base meanwhile.)
             let _ = std::fs::create_dir(&base);
@@ -156,13 +175,22 @@ impl CgroupBase {
 #[derive(Debug)]
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
+    /// cgroup v1: each directory's controller.
+    controllers: Vec<&'static str>,
     v2: bool,
 }
 
 impl Cgroup {
     fn dir(&self, controller: &str) -> &Path {
-        let i = if self.v2 { 0 } else { V1_CONTROLLERS.iter().position(|c| *c == controller).unwrap_or(0) };
-        &self.dirs[i]
+        self.try_dir(controller).unwrap_or(&self.dirs[0])
+    }
+
+    /// The directory of `controller` (v1), if the worker has one of its own.
+    fn try_dir(&self, controller: &str) -> Option<&Path> {
+        if self.v2 {
+            return self.dirs.first().map(PathBuf::as_path);
+        }
+        self.controllers.iter().position(|c| *c == controller).map(|i| self.dirs[i].as_path())
     }
 
     fn set(&self, l: &CgroupLimits) -> Result<(), String> {
@@ -206,6 +234,23 @@ impl Cgroup {
     }
 
     /// Periods in which the kernel throttled the worker for using up its CPU cap.
+    /// CPU time the worker's processes used, so far, in microseconds.
+    pub fn cpu_used_us(&self) -> Option<u64> {
+        if self.v2 {
+            std::fs::read_to_string(self.dir("cpu").join("cpu.stat"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec ").and_then(|n| n.trim().parse().ok()))
+        } else {
+            // cgroup v1: cpuacct's count, in nanoseconds (in the cpu directory where the two are
+            // mounted together).
+            let dir = self.try_dir("cpuacct").or_else(|| self.try_dir("cpu"))?;
+            let ns: u64 = std::fs::read_to_string(dir.join("cpuacct.usage")).ok()?.trim().parse().ok()?;
+            Some(ns / 1000)
+        }
+    }
+
+    /// Scheduler periods in which the CPU cap throttled the worker, so far.
     pub fn cpu_throttled(&self) -> Option<u64> {
         std::fs::read_to_string(self.dir("cpu").join("cpu.stat"))
             .ok()?

@@ -80,7 +80,50 @@ pub struct Workers {
 
 /// The first uid (and gid) given to workers; each live worker has its own above it.
 pub const DEFAULT_UID_BASE: u32 = 0x6d_0000;
-const UID_SLOTS: u32 = 0x1_0000;
+/// How many uids (and gids) workers take from the base up.
+pub const UID_SLOTS: u32 = 0x1_0000;
+
+/// Checks that the workers' ids, `base` and the [`UID_SLOTS`] above it, are nobody else's:
+/// within range and not inside a subordinate id range (`name:start:count` lines of
+/// /etc/subuid and /etc/subgid, given as (file, content)), where a user's containers run.
+fn check_uid_range(base: u32, subordinate: &[(&str, String)]) -> Result<(), String> {
+    let end = base.checked_add(UID_SLOTS).filter(|_| base >= 1 << 16).ok_or_else(|| {
+        format!("the worker uid base {base} leaves no room: it takes {UID_SLOTS} ids from 65536 up to 2^32")
+    })?;
+    for (file, text) in subordinate {
+        for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+            let mut f = line.split(':');
+            let (Some(name), Some(start), Some(count)) = (f.next(), f.next(), f.next()) else { continue };
+            let (Ok(start), Ok(count)) = (start.trim().parse::<u64>(), count.trim().parse::<u64>()) else { continue };
+            if start < u64::from(end) && u64::from(base) < start + count {
+                return Err(format!(
+                    "the worker uids {base}..{end} overlap {name}'s subordinate ids {start}..{} in {file}: give \
+                     ember serve --worker-uid-base another range",
+                    start + count
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that no account or group (/etc/passwd, /etc/group) has an id among the workers'.
+fn check_uid_range_unused(base: u32, passwd: &str, group: &str) -> Result<(), String> {
+    let end = u64::from(base) + u64::from(UID_SLOTS);
+    for (file, text) in [("/etc/passwd", passwd), ("/etc/group", group)] {
+        for line in text.lines() {
+            let mut f = line.split(':');
+            let (Some(name), Some(id)) = (f.next(), f.nth(1)) else { continue };
+            if id.parse::<u64>().is_ok_and(|id| (u64::from(base)..end).contains(&id)) {
+                return Err(format!(
+                    "{name} in {file} has id {id}, among the worker uids {base}..{end}: give ember serve \
+                     --worker-uid-base another range"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 impl Workers {
     /// Sets up for workers under `state_dir` (what a killed daemon left there goes), with the
@@ -88,8 +131,14 @@ impl Workers {
     pub fn open(
         state_dir: &Path,
         isolation: Isolation,
+        uid_base: u32,
         filter: Option<seccompiler::BpfProgram>,
     ) -> Result<Arc<Self>, String> {
+        if isolation == Isolation::Jail {
+            let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+            check_uid_range(uid_base, &[("/etc/subuid", read("/etc/subuid")), ("/etc/subgid", read("/etc/subgid"))])
+                .and_then(|()| check_uid_range_unused(uid_base, &read("/etc/passwd"), &read("/etc/group")))?;
+        }
         let dir = state_dir.join("workers");
         let _ = std::fs::remove_dir_all(&dir);
         crate::sys::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -115,7 +164,7 @@ impl Workers {
             jailed,
             dir,
             cgroups,
-            uid_base: DEFAULT_UID_BASE,
+            uid_base,
             slots: Mutex::new(BTreeSet::new()),
             serial: AtomicU64::new(1),
             followers: Mutex::new(Vec::new()),
@@ -316,6 +365,7 @@ impl Workers {
             pid,
             started: std::time::Instant::now(),
             counted: AtomicBool::new(false),
+            served: AtomicBool::new(false),
             uid: place.uid,
             jailed: self.jailed,
             sock,
@@ -603,6 +653,8 @@ pub struct Worker {
     pub started: std::time::Instant,
     /// Set once the supervisor has counted this worker's end (as a restart).
     pub counted: AtomicBool,
+    /// Set once it has restored a clone (a worker that dies before that may be a crash loop).
+    pub served: AtomicBool,
     pub uid: u32,
     pub jailed: bool,
     sock: UnixDatagram,
@@ -622,6 +674,11 @@ impl Worker {
     /// Periods its CPU cap throttled it in, so far (with a cgroup).
     pub fn cpu_throttled(&self) -> Option<u64> {
         self.cgroup.as_ref().and_then(|c| c.cpu_throttled())
+    }
+
+    /// CPU time it used so far, in microseconds (with a cgroup).
+    pub fn cpu_used_us(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(|c| c.cpu_used_us())
     }
 
     /// How it ended (once it has and was reaped).
@@ -659,6 +716,7 @@ impl Worker {
         };
         let (mailbox, vsock) = (mailbox_path(&m), self.run_dir.join(format!("{id}.vsock")));
         self.shared.clones.locked().insert(id, m.clone());
+        self.served.store(true, Ordering::SeqCst);
         // A worker that ended meanwhile has marked every clone it knew: look once more.
         if self.dead() {
             m.vm_ended();
@@ -735,5 +793,32 @@ impl CloneVm {
             Self::Local(vm) => drop((*vm).stop(why)),
             Self::Remote(r) => drop(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_uids_are_nobody_elses() {
+        let base = DEFAULT_UID_BASE;
+        let sub = |text: &str| vec![("/etc/subuid", text.to_string())];
+        assert!(check_uid_range(base, &sub("root:100000:65536\nalice:165536:65536\n")).is_ok());
+        let e = check_uid_range(base, &sub("# comment\nbob:7000000:1000000\n")).unwrap_err();
+        assert!(e.contains("bob") && e.contains("--worker-uid-base"), "{e}");
+        // Touching the range's last id, and its first.
+        assert!(check_uid_range(base, &sub(&format!("c:{}:1", base + UID_SLOTS - 1))).is_err());
+        assert!(check_uid_range(base, &sub(&format!("c:{}:1", base + UID_SLOTS))).is_ok());
+        assert!(check_uid_range(base, &sub(&format!("c:{}:{}", base - 10, 11))).is_err());
+        assert!(check_uid_range(base, &sub("garbage\nx:y:z\n")).is_ok());
+        // Too low (system and ordinary users), or past 2^32.
+        assert!(check_uid_range(1000, &[]).is_err());
+        assert!(check_uid_range(u32::MAX - 10, &[]).is_err());
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/usr/sbin/nologin\n";
+        assert!(check_uid_range_unused(base, passwd, "root:x:0:\n").is_ok());
+        let taken = format!("{passwd}svc:x:{}:100::/:/bin/false\n", base + 5);
+        assert!(check_uid_range_unused(base, &taken, "").unwrap_err().contains("svc"));
+        assert!(check_uid_range_unused(base, "", &format!("grp:x:{}:\n", base + 1)).unwrap_err().contains("grp"));
     }
 }

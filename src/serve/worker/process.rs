@@ -81,19 +81,20 @@ fn confine(setup: &Setup) -> Result<(), String> {
         Some(j) => super::jail::enter(j, setup.max_files)?,
         None => super::jail::confine_unjailed(setup.max_files)?,
     }
-    let filter = crate::seccomp::daemon_filter().map_err(|e| format!("seccomp: {e}"))?;
+    let filter = crate::seccomp::worker_filter(std::process::id()).map_err(|e| format!("seccomp: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("seccomp: {e}"))?;
     tracing::debug!(function = %setup.function, "worker confined");
     Ok(())
 }
 
-/// Decodes the template to serve, then confines the process.
+/// Confines the process, then decodes the template to serve (a state no longer decoded with the
+/// rights the process starts with).
 fn prepare_serve(setup: &Setup, state: &str, mut fds: Vec<OwnedFd>) -> Result<Template, String> {
+    confine(setup)?;
     let memfd = fds.pop().filter(|_| fds.is_empty()).ok_or("expected the template's memory with the setup")?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(state).map_err(|e| format!("state: {e}"))?;
     let state = SnapshotState::decode(&bytes, Path::new("(setup)")).map_err(|e| e.to_string())?;
     let memory = MemoryFile::from_sealed(memfd.into(), state.machine.mem_bytes).map_err(|e| e.to_string())?;
-    confine(setup)?;
     Ok(Template { paths: SnapshotPaths::new(PathBuf::from("/")), state, memory })
 }
 

@@ -26,6 +26,8 @@ pub enum FrameError {
     OutsideMemory(u64, u32),
     #[error("the receive buffers hold {0} bytes, the frame {1}")]
     NoRoom(usize, usize),
+    #[error("the header asks for an offload that was not negotiated (flags {0:#x}, GSO type {1:#x})")]
+    Offload(u8, u8),
 }
 
 /// Gathers a transmit chain's bytes (header and frame) into `out`.
@@ -47,6 +49,32 @@ pub fn gather(mem: &GuestMemory, descs: &[(GuestAddress, u32, bool)], out: &mut 
         return Err(FrameError::TooShort);
     }
     Ok(())
+}
+
+/// `struct virtio_net_hdr`'s flag and GSO type values a transmitted frame may carry.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+
+/// Checks a transmitted frame's `virtio_net_hdr` against what the driver negotiated (`csum`:
+/// VIRTIO_NET_F_CSUM, `tso4`: VIRTIO_NET_F_HOST_TSO4): the TAP acts on the header, so a guest
+/// must not get from it an offload (or a kind of one) that was never agreed.
+pub fn check_tx_header(frame: &[u8], csum: bool, tso4: bool) -> Result<(), FrameError> {
+    let (flags, gso) = match frame {
+        [flags, gso, ..] => (*flags, *gso),
+        _ => return Err(FrameError::TooShort),
+    };
+    let ok = match (flags, gso) {
+        (0, GSO_NONE) => true,
+        (HDR_F_NEEDS_CSUM, GSO_NONE) => csum,
+        (HDR_F_NEEDS_CSUM, GSO_TCPV4) => csum && tso4,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(FrameError::Offload(flags, gso))
+    }
 }
 
 /// Writes `frame` (header included) over a receive chain's buffers: the bytes written.
@@ -136,6 +164,25 @@ mod tests {
         let huge: Vec<_> = (0..20).map(|_| (GuestAddress(0), 0x1000u32, false)).collect();
         assert_eq!(bad(&huge), FrameError::TooLong);
         assert_eq!(bad(&[]), FrameError::TooShort);
+    }
+
+    #[test]
+    fn a_transmitted_header_gets_only_the_offloads_negotiated() {
+        let hdr = |flags: u8, gso: u8| [flags, gso, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(check_tx_header(&hdr(0, 0), false, false), Ok(()));
+        assert_eq!(check_tx_header(&hdr(1, 0), true, false), Ok(()));
+        assert_eq!(check_tx_header(&hdr(1, 1), true, true), Ok(()));
+        for (flags, gso, csum, tso4) in [
+            (1, 0, false, false),  // checksum offload not taken
+            (1, 1, true, false),   // TSO not taken
+            (0, 1, true, true),    // TSO without a checksum to complete
+            (1, 3, true, true),    // UDP fragmentation, never offered
+            (1, 4, true, true),    // TCPv6, never offered
+            (1, 0x81, true, true), // ECN
+            (2, 0, true, true),    // DATA_VALID is a receive flag
+        ] {
+            assert_eq!(check_tx_header(&hdr(flags, gso), csum, tso4), Err(FrameError::Offload(flags, gso)));
+        }
     }
 
     #[test]

@@ -186,6 +186,8 @@ struct Active {
     mem: GuestMemory,
     queues: Arc<Mutex<Vec<Queue>>>,
     interrupt: Arc<Interrupt>,
+    /// The features the driver took.
+    features: u64,
 }
 
 struct Worker {
@@ -216,7 +218,7 @@ impl DeviceWorker for Worker {
         if let Err(e) = self.tap.set_offload(offload) {
             crate::log_limited!(warn, "virtio-net: TUNSETOFFLOAD: {e}");
         }
-        self.active = Some(Active { mem: a.mem, queues: a.queues, interrupt: a.interrupt });
+        self.active = Some(Active { mem: a.mem, queues: a.queues, interrupt: a.interrupt, features: a.features });
         self.watch_tap(true);
         // Frames queued before a snapshot go out now; receive buffers posted then are used.
         let _ = self.tx_notify.write(1);
@@ -286,7 +288,10 @@ impl Worker {
             let Some(chain) = q.pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
             let descs: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
-            match frames::gather(&a.mem, &descs, &mut self.tx) {
+            let (csum, tso4) = (a.features & F_CSUM != 0, a.features & F_HOST_TSO4 != 0);
+            let frame = frames::gather(&a.mem, &descs, &mut self.tx)
+                .and_then(|()| frames::check_tx_header(&self.tx, csum, tso4));
+            match frame {
                 Ok(()) => match self.tap.write_frame(&self.tx) {
                     Ok(true) => {}
                     Ok(false) => crate::log_limited!(debug, "virtio-net: the TAP is full, a frame dropped"),

@@ -24,6 +24,9 @@ use crate::sys::Locked;
 
 /// TX packets handled per wakeup of the worker (see `process_tx`).
 const TX_BUDGET: usize = 64;
+/// RX descriptor chains taken per wakeup (see `fill_rx`): a guest that posts malformed chains as
+/// fast as they are taken gets a share of the thread, never all of it.
+const RX_BUDGET: usize = 256;
 /// Control packets (resets, responses, credit updates) waiting for a receive buffer, at most
 /// (Firecracker's bound); more are dropped: a guest that posts no receive buffers cannot grow it.
 const MAX_CONTROL: usize = 256;
@@ -472,11 +475,19 @@ impl Worker {
             // Made for the first data (a clone that never has a connection never needs it).
             buf = vec![0u8; MAX_PKT_DATA as usize];
         }
+        let mut budget = RX_BUDGET;
+        let mut again = false;
         loop {
             let next_control = self.control.front().copied();
             if next_control.is_none() && readable.is_empty() {
                 break;
             }
+            if budget == 0 {
+                // The rest on the next turn of the loop (the RX queue's event says so).
+                again = true;
+                break;
+            }
+            budget -= 1;
             let Some(mut chain) = q.pop_descriptor_chain(&mem) else {
                 self.rx_starved = true;
                 break;
@@ -498,6 +509,14 @@ impl Worker {
                 let Some(key) = readable.pop_front() else { break };
                 let Some(c) = self.conns.get_mut(&key) else { continue };
                 let room = pkt.data_slice().map(|s| s.len()).unwrap_or(0);
+                if room == 0 {
+                    // A buffer with no room for data (read into it, it would look like EOF):
+                    // given back empty; the connection waits for a real one.
+                    let _ = q.add_used(&mem, head, 0);
+                    used = true;
+                    readable.push_front(key);
+                    continue;
+                }
                 let max = room.min(c.peer_credit() as usize).min(buf.len());
                 match c.stream.read(&mut buf[..max]) {
                     Ok(0) => {
@@ -551,6 +570,10 @@ impl Worker {
         self.scratch = buf;
         if used && q.needs_notification(&mem).unwrap_or(true) {
             interrupt.trigger(INT_USED_RING);
+        }
+        drop(queues);
+        if again {
+            let _ = self.notify[RXQ].write(1);
         }
     }
 
@@ -707,6 +730,38 @@ mod tests {
         assert!(says_connections(&w));
         w.deactivate();
         assert!(!says_connections(&w), "a reset device holds none");
+    }
+
+    #[test]
+    fn an_rx_buffer_with_no_room_for_data_is_given_back_not_taken_for_eof() {
+        use crate::devices::virtio::ring;
+        let (mut w, _tx) = worker(None);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let token = w.next_token;
+        w.next_token += 1;
+        let mut conn = Conn::new(ours, token, ConnState::Established);
+        conn.peer_buf_alloc = 1 << 16;
+        w.insert_conn((1000, 2000), conn);
+        theirs.write_all(b"for the guest").unwrap();
+        // Two chains made available: a header-sized buffer (no data room), then a proper one.
+        const WRITE: u16 = 2;
+        let hdr = PKT_HEADER_SIZE as u32;
+        let image = ring::image(&[(0x4000, hdr, WRITE, 0), (0x5000, hdr + 4096, WRITE, 0)], &[0, 1], 2);
+        let (mem, q) = ring::queue_on(&image).unwrap();
+        let mailbox = Arc::new(crate::channel::mailbox::Mailbox::create(None).unwrap());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(crate::devices::virtio::Interrupt::new(irq, mailbox));
+        let queues = Arc::new(Mutex::new(vec![q, Queue::new(16).unwrap(), Queue::new(16).unwrap()]));
+        w.active = Some(Active { mem: mem.clone(), queues, interrupt });
+        w.fill_rx();
+        let c = &w.conns[&(1000, 2000)];
+        assert!(!c.eof, "a buffer with no data room was read as the end of the stream");
+        // The data went into the second buffer, after its header.
+        let mut got = [0u8; 13];
+        mem.read_slice(&mut got, vm_memory::GuestAddress(0x5000 + u64::from(hdr))).unwrap();
+        assert_eq!(&got, b"for the guest");
+        assert_eq!(c.tx_cnt, 13);
     }
 
     #[test]
