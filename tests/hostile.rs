@@ -58,6 +58,16 @@ fn a_compromised_worker_reaches_nothing_outside_its_own_directories() {
         let (code, body) = http(&s, "PUT", &format!("/functions/{name}"), Some(&spec));
         assert_eq!(code, 202, "{body}");
     }
+    // A guest that does not say ready within its registration's bound fails that registration
+    // (and gives its boot slot back).
+    let slow = json!({"kernel": kernel, "initramfs": initrd, "boot_timeout_s": 1}).to_string();
+    let (code, body) = http(&s, "PUT", "/functions/slow", Some(&slow));
+    assert_eq!(code, 202, "{body}");
+    wait_for("slow to fail", common::BOOT_TIMEOUT, || {
+        json_of(&http(&s, "GET", "/functions/slow", None).1)["state"] == "failed"
+    });
+    let v = json_of(&http(&s, "GET", "/functions/slow", None).1);
+    assert!(v["reason"].as_str().unwrap_or_default().contains("never signalled ready"), "{v}");
     // The template whose state names another drive than the registration's is refused.
     wait_for("hostile-drives to be refused", common::BOOT_TIMEOUT, || {
         let v = json_of(&http(&s, "GET", "/functions/hostile-drives", None).1);
@@ -85,11 +95,44 @@ fn a_compromised_worker_reaches_nothing_outside_its_own_directories() {
     assert_eq!(fingerprint(&target), before, "the host's file changed");
 
     // A restart reopens the template the daemon wrote (not the worker's directory): it serves.
+    // Installed meanwhile from it: a function whose workers die before they serve.
     assert!(srv.signal(libc::SIGTERM).success());
+    let registry = ember::serve::registry::Registry::open(&dir.join("state")).unwrap();
+    let crash: ember::serve::model::FunctionSpec = serde_json::from_str(&spec).unwrap();
+    registry.install("hostile-crash", &crash, &tdir).unwrap();
+    drop(registry);
     let srv = Server::start_with_env(&dir, &[], &[], &env);
     let s = srv.socket.clone();
     wait_ready(&s, "hostile-links", 1);
     let r = invoke(&s, "hostile-links", r#"{"function": "echo", "payload": "again"}"#);
     assert_eq!(r["payload"], "again", "{r}");
     assert_eq!(fingerprint(&target), before, "the host's file changed");
+    // Its workers keep dying before they serve: once they are restarted less often, a request for
+    // a clone is answered 503 with when to come back (the lean protocol's retry_after_s), and
+    // the function says it is restarting; the other function is not affected.
+    use std::io::{BufRead, BufReader, Write};
+    let c = std::os::unix::net::UnixStream::connect(&s).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut lines = BufReader::new(c.try_clone().unwrap());
+    let mut w = c;
+    w.write_all(ember::serve::lean::HELLO).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let refusal = loop {
+        w.write_all(b"acquire hostile-crash\n").unwrap();
+        let mut line = String::new();
+        lines.read_line(&mut line).unwrap();
+        let v = json_of(&line);
+        assert!(v.get("id").is_none(), "a clone of a worker that dies at its first restore: {v}");
+        if v["status"] == 503 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never a 503 while the worker is restarted: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(refusal["retry_after_s"].as_u64().is_some_and(|s| s >= 1), "{refusal}");
+    assert!(refusal["error"].as_str().unwrap().contains("being restarted"), "{refusal}");
+    let info = json_of(&http(&s, "GET", "/functions/hostile-crash", None).1);
+    assert!(info["worker"]["restarts"].as_u64().unwrap() >= 2, "{info}");
+    let r = invoke(&s, "hostile-links", r#"{"function": "echo", "payload": "still"}"#);
+    assert_eq!(r["payload"], "still", "{r}");
 }

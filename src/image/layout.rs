@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tar::Archive;
 
 use super::stage::{self, Stager};
-use super::tarball::{self, apply_tar, check_stream_headers};
+use super::tarball::{self, apply_tar, check_stream_headers, Scratch};
 use super::{hex, is_hex64, ImageError, Limits};
 
 /// An open file of a layout and its length.
@@ -20,18 +20,40 @@ pub(crate) trait Layout {
     fn open(&self, rel: &Path) -> Result<Option<Opened<'_>>, ImageError>;
 }
 
-/// An OCI layout directory on the host (the user's own; its blobs are checked by digest).
-pub(crate) struct HostLayout(pub(crate) PathBuf);
+/// An OCI layout directory on the host (the user's own; its blobs are checked by digest), held
+/// open: each of its files is opened beneath it, never through a symlink.
+pub(crate) struct HostLayout {
+    dir: std::os::fd::OwnedFd,
+    shown: PathBuf,
+}
+
+impl HostLayout {
+    pub(crate) fn open(path: &Path) -> Result<Self, ImageError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| ImageError::io(path.display(), e))?;
+        Ok(Self { dir: dir.into(), shown: path.to_path_buf() })
+    }
+}
 
 impl Layout for HostLayout {
     fn open(&self, rel: &Path) -> Result<Option<Opened<'_>>, ImageError> {
-        let path = self.0.join(rel);
-        let f = match std::fs::File::open(&path) {
-            Ok(f) => f,
+        let shown = self.shown.join(rel);
+        let f = match crate::sys::open_beneath(&self.dir, rel, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(f) => std::fs::File::from(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ImageError::io(path.display(), e)),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) => {
+                return Err(ImageError::malformed(
+                    "image layout",
+                    format!("{} is a symlink or leads out of the layout: not followed", shown.display()),
+                ))
+            }
+            Err(e) => return Err(ImageError::io(shown.display(), e)),
         };
-        let m = f.metadata().map_err(|e| ImageError::io(path.display(), e))?;
+        let m = f.metadata().map_err(|e| ImageError::io(shown.display(), e))?;
         if !m.is_file() {
             return Ok(None);
         }
@@ -140,19 +162,67 @@ fn read_blob_json(layout: &dyn Layout, d: &Descriptor, limits: &Limits) -> Resul
     Ok(bytes)
 }
 
-/// A reader that hashes what passes through it.
-struct Hashing<R> {
+/// A reader that hashes what passes through it, and keeps a copy of it.
+struct Hashing<'c, R> {
     inner: R,
     hasher: Sha256,
     n: u64,
+    copy: &'c mut BlobCopy,
 }
 
-impl<R: Read> Read for Hashing<R> {
+impl<R: Read> Read for Hashing<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.copy.write_all(&buf[..n])?;
         self.n += n as u64;
         Ok(n)
+    }
+}
+
+/// What the first pass over a layer blob read, for the second pass to apply: exactly the bytes
+/// that were hashed and checked, whatever happens to the blob's file meanwhile. In memory, or an
+/// unnamed file (O_TMPFILE) in the scratch directory.
+enum BlobCopy {
+    Memory(Vec<u8>),
+    File(std::fs::File),
+}
+
+impl BlobCopy {
+    fn new(scratch: &Scratch<'_>) -> Result<Self, ImageError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match scratch {
+            Scratch::Memory => Ok(Self::Memory(Vec::new())),
+            Scratch::Dir(d) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+                .open(d)
+                .map(Self::File)
+                .map_err(|e| ImageError::io(d.display(), e)),
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Memory(v) => {
+                v.extend_from_slice(b);
+                Ok(())
+            }
+            Self::File(f) => io::Write::write_all(f, b),
+        }
+    }
+
+    /// The copy, from its start.
+    fn reader(self) -> io::Result<Box<dyn Read>> {
+        match self {
+            Self::Memory(v) => Ok(Box::new(io::Cursor::new(v))),
+            Self::File(mut f) => {
+                io::Seek::rewind(&mut f)?;
+                Ok(Box::new(f))
+            }
+        }
     }
 }
 
@@ -164,33 +234,32 @@ struct LayerRef<'a> {
     media_type: Option<&'a str>,
 }
 
-/// Checks a layer blob (its digest, when known, and its tar headers), then applies it.
+/// Checks a layer blob (its digest, when known, and its tar headers), then applies it: the blob
+/// is read once, and what is applied is the copy of what was checked (see [`BlobCopy`]).
 fn apply_layer(
     layout: &dyn Layout,
     l: &LayerRef<'_>,
     stager: &mut Stager<'_>,
     limits: &Limits,
+    scratch: &Scratch<'_>,
 ) -> Result<(), ImageError> {
     let name = l.path.display().to_string();
     if l.media_type.is_some_and(|m| m.contains("zstd")) {
         return Err(ImageError::Unsupported(format!("zstd-compressed layer ({})", l.media_type.unwrap_or_default())));
     }
-    type Blob<'a> = BufReader<Hashing<io::Take<Box<dyn Read + 'a>>>>;
-    let open = || -> Result<(Blob<'_>, u64), ImageError> {
-        let (r, len) = layout.open(&l.path)?.ok_or_else(|| missing(&format!("blob {name}")))?;
-        if len > limits.max_archive_bytes {
-            return Err(ImageError::Limit { what: "blob size", limit: limits.max_archive_bytes });
-        }
-        if let Some(size) = l.size.filter(|s| *s != len) {
-            return Err(ImageError::malformed(
-                format!("blob {name}"),
-                format!("it is {len} bytes, its descriptor says {size}"),
-            ));
-        }
-        Ok((BufReader::new(Hashing { inner: r.take(len), hasher: Sha256::new(), n: 0 }), len))
-    };
+    let (r, len) = layout.open(&l.path)?.ok_or_else(|| missing(&format!("blob {name}")))?;
+    if len > limits.max_archive_bytes {
+        return Err(ImageError::Limit { what: "blob size", limit: limits.max_archive_bytes });
+    }
+    if let Some(size) = l.size.filter(|s| *s != len) {
+        return Err(ImageError::malformed(
+            format!("blob {name}"),
+            format!("it is {len} bytes, its descriptor says {size}"),
+        ));
+    }
+    let mut copy = BlobCopy::new(scratch)?;
     // First pass: the digest over every byte, and the tar headers within the limits.
-    let (mut r, len) = open()?;
+    let mut r = BufReader::new(Hashing { inner: r.take(len), hasher: Sha256::new(), n: 0, copy: &mut copy });
     let head = tarball::peek(&mut r).map_err(|e| ImageError::io(&name, e))?;
     if tarball::is_zstd(&head) {
         return Err(ImageError::Unsupported(format!("zstd-compressed layer {name}")));
@@ -215,8 +284,8 @@ fn apply_layer(
         }
     }
     checked?;
-    // Second pass: the entries.
-    let (r, _) = open()?;
+    // Second pass: the entries, from the copy of what was checked.
+    let r = BufReader::new(copy.reader().map_err(|e| ImageError::io(&name, e))?);
     if gzip {
         apply_tar(flate2::bufread::GzDecoder::new(r), stager, true)
     } else {
@@ -229,7 +298,12 @@ fn in_layer(index: usize, digest: &str) -> impl FnOnce(ImageError) -> ImageError
 }
 
 /// Applies the image an OCI layout holds (`oci-layout`, `index.json`, `blobs/sha256/...`).
-pub(crate) fn apply_oci(layout: &dyn Layout, stager: &mut Stager<'_>, limits: &Limits) -> Result<(), ImageError> {
+pub(crate) fn apply_oci(
+    layout: &dyn Layout,
+    stager: &mut Stager<'_>,
+    limits: &Limits,
+    scratch: &Scratch<'_>,
+) -> Result<(), ImageError> {
     let _: OciLayoutFile = parse(&read_json(layout, "oci-layout", limits)?, "oci-layout")?;
     let index: IndexOrManifest = parse(&read_json(layout, "index.json", limits)?, "index.json")?;
     let mut manifests =
@@ -263,7 +337,7 @@ pub(crate) fn apply_oci(layout: &dyn Layout, stager: &mut Stager<'_>, limits: &L
         for (i, l) in layers.iter().enumerate() {
             let (path, _) = blob_path(&l.digest).map_err(in_layer(i, &l.digest))?;
             let r = LayerRef { path, digest: Some(&l.digest), size: Some(l.size), media_type: l.media_type.as_deref() };
-            apply_layer(layout, &r, stager, limits).map_err(in_layer(i, &l.digest))?;
+            apply_layer(layout, &r, stager, limits, scratch).map_err(in_layer(i, &l.digest))?;
         }
         return Ok(());
     }
@@ -271,7 +345,12 @@ pub(crate) fn apply_oci(layout: &dyn Layout, stager: &mut Stager<'_>, limits: &L
 }
 
 /// Applies the first image of a `docker save` tarball (`manifest.json` and its `Layers`).
-pub(crate) fn apply_docker(layout: &dyn Layout, stager: &mut Stager<'_>, limits: &Limits) -> Result<(), ImageError> {
+pub(crate) fn apply_docker(
+    layout: &dyn Layout,
+    stager: &mut Stager<'_>,
+    limits: &Limits,
+    scratch: &Scratch<'_>,
+) -> Result<(), ImageError> {
     let images: Vec<DockerImage> = parse(&read_json(layout, "manifest.json", limits)?, "manifest.json")?;
     let image = images.first().ok_or_else(|| ImageError::malformed("manifest.json", "it lists no images"))?;
     if image.layers.len() > limits.max_layers {
@@ -287,7 +366,7 @@ pub(crate) fn apply_docker(layout: &dyn Layout, stager: &mut Stager<'_>, limits:
         };
         let r = LayerRef { path, digest: digest.as_deref(), size: None, media_type: None };
         let shown = super::shown(name.as_bytes());
-        apply_layer(layout, &r, stager, limits).map_err(in_layer(i, &shown))?;
+        apply_layer(layout, &r, stager, limits, scratch).map_err(in_layer(i, &shown))?;
     }
     Ok(())
 }

@@ -164,7 +164,9 @@ impl Store {
                     return Err(ImageError::SourceChanged(source.to_path_buf()));
                 }
             }
-            Source::OciDir => layout::apply_oci(&HostLayout(source.to_path_buf()), &mut stager, limits)?,
+            Source::OciDir => {
+                layout::apply_oci(&HostLayout::open(source)?, &mut stager, limits, &Scratch::Dir(&work.0))?
+            }
             Source::File(before) => {
                 let f = File::open(source).map_err(|e| ImageError::io(source.display(), e))?;
                 let now = f.metadata().map_err(|e| ImageError::io(source.display(), e))?;

@@ -408,7 +408,7 @@ pub(crate) fn import(
     let kind = Members::index(tar, limits, false)?.kind();
     match kind {
         Kind::Plain => apply_tar(tar.all(), stager, false),
-        Kind::Oci => layout::apply_oci(&Members::index(tar, limits, true)?, stager, limits),
-        Kind::Docker => layout::apply_docker(&Members::index(tar, limits, true)?, stager, limits),
+        Kind::Oci => layout::apply_oci(&Members::index(tar, limits, true)?, stager, limits, &scratch),
+        Kind::Docker => layout::apply_docker(&Members::index(tar, limits, true)?, stager, limits, &scratch),
     }
 }

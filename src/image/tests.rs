@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::layout::{apply_oci, HostLayout};
 use super::stage::{escapes, rel_path, Stager};
+use super::tarball::Scratch;
 use super::*;
 
 fn have(tool: &str) -> bool {
@@ -420,7 +421,7 @@ fn oci_layout_layers_flatten_with_whiteouts() {
     let j = Jail::new();
     let limits = Limits::default();
     let mut stager = Stager::new(&j.staging, &limits).unwrap();
-    apply_oci(&HostLayout(layout.clone()), &mut stager, &limits).unwrap();
+    apply_oci(&HostLayout::open(&layout).unwrap(), &mut stager, &limits, &Scratch::Memory).unwrap();
     stager.finish().unwrap();
     check_flattened(&j.staging);
     j.untouched();
@@ -435,6 +436,45 @@ fn oci_layout_layers_flatten_with_whiteouts() {
 }
 
 #[test]
+fn an_oci_layouts_blobs_are_read_once_beneath_it_and_never_through_a_symlink() {
+    use super::layout::{Layout, Opened};
+    /// Counts how often each file of a layout is opened.
+    struct Counting(HostLayout, std::cell::RefCell<std::collections::HashMap<PathBuf, u32>>);
+    impl Layout for Counting {
+        fn open(&self, rel: &Path) -> Result<Option<Opened<'_>>, ImageError> {
+            *self.1.borrow_mut().entry(rel.to_path_buf()).or_default() += 1;
+            self.0.open(rel)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    oci_layout(&layout, &two_layers());
+    let limits = Limits::default();
+    // Each blob is opened once: what is applied is what was hashed, whatever the file does after.
+    for scratch in [Scratch::Memory, Scratch::Dir(dir.path())] {
+        let j = Jail::new();
+        let mut stager = Stager::new(&j.staging, &limits).unwrap();
+        let counting = Counting(HostLayout::open(&layout).unwrap(), Default::default());
+        apply_oci(&counting, &mut stager, &limits, &scratch).unwrap();
+        stager.finish().unwrap();
+        check_flattened(&j.staging);
+        let opens = counting.1.into_inner();
+        assert!(opens.values().all(|n| *n == 1), "{opens:?}");
+    }
+    // A blob that is a symlink (to a file outside, here) is refused, not followed.
+    let outside = dir.path().join("outside.tar");
+    let blobs: Vec<_> = fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
+    let layer = blobs.iter().find(|p| fs::read(p).unwrap().len() > 1024).unwrap();
+    fs::rename(layer, &outside).unwrap();
+    symlink(&outside, layer).unwrap();
+    let j = Jail::new();
+    let mut stager = Stager::new(&j.staging, &limits).unwrap();
+    let e = apply_oci(&HostLayout::open(&layout).unwrap(), &mut stager, &limits, &Scratch::Memory).unwrap_err();
+    assert!(e.to_string().contains("not followed"), "{e}");
+    j.untouched();
+}
+
+#[test]
 fn malformed_oci_layouts_are_refused_with_the_reason() {
     let limits = Limits::default();
     let run = |edit: &dyn Fn(&Path)| -> Result<(), ImageError> {
@@ -444,7 +484,7 @@ fn malformed_oci_layouts_are_refused_with_the_reason() {
         edit(&layout);
         let j = Jail::new();
         let mut stager = Stager::new(&j.staging, &limits).unwrap();
-        let r = apply_oci(&HostLayout(layout), &mut stager, &limits);
+        let r = apply_oci(&HostLayout::open(&layout).unwrap(), &mut stager, &limits, &Scratch::Memory);
         j.untouched();
         r
     };

@@ -50,7 +50,14 @@ pub struct FunctionSpec {
     /// serve/network); absent: no network card at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::serve::network::NetworkPolicy>,
+    /// How long the guest may take to signal ready when its template is made (seconds, 1 to
+    /// [`MAX_BOOT_TIMEOUT_S`], which is also the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_s: Option<f64>,
 }
+
+/// The longest a registration's boot may take.
+pub const MAX_BOOT_TIMEOUT_S: f64 = 600.0;
 
 /// Caps on a function's worker (`limits` in a registration); each absent one has a default worked
 /// out from the pool (see [`Limits::resolve`]).
@@ -229,10 +236,18 @@ impl FunctionSpec {
             return Err(Refusal::BadRequest("code: an empty path".into()));
         }
         self.limits.validate().map_err(Refusal::BadRequest)?;
+        if let Some(t) = self.boot_timeout_s.filter(|t| !(1.0..=MAX_BOOT_TIMEOUT_S).contains(t)) {
+            return Err(Refusal::BadRequest(format!("boot_timeout_s {t} is not in [1, {MAX_BOOT_TIMEOUT_S}]")));
+        }
         if let Some(n) = &self.network {
             n.validate().map_err(Refusal::BadRequest)?;
         }
         self.pool.validate().map_err(Refusal::BadRequest)
+    }
+
+    /// How long the template's boot may take.
+    pub fn boot_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.boot_timeout_s.unwrap_or(MAX_BOOT_TIMEOUT_S))
     }
 
     /// The name of ember's runtime the registration selects (`runtime: "python3"`), if it does.
@@ -392,6 +407,10 @@ pub struct WorkerInfo {
     /// How the last of those ended (e.g. "killed by SIGKILL (memory limit reached: 1 OOM kill)").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// While the function waits to restart its worker (its last ones died before serving): in how
+    /// many seconds it will. Its clones' requests are answered 503 with Retry-After meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarting_in_s: Option<f64>,
 }
 
 /// A new version of a function on its way (`PUT /functions/{name}` of a registered name).
@@ -466,6 +485,11 @@ mod tests {
         .unwrap();
         spec.validate().unwrap();
         assert_eq!(spec.default_function(), "python3");
+        assert_eq!(spec.boot_timeout(), std::time::Duration::from_secs(600));
+        for (t, ok) in [(0.5, false), (1.0, true), (600.0, true), (601.0, false), (f64::NAN, false)] {
+            let s = FunctionSpec { boot_timeout_s: Some(t), ..spec.clone() };
+            assert_eq!(s.validate().is_ok(), ok, "boot_timeout_s {t}");
+        }
         assert_eq!(spec.code_prefix(), "var/task");
         let cmdline = spec.vm_config().cmdline();
         assert!(cmdline.ends_with(r#" EMBER_RUNTIME="python3" EMBER_HANDLER="app.handler""#), "{cmdline}");

@@ -206,6 +206,12 @@ impl Function {
             cpu_used_us: w.cpu_used_us(),
             restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
             last_exit,
+            restarting_in_s: self
+                .worker_backoff
+                .locked()
+                .0
+                .and_then(|at| at.checked_duration_since(Instant::now()))
+                .map(|d| d.as_secs_f64()),
         })
     }
 }

@@ -12,7 +12,6 @@
 //! tenant's payloads.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::images::ImageDirs;
 use super::model::FunctionSpec;
@@ -21,8 +20,6 @@ use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use crate::sys::private_dir;
 use crate::template::{MakeOptions, Template};
 
-/// The longest a registration's boot may take.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SPEC_FILE: &str = "spec.json";
 /// In a template directory: the registration it was made for, and its version.
 const MADE_FOR: &str = "registration.json";
@@ -175,7 +172,8 @@ impl Registry {
             // template served is the one checked, not one read back from disk.
             Some(w) => {
                 let tap = net.map(|n| n.tap());
-                let made = w.make_template(name, spec, &drives, [kernel.fd(), initramfs.fd()], tap, BOOT_TIMEOUT)?;
+                let made =
+                    w.make_template(name, spec, &drives, [kernel.fd(), initramfs.fd()], tap, spec.boot_timeout())?;
                 let paths = snapshot::SnapshotPaths::new(&dir);
                 let written = (|| {
                     private_dir(&dir).map_err(|e| snapshot::SnapshotError::Io(dir.clone(), e))?;
@@ -197,7 +195,7 @@ impl Registry {
                     None => Vec::new(),
                 };
                 let channels = crate::vmm::Channels { taps, ..Default::default() };
-                let opts = MakeOptions { timeout: BOOT_TIMEOUT, channels, ..Default::default() };
+                let opts = MakeOptions { timeout: spec.boot_timeout(), channels, ..Default::default() };
                 Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
             }
         }

@@ -100,6 +100,8 @@ const MAX_INVOKES_PER_FUNCTION: usize = 64;
 /// Templates booting at once (each is a guest boot: minutes of emulated guest kernel on some
 /// hosts); more registrations wait their turn in `creating`.
 const MAX_TEMPLATE_BOOTS: usize = 2;
+/// A template boot that has run this long stops holding one of those slots.
+const SLOW_BOOT: Duration = Duration::from_secs(60);
 
 /// A fresh lease token: 128 bits from the host's RNG, as hex. VM ids are small integers that
 /// restart after a daemon restart and survive recycling; the lease names one handoff.
@@ -138,7 +140,8 @@ pub struct Supervisor {
     pub(super) refill_signal: Condvar,
     invokes: Arc<AtomicUsize>,
     /// Template boots running now.
-    template_boots: Mutex<usize>,
+    /// When each template boot in progress started.
+    template_boots: Mutex<Vec<Instant>>,
     template_boot_done: Condvar,
     /// Worker processes for clones; None: clones run in this process.
     workers: Option<Arc<Workers>>,
@@ -413,7 +416,7 @@ impl Supervisor {
             refill_wanted: Mutex::new(false),
             refill_signal: Condvar::new(),
             invokes: Arc::new(AtomicUsize::new(0)),
-            template_boots: Mutex::new(0),
+            template_boots: Mutex::new(Vec::new()),
             template_boot_done: Condvar::new(),
             workers,
             network,
@@ -559,15 +562,26 @@ impl Supervisor {
     fn spawn_template(self: &Arc<Self>, f: Arc<Function>, update: bool) {
         let sup = self.clone();
         let started = std::thread::Builder::new().name(format!("template-{}", f.name)).spawn(move || {
-            // Wait for a boot slot; the function stays `creating` meanwhile.
-            {
+            // Wait for a boot slot; the function stays `creating` meanwhile. A boot that has taken
+            // longer than SLOW_BOOT (a guest that never says ready, say) no longer holds its
+            // slot: other tenants' boots go ahead.
+            let t = {
                 let mut boots = sup.template_boots.locked();
-                while *boots >= MAX_TEMPLATE_BOOTS {
-                    boots = sup.template_boot_done.wait(boots).unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let now = Instant::now();
+                    if boots.iter().filter(|b| now.duration_since(**b) < SLOW_BOOT).count() < MAX_TEMPLATE_BOOTS {
+                        break;
+                    }
+                    let (b, _) = sup
+                        .template_boot_done
+                        .wait_timeout(boots, Duration::from_secs(1))
+                        .unwrap_or_else(|p| p.into_inner());
+                    boots = b;
                 }
-                *boots += 1;
-            }
-            let t = Instant::now();
+                let t = Instant::now();
+                boots.push(t);
+                t
+            };
             let result = sup.drives(&f).and_then(|d| {
                 let version = version_of(&f.spec, &d);
                 *f.version.locked() = Some(version.clone());
@@ -602,8 +616,13 @@ impl Supervisor {
                 )?;
                 Ok((Arc::new(t), update, code))
             });
-            *sup.template_boots.locked() -= 1;
-            sup.template_boot_done.notify_one();
+            {
+                let mut boots = sup.template_boots.locked();
+                if let Some(i) = boots.iter().position(|b| *b == t) {
+                    boots.swap_remove(i);
+                }
+            }
+            sup.template_boot_done.notify_all();
             if update {
                 sup.finish_update(f, result, t);
                 return;

@@ -24,6 +24,11 @@ pub struct JailSpec {
     pub cgroups: Vec<String>,
     /// A /proc of its own pid namespace (a worker that makes a template reads its own pagemap).
     pub proc: bool,
+    /// Writable directories of its own that nobody outside sees (path inside, size in bytes): a
+    /// tmpfs each, owned by the worker's uid, so that what it writes there is bounded and never
+    /// lands on the host's disk.
+    #[serde(default)]
+    pub scratch: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +105,18 @@ pub fn enter(spec: &JailSpec, max_files: u64) -> Result<(), String> {
             None,
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | ro,
             None,
+        )?;
+    }
+    for (path, size) in &spec.scratch {
+        let inside = root.join(Path::new(path).strip_prefix("/").unwrap_or(Path::new(path)));
+        std::fs::create_dir_all(&inside).map_err(|e| format!("{}: {e}", inside.display()))?;
+        let data = format!("size={size},nr_inodes=4096,mode=0700,uid={},gid={}", spec.uid, spec.gid);
+        mount(
+            Some(Path::new("tmpfs")),
+            &inside,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(&data),
         )?;
     }
     if spec.proc {

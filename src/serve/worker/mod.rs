@@ -274,9 +274,25 @@ impl Workers {
         })
     }
 
-    /// The worker's setup: jailed in `place` with `binds` (besides its channel directory).
-    fn setup(&self, function: &str, place: &Place, task: Task, binds: Vec<Bind>, proc: bool, max_files: u64) -> Setup {
-        let mut all = vec![Bind { path: place.run_dir.display().to_string(), writable: true }];
+    /// The worker's setup: jailed in `place` with `binds` and its channel directory: bound from
+    /// outside (where clones' sockets are reached), or with `private_run_dir` (bytes) a tmpfs of
+    /// that size that nobody outside sees.
+    #[allow(clippy::too_many_arguments)]
+    fn setup(
+        &self,
+        function: &str,
+        place: &Place,
+        task: Task,
+        binds: Vec<Bind>,
+        proc: bool,
+        max_files: u64,
+        private_run_dir: Option<u64>,
+    ) -> Setup {
+        let run_dir = place.run_dir.display().to_string();
+        let mut all = Vec::new();
+        if private_run_dir.is_none() {
+            all.push(Bind { path: run_dir.clone(), writable: true });
+        }
         all.extend(binds);
         Setup {
             function: function.to_string(),
@@ -289,6 +305,7 @@ impl Workers {
                 binds: all,
                 cgroups: place.cgroup.as_deref().map(Cgroup::procs).unwrap_or_default(),
                 proc,
+                scratch: private_run_dir.map(|size| (run_dir.clone(), size)).into_iter().collect(),
             }),
             max_files,
         }
@@ -342,7 +359,7 @@ impl Workers {
             }
         };
         let max_files = 256 + u64::from(max_clones) * FILES_PER_CLONE;
-        let setup = self.setup(function, &place, Task::Serve { state }, binds, false, max_files);
+        let setup = self.setup(function, &place, Task::Serve { state }, binds, false, max_files, None);
         let (pid, sock) = match self.launch(setup, &[template.memory.file().as_raw_fd()]) {
             Ok(r) => r,
             Err((e, reaped)) => {
@@ -414,10 +431,10 @@ impl Workers {
         tap: Option<RawFd>,
         timeout: Duration,
     ) -> Result<MadeInWorker, String> {
-        // The guest's RAM, the memory file written from it, the working-set clone, the sealed
-        // copy of the memory handed back.
+        // The guest's RAM, the memory file written from it (in its tmpfs), the working-set
+        // clone, the sealed copy of the memory handed back.
         let limits = CgroupLimits {
-            memory_bytes: (spec.mem_mib * 2 + 256) << 20,
+            memory_bytes: (spec.mem_mib * 2 + 320) << 20,
             pids: u64::from(spec.vcpus) * 2 + 64,
             cpus: spec.limits.cpus,
         };
@@ -427,7 +444,10 @@ impl Workers {
         let binds = self.drive_binds(drives)?;
         let task =
             Task::Make { spec: Box::new(spec.clone()), drives: drives.to_vec(), timeout_s: timeout.as_secs_f64() };
-        let setup = self.setup(function, &place, task, binds, true, 1024);
+        // Its template (the memory file at the guest's size, the state, the working set) is
+        // written into a tmpfs of its own, bounded, and never onto the host's disk.
+        let scratch = (spec.mem_mib + 64) << 20;
+        let setup = self.setup(function, &place, task, binds, true, 1024, Some(scratch));
         let (pid, sock) = match self.launch(setup, &fds) {
             Ok(r) => r,
             Err((e, reaped)) => {

@@ -195,6 +195,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
     loop {
         match protocol::recv::<ToWorker>(sock) {
             Ok(Received::Message(ToWorker::Restore { id }, fds)) => {
+                hostile::restoring();
                 let shell = shells.as_ref().and_then(ShellMaker::take);
                 let sent = match restore(template, shell, run_dir, id, fds) {
                     Ok(vm) => {
@@ -266,8 +267,9 @@ fn restore(
 /// builds (the ones `cargo test` runs; never a release binary), and armed only by
 /// `EMBER_TEST_HOSTILE_WORKER=TARGET` (a file outside the worker's directories, what the attacks
 /// aim at) for a function named `hostile-links` (symlinks to TARGET planted under every name in
-/// its template directory, kept up after `Made`; the clones' mailboxes truncated) or
-/// `hostile-drives` (its template's state names TARGET, through `..`, as a writable drive).
+/// its template directory, kept up after `Made`; the clones' mailboxes truncated),
+/// `hostile-drives` (its template's state names TARGET, through `..`, as a writable drive) or
+/// `hostile-crash` (it dies at its first restore, before it serves).
 #[cfg(debug_assertions)]
 pub(super) use hostile::ENV as HOSTILE_ENV;
 
@@ -341,6 +343,13 @@ mod hostile {
         }
     }
 
+    /// A worker that dies before it serves (`hostile-crash`): at its first restore.
+    pub fn restoring() {
+        if target("crash").is_some() {
+            std::process::exit(3);
+        }
+    }
+
     pub fn mailbox(m: &Mailbox) {
         if target("links").is_some() {
             if let Ok(fd) = m.fd().try_clone_to_owned() {
@@ -357,5 +366,6 @@ mod hostile {
     pub fn arm(_: &str) {}
     pub fn made(_: &std::path::Path, _: &mut Vec<u8>) {}
     pub fn linger(_: &std::path::Path) {}
+    pub fn restoring() {}
     pub fn mailbox(_: &crate::channel::mailbox::Mailbox) {}
 }
