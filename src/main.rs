@@ -13,13 +13,26 @@ const DEFAULT_LOG: &str = "info,virtio_queue=off,virtio_vsock=off,netlink_packet
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    cli::dispatch(cli::Cli::parse(), process_start)
+    let cli = cli::Cli::parse();
+    // JSON when `ember serve` is told so (and in its workers, which it tells through the
+    // environment), text otherwise.
+    let json = cli.json_log() || std::env::var(ember::serve::worker::LOG_FORMAT_ENV).is_ok_and(|f| f == "json");
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG))
+    };
+    if json {
+        // Workers inherit the format from here.
+        std::env::set_var(ember::serve::worker::LOG_FORMAT_ENV, "json");
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_target(false).init();
+    }
+    cli::dispatch(cli, process_start)
 }

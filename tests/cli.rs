@@ -182,6 +182,43 @@ fn serve_bench_and_simulate_usage_errors() {
     assert_fails(&["bench", "handoff", "--snapshot", "/tmp", "--api-threads", "0"], 2, "--api-threads");
     assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--api-threads", "0"], 2, "--api-threads");
     assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--api-threads", "65"], 2, "1..=64");
+}
+
+#[test]
+fn serve_takes_its_settings_from_a_file_the_flags_win_and_unknown_keys_are_errors() {
+    let d = tmp();
+    let conf = d.path().join("ember.toml");
+    let state = d.path().join("state");
+    let file = format!(
+        "socket = \"/run/ember-a.sock\"\nstate_dir = {:?}\nimages = [\"/srv/images\"]\napi_threads = 2\n\
+         isolation = \"none\"\negress_nat = \"routed\"\nlog_format = \"json\"\n",
+        state.display().to_string()
+    );
+    std::fs::write(&conf, file).unwrap();
+    let c = conf.to_str().unwrap();
+    let out = ember(&["serve", "--config", c, "--socket", "/tmp/ember-b.sock", "--print-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    for line in [
+        "socket = \"/tmp/ember-b.sock\"",
+        "api_threads = 2",
+        "isolation = \"none\"",
+        "egress_nat = \"routed\"",
+        "log_format = \"json\"",
+        "images = [\"/srv/images\"]",
+        "worker_uid_base = 7143424",
+    ] {
+        assert!(printed.lines().any(|l| l == line), "{line:?} not in\n{printed}");
+    }
+    // Nothing was started: no state directory was made.
+    assert!(!state.exists());
+    std::fs::write(&conf, "socket = \"/run/ember.sock\"\napi_thread = 2\n").unwrap();
+    let out = ember(&["serve", "--config", c]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("api_thread") && err.trim().lines().count() == 1, "{err}");
+    assert_fails(&["serve", "--config", "/nonexistent/ember.toml"], 1, "/nonexistent/ember.toml");
+    assert_fails(&["serve"], 1, "--socket");
     // Output paths are checked before minutes of measuring; a template that is not there is named.
     assert_fails(
         &["bench", "restore", "--kernel", "/k", "--json", "/nonexistent/r.json"],

@@ -132,6 +132,50 @@ fn bad_requests_get_4xx_with_a_json_error_and_change_nothing() {
 }
 
 #[test]
+fn systemd_hears_ready_watchdog_and_stopping_and_the_log_can_be_json() {
+    use std::io::BufRead;
+    let dir = common::scratch("notify");
+    // What systemd listens on for a Type=notify unit.
+    let notify = dir.join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let socket = dir.join("api.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
+        .args(["--log-format", "json"])
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut heard = || {
+        let n = listener.recv(&mut buf).expect("no notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(heard(), "READY=1");
+    // Ready means the API answers.
+    assert_eq!(http(&socket, "GET", "/functions", None).0, 200);
+    assert_eq!(heard(), "WATCHDOG=1");
+    assert_eq!(heard(), "WATCHDOG=1");
+    // SIGTERM: it says it is stopping, then stops cleanly.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = (0..20).map(|_| heard()).find(|m| m != "WATCHDOG=1");
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+    // Its log: one JSON object per line, its fields at the top level.
+    let lines: Vec<String> =
+        std::io::BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("serving on")), "{lines:?}");
+}
+
+#[test]
 fn connections_are_bounded_per_client_and_silent_ones_closed() {
     use std::io::{BufRead, BufReader, Write};
     let dir = common::scratch("connections");

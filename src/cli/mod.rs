@@ -77,6 +77,13 @@ pub(crate) enum Command {
     Worker,
 }
 
+impl Cli {
+    /// Whether the command asks for a JSON log (`ember serve --log-format json`, or its file).
+    pub(crate) fn json_log(&self) -> bool {
+        matches!(&self.command, Command::Serve(args) if args.json_log())
+    }
+}
+
 /// Runs the parsed command; `process_start` anchors boot timelines.
 pub(crate) fn dispatch(cli: Cli, process_start: Instant) -> ExitCode {
     let result = match cli.command {

@@ -11,6 +11,7 @@
 //!   arrivals behind it, [`fleet`] the host's idle budget shared by every function's scaler.
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
+//! - [`notify`]: systemd's readiness and watchdog notifications.
 //! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy;
 //!   [`hybrid`] the hybrid-histogram policy, [`traces`] generated fleets and the Azure trace.
 
@@ -24,6 +25,7 @@ pub mod lean;
 pub mod metrics;
 pub mod model;
 pub mod network;
+pub mod notify;
 pub mod pool;
 pub mod registry;
 pub mod scaler;
@@ -94,6 +96,7 @@ pub fn run(
     // The network thread, confined with its own filter (networked functions are refused, with the
     // reason, where it cannot run).
     let network = network::Network::start(state_dir, masquerade);
+    notify::init();
     let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
     crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
     let sup = Supervisor::open(state_dir, images, builder, workers, network).map_err(state_err)?;
@@ -130,6 +133,16 @@ async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
     tracing::info!("serving on {}", socket.display());
+    // The socket accepts (connections wait in its backlog until the server takes them): ready.
+    notify::notify("READY=1");
+    if let Some(every) = notify::watchdog_every() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                notify::notify("WATCHDOG=1");
+            }
+        });
+    }
     serve_api(listener, sup, stop_signal()).await.map_err(|e| format!("server: {e}"))
 }
 
@@ -313,6 +326,7 @@ async fn stop_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
+    notify::notify("STOPPING=1");
 }
 
 #[cfg(test)]

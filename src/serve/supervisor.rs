@@ -864,7 +864,14 @@ impl Supervisor {
         if let Some(workers) = &self.workers {
             let worker = self.worker_of(workers, f, &template)?;
             let t = Instant::now();
-            let (vm, mailbox, vsock) = worker.restore(id, net.as_ref().map(|n| n.tap()))?;
+            // A worker that ended under the restore is replaced by the next one: come back then.
+            let (vm, mailbox, vsock) = worker.restore(id, net.as_ref().map(|n| n.tap())).map_err(|e| {
+                if worker.dead() {
+                    RestoreError::Restarting(Duration::ZERO)
+                } else {
+                    RestoreError::Failed(e)
+                }
+            })?;
             self.metrics.restore.observe(t.elapsed());
             return Ok(PooledVm { id, vm: CloneVm::Remote(vm), mailbox, vsock, uses: 0, restored: t, net });
         }

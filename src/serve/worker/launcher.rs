@@ -80,10 +80,10 @@ impl Launcher {
         let argv0 = CString::new("ember").map_err(std::io::Error::other)?;
         let argv1 = CString::new("worker").map_err(std::io::Error::other)?;
         let mut env: Vec<CString> = Vec::new();
-        let keys = ["RUST_LOG", "RUST_BACKTRACE"];
+        let keys = ["RUST_LOG", "RUST_BACKTRACE", "EMBER_LOG", super::LOG_FORMAT_ENV];
         // A test build's workers may be told to act as compromised ones (see `process::hostile`).
         #[cfg(debug_assertions)]
-        let keys = [keys[0], keys[1], super::process::HOSTILE_ENV];
+        let keys = [keys[0], keys[1], keys[2], keys[3], super::process::HOSTILE_ENV];
         for key in keys {
             if let Some(v) = std::env::var_os(key) {
                 let mut kv = format!("{key}=").into_bytes();

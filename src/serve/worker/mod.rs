@@ -78,6 +78,10 @@ pub struct Workers {
     followers: Mutex<Vec<(i32, std::thread::JoinHandle<()>)>>,
 }
 
+/// The environment variable that tells a worker (and any ember process) to log as JSON
+/// (`json`): `ember serve --log-format json` sets it for its workers.
+pub const LOG_FORMAT_ENV: &str = "EMBER_LOG_FORMAT";
+
 /// The first uid (and gid) given to workers; each live worker has its own above it.
 pub const DEFAULT_UID_BASE: u32 = 0x6d_0000;
 /// How many uids (and gids) workers take from the base up.
