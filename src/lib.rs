@@ -12,7 +12,7 @@
 //! - [`vmm`]: one VM: boot, restore, vCPUs, pause, its snapshot state.
 //! - [`template`]: make a template (boot -> ready -> snapshot) and open it to restore clones.
 //! - [`serve`]: `ember serve`, the pool supervisor and its Unix-socket API.
-//! - [`bench`]: measurements behind `ember bench`.
+//! - [`bench`](mod@bench): measurements behind `ember bench`.
 //!
 //! No module imports one above it (`tests/layers.rs` checks).
 

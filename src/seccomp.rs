@@ -606,7 +606,7 @@ fn daemon_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     Ok(rules)
 }
 
-/// Confines the calling thread, after priming the allocator (see [`prime_allocator`]).
+/// Confines the calling thread, after priming the allocator (see `prime_allocator`).
 pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
     prime_allocator();
     seccompiler::apply_filter(filter)

@@ -111,6 +111,26 @@ pub struct Made {
 }
 
 /// An opened template: its files checked, its state decoded, its memory file open for mapping.
+///
+/// Restoring a clone of a template that `ember run --snapshot` or [`Template::make`] wrote, and
+/// invoking its agent through the mailbox:
+///
+/// ```no_run
+/// use ember::channel::mailbox::CallOptions;
+/// use ember::template::Template;
+/// use ember::vmm::{Channels, RunOptions};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let template = Template::open(std::path::Path::new("/var/lib/ember/templates/hello"))?;
+/// // Clone 1 of the template: its own mailbox, its agent serving; the console discarded.
+/// let channels = Channels { serve: true, ..Default::default() };
+/// let vm = template.restore(1, &channels, Box::new(std::io::sink()))?.start(RunOptions::default())?;
+/// let answer = vm.invoke("echo", b"hi", CallOptions::default())?;
+/// assert_eq!(answer.payload, b"hi");
+/// vm.stop("done");
+/// # Ok(())
+/// # }
+/// ```
 pub struct Template {
     pub paths: SnapshotPaths,
     pub state: SnapshotState,

@@ -474,7 +474,7 @@ fn held_over_processes(
     Ok(())
 }
 
-/// `ember bench hold-clones`: one process of [`held_over_processes`]. Opens the template and makes
+/// `ember bench hold-clones`: one process of `held_over_processes`. Opens the template and makes
 /// `shells` VM shells, says `ready SHELLS_KIB` (the private memory they took); on `go` restores
 /// `clones` clones (into those shells while there are some, else making each VM in the call)
 /// and holds them, says `done`, and holds them until its input closes. `done` says

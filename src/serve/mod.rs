@@ -56,7 +56,26 @@ pub fn api_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket.
+/// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket:
+/// `ember serve` embedded in another program (which then gets the daemon's seccomp filter on
+/// the calling thread and every thread it starts afterwards).
+///
+/// ```no_run
+/// use std::path::{Path, PathBuf};
+/// use ember::serve::worker::{Isolation, DEFAULT_UID_BASE};
+///
+/// # fn main() -> Result<(), String> {
+/// ember::serve::run(
+///     Path::new("/run/ember/api.sock"),
+///     Path::new("/var/lib/ember"),
+///     &[PathBuf::from("/srv/ember/images")],
+///     Isolation::default_for_this_user(),
+///     DEFAULT_UID_BASE,
+///     true, // public egress masqueraded
+///     ember::serve::DEFAULT_API_THREADS,
+/// )
+/// # }
+/// ```
 pub fn run(
     socket: &Path,
     state_dir: &Path,

@@ -162,8 +162,8 @@ const NETWORK_WAIT: Duration = Duration::from_secs(10);
 /// How long an acquire at `max` waits for one of the clones being restored before it is refused.
 const AT_MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// An invocation's place among the daemon's (at most [`MAX_INVOKES`]) and its function's (at
-/// most [`MAX_INVOKES_PER_FUNCTION`]) in flight, given back when dropped (on every way out of a
+/// An invocation's place among the daemon's (at most `MAX_INVOKES`) and its function's (at
+/// most `MAX_INVOKES_PER_FUNCTION`) in flight, given back when dropped (on every way out of a
 /// call).
 pub struct InvokeSlots {
     all: Arc<AtomicUsize>,

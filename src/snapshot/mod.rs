@@ -1,6 +1,6 @@
 //! Snapshots on disk, as bytes: nothing here knows what a VM is.
 //!
-//! A snapshot is a directory with a `state` file ([`format`]: header, serde-encoded state,
+//! A snapshot is a directory with a `state` file ([`format`](mod@format): header, serde-encoded state,
 //! checksum), a `memory` file ([`memory_file`]: guest RAM, sparse, mapped copy-on-write by every
 //! clone and never written to) and, optionally, a `working-set` ([`working_set`]). What the state
 //! holds is the VM's business (`vmm::persist`); making and opening whole templates is

@@ -12,7 +12,7 @@
 //! proxy (leaving with the function's address there), and never another clone nor the host's own
 //! addresses.
 //!
-//! All of it is made by one thread, [`host`], with netlink (rtnetlink) and libnftables' JSON
+//! All of it is made by one thread, `host`, with netlink (rtnetlink) and libnftables' JSON
 //! interface ([`nft`]); namespaces are prepared in the background into a pool per function, so
 //! attaching a network to a restored clone is handing its worker an open TAP descriptor. A
 //! namespace lives as long as its descriptors: when a clone ends (or the daemon is killed and its

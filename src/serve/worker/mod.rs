@@ -714,7 +714,7 @@ impl Worker {
     /// maps its mailbox, which the worker hands over as a memfd whose size is sealed (never a
     /// path: the daemon opens nothing in a directory a worker can write, and maps nothing a
     /// worker could truncate under it). Returns its channels' paths too: for the mailbox, the
-    /// daemon's own descriptor of it under /proc (see [`mailbox_path`]).
+    /// daemon's own descriptor of it under /proc (see `mailbox_path`).
     pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
         let (tx, rx) = channel();
         self.shared.pending.locked().insert(id, tx);

@@ -14,8 +14,8 @@
 //! new ones work. A snapshot with none (a template at its ready point) restores without one, so a
 //! clone does not begin by handling an interrupt.
 //!
-//! The device is four parts: this front end (what the transport sees), the [`worker`] thread that
-//! serves the queues and host sockets, the connections' state ([`conn`]) and the TX packet parser
+//! The device is four parts: this front end (what the transport sees), the `worker` thread that
+//! serves the queues and host sockets, the connections' state (`conn`) and the TX packet parser
 //! ([`packet`], shared with the fuzz target).
 
 mod conn;
