@@ -86,6 +86,15 @@ fn a_compromised_worker_reaches_nothing_outside_its_own_directories() {
         assert_eq!(r["payload"], format!("call {i}"), "{r}");
     }
     assert!(srv.child.try_wait().unwrap().is_none(), "the daemon died");
+    // What a worker can write is bounded: its directory is a small tmpfs of its own (it tried to
+    // write 64 MiB there).
+    let fills: Vec<u64> = std::fs::read_dir(dir.join("state/workers"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::metadata(e.path().join("fill")).ok())
+        .map(|m| m.len())
+        .collect();
+    assert!(!fills.is_empty() && fills.iter().all(|n| *n <= 1 << 20), "{fills:?}");
     // The daemon wrote its template directory itself: regular files, its own.
     let tdir = dir.join("state/functions/hostile-links/template");
     for f in ["state", "memory", "working-set", "registration.json", "version"] {
@@ -133,6 +142,15 @@ fn a_compromised_worker_reaches_nothing_outside_its_own_directories() {
     assert!(refusal["error"].as_str().unwrap().contains("being restarted"), "{refusal}");
     let info = json_of(&http(&s, "GET", "/functions/hostile-crash", None).1);
     assert!(info["worker"]["restarts"].as_u64().unwrap() >= 2, "{info}");
+    let metrics = http(&s, "GET", "/metrics", None).1;
+    let restarts = metrics.lines().find(|l| l.starts_with("ember_worker_restarts_total{function=\"hostile-crash\"}"));
+    assert!(restarts.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
     let r = invoke(&s, "hostile-links", r#"{"function": "echo", "payload": "still"}"#);
     assert_eq!(r["payload"], "still", "{r}");
+    // A clean stop leaves no worker directory mounted (a template boot in progress included:
+    // hostile-drives boots again after the restart).
+    drop(srv);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = dir.join("state").display().to_string();
+    assert!(!mounts.contains(&state), "{mounts}");
 }

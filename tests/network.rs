@@ -330,7 +330,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     // SIGKILL: the workers go with the daemon and every namespace with them; the host table is
     // what is left.
     daemon.signal(libc::SIGKILL);
-    wait_for("the clones' namespaces to go", Duration::from_secs(30), || host.ember_links().is_empty());
+    wait_for("the clones' namespaces to go", Duration::from_secs(120), || host.ember_links().is_empty());
     assert!(host.tables().contains("ember_"), "{}", host.tables());
 
     // While it is down, the template is installed as two more functions.
@@ -473,9 +473,9 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
 
     // DELETE takes the function's tunnel and namespaces; SIGTERM the rest.
     assert_eq!(http(&s, "DELETE", "/functions/private", None).0, 204);
-    wait_for("the tunnel to go", Duration::from_secs(10), || !host.ember_links().iter().any(|l| l.starts_with("et")));
+    wait_for("the tunnel to go", Duration::from_secs(120), || !host.ember_links().iter().any(|l| l.starts_with("et")));
     daemon.signal(libc::SIGTERM);
-    wait_for("every namespace to go", Duration::from_secs(30), || host.ember_links().is_empty());
+    wait_for("every namespace to go", Duration::from_secs(120), || host.ember_links().is_empty());
     assert!(!host.tables().contains("ember_"), "{}", host.tables());
 }
 

@@ -218,6 +218,12 @@ impl Mailbox {
         if len != MAILBOX_SIZE {
             return Err(MailboxError::NotAMailbox(name));
         }
+        Self::map_existing(file, name)
+    }
+
+    /// Maps the file of a mailbox another process made: refused without the mailbox's magic and
+    /// version.
+    fn map_existing(file: File, name: String) -> Result<Self, MailboxError> {
         // SAFETY: no address given: the mapping goes where the kernel puts it.
         let m = unsafe { Self::map(file, &name, None) }?;
         if m.word32(MAGIC_OFF).load(Ordering::Acquire) != MAGIC
@@ -241,14 +247,7 @@ impl Mailbox {
         if seals < 0 || seals & want != want || !meta.is_file() || meta.len() != MAILBOX_SIZE {
             return Err(MailboxError::NotSealed(name));
         }
-        // SAFETY: no address given: the mapping goes where the kernel puts it.
-        let m = unsafe { Self::map(file, &name, None) }?;
-        if m.word32(MAGIC_OFF).load(Ordering::Acquire) != MAGIC
-            || m.word32(VERSION_OFF).load(Ordering::Acquire) != VERSION
-        {
-            return Err(MailboxError::NotAMailbox(name));
-        }
-        Ok(m)
+        Self::map_existing(file, name)
     }
 
     /// The mailbox's file, to hand to another process (see [`Mailbox::from_sealed`]).

@@ -103,7 +103,9 @@ mod tests {
         let l = ConsoleInputLoop::start(OwnedFd::from(r), serial.clone()).unwrap();
         w.write_all(b"x").unwrap();
         let mut got = [0u8];
-        for _ in 0..200 {
+        // (A generous bound on the input thread's one forwarded byte: a loaded machine may not
+        // run it for a while.)
+        for _ in 0..6000 {
             // Line status bit 0: data ready.
             let mut lsr = [0u8];
             crate::devices::BusDevice::read(&mut *serial.lock().unwrap(), 5, &mut lsr);

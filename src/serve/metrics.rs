@@ -90,7 +90,7 @@ impl Metrics {
     pub fn render(&self, functions: &[FunctionInfo]) -> String {
         let mut out = String::new();
         type Pick = fn(&FunctionInfo) -> f64;
-        let series: [(&str, &str, &str, Pick); 11] = [
+        let series: [(&str, &str, &str, Pick); 13] = [
             ("ember_handoffs_total", "counter", "Clones handed out (acquire and invoke).", |f| f.handoffs as f64),
             ("ember_cold_starts_total", "counter", "Handoffs that had to restore a clone on the spot.", |f| {
                 f.cold_starts as f64
@@ -120,6 +120,15 @@ impl Metrics {
             ("ember_clones_recycled_total", "counter", "Released clones that went back to the pool.", |f| {
                 f.recycled_clones as f64
             }),
+            ("ember_worker_restarts_total", "counter", "Workers that ended without being asked to.", |f| {
+                f.worker.as_ref().map_or(0.0, |w| w.restarts as f64)
+            }),
+            (
+                "ember_worker_restarting",
+                "gauge",
+                "1 while the function waits to restart its worker (requests for a new clone get 503).",
+                |f| f64::from(u8::from(f.worker.as_ref().is_some_and(|w| w.restarting_in_s.is_some()))),
+            ),
         ];
         for (name, kind, help, pick) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -208,7 +208,7 @@ mod tests {
         let threads: Vec<_> = (0..2).map(|i| vcpu(ctl.clone(), i)).collect();
         assert!(ctl.parked_states().is_err(), "not paused");
         ctl.request_pause();
-        assert!(ctl.wait_parked(Duration::from_secs(5)));
+        assert!(ctl.wait_parked(Duration::from_secs(30)));
         let states = ctl.parked_states().unwrap();
         assert_eq!(states.iter().map(|s| s.regs.rip).collect::<Vec<_>>(), vec![0x1000, 0x1001]);
         let again = ctl.parked_states().unwrap_err().to_string();
@@ -216,11 +216,11 @@ mod tests {
         ctl.resume();
         let t = std::time::Instant::now();
         while ctl.park.locked().parked > 0 {
-            assert!(t.elapsed() < Duration::from_secs(5), "resumed vCPUs never left their park");
+            assert!(t.elapsed() < Duration::from_secs(30), "resumed vCPUs never left their park");
             std::thread::yield_now();
         }
         ctl.request_pause();
-        assert!(ctl.wait_parked(Duration::from_secs(5)), "parked again after a resume");
+        assert!(ctl.wait_parked(Duration::from_secs(30)), "parked again after a resume");
         assert_eq!(ctl.parked_states().unwrap().len(), 2, "each vCPU saved its state anew");
         ctl.end(VmExit::Stopped("test".into()));
         // A stop releases parked vCPUs.
@@ -233,7 +233,7 @@ mod tests {
         ctl.request_pause();
         let c = ctl.clone();
         let t = std::thread::spawn(move || c.park(0, Err("KVM_GET_REGS failed".into())));
-        assert!(ctl.wait_parked(Duration::from_secs(5)));
+        assert!(ctl.wait_parked(Duration::from_secs(30)));
         let e = ctl.parked_states().unwrap_err().to_string();
         assert!(e.contains("vCPU 0: KVM_GET_REGS failed"), "{e}");
         ctl.end(VmExit::PowerOff);

@@ -20,11 +20,50 @@ pub const JAIL_NAMESPACES: libc::c_int =
 /// The descriptor a worker finds its socket on.
 pub const WORKER_FD: RawFd = 3;
 
-struct Job {
-    /// Raw descriptor of the worker's end of its socket (kept open by the caller until answered).
-    socket: RawFd,
-    namespaces: libc::c_int,
-    reply: Sender<std::io::Result<i32>>,
+enum Job {
+    Start {
+        /// Raw descriptor of the worker's end of its socket (kept open by the caller until
+        /// answered).
+        socket: RawFd,
+        namespaces: libc::c_int,
+        reply: Sender<std::io::Result<i32>>,
+    },
+    /// Mount a tmpfs on `dir` with the mount options `data`.
+    Mount {
+        dir: CString,
+        data: CString,
+        reply: Sender<std::io::Result<()>>,
+    },
+    Unmount {
+        dir: CString,
+        reply: Sender<std::io::Result<()>>,
+    },
+}
+
+fn path_c(p: &std::path::Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)
+}
+
+/// `mount -t tmpfs -o nosuid,nodev,noexec,DATA tmpfs DIR`.
+fn mount_tmpfs(dir: &CString, data: &CString) -> std::io::Result<()> {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: every pointer is a NUL-terminated string alive for the call.
+    let r = unsafe { libc::mount(c"tmpfs".as_ptr(), dir.as_ptr(), c"tmpfs".as_ptr(), flags, data.as_ptr().cast()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Detaches whatever is mounted on `dir`.
+pub(super) fn unmount(dir: &CString) -> std::io::Result<()> {
+    // SAFETY: `dir` is a NUL-terminated string alive for the call.
+    if unsafe { libc::umount2(dir.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[derive(Default)]
@@ -104,12 +143,18 @@ impl Launcher {
             let mut live: Vec<i32> = Vec::new();
             loop {
                 match rx.recv_timeout(Duration::from_millis(20)) {
-                    Ok(job) => {
-                        let r = start(exe.as_raw_fd(), &argv, &envp, &job);
+                    Ok(Job::Start { socket, namespaces, reply }) => {
+                        let r = start(exe.as_raw_fd(), &argv, &envp, socket, namespaces);
                         if let Ok(pid) = r {
                             live.push(pid);
                         }
-                        let _ = job.reply.send(r);
+                        let _ = reply.send(r);
+                    }
+                    Ok(Job::Mount { dir, data, reply }) => {
+                        let _ = reply.send(mount_tmpfs(&dir, &data));
+                    }
+                    Ok(Job::Unmount { dir, reply }) => {
+                        let _ = reply.send(unmount(&dir));
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) if live.is_empty() => return,
@@ -135,7 +180,27 @@ impl Launcher {
     pub fn start(&self, socket: &impl AsRawFd, namespaces: libc::c_int) -> std::io::Result<i32> {
         let (reply, answer) = channel();
         let gone = || std::io::Error::other("the launcher thread has stopped");
-        self.jobs.locked().send(Job { socket: socket.as_raw_fd(), namespaces, reply }).map_err(|_| gone())?;
+        self.jobs.locked().send(Job::Start { socket: socket.as_raw_fd(), namespaces, reply }).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    /// Mounts a tmpfs of at most `size` bytes and `inodes` files on `dir` (in the daemon's mount
+    /// namespace), its root owned by `uid` and 0700: a worker's directory, bounded, off the disk.
+    /// (The launcher's thread is the one of the daemon that may mount.)
+    pub fn mount_tmpfs(&self, dir: &std::path::Path, size: u64, inodes: u64, uid: u32) -> std::io::Result<()> {
+        let data = CString::new(format!("size={size},nr_inodes={inodes},mode=0700,uid={uid},gid={uid}"))
+            .map_err(std::io::Error::other)?;
+        let (reply, answer) = channel();
+        let gone = || std::io::Error::other("the launcher thread has stopped");
+        self.jobs.locked().send(Job::Mount { dir: path_c(dir)?, data, reply }).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    /// Unmounts what [`Launcher::mount_tmpfs`] mounted on `dir`.
+    pub fn unmount(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let (reply, answer) = channel();
+        let gone = || std::io::Error::other("the launcher thread has stopped");
+        self.jobs.locked().send(Job::Unmount { dir: path_c(dir)?, reply }).map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
 
@@ -155,8 +220,14 @@ impl Launcher {
 
 /// Clones the launcher into a new process (in new namespaces when asked) that runs ember's binary
 /// as `ember worker` with the job's socket as descriptor 3.
-fn start(exe: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char], job: &Job) -> std::io::Result<i32> {
-    let flags = (job.namespaces | libc::SIGCHLD) as libc::c_ulong;
+fn start(
+    exe: RawFd,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    socket: RawFd,
+    namespaces: libc::c_int,
+) -> std::io::Result<i32> {
+    let flags = (namespaces | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a clone without CLONE_VM is a fork: the child has its own copy of this thread's
     // memory and runs only the async-signal-safe calls below (dup2, fcntl, execveat, _exit) on
     // data prepared before the clone; the parent gets the child's pid or -1.
@@ -167,10 +238,10 @@ fn start(exe: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char],
     if pid == 0 {
         // SAFETY: in the child: plain descriptor calls and exec on valid, NUL-terminated arrays.
         unsafe {
-            if job.socket == WORKER_FD {
+            if socket == WORKER_FD {
                 libc::fcntl(WORKER_FD, libc::F_SETFD, 0);
             } else {
-                libc::dup2(job.socket, WORKER_FD);
+                libc::dup2(socket, WORKER_FD);
             }
             libc::syscall(libc::SYS_execveat, exe, c"".as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
             libc::_exit(127);

@@ -84,6 +84,26 @@ pub const LOG_FORMAT_ENV: &str = "EMBER_LOG_FORMAT";
 
 /// The first uid (and gid) given to workers; each live worker has its own above it.
 pub const DEFAULT_UID_BASE: u32 = 0x6d_0000;
+/// A jailed worker's channel directory: a tmpfs of this size and this many files at most (its
+/// clones' vsock sockets take no room).
+const RUN_DIR_BYTES: u64 = 1 << 20;
+const RUN_DIR_FILES: u64 = 4096;
+
+/// Mount points at or beneath `dir`, deepest first (from /proc/self/mountinfo).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        // (mountinfo escapes spaces and the like as octal; such paths are not ember's.)
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(&dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found
+}
+
 /// How many uids (and gids) workers take from the base up.
 pub const UID_SLOTS: u32 = 0x1_0000;
 
@@ -144,6 +164,13 @@ impl Workers {
                 .and_then(|()| check_uid_range_unused(uid_base, &read("/etc/passwd"), &read("/etc/group")))?;
         }
         let dir = state_dir.join("workers");
+        // What a killed daemon left: its workers' directories' mounts first (before the daemon
+        // confines itself: it may still unmount here).
+        for m in mounts_under(&dir) {
+            if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
+                let _ = launcher::unmount(&c);
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
         crate::sys::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let jailed = isolation == Isolation::Jail;
@@ -203,6 +230,11 @@ impl Workers {
         if let Some(c) = &self.cgroups {
             c.remove();
         }
+        // Directories of workers not followed (a template boot cut short by the stop) are
+        // unmounted all the same.
+        for m in mounts_under(&self.dir) {
+            let _ = self.launcher.unmount(&m);
+        }
     }
 
     fn take_slot(&self) -> Result<u32, String> {
@@ -229,7 +261,9 @@ impl Workers {
             crate::sys::private_dir(&place.run_dir)?;
             if self.jailed {
                 crate::sys::private_dir(&place.root)?;
-                std::os::unix::fs::chown(&place.run_dir, Some(place.uid), Some(place.uid))?;
+                // Its one writable directory: a small tmpfs of its own (its clones' sockets), so
+                // that it cannot fill the state directory's file system.
+                self.launcher.mount_tmpfs(&place.run_dir, RUN_DIR_BYTES, RUN_DIR_FILES, place.uid)?;
             }
             Ok(())
         })();
@@ -253,6 +287,9 @@ impl Workers {
     /// `reaped` says whether it is known to be gone (or never started). A uid whose process may
     /// still live is never given to another worker (that one could then signal or trace it).
     fn release(&self, place: &Place, reaped: bool) {
+        if self.jailed {
+            let _ = self.launcher.unmount(&place.run_dir);
+        }
         // (remove_dir_all removes symlinks, never what they point at.)
         let _ = std::fs::remove_dir_all(&place.run_dir);
         let _ = std::fs::remove_dir(&place.root);

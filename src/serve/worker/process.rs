@@ -203,7 +203,7 @@ fn serve(sock: &UnixDatagram, template: &Template, run_dir: &Path) {
                         // The clone's mailbox goes with the answer.
                         let mailbox = vm.mailbox();
                         vms.insert(id, vm);
-                        hostile::mailbox(&mailbox);
+                        hostile::mailbox(&mailbox, run_dir);
                         protocol::send(sock, &FromWorker::Restored { id }, Some(mailbox.fd().as_raw_fd()))
                     }
                     Err(error) => protocol::send(sock, &FromWorker::Failed { id, error }, None),
@@ -350,12 +350,23 @@ mod hostile {
         }
     }
 
-    pub fn mailbox(m: &Mailbox) {
+    /// After a restore (`hostile-links`): truncates the clone's mailbox, and fills its
+    /// directory with as much as it can write.
+    pub fn mailbox(m: &Mailbox, run_dir: &Path) {
         if target("links").is_some() {
             if let Ok(fd) = m.fd().try_clone_to_owned() {
                 let f = std::fs::File::from(fd);
                 let _ = f.set_len(0);
                 let _ = f.set_len(4096);
+            }
+            if let Ok(mut f) = std::fs::File::create(run_dir.join("fill")) {
+                use std::io::Write;
+                let block = vec![0x5a_u8; 1 << 20];
+                for _ in 0..64 {
+                    if f.write_all(&block).is_err() {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -367,5 +378,5 @@ mod hostile {
     pub fn made(_: &std::path::Path, _: &mut Vec<u8>) {}
     pub fn linger(_: &std::path::Path) {}
     pub fn restoring() {}
-    pub fn mailbox(_: &crate::channel::mailbox::Mailbox) {}
+    pub fn mailbox(_: &crate::channel::mailbox::Mailbox, _: &std::path::Path) {}
 }
