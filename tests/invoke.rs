@@ -422,32 +422,60 @@ fn guest_clocks(vm: &RunningVm) -> (u128, u128) {
 
 /// Asserts that `vm`'s clocks are a clone's: its monotonic clock within 3 s of `mono_first` (an
 /// earlier clone's reading of the same snapshot), its wall clock the host's.
-fn assert_clone_clocks(vm: &RunningVm, mono_first: u128, what: &str) {
-    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let before = now_ns();
+fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// When a clone was restored: the host's wall clock and a monotonic instant, taken just before.
+struct RestoredAt(u128, Instant);
+
+impl RestoredAt {
+    fn now() -> Self {
+        Self(now_ns(), Instant::now())
+    }
+}
+
+/// A clone's clocks, read now: its monotonic clock goes on from the snapshot's (it moved on by
+/// at most the host time since its restore, never by the time between the snapshot and the
+/// restore), and its wall clock is the host's (set by the agent from the control page at the
+/// restore: from then on, up to now). `first`: the first clone's monotonic reading and the host
+/// time its restore and read took.
+fn assert_clone_clocks(vm: &RunningVm, restored: &RestoredAt, first: (u128, Duration), what: &str) {
     let (real, mono) = guest_clocks(vm);
     let after = now_ns();
-    let gap = mono.abs_diff(mono_first);
-    assert!(gap < 3_000_000_000, "{what} is {gap} ns further on its monotonic clock");
+    let took = restored.1.elapsed().max(first.1);
+    let gap = mono.abs_diff(first.0);
+    assert!(gap < (took + Duration::from_secs(1)).as_nanos(), "{what} is {gap} ns further on its monotonic clock");
     assert!(
-        (before.saturating_sub(1_000_000_000)..=after).contains(&real),
-        "{what}: its wall clock {real} is not the host's ({before}..{after})"
+        (restored.0.saturating_sub(1_000_000_000)..=after).contains(&real),
+        "{what}: its wall clock {real} is not the host's since its restore ({}..{after})",
+        restored.0
     );
+}
+
+/// The first clone's monotonic reading and the time its restore and read took; how long to wait
+/// before the next restore so that a clone that replayed the wait would be caught.
+fn first_clone_clock(vm: &RunningVm, restored: &RestoredAt) -> ((u128, Duration), Duration) {
+    let (_, mono) = guest_clocks(vm);
+    let took = restored.1.elapsed();
+    ((mono, took), (took * 2 + Duration::from_secs(2)).max(Duration::from_secs(5)))
 }
 
 #[test]
 fn a_clone_goes_on_from_its_snapshots_clock_with_the_hosts_wall_clock_time() {
     let _one = common::one_at_a_time();
     let Some(dir) = common::template("a_clone_goes_on_from_its_snapshots_clock") else { return };
+    let restored = RestoredAt::now();
     let first = serving_clone(dir, 1, &Channels { serve: true, ..Default::default() });
-    let (_, mono_first) = guest_clocks(&first);
+    let (first_clock, wait) = first_clone_clock(&first, &restored);
     first.stop("test");
     // Clones restored later do not see the time in between on their monotonic clock (nor replay
     // it: a clone's kernel would otherwise run every timer of the gap before anything else)...
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(wait);
     // ...but their wall clock is the host's (set by the agent from the control page).
+    let restored = RestoredAt::now();
     let later = serving_clone(dir, 2, &Channels { serve: true, ..Default::default() });
-    assert_clone_clocks(&later, mono_first, "a clone restored 5 s later");
+    assert_clone_clocks(&later, &restored, first_clock, "a clone restored later");
     later.stop("test");
 }
 
@@ -462,10 +490,12 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     // already, its RAM maps the template's memory file (its guest has never run).
     let shell = VmShell::new(&template.shell_spec()).unwrap();
     assert!(shell.fits(&template.state));
+    let restored = RestoredAt::now();
     let first = serving_clone(dir, 1, &channels);
-    let (_, mono_first) = guest_clocks(&first);
+    let (first_clock, wait) = first_clone_clock(&first, &restored);
     first.stop("test");
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(wait);
+    let restored = RestoredAt::now();
     let vm = template.restore_in(Some(shell), 2, &channels, Box::new(std::io::sink())).unwrap();
     let vm = vm.start(RunOptions::default()).unwrap();
     // It sees the template's memory (its agent answers, its runtime too) ...
@@ -475,7 +505,7 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
     // ... and its clocks are a clone's, not the shell's age: its monotonic clock goes on from the
     // snapshot, its wall clock is the host's.
-    assert_clone_clocks(&vm, mono_first, "a clone restored into a 5 s old shell");
+    assert_clone_clocks(&vm, &restored, first_clock, "a clone restored into an old shell");
     vm.stop("test");
 
     // A shell made for another machine does not fit; the restore makes the VM it needs instead.
