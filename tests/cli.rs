@@ -219,6 +219,8 @@ fn serve_takes_its_settings_from_a_file_the_flags_win_and_unknown_keys_are_error
     assert!(err.contains("api_thread") && err.trim().lines().count() == 1, "{err}");
     assert_fails(&["serve", "--config", "/nonexistent/ember.toml"], 1, "/nonexistent/ember.toml");
     assert_fails(&["serve"], 1, "--socket");
+    assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--log-format", "xml"], 2, "--log-format");
+    assert_fails(&["serve", "--socket", "/nonexistent/api.sock", "--worker-uid-base", "lots"], 2, "--worker-uid-base");
     // Output paths are checked before minutes of measuring; a template that is not there is named.
     assert_fails(
         &["bench", "restore", "--kernel", "/k", "--json", "/nonexistent/r.json"],
