@@ -867,7 +867,7 @@ impl Supervisor {
             // A worker that ended under the restore is replaced by the next one: come back then.
             let (vm, mailbox, vsock) = worker.restore(id, net.as_ref().map(|n| n.tap())).map_err(|e| {
                 if worker.dead() {
-                    RestoreError::Restarting(Duration::ZERO)
+                    RestoreError::Restarting(Duration::from_secs(1))
                 } else {
                     RestoreError::Failed(e)
                 }
