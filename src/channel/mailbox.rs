@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::ops::Deref;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -156,18 +156,13 @@ impl Mailbox {
             }
         };
         let (file, name) = match path {
-            None => {
-                // SAFETY: the name is a valid NUL-terminated string; the fd returned is ours.
-                let fd = unsafe {
-                    libc::memfd_create(c"ember-mailbox".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-                };
-                if fd < 0 {
+            None => match crate::sys::memfd(c"ember-mailbox", true) {
+                Ok(f) => (f, "memfd".to_string()),
+                Err(e) => {
                     give_up();
-                    return Err(io_err("memfd")(std::io::Error::last_os_error()));
+                    return Err(io_err("memfd")(e));
                 }
-                // SAFETY: `fd` was just created and is owned by nothing else.
-                (unsafe { File::from_raw_fd(fd) }, "memfd".to_string())
-            }
+            },
             Some(p) => {
                 let name = p.display().to_string();
                 let f = crate::sys::private_file().read(true).write(true).create_new(true).open(p).map_err(|e| {
@@ -795,17 +790,16 @@ mod tests {
         let named = Mailbox::create(Some(&dir.path().join("named"))).unwrap();
         let plain = File::from(named.fd().try_clone_to_owned().unwrap());
         assert!(matches!(Mailbox::from_sealed(plain), Err(MailboxError::NotSealed(_))));
-        // SAFETY: the name is NUL-terminated; the new fd is owned by the File made from it.
-        let memfd = |flags| unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), flags)) };
-        let unsealed = memfd(libc::MFD_CLOEXEC);
+        let memfd = |sealable| crate::sys::memfd(c"t", sealable).unwrap();
+        let unsealed = memfd(false);
         unsealed.set_len(MAILBOX_SIZE).unwrap();
         assert!(matches!(Mailbox::from_sealed(unsealed), Err(MailboxError::NotSealed(_))));
-        let small = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        let small = memfd(true);
         small.set_len(4096).unwrap();
         assert!(seal_size(&small));
         assert!(matches!(Mailbox::from_sealed(small), Err(MailboxError::NotSealed(_))));
         // Sealed, of the right size, but not a mailbox.
-        let blank = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        let blank = memfd(true);
         blank.set_len(MAILBOX_SIZE).unwrap();
         assert!(seal_size(&blank));
         assert!(matches!(Mailbox::from_sealed(blank), Err(MailboxError::NotAMailbox(_))));

@@ -112,18 +112,9 @@ impl MemoryFile {
     /// name first that is always a new file (never written through a file or symlink that had
     /// its name), synced and renamed into place.
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_file_name(".memory.tmp");
         let written = (|| {
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            let f = crate::sys::private_file()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)?;
+            let f = super::new_temp_file(&tmp)?;
             f.set_len(self.mem_bytes)?;
             self.copy_data_to(&f)?;
             f.sync_all()

@@ -97,20 +97,11 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
 /// temporary file is always a new one: whatever had its name (a file a crash left, a symlink
 /// someone planted) is removed first, never written through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = (|| {
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut f = crate::sys::private_file()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
+        let mut f = new_temp_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -120,6 +111,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     }
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     sync_dir(dir)
+}
+
+/// A new file (0600) at `tmp`, a temporary name: whatever had that name (a file a crash left, a
+/// symlink someone planted) is removed first, never opened or written through.
+pub(crate) fn new_temp_file(tmp: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    crate::sys::private_file().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(tmp)
 }
 
 /// Makes a directory's entries (renames, new files) durable.

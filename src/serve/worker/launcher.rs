@@ -178,10 +178,7 @@ impl Launcher {
 
     /// Starts `ember worker` with `socket` as its descriptor 3, in new `namespaces` (0: none).
     pub fn start(&self, socket: &impl AsRawFd, namespaces: libc::c_int) -> std::io::Result<i32> {
-        let (reply, answer) = channel();
-        let gone = || std::io::Error::other("the launcher thread has stopped");
-        self.jobs.locked().send(Job::Start { socket: socket.as_raw_fd(), namespaces, reply }).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        self.ask(|reply| Job::Start { socket: socket.as_raw_fd(), namespaces, reply })
     }
 
     /// Mounts a tmpfs of at most `size` bytes and `inodes` files on `dir` (in the daemon's mount
@@ -190,17 +187,22 @@ impl Launcher {
     pub fn mount_tmpfs(&self, dir: &std::path::Path, size: u64, inodes: u64, uid: u32) -> std::io::Result<()> {
         let data = CString::new(format!("size={size},nr_inodes={inodes},mode=0700,uid={uid},gid={uid}"))
             .map_err(std::io::Error::other)?;
-        let (reply, answer) = channel();
-        let gone = || std::io::Error::other("the launcher thread has stopped");
-        self.jobs.locked().send(Job::Mount { dir: path_c(dir)?, data, reply }).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        let dir = path_c(dir)?;
+        self.ask(|reply| Job::Mount { dir, data, reply })
     }
 
     /// Unmounts what [`Launcher::mount_tmpfs`] mounted on `dir`.
     pub fn unmount(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let dir = path_c(dir)?;
+        self.ask(|reply| Job::Unmount { dir, reply })
+    }
+
+    /// Hands the launcher's thread the job `job` makes with its reply channel, and waits for the
+    /// answer.
+    fn ask<T>(&self, job: impl FnOnce(Sender<std::io::Result<T>>) -> Job) -> std::io::Result<T> {
         let (reply, answer) = channel();
         let gone = || std::io::Error::other("the launcher thread has stopped");
-        self.jobs.locked().send(Job::Unmount { dir: path_c(dir)?, reply }).map_err(|_| gone())?;
+        self.jobs.locked().send(job(reply)).map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
 
