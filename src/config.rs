@@ -270,7 +270,7 @@ pub fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
 }
 
 /// What to boot.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
     /// An ELF vmlinux (PVH entry when it has the note) or a bzImage.
@@ -284,7 +284,7 @@ pub struct BootSource {
 }
 
 /// The machine's size.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     #[serde(default = "default_vcpus")]
@@ -308,7 +308,7 @@ impl Default for MachineConfig {
 }
 
 /// A whole VM description, as in Firecracker's `--config-file`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     #[serde(rename = "boot-source")]

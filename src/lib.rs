@@ -11,6 +11,9 @@
 //!   virtio devices behind the virtio-mmio transport.
 //! - [`vmm`]: one VM: boot, restore, vCPUs, pause, its snapshot state.
 //! - [`template`]: make a template (boot -> ready -> snapshot) and open it to restore clones.
+//! - [`scale`]: the autoscaler, the host's idle budget, and the simulator that replays traces
+//!   against it (pure computation).
+//! - [`isolation`]: worker processes (jail, cgroup) and clones' network namespaces.
 //! - [`serve`]: `ember serve`, the pool supervisor and its Unix-socket API.
 //! - [`bench`](mod@bench): measurements behind `ember bench`.
 //!
@@ -21,7 +24,9 @@ pub mod channel;
 pub mod config;
 pub mod devices;
 pub mod image;
+pub mod isolation;
 pub mod memory;
+pub mod scale;
 pub mod seccomp;
 pub mod serve;
 pub mod snapshot;

@@ -16,14 +16,14 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // JSON when `ember serve` is told so (and in its workers, which it tells through the
     // environment), text otherwise.
-    let json = cli.json_log() || std::env::var(ember::serve::worker::LOG_FORMAT_ENV).is_ok_and(|f| f == "json");
+    let json = cli.json_log() || std::env::var(ember::isolation::worker::LOG_FORMAT_ENV).is_ok_and(|f| f == "json");
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG))
     };
     if json {
         // Workers inherit the format from here.
-        std::env::set_var(ember::serve::worker::LOG_FORMAT_ENV, "json");
+        std::env::set_var(ember::isolation::worker::LOG_FORMAT_ENV, "json");
         tracing_subscriber::fmt()
             .json()
             .flatten_event(true)

@@ -420,7 +420,7 @@ fn builder_filter_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
 }
 
 /// Builds the filter of the daemon's network thread (started before the daemon confines itself;
-/// see serve/network): the daemon's calls, plus entering new network namespaces and coming back,
+/// see isolation/network): the daemon's calls, plus entering new network namespaces and coming back,
 /// netlink sockets (rtnetlink, libnftables), opening TAP devices and their ioctls. No guest input
 /// reaches this thread: it acts on registrations and on clones' ends.
 pub fn network_filter() -> Result<BpfProgram, Error> {

@@ -13,6 +13,7 @@ const FLOORS: &[&[&str]] = &[
     &["devices"],
     &["vmm"],
     &["template"],
+    &["scale", "isolation"],
     &["serve"],
     &["bench"],
 ];

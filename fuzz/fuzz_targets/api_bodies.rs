@@ -3,7 +3,7 @@
 #![no_main]
 
 use ember::serve::model::FunctionSpec;
-use ember::serve::scaler::PoolPolicy;
+use ember::scale::scaler::PoolPolicy;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@
 //! built, which is the handoff itself plus HTTP routing and JSON). Acquire is also timed over the
 //! lean protocol on the same socket ([`crate::serve::lean`]).
 
-use crate::serve::worker::Isolation;
+use crate::isolation::worker::Isolation;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -110,7 +110,7 @@ pub(super) struct Daemon {
 
 impl Daemon {
     pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation, api_threads: usize) -> Result<Self, String> {
-        let network = crate::serve::network::Network::unavailable("not in this benchmark".into());
+        let network = crate::isolation::network::Network::unavailable("not in this benchmark".into());
         Self::start_with(state, socket, isolation, network, api_threads)
     }
 
@@ -119,7 +119,7 @@ impl Daemon {
         state: &Path,
         socket: &Path,
         isolation: Isolation,
-        network: crate::serve::network::Network,
+        network: crate::isolation::network::Network,
         api_threads: usize,
     ) -> Result<Self, String> {
         let images = crate::serve::images::ImageDirs::open(&[])?;
@@ -127,10 +127,10 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let workers = match isolation {
             Isolation::None => None,
-            _ => Some(crate::serve::worker::Workers::open(
+            _ => Some(crate::isolation::worker::Workers::open(
                 state,
                 isolation,
-                crate::serve::worker::DEFAULT_UID_BASE,
+                crate::isolation::worker::DEFAULT_UID_BASE,
                 None,
             )?),
         };

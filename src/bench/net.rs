@@ -23,8 +23,8 @@ use super::handoff;
 use super::layers::call;
 use super::{ms, BenchError, Summary, TableReport};
 use crate::config::VmConfig;
-use crate::serve::network::{guest_interface, Network, NetworkPolicy, Slot, GATEWAY};
-use crate::serve::worker::Isolation;
+use crate::isolation::network::{guest_interface, Network, NetworkPolicy, Slot, GATEWAY};
+use crate::isolation::worker::Isolation;
 use crate::template::{MakeOptions, Template};
 use crate::vmm::{Channels, RunOptions, RunningVm};
 use serde_json::json;
@@ -149,7 +149,7 @@ fn run(plain_cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport
         return Err(failed("clone networks", "unavailable (see the log)"));
     }
     // The pool's refill: namespaces prepared back to back.
-    let spare = b.runs.clamp(2, crate::serve::network::MAX_SPARE);
+    let spare = b.runs.clamp(2, crate::isolation::network::MAX_SPARE);
     let t = Instant::now();
     network.attach("bench", &NetworkPolicy::default(), spare).map_err(|e| failed("attach", e))?;
     let deadline = Instant::now() + Duration::from_secs(120);

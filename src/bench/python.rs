@@ -190,7 +190,7 @@ fn api_rounds(
     )?;
     register(template, &state, "echo", pool, serde_json::json!({"handler": "echo"}))?;
     let socket = scratch.join("api.sock");
-    let isolation = crate::serve::worker::Isolation::default_for_this_user();
+    let isolation = crate::isolation::worker::Isolation::default_for_this_user();
     let daemon = Daemon::start(&state, &socket, isolation, crate::serve::DEFAULT_API_THREADS)?;
     let sup = daemon.sup.clone();
     let result = (|| {

@@ -94,7 +94,7 @@ pub(crate) fn dispatch(cli: Cli, process_start: Instant) -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Bench(args) => bench::bench(args),
         Command::Image(command) => image::image(command),
-        Command::Worker => ember::serve::worker::process::run().map(|()| ExitCode::SUCCESS),
+        Command::Worker => ember::isolation::worker::process::run().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e}");

@@ -84,8 +84,8 @@ pub(crate) enum LogFormat {
 }
 
 impl Isolation {
-    pub(crate) fn resolve(mode: Option<Self>) -> Result<ember::serve::worker::Isolation, String> {
-        use ember::serve::worker::Isolation as I;
+    pub(crate) fn resolve(mode: Option<Self>) -> Result<ember::isolation::worker::Isolation, String> {
+        use ember::isolation::worker::Isolation as I;
         Ok(match mode {
             None => I::default_for_this_user(),
             Some(Self::Jail) if I::default_for_this_user() != I::Jail => {
@@ -97,8 +97,8 @@ impl Isolation {
         })
     }
 
-    fn of(i: ember::serve::worker::Isolation) -> Self {
-        use ember::serve::worker::Isolation as I;
+    fn of(i: ember::isolation::worker::Isolation) -> Self {
+        use ember::isolation::worker::Isolation as I;
         match i {
             I::Jail => Self::Jail,
             I::Process => Self::Process,
@@ -164,7 +164,7 @@ impl Settings {
             state_dir: Some(self.state_dir.map(Ok).unwrap_or_else(default_state_dir)?),
             images: self.images,
             isolation: Some(Isolation::of(Isolation::resolve(self.isolation)?)),
-            worker_uid_base: Some(self.worker_uid_base.unwrap_or(ember::serve::worker::DEFAULT_UID_BASE)),
+            worker_uid_base: Some(self.worker_uid_base.unwrap_or(ember::isolation::worker::DEFAULT_UID_BASE)),
             egress_nat: Some(self.egress_nat.unwrap_or(EgressNat::Masquerade)),
             api_threads: Some(threads),
             log_format: Some(self.log_format.unwrap_or(LogFormat::Text)),

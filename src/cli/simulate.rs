@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use ember::serve::simulate as sim;
+use ember::scale::simulate as sim;
 
 #[derive(Args)]
 pub(crate) struct SimulateArgs {
@@ -90,7 +90,7 @@ fn read(path: &PathBuf) -> Result<String, String> {
 }
 
 pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
-    use ember::serve::{fleet, hybrid, traces};
+    use ember::scale::{fleet, hybrid, traces};
     let fleet_flags = args.max_rate.is_some()
         || args.rate_spread.is_some()
         || args.bursts_per_hour.is_some()
@@ -143,7 +143,7 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
         let trace = sim::parse_trace(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
         (path.display().to_string(), trace)
     };
-    let policy: ember::serve::scaler::PoolPolicy = match &args.policy {
+    let policy: ember::scale::scaler::PoolPolicy = match &args.policy {
         Some(j) => serde_json::from_str(j).map_err(|e| format!("--policy: {e}"))?,
         None => Default::default(),
     };

@@ -5,37 +5,27 @@
 //! - [`pool`]: pools of clones and the background loop that scales them.
 //! - [`registry`]: the state directory's files.
 //! - [`images`]: the image directories registrations may boot from.
-//! - [`network`]: clones' networks (a namespace each, prepared ahead), the host's rules, tunnels.
+
 //! - [`layers`]: shared layers by name, functions' code layers, the layer builder thread.
-//! - [`scaler`]: the autoscaling policy (pure logic), [`arrivals`] the model of a function's
-//!   arrivals behind it, [`fleet`] the host's idle budget shared by every function's scaler.
 //! - [`api`]: the HTTP routes (axum), errors as JSON.
 //! - [`metrics`]: Prometheus text.
 //! - [`notify`]: systemd's readiness and watchdog notifications.
-//! - [`simulate`]: `ember simulate`, trace replay against the autoscaler and a keep-alive policy;
-//!   [`hybrid`] the hybrid-histogram policy, [`traces`] generated fleets and the Azure trace.
 
 pub mod api;
-pub mod arrivals;
-pub mod fleet;
-pub mod hybrid;
 pub mod images;
 pub mod layers;
 pub mod lean;
 pub mod metrics;
 pub mod model;
-pub mod network;
 pub mod notify;
 pub mod pool;
 pub mod registry;
-pub mod scaler;
-pub mod simulate;
 pub mod supervisor;
-pub mod traces;
-pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
+
+use crate::isolation::{network, worker};
 
 use supervisor::Supervisor;
 
@@ -62,7 +52,7 @@ pub fn api_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 ///
 /// ```no_run
 /// use std::path::{Path, PathBuf};
-/// use ember::serve::worker::{Isolation, DEFAULT_UID_BASE};
+/// use ember::isolation::worker::{Isolation, DEFAULT_UID_BASE};
 ///
 /// # fn main() -> Result<(), String> {
 /// ember::serve::run(

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::scaler::PoolPolicy;
 use crate::config::{BootSource, MachineConfig, VmConfig};
+use crate::scale::scaler::PoolPolicy;
 
 /// A function's registration (`PUT /functions/{name}`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -47,9 +47,9 @@ pub struct FunctionSpec {
     #[serde(default, skip_serializing_if = "Limits::is_default")]
     pub limits: Limits,
     /// What the function's clones may reach over a network card of their own (see
-    /// serve/network); absent: no network card at all.
+    /// isolation/network); absent: no network card at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<crate::serve::network::NetworkPolicy>,
+    pub network: Option<crate::isolation::network::NetworkPolicy>,
     /// How long the guest may take to signal ready when its template is made (seconds, 1 to
     /// [`MAX_BOOT_TIMEOUT_S`], which is also the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,9 +101,9 @@ impl Limits {
 
     /// The caps of a worker holding up to `max_clones` clones of `vcpus` vCPUs and `mem_mib` MiB:
     /// what was asked, else room for every clone to write all its memory, and its threads.
-    pub fn resolve(&self, max_clones: u32, vcpus: u8, mem_mib: u64) -> crate::serve::worker::cgroup::CgroupLimits {
+    pub fn resolve(&self, max_clones: u32, vcpus: u8, mem_mib: u64) -> crate::isolation::worker::cgroup::CgroupLimits {
         let clones = u64::from(max_clones.max(1));
-        crate::serve::worker::cgroup::CgroupLimits {
+        crate::isolation::worker::cgroup::CgroupLimits {
             memory_bytes: self.memory_mib.unwrap_or(clones * (mem_mib + 16) + 128) << 20,
             pids: self.pids.unwrap_or(clones * (u64::from(vcpus) + 4) + 64),
             cpus: self.cpus,
@@ -303,7 +303,7 @@ impl FunctionSpec {
             machine_config,
             drives: Vec::new(),
             // Every clone keeps the template's card; its namespace gives it a network of its own.
-            network_interfaces: self.network.iter().map(|_| crate::serve::network::guest_interface()).collect(),
+            network_interfaces: self.network.iter().map(|_| crate::isolation::network::guest_interface()).collect(),
         }
     }
 
@@ -377,7 +377,7 @@ pub struct FunctionInfo {
     pub worker: Option<WorkerInfo>,
     /// With a network: its pool of prepared namespaces.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub network: Option<crate::serve::network::NetInfo>,
+    pub network: Option<crate::isolation::network::NetInfo>,
 }
 
 /// A function's worker process, as `GET /functions/{name}` shows it.
@@ -451,8 +451,8 @@ mod tests {
             let input = rng.mutate(good);
             if let Ok(spec) = serde_json::from_slice::<FunctionSpec>(&input) {
                 if spec.validate().is_ok() {
-                    let max = spec.pool.max.unwrap_or(super::super::scaler::MAX_POOL);
-                    assert!(max >= spec.pool.min_ready && max <= super::super::scaler::MAX_POOL);
+                    let max = spec.pool.max.unwrap_or(crate::scale::scaler::MAX_POOL);
+                    assert!(max >= spec.pool.min_ready && max <= crate::scale::scaler::MAX_POOL);
                     assert!(spec.pool.cold_start_cost_s.is_finite() && spec.pool.cold_start_cost_s >= 1.0);
                     assert!(spec.pool.headroom.is_finite() && spec.pool.lease_s > 0.0);
                 }

@@ -7,18 +7,17 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::fleet::{self, Host};
 use super::model::{FunctionInfo, FunctionSpec, FunctionState, WorkerInfo};
-use super::scaler::{Action, Load, Scaler};
 use super::supervisor::Supervisor;
-use super::worker::{CloneVm, Worker};
+use crate::isolation::worker::{CloneVm, Worker};
+use crate::scale::fleet::{self, Host};
+use crate::scale::scaler::{Action, Load, Scaler};
 use crate::sys::Locked;
 use crate::template::Template;
 
-/// How often the background loop scales pools (it also refills them after every handoff).
-pub const TICK: Duration = Duration::from_millis(100);
+pub use crate::scale::TICK;
 /// Most clones starting at once, all functions together (restored, agent not serving yet). A
 /// clone's start is guest kernel work; too many at once on few host cores starve each other's
 /// timer ticks and none finishes (64 at once on 2 cores where guest kernel mode is emulated never
@@ -49,7 +48,7 @@ pub struct PooledVm {
     pub(super) uses: u32,
     pub(super) restored: Instant,
     /// The clone's network namespace (last: it goes after the clone).
-    pub(super) net: Option<crate::serve::network::Slot>,
+    pub(super) net: Option<crate::isolation::network::Slot>,
 }
 
 #[derive(Default)]

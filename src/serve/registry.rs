@@ -159,8 +159,8 @@ impl Registry {
         drives: Vec<DriveConfig>,
         images: &ImageDirs,
         next: bool,
-        workers: Option<&super::worker::Workers>,
-        net: Option<&super::network::Slot>,
+        workers: Option<&crate::isolation::worker::Workers>,
+        net: Option<&crate::isolation::network::Slot>,
     ) -> Result<Template, String> {
         let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
         let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
@@ -172,8 +172,15 @@ impl Registry {
             // template served is the one checked, not one read back from disk.
             Some(w) => {
                 let tap = net.map(|n| n.tap());
-                let made =
-                    w.make_template(name, spec, &drives, [kernel.fd(), initramfs.fd()], tap, spec.boot_timeout())?;
+                let vm = spec.vm_config_with_drives(drives);
+                let made = w.make_template(
+                    name,
+                    &vm,
+                    spec.limits.cpus,
+                    [kernel.fd(), initramfs.fd()],
+                    tap,
+                    spec.boot_timeout(),
+                )?;
                 let paths = snapshot::SnapshotPaths::new(&dir);
                 let written = (|| {
                     private_dir(&dir).map_err(|e| snapshot::SnapshotError::Io(dir.clone(), e))?;

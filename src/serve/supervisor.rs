@@ -20,12 +20,12 @@ use super::images::{ImageDirs, ImageError};
 use super::layers::{Builder, LayerInfo, Layers};
 use super::metrics::Metrics;
 use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal, UpdateInfo};
-use super::network::Network;
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
-use super::worker::{CloneVm, Worker, Workers};
 use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Mailbox, PendingCall};
 use crate::config::DriveConfig;
+use crate::isolation::network::Network;
+use crate::isolation::worker::{CloneVm, Worker, Workers};
 use crate::sys::Locked;
 use crate::template::Template;
 use crate::vmm::{Channels, RunOptions};
@@ -1062,7 +1062,7 @@ impl Supervisor {
     /// [`Supervisor::release`] after an `acquire` (`invoked` false) or an `invoke` (true): with
     /// `max_uses` unset only the latter recycles ([`PoolPolicy::uses_allowed`]).
     ///
-    /// [`PoolPolicy::uses_allowed`]: super::scaler::PoolPolicy::uses_allowed
+    /// [`PoolPolicy::uses_allowed`]: crate::scale::scaler::PoolPolicy::uses_allowed
     fn release_after(&self, id: u64, lease: &str, destroy: bool, invoked: bool) -> Result<bool, Refusal> {
         let h = {
             let mut handed = self.handed.locked();

@@ -6,81 +6,14 @@
 //! skipped). [`generate`] makes the synthetic ones shipped in `benches/traces/`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 
 use super::fleet::{self, Host};
-use super::pool::TICK;
 use super::scaler::{Action, Load, PoolPolicy, Scaler};
-use super::traces::Rng;
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Invocation {
-    pub arrival: f64,
-    pub function: String,
-    pub duration: f64,
-}
-
-/// Parses a trace; the error names the line.
-pub fn parse_trace(text: &str) -> Result<Vec<Invocation>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() || (i == 0 && line.starts_with("arrival")) {
-            continue;
-        }
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let bad = || format!("line {}: expected `arrival_s,function,duration_s`, got {line:?}", i + 1);
-        let [arrival, function, duration] = f[..] else { return Err(bad()) };
-        let arrival: f64 = arrival.parse().map_err(|_| bad())?;
-        let duration: f64 = duration.parse().map_err(|_| bad())?;
-        if !(arrival.is_finite() && arrival >= 0.0 && duration.is_finite() && duration >= 0.0) || function.is_empty() {
-            return Err(bad());
-        }
-        out.push(Invocation { arrival, function: function.to_string(), duration });
-    }
-    out.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
-    Ok(out)
-}
-
-/// What one policy did over a trace.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Outcome {
-    pub invocations: u64,
-    pub cold_starts: u64,
-    /// Seconds that ready-but-unused clones existed, summed over clones.
-    pub idle_clone_seconds: f64,
-    /// Most clones (ready + busy) at once, summed over functions.
-    pub peak_clones: u64,
-    /// Clones restored (cold starts included).
-    pub restores: u64,
-}
-
-impl Outcome {
-    pub fn cold_start_rate(&self) -> f64 {
-        if self.invocations == 0 {
-            0.0
-        } else {
-            self.cold_starts as f64 / self.invocations as f64
-        }
-    }
-
-    pub(super) fn add(&mut self, o: &Outcome) {
-        self.invocations += o.invocations;
-        self.cold_starts += o.cold_starts;
-        self.idle_clone_seconds += o.idle_clone_seconds;
-        self.peak_clones += o.peak_clones;
-        self.restores += o.restores;
-    }
-}
-
-pub(super) fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
-    let mut m: BTreeMap<&str, Vec<&Invocation>> = BTreeMap::new();
-    for inv in trace {
-        m.entry(&inv.function).or_default().push(inv);
-    }
-    m
-}
+use super::trace::{by_function, horizon, OrdF64, Rng};
+pub use super::trace::{parse_trace, to_csv, total, Invocation, Outcome};
+use super::TICK;
 
 /// The host `ember simulate` models: its memory, and each clone's (the guest memory of a
 /// registration's default, 128 MiB).
@@ -300,23 +233,10 @@ impl SimPool {
     }
 }
 
-/// When the last invocation of a trace has ended (arriving at a cold start at worst): every
-/// policy is accounted up to here.
-pub(super) fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
-    invs.iter().map(|i| i.arrival + restore_s + i.duration).fold(0.0, f64::max)
-}
-
 /// Keep-alive over `trace`: a VM is kept `keep_alive_s` after each use and reused by the next
 /// invocation; an invocation that finds none idle is a cold start (`restore_s` later).
 pub fn keep_alive(trace: &[Invocation], keep_alive_s: f64, restore_s: f64) -> Outcome {
     total(&keep_alive_by_function(trace, keep_alive_s, restore_s))
-}
-
-/// The sum of per-function outcomes.
-pub fn total(rows: &[(String, Outcome)]) -> Outcome {
-    let mut t = Outcome::default();
-    rows.iter().for_each(|r| t.add(&r.1));
-    t
 }
 
 /// [`keep_alive`] per function (by name).
@@ -361,21 +281,6 @@ pub fn keep_alive_by_function(trace: &[Invocation], keep_alive_s: f64, restore_s
         rows.push((name.to_string(), out));
     }
     rows
-}
-
-/// An f64 that sorts (no NaNs reach it: traces are checked).
-#[derive(Clone, Copy, PartialEq)]
-pub(super) struct OrdF64(pub(super) f64);
-impl Eq for OrdF64 {}
-impl Ord for OrdF64 {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&o.0)
-    }
-}
-impl PartialOrd for OrdF64 {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
 }
 
 /// The report of `ember simulate`: one row per policy.
@@ -607,15 +512,6 @@ pub fn curve_svg(points: &[Point], title: &str) -> String {
     doc.finish()
 }
 
-/// Writes a trace as CSV.
-pub fn to_csv(trace: &[Invocation]) -> String {
-    let mut s = String::from("arrival_s,function,duration_s\n");
-    for i in trace {
-        s.push_str(&format!("{:.6},{},{:.6}\n", i.arrival, i.function, i.duration));
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,7 +534,7 @@ mod tests {
         let back = parse_trace(&to_csv(&a)).unwrap();
         assert_eq!(back.len(), a.len());
         // Spikes: some second has far more arrivals than the base rate.
-        let mut per_s = BTreeMap::new();
+        let mut per_s = std::collections::BTreeMap::new();
         for i in &a {
             *per_s.entry(i.arrival as u64).or_insert(0) += 1;
         }

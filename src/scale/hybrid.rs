@@ -25,7 +25,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use super::simulate::{Invocation, OrdF64, Outcome};
+use super::trace::{by_function, horizon, total, Invocation, OrdF64, Outcome};
 
 /// The policy's parameters (the paper's, see the module's description).
 #[derive(Clone, Debug, PartialEq)]
@@ -138,20 +138,17 @@ struct Idle {
 
 /// The hybrid-histogram policy over `trace` (see the module's description).
 pub fn hybrid(trace: &[Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
-    super::simulate::total(&hybrid_by_function(trace, p, restore_s))
+    total(&hybrid_by_function(trace, p, restore_s))
 }
 
 /// [`hybrid`] per function (by name).
 pub fn hybrid_by_function(trace: &[Invocation], p: &HybridParams, restore_s: f64) -> Vec<(String, Outcome)> {
-    super::simulate::by_function(trace)
-        .into_iter()
-        .map(|(name, invs)| (name.to_string(), one(&invs, p, restore_s)))
-        .collect()
+    by_function(trace).into_iter().map(|(name, invs)| (name.to_string(), one(&invs, p, restore_s))).collect()
 }
 
 fn one(invs: &[&Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
     let mut out = Outcome { invocations: invs.len() as u64, ..Default::default() };
-    let end = super::simulate::horizon(invs, restore_s);
+    let end = horizon(invs, restore_s);
     let mut hist = Histogram::new(p);
     // Clones kept or pre-warmed, and busy ones by the time they finish.
     let mut idle: Vec<Idle> = Vec::new();

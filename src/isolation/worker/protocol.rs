@@ -35,7 +35,7 @@ pub enum Task {
     /// Boot the function's guest (its kernel and initramfs are the two descriptors sent with the
     /// setup) to ready and make its template (in the worker's own directory); answer `Made` or
     /// `MakeFailed`, then exit.
-    Make { spec: Box<crate::serve::model::FunctionSpec>, drives: Vec<crate::config::DriveConfig>, timeout_s: f64 },
+    Make { vm: Box<crate::config::VmConfig>, timeout_s: f64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -466,28 +466,24 @@ impl Workers {
     pub fn make_template(
         &self,
         function: &str,
-        spec: &crate::serve::model::FunctionSpec,
-        drives: &[crate::config::DriveConfig],
+        vm: &crate::config::VmConfig,
+        cpus: Option<f64>,
         images: [RawFd; 2],
         tap: Option<RawFd>,
         timeout: Duration,
     ) -> Result<MadeInWorker, String> {
+        let (vcpus, mem_mib) = (vm.machine_config.vcpu_count, vm.machine_config.mem_size_mib);
         // The guest's RAM, the memory file written from it (in its tmpfs), the working-set
         // clone, the sealed copy of the memory handed back.
-        let limits = CgroupLimits {
-            memory_bytes: (spec.mem_mib * 2 + 320) << 20,
-            pids: u64::from(spec.vcpus) * 2 + 64,
-            cpus: spec.limits.cpus,
-        };
+        let limits = CgroupLimits { memory_bytes: (mem_mib * 2 + 320) << 20, pids: vcpus * 2 + 64, cpus };
         let place = self.prepare(function, &limits)?;
         let mut fds = images.to_vec();
         fds.extend(tap);
-        let binds = self.drive_binds(drives)?;
-        let task =
-            Task::Make { spec: Box::new(spec.clone()), drives: drives.to_vec(), timeout_s: timeout.as_secs_f64() };
+        let binds = self.drive_binds(&vm.drives)?;
+        let task = Task::Make { vm: Box::new(vm.clone()), timeout_s: timeout.as_secs_f64() };
         // Its template (the memory file at the guest's size, the state, the working set) is
         // written into a tmpfs of its own, bounded, and never onto the host's disk.
-        let scratch = (spec.mem_mib + 64) << 20;
+        let scratch = (mem_mib + 64) << 20;
         let setup = self.setup(function, &place, task, binds, true, 1024, Some(scratch));
         let (pid, sock) = match self.launch(setup, &fds) {
             Ok(r) => r,
@@ -509,7 +505,7 @@ impl Workers {
         let how = how.unwrap_or_else(|| "ended".into());
         match answer {
             Ok(Received::Message(FromWorker::Made { ready_s, working_set }, files)) => {
-                let made = MadeInWorker::check(files, working_set, spec, drives)?;
+                let made = MadeInWorker::check(files, working_set, vm)?;
                 tracing::info!(function, "template made in a worker (ready after {ready_s:.1} s)");
                 Ok(made)
             }
@@ -574,8 +570,7 @@ impl MadeInWorker {
     fn check(
         files: Vec<std::os::fd::OwnedFd>,
         working_set: bool,
-        spec: &crate::serve::model::FunctionSpec,
-        drives: &[crate::config::DriveConfig],
+        vm: &crate::config::VmConfig,
     ) -> Result<Self, String> {
         use crate::snapshot::working_set::WorkingSet;
         let bad = |what: &str| format!("the worker's template is not acceptable: {what}");
@@ -592,16 +587,16 @@ impl MadeInWorker {
         let state_bytes = crate::sys::read_file_limited(&state_file, limit).map_err(|e| bad(&format!("state: {e}")))?;
         let state =
             crate::vmm::persist::SnapshotState::decode(&state_bytes, origin).map_err(|e| bad(&e.to_string()))?;
-        let mem_bytes = spec.mem_mib << 20;
-        if state.machine.mem_bytes != mem_bytes || state.vcpus.len() != usize::from(spec.vcpus) {
+        let (vcpus, mem_bytes) = (vm.machine_config.vcpu_count, vm.machine_config.mem_size_mib << 20);
+        if state.machine.mem_bytes != mem_bytes || state.vcpus.len() as u64 != vcpus {
             return Err(bad(&format!(
                 "a guest of {} bytes and {} vCPUs, where {mem_bytes} bytes and {} were registered",
                 state.machine.mem_bytes,
                 state.vcpus.len(),
-                spec.vcpus
+                vcpus
             )));
         }
-        if state.devices.drives != drives {
+        if state.devices.drives != vm.drives {
             return Err(bad("its drives are not the registration's"));
         }
         let memory = crate::snapshot::MemoryFile::from_sealed(memory, mem_bytes).map_err(|e| bad(&e.to_string()))?;

@@ -120,7 +120,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::serve::scaler::{Load, PoolPolicy};
+    use crate::scale::scaler::{Load, PoolPolicy};
 
     const TICK: Duration = Duration::from_millis(100);
 

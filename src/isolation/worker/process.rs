@@ -14,8 +14,7 @@ use base64::Engine;
 
 use super::launcher::WORKER_FD;
 use super::protocol::{self, FromWorker, Received, Setup, Task, ToWorker};
-use crate::config::DriveConfig;
-use crate::serve::model::FunctionSpec;
+use crate::config::VmConfig;
 use crate::snapshot::{MemoryFile, SnapshotPaths};
 use crate::template::MakeOptions;
 use crate::template::Template;
@@ -52,13 +51,13 @@ pub fn run() -> Result<(), String> {
             protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
             serve(&sock, &template, Path::new(&setup.run_dir));
         }
-        Task::Make { spec, drives, timeout_s } => {
+        Task::Make { vm, timeout_s } => {
             let images = prepare_make(&setup, fds).map_err(fail)?;
             protocol::send(&sock, &FromWorker::Ready, None).map_err(|e| format!("socket: {e}"))?;
             // Made in this worker's own directory; what the supervisor keeps of it goes back
             // over the socket as descriptors (it never reads a directory a worker could write).
             let dir = Path::new(&setup.run_dir).join("template");
-            let sent = match make(spec, drives, &dir, *timeout_s, &images).and_then(|ready_s| made(&dir, ready_s)) {
+            let sent = match make(vm, &dir, *timeout_s, &images).and_then(|ready_s| made(&dir, ready_s)) {
                 Ok((reply, files)) => {
                     use std::os::fd::AsRawFd;
                     let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
@@ -124,25 +123,20 @@ struct MakeImages {
     tap: Option<OwnedFd>,
 }
 
-/// Boots `spec`'s guest from the copied images and makes its template in `dir`.
-fn make(
-    spec: &FunctionSpec,
-    drives: &[DriveConfig],
-    dir: &Path,
-    timeout_s: f64,
-    images: &MakeImages,
-) -> Result<f64, String> {
+/// Boots `vm` from the copied images and makes its template in `dir`.
+fn make(vm: &VmConfig, dir: &Path, timeout_s: f64, images: &MakeImages) -> Result<f64, String> {
     use std::os::fd::AsRawFd;
     let fd_path = |f: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-    let opened =
-        FunctionSpec { kernel: fd_path(&images.kernel), initramfs: fd_path(&images.initramfs), ..spec.clone() };
+    let mut opened = vm.clone();
+    opened.boot_source.kernel_image_path = fd_path(&images.kernel);
+    opened.boot_source.initrd_path = Some(fd_path(&images.initramfs));
     let timeout = Duration::try_from_secs_f64(timeout_s).map_err(|e| format!("timeout: {e}"))?;
     let taps = match &images.tap {
         Some(t) => vec![std::sync::Arc::new(t.try_clone().map_err(|e| format!("TAP: {e}"))?)],
         None => Vec::new(),
     };
     let opts = MakeOptions { timeout, channels: Channels { taps, ..Default::default() }, ..Default::default() };
-    let made = Template::make(&opened.vm_config_with_drives(drives.to_vec()), dir, opts).map_err(|e| e.to_string())?;
+    let made = Template::make(&opened, dir, opts).map_err(|e| e.to_string())?;
     Ok(made.ready.as_secs_f64())
 }
 

@@ -20,53 +20,7 @@
 //! - durations log-normal: a per-function median log-normal around 0.6 s (sigma 1.2 in ln, within
 //!   5 ms and 2 min), each invocation's spread around it sigma 0.3 to 1.0, within 1 ms and 15 min.
 
-use super::simulate::Invocation;
-
-/// A small deterministic RNG (xorshift64*), so that generated traces are reproducible.
-pub(super) struct Rng(pub(super) u64);
-
-impl Rng {
-    pub(super) fn new(seed: u64) -> Self {
-        // Distinct seeds give unrelated streams: splitmix the seed first.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self((z ^ (z >> 31)).max(1))
-    }
-
-    pub(super) fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub(super) fn exp(&mut self, mean: f64) -> f64 {
-        -mean * (1.0 - self.next_f64()).ln()
-    }
-
-    /// A standard normal (Box-Muller).
-    pub(super) fn normal(&mut self) -> f64 {
-        let (u, v) = (1.0 - self.next_f64(), self.next_f64());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_f64() * n as f64) as usize).min(n.saturating_sub(1))
-    }
-
-    fn poisson(&mut self, mean: f64) -> u32 {
-        // Small means only (batch sizes): by inversion.
-        let (mut k, mut p, l) = (0u32, 1.0, (-mean).exp());
-        loop {
-            p *= self.next_f64();
-            if p <= l || k >= 10_000 {
-                return k;
-            }
-            k += 1;
-        }
-    }
-}
+use super::trace::{Invocation, Rng};
 
 /// What a generated fleet looks like (see the module's description).
 #[derive(Clone, Debug, PartialEq)]
