@@ -82,7 +82,6 @@ pub(super) fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocatio
 }
 
 /// When the last invocation of a trace has ended (arriving at a cold start at worst): every
-
 /// policy is accounted up to here.
 pub(super) fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
     invs.iter().map(|i| i.arrival + restore_s + i.duration).fold(0.0, f64::max)
