@@ -16,6 +16,7 @@ use super::{Summary, TableReport};
 use crate::serve::model::FunctionSpec;
 use crate::serve::registry::Registry;
 use crate::serve::supervisor::Supervisor;
+use crate::serve::{Daemon, DaemonConfig};
 
 /// Single-use clones: every handoff gets a fresh clone.
 const FRESH: &str = "fresh";
@@ -100,53 +101,25 @@ pub(super) fn register(
 }
 
 /// `ember serve` in this process over the state directory `state` (its functions installed with
-/// [`register`]; nothing is booted, so no image directory), its API on `socket`.
-pub(super) struct Daemon {
-    pub(super) sup: Arc<Supervisor>,
-    scaler: std::thread::JoinHandle<()>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Daemon {
-    pub(super) fn start(state: &Path, socket: &Path, isolation: Isolation, api_threads: usize) -> Result<Self, String> {
-        let network = crate::isolation::network::Network::unavailable("not in this benchmark".into());
-        Self::start_with(state, socket, isolation, network, api_threads)
-    }
-
-    /// [`Daemon::start`] with clones' networks.
-    pub(super) fn start_with(
-        state: &Path,
-        socket: &Path,
-        isolation: Isolation,
-        network: crate::isolation::network::Network,
-        api_threads: usize,
-    ) -> Result<Self, String> {
-        let images = crate::serve::images::ImageDirs::open(&[])?;
-        let builder = crate::serve::layers::Builder::spawn(&crate::serve::layers::Layers::store_dir(state), None)
-            .map_err(|e| e.to_string())?;
-        let workers = match isolation {
-            Isolation::None => None,
-            _ => Some(crate::isolation::worker::Workers::open(
-                state,
-                isolation,
-                crate::isolation::worker::DEFAULT_UID_BASE,
-                None,
-            )?),
-        };
-        let sup = Supervisor::open(state, images, builder, workers, network).map_err(|e| e.to_string())?;
-        let scaler = sup.start_scaling().map_err(|e| e.to_string())?;
-        let rt = crate::serve::api_runtime(api_threads).map_err(|e| e.to_string())?;
-        let listener = rt.block_on(async { tokio::net::UnixListener::bind(socket) }).map_err(|e| e.to_string())?;
-        let server = rt.spawn(crate::serve::serve_api(listener, sup.clone(), std::future::pending()));
-        Ok(Self { sup, scaler, server, _rt: rt })
-    }
-
-    pub(super) fn stop(self) {
-        self.server.abort();
-        self.sup.shutdown();
-        let _ = self.scaler.join();
-    }
+/// [`register`]; nothing is booted, so no image directory), its API on `socket`; clones' networks
+/// as `network` says (see [`DaemonConfig::network`]). Left unconfined (the benchmark's own
+/// threads go on measuring) and deaf to signals.
+pub(super) fn daemon(
+    state: &Path,
+    socket: &Path,
+    isolation: Isolation,
+    network: Option<bool>,
+    api_threads: usize,
+) -> Result<Daemon, String> {
+    let cfg = DaemonConfig {
+        isolation,
+        network,
+        api_threads,
+        confine: false,
+        stop_on_signals: false,
+        ..DaemonConfig::new(socket, state)
+    };
+    Daemon::start(&cfg)
 }
 
 pub(super) type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
@@ -280,8 +253,8 @@ fn run(
     recycled["max_uses"] = u32::MAX.into();
     register(snapshot, &state, RECYCLED, recycled, serde_json::json!({}))?;
     let socket = dir.join("api.sock");
-    let daemon = Daemon::start(&state, &socket, isolation, api_threads)?;
-    let sup = daemon.sup.clone();
+    let daemon = daemon(&state, &socket, isolation, None, api_threads)?;
+    let sup = daemon.supervisor().clone();
     let settle = || -> Result<(), String> {
         sup.pause_scaling(false);
         wait_full(&sup, FRESH, pool)?;

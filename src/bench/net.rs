@@ -295,16 +295,14 @@ fn run(plain_cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport
     // (The namespaces above are gone by now: the new network thread's transit addresses are free.)
     std::thread::sleep(Duration::from_secs(1));
     let socket = scratch.join("api.sock");
-    let network = Network::start(&state, false);
-    let daemon =
-        handoff::Daemon::start_with(&state, &socket, Isolation::None, network, crate::serve::DEFAULT_API_THREADS)
-            .map_err(|e| failed("daemon", e))?;
+    let daemon = handoff::daemon(&state, &socket, Isolation::None, Some(false), crate::serve::DEFAULT_API_THREADS)
+        .map_err(|e| failed("daemon", e))?;
     let measured = (|| -> Result<(), String> {
         for name in ["plain", "net"] {
-            handoff::wait_full(&daemon.sup, name, HANDOFF_POOL)?;
+            handoff::wait_full(daemon.supervisor(), name, HANDOFF_POOL)?;
         }
         handoff::wait_quiet();
-        daemon.sup.pause_scaling(true);
+        daemon.supervisor().pause_scaling(true);
         for name in ["plain", "net"] {
             let acquire = move |c: &mut std::io::BufReader<std::os::unix::net::UnixStream>| {
                 handoff::request(c, "POST", &format!("/functions/{name}/acquire"), "")

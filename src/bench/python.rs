@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::handoff::{register, request, round, wait_full, wait_quiet, Daemon};
+use super::handoff::{daemon, register, request, round, wait_full, wait_quiet};
 use super::layers::{call, clone_of};
 use super::restore::private_kib;
 use super::{ms, BenchError, Summary, TableReport};
@@ -191,8 +191,8 @@ fn api_rounds(
     register(template, &state, "echo", pool, serde_json::json!({"handler": "echo"}))?;
     let socket = scratch.join("api.sock");
     let isolation = crate::isolation::worker::Isolation::default_for_this_user();
-    let daemon = Daemon::start(&state, &socket, isolation, crate::serve::DEFAULT_API_THREADS)?;
-    let sup = daemon.sup.clone();
+    let daemon = daemon(&state, &socket, isolation, None, crate::serve::DEFAULT_API_THREADS)?;
+    let sup = daemon.supervisor().clone();
     let result = (|| {
         wait_full(&sup, "py", 2)?;
         wait_full(&sup, "echo", 2)?;

@@ -220,8 +220,15 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         return Err("incomplete settings".into());
     };
     let isolation = Isolation::resolve(Some(isolation))?;
-    let masquerade = nat == EgressNat::Masquerade;
-    ember::serve::run(&socket, &dir, &s.images, isolation, uid_base, masquerade, threads)?;
+    let cfg = ember::serve::DaemonConfig {
+        images: s.images,
+        isolation,
+        worker_uid_base: uid_base,
+        network: Some(nat == EgressNat::Masquerade),
+        api_threads: threads,
+        ..ember::serve::DaemonConfig::new(&socket, &dir)
+    };
+    ember::serve::run(&cfg)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,14 +20,13 @@ use base64::Engine;
 use serde::Deserialize;
 use tracing::Instrument;
 
-use super::model::{FunctionSpec, Refusal};
-use super::supervisor::{InvokeCall, Supervisor, Take};
+use super::command::{self, Command, Step};
+use super::model::{Error, ErrorKind, FunctionSpec};
+use super::supervisor::Supervisor;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 /// The largest request body: a payload as large as the mailbox takes, base64-encoded in JSON.
 pub const MAX_BODY: usize = 1 << 20;
-/// The longest invocation timeout a request may ask for.
-const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;
 
 /// The request's id (the caller's `x-request-id`, or one ember made), for handlers.
 #[derive(Clone)]
@@ -57,10 +56,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<Refusal> for ApiError {
-    fn from(r: Refusal) -> Self {
-        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        Self { status, message: r.to_string(), retry_after_s: r.retry_after_s() }
+/// The HTTP status of a refusal of `kind` (the lean protocol answers the same codes).
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Restarting => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::GuestFailed => StatusCode::BAD_GATEWAY,
+        ErrorKind::GuestTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self { status: status(e.kind()), message: e.to_string(), retry_after_s: e.retry_after_s() }
     }
 }
 
@@ -75,41 +88,43 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> 
 
 type Sup = State<Arc<Supervisor>>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Refusal> + Send + 'static) -> Result<T, ApiError> {
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
-        .map_err(ApiError::from)
+/// Calls `cmd` on the core: what it does at once is done here, what blocks goes to the runtime's
+/// blocking pool.
+async fn call<C: Command>(sup: &Arc<Supervisor>, cmd: C) -> Result<C::Reply, ApiError> {
+    match command::call(sup, cmd)? {
+        Step::Done(r) => Ok(r),
+        Step::Blocking(f) => {
+            let span = tracing::Span::current();
+            tokio::task::spawn_blocking(move || span.in_scope(f))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
+                .map_err(ApiError::from)
+        }
+    }
 }
 
 async fn put_function(State(sup): Sup, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let spec: FunctionSpec = json_body(&body)?;
-    let info = blocking(move || sup.register(&name, spec)).await?;
+    let info = call(&sup, command::Register { name, spec }).await?;
     Ok((StatusCode::ACCEPTED, Json(info)).into_response())
 }
 
-async fn list_functions(State(sup): Sup) -> Response {
-    Json(serde_json::json!({ "functions": sup.list() })).into_response()
+async fn list_functions(State(sup): Sup) -> Result<Response, ApiError> {
+    let functions = call(&sup, command::ListFunctions).await?;
+    Ok(Json(serde_json::json!({ "functions": functions })).into_response())
 }
 
 async fn get_function(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(sup.get(&name)?).into_response())
+    Ok(Json(call(&sup, command::GetFunction { name }).await?).into_response())
 }
 
 async fn delete_function(State(sup): Sup, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    blocking(move || sup.delete(&name)).await?;
+    call(&sup, command::DeleteFunction { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
-    // The warm path takes microseconds and runs right here; a cold start (an empty pool) restores
-    // a clone, which blocks, on the blocking pool.
-    let handoff = match sup.acquire_warm(&name)? {
-        Some(h) => h,
-        None => blocking(move || sup.acquire_cold(&name)).await?,
-    };
-    Ok(Json(handoff).into_response())
+    Ok(Json(call(&sup, command::Acquire { name }).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -128,8 +143,8 @@ async fn release(State(sup): Sup, Path(id): Path<String>, body: Bytes) -> Result
         return Err(bad_request("the body must carry the handoff's lease: {\"lease\": \"...\"}"));
     }
     let b: ReleaseBody = json_body(&body)?;
-    let recycled = sup.release(id, &b.lease, b.destroy)?;
-    Ok(Json(serde_json::json!({"id": id, "recycled": recycled})).into_response())
+    let released = call(&sup, command::Release { id, lease: b.lease, destroy: b.destroy }).await?;
+    Ok(Json(released).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -158,20 +173,6 @@ struct InvokeQuery {
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
-/// How long an invocation's answer is looked for on the API's own (async) thread before the wait
-/// moves to a blocking thread: a no-op through a polling agent answers in a few microseconds;
-/// this bounds what a slower call holds the async thread for.
-const INLINE_SPIN: Duration = Duration::from_micros(20);
-
-/// An invocation's timeout: more than 0 and at most [`MAX_INVOKE_TIMEOUT_S`] seconds.
-fn check_timeout(t: f64) -> Result<Duration, ApiError> {
-    if t > 0.0 && t <= MAX_INVOKE_TIMEOUT_S {
-        Ok(Duration::from_secs_f64(t))
-    } else {
-        Err(bad_request(format!("timeout_s {t} is not in (0, {MAX_INVOKE_TIMEOUT_S}]")))
-    }
-}
-
 /// Invokes the function. A JSON body (or none) gets a JSON answer; an `application/octet-stream`
 /// body is the payload itself (function and timeout in the query) and gets the response bytes
 /// back, the agent's status in `x-ember-status`.
@@ -186,10 +187,10 @@ async fn invoke(
     let Query(query) = query.map_err(|e| bad_request(format!("bad query: {}", e.body_text())))?;
     // The query is checked whole, even where a JSON body's own values will win.
     if let Some(t) = query.timeout_s {
-        check_timeout(t)?;
+        command::check_timeout(t)?;
     }
     if let Some(f) = &query.function {
-        ember_abi::check_function(f.as_bytes()).map_err(|e| bad_request(format!("function {f:?}: {e}")))?;
+        command::check_function(f)?;
     }
     let raw = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(OCTET_STREAM));
     let (function, payload, timeout_s) = if raw {
@@ -207,37 +208,8 @@ async fn invoke(
         // The query's function and timeout apply to a JSON body too; the body's own win.
         (b.function.or(query.function), payload, b.timeout_s.or(query.timeout_s))
     };
-    let timeout = match timeout_s {
-        None => Duration::from_secs(30),
-        Some(t) => check_timeout(t)?,
-    };
-    let call =
-        InvokeCall { name: &name, handler: function.as_deref(), payload: &payload, timeout, request_id: &request_id };
-    // A ready clone and a quick answer are served here, with no hop to a blocking thread (the
-    // hop's two thread wake-ups cost more than the whole call); anything slower (a cold start,
-    // a busy mailbox, an answer not there within INLINE_SPIN) goes on a blocking thread.
-    let r = match sup.invoke_begin(&call, Take::Warm).map_err(ApiError::from)? {
-        Some(inflight) if inflight.answered(INLINE_SPIN) => sup.invoke_finish(inflight).map_err(ApiError::from)?,
-        Some(inflight) => {
-            let s = sup.clone();
-            blocking(move || s.invoke_finish(inflight)).await?
-        }
-        None => {
-            let (s, rid) = (sup.clone(), request_id.clone());
-            blocking(move || {
-                let call = InvokeCall {
-                    name: &name,
-                    handler: function.as_deref(),
-                    payload: &payload,
-                    timeout,
-                    request_id: &rid,
-                };
-                s.invoke(&call, Take::Cold)
-            })
-            .await?
-        }
-    };
-    let ok = r.status == ember_abi::Status::Ok;
+    let invoke = command::Invoke::new(name, function, payload, timeout_s, request_id.clone())?;
+    let r = call(&sup, invoke).await?;
     if raw {
         let status = HeaderValue::from_static(r.status.describe());
         return Ok((
@@ -249,23 +221,7 @@ async fn invoke(
         )
             .into_response());
     }
-    let mut body =
-        serde_json::json!({"status": r.status.describe(), "ok": ok, "request_id": request_id, "clone_id": r.clone_id});
-    if let Some(v) = r.version {
-        body["version"] = v.into();
-    }
-    match String::from_utf8(r.payload) {
-        Ok(text) => body["payload"] = text.into(),
-        Err(e) => body["payload_base64"] = BASE64.encode(e.as_bytes()).into(),
-    }
-    if let Some(logs) = r.logs {
-        body["logs"] = logs.lines().collect::<Vec<_>>().into();
-        body["logs_truncated"] = r.logs_truncated.into();
-    }
-    if let Some(e) = r.error {
-        body["error"] = e;
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(r.to_json(&request_id)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -293,7 +249,7 @@ async fn put_layer(
         v.starts_with("application/json")
             || (v.starts_with("application/x-www-form-urlencoded") && body.first() == Some(&b'{'))
     });
-    let (info, created) = if json {
+    let source = if json {
         if body.len() > MAX_BODY {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -301,30 +257,32 @@ async fn put_layer(
             ));
         }
         let b: LayerBody = json_body(&body)?;
-        blocking(move || sup.put_layer(&name, &b.path)).await?
+        command::LayerSource::Path(b.path)
     } else {
-        blocking(move || sup.put_layer_upload(&name, &body)).await?
+        command::LayerSource::Archive(body.to_vec())
     };
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(info)).into_response())
+    let put = call(&sup, command::PutLayer { name, source }).await?;
+    let status = if put.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(put.info)).into_response())
 }
 
 async fn list_layers(State(sup): Sup) -> Result<Response, ApiError> {
-    let layers = blocking(move || Ok(sup.list_layers())).await?;
+    let layers = call(&sup, command::ListLayers).await?;
     Ok(Json(serde_json::json!({ "layers": layers })).into_response())
 }
 
 async fn get_layer(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(blocking(move || sup.get_layer(&name)).await?).into_response())
+    Ok(Json(call(&sup, command::GetLayer { name }).await?).into_response())
 }
 
 async fn delete_layer(State(sup): Sup, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    blocking(move || sup.delete_layer(&name)).await?;
+    call(&sup, command::DeleteLayer { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn metrics(State(sup): Sup) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], sup.prometheus()).into_response()
+async fn metrics(State(sup): Sup) -> Result<Response, ApiError> {
+    let text = call(&sup, command::Metrics).await?;
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
 async fn openapi() -> Response {

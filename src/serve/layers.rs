@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{check_name, Refusal};
+use super::model::{check_name, Error};
 use crate::image::{Built, ImageError, Layer, Limits, Store};
 use crate::snapshot;
 use crate::sys::{private_dir, Locked};
@@ -105,10 +105,10 @@ impl Builder {
     }
 }
 
-fn build_refusal(e: ImageError) -> Refusal {
+fn build_refusal(e: ImageError) -> Error {
     match e {
-        ImageError::Io { .. } | ImageError::Mkfs(_) | ImageError::MkfsMissing(_) => Refusal::Internal(e.to_string()),
-        _ => Refusal::BadRequest(e.to_string()),
+        ImageError::Io { .. } | ImageError::Mkfs(_) | ImageError::MkfsMissing(_) => Error::internal(e.to_string()),
+        _ => Error::bad_request(e.to_string()),
     }
 }
 
@@ -137,28 +137,28 @@ impl Layers {
         self.names.join(format!("{name}.json"))
     }
 
-    fn record(&self, name: &str) -> Result<Record, Refusal> {
+    fn record(&self, name: &str) -> Result<Record, Error> {
         check_name(name)?;
         let path = self.record_path(name);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Refusal::NotFound(format!("no layer {name:?}")))
+                return Err(Error::not_found(format!("no layer {name:?}")))
             }
-            Err(e) => return Err(Refusal::Internal(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(Error::internal(format!("{}: {e}", path.display()))),
         };
-        serde_json::from_str(&text).map_err(|e| Refusal::Internal(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text).map_err(|e| Error::internal(format!("{}: {e}", path.display())))
     }
 
     /// The layer image a name stands for.
-    pub fn resolve(&self, name: &str) -> Result<Layer, Refusal> {
+    pub fn resolve(&self, name: &str) -> Result<Layer, Error> {
         let r = self.record(name)?;
-        self.store.get(&r.digest).ok_or_else(|| {
-            Refusal::Internal(format!("layer {name:?}: its image {} is missing from the store", r.digest))
-        })
+        self.store
+            .get(&r.digest)
+            .ok_or_else(|| Error::internal(format!("layer {name:?}: its image {} is missing from the store", r.digest)))
     }
 
-    fn info(&self, name: &str, users: Vec<String>) -> Result<LayerInfo, Refusal> {
+    fn info(&self, name: &str, users: Vec<String>) -> Result<LayerInfo, Error> {
         let r = self.record(name)?;
         let layer = self.resolve(name)?;
         Ok(LayerInfo { name: name.to_string(), digest: r.digest, size: layer.size, source: r.source, users })
@@ -167,7 +167,7 @@ impl Layers {
     /// Builds `source` (an opened path) into the layer `name`; `shown` is the path as the client
     /// gave it. A name already bound to the same content is answered as it is (false: nothing
     /// made); bound to other content, refused: layers are immutable.
-    pub fn put(&self, name: &str, source: &Path, shown: &Path) -> Result<(LayerInfo, bool), Refusal> {
+    pub fn put(&self, name: &str, source: &Path, shown: &Path) -> Result<(LayerInfo, bool), Error> {
         check_name(name)?;
         let _g = self.lock.locked();
         let built = self.builder.build(source).map_err(build_refusal)?;
@@ -178,22 +178,22 @@ impl Layers {
             }
             // What was just built may be referenced by nothing.
             self.collect_locked();
-            return Err(Refusal::Conflict(format!(
+            return Err(Error::conflict(format!(
                 "layer {name:?} exists with other content ({}); layers are immutable: DELETE it first or use a new name",
                 existing.digest
             )));
         }
         let record = Record { digest, source: shown.to_path_buf() };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| Refusal::Internal(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| Error::internal(e.to_string()))?;
         snapshot::write_atomic(&self.record_path(name), &bytes)
             .and_then(|()| snapshot::sync_dir(&self.names))
-            .map_err(|e| Refusal::Internal(format!("cannot save layer {name:?}: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot save layer {name:?}: {e}")))?;
         tracing::info!(layer = %name, digest = %record.digest, cached = built.cached, "layer ready");
         Ok((self.info(name, Vec::new())?, true))
     }
 
     /// Builds the uploaded `archive` into the layer `name` (as [`Layers::put`]).
-    pub fn put_upload(&self, name: &str, archive: &[u8]) -> Result<(LayerInfo, bool), Refusal> {
+    pub fn put_upload(&self, name: &str, archive: &[u8]) -> Result<(LayerInfo, bool), Error> {
         check_name(name)?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -204,13 +204,13 @@ impl Layers {
             std::io::Write::write_all(&mut f, archive)
         };
         let r = write()
-            .map_err(|e| Refusal::Internal(format!("cannot keep the upload: {e}")))
+            .map_err(|e| Error::internal(format!("cannot keep the upload: {e}")))
             .and_then(|()| self.put(name, &path, Path::new("(uploaded archive)")));
         let _ = std::fs::remove_file(&path);
         r
     }
 
-    pub fn get(&self, name: &str, users: Vec<String>) -> Result<LayerInfo, Refusal> {
+    pub fn get(&self, name: &str, users: Vec<String>) -> Result<LayerInfo, Error> {
         self.info(name, users)
     }
 
@@ -229,11 +229,11 @@ impl Layers {
 
     /// Removes the named layer (the caller has checked that no function uses it); its image goes
     /// when nothing else references it.
-    pub fn delete(&self, name: &str) -> Result<(), Refusal> {
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
         self.record(name)?;
         let _g = self.lock.locked();
         std::fs::remove_file(self.record_path(name))
-            .map_err(|e| Refusal::Internal(format!("cannot remove layer {name:?}: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot remove layer {name:?}: {e}")))?;
         let _ = snapshot::sync_dir(&self.names);
         self.collect_locked();
         Ok(())

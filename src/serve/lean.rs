@@ -20,7 +20,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::model::Refusal;
+use super::command;
+use super::model::Error;
 use super::supervisor::Supervisor;
 
 /// What a lean connection opens with.
@@ -90,7 +91,7 @@ pub fn serve<S: Send + 'static>(stream: tokio::net::UnixStream, sup: Arc<Supervi
     if OPEN.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
         OPEN.fetch_sub(1, Ordering::SeqCst);
         let msg = format!("{MAX_CONNECTIONS} lean connections are open; try again");
-        let _ = (&stream).write_all(&error_line(&Refusal::Unavailable(msg)));
+        let _ = (&stream).write_all(&error_line(&Error::busy(msg)));
         return;
     }
     let spawned = std::thread::Builder::new().name("ember-lean".into()).spawn(move || {
@@ -107,7 +108,7 @@ pub fn serve<S: Send + 'static>(stream: tokio::net::UnixStream, sup: Arc<Supervi
 }
 
 /// Answers a connection's requests until it closes.
-fn converse(stream: std::os::unix::net::UnixStream, sup: &Supervisor) -> std::io::Result<()> {
+fn converse(stream: std::os::unix::net::UnixStream, sup: &Arc<Supervisor>) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut lines = BufReader::with_capacity(4096, stream);
     let mut hello = [0u8; HELLO.len()];
@@ -123,7 +124,7 @@ fn converse(stream: std::os::unix::net::UnixStream, sup: &Supervisor) -> std::io
             return Ok(());
         }
         if line.last() != Some(&b'\n') {
-            let too_long = Refusal::BadRequest(format!("a request line is at most {MAX_LINE} bytes"));
+            let too_long = Error::bad_request(format!("a request line is at most {MAX_LINE} bytes"));
             out.write_all(&error_line(&too_long))?;
             return Ok(());
         }
@@ -157,9 +158,9 @@ fn wait_briefly(stream: &std::os::unix::net::UnixStream) {
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The answer line to one request line (without its newline).
-pub fn answer(sup: &Supervisor, line: &[u8]) -> Vec<u8> {
+pub fn answer(sup: &Arc<Supervisor>, line: &[u8]) -> Vec<u8> {
     let reply = std::str::from_utf8(line)
-        .map_err(|_| Refusal::BadRequest("a request line must be UTF-8".into()))
+        .map_err(|_| Error::bad_request("a request line must be UTF-8"))
         .and_then(|text| request(sup, text));
     match reply {
         Ok(mut v) => {
@@ -170,32 +171,35 @@ pub fn answer(sup: &Supervisor, line: &[u8]) -> Vec<u8> {
     }
 }
 
-fn request(sup: &Supervisor, text: &str) -> Result<Vec<u8>, Refusal> {
-    let internal = |e: serde_json::Error| Refusal::Internal(e.to_string());
+fn request(sup: &Arc<Supervisor>, text: &str) -> Result<Vec<u8>, Error> {
+    let internal = |e: serde_json::Error| Error::internal(e.to_string());
     let words: Vec<&str> = text.split(' ').collect();
     match words.as_slice() {
-        // (A cold start blocks this connection's thread only.)
-        ["acquire", name] => serde_json::to_vec(&sup.acquire(name)?).map_err(internal),
+        // (What blocks, a cold start, blocks this connection's thread only.)
+        ["acquire", name] => {
+            let handoff = command::call(sup, command::Acquire { name: name.to_string() })?.wait()?;
+            serde_json::to_vec(&handoff).map_err(internal)
+        }
         ["release", id, lease, rest @ ..] => {
             let destroy = match rest {
                 [] => false,
                 ["destroy"] => true,
-                _ => return Err(Refusal::BadRequest("release takes ID LEASE and, optionally, destroy".into())),
+                _ => return Err(Error::bad_request("release takes ID LEASE and, optionally, destroy")),
             };
-            let id: u64 = id.parse().map_err(|_| Refusal::BadRequest(format!("bad VM id {id:?}")))?;
-            let recycled = sup.release(id, lease, destroy)?;
-            serde_json::to_vec(&serde_json::json!({"id": id, "recycled": recycled})).map_err(internal)
+            let id: u64 = id.parse().map_err(|_| Error::bad_request(format!("bad VM id {id:?}")))?;
+            let release = command::Release { id, lease: lease.to_string(), destroy };
+            serde_json::to_vec(&command::call(sup, release)?.wait()?).map_err(internal)
         }
-        [verb, ..] => Err(Refusal::BadRequest(format!(
+        [verb, ..] => Err(Error::bad_request(format!(
             "unknown request {:?}: acquire NAME, or release ID LEASE [destroy]",
             verb.chars().take(32).collect::<String>()
         ))),
-        [] => Err(Refusal::BadRequest("an empty request".into())),
+        [] => Err(Error::bad_request("an empty request")),
     }
 }
 
-fn error_line(r: &Refusal) -> Vec<u8> {
-    let mut v = serde_json::json!({"error": r.to_string(), "status": r.status()});
+fn error_line(r: &Error) -> Vec<u8> {
+    let mut v = serde_json::json!({"error": r.to_string(), "status": super::api::status(r.kind()).as_u16()});
     if let Some(s) = r.retry_after_s() {
         v["retry_after_s"] = s.into();
     }

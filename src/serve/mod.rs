@@ -12,6 +12,9 @@
 //! - [`notify`]: systemd's readiness and watchdog notifications.
 
 pub mod api;
+pub mod command;
+mod connections;
+pub mod error;
 pub mod images;
 pub mod layers;
 pub mod lean;
@@ -22,11 +25,12 @@ pub mod pool;
 pub mod registry;
 pub mod supervisor;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::isolation::{network, worker};
 
+pub use connections::serve_api;
 use supervisor::Supervisor;
 
 /// How many threads serve the HTTP API by default (`ember serve --api-threads`).
@@ -46,36 +50,197 @@ pub fn api_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Serves the API on `socket` until SIGINT or SIGTERM, then stops every VM and removes the socket:
-/// `ember serve` embedded in another program (which then gets the daemon's seccomp filter on
-/// the calling thread and every thread it starts afterwards).
+/// What a daemon is started with (`ember serve`'s settings, resolved).
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Where the API listens.
+    pub socket: PathBuf,
+    /// Registrations, templates, layers.
+    pub state_dir: PathBuf,
+    /// The directories registrations may boot from and build layers from.
+    pub images: Vec<PathBuf>,
+    pub isolation: worker::Isolation,
+    pub worker_uid_base: u32,
+    /// Clones' networks: public egress masqueraded (`Some(true)`), routed (`Some(false)`), or
+    /// none at all (`None`: networked functions are refused).
+    pub network: Option<bool>,
+    pub api_threads: usize,
+    /// Each thread confined with its seccomp filter: the daemon's, the layer builder's, the
+    /// worker launcher's (off only where the daemon runs inside another program that must keep
+    /// its own system calls, a benchmark).
+    pub confine: bool,
+    /// SIGINT and SIGTERM stop the daemon (off where it runs inside another program).
+    pub stop_on_signals: bool,
+}
+
+impl DaemonConfig {
+    /// A daemon on `socket` over `state_dir`, everything else as `ember serve` defaults it.
+    pub fn new(socket: &Path, state_dir: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            images: Vec::new(),
+            isolation: worker::Isolation::default_for_this_user(),
+            worker_uid_base: worker::DEFAULT_UID_BASE,
+            network: Some(true),
+            api_threads: DEFAULT_API_THREADS,
+            confine: true,
+            stop_on_signals: true,
+        }
+    }
+}
+
+/// A running daemon: its core, its scaling loop, its API on the socket.
+pub struct Daemon {
+    sup: Arc<Supervisor>,
+    scaler: Option<std::thread::JoinHandle<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    socket: PathBuf,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Daemon {
+    /// Starts the daemon: its state directory, the layer builder, worker processes' launcher, the
+    /// network thread, then (confined with its filter, which every later thread inherits) the
+    /// core, its scaling loop and the API on the socket. Ready when it returns: the socket
+    /// accepts. It serves until SIGINT or SIGTERM ([`Daemon::wait`]) or [`Daemon::stop`].
+    pub fn start(cfg: &DaemonConfig) -> Result<Self, String> {
+        let images = images::ImageDirs::open(&cfg.images)?;
+        let (socket, state_dir) = (cfg.socket.as_path(), cfg.state_dir.as_path());
+        check_socket(socket)?;
+        let state_err = |e: std::io::Error| format!("state directory {}: {e}", state_dir.display());
+        crate::sys::private_dir(state_dir).map_err(state_err)?;
+        let filter = |f: Result<seccompiler::BpfProgram, _>| -> Result<Option<_>, String> {
+            match cfg.confine {
+                true => f.map(Some).map_err(|e| format!("cannot build the seccomp filter: {e}")),
+                false => Ok(None),
+            }
+        };
+        // The layer builder, the one thread that may start a process (mkfs.erofs), confined with
+        // its own filter.
+        let store = layers::Layers::store_dir(state_dir);
+        let builder = layers::Builder::spawn(&store, filter(crate::seccomp::builder_filter())?).map_err(state_err)?;
+        // The one /dev/kvm handle the daemon keeps (template boots, clones run here); a host
+        // without KVM still gets a daemon that answers (every boot then fails with the reason).
+        if let Err(e) = crate::vmm::kvm() {
+            tracing::warn!("{e}");
+        }
+        let workers = match cfg.isolation {
+            worker::Isolation::None => None,
+            isolation => {
+                let launcher = filter(crate::seccomp::launcher_filter())?;
+                let w = worker::Workers::open(state_dir, isolation, cfg.worker_uid_base, launcher)?;
+                tracing::info!("clones run in worker processes ({isolation:?})");
+                Some(w)
+            }
+        };
+        // The network thread, confined with its own filter (networked functions are refused, with
+        // the reason, where it cannot run).
+        let network = match cfg.network {
+            Some(masquerade) => network::Network::start(state_dir, masquerade),
+            None => network::Network::unavailable("this daemon runs without clone networks".into()),
+        };
+        notify::init();
+        // Before any other thread starts: every later one inherits the daemon's filter.
+        if let Some(f) = filter(crate::seccomp::daemon_filter())? {
+            crate::seccomp::apply(&f).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
+        }
+        let sup = Supervisor::open(state_dir, images, builder, workers, network).map_err(state_err)?;
+        sup.provide_runtime_layers();
+        let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
+        let mut daemon = Self { sup, scaler: Some(scaler), server: None, stop: None, socket: socket.into(), rt: None };
+        let rt = api_runtime(cfg.api_threads).map_err(|e| format!("cannot start the runtime: {e}"))?;
+        let listener = rt.block_on(async { listen(socket) })?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let signals = cfg.stop_on_signals;
+        let stop = async move {
+            tokio::select! {
+                _ = stop_signal(), if signals => {}
+                _ = stop_rx => {}
+            }
+        };
+        daemon.server = Some(rt.spawn(serve_api(listener, daemon.sup.clone(), stop)));
+        daemon.stop = Some(stop_tx);
+        tracing::info!("serving on {}", socket.display());
+        // The socket accepts (connections wait in its backlog until the server takes them): ready.
+        notify::notify("READY=1");
+        if let Some(every) = notify::watchdog_every() {
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    notify::notify("WATCHDOG=1");
+                }
+            });
+        }
+        daemon.rt = Some(rt);
+        Ok(daemon)
+    }
+
+    /// The daemon's core, for a caller in the same process (a benchmark, a test).
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.sup
+    }
+
+    /// Serves until SIGINT or SIGTERM, then stops every VM and removes the socket.
+    pub fn wait(mut self) -> Result<(), String> {
+        let result = match (self.server.take(), &self.rt) {
+            (Some(server), Some(rt)) => match rt.block_on(server) {
+                Ok(r) => r.map_err(|e| format!("server: {e}")),
+                Err(e) => Err(format!("server: {e}")),
+            },
+            _ => Ok(()),
+        };
+        self.shut_down();
+        result
+    }
+
+    /// Stops serving now: every VM stops, the socket goes.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let (Some(server), Some(rt)) = (self.server.take(), &self.rt) {
+            let _ = rt.block_on(server);
+        }
+        if let Some(scaler) = self.scaler.take() {
+            self.sup.shutdown();
+            let _ = scaler.join();
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// Serves the API on `cfg.socket` until SIGINT or SIGTERM, then stops every VM and removes the
+/// socket: `ember serve` embedded in another program (which then gets the daemon's seccomp filter
+/// on the calling thread and every thread it starts afterwards).
 ///
 /// ```no_run
 /// use std::path::{Path, PathBuf};
-/// use ember::isolation::worker::{Isolation, DEFAULT_UID_BASE};
 ///
 /// # fn main() -> Result<(), String> {
-/// ember::serve::run(
-///     Path::new("/run/ember/api.sock"),
-///     Path::new("/var/lib/ember"),
-///     &[PathBuf::from("/srv/ember/images")],
-///     Isolation::default_for_this_user(),
-///     DEFAULT_UID_BASE,
-///     true, // public egress masqueraded
-///     ember::serve::DEFAULT_API_THREADS,
-/// )
+/// let mut cfg = ember::serve::DaemonConfig::new(Path::new("/run/ember/api.sock"), Path::new("/var/lib/ember"));
+/// cfg.images = vec![PathBuf::from("/srv/ember/images")];
+/// ember::serve::run(&cfg)
 /// # }
 /// ```
-pub fn run(
-    socket: &Path,
-    state_dir: &Path,
-    images: &[std::path::PathBuf],
-    isolation: worker::Isolation,
-    worker_uid_base: u32,
-    masquerade: bool,
-    api_threads: usize,
-) -> Result<(), String> {
-    let images = images::ImageDirs::open(images)?;
+pub fn run(cfg: &DaemonConfig) -> Result<(), String> {
+    Daemon::start(cfg)?.wait()
+}
+
+/// Refuses a socket path that is something else, or a socket a running server listens on; removes
+/// a socket left by a server that was killed.
+fn check_socket(socket: &Path) -> Result<(), String> {
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -84,246 +249,19 @@ pub fn run(
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Err(format!("{} is in use by a running server", socket.display()));
         }
-        // A socket left by a server that was killed.
         std::fs::remove_file(socket).map_err(|e| format!("cannot remove stale socket {}: {e}", socket.display()))?;
     }
-    // The layer builder, the one thread that may start a process (mkfs.erofs), confined with its
-    // own filter; then, before any other thread starts, the daemon itself: every other thread
-    // inherits its filter.
-    let state_err = |e: std::io::Error| format!("state directory {}: {e}", state_dir.display());
-    crate::sys::private_dir(state_dir).map_err(state_err)?;
-    let builder_filter =
-        crate::seccomp::builder_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
-    let builder =
-        layers::Builder::spawn(&layers::Layers::store_dir(state_dir), Some(builder_filter)).map_err(state_err)?;
-    // The one /dev/kvm handle the daemon keeps (template boots, clones run here); a host without
-    // KVM still gets a daemon that answers (every boot then fails with the reason).
-    if let Err(e) = crate::vmm::kvm() {
-        tracing::warn!("{e}");
-    }
-    let workers = start_workers(state_dir, isolation, worker_uid_base)?;
-    // The network thread, confined with its own filter (networked functions are refused, with the
-    // reason, where it cannot run).
-    let network = network::Network::start(state_dir, masquerade);
-    notify::init();
-    let filter = crate::seccomp::daemon_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
-    crate::seccomp::apply(&filter).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
-    let sup = Supervisor::open(state_dir, images, builder, workers, network).map_err(state_err)?;
-    sup.provide_runtime_layers();
-    let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
-    let rt = api_runtime(api_threads).map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let result = rt.block_on(serve(socket, sup.clone()));
-    sup.shutdown();
-    let _ = scaler.join();
-    let _ = std::fs::remove_file(socket);
-    result
+    Ok(())
 }
 
-/// Sets up worker processes (their launcher confined with its own filter), unless clones are to
-/// run in the daemon itself. Before the daemon confines itself.
-pub fn start_workers(
-    state_dir: &Path,
-    isolation: worker::Isolation,
-    uid_base: u32,
-) -> Result<Option<Arc<worker::Workers>>, String> {
-    if isolation == worker::Isolation::None {
-        return Ok(None);
-    }
-    let filter = crate::seccomp::launcher_filter().map_err(|e| format!("cannot build the seccomp filter: {e}"))?;
-    let w = worker::Workers::open(state_dir, isolation, uid_base, Some(filter))?;
-    tracing::info!("clones run in worker processes ({isolation:?})");
-    Ok(Some(w))
-}
-
-async fn serve(socket: &Path, sup: Arc<Supervisor>) -> Result<(), String> {
+/// Listens on `socket`, which only the daemon's own user (and root) may connect to (checked again
+/// per connection).
+fn listen(socket: &Path) -> Result<tokio::net::UnixListener, String> {
     let listener =
         tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    // Only the daemon's own user (and root) may connect; checked again per connection below.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-    tracing::info!("serving on {}", socket.display());
-    // The socket accepts (connections wait in its backlog until the server takes them): ready.
-    notify::notify("READY=1");
-    if let Some(every) = notify::watchdog_every() {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                notify::notify("WATCHDOG=1");
-            }
-        });
-    }
-    serve_api(listener, sup, stop_signal()).await.map_err(|e| format!("server: {e}"))
-}
-
-/// Serves the API on `listener` until `stop` resolves: HTTP, and the lean protocol
-/// ([`lean`]) on connections that open with its hello; connections only from processes of the
-/// daemon's own user or root.
-pub async fn serve_api(
-    listener: tokio::net::UnixListener,
-    sup: Arc<Supervisor>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let accepting = tokio::spawn(accept(listener, tx, sup.clone()));
-    let app = api::router(sup);
-    let result = axum::serve(HttpConnections { rx }, app).with_graceful_shutdown(stop).await;
-    accepting.abort();
-    result
-}
-
-/// The most API connections open at once, and from one client process: each holds a descriptor
-/// (and a thread, for a lean one) until its client closes it.
-const MAX_CONNECTIONS: usize = 1024;
-const MAX_CONNECTIONS_PER_PEER: usize = 256;
-/// How long a new connection may take to send its first bytes.
-const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Open connections, in all and by client process: a [`ConnectionSlot`] each.
-#[derive(Default)]
-struct Connections {
-    by_peer: std::sync::Mutex<std::collections::HashMap<i32, usize>>,
-}
-
-impl Connections {
-    /// A slot for a connection of process `pid`, if neither cap is reached.
-    fn take(self: &Arc<Self>, pid: i32) -> Option<ConnectionSlot> {
-        use crate::sys::Locked;
-        let mut by_peer = self.by_peer.locked();
-        let total: usize = by_peer.values().sum();
-        let mine = by_peer.entry(pid).or_default();
-        if total >= MAX_CONNECTIONS || *mine >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *mine += 1;
-        Some(ConnectionSlot { connections: self.clone(), pid })
-    }
-}
-
-/// One open connection's place in [`Connections`], given back when the connection is dropped.
-struct ConnectionSlot {
-    connections: Arc<Connections>,
-    pid: i32,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        use crate::sys::Locked;
-        let mut by_peer = self.connections.by_peer.locked();
-        if let Some(n) = by_peer.get_mut(&self.pid) {
-            *n -= 1;
-            if *n == 0 {
-                by_peer.remove(&self.pid);
-            }
-        }
-    }
-}
-
-/// An HTTP connection with its slot: the slot goes when the server drops the connection.
-struct Counted {
-    stream: tokio::net::UnixStream,
-    _slot: ConnectionSlot,
-}
-
-impl tokio::io::AsyncRead for Counted {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Counted {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// Accepts connections from the daemon's own user (and root: SO_PEERCRED), whatever the socket
-/// file's mode became, within [`MAX_CONNECTIONS`] open at once and [`MAX_CONNECTIONS_PER_PEER`]
-/// from one process, and sorts them by their first bytes (which must come within
-/// [`OPENING_TIMEOUT`]): lean ones get a thread, HTTP ones go to the HTTP server.
-async fn accept(
-    listener: tokio::net::UnixListener,
-    http: tokio::sync::mpsc::Sender<HttpConnection>,
-    sup: Arc<Supervisor>,
-) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    let connections = Arc::new(Connections::default());
-    loop {
-        match listener.accept().await {
-            Ok((stream, addr)) => match stream.peer_cred() {
-                Ok(c) if c.uid() == me || c.uid() == 0 => {
-                    let Some(slot) = connections.take(c.pid().unwrap_or(0)) else {
-                        crate::log_limited!(warn, "refused a connection: too many open (pid {:?})", c.pid());
-                        continue;
-                    };
-                    let (http, sup) = (http.clone(), sup.clone());
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(OPENING_TIMEOUT, lean::opening(&stream)).await {
-                            Err(_) => crate::log_limited!(info, "closed a connection that sent nothing"),
-                            Ok(lean::Opening::Lean) => lean::serve(stream, sup, slot),
-                            Ok(lean::Opening::Http) => {
-                                let _ = http.send((Counted { stream, _slot: slot }, addr)).await;
-                            }
-                        }
-                    });
-                }
-                Ok(c) => crate::log_limited!(warn, "refused a connection from uid {}", c.uid()),
-                Err(e) => crate::log_limited!(warn, "refused a connection without credentials: {e}"),
-            },
-            Err(e) => {
-                // Out of fds, most likely: wait a little rather than spin.
-                crate::log_limited!(warn, "accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-type HttpConnection = (Counted, tokio::net::unix::SocketAddr);
-
-/// The HTTP server's listener: the connections [`accept`] found to be HTTP.
-struct HttpConnections {
-    rx: tokio::sync::mpsc::Receiver<HttpConnection>,
-}
-
-impl axum::serve::Listener for HttpConnections {
-    type Io = Counted;
-    type Addr = tokio::net::unix::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accepting task is gone (the server is stopping): no more connections.
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Not asked by the server (and getsockname is not among the daemon's system calls).
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Err(std::io::ErrorKind::Unsupported.into())
-    }
+    Ok(listener)
 }
 
 async fn stop_signal() {
@@ -336,24 +274,4 @@ async fn stop_signal() {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     notify::notify("STOPPING=1");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connections_are_capped_per_client_and_in_all_and_given_back() {
-        let c = Arc::new(Connections::default());
-        let mine: Vec<_> = (0..MAX_CONNECTIONS_PER_PEER).map(|_| c.take(7).expect("within the cap")).collect();
-        assert!(c.take(7).is_none(), "past one client's cap");
-        let others: Vec<_> = (0..MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER)
-            .map(|i| c.take(1000 + (i / MAX_CONNECTIONS_PER_PEER) as i32).expect("within the total"))
-            .collect();
-        assert!(c.take(99).is_none(), "past the total");
-        drop(mine);
-        assert!(c.take(7).is_some() && c.take(99).is_some(), "slots given back");
-        drop(others);
-        assert!(c.by_peer.lock().unwrap().is_empty());
-    }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::error::{Error, ErrorKind};
 use crate::config::{BootSource, MachineConfig, VmConfig};
 use crate::scale::scaler::PoolPolicy;
 
@@ -145,104 +146,44 @@ fn default_handler() -> String {
     "echo".into()
 }
 
-/// Why a request was refused: the HTTP status follows from the kind.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
-    BadRequest(String),
-    NotFound(String),
-    /// The caller does not hold what it acts on (a release with another handoff's lease).
-    Forbidden(String),
-    Conflict(String),
-    /// At capacity now (the function's `max` clones are out, too many invocations in flight):
-    /// try again later (429).
-    Unavailable(String),
-    /// The VM or the agent failed (502), or did not answer in time (504).
-    BadGateway(String),
-    Timeout(String),
-    Internal(String),
-    /// Unavailable for a known time (its worker is being restarted): come back after that many
-    /// seconds (503 with `Retry-After`).
-    Restarting(String, u64),
-}
-
-impl Refusal {
-    /// The HTTP status the API answers it with.
-    pub fn status(&self) -> u16 {
-        match self {
-            Refusal::BadRequest(_) => 400,
-            Refusal::NotFound(_) => 404,
-            Refusal::Forbidden(_) => 403,
-            Refusal::Unavailable(_) => 429,
-            Refusal::Conflict(_) => 409,
-            Refusal::BadGateway(_) => 502,
-            Refusal::Timeout(_) => 504,
-            Refusal::Internal(_) => 500,
-            Refusal::Restarting(..) => 503,
-        }
-    }
-
-    /// When to come back, in seconds, for a refusal that knows.
-    pub fn retry_after_s(&self) -> Option<u64> {
-        match self {
-            Refusal::Restarting(_, s) => Some(*s),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (Refusal::BadRequest(m)
-        | Refusal::NotFound(m)
-        | Refusal::Forbidden(m)
-        | Refusal::Unavailable(m)
-        | Refusal::Conflict(m)
-        | Refusal::BadGateway(m)
-        | Refusal::Timeout(m)
-        | Refusal::Internal(m)
-        | Refusal::Restarting(m, _)) = self;
-        f.write_str(m)
-    }
-}
-
 impl FunctionSpec {
     /// Checks what can be checked without booting: names, files, sizes, the pool policy.
     /// Checks everything but the image files (the supervisor opens those beneath its image
     /// directories): also what a saved registration must still satisfy when the daemon loads it
     /// again.
-    pub fn validate(&self) -> Result<(), Refusal> {
+    pub fn validate(&self) -> Result<(), Error> {
         let machine = MachineConfig { vcpu_count: self.vcpus.into(), mem_size_mib: self.mem_mib };
-        self.vm_config_with(machine).validate().map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        self.vm_config_with(machine).validate().map_err(|e| Error::bad_request(e.to_string()))?;
         match (self.known_runtime(), &self.runtime) {
-            (Some(known), _) => ember_abi::runtime::check_handler(known, &self.handler).map_err(Refusal::BadRequest)?,
+            (Some(known), _) => ember_abi::runtime::check_handler(known, &self.handler).map_err(Error::bad_request)?,
             (None, r) => {
                 ember_abi::check_function(self.handler.as_bytes())
-                    .map_err(|e| Refusal::BadRequest(format!("handler: {e}")))?;
+                    .map_err(|e| Error::bad_request(format!("handler: {e}")))?;
                 if let Some(r) = r {
-                    check_runtime(r).map_err(Refusal::BadRequest)?;
+                    check_runtime(r).map_err(Error::bad_request)?;
                 }
             }
         }
         if self.layers.len() > MAX_LAYERS {
-            return Err(Refusal::BadRequest(format!("{} layers, at most {MAX_LAYERS}", self.layers.len())));
+            return Err(Error::bad_request(format!("{} layers, at most {MAX_LAYERS}", self.layers.len())));
         }
         for (i, l) in self.layers.iter().enumerate() {
-            check_name(l).map_err(|_| Refusal::BadRequest(format!("bad layer name {l:?}")))?;
+            check_name(l).map_err(|_| Error::bad_request(format!("bad layer name {l:?}")))?;
             if self.layers[..i].contains(l) {
-                return Err(Refusal::BadRequest(format!("layer {l:?} is named twice")));
+                return Err(Error::bad_request(format!("layer {l:?} is named twice")));
             }
         }
         if self.code.as_ref().is_some_and(|c| c.as_os_str().is_empty()) {
-            return Err(Refusal::BadRequest("code: an empty path".into()));
+            return Err(Error::bad_request("code: an empty path"));
         }
-        self.limits.validate().map_err(Refusal::BadRequest)?;
+        self.limits.validate().map_err(Error::bad_request)?;
         if let Some(t) = self.boot_timeout_s.filter(|t| !(1.0..=MAX_BOOT_TIMEOUT_S).contains(t)) {
-            return Err(Refusal::BadRequest(format!("boot_timeout_s {t} is not in [1, {MAX_BOOT_TIMEOUT_S}]")));
+            return Err(Error::bad_request(format!("boot_timeout_s {t} is not in [1, {MAX_BOOT_TIMEOUT_S}]")));
         }
         if let Some(n) = &self.network {
-            n.validate().map_err(Refusal::BadRequest)?;
+            n.validate().map_err(Error::bad_request)?;
         }
-        self.pool.validate().map_err(Refusal::BadRequest)
+        self.pool.validate().map_err(Error::bad_request)
     }
 
     /// How long the template's boot may take.
@@ -314,14 +255,14 @@ impl FunctionSpec {
 
 /// Checks a function's or a layer's name: 1 to 64 characters of `[a-z0-9_-]` (it names a
 /// directory or a file).
-pub fn check_name(name: &str) -> Result<(), Refusal> {
+pub fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
-        Err(Refusal::BadRequest(format!("bad name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
+        Err(Error::bad_request(format!("bad name {name:?}: use 1 to 64 characters of [a-z0-9_-]")))
     }
 }
 
@@ -495,7 +436,7 @@ mod tests {
         assert!(cmdline.ends_with(r#" EMBER_RUNTIME="python3" EMBER_HANDLER="app.handler""#), "{cmdline}");
         for bad in ["handler", "app.handler()", "a b.c", "app.\"x"] {
             let s = FunctionSpec { handler: bad.into(), ..spec.clone() };
-            assert!(matches!(s.validate(), Err(Refusal::BadRequest(_))), "{bad:?}");
+            assert!(s.validate().as_ref().err().map(|e| e.kind()) == Some(ErrorKind::BadRequest), "{bad:?}");
         }
         let exec = FunctionSpec { runtime: Some("exec".into()), handler: "bin/fn".into(), ..spec.clone() };
         exec.validate().unwrap();

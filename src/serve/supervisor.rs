@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use super::images::{ImageDirs, ImageError};
 use super::layers::{Builder, LayerInfo, Layers};
 use super::metrics::Metrics;
-use super::model::{check_name, FunctionInfo, FunctionSpec, FunctionState, Handoff, Refusal, UpdateInfo};
+use super::model::{check_name, Error, ErrorKind, FunctionInfo, FunctionSpec, FunctionState, Handoff, UpdateInfo};
 use super::pool::{Function, PooledVm};
 use super::registry::Registry;
 use crate::channel::mailbox::{check_request, CallOptions, InvokeError, Mailbox, PendingCall};
 use crate::config::DriveConfig;
-use crate::isolation::network::Network;
+use crate::isolation::network::{Network, NetworkError};
 use crate::isolation::worker::{CloneVm, Worker, Workers};
 use crate::sys::Locked;
 use crate::template::Template;
@@ -48,13 +48,13 @@ pub(super) enum RestoreError {
 }
 
 impl RestoreError {
-    fn refusal(self) -> Refusal {
+    fn refusal(self) -> Error {
         match self {
             Self::Restarting(d) => {
                 let msg = format!("the function's worker is being restarted: try again in {:.1} s", d.as_secs_f64());
-                Refusal::Restarting(msg, d.as_secs_f64().ceil().max(1.0) as u64)
+                Error::restarting(msg, d)
             }
-            Self::Failed(e) => Refusal::Internal(e),
+            Self::Failed(e) => Error::internal(e),
         }
     }
 }
@@ -105,10 +105,10 @@ const SLOW_BOOT: Duration = Duration::from_secs(60);
 
 /// A fresh lease token: 128 bits from the host's RNG, as hex. VM ids are small integers that
 /// restart after a daemon restart and survive recycling; the lease names one handoff.
-fn new_lease() -> Result<String, Refusal> {
+fn new_lease() -> Result<String, Error> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 16];
-    crate::sys::getrandom(&mut b).map_err(|e| Refusal::Internal(format!("getrandom: {e}")))?;
+    crate::sys::getrandom(&mut b).map_err(|e| Error::internal(format!("getrandom: {e}")))?;
     let mut lease = String::with_capacity(32);
     for x in b {
         lease.push(HEX[usize::from(x >> 4)] as char);
@@ -171,15 +171,15 @@ pub struct InvokeSlots {
 }
 
 impl InvokeSlots {
-    fn take(all: &Arc<AtomicUsize>, f: &Arc<Function>) -> Result<Self, Refusal> {
+    fn take(all: &Arc<AtomicUsize>, f: &Arc<Function>) -> Result<Self, Error> {
         if all.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES {
             all.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Unavailable(format!("{MAX_INVOKES} invocations in flight; try again")));
+            return Err(Error::busy(format!("{MAX_INVOKES} invocations in flight; try again")));
         }
         if f.counters.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_INVOKES_PER_FUNCTION {
             f.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
             all.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Unavailable(format!(
+            return Err(Error::busy(format!(
                 "function {:?} has {MAX_INVOKES_PER_FUNCTION} invocations in flight; try again",
                 f.name
             )));
@@ -300,7 +300,7 @@ impl Invoked {
         envelope: bool,
         clone_id: u64,
         version: Option<String>,
-    ) -> Result<Self, Refusal> {
+    ) -> Result<Self, Error> {
         let mut inv = Invoked {
             status: r.status,
             payload: Vec::new(),
@@ -315,7 +315,7 @@ impl Invoked {
             inv.payload = r.payload;
             return Ok(inv);
         }
-        let bad = |why: String| Refusal::BadGateway(format!("the guest answered out of protocol: {why}"));
+        let bad = |why: String| Error::guest_failed(format!("the guest answered out of protocol: {why}"));
         let (meta, result) = parse_envelope_response(&r.payload).map_err(|e| bad(e.to_string()))?;
         let meta: Meta = serde_json::from_slice(meta).map_err(|e| bad(format!("meta: {e}")))?;
         inv.payload = result.to_vec();
@@ -373,19 +373,29 @@ fn version_of(spec: &FunctionSpec, drives: &[DriveConfig]) -> String {
 }
 
 /// What an image that cannot be used is to the API's caller.
-fn image_refusal(e: ImageError) -> Refusal {
+fn image_refusal(e: ImageError) -> Error {
     match e {
-        ImageError::NotAllowed(m) => Refusal::Forbidden(m),
-        ImageError::NotFound(m) => Refusal::NotFound(m),
+        ImageError::NotAllowed(m) => Error::forbidden(m),
+        ImageError::NotFound(m) => Error::not_found(m),
+    }
+}
+
+/// What a network that cannot be set up is to the API's caller: the policy's fault, or the
+/// daemon's.
+fn network_refusal(e: NetworkError) -> Error {
+    if e.is_refusal() {
+        Error::bad_request(e.to_string())
+    } else {
+        Error::internal(format!("network: {e}"))
     }
 }
 
 /// What a failed invocation is to the API's caller.
-fn invoke_refusal(e: InvokeError) -> Refusal {
+fn invoke_refusal(e: InvokeError) -> Error {
     match e {
-        InvokeError::Timeout(_) => Refusal::Timeout(e.to_string()),
-        InvokeError::BadFunction(_) | InvokeError::PayloadTooLarge(_) => Refusal::BadRequest(e.to_string()),
-        _ => Refusal::BadGateway(e.to_string()),
+        InvokeError::Timeout(_) => Error::guest_timeout(e.to_string()),
+        InvokeError::BadFunction(_) | InvokeError::PayloadTooLarge(_) => Error::bad_request(e.to_string()),
+        _ => Error::guest_failed(e.to_string()),
     }
 }
 
@@ -452,10 +462,10 @@ impl Supervisor {
 
     /// Adds a function, checking and claiming its name in one step: two registrations of one name
     /// never share a directory.
-    fn insert(&self, name: &str, spec: FunctionSpec) -> Result<Arc<Function>, Refusal> {
+    fn insert(&self, name: &str, spec: FunctionSpec) -> Result<Arc<Function>, Error> {
         let mut functions = self.functions.locked();
         if functions.contains_key(name) {
-            return Err(Refusal::Conflict(format!("function {name:?} is already registered; DELETE it first")));
+            return Err(Error::conflict(format!("function {name:?} is already registered; DELETE it first")));
         }
         // Under the functions' lock: a layer cannot be deleted between this check and the
         // function becoming its user.
@@ -467,19 +477,19 @@ impl Supervisor {
         Ok(f)
     }
 
-    fn function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
-        self.functions.locked().get(name).cloned().ok_or_else(|| Refusal::NotFound(format!("no function {name:?}")))
+    fn function(&self, name: &str) -> Result<Arc<Function>, Error> {
+        self.functions.locked().get(name).cloned().ok_or_else(|| Error::not_found(format!("no function {name:?}")))
     }
 
     /// Registers a function: saves its spec, then boots its template in the background. A name
     /// registered already gets a new version (see the module's docs).
-    pub fn register(self: &Arc<Self>, name: &str, mut spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
+    pub fn register(self: &Arc<Self>, name: &str, mut spec: FunctionSpec) -> Result<FunctionInfo, Error> {
         check_name(name)?;
         // ember's Python runtime runs on its layer, at the bottom, unless the registration places it.
         if spec.known_runtime() == Some("python3") && !spec.layers.iter().any(|l| l == PYTHON_LAYER) {
             if self.layers.resolve(PYTHON_LAYER).is_err() {
                 self.provide_runtime_layer(PYTHON_LAYER).map_err(|e| {
-                    Refusal::BadRequest(format!(
+                    Error::bad_request(format!(
                         "runtime python3 needs the layer {PYTHON_LAYER:?}, and none could be made ({e}): build \
                          its tree with scripts/build-python-layer.sh (it writes images/layers/{PYTHON_LAYER}; \
                          start the daemon with --images images) or PUT /layers/{PYTHON_LAYER}"
@@ -496,17 +506,17 @@ impl Supervisor {
             self.images.open_source("code", code).map_err(image_refusal)?;
         }
         if self.functions.locked().contains_key(name) {
-            self.attach_network(name, &spec).map_err(Refusal::BadRequest)?;
+            self.attach_network(name, &spec).map_err(network_refusal)?;
             return self.update(name, spec);
         }
         // The network first: a policy the host cannot carry refuses the registration, with
         // nothing half made.
-        self.attach_network(name, &spec).map_err(Refusal::BadRequest)?;
+        self.attach_network(name, &spec).map_err(network_refusal)?;
         let f = match self.insert(name, spec) {
             Ok(f) => f,
             Err(e) => {
                 // (A conflict: a registration of this name won a race, and the network is its.)
-                if !matches!(e, Refusal::Conflict(_)) {
+                if e.kind() != ErrorKind::Conflict {
                     self.network.detach(name);
                 }
                 return Err(e);
@@ -515,24 +525,24 @@ impl Supervisor {
         if let Err(e) = self.registry.save(name, &f.spec) {
             self.functions.locked().remove(name);
             self.network.detach(name);
-            return Err(Refusal::Internal(format!("cannot save the registration: {e}")));
+            return Err(Error::internal(format!("cannot save the registration: {e}")));
         }
         self.spawn_template(f.clone(), false);
         Ok(f.info())
     }
 
     /// Sets up `spec`'s network policy for `name` (nothing for a function without one).
-    fn attach_network(&self, name: &str, spec: &FunctionSpec) -> Result<(), String> {
+    fn attach_network(&self, name: &str, spec: &FunctionSpec) -> Result<(), NetworkError> {
         let Some(policy) = &spec.network else { return Ok(()) };
         let spare = spec.pool.min_ready as usize + 2;
         self.network.attach(name, policy, spare)
     }
 
     /// Starts making a new version of a registered function; the current one keeps serving.
-    fn update(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Refusal> {
+    fn update(self: &Arc<Self>, name: &str, spec: FunctionSpec) -> Result<FunctionInfo, Error> {
         let current = self.function(name)?;
         if *current.state.locked() == FunctionState::Creating {
-            return Err(Refusal::Conflict(format!(
+            return Err(Error::conflict(format!(
                 "function {name:?} is still being created; wait until it is ready (or DELETE it)"
             )));
         }
@@ -541,10 +551,10 @@ impl Supervisor {
             let functions = self.functions.locked();
             let mut updates = self.updates.locked();
             if updates.get(name).is_some_and(|u| *u.state.locked() == FunctionState::Creating) {
-                return Err(Refusal::Conflict(format!("a new version of {name:?} is being made already")));
+                return Err(Error::conflict(format!("a new version of {name:?} is being made already")));
             }
             if !functions.contains_key(name) {
-                return Err(Refusal::NotFound(format!("no function {name:?}")));
+                return Err(Error::not_found(format!("no function {name:?}")));
             }
             for l in &spec.layers {
                 self.layers.resolve(l)?;
@@ -601,7 +611,7 @@ impl Supervisor {
                 // A networked guest boots with its card on a prepared namespace's TAP, as its
                 // clones will.
                 let net = match &f.spec.network {
-                    Some(_) => Some(sup.network.take(&f.name, NETWORK_WAIT)?),
+                    Some(_) => Some(sup.network.take(&f.name, NETWORK_WAIT).map_err(|e| e.to_string())?),
                     None => None,
                 };
                 let t = sup.registry.make_template(
@@ -740,7 +750,7 @@ impl Supervisor {
     /// Builds a layer from `source` (beneath an image directory) and names it.
     /// Builds ember's runtime layer `name` (the python3 one) from the tree setup wrote,
     /// `layers/NAME` in an image directory, unless a layer of that name exists.
-    pub fn provide_runtime_layer(&self, name: &str) -> Result<(), Refusal> {
+    pub fn provide_runtime_layer(&self, name: &str) -> Result<(), Error> {
         if self.layers.resolve(name).is_ok() {
             return Ok(());
         }
@@ -767,7 +777,7 @@ impl Supervisor {
         }
     }
 
-    pub fn put_layer(&self, name: &str, source: &Path) -> Result<(LayerInfo, bool), Refusal> {
+    pub fn put_layer(&self, name: &str, source: &Path) -> Result<(LayerInfo, bool), Error> {
         check_name(name)?;
         let opened = self.images.open_source("layer source", source).map_err(image_refusal)?;
         let (mut info, created) = self.layers.put(name, &opened.path(), source)?;
@@ -777,7 +787,7 @@ impl Supervisor {
 
     /// Builds a layer from an uploaded archive (a tar, possibly gzip-compressed, or an OCI or
     /// `docker save` tarball) and names it.
-    pub fn put_layer_upload(&self, name: &str, archive: &[u8]) -> Result<(LayerInfo, bool), Refusal> {
+    pub fn put_layer_upload(&self, name: &str, archive: &[u8]) -> Result<(LayerInfo, bool), Error> {
         check_name(name)?;
         let (mut info, created) = self.layers.put_upload(name, archive)?;
         info.users = self.layer_users(name);
@@ -790,7 +800,7 @@ impl Supervisor {
         users_of(functions.values().chain(updates.values()), name)
     }
 
-    pub fn get_layer(&self, name: &str) -> Result<LayerInfo, Refusal> {
+    pub fn get_layer(&self, name: &str) -> Result<LayerInfo, Error> {
         self.layers.get(name, self.layer_users(name))
     }
 
@@ -799,13 +809,13 @@ impl Supervisor {
     }
 
     /// Deletes a layer no function uses.
-    pub fn delete_layer(&self, name: &str) -> Result<(), Refusal> {
+    pub fn delete_layer(&self, name: &str) -> Result<(), Error> {
         // Under the functions' lock: no registration can start using it meanwhile.
         let functions = self.functions.locked();
         let users = users_of(functions.values().chain(self.updates.locked().values()), name);
         if !users.is_empty() {
             self.layers.resolve(name)?;
-            return Err(Refusal::Conflict(format!("layer {name:?} is used by {}", users.join(", "))));
+            return Err(Error::conflict(format!("layer {name:?} is used by {}", users.join(", "))));
         }
         self.layers.delete(name)
     }
@@ -815,7 +825,7 @@ impl Supervisor {
         functions.iter().map(|f| self.info(f)).collect()
     }
 
-    pub fn get(&self, name: &str) -> Result<FunctionInfo, Refusal> {
+    pub fn get(&self, name: &str) -> Result<FunctionInfo, Error> {
         let f = self.function(name)?;
         Ok(self.info(&f))
     }
@@ -831,10 +841,10 @@ impl Supervisor {
     }
 
     /// Unregisters a function: its ready clones go now, handed-out ones when released; its files go.
-    pub fn delete(&self, name: &str) -> Result<(), Refusal> {
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
         let f = self.function(name)?;
         // The files first: if they cannot go, the function stays registered as it was.
-        self.registry.remove(name).map_err(Refusal::Internal)?;
+        self.registry.remove(name).map_err(Error::internal)?;
         self.functions.locked().remove(name);
         if let Some(u) = self.updates.locked().remove(name) {
             u.deleted.store(true, Ordering::SeqCst);
@@ -858,7 +868,7 @@ impl Supervisor {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A clone counts as ready only with its network attached: a prepared namespace's TAP.
         let net = match &f.spec.network {
-            Some(_) => Some(self.network.take(&f.name, NETWORK_WAIT)?),
+            Some(_) => Some(self.network.take(&f.name, NETWORK_WAIT).map_err(|e| RestoreError::Failed(e.to_string()))?),
             None => None,
         };
         if let Some(workers) = &self.workers {
@@ -947,17 +957,17 @@ impl Supervisor {
 
     /// Hands a ready clone of `name` over; restores one on the spot (a cold start) when the pool is
     /// empty. No clone is ever handed out twice: it leaves the pool under the pool's lock.
-    pub fn acquire(&self, name: &str) -> Result<Handoff, Refusal> {
+    pub fn acquire(&self, name: &str) -> Result<Handoff, Error> {
         self.acquire_in(name, true)
     }
 
     /// [`Supervisor::acquire`] after [`Supervisor::acquire_warm`] found no clone (that request
     /// has been counted).
-    pub fn acquire_cold(&self, name: &str) -> Result<Handoff, Refusal> {
+    pub fn acquire_cold(&self, name: &str) -> Result<Handoff, Error> {
         self.acquire_in(name, false)
     }
 
-    fn acquire_in(&self, name: &str, arrival: bool) -> Result<Handoff, Refusal> {
+    fn acquire_in(&self, name: &str, arrival: bool) -> Result<Handoff, Error> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
         let deadline = t + AT_MAX_WAIT;
@@ -978,7 +988,7 @@ impl Supervisor {
             // caller's retry (a single caller in a loop meets this while the pool refills).
             let now = Instant::now();
             if pool.restoring == 0 || now >= deadline {
-                return Err(Refusal::Unavailable(format!(
+                return Err(Error::busy(format!(
                     "function {name:?} is at its pool.max of {} clones; try again",
                     f.max_clones
                 )));
@@ -997,28 +1007,22 @@ impl Supervisor {
 
     /// The warm half of [`Supervisor::acquire`]: a ready clone if the pool has one (microseconds,
     /// no system call), `None` when a cold start would be needed.
-    pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Refusal> {
+    pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Error> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
         self.take_warm(&f, true).map(|c| self.hand_over(f, c, false, t)).transpose()
     }
 
-    fn ready_function(&self, name: &str) -> Result<Arc<Function>, Refusal> {
+    fn ready_function(&self, name: &str) -> Result<Arc<Function>, Error> {
         let f = self.function(name)?;
         let state = f.state.locked().clone();
         if state != FunctionState::Ready {
-            return Err(Refusal::Conflict(format!("function {name:?} is not ready ({state:?})")));
+            return Err(Error::conflict(format!("function {name:?} is not ready ({state:?})")));
         }
         Ok(f)
     }
 
-    fn hand_over(
-        &self,
-        f: Arc<Function>,
-        mut clone: PooledVm,
-        cold_start: bool,
-        t: Instant,
-    ) -> Result<Handoff, Refusal> {
+    fn hand_over(&self, f: Arc<Function>, mut clone: PooledVm, cold_start: bool, t: Instant) -> Result<Handoff, Error> {
         let lease = match new_lease() {
             Ok(l) => l,
             Err(e) => {
@@ -1055,7 +1059,7 @@ impl Supervisor {
     /// clones (`max_uses`), it has uses left, `destroy` is not asked for, and it is sound: running,
     /// its agent serving, no request in flight. Otherwise it is destroyed. Returns whether it was
     /// recycled.
-    pub fn release(&self, id: u64, lease: &str, destroy: bool) -> Result<bool, Refusal> {
+    pub fn release(&self, id: u64, lease: &str, destroy: bool) -> Result<bool, Error> {
         self.release_after(id, lease, destroy, false)
     }
 
@@ -1063,20 +1067,20 @@ impl Supervisor {
     /// `max_uses` unset only the latter recycles ([`PoolPolicy::uses_allowed`]).
     ///
     /// [`PoolPolicy::uses_allowed`]: crate::scale::scaler::PoolPolicy::uses_allowed
-    fn release_after(&self, id: u64, lease: &str, destroy: bool, invoked: bool) -> Result<bool, Refusal> {
+    fn release_after(&self, id: u64, lease: &str, destroy: bool, invoked: bool) -> Result<bool, Error> {
         let h = {
             let mut handed = self.handed.locked();
-            let h = handed.get(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+            let h = handed.get(&id).ok_or_else(|| Error::not_found(format!("no handed-out VM {id}")))?;
             if !same_lease(&h.lease, lease) {
-                return Err(Refusal::Forbidden(format!("VM {id}: the lease does not match this handoff")));
+                return Err(Error::forbidden(format!("VM {id}: the lease does not match this handoff")));
             }
-            let h = handed.remove(&id).ok_or_else(|| Refusal::NotFound(format!("no handed-out VM {id}")))?;
+            let h = handed.remove(&id).ok_or_else(|| Error::not_found(format!("no handed-out VM {id}")))?;
             // A lease ends at its deadline, whether or not the scaler's tick has come round to
             // it yet: a release after it is refused as one after the tick would be.
             if h.expires <= Instant::now() {
                 drop(handed);
                 self.expire(vec![h]);
-                return Err(Refusal::NotFound(format!("no handed-out VM {id} (its lease expired)")));
+                return Err(Error::not_found(format!("no handed-out VM {id} (its lease expired)")));
             }
             h
         };
@@ -1143,8 +1147,8 @@ impl Supervisor {
     /// ember's runtimes the invocation carries its context (`request_id` among it) and comes back
     /// with its log and, for a handler's error, the runtime's report. Blocks (a cold start, a slow
     /// function).
-    pub fn invoke(&self, call: &InvokeCall<'_>, take: Take) -> Result<Invoked, Refusal> {
-        let inflight = self.invoke_begin(call, take)?.ok_or_else(|| Refusal::Unavailable("no ready clone".into()))?;
+    pub fn invoke(&self, call: &InvokeCall<'_>, take: Take) -> Result<Invoked, Error> {
+        let inflight = self.invoke_begin(call, take)?.ok_or_else(|| Error::busy("no ready clone"))?;
         self.invoke_finish(inflight)
     }
 
@@ -1152,7 +1156,7 @@ impl Supervisor {
     /// `None` when the pool has no ready clone (nothing taken; the arrival is counted, so the
     /// caller goes on with `Cold`). Otherwise the request is posted to the clone if its mailbox is
     /// free now (it is left to [`Supervisor::invoke_finish`] if not). Microseconds, no waiting.
-    pub fn invoke_begin(&self, call: &InvokeCall<'_>, take: Take) -> Result<Option<InvokeInFlight>, Refusal> {
+    pub fn invoke_begin(&self, call: &InvokeCall<'_>, take: Take) -> Result<Option<InvokeInFlight>, Error> {
         let InvokeCall { name, handler, payload, timeout, request_id } = *call;
         let f = self.function(name)?;
         // Bounded: a refusal now beats a caller waiting on a blocking pool that hung guests fill.
@@ -1179,7 +1183,7 @@ impl Supervisor {
                     h.expires = h.expires.max(Instant::now() + timeout + INVOKE_LEASE_MARGIN);
                     (h.clone.vm.mailbox(), h.function.version.locked().clone())
                 }
-                None => return Err(Refusal::Internal("the handed-out VM vanished".into())),
+                None => return Err(Error::internal("the handed-out VM vanished")),
             }
         };
         let request = if managed {
@@ -1214,7 +1218,7 @@ impl Supervisor {
 
     /// The second half of [`Supervisor::invoke`]: waits for the answer (blocks, at most the
     /// call's timeout), releases the clone and counts the invocation.
-    pub fn invoke_finish(&self, inflight: InvokeInFlight) -> Result<Invoked, Refusal> {
+    pub fn invoke_finish(&self, inflight: InvokeInFlight) -> Result<Invoked, Error> {
         let InvokeInFlight { f, _slots, id, lease, version, own, managed, request_id, state } = inflight;
         let response = match state {
             CallState::Posted(p) => p.finish(),

@@ -117,6 +117,34 @@ impl Drop for Slot {
     }
 }
 
+/// Why the network could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// This daemon has no network thread (no root, no nftables, ...): no networked functions.
+    #[error("networking is unavailable: {0}")]
+    Unavailable(String),
+    /// The host cannot carry this policy (it conflicts with another function's, say).
+    #[error("{0}")]
+    Refused(String),
+    /// The network thread stopped, or did not answer in time.
+    #[error("the network thread {0}")]
+    Thread(&'static str),
+    #[error("no network for function {0:?}")]
+    NoNetwork(String),
+    /// Preparing the function's namespaces failed: why.
+    #[error("cannot prepare a network namespace: {0}")]
+    Prepare(String),
+    #[error("no network namespace ready within {0:.1} s")]
+    NotReady(f64),
+}
+
+impl NetworkError {
+    /// Whether the request itself is at fault (its policy), rather than the host or the daemon.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Refused(_))
+    }
+}
+
 enum Request {
     Attach {
         function: String,
@@ -194,19 +222,21 @@ impl Network {
         Self { tx: None, shared: Arc::default(), unavailable: why }
     }
 
-    fn send(&self, r: Request) -> Result<(), String> {
-        let tx = self.tx.as_ref().ok_or_else(|| format!("networking is unavailable: {}", self.unavailable))?;
-        tx.locked().send(r).map_err(|_| "the network thread has stopped".to_string())
+    fn send(&self, r: Request) -> Result<(), NetworkError> {
+        let tx = self.tx.as_ref().ok_or_else(|| NetworkError::Unavailable(self.unavailable.clone()))?;
+        tx.locked().send(r).map_err(|_| NetworkError::Thread("has stopped"))
     }
 
     /// Sets `function`'s policy up on the host (its set, rules and tunnel), checked against the
     /// host and the other functions, and starts preparing `spare` namespaces for it. Nothing is
     /// left half made when it fails.
-    pub fn attach(&self, function: &str, policy: &NetworkPolicy, spare: usize) -> Result<(), String> {
+    pub fn attach(&self, function: &str, policy: &NetworkPolicy, spare: usize) -> Result<(), NetworkError> {
         let (reply, rx) = channel();
         let spare = spare.clamp(1, MAX_SPARE);
         self.send(Request::Attach { function: function.into(), policy: policy.clone(), spare, reply })?;
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "the network thread did not answer".to_string())?
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| NetworkError::Thread("did not answer"))?
+            .map_err(NetworkError::Refused)
     }
 
     /// Removes `function`'s policy, tunnel and prepared namespaces.
@@ -217,12 +247,12 @@ impl Network {
 
     /// A prepared namespace for a clone of `function`; waits up to `timeout` for one when the
     /// pool is empty.
-    pub fn take(&self, function: &str, timeout: Duration) -> Result<Slot, String> {
+    pub fn take(&self, function: &str, timeout: Duration) -> Result<Slot, NetworkError> {
         let deadline = Instant::now() + timeout;
         let mut pools = self.shared.pools.locked();
         let mut waited = false;
         loop {
-            let pool = pools.get_mut(function).ok_or_else(|| format!("no network for function {function:?}"))?;
+            let pool = pools.get_mut(function).ok_or_else(|| NetworkError::NoNetwork(function.into()))?;
             if let Some(s) = pool.ready.pop_front() {
                 if waited {
                     pool.info.waited += 1;
@@ -230,11 +260,11 @@ impl Network {
                 return Ok(s);
             }
             if let Some(e) = &pool.error {
-                return Err(format!("cannot prepare a network namespace: {e}"));
+                return Err(NetworkError::Prepare(e.clone()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("no network namespace ready within {:.1} s", timeout.as_secs_f64()));
+                return Err(NetworkError::NotReady(timeout.as_secs_f64()));
             }
             waited = true;
             pools = self.shared.changed.wait_timeout(pools, left).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
@@ -280,7 +310,9 @@ mod tests {
     fn an_unavailable_network_says_why() {
         let n = Network::unavailable("it needs root".into());
         let e = n.attach("f", &NetworkPolicy::default(), 1).unwrap_err();
-        assert!(e.contains("it needs root"), "{e}");
-        assert!(n.take("f", Duration::ZERO).is_err());
+        assert!(e.to_string().contains("it needs root") && e.is_refusal(), "{e}");
+        assert!(matches!(n.take("f", Duration::ZERO), Err(NetworkError::NoNetwork(_))));
+        // The daemon's own failures are not the request's.
+        assert!(!NetworkError::Thread("did not answer").is_refusal());
     }
 }
