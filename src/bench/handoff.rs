@@ -6,14 +6,13 @@
 //! lean protocol on the same socket ([`crate::serve::lean`]).
 
 use crate::isolation::worker::Isolation;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Summary, TableReport};
-use crate::serve::model::FunctionSpec;
+use crate::serve::client::{Client, ClientError, LeanClient};
+use crate::serve::model::{FunctionSpec, Handoff};
 use crate::serve::registry::Registry;
 use crate::serve::supervisor::Supervisor;
 use crate::serve::{Daemon, DaemonConfig};
@@ -35,34 +34,12 @@ pub(super) struct Timed {
     pub(super) body: Vec<u8>,
 }
 
-/// One request (with a JSON `body`) on a kept-alive connection, written in one piece (`write!`
-/// straight to the socket made a system call per formatted piece, and the daemon woke for each).
-pub(super) fn request(s: &mut BufReader<UnixStream>, method: &str, path: &str, body: &str) -> std::io::Result<Timed> {
-    let t = Instant::now();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.get_mut().write_all(req.as_bytes())?;
-    // Read the head, then exactly content-length bytes of body.
-    let mut head = String::new();
-    while !head.ends_with("\r\n\r\n") {
-        if s.read_line(&mut head)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    let head = head.to_ascii_lowercase();
-    let header = |name: &str| head.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
-    let len = header("content-length:").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    let round_trip_us = t.elapsed().as_secs_f64() * 1e6;
-    let server_us = header("server-timing:")
-        .and_then(|v| v.split("dur=").nth(1).and_then(|d| d.parse::<f64>().ok()))
-        .map(|ms| ms * 1e3);
-    let status =
-        head.get(9..12).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))?;
-    Ok(Timed { status, round_trip_us, server_us, body })
+/// One request (with a JSON `body`) on a kept-alive connection (ember's client writes it in one
+/// piece: one system call, one wake-up of the daemon).
+pub(super) fn request(c: &mut Client, method: &str, path: &str, body: &str) -> std::io::Result<Timed> {
+    let r = c.request(method, path, "application/json", body.as_bytes())?;
+    let server_us = r.server_time().map(|d| d.as_secs_f64() * 1e6);
+    Ok(Timed { status: r.status, round_trip_us: r.round_trip.as_secs_f64() * 1e6, server_us, body: r.body })
 }
 
 /// Runs the benchmark on a copy of the template in `snapshot` (hard links): `pool` single-use
@@ -122,36 +99,34 @@ pub(super) fn daemon(
     Daemon::start(&cfg)
 }
 
-pub(super) type Request = dyn Fn(&mut BufReader<UnixStream>) -> std::io::Result<Timed> + Sync;
-pub(super) type After = dyn Fn(&mut BufReader<UnixStream>, &Timed) -> Result<(), String> + Sync;
+pub(super) type Request<C> = dyn Fn(&mut C) -> std::io::Result<Timed> + Sync;
+pub(super) type After<C> = dyn Fn(&mut C, &Timed) -> Result<(), String> + Sync;
 
-/// `clients` clients each send `n` requests `req` on a connection of their own, each followed by
-/// `after` (untimed). Returns (round trips, daemon times) in us.
+/// `clients` clients each send `n` requests `req` on an HTTP connection of their own, each
+/// followed by `after` (untimed). Returns (round trips, daemon times) in us.
 pub(super) fn round(
     socket: &Path,
     clients: usize,
     n: usize,
-    req: &Request,
-    after: &After,
+    req: &Request<Client>,
+    after: &After<Client>,
 ) -> Result<(Vec<f64>, Vec<f64>), String> {
-    round_with(socket, b"", clients, n, req, after)
+    round_on(&|| Client::connect(socket), clients, n, req, after)
 }
 
-/// [`round`] on connections that open with `hello`.
-fn round_with(
-    socket: &Path,
-    hello: &[u8],
+/// [`round`] on connections that `connect` opens.
+fn round_on<C>(
+    connect: &(dyn Fn() -> std::io::Result<C> + Sync),
     clients: usize,
     n: usize,
-    req: &Request,
-    after: &After,
+    req: &Request<C>,
+    after: &After<C>,
 ) -> Result<(Vec<f64>, Vec<f64>), String> {
     let per_client: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(move || -> Result<(Vec<f64>, Vec<f64>), String> {
-                    let mut c = BufReader::new(UnixStream::connect(socket).map_err(|e| e.to_string())?);
-                    c.get_mut().write_all(hello).map_err(|e| e.to_string())?;
+                    let mut c = connect().map_err(|e| e.to_string())?;
                     let (mut rtt, mut srv) = (Vec::with_capacity(n), Vec::with_capacity(n));
                     for _ in 0..n {
                         let t = req(&mut c).map_err(|e| e.to_string())?;
@@ -180,15 +155,9 @@ fn round_with(
 }
 
 /// Releases the clone an acquire handed over, on the same connection.
-pub(super) fn release_it(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
-    let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
-    let id = v["id"].as_u64().ok_or("no id in the handoff")?;
-    let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;
-    let body = format!(r#"{{"lease": "{lease}"}}"#);
-    let t = request(c, "POST", &format!("/vms/{id}/release"), &body).map_err(|e| e.to_string())?;
-    if t.status != 200 {
-        return Err(format!("release answered {}", t.status));
-    }
+pub(super) fn release_it(c: &mut Client, acquired: &Timed) -> Result<(), String> {
+    let h: Handoff = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
+    c.release(h.id, &h.lease, false).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -198,40 +167,36 @@ const CLIENT_POLL: Duration = Duration::from_micros(200);
 /// One request line of the lean protocol ([`crate::serve::lean`]) and its answer line; the
 /// status is 200 unless the answer is an error. `poll`: look for the answer for up to
 /// [`CLIENT_POLL`] before sleeping in the read (as a scheduler that wants microseconds would).
-fn lean_request(s: &mut BufReader<UnixStream>, line: &str, poll: bool) -> std::io::Result<Timed> {
+fn lean_request(c: &mut LeanClient, line: &str, poll: bool) -> std::io::Result<Timed> {
     use std::os::fd::AsRawFd;
     let t = Instant::now();
-    s.get_mut().write_all(line.as_bytes())?;
-    if poll && s.buffer().is_empty() {
-        let mut fd = libc::pollfd { fd: s.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    c.send(line)?;
+    if poll && !c.buffered() {
+        let mut fd = libc::pollfd { fd: c.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one live pollfd, without waiting.
         while t.elapsed() < CLIENT_POLL && unsafe { libc::poll(&mut fd, 1, 0) } == 0 {
             std::hint::spin_loop();
         }
     }
-    let mut body = Vec::new();
-    if s.read_until(b'\n', &mut body)? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
+    let answer = c.answer::<serde_json::Value>();
     let round_trip_us = t.elapsed().as_secs_f64() * 1e6;
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
-    let status = v.get("status").and_then(|s| s.as_u64()).map_or(200, |s| s as u16);
+    let (status, body) = match answer {
+        Ok(v) => (200, v.to_string().into_bytes()),
+        Err(ClientError::Refused { status, message, .. }) => (status, message.into_bytes()),
+        Err(ClientError::Io(e)) => return Err(e),
+        Err(e) => return Err(std::io::Error::other(e.to_string())),
+    };
     Ok(Timed { status, round_trip_us, server_us: None, body })
 }
 
 /// Releases the clone a lean acquire handed over, on the same connection.
-fn lean_release(c: &mut BufReader<UnixStream>, acquired: &Timed) -> Result<(), String> {
-    let v: serde_json::Value = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
-    let id = v["id"].as_u64().ok_or("no id in the handoff")?;
-    let lease = v["lease"].as_str().ok_or("no lease in the handoff")?;
-    let t = lean_request(c, &format!("release {id} {lease}\n"), false).map_err(|e| e.to_string())?;
-    if t.status != 200 {
-        return Err(format!("release answered {}", String::from_utf8_lossy(&t.body)));
-    }
+fn lean_release(c: &mut LeanClient, acquired: &Timed) -> Result<(), String> {
+    let h: Handoff = serde_json::from_slice(&acquired.body).map_err(|e| e.to_string())?;
+    c.release(h.id, &h.lease, false).map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn no_release(_: &mut BufReader<UnixStream>, _: &Timed) -> Result<(), String> {
+fn no_release<C>(_: &mut C, _: &Timed) -> Result<(), String> {
     Ok(())
 }
 
@@ -264,15 +229,12 @@ fn run(
         sup.pause_scaling(true);
         Ok(())
     };
-    let acquire = |c: &mut BufReader<UnixStream>| request(c, "POST", &format!("/functions/{RECYCLED}/acquire"), "");
+    let acquire = |c: &mut Client| request(c, "POST", &format!("/functions/{RECYCLED}/acquire"), "");
     let invoke = |name: &'static str| {
-        move |c: &mut BufReader<UnixStream>| {
-            request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": ""}"#)
-        }
+        move |c: &mut Client| request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": ""}"#)
     };
 
-    let lean_acquire =
-        |poll: bool| move |c: &mut BufReader<UnixStream>| lean_request(c, &format!("acquire {RECYCLED}\n"), poll);
+    let lean_acquire = |poll: bool| move |c: &mut LeanClient| lean_request(c, &format!("acquire {RECYCLED}"), poll);
 
     let mut rows = Vec::new();
     let mut add = |what: String, (rtt, srv): (Vec<f64>, Vec<f64>)| {
@@ -285,10 +247,10 @@ fn run(
         settle()?;
         let r = round(&socket, clients, per_client, &acquire, &release_it)?;
         add(format!("acquire (recycled pool), {clients} client(s)"), r);
-        let hello = crate::serve::lean::HELLO;
         for (poll, how) in [(false, "client reads"), (true, "client polls")] {
             settle()?;
-            let r = round_with(&socket, hello, clients, per_client, &lean_acquire(poll), &lean_release)?;
+            let lean = || LeanClient::connect(&socket);
+            let r = round_on(&lean, clients, per_client, &lean_acquire(poll), &lean_release)?;
             add(format!("acquire, lean protocol, {how}, {clients} client(s)"), r);
         }
     }
@@ -302,7 +264,7 @@ fn run(
     settle()?;
     let busy_before = host_busy_ticks();
     let sparse = (per_client / 40).max(10);
-    let pause = |_: &mut BufReader<UnixStream>, _: &Timed| {
+    let pause = |_: &mut Client, _: &Timed| {
         std::thread::sleep(SPARSE_GAP);
         Ok(())
     };

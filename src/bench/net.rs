@@ -304,7 +304,7 @@ fn run(plain_cfg: &VmConfig, b: &NetBench, scratch: &Path) -> Result<TableReport
         handoff::wait_quiet();
         daemon.supervisor().pause_scaling(true);
         for name in ["plain", "net"] {
-            let acquire = move |c: &mut std::io::BufReader<std::os::unix::net::UnixStream>| {
+            let acquire = move |c: &mut crate::serve::client::Client| {
                 handoff::request(c, "POST", &format!("/functions/{name}/acquire"), "")
             };
             let (rtt, srv) = handoff::round(&socket, 1, b.calls, &acquire, &handoff::release_it)?;

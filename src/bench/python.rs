@@ -12,8 +12,6 @@
 //!   `echo` from the same template;
 //! - private host memory per idle Python clone, `--clones` of them started and each called once.
 
-use std::io::BufReader;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +21,7 @@ use super::restore::private_kib;
 use super::{ms, BenchError, Summary, TableReport};
 use crate::config::{DriveConfig, VmConfig};
 use crate::image::{Limits, Store};
+use crate::serve::client::Client;
 use crate::template::{MakeOptions, Template};
 
 /// What `ember bench python` measures.
@@ -198,7 +197,7 @@ fn api_rounds(
         wait_full(&sup, "echo", 2)?;
         // One call each first: the recycled clone's first call is its cold start (measured above).
         for name in ["py", "echo"] {
-            let mut c = BufReader::new(UnixStream::connect(&socket).map_err(|e| e.to_string())?);
+            let mut c = Client::connect(&socket).map_err(|e| e.to_string())?;
             let t = request(&mut c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": "{}"}"#)
                 .map_err(|e| e.to_string())?;
             if t.status != 200 {
@@ -210,9 +209,8 @@ fn api_rounds(
         for name in ["py", "echo"] {
             // The previous round's clone polls on for a while after its last call: not beside this one.
             wait_quiet();
-            let invoke = move |c: &mut BufReader<UnixStream>| {
-                request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": "{}"}"#)
-            };
+            let invoke =
+                move |c: &mut Client| request(c, "POST", &format!("/functions/{name}/invoke"), r#"{"payload": "{}"}"#);
             let (rtt, srv) = round(&socket, 1, b.calls, &invoke, &move |_, t| {
                 let v: serde_json::Value = serde_json::from_slice(&t.body).map_err(|e| e.to_string())?;
                 if v["status"] != "ok" {

@@ -12,6 +12,7 @@
 //! - [`notify`]: systemd's readiness and watchdog notifications.
 
 pub mod api;
+pub mod client;
 pub mod command;
 mod connections;
 pub mod error;

@@ -363,7 +363,7 @@ pub struct UpdateInfo {
 }
 
 /// What `acquire` hands over.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Handoff {
     pub id: u64,
     pub function: String,

@@ -1,33 +1,16 @@
 //! Talking to `ember serve` over its Unix socket from the integration tests.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ember::serve::client::Client;
 use serde_json::Value;
 
 /// One HTTP/1.1 request with a JSON body on a fresh connection: (status, body).
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let (status, head, raw) = http_bytes(socket, method, path, "application/json", body.unwrap_or("").as_bytes());
-    // Chunked bodies (axum streams some): join the chunks.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut r = raw.as_slice();
-        while let Some(eol) = r.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(String::from_utf8_lossy(&r[..eol]).trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            let tail = &r[eol + 2..];
-            out.extend_from_slice(&tail[..n]);
-            r = &tail[n + 2..];
-        }
-        out
-    } else {
-        raw
-    };
+    let (status, _, body) = http_bytes(socket, method, path, "application/json", body.unwrap_or("").as_bytes());
     (status, String::from_utf8(body).unwrap_or_else(|e| panic!("the body is not UTF-8: {e}")))
 }
 
@@ -171,23 +154,13 @@ pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     (count("fd"), count("task"))
 }
 
-/// One HTTP/1.1 request with a raw body of `content_type` on a fresh connection: (status, head,
-/// body bytes as sent, chunked or not).
+/// One HTTP/1.1 request with a raw body of `content_type` on a fresh connection (ember's client):
+/// (status, head, body).
 pub fn http_bytes(socket: &Path, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
-    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: ember\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head: {resp:?}"));
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {head:?}"));
-    (status, head, resp[split + 4..].to_vec())
+    let mut c = Client::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    c.set_timeout(Some(Duration::from_secs(120))).unwrap();
+    let r = c.request(method, path, content_type, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (r.status, r.head, r.body)
 }
 
 /// Processes whose parent is `ppid`.
