@@ -1,9 +1,11 @@
 //! Devices the guest reaches through port I/O and MMIO exits, and the bus that dispatches to them.
 //!
-//! Every device with state implements [`Persist`] beside itself: `save` is what goes into a
-//! snapshot, `restore` rebuilds the device from it. virtio devices implement
-//! [`virtio::VirtioDevice`] and sit behind the [`virtio::mmio`] transport; a new one is a folder
-//! under `virtio/` plus one line in `vmm::devices`.
+//! Every device with state implements [`Persist`] beside itself: `save` is the typed state that
+//! goes into a snapshot (or a typed error: a device that cannot be saved fails the snapshot),
+//! `restore` rebuilds the device from it. virtio devices implement [`virtio::VirtioDevice`] and sit
+//! behind the [`virtio::mmio`] transport, their states one variant each of
+//! [`virtio::VirtioState`]; a new one is a folder under `virtio/`, a variant there and one line in
+//! `vmm::devices`.
 
 pub mod boot_timer;
 pub mod bus;
@@ -35,10 +37,10 @@ pub enum GuestRequest {
 }
 
 /// The state of every device that has state worth keeping, as saved in a snapshot.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevicesState {
     pub serial: serial::UartState,
-    /// Every virtio device, in slot order: transport, queues and the device's own state.
+    /// Every virtio device, in slot order: transport, queues and the device's own (typed) state.
     pub virtio: Vec<virtio::mmio::MmioState>,
     /// The drives the VM's block devices serve, in slot order (a restore opens them again).
     pub drives: Vec<crate::config::DriveConfig>,
@@ -50,11 +52,17 @@ pub struct DevicesState {
 /// A component whose state goes into snapshots (the shape of Firecracker's `Persist`): `save`
 /// reads the live component's state, `restore` builds a component from a saved state and what it
 /// needs from the new VM (`Args`). A saved state is input like any other: `restore` checks it.
+/// Both can fail, with the component's own error: a save that fails fails the snapshot (nothing
+/// stands in for the state it could not read).
 pub trait Persist: Sized {
-    type State;
+    /// What goes into a snapshot.
+    type State: serde::Serialize + serde::de::DeserializeOwned;
+    /// What a restore needs from the new VM besides the state.
     type Args;
-    fn save(&self) -> Self::State;
-    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, DeviceError>;
+    /// Why a save or a restore failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn save(&self) -> Result<Self::State, Self::Error>;
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
 }
 
 /// Why a device could not be created, restored or started.
@@ -71,9 +79,17 @@ pub enum DeviceError {
     BadState(String),
     #[error("cannot build the device seccomp filter: {0}")]
     Seccomp(String),
-    /// A drive's file is not the one the snapshot was taken with.
-    #[error("{0}")]
-    DriveChanged(String),
+    /// The serial port's state could not be saved or restored.
+    #[error("serial port: {0}")]
+    Serial(#[from] serial::SerialError),
+    /// The virtio device in slot `slot` (its transport, queues or own state) could not be made,
+    /// saved or restored.
+    #[error("virtio slot {slot}: {source}")]
+    Virtio {
+        slot: usize,
+        #[source]
+        source: virtio::mmio::MmioError,
+    },
 }
 
 impl DeviceError {

@@ -3,11 +3,12 @@
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BusDevice, DeviceError, GuestRequest, Persist};
+use super::{BusDevice, GuestRequest, Persist};
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -43,6 +44,14 @@ pub struct UartState {
     pub modem_status: u8,
     pub scratch: u8,
     pub in_buffer: Vec<u8>,
+}
+
+/// Why the UART's state could not be restored (saving it cannot fail).
+#[derive(Debug, Error)]
+pub enum SerialError {
+    /// A state no UART can be in (vm-superio refuses it: a receive FIFO past its size).
+    #[error("the UART's state in the snapshot is not one a UART can be in: {0}")]
+    BadState(String),
 }
 
 impl From<SerialState> for UartState {
@@ -94,15 +103,16 @@ impl Persist for SerialDevice {
     type State = UartState;
     /// The interrupt's irqfd and where the console goes.
     type Args = (EventFd, ConsoleOut);
+    type Error = SerialError;
 
-    fn save(&self) -> UartState {
-        self.uart.state().into()
+    fn save(&self) -> Result<UartState, SerialError> {
+        Ok(self.uart.state().into())
     }
 
     /// A UART in a snapshot's state; fails if the state is not one a UART can be in.
-    fn restore((irq, out): Self::Args, state: &UartState) -> Result<Self, DeviceError> {
+    fn restore((irq, out): Self::Args, state: &UartState) -> Result<Self, SerialError> {
         let uart = Serial::from_state(&SerialState::from(state), IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| DeviceError::BadState(format!("UART: {e:?}")))?;
+            .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
         Ok(Self { uart })
     }
 }
@@ -169,16 +179,23 @@ mod tests {
         s.write(1, &[0x02]);
         s.write(7, &[0x5a]);
         s.enqueue_input(b"xy");
-        let st = s.save();
+        let st = s.save().unwrap();
         let mut r = SerialDevice::restore((irq.try_clone().unwrap(), Box::new(std::io::sink())), &st).unwrap();
-        assert_eq!(r.save(), st);
+        assert_eq!(r.save().unwrap(), st);
         let mut d = [0u8];
         r.read(7, &mut d);
         assert_eq!(d[0], 0x5a);
         r.read(0, &mut d);
         assert_eq!(d[0], b'x');
+        // The typed state survives the snapshot's encoding unchanged.
+        let bytes = bincode::serde::encode_to_vec(&st, bincode::config::standard()).unwrap();
+        let (decoded, _): (UartState, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(decoded, st);
+        // A state no UART can be in: a typed error, no panic.
         let bad = UartState { in_buffer: vec![0; 4096], ..st };
-        assert!(SerialDevice::restore((irq, Box::new(std::io::sink())), &bad).is_err());
+        let e = SerialDevice::restore((irq, Box::new(std::io::sink())), &bad).err().unwrap();
+        assert!(matches!(e, SerialError::BadState(_)), "{e}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A VM's devices, assembled in one place: the legacy devices on the port-I/O bus, ember's MMIO
 //! pages, and every virtio device behind its own virtio-mmio transport, each with its interrupt
 //! wired to an irqfd and its queue notifications to ioeventfds. A snapshot's device state is
-//! handed to each device's `restore`.
+//! handed to each device's `restore`; saving reads each device's typed state, and a device that
+//! cannot be saved fails the save, named by its slot.
 
 use std::sync::{Arc, Mutex};
 
@@ -166,9 +167,10 @@ impl Devices {
             let interrupt = Arc::new(Interrupt::new(irqfd(vm, gsi)?, mailbox.clone()));
             let args = MmioArgs { device, mem: mem.clone(), interrupt };
             let transport = match saved {
-                Some(s) => MmioTransport::restore(args, &s.virtio[i])?,
-                None => MmioTransport::new(args)?,
-            };
+                Some(s) => MmioTransport::restore(args, &s.virtio[i]),
+                None => MmioTransport::new(args),
+            }
+            .map_err(|source| DeviceError::Virtio { slot: i, source })?;
             let transport = Arc::new(Mutex::new(transport));
             mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
             virtio.push(transport);
@@ -183,14 +185,20 @@ impl Devices {
         })
     }
 
-    /// Every device's state, for a snapshot.
-    pub fn save(&self) -> DevicesState {
-        DevicesState {
-            serial: self.serial.locked().save(),
-            virtio: self.virtio.iter().map(|t| t.locked().save()).collect(),
+    /// Every device's state, for a snapshot; the first device that cannot be saved fails it.
+    pub fn save(&self) -> Result<DevicesState, DeviceError> {
+        let virtio = self
+            .virtio
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| t.locked().save().map_err(|source| DeviceError::Virtio { slot, source }))
+            .collect::<Result<_, _>>()?;
+        Ok(DevicesState {
+            serial: self.serial.locked().save()?,
+            virtio,
             drives: self.drives.clone(),
             nets: self.nets.clone(),
-        }
+        })
     }
 
     /// How many virtio devices there are (the guest's command line names each).

@@ -77,6 +77,9 @@ pub enum VmError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot save the VM's state: {0}")]
     NotPaused(String),
+    /// A device's state could not be saved: no snapshot is taken.
+    #[error("cannot save the devices' state: {0}")]
+    SaveDevices(DeviceError),
     #[error("working set: {0}")]
     WorkingSet(std::io::Error),
     #[error("cannot register guest memory: {0}")]
@@ -522,7 +525,7 @@ impl RunningVm {
             machine: MachineInfo { vcpus: vcpus.len() as u8, mem_bytes: self.mem_bytes },
             vm: VmState::save(&self.vm, self.absent_pit.as_deref())?,
             vcpus,
-            devices: self.devices.save(),
+            devices: self.devices.save().map_err(VmError::SaveDevices)?,
         })
     }
 

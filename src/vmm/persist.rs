@@ -123,6 +123,51 @@ mod tests {
     }
 
     #[test]
+    fn typed_device_states_round_trip() {
+        use crate::devices::virtio::mmio::MmioState;
+        use crate::devices::virtio::{block, vsock, QueueSnapshot, VirtioState};
+        let transport = |device_type, device| MmioState {
+            device_type,
+            status: 15,
+            driver_features: 1 << 32,
+            device_features_sel: 1,
+            driver_features_sel: 1,
+            queue_sel: 0,
+            interrupt_status: 1,
+            queues: vec![QueueSnapshot { max_size: 256, size: 128, ready: true, ..Default::default() }],
+            device,
+        };
+        let mut s = sample();
+        s.devices.virtio = vec![
+            transport(
+                block::BLOCK_DEVICE_ID,
+                VirtioState::Block(block::BlockState {
+                    drive_id: "rootfs".into(),
+                    read_only: true,
+                    identity: block::DriveIdentity {
+                        dev: 8,
+                        ino: 12,
+                        size: 1 << 20,
+                        mtime_ns: 1_700_000_000_000_000_000,
+                    },
+                }),
+            ),
+            transport(vsock::VSOCK_DEVICE_ID, VirtioState::Vsock(vsock::VsockState { connections: false })),
+        ];
+        let back = SnapshotState::decode(&s.encode().unwrap(), Path::new("s")).unwrap();
+        assert_eq!(back.devices, s.devices);
+    }
+
+    #[test]
+    fn a_snapshot_of_the_previous_format_is_refused() {
+        let (old, now) = (format::FORMAT_VERSION - 1, format::FORMAT_VERSION);
+        let mut bytes = sample().encode().unwrap();
+        bytes[8..12].copy_from_slice(&old.to_le_bytes());
+        let e = SnapshotState::decode(&bytes, Path::new("s")).unwrap_err().to_string();
+        assert!(e.contains(&format!("format version {old} is not supported (this ember reads version {now})")), "{e}");
+    }
+
+    #[test]
     fn inconsistent_state_is_refused() {
         let mut s = sample();
         s.machine.vcpus = 2;

@@ -4,12 +4,20 @@
 //! thread from then on. It knows nothing of KVM: the VMM wires the device's queue events to the
 //! QueueNotify register (ioeventfds) and its interrupt to an irqfd, so the register protocol is
 //! unit-tested here with a test device.
+//!
+//! Its snapshot state ([`MmioState`]) is the negotiation, the queues and the device's own typed
+//! state; a restore refuses a state of another kind of device, or with other queues
+//! ([`MmioError`]).
 
 use std::sync::Arc;
 
+use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 
-use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1};
+use super::{
+    DeviceKind, Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, INT_CONFIG, INT_USED_RING,
+    VIRTIO_F_VERSION_1,
+};
 use crate::devices::{BusDevice, DeviceError, GuestRequest, Persist};
 use crate::memory::GuestMemory;
 
@@ -49,7 +57,7 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 128;
 
 /// The transport's state, as saved in a snapshot, with the device's own.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioState {
     /// Which device this is (a snapshot restores only into the same kind).
     pub device_type: u32,
@@ -61,7 +69,37 @@ pub struct MmioState {
     pub interrupt_status: u32,
     pub queues: Vec<QueueSnapshot>,
     /// The device's own state ([`VirtioDevice::save_state`]).
-    pub device: Vec<u8>,
+    pub device: VirtioState,
+}
+
+/// Why a transport could not be made, saved or restored.
+#[derive(Debug, Error)]
+pub enum MmioError {
+    /// The device's queues and queue events do not match (a device's bug).
+    #[error("{kind}: {queues} queues but {events} queue events")]
+    QueueEvents { kind: DeviceKind, queues: usize, events: usize },
+    /// A queue virtio-queue refuses: a size the device cannot have, or a snapshot's queue that no
+    /// driver could have set up.
+    #[error("{kind}: virtio queue {index}: {source}")]
+    Queue {
+        kind: DeviceKind,
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The snapshot's device is another kind of device.
+    #[error("{saved} in the snapshot, {here} here")]
+    OtherDevice { saved: DeviceKind, here: DeviceKind },
+    /// The snapshot's device has another number of queues.
+    #[error("{kind}: {saved} queues in the snapshot, {here} here")]
+    QueueCount { kind: DeviceKind, saved: usize, here: usize },
+    /// The device's own state could not be saved, or does not fit the device.
+    #[error("{kind}: {source}")]
+    Device {
+        kind: DeviceKind,
+        #[source]
+        source: VirtioStateError,
+    },
 }
 
 /// A virtio device on the MMIO bus.
@@ -92,21 +130,17 @@ impl MmioTransport {
     /// Puts `device` behind a fresh transport (the driver has not touched it yet). The caller
     /// registers the device's queue events as ioeventfds on [`REG_QUEUE_NOTIFY`] (one per queue,
     /// datamatch = queue index), so that a guest notification never exits to ember.
-    pub fn new(args: MmioArgs) -> Result<Self, DeviceError> {
+    pub fn new(args: MmioArgs) -> Result<Self, MmioError> {
         let MmioArgs { device, mem, interrupt } = args;
+        let kind = DeviceKind(device.device_type());
         let sizes = device.queue_max_sizes().to_vec();
         if device.queue_events().len() != sizes.len() {
-            return Err(DeviceError::BadState(format!(
-                "device {}: {} queues but {} queue events",
-                device.device_type(),
-                sizes.len(),
-                device.queue_events().len()
-            )));
+            return Err(MmioError::QueueEvents { kind, queues: sizes.len(), events: device.queue_events().len() });
         }
         let queues = sizes
             .iter()
             .enumerate()
-            .map(|(i, &max)| Queue::new(max).map_err(|e| DeviceError::BadState(format!("virtio queue {i}: {e:?}"))))
+            .map(|(index, &max)| Queue::new(max).map_err(|source| MmioError::Queue { kind, index, source }))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             device,
@@ -167,8 +201,11 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         // The device gets its own copies of the queues (virtio-queue's Queue is not Clone).
-        let queues: Result<Vec<Queue>, DeviceError> =
-            self.queues.iter().map(|q| QueueSnapshot::of(q).queue()).collect();
+        let queues: Result<Vec<Queue>, DeviceError> = self
+            .queues
+            .iter()
+            .map(|q| QueueSnapshot::of(q).queue().map_err(|e| DeviceError::BadState(format!("virtio queue: {e}"))))
+            .collect();
         self.device.negotiated(self.driver_features);
         let result = queues.and_then(|q| self.device.activate(self.mem.clone(), q, self.interrupt.clone()));
         match result {
@@ -227,14 +264,18 @@ impl MmioTransport {
 impl Persist for MmioTransport {
     type State = MmioState;
     type Args = MmioArgs;
+    type Error = MmioError;
 
-    fn save(&self) -> MmioState {
+    /// The transport's state with the device's own; fails when the device's does.
+    fn save(&self) -> Result<MmioState, MmioError> {
+        let kind = DeviceKind(self.device.device_type());
+        let device = self.device.save_state().map_err(|source| MmioError::Device { kind, source })?;
         let queues = match self.device.queue_snapshots() {
             Some(q) if self.active => q,
             _ => self.queues.iter().map(QueueSnapshot::of).collect(),
         };
-        MmioState {
-            device_type: self.device.device_type(),
+        Ok(MmioState {
+            device_type: kind.0,
             status: self.status,
             driver_features: self.driver_features,
             device_features_sel: self.device_features_sel,
@@ -242,30 +283,31 @@ impl Persist for MmioTransport {
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
             queues,
-            device: self.device.save_state(),
-        }
+            device,
+        })
     }
 
     /// A transport in a snapshot's state, its device given its own state back; a device that was
     /// running is activated again when the VM starts.
-    fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, DeviceError> {
-        let mut t = Self::new(args)?;
-        let kind = t.device.device_type();
-        if state.device_type != kind {
-            return Err(DeviceError::BadState(format!(
-                "virtio device {} in the snapshot, {kind} here",
-                state.device_type
-            )));
+    fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, MmioError> {
+        let MmioArgs { device, mem, interrupt } = args;
+        let kind = DeviceKind(device.device_type());
+        if state.device_type != kind.0 {
+            return Err(MmioError::OtherDevice { saved: DeviceKind(state.device_type), here: kind });
         }
-        if state.queues.len() != t.queues.len() {
-            return Err(DeviceError::BadState(format!(
-                "virtio device {kind}: {} queues in the snapshot, {} here",
-                state.queues.len(),
-                t.queues.len()
-            )));
+        let here = device.queue_max_sizes().len();
+        if state.queues.len() != here {
+            return Err(MmioError::QueueCount { kind, saved: state.queues.len(), here });
         }
-        t.queues = state.queues.iter().map(QueueSnapshot::queue).collect::<Result<_, _>>()?;
-        t.device.restore_state(&state.device)?;
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| q.queue().map_err(|source| MmioError::Queue { kind, index, source }))
+            .collect::<Result<_, _>>()?;
+        let device = device.restore_state(&state.device).map_err(|source| MmioError::Device { kind, source })?;
+        let mut t = Self::new(MmioArgs { device, mem, interrupt })?;
+        t.queues = queues;
         t.status = state.status;
         t.driver_features = state.driver_features;
         t.device_features_sel = state.device_features_sel;
@@ -305,8 +347,26 @@ impl VirtioDevice for NullDevice {
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
         None
     }
-    fn restore_state(&mut self, _: &[u8]) -> Result<(), DeviceError> {
+    fn save_state(&self) -> Result<VirtioState, VirtioStateError> {
+        self.save()?;
+        Ok(VirtioState::Stateless)
+    }
+    fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError> {
+        let VirtioState::Stateless = state else { return Err(VirtioStateError::mismatch(state, "stateless")) };
+        Ok(Box::new(Self::restore(*self, &())?))
+    }
+}
+
+/// Nothing to save, nothing that can fail.
+impl Persist for NullDevice {
+    type State = ();
+    type Args = NullDevice;
+    type Error = std::convert::Infallible;
+    fn save(&self) -> Result<(), Self::Error> {
         Ok(())
+    }
+    fn restore(dev: NullDevice, _: &()) -> Result<Self, Self::Error> {
+        Ok(dev)
     }
 }
 
@@ -334,7 +394,7 @@ pub fn drive_registers(ops: &[u8]) {
             let _ = t.write(offset, &value.to_le_bytes()[..width]);
         }
     }
-    let state = t.save();
+    let Ok(state) = t.save() else { return };
     let events = (0..2).map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)).collect();
     if let Ok(events) = events {
         let _ = MmioTransport::restore(args(events), &state);
@@ -457,16 +517,45 @@ mod tests {
     struct Seen {
         activations: Vec<Vec<u16>>,
         resets: u32,
-        restored: Option<Vec<u8>>,
+        restored: Option<u32>,
         config_writes: Vec<(u64, Vec<u8>)>,
     }
 
     /// A device with two queues (sizes 16 and 8), one feature besides VERSION_1, an 8-byte
-    /// configuration space and state of its own.
+    /// configuration space and state of its own (a number, 7 unless restored).
     struct TestDevice {
         events: Vec<EventFd>,
         seen: Arc<Mutex<Seen>>,
         fail_activation: bool,
+        fail_save: bool,
+        state: u32,
+    }
+
+    #[derive(Debug, Error)]
+    #[error("{0}")]
+    struct TestError(&'static str);
+
+    /// A state the test device refuses.
+    const BAD_STATE: u32 = 666;
+
+    impl Persist for TestDevice {
+        type State = u32;
+        type Args = TestDevice;
+        type Error = TestError;
+        fn save(&self) -> Result<u32, TestError> {
+            match self.fail_save {
+                true => Err(TestError("cannot read its state")),
+                false => Ok(self.state),
+            }
+        }
+        fn restore(mut dev: TestDevice, state: &u32) -> Result<Self, TestError> {
+            if *state == BAD_STATE {
+                return Err(TestError("not a state it can be in"));
+            }
+            dev.seen.locked().restored = Some(*state);
+            dev.state = *state;
+            Ok(dev)
+        }
     }
 
     const TEST_FEATURE: u64 = 1 << 3;
@@ -506,19 +595,23 @@ mod tests {
         fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>> {
             None
         }
-        fn save_state(&self) -> Vec<u8> {
-            vec![7, 7]
+        fn save_state(&self) -> Result<VirtioState, VirtioStateError> {
+            self.save().map(VirtioState::Test).map_err(|e| VirtioStateError::Test(e.to_string()))
         }
-        fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
-            self.seen.locked().restored = Some(state.to_vec());
-            Ok(())
+        fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError> {
+            let VirtioState::Test(state) = state else { return Err(VirtioStateError::mismatch(state, "test")) };
+            Ok(Box::new(Self::restore(*self, state).map_err(|e| VirtioStateError::Test(e.to_string()))?))
         }
     }
 
     fn args(fail_activation: bool) -> (MmioArgs, Arc<Mutex<Seen>>, Arc<Interrupt>) {
+        test_args(fail_activation, false)
+    }
+
+    fn test_args(fail_activation: bool, fail_save: bool) -> (MmioArgs, Arc<Mutex<Seen>>, Arc<Interrupt>) {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let events = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-        let device = Box::new(TestDevice { events, seen: seen.clone(), fail_activation });
+        let device = Box::new(TestDevice { events, seen: seen.clone(), fail_activation, fail_save, state: 7 });
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
         let mailbox = Arc::new(Mailbox::create(None).unwrap());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), mailbox));
@@ -611,7 +704,7 @@ mod tests {
         // Queue configuration is frozen once the driver is done.
         write(&mut t, REG_QUEUE_SEL, 1);
         write(&mut t, REG_QUEUE_NUM, 8);
-        let saved = t.save();
+        let saved = t.save().unwrap();
         assert_eq!(saved.queues[1].size, 4);
         // A guest notification that reaches the transport goes to the queue's event.
         write(&mut t, REG_QUEUE_NOTIFY, 1);
@@ -681,7 +774,7 @@ mod tests {
                     assert_ne!(status & STATUS_FEATURES_OK, 0, "active without FEATURES_OK: {status:#x}");
                 }
             }
-            let _ = t.save();
+            assert!(t.save().is_ok());
         }
     }
 
@@ -708,20 +801,25 @@ mod tests {
         setup_queue(&mut t, 0, 16);
         setup_queue(&mut t, 1, 8);
         write(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        let saved = t.save();
-        assert_eq!((saved.device_type, saved.device.as_slice()), (42, &[7u8, 7][..]));
+        let saved = t.save().unwrap();
+        assert_eq!((saved.device_type, &saved.device), (42, &VirtioState::Test(7)));
+        // The typed state survives the snapshot's encoding unchanged.
+        let bytes = bincode::serde::encode_to_vec(&saved, bincode::config::standard()).unwrap();
+        let (decoded, _): (MmioState, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(decoded, saved);
 
         let (a, seen, _) = args(false);
-        let mut r = MmioTransport::restore(a, &saved).unwrap();
-        assert_eq!(seen.locked().restored.as_deref(), Some(&[7u8, 7][..]));
+        let mut r = MmioTransport::restore(a, &decoded).unwrap();
+        assert_eq!(seen.locked().restored, Some(7));
         // Activated when the VM starts, once; saved alike before and after.
         assert!(seen.locked().activations.is_empty(), "activated before the VM starts");
         assert_eq!(read(&mut r, REG_STATUS), read(&mut t, REG_STATUS));
-        assert_eq!(r.save().queues.len(), 2);
+        assert_eq!(r.save().unwrap(), saved);
         r.start();
         r.start();
         assert_eq!(seen.locked().activations, vec![vec![16, 8]]);
-        assert_eq!(r.save().queues.len(), 2);
+        assert_eq!(r.save().unwrap().queues.len(), 2);
 
         // A device the driver reset before the VM started stays inactive.
         let (a, seen, _) = args(false);
@@ -733,13 +831,50 @@ mod tests {
         // A snapshot of another device, or with other queues, is refused.
         let (a, _, _) = args(false);
         let other = MmioState { device_type: 19, ..saved.clone() };
-        assert!(MmioTransport::restore(a, &other).err().unwrap().to_string().contains("19"));
+        let e = MmioTransport::restore(a, &other).err().unwrap();
+        assert!(matches!(e, MmioError::OtherDevice { .. }), "{e}");
+        assert_eq!(e.to_string(), "vsock in the snapshot, virtio device 42 here");
         let (a, _, _) = args(false);
         let fewer = MmioState { queues: saved.queues[..1].to_vec(), ..saved.clone() };
-        assert!(MmioTransport::restore(a, &fewer).is_err());
+        assert!(matches!(MmioTransport::restore(a, &fewer), Err(MmioError::QueueCount { saved: 1, here: 2, .. })));
         let (a, _, _) = args(false);
         let mut broken = saved.clone();
         broken.queues[0].size = 1000;
-        assert!(MmioTransport::restore(a, &broken).is_err(), "a queue larger than its maximum");
+        let e = MmioTransport::restore(a, &broken).err().unwrap();
+        assert!(matches!(e, MmioError::Queue { index: 0, .. }), "a queue larger than its maximum: {e}");
+    }
+
+    #[test]
+    fn a_device_state_that_does_not_fit_the_device_is_refused() {
+        let (a, _, _) = args(false);
+        let saved = MmioTransport::new(a).unwrap().save().unwrap();
+        // Another kind of device's state under this device's id: refused, naming both.
+        let (a, seen, _) = args(false);
+        let other = MmioState {
+            device: VirtioState::Vsock(super::super::vsock::VsockState { connections: true }),
+            ..saved.clone()
+        };
+        let e = MmioTransport::restore(a, &other).err().unwrap();
+        assert!(
+            matches!(e, MmioError::Device { source: VirtioStateError::Mismatch { saved: "vsock", here: "test" }, .. }),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "virtio device 42: the snapshot holds vsock state for this test device");
+        assert_eq!(seen.locked().restored, None);
+        // A state of the right kind that the device refuses.
+        let (a, _, _) = args(false);
+        let bad = MmioState { device: VirtioState::Test(BAD_STATE), ..saved };
+        let e = MmioTransport::restore(a, &bad).err().unwrap();
+        assert!(matches!(e, MmioError::Device { source: VirtioStateError::Test(_), .. }), "{e}");
+    }
+
+    #[test]
+    fn a_device_that_cannot_be_saved_fails_the_save() {
+        let (a, _, _) = test_args(false, true);
+        let mut t = MmioTransport::new(a).unwrap();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        let e = t.save().err().unwrap();
+        assert!(matches!(e, MmioError::Device { kind: DeviceKind(42), source: VirtioStateError::Test(_) }), "{e}");
+        assert_eq!(e.to_string(), "virtio device 42: test device: cannot read its state");
     }
 }

@@ -3,9 +3,10 @@
 //! guest's queue notifications arrive on ioeventfds (no exit to ember) and interrupts go in
 //! through irqfds.
 //!
-//! A device is a folder here (`vsock/`, `net/`): its front end implements [`VirtioDevice`], its own
-//! snapshot state (if any) travels through `save_state` / `restore_state`, and it is assembled
-//! with one line in `vmm::devices`.
+//! A device is a folder here (`vsock/`, `net/`): its front end implements [`VirtioDevice`] and
+//! [`Persist`](super::Persist) (its own typed snapshot state and error), its state is one variant
+//! of [`VirtioState`] (which `save_state` / `restore_state` carry through the transport), and it
+//! is assembled with one line in `vmm::devices`.
 
 pub mod block;
 pub mod mmio;
@@ -17,6 +18,8 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,15 +61,93 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) {}
     /// The live queues' state, while the device runs.
     fn queue_snapshots(&self) -> Option<Vec<QueueSnapshot>>;
-    /// The device's own state for a snapshot, beyond the transport's negotiation and queues
-    /// (empty for a device that has none).
-    fn save_state(&self) -> Vec<u8> {
-        Vec::new()
+    /// The device's own state for a snapshot, beyond the transport's negotiation and queues: its
+    /// [`Persist::save`](super::Persist::save), in its variant. An error fails the snapshot.
+    fn save_state(&self) -> Result<VirtioState, VirtioStateError>;
+    /// The device (as made for the new VM) given its own state back from a snapshot, before the
+    /// transport activates it again: its [`Persist::restore`](super::Persist::restore). A state of
+    /// another kind of device is refused. Called on every restored device: one whose host side
+    /// does not survive a restore (vsock's connections) prepares to tell the guest.
+    fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError>;
+}
+
+/// A virtio device's own state in a snapshot: one variant per kind of device, each the device's
+/// [`Persist::State`](super::Persist::State).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Vsock(vsock::VsockState),
+    /// A device with no state of its own (the transport's stand-in device, [`mmio::drive_registers`]).
+    Stateless,
+    /// The transport's unit-test device.
+    #[cfg(test)]
+    Test(u32),
+}
+
+impl VirtioState {
+    /// The kind of device the state is of, in words.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Block(_) => BLOCK,
+            Self::Net(_) => NET,
+            Self::Vsock(_) => VSOCK,
+            Self::Stateless => "stateless",
+            #[cfg(test)]
+            Self::Test(_) => "test",
+        }
     }
-    /// Takes back the device's own state from a snapshot, before the transport activates it
-    /// again. Called on every restored device: one whose host side does not survive a restore
-    /// (vsock's connections) prepares to tell the guest.
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError>;
+}
+
+const BLOCK: &str = "virtio-blk";
+const NET: &str = "virtio-net";
+const VSOCK: &str = "vsock";
+
+/// A virtio device id, shown as the kind of device it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceKind(pub u32);
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            block::BLOCK_DEVICE_ID => f.write_str(BLOCK),
+            net::NET_DEVICE_ID => f.write_str(NET),
+            vsock::VSOCK_DEVICE_ID => f.write_str(VSOCK),
+            other => write!(f, "virtio device {other}"),
+        }
+    }
+}
+
+/// Why a virtio device's own state could not be saved or restored: the device's own error, or a
+/// state of another kind of device.
+#[derive(Debug, Error)]
+pub enum VirtioStateError {
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error(transparent)]
+    Vsock(#[from] vsock::VsockError),
+    /// The snapshot holds another kind of device's state.
+    #[error("the snapshot holds {saved} state for this {here} device")]
+    Mismatch { saved: &'static str, here: &'static str },
+    /// The transport's unit-test device failed.
+    #[cfg(test)]
+    #[error("test device: {0}")]
+    Test(String),
+}
+
+impl VirtioStateError {
+    /// `state` is not the state of a `here` device.
+    pub fn mismatch(state: &VirtioState, here: &'static str) -> Self {
+        Self::Mismatch { saved: state.kind(), here }
+    }
+}
+
+impl From<std::convert::Infallible> for VirtioStateError {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
 }
 
 /// Interrupt status bits (virtio-mmio InterruptStatus).
@@ -105,7 +186,7 @@ impl Interrupt {
 }
 
 /// Queue state as saved in a snapshot (virtio-queue's `QueueState`, which has no serde).
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
     pub max_size: u16,
     pub size: u16,
@@ -135,7 +216,7 @@ impl QueueSnapshot {
     }
 
     /// The queue, checked by virtio-queue (a snapshot is input like any other).
-    pub fn queue(&self) -> Result<virtio_queue::Queue, DeviceError> {
+    pub fn queue(&self) -> Result<virtio_queue::Queue, virtio_queue::Error> {
         let s = virtio_queue::QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
@@ -147,6 +228,45 @@ impl QueueSnapshot {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        virtio_queue::Queue::try_from(s).map_err(|e| DeviceError::BadState(format!("virtio queue: {e:?}")))
+        virtio_queue::Queue::try_from(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_kinds_are_named() {
+        let names: Vec<String> = [2, 1, 19, 42].map(|t| DeviceKind(t).to_string()).into();
+        assert_eq!(names, ["virtio-blk", "virtio-net", "vsock", "virtio device 42"]);
+        let vsock = VirtioState::Vsock(vsock::VsockState { connections: true });
+        assert_eq!((vsock.kind(), VirtioState::Stateless.kind()), ("vsock", "stateless"));
+    }
+
+    #[test]
+    fn every_kind_of_state_round_trips_and_garbage_is_refused_without_a_panic() {
+        let states = [
+            VirtioState::Block(block::BlockState {
+                drive_id: "rootfs".into(),
+                read_only: false,
+                identity: block::DriveIdentity { dev: 1, ino: 2, size: 4096, mtime_ns: -5 },
+            }),
+            VirtioState::Net(net::NetState { iface_id: "eth0".into(), mac: [2, 0xee, 0, 0, 0, 2] }),
+            VirtioState::Vsock(vsock::VsockState { connections: true }),
+            VirtioState::Stateless,
+        ];
+        let config = bincode::config::standard();
+        for s in &states {
+            let bytes = bincode::serde::encode_to_vec(s, config).unwrap();
+            let (back, used): (VirtioState, _) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+            assert_eq!((&back, used), (s, bytes.len()));
+        }
+        // A variant that does not exist, and random bytes: errors.
+        assert!(bincode::serde::decode_from_slice::<VirtioState, _>(&[200], config).is_err());
+        let mut rng = crate::sys::TestRng::new(11);
+        for _ in 0..2000 {
+            let _ = bincode::serde::decode_from_slice::<VirtioState, _>(&rng.bytes(32), config.with_limit::<4096>());
+        }
     }
 }

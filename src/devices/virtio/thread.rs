@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,37 +26,38 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub trait DeviceWorker {
     /// What activation hands the thread (guest memory, the queues, the interrupt, ...).
     type Activation: Send;
+    /// What the thread knows of the device's own state when it pauses (`()` for a device whose
+    /// thread keeps none).
+    type Saved: Send;
     fn activate(&mut self, a: Self::Activation);
     /// The driver reset the device: drop the queues and whatever depended on them.
     fn deactivate(&mut self);
-    /// The device's own state for a snapshot, taken as the thread pauses (empty for a device
-    /// that keeps none).
-    fn saved(&self) -> Vec<u8> {
-        Vec::new()
-    }
+    /// The device's own state for a snapshot, taken as the thread pauses.
+    fn saved(&self) -> Self::Saved;
 }
 
-enum Command<A> {
+enum Command<A, S> {
     Activate(A),
     Deactivate,
     /// Stop touching the queues and guest memory until `Resume`; the thread answers once it has,
     /// with the device's own state ([`DeviceWorker::saved`]).
-    Pause(Sender<Vec<u8>>),
+    Pause(Sender<S>),
     Resume,
     Stop,
 }
 
-/// The front end's side: sends commands and wakes the thread.
-pub struct DeviceThread<A> {
+/// The front end's side: sends commands and wakes the thread. `S`: what the thread answers a
+/// pause with ([`DeviceWorker::Saved`]).
+pub struct DeviceThread<A, S = ()> {
     name: &'static str,
-    tx: Sender<Command<A>>,
+    tx: Sender<Command<A, S>>,
     evt: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 /// The thread's side: the command eventfd (for its epoll set) and the commands behind it.
-pub struct Commands<A> {
-    rx: Receiver<Command<A>>,
+pub struct Commands<A, S = ()> {
+    rx: Receiver<Command<A, S>>,
     evt: EventFd,
 }
 
@@ -149,13 +151,13 @@ fn spawn_confined(
     })
 }
 
-impl<A: Send + 'static> DeviceThread<A> {
+impl<A: Send + 'static, S: Send + 'static> DeviceThread<A, S> {
     /// Starts thread `name` (from `threads`) running `body` with the commands it must serve. The
     /// thread is started with the device (before any vCPU runs and is confined).
     pub fn spawn(
         name: &'static str,
         threads: &Threads,
-        body: impl FnOnce(Commands<A>) + Send + 'static,
+        body: impl FnOnce(Commands<A, S>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let evt = EventFd::new(libc::EFD_NONBLOCK)?;
         let (tx, rx) = channel();
@@ -164,7 +166,7 @@ impl<A: Send + 'static> DeviceThread<A> {
         Ok(Self { name, tx, evt, thread: Some(thread) })
     }
 
-    fn send(&self, c: Command<A>) {
+    fn send(&self, c: Command<A, S>) {
         if self.tx.send(c).is_ok() {
             let _ = self.evt.write(1);
         }
@@ -181,7 +183,7 @@ impl<A: Send + 'static> DeviceThread<A> {
     /// Returns once the thread has stopped touching the queues and guest memory, with the
     /// device's own state as the thread had it then; `None` after a second, with a warning (a
     /// thread that does not answer is stuck, not busy).
-    pub fn pause(&self) -> Option<Vec<u8>> {
+    pub fn pause(&self) -> Option<S> {
         let (tx, rx) = channel();
         self.send(Command::Pause(tx));
         let saved = rx.recv_timeout(PAUSE_TIMEOUT).ok();
@@ -199,15 +201,34 @@ impl<A: Send + 'static> DeviceThread<A> {
 /// A device front end's share of the thread protocol: the queues it handed to its thread (kept
 /// for snapshots), the device's own state as its thread last paused, and the thread. The
 /// `VirtioDevice` methods of every threaded device are these.
-pub struct QueueFront<A> {
+pub struct QueueFront<A, S = ()> {
     queues: Option<Arc<Mutex<Vec<Queue>>>>,
-    paused: Option<Vec<u8>>,
-    thread: DeviceThread<A>,
+    paused: Paused<S>,
+    thread: DeviceThread<A, S>,
 }
 
-impl<A: Send + 'static> QueueFront<A> {
-    pub fn new(thread: DeviceThread<A>) -> Self {
-        Self { queues: None, paused: None, thread }
+/// Where a device's thread stands in the pause protocol, as its front end last heard.
+enum Paused<S> {
+    /// Not paused (or resumed since).
+    Running,
+    /// Asked to pause, it did not answer in time.
+    Stuck,
+    /// Paused, with the device's own state as the thread had it.
+    Saved(S),
+}
+
+/// Why a threaded device has no paused state to save.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum NotPaused {
+    #[error("the device is running (it was not paused before the save)")]
+    Running,
+    #[error("the device thread did not pause in time")]
+    Stuck,
+}
+
+impl<A: Send + 'static, S: Send + 'static> QueueFront<A, S> {
+    pub fn new(thread: DeviceThread<A, S>) -> Self {
+        Self { queues: None, paused: Paused::Running, thread }
     }
 
     /// Hands the driver's `queues` (exactly `count` of them, or the device is not activated) to
@@ -235,18 +256,30 @@ impl<A: Send + 'static> QueueFront<A> {
     }
 
     pub fn pause(&mut self) {
-        self.paused = self.thread.pause();
+        self.paused = match self.thread.pause() {
+            Some(s) => Paused::Saved(s),
+            None => Paused::Stuck,
+        };
     }
 
     pub fn resume(&mut self) {
-        self.paused = None;
+        self.paused = Paused::Running;
         self.thread.resume();
     }
 
-    /// The device's own state as its thread had it when it paused: `None` while it runs, or
+    /// Whether the driver activated the device (and has not reset it since).
+    pub fn is_active(&self) -> bool {
+        self.queues.is_some()
+    }
+
+    /// The device's own state as its thread had it when it paused; an error while it runs, or
     /// when it did not answer.
-    pub fn paused_state(&self) -> Option<&[u8]> {
-        self.paused.as_deref()
+    pub fn paused_state(&self) -> Result<&S, NotPaused> {
+        match &self.paused {
+            Paused::Saved(s) => Ok(s),
+            Paused::Running => Err(NotPaused::Running),
+            Paused::Stuck => Err(NotPaused::Stuck),
+        }
     }
 
     /// The queues' state for a snapshot (none before activation).
@@ -256,7 +289,7 @@ impl<A: Send + 'static> QueueFront<A> {
     }
 }
 
-impl<A> Drop for DeviceThread<A> {
+impl<A, S> Drop for DeviceThread<A, S> {
     fn drop(&mut self) {
         if self.tx.send(Command::Stop).is_ok() {
             let _ = self.evt.write(1);
@@ -267,7 +300,7 @@ impl<A> Drop for DeviceThread<A> {
     }
 }
 
-impl<A> Commands<A> {
+impl<A, S> Commands<A, S> {
     /// The eventfd that becomes readable when a command waits.
     pub fn fd(&self) -> RawFd {
         self.evt.as_raw_fd()
@@ -281,7 +314,7 @@ impl<A> Commands<A> {
 
     /// Carries out every waiting command; false when the thread must stop. A pause holds here
     /// until the front end resumes (or stops) the device.
-    pub fn serve<W: DeviceWorker<Activation = A>>(&self, w: &mut W) -> bool {
+    pub fn serve<W: DeviceWorker<Activation = A, Saved = S>>(&self, w: &mut W) -> bool {
         let _ = self.evt.read();
         while let Ok(c) = self.rx.try_recv() {
             if !self.command(w, c) {
@@ -291,7 +324,7 @@ impl<A> Commands<A> {
         true
     }
 
-    fn command<W: DeviceWorker<Activation = A>>(&self, w: &mut W, c: Command<A>) -> bool {
+    fn command<W: DeviceWorker<Activation = A, Saved = S>>(&self, w: &mut W, c: Command<A, S>) -> bool {
         match c {
             Command::Stop => return false,
             Command::Deactivate => w.deactivate(),
@@ -308,7 +341,7 @@ impl<A> Commands<A> {
     /// Paused (the VM is being saved): the thread touches neither the queues nor guest memory
     /// until it is resumed; `ack` says it has stopped, with the device's own state. False when the
     /// thread must stop.
-    fn hold<W: DeviceWorker<Activation = A>>(&self, w: &mut W, ack: Sender<Vec<u8>>) -> bool {
+    fn hold<W: DeviceWorker<Activation = A, Saved = S>>(&self, w: &mut W, ack: Sender<S>) -> bool {
         let _ = ack.send(w.saved());
         loop {
             match self.rx.recv() {
@@ -352,6 +385,7 @@ mod tests {
 
     impl DeviceWorker for Counter {
         type Activation = u32;
+        type Saved = u32;
         fn activate(&mut self, a: u32) {
             self.active = Some(a);
             self.seen.fetch_add(a as usize, Ordering::SeqCst);
@@ -359,8 +393,8 @@ mod tests {
         fn deactivate(&mut self) {
             self.active = None;
         }
-        fn saved(&self) -> Vec<u8> {
-            self.active.unwrap_or(0).to_le_bytes().to_vec()
+        fn saved(&self) -> u32 {
+            self.active.unwrap_or(0)
         }
     }
 
@@ -445,7 +479,7 @@ mod tests {
     fn commands_reach_the_thread_and_drop_stops_it() {
         let seen = Arc::new(AtomicUsize::new(0));
         let s = seen.clone();
-        let t = DeviceThread::spawn("test-device", &Threads::new(None), move |commands: Commands<u32>| {
+        let t = DeviceThread::spawn("test-device", &Threads::new(None), move |commands: Commands<u32, u32>| {
             let mut w = Counter { active: None, seen: s };
             let epoll = Epoll::new().unwrap();
             commands.watch(&epoll, 1).unwrap();
@@ -460,13 +494,46 @@ mod tests {
         .unwrap();
         t.activate(5);
         // The pause answers with the device's state as the thread has it.
-        assert_eq!(t.pause(), Some(5u32.to_le_bytes().to_vec()));
+        assert_eq!(t.pause(), Some(5));
         // Paused: an activation waits behind the hold, and is carried out by it.
         t.activate(7);
-        assert_eq!(t.pause(), Some(7u32.to_le_bytes().to_vec()));
+        assert_eq!(t.pause(), Some(7));
         t.resume();
         t.deactivate();
         drop(t);
         assert_eq!(seen.load(Ordering::SeqCst), 12);
+    }
+
+    #[test]
+    fn a_front_has_a_paused_state_only_once_its_thread_answered_the_pause() {
+        let serve = |commands: Commands<u32, u32>| {
+            let mut w = Counter::default();
+            let epoll = Epoll::new().unwrap();
+            commands.watch(&epoll, 1).unwrap();
+            let mut events = [EpollEvent::default(); 4];
+            loop {
+                wait(&epoll, &mut events, "test-device").unwrap();
+                if !commands.serve(&mut w) {
+                    return;
+                }
+            }
+        };
+        let mut front = QueueFront::new(DeviceThread::spawn("test-device", &Threads::new(None), serve).unwrap());
+        assert!(!front.is_active());
+        front.activate("test", 0, Vec::new(), |_| 3).unwrap();
+        assert!(front.is_active());
+        assert_eq!(front.paused_state(), Err(NotPaused::Running));
+        front.pause();
+        assert_eq!(front.paused_state(), Ok(&3));
+        front.resume();
+        assert_eq!(front.paused_state(), Err(NotPaused::Running));
+        front.reset();
+        assert!(!front.is_active());
+
+        // A thread that does not answer (here: gone): stuck, not a state made up for it.
+        let gone = |_: Commands<u32, u32>| {};
+        let mut front = QueueFront::new(DeviceThread::spawn("test-device", &Threads::new(None), gone).unwrap());
+        front.pause();
+        assert_eq!(front.paused_state(), Err(NotPaused::Stuck));
     }
 }

@@ -6,9 +6,9 @@
 //! [`request`] with every field checked; a malformed chain goes back to the guest unused. At most
 //! [`REQUEST_BUDGET`] requests are served per wakeup, so one guest's queue never holds the thread.
 //!
-//! A snapshot keeps the drive's identity (device, inode, size, modification time): a restore
-//! whose file changed or vanished since is refused, so a clone never reads a disk that differs
-//! from its template's.
+//! A snapshot keeps the drive's id, mode and identity (device, inode, size, modification time:
+//! [`BlockState`]): a restore whose file changed or vanished since is refused ([`BlockError`]), so
+//! a clone never reads a disk that differs from its template's.
 
 pub mod request;
 
@@ -19,14 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Threads};
-use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use super::{
+    Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, BLOCK, INT_USED_RING, VIRTIO_F_VERSION_1,
+};
 use crate::config::DriveConfig;
-use crate::devices::DeviceError;
+use crate::devices::{DeviceError, Persist};
 use crate::memory::GuestMemory;
 use crate::sys::Locked;
 use request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SIZE, SECTOR_SIZE};
@@ -78,12 +81,25 @@ impl DriveIdentity {
     }
 }
 
-/// The device's own snapshot state.
-#[derive(Debug, Serialize, Deserialize)]
-struct BlockState {
-    drive_id: String,
-    read_only: bool,
-    identity: DriveIdentity,
+/// The device's own snapshot state: which drive it served, how, and its file's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub drive_id: String,
+    pub read_only: bool,
+    pub identity: DriveIdentity,
+}
+
+/// Why a snapshot's block state does not fit this device (saving it cannot fail).
+#[derive(Debug, Error)]
+pub enum BlockError {
+    /// The snapshot's drive is another one, or was served in another mode.
+    #[error(
+        "drive {saved:?} (read-only: {saved_read_only}) in the snapshot, {here:?} (read-only: {here_read_only}) here"
+    )]
+    OtherDrive { saved: String, saved_read_only: bool, here: String, here_read_only: bool },
+    /// The drive's file is not the one the snapshot was taken with.
+    #[error("drive {drive:?} ({}) changed since the snapshot: {why}", path.display())]
+    Changed { drive: String, path: PathBuf, why: String },
 }
 
 /// What activation hands the device thread.
@@ -203,31 +219,42 @@ impl VirtioDevice for Block {
         self.front.queue_snapshots()
     }
 
-    fn save_state(&self) -> Vec<u8> {
-        let state =
-            BlockState { drive_id: self.drive_id.clone(), read_only: self.read_only, identity: self.identity.clone() };
-        bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap_or_default()
+    fn save_state(&self) -> Result<VirtioState, VirtioStateError> {
+        Ok(VirtioState::Block(self.save()?))
+    }
+
+    fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError> {
+        let VirtioState::Block(state) = state else { return Err(VirtioStateError::mismatch(state, BLOCK)) };
+        Ok(Box::new(Self::restore(*self, state)?))
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    /// The device as made for the new VM's drive ([`Block::new`]: its file open, its thread
+    /// started), which the state is checked against.
+    type Args = Block;
+    type Error = BlockError;
+
+    /// The drive's id, mode and its file's identity as the device opened it.
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(BlockState { drive_id: self.drive_id.clone(), read_only: self.read_only, identity: self.identity.clone() })
     }
 
     /// Refuses a snapshot of another drive, or of this drive's file before it changed.
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
-        let (saved, _): (BlockState, _) =
-            bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<4096>())
-                .map_err(|e| DeviceError::BadState(format!("virtio-blk: {e}")))?;
-        if saved.drive_id != self.drive_id || saved.read_only != self.read_only {
-            return Err(DeviceError::BadState(format!(
-                "drive {:?} (read-only: {}) in the snapshot, {:?} (read-only: {}) here",
-                saved.drive_id, saved.read_only, self.drive_id, self.read_only
-            )));
+    fn restore(dev: Block, saved: &BlockState) -> Result<Self, BlockError> {
+        if saved.drive_id != dev.drive_id || saved.read_only != dev.read_only {
+            return Err(BlockError::OtherDrive {
+                saved: saved.drive_id.clone(),
+                saved_read_only: saved.read_only,
+                here: dev.drive_id.clone(),
+                here_read_only: dev.read_only,
+            });
         }
-        if let Some(why) = saved.identity.difference(&self.identity) {
-            return Err(DeviceError::DriveChanged(format!(
-                "drive {:?} ({}) changed since the snapshot: {why}",
-                self.drive_id,
-                self.path.display()
-            )));
+        if let Some(why) = saved.identity.difference(&dev.identity) {
+            return Err(BlockError::Changed { drive: dev.drive_id.clone(), path: dev.path.clone(), why });
         }
-        Ok(())
+        Ok(dev)
     }
 }
 
@@ -252,6 +279,7 @@ struct Worker {
 
 impl DeviceWorker for Worker {
     type Activation = Activation;
+    type Saved = ();
 
     fn activate(&mut self, a: Activation) {
         self.active = Some(Active { mem: a.mem, queues: a.queues, interrupt: a.interrupt });
@@ -262,6 +290,9 @@ impl DeviceWorker for Worker {
     fn deactivate(&mut self) {
         self.active = None;
     }
+
+    /// The thread keeps none of the device's state.
+    fn saved(&self) {}
 }
 
 impl Worker {
@@ -340,37 +371,74 @@ mod tests {
         assert_eq!(rw.features() & F_RO, 0);
     }
 
+    fn new(cfg: &DriveConfig) -> Block {
+        Block::new(cfg, &Threads::new(None)).unwrap()
+    }
+
+    #[test]
+    fn the_typed_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = drive(dir.path(), true);
+        let dev = new(&cfg);
+        let state = dev.save().unwrap();
+        assert_eq!((state.drive_id.as_str(), state.read_only, state.identity.size), ("layer-0", true, 8192 + 100));
+        // Through the snapshot's encoding, and through the transport's side of the device.
+        let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
+        let (decoded, _): (BlockState, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(decoded, state);
+        assert_eq!(dev.save_state().unwrap(), VirtioState::Block(state.clone()));
+        let restored = Block::restore(new(&cfg), &decoded).unwrap();
+        assert_eq!(restored.save().unwrap(), state);
+        let boxed: Box<dyn VirtioDevice> = Box::new(new(&cfg));
+        let restored = boxed.restore_state(&VirtioState::Block(state.clone())).unwrap();
+        assert_eq!(restored.save_state().unwrap(), VirtioState::Block(state));
+    }
+
+    #[test]
+    fn another_kind_of_devices_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = drive(dir.path(), true);
+        for state in [
+            VirtioState::Vsock(crate::devices::virtio::vsock::VsockState { connections: false }),
+            VirtioState::Stateless,
+        ] {
+            let boxed: Box<dyn VirtioDevice> = Box::new(new(&cfg));
+            let e = boxed.restore_state(&state).err().unwrap();
+            assert!(matches!(e, VirtioStateError::Mismatch { here: "virtio-blk", .. }), "{e}");
+            assert!(e.to_string().contains(state.kind()), "{e}");
+        }
+    }
+
     #[test]
     fn a_snapshot_restores_only_onto_the_unchanged_file() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = drive(dir.path(), true);
-        let state = Block::new(&cfg, &Threads::new(None)).unwrap().save_state();
-        Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap();
+        let state = new(&cfg).save().unwrap();
+        Block::restore(new(&cfg), &state).unwrap();
 
         // Another drive id, or read-write instead of read-only: refused.
         let other = DriveConfig { drive_id: "layer-1".into(), ..cfg.clone() };
-        assert!(Block::new(&other, &Threads::new(None)).unwrap().restore_state(&state).is_err());
+        let e = Block::restore(new(&other), &state).err().unwrap();
+        assert!(matches!(e, BlockError::OtherDrive { .. }), "{e}");
         let rw = DriveConfig { is_read_only: false, ..cfg.clone() };
-        assert!(Block::new(&rw, &Threads::new(None)).unwrap().restore_state(&state).is_err());
+        assert!(matches!(Block::restore(new(&rw), &state), Err(BlockError::OtherDrive { .. })));
 
         // The file grew: refused, with what changed.
         std::fs::OpenOptions::new().append(true).open(&cfg.path_on_host).unwrap().set_len(9000).unwrap();
-        let e = Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap_err().to_string();
+        let e = Block::restore(new(&cfg), &state).err().unwrap().to_string();
         assert!(e.contains("changed since the snapshot") && e.contains("size"), "{e}");
 
         // Replaced by another file of the same size: refused.
-        let state = Block::new(&cfg, &Threads::new(None)).unwrap().save_state();
+        let state = new(&cfg).save().unwrap();
         let copy = dir.path().join("copy.img");
         std::fs::copy(&cfg.path_on_host, &copy).unwrap();
         std::fs::rename(&copy, &cfg.path_on_host).unwrap();
-        let e = Block::new(&cfg, &Threads::new(None)).unwrap().restore_state(&state).unwrap_err().to_string();
+        let e = Block::restore(new(&cfg), &state).err().unwrap().to_string();
         assert!(e.contains("replaced"), "{e}");
 
         // Gone: the device cannot be created.
         std::fs::remove_file(&cfg.path_on_host).unwrap();
         assert!(Block::new(&cfg, &Threads::new(None)).is_err());
-
-        // Garbage state: refused, no panic.
-        assert!(Block::new(&drive(dir.path(), true), &Threads::new(None)).unwrap().restore_state(&[0xff; 64]).is_err());
     }
 }

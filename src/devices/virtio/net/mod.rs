@@ -12,8 +12,9 @@
 //! until it posts some: the host kernel's queue, not ember, absorbs or drops the rest), and two
 //! frame buffers per device. A malformed chain is returned to the guest unused.
 //!
-//! A snapshot keeps the interface's id and MAC with the queues; a clone gets the TAP its restorer
-//! hands it (`ember serve`: one prepared in the clone's own network namespace).
+//! A snapshot keeps the interface's id and MAC with the queues ([`NetState`]; a restore onto
+//! another interface is refused, [`NetError`]); a clone gets the TAP its restorer hands it
+//! (`ember serve`: one prepared in the clone's own network namespace).
 
 pub mod frames;
 pub mod tap;
@@ -22,13 +23,16 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Threads};
-use super::{Interrupt, QueueSnapshot, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
-use crate::devices::DeviceError;
+use super::{
+    Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, INT_USED_RING, NET, VIRTIO_F_VERSION_1,
+};
+use crate::devices::{DeviceError, Persist};
 use crate::memory::GuestMemory;
 use crate::sys::Locked;
 pub use tap::Tap;
@@ -52,11 +56,20 @@ const TOKEN_RXQ: u64 = 2;
 const TOKEN_TXQ: u64 = 3;
 const TOKEN_TAP: u64 = 4;
 
-/// The device's own snapshot state.
-#[derive(Debug, Serialize, Deserialize)]
-struct NetState {
-    iface_id: String,
-    mac: [u8; 6],
+/// The device's own snapshot state: which interface it was, with which MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub iface_id: String,
+    pub mac: [u8; 6],
+}
+
+/// Why a snapshot's network state does not fit this device (saving it cannot fail).
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// The snapshot's interface is another one, or had another MAC: a clone's guest keeps the MAC
+    /// it booted with.
+    #[error("network interface {saved:?} ({}) in the snapshot, {here:?} ({}) here", tap::format_mac(.saved_mac), tap::format_mac(.here_mac))]
+    OtherInterface { saved: String, saved_mac: [u8; 6], here: String, here_mac: [u8; 6] },
 }
 
 /// What activation hands the device thread.
@@ -158,26 +171,38 @@ impl VirtioDevice for Net {
         self.front.queue_snapshots()
     }
 
-    fn save_state(&self) -> Vec<u8> {
-        let state = NetState { iface_id: self.iface_id.clone(), mac: self.mac };
-        bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap_or_default()
+    fn save_state(&self) -> Result<VirtioState, VirtioStateError> {
+        Ok(VirtioState::Net(self.save()?))
+    }
+
+    fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError> {
+        let VirtioState::Net(state) = state else { return Err(VirtioStateError::mismatch(state, NET)) };
+        Ok(Box::new(Self::restore(*self, state)?))
+    }
+}
+
+impl Persist for Net {
+    type State = NetState;
+    /// The device as made for the new VM's interface ([`Net::new`]: its TAP open, its thread
+    /// started), which the state is checked against.
+    type Args = Net;
+    type Error = NetError;
+
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(NetState { iface_id: self.iface_id.clone(), mac: self.mac })
     }
 
     /// Refuses a snapshot of another interface: a clone's guest keeps the MAC it booted with.
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
-        let (saved, _): (NetState, _) =
-            bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<4096>())
-                .map_err(|e| DeviceError::BadState(format!("virtio-net: {e}")))?;
-        if saved.iface_id != self.iface_id || saved.mac != self.mac {
-            return Err(DeviceError::BadState(format!(
-                "network interface {:?} ({}) in the snapshot, {:?} ({}) here",
-                saved.iface_id,
-                tap::format_mac(&saved.mac),
-                self.iface_id,
-                tap::format_mac(&self.mac)
-            )));
+    fn restore(dev: Net, saved: &NetState) -> Result<Self, NetError> {
+        if saved.iface_id != dev.iface_id || saved.mac != dev.mac {
+            return Err(NetError::OtherInterface {
+                saved: saved.iface_id.clone(),
+                saved_mac: saved.mac,
+                here: dev.iface_id.clone(),
+                here_mac: dev.mac,
+            });
         }
-        Ok(())
+        Ok(dev)
     }
 }
 
@@ -206,6 +231,7 @@ struct Worker {
 
 impl DeviceWorker for Worker {
     type Activation = Activation;
+    type Saved = ();
 
     fn activate(&mut self, a: Activation) {
         let mut offload = 0;
@@ -230,6 +256,9 @@ impl DeviceWorker for Worker {
         self.rx.clear();
         self.watch_tap(false);
     }
+
+    /// The thread keeps none of the device's state.
+    fn saved(&self) {}
 }
 
 impl Worker {
@@ -367,5 +396,50 @@ impl Worker {
             a.interrupt.trigger(INT_USED_RING);
         }
         Some((served, starved))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [2, 0xee, 0, 0, 0, 7];
+
+    /// A device over a stand-in TAP (never activated, so never read or written).
+    fn net(iface: &str, mac: [u8; 6]) -> Net {
+        let fd = std::fs::File::open("/dev/null").unwrap();
+        Net::new(iface, mac, Tap::unchecked(fd.into()), &Threads::new(None)).unwrap()
+    }
+
+    #[test]
+    fn the_typed_state_round_trips() {
+        let state = net("eth0", MAC).save().unwrap();
+        assert_eq!(state, NetState { iface_id: "eth0".into(), mac: MAC });
+        let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
+        let (decoded, _): (NetState, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(decoded, state);
+        assert_eq!(Net::restore(net("eth0", MAC), &decoded).unwrap().save().unwrap(), state);
+        let boxed: Box<dyn VirtioDevice> = Box::new(net("eth0", MAC));
+        let restored = boxed.restore_state(&VirtioState::Net(state.clone())).unwrap();
+        assert_eq!(restored.save_state().unwrap(), VirtioState::Net(state));
+    }
+
+    #[test]
+    fn another_interface_or_another_kind_of_devices_state_is_refused() {
+        let state = net("eth0", MAC).save().unwrap();
+        for (iface, mac) in [("eth1", MAC), ("eth0", [2, 0xee, 0, 0, 0, 8])] {
+            let e = Net::restore(net(iface, mac), &state).err().unwrap();
+            assert!(matches!(e, NetError::OtherInterface { .. }), "{e}");
+            assert!(e.to_string().contains("02:ee:00:00:00:07"), "{e}");
+        }
+        let boxed: Box<dyn VirtioDevice> = Box::new(net("eth0", MAC));
+        let block = crate::devices::virtio::block::BlockState {
+            drive_id: "eth0".into(),
+            read_only: true,
+            identity: crate::devices::virtio::block::DriveIdentity { dev: 1, ino: 2, size: 3, mtime_ns: 4 },
+        };
+        let e = boxed.restore_state(&VirtioState::Block(block)).err().unwrap();
+        assert!(matches!(e, VirtioStateError::Mismatch { saved: "virtio-blk", here: "virtio-net" }), "{e}");
     }
 }

@@ -93,6 +93,13 @@ impl Tap {
         Ok(Self { fd })
     }
 
+    /// Any descriptor, unchecked, standing in for a TAP: for unit tests of a device that is never
+    /// activated (its thread never touches the descriptor).
+    #[cfg(test)]
+    pub(crate) fn unchecked(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
     /// The interface's name.
     pub fn name(&self) -> io::Result<String> {
         let mut req = IfReq { name: [0; IFNAMSIZ], flags: 0, _pad: [0; 22] };

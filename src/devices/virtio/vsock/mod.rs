@@ -12,7 +12,9 @@
 //! directions. After a restore of a snapshot taken while the guest held connections, the device
 //! sends the guest a transport reset: those connections are reset (their host sides are gone) and
 //! new ones work. A snapshot with none (a template at its ready point) restores without one, so a
-//! clone does not begin by handling an interrupt.
+//! clone does not begin by handling an interrupt. Which it is ([`VsockState`]) is what the
+//! device's thread saw when it paused; a running device's thread that did not pause cannot say,
+//! and its save fails ([`VsockError`]) rather than guess.
 //!
 //! The device is four parts: this front end (what the transport sees), the `worker` thread that
 //! serves the queues and host sockets, the connections' state (`conn`) and the TX packet parser
@@ -25,14 +27,15 @@ mod worker;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::net::UnixListener;
 
-use super::thread::{DeviceThread, QueueFront, Threads};
-use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::DeviceError;
+use super::thread::{DeviceThread, NotPaused, QueueFront, Threads};
+use super::{Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, VIRTIO_F_VERSION_1, VSOCK};
+use crate::devices::{DeviceError, Persist};
 use crate::memory::GuestMemory;
 pub use worker::drive_packets;
 use worker::Worker;
@@ -72,27 +75,24 @@ pub struct Vsock {
     queue_events: Vec<EventFd>,
     /// A restored device tells the guest to reset its connections when it starts.
     reset_on_start: bool,
-    front: QueueFront<Activation>,
+    front: QueueFront<Activation, VsockState>,
 }
 
 /// vsock's own state in a snapshot.
-#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct VsockState {
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
     /// The guest may hold connections (or a reset is still owed to it): a restored device tells
     /// the guest to reset them.
-    connections: bool,
+    pub connections: bool,
 }
 
-impl VsockState {
-    fn encode(&self) -> Vec<u8> {
-        bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
-    }
-
-    fn decode(state: &[u8]) -> Result<Self, DeviceError> {
-        bincode::serde::decode_from_slice(state, bincode::config::standard().with_limit::<64>())
-            .map(|(s, _)| s)
-            .map_err(|e| DeviceError::BadState(format!("virtio-vsock: {e}")))
-    }
+/// Why vsock's state could not be saved (any saved state restores).
+#[derive(Debug, Error)]
+pub enum VsockError {
+    /// The device runs and its thread has not told what it holds: it was not paused, or did not
+    /// answer the pause in time.
+    #[error("cannot tell whether the guest holds connections: {0}")]
+    NotPaused(#[from] NotPaused),
 }
 
 /// What activation hands the worker thread.
@@ -200,27 +200,45 @@ impl VirtioDevice for Vsock {
         self.front.resume();
     }
 
-    /// Whether the guest may hold connections, as the device's thread saw it when it paused
-    /// (empty when it did not answer: the restored device then resets).
-    fn save_state(&self) -> Vec<u8> {
-        self.front.paused_state().map(<[u8]>::to_vec).unwrap_or_default()
+    fn save_state(&self) -> Result<VirtioState, VirtioStateError> {
+        Ok(VirtioState::Vsock(self.save()?))
+    }
+
+    fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError> {
+        let VirtioState::Vsock(state) = state else { return Err(VirtioStateError::mismatch(state, VSOCK)) };
+        Ok(Box::new(Self::restore(*self, state)?))
+    }
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    /// The device as made for the new VM ([`Vsock::new`]: its socket bound, its thread started).
+    type Args = Vsock;
+    type Error = VsockError;
+
+    /// Whether the guest may hold connections: for a running device, as its thread saw it when it
+    /// paused (an error when it did not pause: nothing stands in for what it would have said);
+    /// for one the driver has not activated (or reset), only whether a reset is still owed to
+    /// the guest (a restored device not yet started).
+    fn save(&self) -> Result<VsockState, VsockError> {
+        if !self.front.is_active() {
+            return Ok(VsockState { connections: self.reset_on_start });
+        }
+        Ok(self.front.paused_state()?.clone())
     }
 
     /// The connections' host ends do not survive a restore: a restored device resets the
-    /// guest's connections when it starts if the snapshot says the guest may hold any, or says
-    /// nothing (a snapshot made before this was saved).
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
-        self.reset_on_start = match state {
-            [] => true,
-            _ => VsockState::decode(state)?.connections,
-        };
-        Ok(())
+    /// guest's connections when it starts if the snapshot says the guest may hold any.
+    fn restore(mut dev: Vsock, state: &VsockState) -> Result<Self, VsockError> {
+        dev.reset_on_start = state.connections;
+        Ok(dev)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::QueueT;
 
     #[test]
     fn config_space_reads_the_cid_and_nothing_past_it() {
@@ -236,17 +254,52 @@ mod tests {
 
     #[test]
     fn a_restored_device_resets_the_guests_connections_only_when_it_may_hold_some() {
+        let restored = |state: &VsockState| {
+            let dev = Vsock::restore(Vsock::new(None, &Threads::new(None)).unwrap(), state).unwrap();
+            dev.reset_on_start
+        };
+        assert!(!restored(&VsockState { connections: false }));
+        assert!(restored(&VsockState { connections: true }));
+    }
+
+    #[test]
+    fn the_typed_state_round_trips() {
+        for connections in [false, true] {
+            let state = VsockState { connections };
+            let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
+            let (decoded, _): (VsockState, _) =
+                bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+            assert_eq!(decoded, state);
+            // Restored and not yet started: saved again as it came (a reset still owed).
+            let boxed: Box<dyn VirtioDevice> = Box::new(Vsock::new(None, &Threads::new(None)).unwrap());
+            let dev = boxed.restore_state(&VirtioState::Vsock(decoded)).unwrap();
+            assert_eq!(dev.save_state().unwrap(), VirtioState::Vsock(state));
+        }
+        // Another kind of device's state: refused.
+        let boxed: Box<dyn VirtioDevice> = Box::new(Vsock::new(None, &Threads::new(None)).unwrap());
+        let e = boxed.restore_state(&VirtioState::Stateless).err().unwrap();
+        assert!(matches!(e, VirtioStateError::Mismatch { saved: "stateless", here: "vsock" }), "{e}");
+    }
+
+    #[test]
+    fn a_running_device_is_saved_only_once_its_thread_paused() {
         let mut dev = Vsock::new(None, &Threads::new(None)).unwrap();
-        let restored = |dev: &mut Vsock, state: &[u8]| dev.restore_state(state).map(|()| dev.reset_on_start);
-        assert!(!restored(&mut dev, &VsockState { connections: false }.encode()).unwrap());
-        assert!(restored(&mut dev, &VsockState { connections: true }.encode()).unwrap());
-        // A snapshot that does not say (made before this was saved): reset.
-        assert!(restored(&mut dev, &[]).unwrap());
-        assert!(restored(&mut dev, &[0xff; 9]).is_err(), "a malformed state is refused");
-        // What a paused device saves: what its thread saw (no connection here).
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let mailbox = Arc::new(crate::channel::mailbox::Mailbox::create(None).unwrap());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), mailbox));
+        let queues = (0..QUEUES).map(|_| Queue::new(QUEUE_SIZE).unwrap()).collect();
+        dev.activate(mem, queues, interrupt).unwrap();
+        // Running, not paused: an error, not a state made up for it.
+        let e = dev.save().unwrap_err();
+        assert!(matches!(e, VsockError::NotPaused(NotPaused::Running)), "{e}");
+        assert!(dev.save_state().is_err());
+        // Paused: what its thread saw (no connection here).
         dev.pause();
-        assert_eq!(VsockState::decode(&dev.save_state()).unwrap(), VsockState { connections: false });
+        assert_eq!(dev.save().unwrap(), VsockState { connections: false });
         dev.resume();
-        assert!(dev.save_state().is_empty(), "a running device has no state to save");
+        assert!(dev.save().is_err(), "resumed, it runs again");
+        // Reset by the driver: it holds no connection.
+        dev.reset();
+        assert_eq!(dev.save().unwrap(), VsockState { connections: false });
     }
 }

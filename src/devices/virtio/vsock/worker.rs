@@ -107,7 +107,7 @@ impl Worker {
     }
 
     /// Serves the queues, the host sockets and the front end's `commands` until told to stop.
-    pub(super) fn run(mut self, commands: Commands<Activation>) {
+    pub(super) fn run(mut self, commands: Commands<Activation, super::VsockState>) {
         if let Err(e) = commands.watch(&self.epoll, TOKEN_COMMAND) {
             tracing::error!("vsock: epoll: {e}");
             return;
@@ -154,6 +154,7 @@ impl Worker {
 
 impl DeviceWorker for Worker {
     type Activation = Activation;
+    type Saved = super::VsockState;
 
     fn activate(&mut self, a: Activation) {
         let Activation { mem, queues, interrupt, reset } = a;
@@ -167,9 +168,9 @@ impl DeviceWorker for Worker {
 
     /// Whether the guest may hold connections: any the device tracks, a control packet not yet
     /// delivered (a reset or response for one), or a transport reset still owed.
-    fn saved(&self) -> Vec<u8> {
+    fn saved(&self) -> super::VsockState {
         let connections = !self.conns.is_empty() || !self.control.is_empty() || self.reset_pending;
-        super::VsockState { connections }.encode()
+        super::VsockState { connections }
     }
 
     /// The driver reset the device: every connection goes.
@@ -708,7 +709,7 @@ mod tests {
     }
 
     fn says_connections(w: &Worker) -> bool {
-        super::super::VsockState::decode(&w.saved()).unwrap().connections
+        w.saved().connections
     }
 
     #[test]
