@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{ms, BenchError, Summary, TableReport};
 use crate::channel::mailbox::CallOptions;
 use crate::channel::vsock::AgentConnection;
-use crate::serve::supervisor::INVOKE_SPIN;
+use crate::serve::invoke::INVOKE_SPIN;
 use crate::template::Template;
 use crate::vmm::{Channels, RunOptions, RunningVm};
 

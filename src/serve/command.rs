@@ -13,9 +13,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::error::Error;
+use super::invoke::{InvokeCall, Invoked, Take};
 use super::layers::LayerInfo;
 use super::model::{FunctionInfo, FunctionSpec, Handoff};
-use super::supervisor::{InvokeCall, Invoked, Supervisor, Take};
+use super::supervisor::Supervisor;
 
 /// The longest invocation timeout a request may ask for.
 pub const MAX_INVOKE_TIMEOUT_S: f64 = 600.0;

@@ -12,18 +12,23 @@
 //! - [`notify`]: systemd's readiness and watchdog notifications.
 
 pub mod api;
+pub mod backend;
 pub mod client;
 pub mod command;
 mod connections;
 pub mod error;
+pub mod function;
+pub mod handoff;
 pub mod images;
+pub mod invoke;
 pub mod layers;
 pub mod lean;
 pub mod metrics;
 pub mod model;
 pub mod notify;
-pub mod pool;
+pub mod registration;
 pub mod registry;
+pub mod scaling;
 pub mod supervisor;
 
 use std::path::{Path, PathBuf};

@@ -1,219 +1,24 @@
-//! Pools of clones and their scaling: what a function holds (ready and starting clones, counters,
-//! its autoscaler), taking a clone for a handoff, and the background loop that sweeps ended clones,
-//! promotes started ones and grows or shrinks each pool towards the target the host's allocation
-//! (`fleet.rs`, the same code `ember simulate` runs) gives it.
+//! The scaling of pools: taking a clone for a handoff, and the background loop that sweeps ended
+//! clones, promotes started ones and grows or shrinks each pool towards the target the host's
+//! allocation (`scale::fleet`, the same code `ember simulate` runs) gives it.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::model::{FunctionInfo, FunctionSpec, FunctionState, WorkerInfo};
+use super::function::{clock_s, host, Function, PooledVm};
+use super::model::FunctionState;
 use super::supervisor::Supervisor;
-use crate::isolation::worker::{CloneVm, Worker};
-use crate::scale::fleet::{self, Host};
-use crate::scale::scaler::{Action, Load, Scaler};
+use crate::scale::fleet;
+use crate::scale::scaler::{Action, Load};
+use crate::scale::TICK;
 use crate::sys::Locked;
-use crate::template::Template;
 
-pub use crate::scale::TICK;
 /// Most clones starting at once, all functions together (restored, agent not serving yet). A
 /// clone's start is guest kernel work; too many at once on few host cores starve each other's
 /// timer ticks and none finishes (64 at once on 2 cores where guest kernel mode is emulated never
 /// did).
 const MAX_WARMING: usize = 8;
-/// The refill time assumed until a clone of the function has been seen starting.
-const INITIAL_REFILL_S: f64 = 0.1;
-
-/// The daemon's clock for the scaler: seconds since its first reading.
-pub(super) fn clock_s() -> f64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs_f64()
-}
-
-/// This machine, as the scaler's host (read once).
-pub(super) fn host() -> &'static Host {
-    static HOST: OnceLock<Host> = OnceLock::new();
-    HOST.get_or_init(Host::this_machine)
-}
-
-/// A clone: a restored VM and its channels.
-pub struct PooledVm {
-    pub id: u64,
-    pub(super) vm: CloneVm,
-    pub mailbox: PathBuf,
-    pub vsock: PathBuf,
-    /// Handoffs so far.
-    pub(super) uses: u32,
-    pub(super) restored: Instant,
-    /// The clone's network namespace (last: it goes after the clone).
-    pub(super) net: Option<crate::isolation::network::Slot>,
-}
-
-#[derive(Default)]
-pub(super) struct Pool {
-    pub(super) ready: VecDeque<PooledVm>,
-    /// Restored clones whose agent is not serving yet.
-    pub(super) warming: VecDeque<PooledVm>,
-    /// Clones being restored by the background loop.
-    pub(super) restoring: u32,
-    /// Clones handed out and not yet released.
-    pub(super) busy: u32,
-}
-
-impl Pool {
-    /// Every clone not handed out (ready and warming), for destroying outside the lock.
-    pub(super) fn take_idle(&mut self) -> Vec<PooledVm> {
-        let warming: Vec<PooledVm> = self.warming.drain(..).collect();
-        self.ready.drain(..).chain(warming).collect()
-    }
-
-    /// Ready, starting and being restored: the pool as the scaler counts it.
-    pub(super) fn have(&self) -> u32 {
-        (self.ready.len() + self.warming.len()) as u32 + self.restoring
-    }
-
-    pub(super) fn mark_busy(&mut self) {
-        self.busy += 1;
-    }
-}
-
-/// Counters of one function (exported in /metrics and GET /functions/{name}).
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) handoffs: AtomicU64,
-    pub(super) cold_starts: AtomicU64,
-    pub(super) invocations: AtomicU64,
-    pub(super) invocation_errors: AtomicU64,
-    pub(super) replaced: AtomicU64,
-    pub(super) recycled: AtomicU64,
-    pub(super) expired_leases: AtomicU64,
-    /// Invocations of the function in flight now.
-    pub(super) in_flight: std::sync::atomic::AtomicUsize,
-}
-
-pub struct Function {
-    pub(super) name: String,
-    pub(super) spec: FunctionSpec,
-    pub(super) state: Mutex<FunctionState>,
-    pub(super) template: Mutex<Option<Arc<Template>>>,
-    pub(super) pool: Mutex<Pool>,
-    /// Signalled (with `pool`) when a clone joins the pool or a place under `max` frees up.
-    pub(super) pool_changed: Condvar,
-    pub(super) scaler: Mutex<Scaler>,
-    pub(super) counters: Counters,
-    pub(super) deleted: AtomicBool,
-    /// Restore to agent serving, seconds (an EWMA of what was seen): the scaler's refill time.
-    pub(super) refill_s: Mutex<f64>,
-    /// The version of its template (see `Supervisor::version_of`), once made.
-    pub(super) version: Mutex<Option<String>>,
-    /// Most clones (ready, starting, restoring and in use) at once: the policy's `max`, or as
-    /// many of its guests as the host's memory holds.
-    pub(super) max_clones: u32,
-    /// The process its clones run in (with worker isolation), once started.
-    pub(super) worker: Mutex<Option<Arc<Worker>>>,
-    /// Workers that ended without being asked to, and how the last one did.
-    pub(super) worker_restarts: AtomicU64,
-    pub(super) last_worker_exit: Mutex<Option<String>>,
-    /// When a new worker may start, and how many in a row ended soon after they started.
-    pub(super) worker_backoff: Mutex<(Option<Instant>, u32)>,
-    /// Held while a worker is started (`worker` itself only for a moment: GET reads it).
-    pub(super) worker_spawn: Mutex<()>,
-}
-
-impl Function {
-    pub(super) fn new(name: &str, spec: FunctionSpec) -> Self {
-        let scaler = Scaler::new(spec.pool.clone(), TICK, clock_s(), host().clone_limit(spec.mem_mib as f64));
-        Self {
-            name: name.to_string(),
-            max_clones: scaler.limit(),
-            scaler: Mutex::new(scaler),
-            spec,
-            state: Mutex::new(FunctionState::Creating),
-            template: Mutex::new(None),
-            pool: Mutex::new(Pool::default()),
-            pool_changed: Condvar::new(),
-            counters: Counters::default(),
-            deleted: AtomicBool::new(false),
-            refill_s: Mutex::new(INITIAL_REFILL_S),
-            version: Mutex::new(None),
-            worker: Mutex::new(None),
-            worker_restarts: AtomicU64::new(0),
-            last_worker_exit: Mutex::new(None),
-            worker_backoff: Mutex::new((None, 0)),
-            worker_spawn: Mutex::new(()),
-        }
-    }
-
-    pub(super) fn template(&self) -> Option<Arc<Template>> {
-        self.template.locked().clone()
-    }
-
-    pub(super) fn info(&self) -> FunctionInfo {
-        let pool = self.pool.locked();
-        // One lock of the scaler (a second in the same expression would wait on the first).
-        let (target_ready, predicted_arrivals_per_s) = {
-            let scaler = self.scaler.locked();
-            (scaler.target(), scaler.predicted_rate())
-        };
-        let c = &self.counters;
-        FunctionInfo {
-            name: self.name.clone(),
-            state: self.state.locked().clone(),
-            spec: self.spec.clone(),
-            version: self.version.locked().clone(),
-            update: None,
-            ready: pool.ready.len() as u32,
-            warming: pool.warming.len() as u32,
-            busy: pool.busy,
-            restoring: pool.restoring,
-            target_ready,
-            predicted_arrivals_per_s,
-            max_clones: self.max_clones,
-            handoffs: c.handoffs.load(Ordering::Relaxed),
-            cold_starts: c.cold_starts.load(Ordering::Relaxed),
-            invocations: c.invocations.load(Ordering::Relaxed),
-            invocation_errors: c.invocation_errors.load(Ordering::Relaxed),
-            replaced_clones: c.replaced.load(Ordering::Relaxed),
-            recycled_clones: c.recycled.load(Ordering::Relaxed),
-            expired_leases: c.expired_leases.load(Ordering::Relaxed),
-            refill_s: *self.refill_s.locked(),
-            worker: self.worker_info(),
-            network: None,
-        }
-    }
-}
-
-impl Function {
-    fn worker_info(&self) -> Option<WorkerInfo> {
-        let w = self.worker.locked().clone()?;
-        let (restarts, mut last_exit) =
-            (self.worker_restarts.load(Ordering::Relaxed), self.last_worker_exit.locked().clone());
-        let alive = !w.dead();
-        if !alive {
-            // Ended, not replaced yet (the next restore replaces it).
-            last_exit = w.exit().or(last_exit);
-        }
-        Some(WorkerInfo {
-            pid: alive.then_some(w.pid),
-            uid: w.uid,
-            jailed: w.jailed,
-            cgroup: w.cgroup_path.clone(),
-            memory_limit_bytes: w.memory_limit,
-            cpu_throttled_periods: w.cpu_throttled(),
-            cpu_used_us: w.cpu_used_us(),
-            restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
-            last_exit,
-            restarting_in_s: self
-                .worker_backoff
-                .locked()
-                .0
-                .and_then(|at| at.checked_duration_since(Instant::now()))
-                .map(|d| d.as_secs_f64()),
-        })
-    }
-}
 
 impl Supervisor {
     /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
