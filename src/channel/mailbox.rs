@@ -349,8 +349,27 @@ impl Mailbox {
     /// Marks the VM as ended (callers in other processes stop waiting) and wakes every waiter.
     pub fn vm_ended(&self) {
         self.store32(VM_STATE_OFF, VM_ENDED);
+        futex_wake(self.word32(VM_STATE_OFF));
         futex_wake(self.word32(RESP_SEQ_OFF));
         self.wake();
+    }
+
+    /// Waits up to `timeout` for the VM to be marked ended ([`Mailbox::vm_ended`], in this
+    /// process or another that maps the mailbox): whether it has.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let word = self.word32(VM_STATE_OFF);
+        loop {
+            let state = word.load(Ordering::Acquire);
+            if state == VM_ENDED {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            futex_wait(word, state, Some(left));
+        }
     }
 
     /// Whether the VM behind the mailbox has ended (as its VMM, or a supervisor, marked it).
@@ -645,6 +664,37 @@ impl Drop for Mailbox {
 }
 
 #[cfg(test)]
+impl Mailbox {
+    /// Marks the agent as serving (polling), as the agent does once it is up (unit tests).
+    pub(crate) fn agent_polls(&self) {
+        self.store32(AGENT_STATE_OFF, AGENT_POLLING);
+    }
+
+    /// Plays the agent on the host, for unit tests of what drives clones: marks it serving, then
+    /// answers each request with its own payload (echo), until the VM is marked ended.
+    pub(crate) fn echo_until_ended(&self) {
+        self.agent_polls();
+        while !self.ended() {
+            let seq = self.word64(REQ_SEQ_OFF).load(Ordering::Acquire);
+            if seq == self.word64(RESP_SEQ_OFF).load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            self.word64(AGENT_SEEN_OFF).store(seq, Ordering::SeqCst);
+            let len = (self.word32(REQ_LEN_OFF).load(Ordering::Acquire) as usize).min(MAX_PAYLOAD);
+            // SAFETY: both areas are within the mapping and MAX_PAYLOAD long; they do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(self.base.add(REQ_DATA_OFF), self.base.add(RESP_DATA_OFF), len) };
+            let id = self.word64(REQ_ID_OFF).load(Ordering::Acquire);
+            self.word64(RESP_ID_OFF).store(id, Ordering::Relaxed);
+            self.store32(RESP_LEN_OFF, len as u32);
+            self.store32(RESP_STATUS_OFF, 0);
+            self.word64(RESP_SEQ_OFF).store(seq, Ordering::Release);
+            futex_wake(self.word32(RESP_SEQ_OFF));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -673,6 +723,20 @@ mod tests {
 
     fn leak(m: Mailbox) -> &'static Mailbox {
         Box::leak(Box::new(m))
+    }
+
+    #[test]
+    fn the_end_of_the_vm_wakes_who_waits_for_it() {
+        let m = Arc::new(Mailbox::create(None).unwrap());
+        assert!(!m.wait_ended(Duration::from_millis(20)), "not ended: the wait times out");
+        let waiter = {
+            let m = m.clone();
+            std::thread::spawn(move || m.wait_ended(Duration::from_secs(60)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        m.vm_ended();
+        assert!(waiter.join().unwrap());
+        assert!(m.ended() && m.wait_ended(Duration::ZERO));
     }
 
     #[test]

@@ -421,3 +421,33 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .layer(axum::middleware::from_fn(request_id))
         .with_state(sup)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn each_kind_of_refusal_has_its_status_and_a_json_body() {
+        let kinds = [
+            (ErrorKind::BadRequest, 400),
+            (ErrorKind::Forbidden, 403),
+            (ErrorKind::NotFound, 404),
+            (ErrorKind::Conflict, 409),
+            (ErrorKind::Busy, 429),
+            (ErrorKind::Internal, 500),
+            (ErrorKind::GuestFailed, 502),
+            (ErrorKind::Restarting, 503),
+            (ErrorKind::GuestTimeout, 504),
+        ];
+        for (kind, code) in kinds {
+            let r = ApiError::from(Error::new(kind, "why")).into_response();
+            assert_eq!(r.status().as_u16(), code, "{kind:?}");
+            assert!(is_json(&r), "{kind:?}");
+            assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        }
+        let r = ApiError::from(Error::restarting("later", Duration::from_millis(2500))).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "3");
+    }
+}

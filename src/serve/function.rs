@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::backend::{Backoff, CloneHandle};
 use super::model::{FunctionInfo, FunctionSpec, FunctionState, WorkerInfo};
-use crate::isolation::worker::{CloneVm, Worker};
+use crate::isolation::worker::Worker;
 use crate::scale::fleet::Host;
 use crate::scale::scaler::Scaler;
 use crate::scale::TICK;
@@ -34,7 +35,7 @@ pub(super) fn host() -> &'static Host {
 /// A clone: a restored VM and its channels.
 pub struct PooledVm {
     pub id: u64,
-    pub(super) vm: CloneVm,
+    pub(super) vm: Box<dyn CloneHandle>,
     pub mailbox: PathBuf,
     pub vsock: PathBuf,
     /// Handoffs so far.
@@ -66,9 +67,37 @@ impl Pool {
     pub(super) fn have(&self) -> u32 {
         (self.ready.len() + self.warming.len()) as u32 + self.restoring
     }
+}
 
-    pub(super) fn mark_busy(&mut self) {
-        self.busy += 1;
+/// A clone's place among its function's handed-out ones (`Pool::busy`, which the function's
+/// `max` counts): taken with [`Busy::take`], given back (and waiters told) when dropped, on every
+/// way out; [`Busy::give_back`] under a pool lock the caller holds.
+pub(super) struct Busy {
+    f: Option<Arc<Function>>,
+}
+
+impl Busy {
+    /// Counts one more busy clone of `f` in `pool`, `f`'s pool as locked by the caller.
+    pub(super) fn take(f: &Arc<Function>, pool: &mut Pool) -> Self {
+        pool.busy += 1;
+        Self { f: Some(f.clone()) }
+    }
+
+    /// Gives the place back under the caller's lock of the function's pool (the caller tells the
+    /// waiters).
+    pub(super) fn give_back(mut self, pool: &mut Pool) {
+        if self.f.take().is_some() {
+            pool.busy -= 1;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(f) = self.f.take() {
+            f.pool.locked().busy -= 1;
+            f.pool_changed.notify_all();
+        }
     }
 }
 
@@ -86,6 +115,13 @@ pub(super) struct Counters {
     pub(super) in_flight: std::sync::atomic::AtomicUsize,
 }
 
+/// One registered function (or a new version of one being made).
+///
+/// Lock order (a lock may be taken while holding only those before it; the daemon's own come
+/// first): `Supervisor::functions` -> `Supervisor::updates` -> `Supervisor::handed` ->
+/// `worker_spawn` -> `pool` -> the rest (`state`, `template`, `scaler`, `refill_s`, `version`,
+/// `worker`, `last_worker_exit`, `worker_backoff`: each held alone, never two at once). A clone
+/// is never stopped (its threads joined) under any of them: it goes to the discard thread.
 pub struct Function {
     pub(super) name: String,
     pub(super) spec: FunctionSpec,
@@ -110,7 +146,7 @@ pub struct Function {
     pub(super) worker_restarts: AtomicU64,
     pub(super) last_worker_exit: Mutex<Option<String>>,
     /// When a new worker may start, and how many in a row ended soon after they started.
-    pub(super) worker_backoff: Mutex<(Option<Instant>, u32)>,
+    pub(super) worker_backoff: Mutex<Backoff>,
     /// Held while a worker is started (`worker` itself only for a moment: GET reads it).
     pub(super) worker_spawn: Mutex<()>,
 }
@@ -134,7 +170,7 @@ impl Function {
             worker: Mutex::new(None),
             worker_restarts: AtomicU64::new(0),
             last_worker_exit: Mutex::new(None),
-            worker_backoff: Mutex::new((None, 0)),
+            worker_backoff: Mutex::new(Backoff::default()),
             worker_spawn: Mutex::new(()),
         }
     }
@@ -198,19 +234,16 @@ impl Function {
             cpu_used_us: w.cpu_used_us(),
             restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
             last_exit,
-            restarting_in_s: self
-                .worker_backoff
-                .locked()
-                .0
-                .and_then(|at| at.checked_duration_since(Instant::now()))
-                .map(|d| d.as_secs_f64()),
+            restarting_in_s: self.worker_backoff.locked().wait(Instant::now()).map(|d| d.as_secs_f64()),
         })
     }
 }
 
+/// A handed-out clone, with its place among its function's busy ones.
 pub(super) struct Handed {
     pub(super) function: Arc<Function>,
     pub(super) clone: PooledVm,
+    pub(super) busy: Busy,
     /// What the caller must present to release it.
     pub(super) lease: String,
     /// When the lease runs out and the clone is destroyed.

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::backend::RestoreError;
 use super::error::Error;
-use super::function::{Function, Handed, PooledVm};
+use super::function::{Busy, Function, Handed, PooledVm};
 use super::model::{FunctionState, Handoff};
 use super::supervisor::Supervisor;
 use crate::sys::Locked;
@@ -52,17 +53,16 @@ impl Supervisor {
         let f = self.ready_function(name)?;
         let deadline = t + AT_MAX_WAIT;
         let mut arrival = arrival;
-        loop {
-            if let Some(c) = self.take_warm(&f, arrival) {
-                return self.hand_over(f, c, false, t);
+        let busy = loop {
+            if let Some((c, busy)) = self.take_warm(&f, arrival) {
+                return self.hand_over(f, c, busy, false, t);
             }
             arrival = false;
             // (`take_warm` has already asked for a refill.)
             let mut pool = f.pool.locked();
             // A cold start adds a clone: never past `max` (in use, ready, starting and restoring).
             if pool.busy + pool.have() < f.max_clones {
-                pool.mark_busy();
-                break;
+                break Busy::take(&f, &mut pool);
             }
             // At `max` with clones being restored: one of them is sooner than a refusal and the
             // caller's retry (a single caller in a loop meets this while the pool refills).
@@ -76,13 +76,11 @@ impl Supervisor {
             if pool.ready.is_empty() && pool.warming.is_empty() {
                 drop(f.pool_changed.wait_timeout(pool, deadline - now));
             }
-        }
-        let c = self.restore_clone(&f).map_err(|e| {
-            f.pool.locked().busy -= 1;
-            e.refusal()
-        })?;
+        };
+        // (On an error, `busy` gives its place back as it goes.)
+        let c = self.restore_clone(&f).map_err(RestoreError::refusal)?;
         tracing::info!(function = %name, id = c.id, "cold start: the pool was empty");
-        self.hand_over(f, c, true, t)
+        self.hand_over(f, c, busy, true, t)
     }
 
     /// The warm half of [`Supervisor::acquire`]: a ready clone if the pool has one (microseconds,
@@ -90,7 +88,7 @@ impl Supervisor {
     pub fn acquire_warm(&self, name: &str) -> Result<Option<Handoff>, Error> {
         let t = Instant::now();
         let f = self.ready_function(name)?;
-        self.take_warm(&f, true).map(|c| self.hand_over(f, c, false, t)).transpose()
+        self.take_warm(&f, true).map(|(c, busy)| self.hand_over(f, c, busy, false, t)).transpose()
     }
 
     pub(super) fn ready_function(&self, name: &str) -> Result<Arc<Function>, Error> {
@@ -106,13 +104,15 @@ impl Supervisor {
         &self,
         f: Arc<Function>,
         mut clone: PooledVm,
+        busy: Busy,
         cold_start: bool,
         t: Instant,
     ) -> Result<Handoff, Error> {
         let lease = match new_lease() {
             Ok(l) => l,
             Err(e) => {
-                f.pool.locked().busy -= 1;
+                drop(busy);
+                self.discard(vec![clone]);
                 return Err(e);
             }
         };
@@ -130,10 +130,18 @@ impl Supervisor {
             lease: lease.clone(),
             address: clone.net.as_ref().map(|n| n.address),
         };
-        let expires = Instant::now() + Duration::from_secs_f64(f.spec.pool.lease_s);
-        self.handed.locked().insert(clone.id, Handed { function: f, clone, lease, expires });
+        let expires = self.clock.now() + Duration::from_secs_f64(f.spec.pool.lease_s);
+        self.handed.locked().insert(clone.id, Handed { function: f, clone, busy, lease, expires });
         self.metrics.handoff.observe(t.elapsed());
         Ok(handoff)
+    }
+
+    /// Waits up to `timeout` for handed-out VM `id` to end (its guest, or the process it runs
+    /// in): whether it has. Woken by the VM's end, not a poll.
+    pub fn wait_ended(&self, id: u64, timeout: Duration) -> Result<bool, Error> {
+        let mailbox = self.handed.locked().get(&id).map(|h| h.clone.vm.mailbox());
+        let mailbox = mailbox.ok_or_else(|| Error::not_found(format!("no handed-out VM {id}")))?;
+        Ok(mailbox.wait_ended(timeout))
     }
 
     /// The ids of every handed-out VM.
@@ -163,14 +171,14 @@ impl Supervisor {
             let h = handed.remove(&id).ok_or_else(|| Error::not_found(format!("no handed-out VM {id}")))?;
             // A lease ends at its deadline, whether or not the scaler's tick has come round to
             // it yet: a release after it is refused as one after the tick would be.
-            if h.expires <= Instant::now() {
+            if h.expires <= self.clock.now() {
                 drop(handed);
                 self.expire(vec![h]);
                 return Err(Error::not_found(format!("no handed-out VM {id} (its lease expired)")));
             }
             h
         };
-        let (f, clone) = (h.function, h.clone);
+        let Handed { function: f, clone, busy, .. } = h;
         let recycle = !destroy
             && clone.uses < f.spec.pool.uses_allowed(invoked)
             && !f.deleted.load(Ordering::SeqCst)
@@ -178,24 +186,33 @@ impl Supervisor {
             && !clone.vm.ended()
             && clone.vm.mailbox().quiescent();
         let mut pool = f.pool.locked();
-        pool.busy -= 1;
-        f.pool_changed.notify_all();
-        if recycle {
+        // In one step with the clone's return: the pool never counts one clone fewer than it has.
+        busy.give_back(&mut pool);
+        let gone = if recycle {
             // Taken first by the next acquire: its agent is the most likely to still be polling.
             pool.ready.push_front(clone);
-            drop(pool);
-            f.counters.recycled.fetch_add(1, Ordering::Relaxed);
-            return Ok(true);
-        }
+            None
+        } else {
+            Some(clone)
+        };
         drop(pool);
-        self.discard(vec![clone]);
-        Ok(false)
+        f.pool_changed.notify_all();
+        match gone {
+            None => {
+                f.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Some(clone) => {
+                self.discard(vec![clone]);
+                Ok(false)
+            }
+        }
     }
 
     /// Destroys handed-out clones whose lease ran out (`pool.lease_s`): their release is then
     /// refused as for any unknown VM.
     pub(super) fn expire_leases(&self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let expired: Vec<Handed> = {
             let mut handed = self.handed.locked();
             let ids: Vec<u64> = handed.iter().filter(|(_, h)| h.expires <= now).map(|(id, _)| *id).collect();
@@ -210,8 +227,8 @@ impl Supervisor {
             .into_iter()
             .map(|h| {
                 tracing::warn!(function = %h.function.name, id = h.clone.id, "lease expired; the clone is destroyed");
-                h.function.pool.locked().busy -= 1;
                 h.function.counters.expired_leases.fetch_add(1, Ordering::Relaxed);
+                // (Its place among the busy ones goes with `h.busy`.)
                 h.clone
             })
             .collect();
@@ -219,7 +236,6 @@ impl Supervisor {
     }
 }
 
-#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;

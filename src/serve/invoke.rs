@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::error::Error;
 use super::function::Function;
@@ -244,7 +244,7 @@ impl Supervisor {
                     // The invocation is bounded by its own timeout, not by the pool's lease (which
                     // is for clients that acquire a clone): a `timeout_s` longer than `lease_s`
                     // must not lose the clone mid-call.
-                    h.expires = h.expires.max(Instant::now() + timeout + INVOKE_LEASE_MARGIN);
+                    h.expires = h.expires.max(self.clock.now() + timeout + INVOKE_LEASE_MARGIN);
                     (h.clone.vm.mailbox(), h.function.version.locked().clone())
                 }
                 None => return Err(Error::internal("the handed-out VM vanished")),

@@ -213,6 +213,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refusal_is_one_line_with_the_http_status_and_when_to_come_back() {
+        let line = error_line(&Error::busy("at max"));
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            (v["error"].as_str(), v["status"].as_u64(), v.get("retry_after_s")),
+            (Some("at max"), Some(429), None)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&error_line(&Error::restarting("later", std::time::Duration::from_secs(2))))
+                .unwrap();
+        assert_eq!((v["status"].as_u64(), v["retry_after_s"].as_u64()), (Some(503), Some(2)));
+    }
+
+    #[test]
     fn no_http_request_opens_like_the_hello() {
         // HTTP/1.x methods and the HTTP/2 preface: none shares the hello's first byte, so an
         // HTTP connection is told apart from its first byte.

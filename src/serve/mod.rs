@@ -29,6 +29,8 @@ pub mod notify;
 pub mod registration;
 pub mod registry;
 pub mod scaling;
+#[cfg(test)]
+mod stub;
 pub mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -152,7 +154,9 @@ impl Daemon {
         if let Some(f) = filter(crate::seccomp::daemon_filter())? {
             crate::seccomp::apply(&f).map_err(|e| format!("cannot confine the daemon with seccomp: {e}"))?;
         }
-        let sup = Supervisor::open(state_dir, images, builder, workers, network).map_err(state_err)?;
+        let backend = Arc::new(backend::Machines { workers });
+        let clock = Arc::new(supervisor::SystemClock);
+        let sup = Supervisor::open(state_dir, images, builder, backend, network, clock).map_err(state_err)?;
         sup.provide_runtime_layers();
         let scaler = sup.start_scaling().map_err(|e| format!("cannot start the scaler: {e}"))?;
         let mut daemon = Self { sup, scaler: Some(scaler), server: None, stop: None, socket: socket.into(), rt: None };

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::backend::TemplateJob;
 use super::error::{Error, ErrorKind};
 use super::function::Function;
 use super::images::ImageError;
@@ -34,7 +35,7 @@ pub(super) fn users_of<'a>(functions: impl IntoIterator<Item = &'a Arc<Function>
 
 /// A template made for a function: the template, whether it is a new one (in `template.next`
 /// for a new version), and the digest of its code layer.
-pub(super) type Made = (Arc<crate::template::Template>, bool, Option<String>);
+pub(super) type Made = (Option<Arc<crate::template::Template>>, bool, Option<String>);
 
 /// The layer ember's `python3` runtime needs (built by scripts/build-python-layer.sh).
 pub const PYTHON_LAYER: &str = "python3";
@@ -206,10 +207,12 @@ impl Supervisor {
                 // A new registration that changes nothing the guest sees (the pool policy, say)
                 // keeps the template it has.
                 let current = if update { sup.functions.locked().get(&f.name).cloned() } else { None };
-                if let Some(cur) = current.filter(|c| c.version.locked().as_deref() == Some(version.as_str())) {
-                    if let Some(t) = cur.template() {
-                        return Ok((t, false, code));
-                    }
+                // (A ready function has its template, where its backend uses one.)
+                let same = |c: &Arc<Function>| {
+                    c.version.locked().as_deref() == Some(version.as_str()) && *c.state.locked() == FunctionState::Ready
+                };
+                if let Some(cur) = current.filter(same) {
+                    return Ok((cur.template(), false, code));
                 }
                 // A networked guest boots with its card on a prepared namespace's TAP, as its
                 // clones will.
@@ -217,17 +220,17 @@ impl Supervisor {
                     Some(_) => Some(sup.network.take(&f.name, NETWORK_WAIT).map_err(|e| e.to_string())?),
                     None => None,
                 };
-                let t = sup.registry.make_template(
-                    &f.name,
-                    &f.spec,
-                    &version,
-                    d,
-                    &sup.images,
-                    update,
-                    sup.workers.as_deref(),
-                    net.as_ref(),
-                )?;
-                Ok((Arc::new(t), update, code))
+                let job = TemplateJob {
+                    name: &f.name,
+                    spec: &f.spec,
+                    version: &version,
+                    drives: d,
+                    next: update,
+                    registry: &sup.registry,
+                    images: &sup.images,
+                    net: net.as_ref(),
+                };
+                Ok((sup.backend.make_template(job)?, update, code))
             });
             {
                 let mut boots = sup.template_boots.locked();
@@ -251,7 +254,7 @@ impl Supervisor {
             }
             match result {
                 Ok(template) => {
-                    *f.template.locked() = Some(template);
+                    *f.template.locked() = template;
                     *f.state.locked() = FunctionState::Ready;
                     tracing::info!(function = %f.name, "template ready in {:.1} s", t.elapsed().as_secs_f64());
                 }
@@ -296,7 +299,7 @@ impl Supervisor {
                 return;
             }
         };
-        *new.template.locked() = Some(template);
+        *new.template.locked() = template;
         // Clones of the new version before it takes over: the switch costs no cold start.
         let old = self.functions.locked().get(&name).cloned();
         let want = old.as_ref().map_or(0, |o| o.pool.locked().ready.len()).max(new.spec.pool.min_ready as usize).min(8);

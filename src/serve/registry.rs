@@ -90,6 +90,16 @@ impl Registry {
         let _ = std::fs::remove_dir_all(self.next_template_dir(name));
     }
 
+    /// Records a template that has no files of its own (a backend that restores clones without
+    /// one, the unit tests' stub) where [`Registry::make_template`] would have made it: its
+    /// directory, labelled, so that versions are promoted and relabelled as for any other.
+    pub fn record_template(&self, name: &str, spec: &FunctionSpec, version: &str, next: bool) -> Result<(), String> {
+        let dir = if next { self.next_template_dir(name) } else { self.template_dir(name) };
+        let _ = std::fs::remove_dir_all(&dir);
+        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Self::label(&dir, spec, version)
+    }
+
     /// Where clone `id`'s mailbox and vsock socket live.
     pub fn channels(&self, id: u64) -> (PathBuf, PathBuf) {
         let vms = self.dir.join("vms");

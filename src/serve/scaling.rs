@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::function::{clock_s, host, Function, PooledVm};
+use super::function::{clock_s, host, Busy, Function, PooledVm};
 use super::model::FunctionState;
 use super::supervisor::Supervisor;
 use crate::scale::fleet;
@@ -24,19 +24,16 @@ impl Supervisor {
     /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
     /// ready one, else one still starting (restored already, so still no cold start). `arrival`:
     /// the scaler counts this as a request (false on an acquire's later tries).
-    pub(super) fn take_warm(&self, f: &Function, arrival: bool) -> Option<PooledVm> {
+    pub(super) fn take_warm(&self, f: &Arc<Function>, arrival: bool) -> Option<(PooledVm, Busy)> {
         let mut pool = f.pool.locked();
         let mut crashed = Vec::new();
         let mut warm = None;
         while let Some(c) = pool.ready.pop_front().or_else(|| pool.warming.pop_front()) {
             if !c.vm.ended() {
-                warm = Some(c);
+                warm = Some((c, Busy::take(f, &mut pool)));
                 break;
             }
             crashed.push(c);
-        }
-        if warm.is_some() {
-            pool.mark_busy();
         }
         let have = pool.have();
         drop(pool);

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::backend::RestoreError;
+use super::backend::{Backend, RestoreError, RestoreJob};
 use super::function::{Function, Handed, PooledVm};
 use super::images::ImageDirs;
 use super::layers::{Builder, Layers};
@@ -26,9 +26,21 @@ use super::metrics::Metrics;
 use super::model::{Error, FunctionInfo, FunctionSpec, FunctionState, UpdateInfo};
 use super::registry::Registry;
 use crate::isolation::network::Network;
-use crate::isolation::worker::{CloneVm, Workers};
 use crate::sys::Locked;
-use crate::vmm::{Channels, RunOptions};
+
+/// The time leases are counted in: the host's monotonic clock ([`SystemClock`]), or one a test
+/// moves forward.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
 
 pub struct Supervisor {
     pub(super) registry: Registry,
@@ -51,8 +63,10 @@ pub struct Supervisor {
     /// When each template boot in progress started.
     pub(super) template_boots: Mutex<Vec<Instant>>,
     pub(super) template_boot_done: Condvar,
-    /// Worker processes for clones; None: clones run in this process.
-    pub(super) workers: Option<Arc<Workers>>,
+    /// Where templates and clones come from.
+    pub(super) backend: Arc<dyn Backend>,
+    /// The time leases are counted in.
+    pub(super) clock: Arc<dyn Clock>,
     /// Clones' networks (their namespaces, the host's rules).
     pub(super) network: Network,
     /// Where discarded clones are destroyed ([`Supervisor::discard`]).
@@ -69,8 +83,9 @@ impl Supervisor {
         state_dir: &Path,
         images: ImageDirs,
         builder: Builder,
-        workers: Option<Arc<Workers>>,
+        backend: Arc<dyn Backend>,
         network: Network,
+        clock: Arc<dyn Clock>,
     ) -> std::io::Result<Arc<Self>> {
         let registry = Registry::open(state_dir)?;
         let saved = registry.load()?;
@@ -91,7 +106,8 @@ impl Supervisor {
             invokes: Arc::new(AtomicUsize::new(0)),
             template_boots: Mutex::new(Vec::new()),
             template_boot_done: Condvar::new(),
-            workers,
+            backend,
+            clock,
             network,
             discarded: crate::sys::Reaper::start("discard"),
         });
@@ -164,49 +180,18 @@ impl Supervisor {
         info
     }
 
-    /// Restores a new clone of `f`'s template with its own channels.
+    /// Restores a new clone of `f` with its own channels (and its network, when it has one).
     pub(super) fn restore_clone(&self, f: &Function) -> Result<PooledVm, RestoreError> {
-        let template = f.template().ok_or("the function has no template yet")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A clone counts as ready only with its network attached: a prepared namespace's TAP.
         let net = match &f.spec.network {
             Some(_) => Some(self.network.take(&f.name, NETWORK_WAIT).map_err(|e| RestoreError::Failed(e.to_string()))?),
             None => None,
         };
-        if let Some(workers) = &self.workers {
-            let worker = self.worker_of(workers, f, &template)?;
-            let t = Instant::now();
-            // A worker that ended under the restore is replaced by the next one: come back then.
-            let (vm, mailbox, vsock) = worker.restore(id, net.as_ref().map(|n| n.tap())).map_err(|e| {
-                if worker.dead() {
-                    RestoreError::Restarting(Duration::from_secs(1))
-                } else {
-                    RestoreError::Failed(e)
-                }
-            })?;
-            self.metrics.restore.observe(t.elapsed());
-            return Ok(PooledVm { id, vm: CloneVm::Remote(vm), mailbox, vsock, uses: 0, restored: t, net });
-        }
-        let (mailbox, vsock) = self.registry.channels(id);
-        let taps = match &net {
-            Some(n) => vec![Arc::new(n.dup_tap().map_err(|e| format!("TAP: {e}"))?)],
-            None => Vec::new(),
-        };
-        let channels = Channels {
-            mailbox: Some(mailbox.clone()),
-            vsock: Some(vsock.clone()),
-            serve: true,
-            quiet: true,
-            taps,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let vm = template
-            .restore(id, &channels, Box::new(std::io::sink()))
-            .and_then(|vm| vm.start(RunOptions::default()))
-            .map_err(|e| format!("restore: {e}"))?;
-        self.metrics.restore.observe(t.elapsed());
-        Ok(PooledVm { id, vm: CloneVm::Local(Box::new(vm)), mailbox, vsock, uses: 0, restored: t, net })
+        let job = RestoreJob { f, id, net: net.as_ref(), channels: self.registry.channels(id) };
+        let r = self.backend.restore(job)?;
+        self.metrics.restore.observe(r.took);
+        Ok(PooledVm { id, vm: r.vm, mailbox: r.mailbox, vsock: r.vsock, uses: 0, restored: r.at, net })
     }
 
     /// Destroys clones on the discard thread: stopping a VM joins its threads and closes its KVM
@@ -235,9 +220,7 @@ impl Supervisor {
         for f in functions.iter().chain(self.updates.locked().values()) {
             f.worker.locked().take();
         }
-        if let Some(w) = &self.workers {
-            w.wait_all(Duration::from_secs(10));
-        }
+        self.backend.wait_all(Duration::from_secs(10));
         self.network.shutdown();
     }
 
