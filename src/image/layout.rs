@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tar::Archive;
 
 use super::stage::{self, Stager};
-use super::tarball::{self, apply_tar, check_stream_headers, Scratch};
+use super::tarball::{self, apply_tar, check_stream_headers, Members, Scratch};
 use super::{hex, is_hex64, ImageError, Limits};
 
 /// An open file of a layout and its length.
@@ -369,4 +369,10 @@ pub(crate) fn apply_docker(
         apply_layer(layout, &r, stager, limits, scratch).map_err(in_layer(i, &shown))?;
     }
     Ok(())
+}
+
+impl Layout for Members<'_> {
+    fn open(&self, rel: &Path) -> Result<Option<Opened<'_>>, ImageError> {
+        Ok(self.resolve(rel).map(|(offset, len)| (Box::new(self.backing.range(offset, len)) as Box<dyn Read>, len)))
+    }
 }

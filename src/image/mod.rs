@@ -32,6 +32,7 @@
 //!
 //! [`import_archive_bytes`] is the archive path on its own (no store, no `mkfs.erofs`) for fuzzing.
 
+mod archive;
 mod layout;
 mod stage;
 mod store;
@@ -147,7 +148,7 @@ pub fn import_archive_bytes(bytes: &[u8], staging: &Path, limits: &Limits) -> Re
         Err(e) => return Err(ImageError::io(staging.display(), e)),
     }
     let mut stager = stage::Stager::new(staging, limits)?;
-    tarball::import(&tarball::Backing::Slice(bytes), tarball::Scratch::Memory, &mut stager, limits)?;
+    archive::import(&tarball::Backing::Slice(bytes), tarball::Scratch::Memory, &mut stager, limits)?;
     stager.finish()
 }
 

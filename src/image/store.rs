@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
+use super::archive;
 use super::layout::{self, HostLayout};
 use super::stage::{remove_tree, Stager, MODE_MASK};
-use super::tarball::{self, Backing, Scratch};
+use super::tarball::{Backing, Scratch};
 use super::{digest_hex, hex, is_hex64, ImageError, Limits};
 
 /// Starts every input digest: names the input's kind and the version of ember's rules for
@@ -171,7 +172,7 @@ impl Store {
                 let f = File::open(source).map_err(|e| ImageError::io(source.display(), e))?;
                 let now = f.metadata().map_err(|e| ImageError::io(source.display(), e))?;
                 let len = now.len();
-                tarball::import(&Backing::File(f, len), Scratch::Dir(&work.0), &mut stager, limits)?;
+                archive::import(&Backing::File(f, len), Scratch::Dir(&work.0), &mut stager, limits)?;
                 let after = fs::metadata(source).map_err(|e| ImageError::io(source.display(), e))?;
                 let same = |a: &fs::Metadata, b: &fs::Metadata| {
                     (a.dev(), a.ino(), a.len(), a.mtime(), a.mtime_nsec())

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use tar::{Archive, EntryType};
 
-use super::layout::{self, Layout, Opened};
 use super::stage::{self, Stager};
 use super::{shown, ImageError, Limits};
 
@@ -250,7 +249,7 @@ enum Member {
 
 /// The members of an uncompressed archive, for reading a layout's blobs in place.
 pub(crate) struct Members<'b> {
-    backing: &'b Backing<'b>,
+    pub(crate) backing: &'b Backing<'b>,
     map: HashMap<PathBuf, Member>,
 }
 
@@ -300,7 +299,7 @@ impl<'b> Members<'b> {
     }
 
     /// The file at `rel`, through hard links and symlinks (resolved lexically inside the archive).
-    fn resolve(&self, rel: &Path) -> Option<(u64, u64)> {
+    pub(crate) fn resolve(&self, rel: &Path) -> Option<(u64, u64)> {
         let mut cur = rel.to_path_buf();
         for _ in 0..40 {
             match self.map.get(&cur)? {
@@ -328,14 +327,8 @@ impl<'b> Members<'b> {
     }
 }
 
-impl Layout for Members<'_> {
-    fn open(&self, rel: &Path) -> Result<Option<Opened<'_>>, ImageError> {
-        Ok(self.resolve(rel).map(|(offset, len)| (Box::new(self.backing.range(offset, len)) as Box<dyn Read>, len)))
-    }
-}
-
 /// Decompresses a gzip archive into memory or a scratch file, up to `max_archive_bytes`.
-fn gunzip<'s>(src: &Backing<'_>, scratch: &Scratch<'_>, limits: &Limits) -> Result<Backing<'s>, ImageError> {
+pub(crate) fn gunzip<'s>(src: &Backing<'_>, scratch: &Scratch<'_>, limits: &Limits) -> Result<Backing<'s>, ImageError> {
     let max = limits.max_archive_bytes;
     let mut gz = flate2::read::GzDecoder::new(BufReader::new(src.all())).take(max.saturating_add(1));
     let too_big = ImageError::Limit { what: "archive size", limit: max };
@@ -375,40 +368,4 @@ fn gunzip<'s>(src: &Backing<'_>, scratch: &Scratch<'_>, limits: &Limits) -> Resu
 pub(crate) fn peek<R: BufRead>(r: &mut R) -> io::Result<Vec<u8>> {
     let buf = r.fill_buf()?;
     Ok(buf[..buf.len().min(4)].to_vec())
-}
-
-/// Applies an archive (plain or gzip tar; a `docker save` or OCI-layout tarball is flattened)
-/// into `stager`. Does not call [`Stager::finish`].
-pub(crate) fn import(
-    backing: &Backing<'_>,
-    scratch: Scratch<'_>,
-    stager: &mut Stager<'_>,
-    limits: &Limits,
-) -> Result<(), ImageError> {
-    if backing.len() > limits.max_archive_bytes {
-        return Err(ImageError::Limit { what: "archive size", limit: limits.max_archive_bytes });
-    }
-    let mut head = [0u8; 4];
-    let n = backing.all().read(&mut head).map_err(|e| ImageError::io("reading the input", e))?;
-    let head = &head[..n];
-    if super::zipfile::is_zip(head) {
-        return super::zipfile::apply_zip(backing, stager, limits);
-    }
-    if is_zstd(head) {
-        return Err(ImageError::Unsupported("zstd-compressed archives (decompress it, or use gzip)".into()));
-    }
-    let plain;
-    let tar = if is_gzip(head) {
-        plain = gunzip(backing, &scratch, limits)?;
-        &plain
-    } else {
-        backing
-    };
-    check_headers(Archive::new(tar.all()), limits)?;
-    let kind = Members::index(tar, limits, false)?.kind();
-    match kind {
-        Kind::Plain => apply_tar(tar.all(), stager, false),
-        Kind::Oci => layout::apply_oci(&Members::index(tar, limits, true)?, stager, limits, &scratch),
-        Kind::Docker => layout::apply_docker(&Members::index(tar, limits, true)?, stager, limits, &scratch),
-    }
 }

@@ -6,14 +6,13 @@
 //! A clone is held as a [`CloneHandle`]: whether it ended, its mailbox, and a way to stop it.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::Error;
-use super::function::Function;
 use super::images::ImageDirs;
-use super::model::FunctionSpec;
+use super::model::{FunctionSpec, WorkerInfo};
 use super::registry::Registry;
 use crate::channel::mailbox::Mailbox;
 use crate::config::DriveConfig;
@@ -110,10 +109,18 @@ pub struct TemplateJob<'a> {
     pub net: Option<&'a Slot>,
 }
 
-/// A clone to restore: clone `id` of `f`, on `net`'s TAP; `channels` are where a clone restored
-/// in the daemon puts its mailbox and vsock socket.
+/// A clone to restore: clone `id` of function `name` (its registration, template and worker
+/// slot), on `net`'s TAP; `channels` are where a clone restored in the daemon puts its mailbox
+/// and vsock socket.
 pub struct RestoreJob<'a> {
-    pub f: &'a Function,
+    pub name: &'a str,
+    pub spec: &'a FunctionSpec,
+    /// Most clones of the function at once (its worker is sized for them).
+    pub max_clones: u32,
+    /// Whether the function has been deleted meanwhile (no new worker then).
+    pub deleted: bool,
+    pub template: Option<Arc<Template>>,
+    pub worker: &'a WorkerSlot,
     pub id: u64,
     pub net: Option<&'a Slot>,
     pub channels: (PathBuf, PathBuf),
@@ -156,10 +163,10 @@ impl Backend for Machines {
     }
 
     fn restore(&self, job: RestoreJob<'_>) -> Result<Restored, RestoreError> {
-        let RestoreJob { f, id, net, channels } = job;
-        let template = f.template().ok_or("the function has no template yet")?;
+        let template = job.template.clone().ok_or("the function has no template yet")?;
+        let (id, net) = (job.id, job.net);
         if let Some(workers) = &self.workers {
-            let worker = worker_of(workers, f, &template)?;
+            let worker = job.worker.get_or_start(workers, &job, &template)?;
             let at = Instant::now();
             // A worker that ended under the restore is replaced by the next one: come back then.
             let (vm, mailbox, vsock) = worker.restore(id, net.map(|n| n.tap())).map_err(|e| {
@@ -172,7 +179,7 @@ impl Backend for Machines {
             let vm: Box<dyn CloneHandle> = Box::new(CloneVm::Remote(vm));
             return Ok(Restored { vm, mailbox, vsock, at, took: at.elapsed() });
         }
-        let (mailbox, vsock) = channels;
+        let (mailbox, vsock) = job.channels;
         let taps = match net {
             Some(n) => vec![Arc::new(n.dup_tap().map_err(|e| format!("TAP: {e}"))?)],
             None => Vec::new(),
@@ -243,37 +250,85 @@ impl Backoff {
     }
 }
 
-/// `f`'s worker: the one it has, or a new one when it has none or it ended (counted, with how it
-/// ended), unless its [`Backoff`] says to wait.
-fn worker_of(workers: &Arc<Workers>, f: &Function, template: &Template) -> Result<Arc<Worker>, RestoreError> {
-    if f.deleted.load(Ordering::SeqCst) {
-        return Err("the function has been deleted".into());
-    }
-    let _spawning = f.worker_spawn.locked();
-    if let Some(w) = f.worker.locked().clone() {
-        if !w.dead() {
-            return Ok(w);
+/// A function's worker process: the one running, how many ended without being asked to and how
+/// the last did, and when the next may start.
+#[derive(Default)]
+pub struct WorkerSlot {
+    current: Mutex<Option<Arc<Worker>>>,
+    restarts: AtomicU64,
+    last_exit: Mutex<Option<String>>,
+    backoff: Mutex<Backoff>,
+    /// Held while a worker is started (`current` itself only for a moment: GET reads it).
+    spawning: Mutex<()>,
+}
+
+impl WorkerSlot {
+    /// The function's worker: the one it has, or a new one when it has none or it ended (counted,
+    /// with how it ended), unless its [`Backoff`] says to wait.
+    fn get_or_start(
+        &self,
+        workers: &Arc<Workers>,
+        job: &RestoreJob<'_>,
+        template: &Template,
+    ) -> Result<Arc<Worker>, RestoreError> {
+        if job.deleted {
+            return Err("the function has been deleted".into());
         }
-        if !w.counted.swap(true, Ordering::SeqCst) {
-            let how = w.exit().unwrap_or_else(|| "ended".into());
-            tracing::warn!(function = %f.name, pid = w.pid, "the worker ended ({how}); starting another");
-            f.worker_restarts.fetch_add(1, Ordering::Relaxed);
-            *f.last_worker_exit.locked() = Some(how);
-            let served = w.served.load(Ordering::SeqCst) && w.started.elapsed() >= WORKER_STABLE;
-            f.worker_backoff.locked().worker_ended(served, Instant::now());
+        let _spawning = self.spawning.locked();
+        if let Some(w) = self.current.locked().clone() {
+            if !w.dead() {
+                return Ok(w);
+            }
+            if !w.counted.swap(true, Ordering::SeqCst) {
+                let how = w.exit().unwrap_or_else(|| "ended".into());
+                tracing::warn!(function = %job.name, pid = w.pid, "the worker ended ({how}); starting another");
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                *self.last_exit.locked() = Some(how);
+                let served = w.served.load(Ordering::SeqCst) && w.started.elapsed() >= WORKER_STABLE;
+                self.backoff.locked().worker_ended(served, Instant::now());
+            }
         }
+        if let Some(wait) = self.backoff.locked().wait(Instant::now()) {
+            return Err(RestoreError::Restarting(wait));
+        }
+        let spec = job.spec;
+        let limits = spec.limits.resolve(job.max_clones, spec.vcpus, spec.mem_mib);
+        let w = workers.spawn(job.name, template, &limits, job.max_clones).map_err(|e| {
+            self.backoff.locked().start_failed(Instant::now());
+            RestoreError::Failed(e)
+        })?;
+        tracing::info!(function = %job.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
+        *self.current.locked() = Some(w.clone());
+        Ok(w)
     }
-    if let Some(wait) = f.worker_backoff.locked().wait(Instant::now()) {
-        return Err(RestoreError::Restarting(wait));
+
+    /// Lets the worker go: it exits once its last clone is gone.
+    pub fn release(&self) {
+        self.current.locked().take();
     }
-    let limits = f.spec.limits.resolve(f.max_clones, f.spec.vcpus, f.spec.mem_mib);
-    let w = workers.spawn(&f.name, template, &limits, f.max_clones).map_err(|e| {
-        f.worker_backoff.locked().start_failed(Instant::now());
-        RestoreError::Failed(e)
-    })?;
-    tracing::info!(function = %f.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
-    *f.worker.locked() = Some(w.clone());
-    Ok(w)
+
+    /// The worker as `GET /functions/{name}` shows it (none before the first).
+    pub fn info(&self) -> Option<WorkerInfo> {
+        let w = self.current.locked().clone()?;
+        let (restarts, mut last_exit) = (self.restarts.load(Ordering::Relaxed), self.last_exit.locked().clone());
+        let alive = !w.dead();
+        if !alive {
+            // Ended, not replaced yet (the next restore replaces it).
+            last_exit = w.exit().or(last_exit);
+        }
+        Some(WorkerInfo {
+            pid: alive.then_some(w.pid),
+            uid: w.uid,
+            jailed: w.jailed,
+            cgroup: w.cgroup_path.clone(),
+            memory_limit_bytes: w.memory_limit,
+            cpu_throttled_periods: w.cpu_throttled(),
+            cpu_used_us: w.cpu_used_us(),
+            restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
+            last_exit,
+            restarting_in_s: self.backoff.locked().wait(Instant::now()).map(|d| d.as_secs_f64()),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
-use super::backend::{Backoff, CloneHandle};
-use super::model::{FunctionInfo, FunctionSpec, FunctionState, WorkerInfo};
-use crate::isolation::worker::Worker;
+use super::backend::{CloneHandle, WorkerSlot};
+use super::model::{FunctionInfo, FunctionSpec, FunctionState};
 use crate::scale::fleet::Host;
 use crate::scale::scaler::Scaler;
 use crate::scale::TICK;
@@ -119,8 +118,8 @@ pub(super) struct Counters {
 ///
 /// Lock order (a lock may be taken while holding only those before it; the daemon's own come
 /// first): `Supervisor::functions` -> `Supervisor::updates` -> `Supervisor::handed` ->
-/// `worker_spawn` -> `pool` -> the rest (`state`, `template`, `scaler`, `refill_s`, `version`,
-/// `worker`, `last_worker_exit`, `worker_backoff`: each held alone, never two at once). A clone
+/// `worker.spawning` -> `pool` -> the rest (`state`, `template`, `scaler`, `refill_s`,
+/// `version`, and `worker`'s own: each held alone, never two at once). A clone
 /// is never stopped (its threads joined) under any of them: it goes to the discard thread.
 pub struct Function {
     pub(super) name: String,
@@ -140,15 +139,8 @@ pub struct Function {
     /// Most clones (ready, starting, restoring and in use) at once: the policy's `max`, or as
     /// many of its guests as the host's memory holds.
     pub(super) max_clones: u32,
-    /// The process its clones run in (with worker isolation), once started.
-    pub(super) worker: Mutex<Option<Arc<Worker>>>,
-    /// Workers that ended without being asked to, and how the last one did.
-    pub(super) worker_restarts: AtomicU64,
-    pub(super) last_worker_exit: Mutex<Option<String>>,
-    /// When a new worker may start, and how many in a row ended soon after they started.
-    pub(super) worker_backoff: Mutex<Backoff>,
-    /// Held while a worker is started (`worker` itself only for a moment: GET reads it).
-    pub(super) worker_spawn: Mutex<()>,
+    /// The process its clones run in (with worker isolation), its restarts and backoff.
+    pub(super) worker: WorkerSlot,
 }
 
 impl Function {
@@ -167,11 +159,7 @@ impl Function {
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
             version: Mutex::new(None),
-            worker: Mutex::new(None),
-            worker_restarts: AtomicU64::new(0),
-            last_worker_exit: Mutex::new(None),
-            worker_backoff: Mutex::new(Backoff::default()),
-            worker_spawn: Mutex::new(()),
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -208,34 +196,9 @@ impl Function {
             recycled_clones: c.recycled.load(Ordering::Relaxed),
             expired_leases: c.expired_leases.load(Ordering::Relaxed),
             refill_s: *self.refill_s.locked(),
-            worker: self.worker_info(),
+            worker: self.worker.info(),
             network: None,
         }
-    }
-}
-
-impl Function {
-    fn worker_info(&self) -> Option<WorkerInfo> {
-        let w = self.worker.locked().clone()?;
-        let (restarts, mut last_exit) =
-            (self.worker_restarts.load(Ordering::Relaxed), self.last_worker_exit.locked().clone());
-        let alive = !w.dead();
-        if !alive {
-            // Ended, not replaced yet (the next restore replaces it).
-            last_exit = w.exit().or(last_exit);
-        }
-        Some(WorkerInfo {
-            pid: alive.then_some(w.pid),
-            uid: w.uid,
-            jailed: w.jailed,
-            cgroup: w.cgroup_path.clone(),
-            memory_limit_bytes: w.memory_limit,
-            cpu_throttled_periods: w.cpu_throttled(),
-            cpu_used_us: w.cpu_used_us(),
-            restarts: restarts + u64::from(!alive && !w.counted.load(Ordering::SeqCst)),
-            last_exit,
-            restarting_in_s: self.worker_backoff.locked().wait(Instant::now()).map(|d| d.as_secs_f64()),
-        })
     }
 }
 

@@ -444,7 +444,7 @@ impl Supervisor {
             self.network.detach(name);
         }
         // Its worker exits when its last clone is gone.
-        f.worker.locked().take();
+        f.worker.release();
         Ok(())
     }
 }

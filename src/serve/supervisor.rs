@@ -188,7 +188,17 @@ impl Supervisor {
             Some(_) => Some(self.network.take(&f.name, NETWORK_WAIT).map_err(|e| RestoreError::Failed(e.to_string()))?),
             None => None,
         };
-        let job = RestoreJob { f, id, net: net.as_ref(), channels: self.registry.channels(id) };
+        let job = RestoreJob {
+            name: &f.name,
+            spec: &f.spec,
+            max_clones: f.max_clones,
+            deleted: f.deleted.load(Ordering::SeqCst),
+            template: f.template(),
+            worker: &f.worker,
+            id,
+            net: net.as_ref(),
+            channels: self.registry.channels(id),
+        };
         let r = self.backend.restore(job)?;
         self.metrics.restore.observe(r.took);
         Ok(PooledVm { id, vm: r.vm, mailbox: r.mailbox, vsock: r.vsock, uses: 0, restored: r.at, net })
@@ -218,7 +228,7 @@ impl Supervisor {
         // Workers exit once the last handle on each goes; wait for them (and their cgroups).
         let functions: Vec<Arc<Function>> = self.functions.locked().values().cloned().collect();
         for f in functions.iter().chain(self.updates.locked().values()) {
-            f.worker.locked().take();
+            f.worker.release();
         }
         self.backend.wait_all(Duration::from_secs(10));
         self.network.shutdown();

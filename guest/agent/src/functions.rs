@@ -179,7 +179,7 @@ impl Functions {
                     }
                 }
             }
-            "vsock-ping" => reply(out, crate::vsock::ping_host(payload), Status::Failed),
+            "vsock-ping" => reply(out, crate::vsock_socket::ping_host(payload), Status::Failed),
             "storm" => reply(out, crate::storm::run(payload), Status::BadRequest),
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
             "clock" => reply(out, clocks(), Status::Failed),

@@ -27,6 +27,7 @@ mod net;
 mod storm;
 mod tsc;
 mod vsock;
+mod vsock_socket;
 
 /// The boot timer: writing this byte at this guest-physical address marks "user space is up".
 const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;

@@ -17,8 +17,7 @@ use crate::sys::Locked;
 pub const JAIL_NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
 
-/// The descriptor a worker finds its socket on.
-pub const WORKER_FD: RawFd = 3;
+pub use super::protocol::WORKER_FD;
 
 enum Job {
     Start {

@@ -8,17 +8,22 @@
 //! drops them and refills through a new worker, and `GET /functions/{name}` says what happened.
 
 pub mod cgroup;
+mod clone;
 pub mod jail;
 pub mod launcher;
+mod made;
 pub mod process;
 pub mod protocol;
 
-use std::collections::{BTreeSet, HashMap};
+use clone::{read_events, Shared};
+pub use clone::{CloneVm, RemoteVm, Worker};
+pub use made::MadeInWorker;
+
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,14 +33,12 @@ use self::cgroup::{Cgroup, CgroupBase, CgroupLimits};
 use self::jail::{Bind, JailSpec};
 use self::launcher::{Launcher, JAIL_NAMESPACES};
 use self::protocol::{FromWorker, Received, Setup, Task, ToWorker};
-use crate::channel::mailbox::Mailbox;
 use crate::sys::Locked;
 use crate::template::Template;
-use crate::vmm::RunningVm;
 
 /// How long a worker may take to set itself up, and to restore one clone.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Files a worker may hold open: a clone needs about a dozen (VM, vCPUs, eventfds, mailbox, vsock).
 const FILES_PER_CLONE: u64 = 24;
 
@@ -555,64 +558,6 @@ impl Workers {
     }
 }
 
-/// A template a worker made, as it came back over the socket (the state file's bytes, the memory
-/// as a sealed memfd, the working set's bytes), checked: the state decodes and describes the
-/// registration's guest (its RAM, vCPUs and exactly the daemon's own drive list), the memory is
-/// sealed and of that size, the working set lies within it.
-pub struct MadeInWorker {
-    pub state: crate::vmm::persist::SnapshotState,
-    pub state_bytes: Vec<u8>,
-    pub memory: crate::snapshot::MemoryFile,
-    pub working_set: Option<Vec<u8>>,
-}
-
-impl MadeInWorker {
-    fn check(
-        files: Vec<std::os::fd::OwnedFd>,
-        working_set: bool,
-        vm: &crate::config::VmConfig,
-    ) -> Result<Self, String> {
-        use crate::snapshot::working_set::WorkingSet;
-        let bad = |what: &str| format!("the worker's template is not acceptable: {what}");
-        let want = if working_set { 3 } else { 2 };
-        if files.len() != want {
-            return Err(bad(&format!("{} descriptors where {want} were due", files.len())));
-        }
-        let mut files = files.into_iter().map(std::fs::File::from);
-        let (Some(state_file), Some(memory)) = (files.next(), files.next()) else {
-            return Err(bad("descriptors missing"));
-        };
-        let origin = Path::new("(the worker's template state)");
-        let limit = crate::snapshot::MAX_STATE_LEN + 4096;
-        let state_bytes = crate::sys::read_file_limited(&state_file, limit).map_err(|e| bad(&format!("state: {e}")))?;
-        let state =
-            crate::vmm::persist::SnapshotState::decode(&state_bytes, origin).map_err(|e| bad(&e.to_string()))?;
-        let (vcpus, mem_bytes) = (vm.machine_config.vcpu_count, vm.machine_config.mem_size_mib << 20);
-        if state.machine.mem_bytes != mem_bytes || state.vcpus.len() as u64 != vcpus {
-            return Err(bad(&format!(
-                "a guest of {} bytes and {} vCPUs, where {mem_bytes} bytes and {} were registered",
-                state.machine.mem_bytes,
-                state.vcpus.len(),
-                vcpus
-            )));
-        }
-        if state.devices.drives != vm.drives {
-            return Err(bad("its drives are not the registration's"));
-        }
-        let memory = crate::snapshot::MemoryFile::from_sealed(memory, mem_bytes).map_err(|e| bad(&e.to_string()))?;
-        let working_set = match files.next() {
-            Some(f) => {
-                let bytes = crate::sys::read_file_limited(&f, limit).map_err(|e| bad(&format!("working set: {e}")))?;
-                WorkingSet::decode(&bytes, mem_bytes, Path::new("(the worker's working set)"))
-                    .map_err(|e| bad(&e.to_string()))?;
-                Some(bytes)
-            }
-            None => None,
-        };
-        Ok(Self { state, state_bytes, memory, working_set })
-    }
-}
-
 /// Sets the mode of the regular file at `path` on the file itself, opened without following a
 /// symlink in its last component.
 fn set_mode_nofollow(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -641,215 +586,6 @@ fn state_id(state_dir: &Path) -> String {
     use sha2::{Digest, Sha256};
     let p = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
     Sha256::digest(p.as_os_str().as_encoded_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
-}
-
-/// A worker's answer to a restore: the descriptors that came with it (the clone's mailbox).
-type RestoreAnswer = Result<Vec<std::os::fd::OwnedFd>, String>;
-
-#[derive(Default)]
-struct Shared {
-    /// Restores waiting for their answer, by clone id.
-    pending: Mutex<HashMap<u64, Sender<RestoreAnswer>>>,
-    /// Every live clone's mailbox, by id (marked ended when the clone or the worker ends).
-    clones: Mutex<HashMap<u64, Arc<Mailbox>>>,
-    dead: AtomicBool,
-    /// How the worker ended, once it has.
-    exit: Mutex<Option<String>>,
-}
-
-impl Shared {
-    fn fail_everything(&self) {
-        self.dead.store(true, Ordering::SeqCst);
-        for (_, tx) in self.pending.locked().drain() {
-            let _ = tx.send(Err("the worker ended".into()));
-        }
-        for (_, m) in self.clones.locked().drain() {
-            m.vm_ended();
-        }
-    }
-}
-
-/// Reads what the worker reports until it closes its end (it ended).
-fn read_events(sock: &UnixDatagram, shared: &Shared) {
-    loop {
-        match protocol::recv::<FromWorker>(sock) {
-            Ok(Received::Message(m, fds)) => match m {
-                FromWorker::Restored { id } => {
-                    if let Some(tx) = shared.pending.locked().remove(&id) {
-                        let _ = tx.send(Ok(fds));
-                    }
-                }
-                FromWorker::Failed { id, error } => {
-                    if let Some(tx) = shared.pending.locked().remove(&id) {
-                        let _ = tx.send(Err(error));
-                    }
-                }
-                FromWorker::Exited { id, why } => {
-                    crate::log_limited!(info, "clone {id} ended: {why}");
-                    if let Some(m) = shared.clones.locked().remove(&id) {
-                        m.vm_ended();
-                    }
-                }
-                other => crate::log_limited!(warn, "worker: unexpected {other:?}"),
-            },
-            Ok(Received::Nothing) => {}
-            Ok(Received::Closed) => return,
-            Err(e) => {
-                crate::log_limited!(warn, "worker: {e}; stopping it");
-                return;
-            }
-        }
-    }
-}
-
-/// One worker process, as the supervisor holds it. Dropping the last handle (the function's and
-/// its clones') closes the socket: the worker stops its clones and exits.
-pub struct Worker {
-    pub pid: i32,
-    pub started: std::time::Instant,
-    /// Set once the supervisor has counted this worker's end (as a restart).
-    pub counted: AtomicBool,
-    /// Set once it has restored a clone (a worker that dies before that may be a crash loop).
-    pub served: AtomicBool,
-    pub uid: u32,
-    pub jailed: bool,
-    sock: UnixDatagram,
-    shared: Arc<Shared>,
-    run_dir: PathBuf,
-    pub cgroup_path: Option<String>,
-    pub memory_limit: Option<u64>,
-    cgroup: Option<Arc<Cgroup>>,
-}
-
-impl Worker {
-    /// Whether the process has ended.
-    pub fn dead(&self) -> bool {
-        self.shared.dead.load(Ordering::SeqCst)
-    }
-
-    /// Periods its CPU cap throttled it in, so far (with a cgroup).
-    pub fn cpu_throttled(&self) -> Option<u64> {
-        self.cgroup.as_ref().and_then(|c| c.cpu_throttled())
-    }
-
-    /// CPU time it used so far, in microseconds (with a cgroup).
-    pub fn cpu_used_us(&self) -> Option<u64> {
-        self.cgroup.as_ref().and_then(|c| c.cpu_used_us())
-    }
-
-    /// How it ended (once it has and was reaped).
-    pub fn exit(&self) -> Option<String> {
-        self.shared.exit.locked().clone()
-    }
-
-    /// Restores clone `id` in the worker (its network card on the TAP `tap`, when it has one) and
-    /// maps its mailbox, which the worker hands over as a memfd whose size is sealed (never a
-    /// path: the daemon opens nothing in a directory a worker can write, and maps nothing a
-    /// worker could truncate under it). Returns its channels' paths too: for the mailbox, the
-    /// daemon's own descriptor of it under /proc (see `mailbox_path`).
-    pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
-        let (tx, rx) = channel();
-        self.shared.pending.locked().insert(id, tx);
-        if self.dead() {
-            self.shared.pending.locked().remove(&id);
-            return Err("the worker has ended".into());
-        }
-        if let Err(e) = protocol::send(&self.sock, &ToWorker::Restore { id }, tap) {
-            self.shared.pending.locked().remove(&id);
-            return Err(format!("worker: {e}"));
-        }
-        let answer = rx.recv_timeout(RESTORE_TIMEOUT).map_err(|_| "the worker did not answer in time".to_string());
-        self.shared.pending.locked().remove(&id);
-        let mut fds = answer??;
-        let handed =
-            fds.pop().filter(|_| fds.is_empty()).ok_or_else(|| "the worker sent no mailbox with the clone".to_string());
-        let m = match handed.and_then(|fd| Mailbox::from_sealed(fd.into()).map_err(|e| e.to_string())) {
-            Ok(m) => Arc::new(m),
-            Err(e) => {
-                let _ = protocol::send(&self.sock, &ToWorker::Stop { id }, None);
-                return Err(format!("the clone's mailbox: {e}"));
-            }
-        };
-        let (mailbox, vsock) = (mailbox_path(&m), self.run_dir.join(format!("{id}.vsock")));
-        self.shared.clones.locked().insert(id, m.clone());
-        self.served.store(true, Ordering::SeqCst);
-        // A worker that ended meanwhile has marked every clone it knew: look once more.
-        if self.dead() {
-            m.vm_ended();
-        }
-        Ok((RemoteVm { id, mailbox: m, worker: self.clone() }, mailbox, vsock))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // SAFETY: shutdown on our own socket; the worker reads end-of-file and exits.
-        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-}
-
-/// Where a scheduler maps a worker clone's mailbox: the daemon's own descriptor of the sealed
-/// memfd, `/proc/<daemon>/fd/<n>` (readable only by the daemon's user; valid while the clone is
-/// handed out, so it is opened while the lease is held, as `ember invoke --mailbox` does).
-fn mailbox_path(m: &Mailbox) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), m.fd().as_raw_fd()))
-}
-
-/// A clone running in a worker.
-pub struct RemoteVm {
-    id: u64,
-    mailbox: Arc<Mailbox>,
-    worker: Arc<Worker>,
-}
-
-impl Drop for RemoteVm {
-    fn drop(&mut self) {
-        self.worker.shared.clones.locked().remove(&self.id);
-        self.mailbox.vm_ended();
-        if !self.worker.dead() {
-            let _ = protocol::send(&self.worker.sock, &ToWorker::Stop { id: self.id }, None);
-        }
-    }
-}
-
-/// A clone, wherever it runs.
-pub enum CloneVm {
-    Local(Box<RunningVm>),
-    Remote(RemoteVm),
-}
-
-impl CloneVm {
-    /// Whether the clone has ended (its guest, or its worker).
-    pub fn ended(&self) -> bool {
-        match self {
-            Self::Local(vm) => vm.exit().is_some(),
-            Self::Remote(r) => r.worker.dead() || r.mailbox.ended(),
-        }
-    }
-
-    pub fn mailbox(&self) -> Arc<Mailbox> {
-        match self {
-            Self::Local(vm) => vm.mailbox(),
-            Self::Remote(r) => r.mailbox.clone(),
-        }
-    }
-
-    /// Makes a clone that runs here leave its guest at once, without waiting (see
-    /// [`RunningVm::request_stop`]); a clone in a worker is stopped there when it is dropped.
-    pub fn request_stop(&self, why: &str) {
-        if let Self::Local(vm) = self {
-            vm.request_stop(why);
-        }
-    }
-
-    /// Stops and destroys the clone (joins its threads when it runs here).
-    pub fn stop(self, why: &str) {
-        match self {
-            Self::Local(vm) => drop((*vm).stop(why)),
-            Self::Remote(r) => drop(r),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::launcher::WORKER_FD;
-use super::protocol::{self, FromWorker, Received, Setup, Task, ToWorker};
+use super::protocol::{self, FromWorker, Received, Setup, Task, ToWorker, WORKER_FD};
 use crate::config::VmConfig;
 use crate::snapshot::{MemoryFile, SnapshotPaths};
 use crate::template::MakeOptions;

@@ -14,6 +14,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 pub const MAX_MESSAGE: usize = 256 << 10;
 
 /// What a worker serves and how it is confined (the first message it reads).
+/// The descriptor a worker finds its socket on.
+pub const WORKER_FD: std::os::fd::RawFd = 3;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Setup {
     pub function: String,
