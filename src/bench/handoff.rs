@@ -74,7 +74,7 @@ pub(super) fn register(
         s.extend(e.clone());
     }
     let spec: FunctionSpec = serde_json::from_value(spec).map_err(|e| e.to_string())?;
-    Registry::open(state).map_err(|e| e.to_string())?.install(name, &spec, snapshot)
+    Registry::open(state).map_err(|e| e.to_string())?.install(name, &spec, snapshot).map_err(|e| e.to_string())
 }
 
 /// `ember serve` in this process over the state directory `state` (its functions installed with

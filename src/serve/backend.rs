@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::error::Error;
 use super::images::ImageDirs;
 use super::model::{FunctionSpec, WorkerInfo};
-use super::registry::Registry;
+use super::registry::{Registry, RegistryError};
 use crate::channel::mailbox::Mailbox;
 use crate::config::DriveConfig;
 use crate::isolation::network::Slot;
@@ -140,7 +140,7 @@ pub struct Restored {
 pub trait Backend: Send + Sync {
     /// Makes a template (blocks for the guest's boot). `None`: the backend restores clones
     /// without one (the stub).
-    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, String>;
+    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, RegistryError>;
     /// Restores a clone of the function's template and starts it.
     fn restore(&self, job: RestoreJob<'_>) -> Result<Restored, RestoreError>;
     /// Waits (at most `timeout`) for the processes clones ran in to end, once every handle on
@@ -155,7 +155,7 @@ pub struct Machines {
 }
 
 impl Backend for Machines {
-    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, String> {
+    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, RegistryError> {
         let workers = self.workers.as_deref();
         let TemplateJob { name, spec, version, drives, next, registry, images, net } = job;
         let t = registry.make_template(name, spec, version, drives, images, next, workers, net)?;

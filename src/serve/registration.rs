@@ -230,7 +230,7 @@ impl Supervisor {
                     images: &sup.images,
                     net: net.as_ref(),
                 };
-                Ok((sup.backend.make_template(job)?, update, code))
+                Ok((sup.backend.make_template(job).map_err(|e| e.to_string())?, update, code))
             });
             {
                 let mut boots = sup.template_boots.locked();
@@ -430,7 +430,7 @@ impl Supervisor {
     pub fn delete(&self, name: &str) -> Result<(), Error> {
         let f = self.function(name)?;
         // The files first: if they cannot go, the function stays registered as it was.
-        self.registry.remove(name).map_err(Error::internal)?;
+        self.registry.remove(name).map_err(|e| Error::internal(e.to_string()))?;
         self.functions.locked().remove(name);
         if let Some(u) = self.updates.locked().remove(name) {
             u.deleted.store(true, Ordering::SeqCst);

@@ -25,6 +25,36 @@ const SPEC_FILE: &str = "spec.json";
 const MADE_FOR: &str = "registration.json";
 const VERSION_FILE: &str = "version";
 
+/// Why the state directory could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cannot encode the registration: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// A saved template that does not serve this registration.
+    #[error("{0}")]
+    Stale(&'static str),
+    /// An image the registration names cannot be opened.
+    #[error("{0}")]
+    Image(super::images::ImageError),
+    /// The guest's boot, or the worker that booted it, failed.
+    #[error("{0}")]
+    Boot(String),
+}
+
+impl From<super::images::ImageError> for RegistryError {
+    fn from(e: super::images::ImageError) -> Self {
+        Self::Image(e)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
+    move |source| RegistryError::Io { path: path.to_path_buf(), source }
+}
+
 /// The state directory's layout.
 pub struct Registry {
     dir: PathBuf,
@@ -56,24 +86,24 @@ impl Registry {
     }
 
     /// Records in a template directory what it was made for.
-    fn label(dir: &Path, spec: &FunctionSpec, version: &str) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-        snapshot::write_atomic(&dir.join(MADE_FOR), &bytes).map_err(|e| e.to_string())?;
-        snapshot::write_atomic(&dir.join(VERSION_FILE), version.as_bytes()).map_err(|e| e.to_string())
+    fn label(dir: &Path, spec: &FunctionSpec, version: &str) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(spec)?;
+        snapshot::write_atomic(&dir.join(MADE_FOR), &bytes)?;
+        Ok(snapshot::write_atomic(&dir.join(VERSION_FILE), version.as_bytes())?)
     }
 
     /// Makes the template made by [`Registry::make_template`] with `next` the function's own (the
     /// one before goes).
-    pub fn promote(&self, name: &str) -> Result<(), String> {
+    pub fn promote(&self, name: &str) -> Result<(), RegistryError> {
         let (dir, next) = (self.template_dir(name), self.next_template_dir(name));
         let old = self.function_dir(name).join(".template.old");
         let _ = std::fs::remove_dir_all(&old);
         match std::fs::rename(&dir, &old) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+            Err(e) => return Err(io(&dir)(e)),
         }
-        std::fs::rename(&next, &dir).map_err(|e| format!("{}: {e}", next.display()))?;
+        std::fs::rename(&next, &dir).map_err(io(&next))?;
         let _ = snapshot::sync_dir(&self.function_dir(name));
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
@@ -81,7 +111,7 @@ impl Registry {
 
     /// Records that the function's template now serves `spec` (a new registration that changed
     /// nothing the guest sees).
-    pub fn relabel(&self, name: &str, spec: &FunctionSpec, version: &str) -> Result<(), String> {
+    pub fn relabel(&self, name: &str, spec: &FunctionSpec, version: &str) -> Result<(), RegistryError> {
         Self::label(&self.template_dir(name), spec, version)
     }
 
@@ -93,10 +123,16 @@ impl Registry {
     /// Records a template that has no files of its own (a backend that restores clones without
     /// one, the unit tests' stub) where [`Registry::make_template`] would have made it: its
     /// directory, labelled, so that versions are promoted and relabelled as for any other.
-    pub fn record_template(&self, name: &str, spec: &FunctionSpec, version: &str, next: bool) -> Result<(), String> {
+    pub fn record_template(
+        &self,
+        name: &str,
+        spec: &FunctionSpec,
+        version: &str,
+        next: bool,
+    ) -> Result<(), RegistryError> {
         let dir = if next { self.next_template_dir(name) } else { self.template_dir(name) };
         let _ = std::fs::remove_dir_all(&dir);
-        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(io(&dir))?;
         Self::label(&dir, spec, version)
     }
 
@@ -107,12 +143,12 @@ impl Registry {
     }
 
     /// Saves a registration (atomically: a crash leaves the old one or the new one).
-    pub fn save(&self, name: &str, spec: &FunctionSpec) -> Result<(), String> {
+    pub fn save(&self, name: &str, spec: &FunctionSpec) -> Result<(), RegistryError> {
         let dir = self.function_dir(name);
-        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-        snapshot::write_atomic(&dir.join(SPEC_FILE), &bytes).map_err(|e| e.to_string())?;
-        snapshot::sync_dir(&self.dir.join("functions")).map_err(|e| e.to_string())
+        private_dir(&dir).map_err(io(&dir))?;
+        let bytes = serde_json::to_vec_pretty(spec)?;
+        snapshot::write_atomic(&dir.join(SPEC_FILE), &bytes)?;
+        Ok(snapshot::sync_dir(&self.dir.join("functions"))?)
     }
 
     /// Every saved registration, by name, in name order; a registration that cannot be read is
@@ -147,13 +183,13 @@ impl Registry {
 
     /// Removes a function's files: first renamed out of the way in one step (a crash leaves
     /// either the registration or a tombstone that the next start removes), then deleted.
-    pub fn remove(&self, name: &str) -> Result<(), String> {
+    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
         let dir = self.function_dir(name);
         let tomb = self.dir.join("functions").join(format!(".{name}.deleted"));
         let _ = std::fs::remove_dir_all(&tomb);
-        std::fs::rename(&dir, &tomb).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        std::fs::rename(&dir, &tomb).map_err(io(&dir))?;
         let _ = snapshot::sync_dir(&self.dir.join("functions"));
-        std::fs::remove_dir_all(&tomb).map_err(|e| format!("cannot remove {}: {e}", tomb.display()))
+        std::fs::remove_dir_all(&tomb).map_err(io(&tomb))
     }
 
     /// Boots `spec`'s guest to its agent's "ready" and makes the function's template, labelled
@@ -171,9 +207,9 @@ impl Registry {
         next: bool,
         workers: Option<&crate::isolation::worker::Workers>,
         net: Option<&crate::isolation::network::Slot>,
-    ) -> Result<Template, String> {
-        let kernel = images.open_image("kernel", &spec.kernel).map_err(|e| e.to_string())?;
-        let initramfs = images.open_image("initramfs", &spec.initramfs).map_err(|e| e.to_string())?;
+    ) -> Result<Template, RegistryError> {
+        let kernel = images.open_image("kernel", &spec.kernel)?;
+        let initramfs = images.open_image("initramfs", &spec.initramfs)?;
         let dir = if next { self.next_template_dir(name) } else { self.template_dir(name) };
         let _ = std::fs::remove_dir_all(&dir);
         match workers {
@@ -183,14 +219,9 @@ impl Registry {
             Some(w) => {
                 let tap = net.map(|n| n.tap());
                 let vm = spec.vm_config_with_drives(drives);
-                let made = w.make_template(
-                    name,
-                    &vm,
-                    spec.limits.cpus,
-                    [kernel.fd(), initramfs.fd()],
-                    tap,
-                    spec.boot_timeout(),
-                )?;
+                let made = w
+                    .make_template(name, &vm, spec.limits.cpus, [kernel.fd(), initramfs.fd()], tap, spec.boot_timeout())
+                    .map_err(RegistryError::Boot)?;
                 let paths = snapshot::SnapshotPaths::new(&dir);
                 let written = (|| {
                     private_dir(&dir).map_err(|e| snapshot::SnapshotError::Io(dir.clone(), e))?;
@@ -201,53 +232,52 @@ impl Registry {
                     }
                     snapshot::sync_dir(&dir)
                 })();
-                written.map_err(|e| e.to_string())?;
+                written?;
                 Self::label(&dir, spec, version)?;
                 return Ok(Template { paths, state: made.state, memory: made.memory });
             }
             None => {
                 let opened = FunctionSpec { kernel: kernel.path(), initramfs: initramfs.path(), ..spec.clone() };
                 let taps = match net {
-                    Some(n) => vec![std::sync::Arc::new(n.dup_tap().map_err(|e| format!("TAP: {e}"))?)],
+                    Some(n) => vec![std::sync::Arc::new(n.dup_tap().map_err(io(Path::new("(the TAP device)")))?)],
                     None => Vec::new(),
                 };
                 let channels = crate::vmm::Channels { taps, ..Default::default() };
                 let opts = MakeOptions { timeout: spec.boot_timeout(), channels, ..Default::default() };
-                Template::make(&opened.vm_config_with_drives(drives), &dir, opts).map_err(|e| e.to_string())?;
+                Template::make(&opened.vm_config_with_drives(drives), &dir, opts)
+                    .map_err(|e| RegistryError::Boot(e.to_string()))?;
             }
         }
         Self::label(&dir, spec, version)?;
-        Template::open(&dir).and_then(Template::sealed).map_err(|e| e.to_string())
+        Ok(Template::open(&dir).and_then(Template::sealed)?)
     }
 
     /// The function's saved template, its memory held sealed (clones never map the file itself),
     /// and its version; refused when it was made for another registration than `spec`.
-    pub fn open_template(&self, name: &str, spec: &FunctionSpec) -> Result<(Template, String), String> {
+    pub fn open_template(&self, name: &str, spec: &FunctionSpec) -> Result<(Template, String), RegistryError> {
         let dir = self.template_dir(name);
         let made_for = std::fs::read(dir.join(MADE_FOR))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .ok_or("it does not say what it was made for")?;
-        let want = serde_json::to_value(spec).map_err(|e| e.to_string())?;
-        if made_for != want {
-            return Err("it was made for another registration".into());
+            .ok_or(RegistryError::Stale("it does not say what it was made for"))?;
+        if made_for != serde_json::to_value(spec)? {
+            return Err(RegistryError::Stale("it was made for another registration"));
         }
-        let version = std::fs::read_to_string(dir.join(VERSION_FILE)).map_err(|e| format!("version: {e}"))?;
-        let t = Template::open(&dir).and_then(Template::sealed).map_err(|e| e.to_string())?;
+        let version_file = dir.join(VERSION_FILE);
+        let version = std::fs::read_to_string(&version_file).map_err(io(&version_file))?;
+        let t = Template::open(&dir).and_then(Template::sealed)?;
         Ok((t, version.trim().to_string()))
     }
 
     /// Registers `name` with `spec` and an existing template (its files hard-linked, or copied
     /// across file systems), as if the daemon had made it: for benchmarks and tests that start a
     /// daemon without booting.
-    pub fn install(&self, name: &str, spec: &FunctionSpec, template: &Path) -> Result<(), String> {
+    pub fn install(&self, name: &str, spec: &FunctionSpec, template: &Path) -> Result<(), RegistryError> {
         let dir = self.template_dir(name);
-        private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(io(&dir))?;
         for f in [STATE_FILE, MEMORY_FILE] {
             let (from, to) = (template.join(f), dir.join(f));
-            std::fs::hard_link(&from, &to)
-                .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
-                .map_err(|e| format!("{}: {e}", from.display()))?;
+            std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ())).map_err(io(&from))?;
         }
         Self::label(&dir, spec, "installed")?;
         self.save(name, spec)

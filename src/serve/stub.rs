@@ -15,6 +15,7 @@ use super::error::ErrorKind;
 use super::images::ImageDirs;
 use super::layers::Builder;
 use super::model::{FunctionSpec, FunctionState};
+use super::registry::RegistryError;
 use super::supervisor::{Clock, Supervisor};
 use crate::channel::mailbox::Mailbox;
 use crate::isolation::network::Network;
@@ -59,7 +60,7 @@ impl Drop for StubClone {
 }
 
 impl Backend for Stub {
-    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, String> {
+    fn make_template(&self, job: TemplateJob<'_>) -> Result<Option<Arc<Template>>, RegistryError> {
         self.templates.fetch_add(1, Ordering::SeqCst);
         job.registry.record_template(job.name, job.spec, job.version, job.next)?;
         Ok(None)
