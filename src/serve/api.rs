@@ -124,7 +124,7 @@ async fn delete_function(State(sup): Sup, Path(name): Path<String>) -> Result<St
 }
 
 async fn acquire(State(sup): Sup, Path(name): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(call(&sup, command::Acquire { name }).await?).into_response())
+    Ok(Json(call(&sup, command::Acquire { name: name.into() }).await?).into_response())
 }
 
 #[derive(Deserialize)]

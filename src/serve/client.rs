@@ -234,6 +234,8 @@ impl Client {
 /// A connection speaking the lean protocol (`serve::lean`).
 pub struct LeanClient {
     conn: BufReader<UnixStream>,
+    /// The request line being written (kept: no allocation per request).
+    out: Vec<u8>,
 }
 
 impl LeanClient {
@@ -241,7 +243,7 @@ impl LeanClient {
     pub fn connect(socket: &Path) -> std::io::Result<Self> {
         let mut s = UnixStream::connect(socket)?;
         s.write_all(HELLO)?;
-        Ok(Self { conn: BufReader::new(s) })
+        Ok(Self { conn: BufReader::new(s), out: Vec::with_capacity(256) })
     }
 
     /// The connection, for a caller that waits on it itself (polls it, say).
@@ -256,19 +258,31 @@ impl LeanClient {
 
     /// Sends one request line (without its newline).
     pub fn send(&mut self, line: &str) -> std::io::Result<()> {
-        let mut l = Vec::with_capacity(line.len() + 1);
-        l.extend_from_slice(line.as_bytes());
-        l.push(b'\n');
-        self.conn.get_mut().write_all(&l)
+        self.out.clear();
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.push(b'\n');
+        self.conn.get_mut().write_all(&self.out)
+    }
+
+    /// Reads one answer line, as it came (with its newline), into `line`.
+    pub fn read_line(&mut self, line: &mut Vec<u8>) -> std::io::Result<()> {
+        line.clear();
+        if self.conn.read_until(b'\n', line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
     }
 
     /// Reads one answer line: its JSON, or the refusal it carries.
     pub fn answer<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
         let mut line = Vec::new();
-        if self.conn.read_until(b'\n', &mut line)? == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
-        let v: Value = serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.read_line(&mut line)?;
+        Self::parse(&line)
+    }
+
+    /// An answer line's JSON, or the refusal it carries.
+    pub fn parse<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
+        let v: Value = serde_json::from_slice(line).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let (Some(message), Some(status)) = (v["error"].as_str(), v["status"].as_u64()) {
             let retry_after_s = v["retry_after_s"].as_u64();
             return Err(ClientError::Refused { status: status as u16, message: message.into(), retry_after_s });

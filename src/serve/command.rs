@@ -6,6 +6,7 @@
 //! pool; a lean connection: its own thread), and maps the reply and the [`Error`]'s kind to its
 //! own codes. No door decides anything else.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,19 +114,20 @@ impl Command for DeleteFunction {
 }
 
 /// Hands a clone over (`POST /functions/{name}/acquire`, the lean `acquire`): a ready one at
-/// once (microseconds, no system call), else a cold start, which blocks.
-pub struct Acquire {
-    pub name: String,
+/// once (microseconds, no system call), else a cold start, which blocks. The name is borrowed
+/// where the door has it (the warm path allocates nothing for it).
+pub struct Acquire<'a> {
+    pub name: Cow<'a, str>,
 }
 
-impl Command for Acquire {
+impl Command for Acquire<'_> {
     type Reply = Handoff;
     fn run(self, sup: &Arc<Supervisor>) -> Result<Step<Handoff>, Error> {
         match sup.acquire_warm(&self.name)? {
             Some(h) => Ok(Step::Done(h)),
             None => {
-                let sup = sup.clone();
-                Ok(Step::later(move || sup.acquire_cold(&self.name)))
+                let (sup, name) = (sup.clone(), self.name.into_owned());
+                Ok(Step::later(move || sup.acquire_cold(&name)))
             }
         }
     }

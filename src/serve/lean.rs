@@ -177,7 +177,7 @@ fn request(sup: &Arc<Supervisor>, text: &str) -> Result<Vec<u8>, Error> {
     match words.as_slice() {
         // (What blocks, a cold start, blocks this connection's thread only.)
         ["acquire", name] => {
-            let handoff = command::call(sup, command::Acquire { name: name.to_string() })?.wait()?;
+            let handoff = command::call(sup, command::Acquire { name: (*name).into() })?.wait()?;
             serde_json::to_vec(&handoff).map_err(internal)
         }
         ["release", id, lease, rest @ ..] => {
