@@ -173,7 +173,7 @@ impl Backend for Machines {
                 if worker.dead() {
                     RestoreError::Restarting(Duration::from_secs(1))
                 } else {
-                    RestoreError::Failed(e)
+                    RestoreError::Failed(e.to_string())
                 }
             })?;
             let vm: Box<dyn CloneHandle> = Box::new(CloneVm::Remote(vm));
@@ -295,7 +295,7 @@ impl WorkerSlot {
         let limits = spec.limits.resolve(job.max_clones, spec.vcpus, spec.mem_mib);
         let w = workers.spawn(job.name, template, &limits, job.max_clones).map_err(|e| {
             self.backoff.locked().start_failed(Instant::now());
-            RestoreError::Failed(e)
+            RestoreError::Failed(e.to_string())
         })?;
         tracing::info!(function = %job.name, pid = w.pid, uid = w.uid, jailed = w.jailed, "worker started");
         *self.current.locked() = Some(w.clone());

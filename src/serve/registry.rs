@@ -40,9 +40,12 @@ pub enum RegistryError {
     /// An image the registration names cannot be opened.
     #[error("{0}")]
     Image(super::images::ImageError),
-    /// The guest's boot, or the worker that booted it, failed.
+    /// The guest's boot failed.
     #[error("{0}")]
     Boot(String),
+    /// The worker that booted it failed, or handed back what is not acceptable.
+    #[error("{0}")]
+    Worker(#[from] crate::isolation::worker::WorkerError),
 }
 
 impl From<super::images::ImageError> for RegistryError {
@@ -219,9 +222,14 @@ impl Registry {
             Some(w) => {
                 let tap = net.map(|n| n.tap());
                 let vm = spec.vm_config_with_drives(drives);
-                let made = w
-                    .make_template(name, &vm, spec.limits.cpus, [kernel.fd(), initramfs.fd()], tap, spec.boot_timeout())
-                    .map_err(RegistryError::Boot)?;
+                let made = w.make_template(
+                    name,
+                    &vm,
+                    spec.limits.cpus,
+                    [kernel.fd(), initramfs.fd()],
+                    tap,
+                    spec.boot_timeout(),
+                )?;
                 let paths = snapshot::SnapshotPaths::new(&dir);
                 let written = (|| {
                     private_dir(&dir).map_err(|e| snapshot::SnapshotError::Io(dir.clone(), e))?;

@@ -140,10 +140,13 @@ impl Supervisor {
             n
         };
         *warming += n as usize;
+        let mut reserved = Reserved { f, left: n };
         for _ in 0..n {
             let c = self.restore_clone(f);
             let mut pool = f.pool.locked();
+            // In one step with the clone's arrival: the pool never counts one clone fewer.
             pool.restoring -= 1;
+            reserved.left -= 1;
             match c {
                 Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
                 Ok(_) => {}
@@ -255,5 +258,22 @@ impl Supervisor {
                 }
             }
         })
+    }
+}
+
+/// Places reserved in a pool for restores still to come (`Pool::restoring`, which `max` counts),
+/// given back on every way out of [`Supervisor::grow`], a panic in a restore included (the
+/// scaling loop goes on after one).
+struct Reserved<'a> {
+    f: &'a Function,
+    left: u32,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.f.pool.locked().restoring -= self.left;
+            self.f.pool_changed.notify_all();
+        }
     }
 }

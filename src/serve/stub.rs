@@ -29,6 +29,8 @@ pub(super) struct Stub {
     pub(super) templates: AtomicU64,
     /// Refusals the next restores meet, in order.
     pub(super) failures: Mutex<VecDeque<RestoreError>>,
+    /// Restores to come that panic (a bug in a backend).
+    pub(super) panics: AtomicU64,
 }
 
 struct StubClone {
@@ -69,6 +71,9 @@ impl Backend for Stub {
     fn restore(&self, job: RestoreJob<'_>) -> Result<Restored, RestoreError> {
         if let Some(e) = self.failures.locked().pop_front() {
             return Err(e);
+        }
+        if self.panics.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            panic!("the stub's restore panics, as asked");
         }
         self.restores.fetch_add(1, Ordering::SeqCst);
         let mailbox = Arc::new(Mailbox::create(None).map_err(|e| e.to_string())?);
@@ -342,4 +347,18 @@ fn no_function_no_handoff() {
     let outside = FunctionSpec { kernel: Path::new("/etc/passwd").into(), ..c.spec(serde_json::json!({})) };
     let r = command::call(&c.sup, command::Register { name: "f".into(), spec: outside }).and_then(Step::wait);
     assert_eq!(r.unwrap_err().kind(), ErrorKind::Forbidden, "outside the image directories");
+}
+
+#[test]
+fn a_restore_that_panics_loses_no_place_under_max() {
+    let c = Core::new();
+    c.register("f", c.spec(serde_json::json!({"min_ready": 1, "max": 1})));
+    c.stub.panics.store(1, Ordering::SeqCst);
+    let ticked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.sup.tick()));
+    assert!(ticked.is_err(), "the restore panicked");
+    assert_eq!(c.sup.get("f").unwrap().restoring, 0, "its reserved place was given back");
+    wait_for(|| {
+        c.sup.tick();
+        c.sup.get("f").unwrap().ready == 1
+    });
 }

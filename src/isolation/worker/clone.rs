@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use super::cgroup::Cgroup;
 use super::protocol::{self, FromWorker, Received, ToWorker};
-use super::RESTORE_TIMEOUT;
+use super::{WorkerError, RESTORE_TIMEOUT};
 use crate::channel::mailbox::Mailbox;
 use crate::sys::Locked;
 use crate::vmm::RunningVm;
 
 /// A worker's answer to a restore: the descriptors that came with it (the clone's mailbox).
-type RestoreAnswer = Result<Vec<std::os::fd::OwnedFd>, String>;
+type RestoreAnswer = Result<Vec<std::os::fd::OwnedFd>, WorkerError>;
 
 #[derive(Default)]
 pub(super) struct Shared {
@@ -35,7 +35,7 @@ impl Shared {
     pub(super) fn fail_everything(&self) {
         self.dead.store(true, Ordering::SeqCst);
         for (_, tx) in self.pending.locked().drain() {
-            let _ = tx.send(Err("the worker ended".into()));
+            let _ = tx.send(Err(WorkerError::Gone("the worker ended".into())));
         }
         for (_, m) in self.clones.locked().drain() {
             m.vm_ended();
@@ -55,7 +55,7 @@ pub(super) fn read_events(sock: &UnixDatagram, shared: &Shared) {
                 }
                 FromWorker::Failed { id, error } => {
                     if let Some(tx) = shared.pending.locked().remove(&id) {
-                        let _ = tx.send(Err(error));
+                        let _ = tx.send(Err(WorkerError::Failed(error)));
                     }
                 }
                 FromWorker::Exited { id, why } => {
@@ -121,27 +121,32 @@ impl Worker {
     /// path: the daemon opens nothing in a directory a worker can write, and maps nothing a
     /// worker could truncate under it). Returns its channels' paths too: for the mailbox, the
     /// daemon's own descriptor of it under /proc (see `mailbox_path`).
-    pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), String> {
+    pub fn restore(self: &Arc<Self>, id: u64, tap: Option<RawFd>) -> Result<(RemoteVm, PathBuf, PathBuf), WorkerError> {
         let (tx, rx) = channel();
         self.shared.pending.locked().insert(id, tx);
         if self.dead() {
             self.shared.pending.locked().remove(&id);
-            return Err("the worker has ended".into());
+            return Err(WorkerError::Gone("the worker has ended".into()));
         }
         if let Err(e) = protocol::send(&self.sock, &ToWorker::Restore { id }, tap) {
             self.shared.pending.locked().remove(&id);
-            return Err(format!("worker: {e}"));
+            return Err(WorkerError::Gone(format!("worker: {e}")));
         }
-        let answer = rx.recv_timeout(RESTORE_TIMEOUT).map_err(|_| "the worker did not answer in time".to_string());
+        let answer = rx.recv_timeout(RESTORE_TIMEOUT);
         self.shared.pending.locked().remove(&id);
-        let mut fds = answer??;
-        let handed =
-            fds.pop().filter(|_| fds.is_empty()).ok_or_else(|| "the worker sent no mailbox with the clone".to_string());
-        let m = match handed.and_then(|fd| Mailbox::from_sealed(fd.into()).map_err(|e| e.to_string())) {
+        let mut fds = answer.map_err(|_| WorkerError::Gone("the worker did not answer in time".into()))??;
+        let handed = fds
+            .pop()
+            .filter(|_| fds.is_empty())
+            .ok_or_else(|| WorkerError::Untrusted("the worker sent no mailbox with the clone".into()));
+        let sealed = |fd: std::os::fd::OwnedFd| {
+            Mailbox::from_sealed(fd.into()).map_err(|e| WorkerError::Untrusted(format!("the clone's mailbox: {e}")))
+        };
+        let m = match handed.and_then(sealed) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 let _ = protocol::send(&self.sock, &ToWorker::Stop { id }, None);
-                return Err(format!("the clone's mailbox: {e}"));
+                return Err(e);
             }
         };
         let (mailbox, vsock) = (mailbox_path(&m), self.run_dir.join(format!("{id}.vsock")));

@@ -36,6 +36,25 @@ use self::protocol::{FromWorker, Received, Setup, Task, ToWorker};
 use crate::sys::Locked;
 use crate::template::Template;
 
+/// Why a worker could not do what the daemon asked.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The host could not give a worker what it needs (a uid slot, a directory, a cgroup, a
+    /// process, a socket, a thread).
+    #[error("{0}")]
+    Host(String),
+    /// The worker ended, or did not answer in time.
+    #[error("{0}")]
+    Gone(String),
+    /// The worker's answer is out of protocol, or what it handed back is not acceptable (a
+    /// compromised worker looks like this).
+    #[error("{0}")]
+    Untrusted(String),
+    /// The worker did the work and it failed there (the guest's boot, a restore): its reason.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// How long a worker may take to set itself up, and to restore one clone.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -386,20 +405,20 @@ impl Workers {
         template: &Template,
         limits: &CgroupLimits,
         max_clones: u32,
-    ) -> Result<Arc<Worker>, String> {
-        let place = self.prepare(function, limits)?;
+    ) -> Result<Arc<Worker>, WorkerError> {
+        let place = self.prepare(function, limits).map_err(WorkerError::Host)?;
         let state = match template.state.encode() {
             Ok(s) => base64::engine::general_purpose::STANDARD.encode(s),
             Err(e) => {
                 self.release(&place, true);
-                return Err(e.to_string());
+                return Err(WorkerError::Host(e.to_string()));
             }
         };
         let binds = match self.drive_binds(&template.state.devices.drives) {
             Ok(b) => b,
             Err(e) => {
                 self.release(&place, true);
-                return Err(e);
+                return Err(WorkerError::Host(e));
             }
         };
         let max_files = 256 + u64::from(max_clones) * FILES_PER_CLONE;
@@ -418,7 +437,7 @@ impl Workers {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 let reaped = self.ended(pid, &place).is_some();
                 self.release(&place, reaped);
-                return Err(format!("socket: {e}"));
+                return Err(WorkerError::Host(format!("socket: {e}")));
             }
         };
         let shared = Arc::new(Shared::default());
@@ -454,7 +473,7 @@ impl Workers {
                 followers.push((pid, h));
             }
             // The worker goes with its last handle; its directories stay until the next start.
-            Err(e) => return Err(format!("cannot start the worker's reader thread: {e}")),
+            Err(e) => return Err(WorkerError::Host(format!("cannot start the worker's reader thread: {e}"))),
         }
         Ok(w)
     }
@@ -474,15 +493,15 @@ impl Workers {
         images: [RawFd; 2],
         tap: Option<RawFd>,
         timeout: Duration,
-    ) -> Result<MadeInWorker, String> {
+    ) -> Result<MadeInWorker, WorkerError> {
         let (vcpus, mem_mib) = (vm.machine_config.vcpu_count, vm.machine_config.mem_size_mib);
         // The guest's RAM, the memory file written from it (in its tmpfs), the working-set
         // clone, the sealed copy of the memory handed back.
         let limits = CgroupLimits { memory_bytes: (mem_mib * 2 + 320) << 20, pids: vcpus * 2 + 64, cpus };
-        let place = self.prepare(function, &limits)?;
+        let place = self.prepare(function, &limits).map_err(WorkerError::Host)?;
         let mut fds = images.to_vec();
         fds.extend(tap);
-        let binds = self.drive_binds(&vm.drives)?;
+        let binds = self.drive_binds(&vm.drives).map_err(WorkerError::Host)?;
         let task = Task::Make { vm: Box::new(vm.clone()), timeout_s: timeout.as_secs_f64() };
         // Its template (the memory file at the guest's size, the state, the working set) is
         // written into a tmpfs of its own, bounded, and never onto the host's disk.
@@ -508,52 +527,54 @@ impl Workers {
         let how = how.unwrap_or_else(|| "ended".into());
         match answer {
             Ok(Received::Message(FromWorker::Made { ready_s, working_set }, files)) => {
-                let made = MadeInWorker::check(files, working_set, vm)?;
+                let made = MadeInWorker::check(files, working_set, vm).map_err(WorkerError::Untrusted)?;
                 tracing::info!(function, "template made in a worker (ready after {ready_s:.1} s)");
                 Ok(made)
             }
-            Ok(Received::Message(FromWorker::MakeFailed { error }, _)) => Err(error),
-            Ok(Received::Message(m, _)) => Err(format!("the worker said {m:?}")),
-            Ok(Received::Closed) => Err(format!("the worker {how} while it made the template")),
-            Ok(Received::Nothing) => Err("the worker did not make the template in time".into()),
-            Err(e) => Err(format!("worker: {e}")),
+            Ok(Received::Message(FromWorker::MakeFailed { error }, _)) => Err(WorkerError::Failed(error)),
+            Ok(Received::Message(m, _)) => Err(WorkerError::Untrusted(format!("the worker said {m:?}"))),
+            Ok(Received::Closed) => Err(WorkerError::Gone(format!("the worker {how} while it made the template"))),
+            Ok(Received::Nothing) => Err(WorkerError::Gone("the worker did not make the template in time".into())),
+            Err(e) => Err(WorkerError::Untrusted(format!("worker: {e}"))),
         }
     }
 
     /// Starts a worker with `setup` (and `fds` sent with it), waits until it is set up. On
     /// failure, also whether no process of it is left (none started, or it was reaped).
-    fn launch(&self, setup: Setup, fds: &[RawFd]) -> Result<(i32, UnixDatagram), (String, bool)> {
-        let (mine, theirs) = protocol::pair().map_err(|e| (format!("socketpair: {e}"), true))?;
+    fn launch(&self, setup: Setup, fds: &[RawFd]) -> Result<(i32, UnixDatagram), (WorkerError, bool)> {
+        let host = |e: String| (WorkerError::Host(e), true);
+        let (mine, theirs) = protocol::pair().map_err(|e| host(format!("socketpair: {e}")))?;
         let namespaces = if self.jailed { JAIL_NAMESPACES } else { 0 };
-        let pid =
-            self.launcher.start(&theirs, namespaces).map_err(|e| (format!("cannot start a worker: {e}"), true))?;
+        let pid = self.launcher.start(&theirs, namespaces).map_err(|e| host(format!("cannot start a worker: {e}")))?;
         drop(theirs);
-        let kill = |e: String| {
+        let kill = |e: WorkerError| {
             // SAFETY: signals our own child, not reaped yet.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             (e, self.launcher.wait_exit(pid, Duration::from_secs(5)).is_some())
         };
         protocol::send_fds(&mine, &ToWorker::Setup(Box::new(setup)), fds)
-            .map_err(|e| kill(format!("worker setup: {e}")))?;
-        protocol::set_recv_timeout(&mine, SETUP_TIMEOUT).map_err(|e| kill(e.to_string()))?;
+            .map_err(|e| kill(WorkerError::Host(format!("worker setup: {e}"))))?;
+        protocol::set_recv_timeout(&mine, SETUP_TIMEOUT).map_err(|e| kill(WorkerError::Host(e.to_string())))?;
         match protocol::recv::<FromWorker>(&mine) {
             Ok(Received::Message(FromWorker::Ready, _)) => {}
             Ok(Received::Message(FromWorker::SetupFailed { error }, _)) => {
-                return Err(kill(format!("the worker could not set itself up: {error}")))
+                return Err(kill(WorkerError::Failed(format!("the worker could not set itself up: {error}"))))
             }
-            Ok(Received::Message(m, _)) => return Err(kill(format!("the worker said {m:?} before it was ready"))),
+            Ok(Received::Message(m, _)) => {
+                return Err(kill(WorkerError::Untrusted(format!("the worker said {m:?} before it was ready"))))
+            }
             Ok(Received::Closed) => {
                 let how = self.launcher.wait_exit(pid, Duration::from_secs(5));
                 let reaped = how.is_some();
-                return Err((
-                    format!("the worker {} before it was ready", how.unwrap_or_else(|| "ended".into())),
-                    reaped,
-                ));
+                let why = format!("the worker {} before it was ready", how.unwrap_or_else(|| "ended".into()));
+                return Err((WorkerError::Gone(why), reaped));
             }
-            Ok(Received::Nothing) => return Err(kill("the worker did not set itself up in time".into())),
-            Err(e) => return Err(kill(format!("worker: {e}"))),
+            Ok(Received::Nothing) => {
+                return Err(kill(WorkerError::Gone("the worker did not set itself up in time".into())))
+            }
+            Err(e) => return Err(kill(WorkerError::Untrusted(format!("worker: {e}")))),
         }
-        mine.set_read_timeout(None).map_err(|e| kill(e.to_string()))?;
+        mine.set_read_timeout(None).map_err(|e| kill(WorkerError::Host(e.to_string())))?;
         Ok((pid, mine))
     }
 }
