@@ -15,6 +15,7 @@
 //!   against it (pure computation).
 //! - [`isolation`]: worker processes (jail, cgroup) and clones' network namespaces.
 //! - [`serve`]: `ember serve`, the pool supervisor and its Unix-socket API.
+//! - [`firecracker`]: Firecracker's command line and per-VM API over the same VMM.
 //! - [`bench`](mod@bench): measurements behind `ember bench`.
 //!
 //! No module imports one above it (`tests/layers.rs` checks).
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod devices;
+pub mod firecracker;
 pub mod image;
 pub mod isolation;
 pub mod memory;

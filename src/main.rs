@@ -13,6 +13,16 @@ const DEFAULT_LOG: &str = "info,virtio_queue=off,virtio_vsock=off,netlink_packet
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    // Started as `firecracker` (a link of that name) or `ember firecracker`: Firecracker's own
+    // command line, which is not ember's.
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as = argv.first().map(|a| std::path::Path::new(a).file_name().unwrap_or_default().to_owned());
+    if invoked_as.is_some_and(|n| n == "firecracker") {
+        return ember::firecracker::main(&argv[1..], process_start);
+    }
+    if argv.get(1).is_some_and(|a| a == "firecracker") {
+        return ember::firecracker::main(&argv[2..], process_start);
+    }
     let cli = cli::Cli::parse();
     // JSON when `ember serve` is told so (and in its workers, which it tells through the
     // environment), text otherwise.

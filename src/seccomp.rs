@@ -359,6 +359,18 @@ pub fn daemon_filter() -> Result<BpfProgram, Error> {
     compile((daemon_rules()?, SeccompAction::Errno(libc::ENOSYS as u32)))
 }
 
+/// Builds the filter `ember firecracker` confines its API and VMM thread with (every thread it
+/// starts afterwards inherits it; vCPU and device threads add their own): the daemon's calls,
+/// plus opening the TAP devices its network interfaces name.
+pub fn firecracker_filter() -> Result<BpfProgram, Error> {
+    let mut rules = daemon_rules()?;
+    let ioctls = rules.entry(libc::SYS_ioctl).or_default();
+    for op in tun::TUN_IOCTLS {
+        ioctls.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, op)?])?);
+    }
+    compile((rules, SeccompAction::Errno(libc::ENOSYS as u32)))
+}
+
 /// Builds the filter of the daemon's layer builder thread (started before the daemon confines
 /// itself, and the only thread of it that may start a process): the daemon's calls, plus what
 /// unpacking archives into a directory tree and running `mkfs.erofs` (which inherits the filter)

@@ -14,7 +14,7 @@ const FLOORS: &[&[&str]] = &[
     &["vmm"],
     &["template"],
     &["scale", "isolation"],
-    &["serve"],
+    &["serve", "firecracker"],
     &["bench"],
 ];
 

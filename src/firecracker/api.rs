@@ -1,0 +1,149 @@
+//! Firecracker's API on its Unix socket: each path and method as Firecracker serves it (204 for
+//! a successful PUT or PATCH, 200 with the documented body for a GET, 400 with
+//! `{"fault_message": ...}` otherwise), over the process's one [`Machine`].
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use super::machine::Machine;
+use super::model::{self, unsupported, Fault};
+use crate::sys::Locked;
+
+type Shared = State<Arc<Mutex<Machine>>>;
+
+impl IntoResponse for Fault {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "fault_message": self.0 }))).into_response()
+    }
+}
+
+/// A body Firecracker requires: present and valid.
+fn body<T: DeserializeOwned>(method: &str, bytes: &Bytes) -> Result<T, Fault> {
+    if bytes.is_empty() {
+        return Err(Fault::new(format!("Empty {method} request.")));
+    }
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+fn done(r: Result<(), Fault>) -> Response {
+    match r {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn root(State(m): Shared) -> Response {
+    Json(m.locked().info()).into_response()
+}
+
+async fn version() -> Response {
+    Json(serde_json::json!({ "firecracker_version": model::FIRECRACKER_API_VERSION })).into_response()
+}
+
+async fn get_machine_config(State(m): Shared) -> Response {
+    Json(m.locked().machine_config()).into_response()
+}
+
+async fn put_machine_config(State(m): Shared, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|c| m.locked().set_machine_config(c, false)))
+}
+
+async fn patch_machine_config(State(m): Shared, b: Bytes) -> Response {
+    done(body("PATCH", &b).and_then(|c| m.locked().set_machine_config(c, true)))
+}
+
+async fn put_boot_source(State(m): Shared, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|s| m.locked().put_boot_source(s)))
+}
+
+async fn put_drive(State(m): Shared, Path(id): Path<String>, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|d| m.locked().put_drive(&id, d)))
+}
+
+async fn put_net(State(m): Shared, Path(id): Path<String>, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|n| m.locked().put_net(&id, n)))
+}
+
+async fn put_vsock(State(m): Shared, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|v| m.locked().put_vsock(v)))
+}
+
+async fn get_vm_config(State(m): Shared) -> Response {
+    Json(m.locked().full_config()).into_response()
+}
+
+async fn patch_vm(State(m): Shared, b: Bytes) -> Response {
+    done(body::<model::VmState>("PATCH", &b).and_then(|v| m.locked().set_state(&v.state)))
+}
+
+async fn put_actions(State(m): Shared, b: Bytes) -> Response {
+    let action = match body::<model::Action>("PUT", &b) {
+        Ok(a) => a,
+        Err(f) => return f.into_response(),
+    };
+    match action.action_type.as_str() {
+        // The boot blocks (the kernel is loaded, the vCPUs started): off the async thread.
+        "InstanceStart" => {
+            let r = tokio::task::spawn_blocking(move || m.locked().start()).await;
+            done(r.unwrap_or_else(|e| Err(Fault::new(format!("InstanceStart failed: {e}")))))
+        }
+        "SendCtrlAltDel" => unsupported("SendCtrlAltDel").into_response(),
+        "FlushMetrics" => unsupported("FlushMetrics (metrics)").into_response(),
+        other => Fault::new(format!(
+            "unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`"
+        ))
+        .into_response(),
+    }
+}
+
+/// Paths of Firecracker's API that ember does not serve yet: named in the refusal.
+const NOT_YET: &[(&str, &str)] = &[
+    ("/balloon", "the balloon device"),
+    ("/cpu-config", "CPU templates (cpu-config)"),
+    ("/entropy", "the entropy device"),
+    ("/hotplug/memory", "memory hotplug"),
+    ("/logger", "the logger (use --log-path and --level)"),
+    ("/metrics", "metrics"),
+    ("/mmds", "MMDS"),
+    ("/pmem", "pmem devices"),
+    ("/serial", "the serial device's configuration"),
+    ("/snapshot", "snapshots through this API"),
+];
+
+/// Anything else: a path ember knows of but does not serve yet, or none of Firecracker's.
+async fn fallback(req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    if let Some((_, what)) = NOT_YET.iter().find(|(p, _)| path == *p || path.starts_with(&format!("{p}/"))) {
+        return unsupported(what).into_response();
+    }
+    // A PATCH of a drive or an interface (after boot in Firecracker): not here yet either.
+    if req.method() == Method::PATCH && (path.starts_with("/drives/") || path.starts_with("/network-interfaces/")) {
+        return unsupported("PATCH of drives and network interfaces").into_response();
+    }
+    Fault::new(format!("Invalid request method and/or path: {} {}.", req.method(), path)).into_response()
+}
+
+/// The API's routes over the process's machine.
+pub fn router(machine: Arc<Mutex<Machine>>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/version", get(version))
+        .route("/machine-config", get(get_machine_config).put(put_machine_config).patch(patch_machine_config))
+        .route("/boot-source", axum::routing::put(put_boot_source))
+        .route("/drives/{id}", axum::routing::put(put_drive))
+        .route("/network-interfaces/{id}", axum::routing::put(put_net))
+        .route("/vsock", axum::routing::put(put_vsock))
+        .route("/vm/config", get(get_vm_config))
+        .route("/vm", axum::routing::patch(patch_vm))
+        .route("/actions", axum::routing::put(put_actions))
+        .fallback(any(fallback))
+        .method_not_allowed_fallback(fallback)
+        .with_state(machine)
+}

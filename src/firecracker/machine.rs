@@ -1,0 +1,271 @@
+//! The one microVM of an `ember firecracker` process, as Firecracker's API sees it: configured
+//! piece by piece before `InstanceStart` (boot source, machine, drives, network interfaces,
+//! vsock), then running or paused until its guest ends it. Each request is checked against the
+//! state it applies to, with Firecracker's fault messages.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::model::{
+    unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, NetworkInterface, Vsock,
+    FIRECRACKER_API_VERSION,
+};
+use crate::config::{DriveConfig, NetConfig, VmConfig};
+use crate::devices::serial::ConsoleOut;
+use crate::vmm::exit::VmExit;
+use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
+
+/// Firecracker's words for a request made in the wrong state.
+pub const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+pub const BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+
+/// The guest CID of ember's vsock device (Firecracker's own examples use it too).
+const GUEST_CID: u32 = 3;
+
+/// The microVM and what it was configured with.
+pub struct Machine {
+    id: String,
+    boot_source: Option<BootSource>,
+    vcpu_count: u64,
+    mem_size_mib: u64,
+    /// Drives in the order they were first put (a root drive goes first when booted).
+    drives: Vec<(Drive, PathBuf)>,
+    nets: Vec<NetworkInterface>,
+    vsock: Option<Vsock>,
+    running: Option<RunningVm>,
+    paused: bool,
+    /// Where the guest's serial console goes (taken when it boots).
+    console: Option<ConsoleOut>,
+    seccomp: bool,
+    process_start: Instant,
+}
+
+impl Machine {
+    pub fn new(id: String, console: ConsoleOut, seccomp: bool, process_start: Instant) -> Self {
+        Self {
+            id,
+            boot_source: None,
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            drives: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            running: None,
+            paused: false,
+            console: Some(console),
+            seccomp,
+            process_start,
+        }
+    }
+
+    fn before_start(&self) -> Result<(), Fault> {
+        match self.running {
+            None => Ok(()),
+            Some(_) => Err(Fault::new(AFTER_START)),
+        }
+    }
+
+    fn after_start(&self) -> Result<&RunningVm, Fault> {
+        self.running.as_ref().ok_or_else(|| Fault::new(BEFORE_START))
+    }
+
+    /// `GET /`.
+    pub fn info(&self) -> InstanceInfo {
+        let state = match (&self.running, self.paused) {
+            (None, _) => "Not started",
+            (Some(_), false) => "Running",
+            (Some(_), true) => "Paused",
+        };
+        InstanceInfo {
+            app_name: "ember",
+            id: self.id.clone(),
+            state,
+            vmm_version: format!("{} (ember {})", FIRECRACKER_API_VERSION, env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    pub fn put_boot_source(&mut self, b: BootSource) -> Result<(), Fault> {
+        self.before_start()?;
+        self.boot_source = Some(b);
+        Ok(())
+    }
+
+    /// `PUT` (every required field) or `PATCH` (any) `/machine-config`.
+    pub fn set_machine_config(&mut self, m: MachineConfigBody, patch: bool) -> Result<(), Fault> {
+        self.before_start()?;
+        m.check()?;
+        if !patch && (m.vcpu_count.is_none() || m.mem_size_mib.is_none()) {
+            return Err(Fault::new("vcpu_count and mem_size_mib are required"));
+        }
+        let vcpus = m.vcpu_count.unwrap_or(self.vcpu_count);
+        if !(1..=u64::from(crate::memory::MAX_VCPUS)).contains(&vcpus) {
+            return Err(Fault::new(format!("The vCPU number is invalid: {vcpus} (1 to {})", crate::memory::MAX_VCPUS)));
+        }
+        let mem = m.mem_size_mib.unwrap_or(self.mem_size_mib);
+        if mem < crate::memory::MIN_MEM_MIB {
+            return Err(Fault::new(format!("The memory size (MiB) is invalid: {mem}")));
+        }
+        (self.vcpu_count, self.mem_size_mib) = (vcpus, mem);
+        Ok(())
+    }
+
+    /// `GET /machine-config`.
+    pub fn machine_config(&self) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count,
+            mem_size_mib: self.mem_size_mib,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: "None",
+        }
+    }
+
+    /// `PUT /drives/{id}`: a new drive, or one that replaces the drive of that id.
+    pub fn put_drive(&mut self, id: &str, d: Drive) -> Result<(), Fault> {
+        self.before_start()?;
+        if d.drive_id != id {
+            return Err(Fault::new("The id from the path does not match the id from the body!"));
+        }
+        let path = d.check()?;
+        if d.is_root_device && self.drives.iter().any(|(o, _)| o.is_root_device && o.drive_id != id) {
+            return Err(Fault::new("A root block device already exists!"));
+        }
+        match self.drives.iter_mut().find(|(o, _)| o.drive_id == id) {
+            Some(slot) => *slot = (d, path),
+            None => self.drives.push((d, path)),
+        }
+        Ok(())
+    }
+
+    /// `PUT /network-interfaces/{id}`.
+    pub fn put_net(&mut self, id: &str, n: NetworkInterface) -> Result<(), Fault> {
+        self.before_start()?;
+        if n.iface_id != id {
+            return Err(Fault::new("The id from the path does not match the id from the body!"));
+        }
+        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            return Err(unsupported("a network interface's rate limiters"));
+        }
+        if self.nets.iter().any(|o| o.iface_id != id) {
+            return Err(unsupported("a second network interface"));
+        }
+        self.nets.retain(|o| o.iface_id != id);
+        self.nets.push(n);
+        Ok(())
+    }
+
+    /// `PUT /vsock`.
+    pub fn put_vsock(&mut self, v: Vsock) -> Result<(), Fault> {
+        self.before_start()?;
+        if v.guest_cid != GUEST_CID {
+            return Err(unsupported(&format!("guest_cid {} (ember's vsock device is CID {GUEST_CID})", v.guest_cid)));
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+
+    /// The VM as ember describes it (Firecracker's config-file shape, which ember reads).
+    fn vm_config(&self) -> Result<VmConfig, Fault> {
+        let Some(b) = &self.boot_source else {
+            return Err(Fault::new("Cannot start microvm without kernel configuration."));
+        };
+        let mut drives: Vec<DriveConfig> = self
+            .drives
+            .iter()
+            .map(|(d, path)| DriveConfig {
+                drive_id: d.drive_id.clone(),
+                path_on_host: path.clone(),
+                is_root_device: d.is_root_device,
+                is_read_only: d.is_read_only.unwrap_or(false),
+            })
+            .collect();
+        // The root drive is /dev/vda, as in Firecracker.
+        drives.sort_by_key(|d| !d.is_root_device);
+        let network_interfaces = self
+            .nets
+            .iter()
+            .map(|n| NetConfig {
+                iface_id: n.iface_id.clone(),
+                host_dev_name: n.host_dev_name.clone(),
+                guest_mac: n.guest_mac.clone(),
+                guest_ip: None,
+                gateway: None,
+            })
+            .collect();
+        let cfg = VmConfig {
+            boot_source: crate::config::BootSource {
+                kernel_image_path: b.kernel_image_path.clone(),
+                initrd_path: b.initrd_path.clone(),
+                boot_args: b.boot_args.clone(),
+            },
+            machine_config: crate::config::MachineConfig {
+                vcpu_count: self.vcpu_count,
+                mem_size_mib: self.mem_size_mib,
+            },
+            drives,
+            network_interfaces,
+        };
+        cfg.validate().map_err(|e| Fault::new(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// `GET /vm/config`: the whole configuration, as a config file would give it.
+    pub fn full_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "boot-source": self.boot_source,
+            "machine-config": self.machine_config(),
+            "drives": self.drives.iter().map(|(d, _)| d).collect::<Vec<_>>(),
+            "network-interfaces": self.nets,
+            "vsock": self.vsock,
+            "balloon": null,
+            "logger": null,
+            "metrics": null,
+            "mmds-config": null,
+            "entropy": null,
+        })
+    }
+
+    /// `InstanceStart`: boots the guest.
+    pub fn start(&mut self) -> Result<(), Fault> {
+        self.before_start()?;
+        let cfg = self.vm_config()?;
+        // With a vsock device, ember's guest agent (in an image that has it) serves invocations
+        // over it instead of ending the guest once it is ready.
+        let channels = Channels {
+            vsock: self.vsock.as_ref().map(|v| v.uds_path.clone()),
+            serve: self.vsock.is_some(),
+            device_seccomp: self.seccomp,
+            ..Default::default()
+        };
+        let console = self.console.take().ok_or_else(|| Fault::new("the console is gone"))?;
+        let vm = Vm::boot(&cfg, &channels, console, self.process_start)
+            .map_err(|e| Fault::new(format!("Failed to start microVM: {e}")))?;
+        let options = RunOptions { seccomp: self.seccomp, ..Default::default() };
+        let running = vm.start(options).map_err(|e| Fault::new(format!("Failed to start microVM: {e}")))?;
+        tracing::info!(id = %self.id, "microVM started");
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// `PATCH /vm`: `Paused` or `Resumed`.
+    pub fn set_state(&mut self, state: &str) -> Result<(), Fault> {
+        let running = self.after_start()?;
+        match state {
+            "Paused" => {
+                running.pause().map_err(|e| Fault::new(format!("Failed to pause the microVM: {e}")))?;
+                self.paused = true;
+            }
+            "Resumed" => {
+                running.resume();
+                self.paused = false;
+            }
+            other => return Err(Fault::new(format!("unknown variant `{other}`, expected `Paused` or `Resumed`"))),
+        }
+        Ok(())
+    }
+
+    /// How the guest ended, once it has.
+    pub fn ended(&self) -> Option<VmExit> {
+        self.running.as_ref().and_then(|r| r.exit())
+    }
+}

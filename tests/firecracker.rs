@@ -1,0 +1,212 @@
+//! ember as Firecracker: its command line, and its API driven the way Firecracker's clients drive
+//! it (configure, InstanceStart, pause, resume), on a real guest booted through the API.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::api::{http, json_of};
+
+fn ember() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+}
+
+fn fault(r: (u16, String), needle: &str) {
+    assert_eq!(r.0, 400, "{}", r.1);
+    let msg =
+        json_of(&r.1)["fault_message"].as_str().unwrap_or_else(|| panic!("no fault_message: {}", r.1)).to_string();
+    assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+}
+
+#[test]
+fn its_command_line_is_firecrackers() {
+    let out = ember().args(["firecracker", "--colour", "red"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(153), "Firecracker's status for a bad argument");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Found argument 'colour' which wasn't expected"), "{err}");
+    let out = ember().args(["firecracker", "--no-api"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(153));
+    // A compiled filter file is refused by name, never ignored.
+    let out = ember().args(["firecracker", "--seccomp-filter", "/tmp/f.bpf"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seccomp-filter"));
+    // Started through a link named firecracker, as clients start it.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("firecracker");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ember"), &link).unwrap();
+    let out = Command::new(&link).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Firecracker v1."), "{out:?}");
+}
+
+/// Waits for `socket` to accept connections.
+fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never came up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
+    if !common::kvm_usable("firecracker api") {
+        return;
+    }
+    let Some((kernel, initrd)) = common::images("firecracker api") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (s, drive, vsock) = (dir.path().join("fc.sock"), dir.path().join("data.img"), dir.path().join("v.sock"));
+    std::fs::write(&drive, vec![0u8; 1 << 20]).unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["firecracker", "--api-sock", s.to_str().unwrap(), "--id", "fc-test", "--level", "Info"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    wait_socket(&s);
+    let info = json_of(&http(&s, "GET", "/", None).1);
+    assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("fc-test"), Some("Not started")));
+    assert!(json_of(&http(&s, "GET", "/version", None).1)["firecracker_version"].is_string());
+    // Before InstanceStart: what only a running microVM takes is refused.
+    fault(http(&s, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), "before starting");
+    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), "without kernel configuration");
+    let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}"}}"#, kernel.display(), initrd.display());
+    assert_eq!(http(&s, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
+    fault(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256, "smt": true}"#)), "smt");
+    let d = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+        drive.display()
+    );
+    assert_eq!(http(&s, "PUT", "/drives/data", Some(&d)).0, 204);
+    fault(http(&s, "PUT", "/drives/other", Some(&d)), "does not match");
+    let v = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, vsock.display());
+    assert_eq!(http(&s, "PUT", "/vsock", Some(&v)).0, 204);
+    fault(http(&s, "PUT", "/boot-source", Some("")), "Empty PUT request.");
+    fault(http(&s, "GET", "/no-such-path", None), "Invalid request method and/or path: GET /no-such-path.");
+    fault(http(&s, "PUT", "/mmds", Some("{}")), "not supported by ember");
+    let cfg = json_of(&http(&s, "GET", "/vm/config", None).1);
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(cfg["drives"][0]["drive_id"], "data");
+    // Boot.
+    assert_eq!(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    assert_eq!(json_of(&http(&s, "GET", "/", None).1)["state"], "Running");
+    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), "after starting");
+    fault(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#)), "after starting");
+    assert!(vsock.exists(), "the vsock device listens on its uds_path");
+    // Its guest serves over vsock (ember's agent, with a vsock device): up once it says ready.
+    let console = read_stdout(&mut child.0);
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    while !console.lock().unwrap().contains("EMBER_GUEST_READY") {
+        assert!(Instant::now() < deadline, "the guest never became ready: {}", console.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http(&s, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    assert_eq!(json_of(&http(&s, "GET", "/", None).1)["state"], "Paused");
+    assert_eq!(http(&s, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    assert_eq!(json_of(&http(&s, "GET", "/", None).1)["state"], "Running");
+    // The agent listens on vsock from about the time it says ready: connect until it answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut conn = loop {
+        match ember::channel::vsock::AgentConnection::connect(&vsock, Duration::from_secs(120)) {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "the guest's agent never answered on vsock: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let r = conn.call("echo", b"through vsock").unwrap();
+    assert_eq!((r.status, r.payload.as_slice()), (ember_abi::Status::Ok, &b"through vsock"[..]));
+    // Firecracker has no handler for SIGTERM: the process ends by it, and so does ember's.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
+}
+
+/// A child process killed when the test ends, whatever way it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The child's stdout, read as it comes.
+fn read_stdout(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::Read;
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let t = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            t.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}
+
+#[test]
+fn a_config_file_starts_the_guest_without_an_api() {
+    if !common::kvm_usable("firecracker config file") {
+        return;
+    }
+    let Some((kernel, initrd)) = common::images("firecracker config file") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    let text = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+    });
+    std::fs::write(&cfg, text.to_string()).unwrap();
+    let mut child = ember()
+        .args(["firecracker", "--no-api", "--config-file", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child_output(&mut child, common::BOOT_TIMEOUT);
+    assert!(out.0.success(), "exit: {:?}", out.0);
+    assert!(out.1.contains("EMBER_GUEST_READY"), "{}", out.1);
+    // A section ember cannot honour is refused with Firecracker's bad-configuration status.
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "balloon": {"amount_mib": 1}}).to_string(),
+    )
+    .unwrap();
+    let out = ember().args(["firecracker", "--no-api", "--config-file", cfg.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(152));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"balloon\""), "{out:?}");
+}
+
+/// Waits for `child` to end (killing it after `timeout`): its status and stdout.
+fn child_output(child: &mut std::process::Child, timeout: Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap())
+}
