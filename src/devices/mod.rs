@@ -47,6 +47,9 @@ pub struct DevicesState {
     /// The network interfaces, in slot order after the drives (a restore opens or is handed a TAP
     /// for each).
     pub nets: Vec<crate::config::NetConfig>,
+    /// Where the vsock device listened, when the snapshot's maker records it (Firecracker's API
+    /// restores a VM's vsock on its own path; ember's clones get theirs from whoever restores them).
+    pub vsock_path: Option<std::path::PathBuf>,
 }
 
 /// A component whose state goes into snapshots (the shape of Firecracker's `Persist`): `save`

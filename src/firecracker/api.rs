@@ -83,6 +83,25 @@ async fn patch_vm(State(m): Shared, b: Bytes) -> Response {
     done(body::<model::VmState>("PATCH", &b).and_then(|v| m.locked().set_state(&v.state)))
 }
 
+async fn put_snapshot_create(State(m): Shared, b: Bytes) -> Response {
+    let c = match body::<model::SnapshotCreate>("PUT", &b) {
+        Ok(c) => c,
+        Err(f) => return f.into_response(),
+    };
+    // Writes the guest's memory: off the async thread.
+    let r = tokio::task::spawn_blocking(move || m.locked().create_snapshot(c)).await;
+    done(r.unwrap_or_else(|e| Err(Fault::new(format!("snapshot/create failed: {e}")))))
+}
+
+async fn put_snapshot_load(State(m): Shared, b: Bytes) -> Response {
+    let l = match body::<model::SnapshotLoad>("PUT", &b) {
+        Ok(l) => l,
+        Err(f) => return f.into_response(),
+    };
+    let r = tokio::task::spawn_blocking(move || m.locked().load_snapshot(l)).await;
+    done(r.unwrap_or_else(|e| Err(Fault::new(format!("snapshot/load failed: {e}")))))
+}
+
 async fn put_actions(State(m): Shared, b: Bytes) -> Response {
     let action = match body::<model::Action>("PUT", &b) {
         Ok(a) => a,
@@ -114,7 +133,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/mmds", "MMDS"),
     ("/pmem", "pmem devices"),
     ("/serial", "the serial device's configuration"),
-    ("/snapshot", "snapshots through this API"),
 ];
 
 /// Anything else: a path ember knows of but does not serve yet, or none of Firecracker's.
@@ -143,6 +161,8 @@ pub fn router(machine: Arc<Mutex<Machine>>) -> Router {
         .route("/vm/config", get(get_vm_config))
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/actions", axum::routing::put(put_actions))
+        .route("/snapshot/create", axum::routing::put(put_snapshot_create))
+        .route("/snapshot/load", axum::routing::put(put_snapshot_load))
         .fallback(any(fallback))
         .method_not_allowed_fallback(fallback)
         .with_state(machine)

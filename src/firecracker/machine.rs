@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::model::{
-    unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, NetworkInterface, Vsock,
-    FIRECRACKER_API_VERSION,
+    unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, NetworkInterface,
+    SnapshotCreate, SnapshotLoad, Vsock, FIRECRACKER_API_VERSION,
 };
 use crate::config::{DriveConfig, NetConfig, VmConfig};
 use crate::devices::serial::ConsoleOut;
 use crate::vmm::exit::VmExit;
+use crate::vmm::persist::SnapshotState;
 use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
 
 /// Firecracker's words for a request made in the wrong state.
@@ -34,6 +35,8 @@ pub struct Machine {
     vsock: Option<Vsock>,
     running: Option<RunningVm>,
     paused: bool,
+    /// Whether any pre-boot configuration was accepted (a snapshot then cannot be loaded).
+    configured: bool,
     /// Where the guest's serial console goes (taken when it boots).
     console: Option<ConsoleOut>,
     seccomp: bool,
@@ -52,6 +55,7 @@ impl Machine {
             vsock: None,
             running: None,
             paused: false,
+            configured: false,
             console: Some(console),
             seccomp,
             process_start,
@@ -63,6 +67,13 @@ impl Machine {
             None => Ok(()),
             Some(_) => Err(Fault::new(AFTER_START)),
         }
+    }
+
+    /// Checks that the microVM is not started, and marks it configured (a pre-boot request).
+    fn configuring(&mut self) -> Result<(), Fault> {
+        self.before_start()?;
+        self.configured = true;
+        Ok(())
     }
 
     fn after_start(&self) -> Result<&RunningVm, Fault> {
@@ -85,7 +96,7 @@ impl Machine {
     }
 
     pub fn put_boot_source(&mut self, b: BootSource) -> Result<(), Fault> {
-        self.before_start()?;
+        self.configuring()?;
         self.boot_source = Some(b);
         Ok(())
     }
@@ -106,6 +117,7 @@ impl Machine {
             return Err(Fault::new(format!("The memory size (MiB) is invalid: {mem}")));
         }
         (self.vcpu_count, self.mem_size_mib) = (vcpus, mem);
+        self.configured = true;
         Ok(())
     }
 
@@ -134,6 +146,7 @@ impl Machine {
             Some(slot) => *slot = (d, path),
             None => self.drives.push((d, path)),
         }
+        self.configured = true;
         Ok(())
     }
 
@@ -151,6 +164,7 @@ impl Machine {
         }
         self.nets.retain(|o| o.iface_id != id);
         self.nets.push(n);
+        self.configured = true;
         Ok(())
     }
 
@@ -161,6 +175,7 @@ impl Machine {
             return Err(unsupported(&format!("guest_cid {} (ember's vsock device is CID {GUEST_CID})", v.guest_cid)));
         }
         self.vsock = Some(v);
+        self.configured = true;
         Ok(())
     }
 
@@ -261,6 +276,104 @@ impl Machine {
             }
             other => return Err(Fault::new(format!("unknown variant `{other}`, expected `Paused` or `Resumed`"))),
         }
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: a Full snapshot of the paused microVM, its state to
+    /// `snapshot_path` (ember's own format) and its memory to `mem_file_path`.
+    pub fn create_snapshot(&self, c: SnapshotCreate) -> Result<(), Fault> {
+        let running = self.after_start()?;
+        if c.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
+            return Err(unsupported("a Diff snapshot"));
+        }
+        if !self.paused {
+            return Err(Fault::new("Cannot create a snapshot of a running microVM: pause it first (PATCH /vm)"));
+        }
+        let mut state = running.state().map_err(|e| Fault::new(format!("Cannot save the microVM's state: {e}")))?;
+        state.devices.vsock_path = self.vsock.as_ref().map(|v| v.uds_path.clone());
+        running
+            .write_snapshot(&state, &c.snapshot_path, &c.mem_file_path)
+            .map_err(|e| Fault::new(format!("Cannot write the snapshot: {e}")))?;
+        tracing::info!(id = %self.id, state = %c.snapshot_path.display(), "snapshot created");
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`: the microVM restored from a snapshot ember made (state and memory
+    /// files), its network interfaces on `network_overrides`' TAPs, its vsock on
+    /// `vsock_override`'s path (else the one it had); paused unless `resume_vm`.
+    pub fn load_snapshot(&mut self, l: SnapshotLoad) -> Result<(), Fault> {
+        self.before_start()?;
+        if self.configured {
+            return Err(Fault::new(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ));
+        }
+        let mem_path = l.memory()?.to_path_buf();
+        let bytes = crate::snapshot::read_limited(&l.snapshot_path, crate::snapshot::MAX_STATE_LEN + 4096)
+            .map_err(|e| Fault::new(format!("Cannot read the snapshot: {e}")))?;
+        let mut state = SnapshotState::decode(&bytes, &l.snapshot_path).map_err(|e| {
+            Fault::new(format!(
+                "{} is not a snapshot ember can load ({e}); ember loads the snapshots it made, not Firecracker's",
+                l.snapshot_path.display()
+            ))
+        })?;
+        for o in &l.network_overrides {
+            let n = state.devices.nets.iter_mut().find(|n| n.iface_id == o.iface_id);
+            let n = n.ok_or_else(|| Fault::new(format!("Invalid network override: no interface {:?}", o.iface_id)))?;
+            n.host_dev_name = o.host_dev_name.clone();
+        }
+        let memory = crate::snapshot::MemoryFile::open(&mem_path, state.machine.mem_bytes)
+            .map_err(|e| Fault::new(format!("Cannot load the guest memory: {e}")))?;
+        let vsock = l.vsock_override.as_ref().map(|v| v.uds_path.clone()).or(state.devices.vsock_path.clone());
+        let channels = Channels {
+            vsock: vsock.clone(),
+            serve: vsock.is_some(),
+            device_seccomp: self.seccomp,
+            ..Default::default()
+        };
+        let console = self.console.take().ok_or_else(|| Fault::new("the console is gone"))?;
+        let vm = Vm::restore(&state, &memory, 1, &channels, console)
+            .map_err(|e| Fault::new(format!("Cannot restore the microVM: {e}")))?;
+        let paused = l.resume_vm != Some(true);
+        let options = RunOptions { seccomp: self.seccomp, start_paused: paused, ..Default::default() };
+        let running = vm.start(options).map_err(|e| Fault::new(format!("Cannot start the restored microVM: {e}")))?;
+        // What GET /machine-config and /vm/config show from now on.
+        (self.vcpu_count, self.mem_size_mib) = (u64::from(state.machine.vcpus), state.machine.mem_bytes >> 20);
+        self.drives = state
+            .devices
+            .drives
+            .iter()
+            .map(|d| {
+                let body = Drive {
+                    drive_id: d.drive_id.clone(),
+                    path_on_host: Some(d.path_on_host.clone()),
+                    is_root_device: d.is_root_device,
+                    is_read_only: Some(d.is_read_only),
+                    partuuid: None,
+                    cache_type: None,
+                    rate_limiter: None,
+                    io_engine: None,
+                    socket: None,
+                };
+                (body, d.path_on_host.clone())
+            })
+            .collect();
+        self.nets = state
+            .devices
+            .nets
+            .iter()
+            .map(|n| NetworkInterface {
+                iface_id: n.iface_id.clone(),
+                host_dev_name: n.host_dev_name.clone(),
+                guest_mac: n.guest_mac.clone(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect();
+        self.vsock = vsock.map(|uds_path| Vsock { guest_cid: GUEST_CID, uds_path, vsock_id: None });
+        self.running = Some(running);
+        self.paused = paused;
+        tracing::info!(id = %self.id, paused, "snapshot loaded");
         Ok(())
     }
 

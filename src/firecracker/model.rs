@@ -2,7 +2,7 @@
 //! field names, types and which are required. What ember cannot honour yet is refused by name
 //! ([`unsupported`]), never accepted and ignored.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -169,6 +169,88 @@ pub struct Action {
 #[serde(deny_unknown_fields)]
 pub struct VmState {
     pub state: String,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: String,
+    pub backend_path: PathBuf,
+}
+
+/// One of `network_overrides`: a network interface's new TAP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: the vsock device's new socket path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: PathBuf,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated in Firecracker, still accepted.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    pub clock_realtime: Option<bool>,
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+impl SnapshotLoad {
+    /// The memory file, from exactly one of `mem_backend` (a File backend) and `mem_file_path`;
+    /// what ember cannot do is refused by name.
+    pub fn memory(&self) -> Result<&Path, Fault> {
+        if self.enable_diff_snapshots == Some(true) || self.track_dirty_pages == Some(true) {
+            return Err(unsupported("dirty page tracking (Diff snapshots)"));
+        }
+        if self.clock_realtime == Some(true) {
+            return Err(unsupported("clock_realtime"));
+        }
+        if self.huge_pages.as_deref().is_some_and(|h| !matches!(h, "None" | "Snapshot")) {
+            return Err(unsupported("huge_pages on restore"));
+        }
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) if b.backend_type == "File" => Ok(&b.backend_path),
+            (Some(b), None) if b.backend_type == "Uffd" => Err(unsupported("the Uffd memory backend")),
+            (Some(b), None) => Err(Fault(format!("unknown variant `{}`, expected `File` or `Uffd`", b.backend_type))),
+            (None, Some(p)) => Ok(p),
+            _ => Err(Fault::new("Exactly one of mem_backend and mem_file_path must be given")),
+        }
+    }
 }
 
 /// What `GET /` answers.

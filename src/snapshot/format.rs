@@ -15,7 +15,7 @@ use super::{SnapshotError, MAX_STATE_LEN};
 
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
 /// Bumped whenever the body's shape changes: a snapshot of another version is refused with one line.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 pub(super) const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
 
 /// Encodes `state` as a state file's bytes.

@@ -198,6 +198,7 @@ impl Devices {
             virtio,
             drives: self.drives.clone(),
             nets: self.nets.clone(),
+            vsock_path: None,
         })
     }
 

@@ -529,6 +529,18 @@ impl RunningVm {
         })
     }
 
+    /// Writes `state` (this paused VM's, as [`RunningVm::state`] read it) and the VM's memory to
+    /// the files `state_path` and `memory_path`.
+    pub fn write_snapshot(
+        &self,
+        state: &SnapshotState,
+        state_path: &std::path::Path,
+        memory_path: &std::path::Path,
+    ) -> Result<(), VmError> {
+        state.write_files(state_path, memory_path, &self.mem)?;
+        Ok(())
+    }
+
     /// Snapshots the paused VM into `dir` (`state` and `memory` files).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmError> {
         self.state()?.write(dir, &self.mem)?;

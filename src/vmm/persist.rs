@@ -76,16 +76,24 @@ impl SnapshotState {
     pub fn write(&self, dir: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
         crate::sys::private_dir(dir).map_err(io_err(dir))?;
         let paths = SnapshotPaths::new(dir);
-        let tmp_mem = dir.join(".memory.tmp");
+        // A working set recorded for an earlier snapshot in this directory no longer applies.
+        let _ = std::fs::remove_file(paths.working_set());
+        self.write_files(&paths.state(), &paths.memory(), mem)
+    }
+
+    /// Writes this state to `state` and `mem` to `memory` (files anywhere, as Firecracker's API
+    /// names them), each under a temporary name beside it first and renamed into place.
+    pub fn write_files(&self, state: &Path, memory: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
         let bytes = self.encode()?;
+        let mut tmp_name = memory.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(".tmp");
+        let tmp_mem = memory.with_file_name(tmp_name);
         if let Err(e) = memory_file::write_memory(&tmp_mem, mem) {
             let _ = std::fs::remove_file(&tmp_mem);
             return Err(e);
         }
-        // A working set recorded for an earlier snapshot in this directory no longer applies.
-        let _ = std::fs::remove_file(paths.working_set());
-        std::fs::rename(&tmp_mem, paths.memory()).map_err(io_err(&paths.memory()))?;
-        snapshot::write_atomic(&paths.state(), &bytes)
+        std::fs::rename(&tmp_mem, memory).map_err(io_err(memory))?;
+        snapshot::write_atomic(state, &bytes)
     }
 }
 
