@@ -92,8 +92,15 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     let cfg = json_of(&http(&s, "GET", "/vm/config", None).1);
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
     assert_eq!(cfg["drives"][0]["drive_id"], "data");
+    // The log, moved to a file with its level shown (as Firecracker's SDKs configure it first).
+    let log = dir.path().join("fc.log");
+    fault(http(&s, "PUT", "/logger", Some(r#"{"level": "Loud"}"#)), "Invalid log level");
+    let logger = format!(r#"{{"log_path": "{}", "level": "Info", "show_level": true}}"#, log.display());
+    assert_eq!(http(&s, "PUT", "/logger", Some(&logger)).0, 204);
     // Boot.
     assert_eq!(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.lines().any(|l| l.contains("INFO") && l.contains("microVM started")), "{logged}");
     assert_eq!(json_of(&http(&s, "GET", "/", None).1)["state"], "Running");
     fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), "after starting");
     fault(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#)), "after starting");

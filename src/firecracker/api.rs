@@ -102,6 +102,10 @@ async fn put_snapshot_load(State(m): Shared, b: Bytes) -> Response {
     done(r.unwrap_or_else(|e| Err(Fault::new(format!("snapshot/load failed: {e}")))))
 }
 
+async fn put_logger(b: Bytes) -> Response {
+    done(body::<super::log::Logger>("PUT", &b).and_then(|l| super::log::configure(&l)))
+}
+
 async fn put_actions(State(m): Shared, b: Bytes) -> Response {
     let action = match body::<model::Action>("PUT", &b) {
         Ok(a) => a,
@@ -128,7 +132,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/cpu-config", "CPU templates (cpu-config)"),
     ("/entropy", "the entropy device"),
     ("/hotplug/memory", "memory hotplug"),
-    ("/logger", "the logger (use --log-path and --level)"),
     ("/metrics", "metrics"),
     ("/mmds", "MMDS"),
     ("/pmem", "pmem devices"),
@@ -158,6 +161,7 @@ pub fn router(machine: Arc<Mutex<Machine>>) -> Router {
         .route("/drives/{id}", axum::routing::put(put_drive))
         .route("/network-interfaces/{id}", axum::routing::put(put_net))
         .route("/vsock", axum::routing::put(put_vsock))
+        .route("/logger", axum::routing::put(put_logger))
         .route("/vm/config", get(get_vm_config))
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/actions", axum::routing::put(put_actions))

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod args;
+pub mod log;
 pub mod machine;
 pub mod model;
 
@@ -76,37 +77,16 @@ pub fn main(args: &[String], process_start: Instant) -> ExitCode {
     }
 }
 
-/// The log as `--level`, `--log-path`, `--show-level` and `--show-log-origin` say.
+/// The log as `--level`, `--log-path`, `--show-level`, `--show-log-origin` and `--module` say.
 fn init_log(a: &Args) -> Result<(), String> {
-    let level = match a.value("level").unwrap_or("Info") {
-        "Off" | "off" => "off",
-        "Error" | "error" => "error",
-        "Warning" | "warning" | "Warn" | "warn" => "warn",
-        "Info" | "info" => "info",
-        "Debug" | "debug" => "debug",
-        "Trace" | "trace" => "trace",
-        other => return Err(format!("Invalid log level: {other}")),
+    let l = log::Logger {
+        level: a.value("level").map(str::to_string),
+        log_path: a.value("log-path").map(PathBuf::from),
+        show_level: Some(a.flag("show-level")),
+        show_log_origin: Some(a.flag("show-log-origin")),
+        module: a.value("module").map(str::to_string),
     };
-    let filter = tracing_subscriber::EnvFilter::new(level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_level(a.flag("show-level"))
-        .with_file(a.flag("show-log-origin"))
-        .with_line_number(a.flag("show-log-origin"))
-        .with_target(false)
-        .with_ansi(false);
-    match a.value("log-path") {
-        Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .map_err(|e| format!("Failed to open the log file {p}: {e}"))?;
-            builder.with_writer(Mutex::new(f)).try_init()
-        }
-        None => builder.with_writer(std::io::stderr).try_init(),
-    }
-    .map_err(|e| format!("cannot set up the log: {e}"))
+    log::init(&l).map_err(|f| f.0)
 }
 
 type Failure = (u8, String);
