@@ -9,6 +9,7 @@
 //!   virtio-blk reads, memory of clones sharing a layer.
 
 pub mod boot;
+pub mod firecracker;
 pub mod handoff;
 pub mod invoke;
 pub mod layers;

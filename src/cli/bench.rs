@@ -57,6 +57,11 @@ pub(crate) enum BenchCommand {
     /// round trip over virtio-net next to the mailbox's; throughput over virtio-net both ways next
     /// to the mailbox's. Boots one template.
     Net(BenchNetArgs),
+    /// ember driven as Firecracker: a guest booted and snapshotted through the Firecracker-compatible
+    /// API, then loaded run after run into a new `ember firecracker` process: process start -> API
+    /// socket ready, the `PUT /snapshot/load` round trip, load -> the guest answering over vsock,
+    /// next to the same restore in-process. Boots one guest.
+    Firecracker(BenchFirecrackerArgs),
     /// One process of `ember bench restore --processes` (started by it; talks on stdin/stdout).
     #[command(hide = true)]
     HoldClones(BenchHoldArgs),
@@ -90,6 +95,18 @@ pub(crate) struct BenchNetArgs {
     mib: u64,
     /// Seconds to wait for one boot or one answer.
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchFirecrackerArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Loads, each in a new process.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    runs: u64,
+    /// Seconds to wait for the boot or for one answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
     timeout: f64,
 }
 
@@ -297,6 +314,11 @@ pub(crate) fn bench(args: BenchArgs) -> Result<ExitCode, String> {
                 timeout: timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(120)),
             };
             bench::net::net(&args.machine.to_config()?, &b).map_err(|e| e.to_string())?
+        }
+        BenchCommand::Firecracker(args) => {
+            let t = timeout(Some(args.timeout))?.unwrap_or(Duration::from_secs(300));
+            bench::firecracker::firecracker(&args.machine.to_config()?, args.runs as usize, t)
+                .map_err(|e| e.to_string())?
         }
         BenchCommand::Handoff(args) => bench::handoff::handoff(
             &args.snapshot,
