@@ -273,6 +273,14 @@ fn a_config_file_starts_the_guest_without_an_api() {
     let out = ember().args(["firecracker", "--no-api", "--config-file", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(152));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"balloon\""), "{out:?}");
+    // With an API socket too: refused the same way, and the socket does not outlive the process.
+    let sock = dir.path().join("fc.sock");
+    let out = ember()
+        .args(["firecracker", "--api-sock", sock.to_str().unwrap(), "--config-file", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(152));
+    assert!(!sock.exists(), "the API socket is removed");
 }
 
 /// Waits for `child` to end (killing it after `timeout`): its status and stdout.

@@ -128,8 +128,9 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
             let path = PathBuf::from(a.value("api-sock").unwrap_or(args::DEFAULT_API_SOCK));
             let l = std::os::unix::net::UnixListener::bind(&path)
                 .map_err(|e| generic(format!("Failed to open the API socket at {}: {e}", path.display())))?;
-            l.set_nonblocking(true).map_err(|e| generic(e.to_string()))?;
-            Some((l, path))
+            let l = (l, SocketFile(path));
+            l.0.set_nonblocking(true).map_err(|e| generic(e.to_string()))?;
+            Some(l)
         }
     };
     if seccomp {
@@ -145,12 +146,19 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
         .build()
         .map_err(|e| generic(format!("cannot start the runtime: {e}")))?;
     let result = rt.block_on(serve(machine.clone(), listener.as_ref().map(|l| &l.0), max_body));
-    if let Some((_, path)) = &listener {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(listener);
     let exit = result.map_err(generic)?;
     tracing::info!("the microVM ended: {exit}");
     Ok(if exit.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_GENERIC) })
+}
+
+/// The API socket's file, removed when the process is done with it (on every way out).
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Serves the API (when there is one) until the guest ends; returns how it ended.
