@@ -382,3 +382,67 @@ impl Machine {
         self.running.as_ref().and_then(|r| r.exit())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> Machine {
+        Machine::new("t".into(), Box::new(std::io::sink()), false, Instant::now())
+    }
+
+    fn drive(id: &str, root: bool) -> Drive {
+        serde_json::from_value(serde_json::json!({"drive_id": id, "path_on_host": "/d", "is_root_device": root}))
+            .unwrap()
+    }
+
+    #[test]
+    fn pre_boot_requests_are_checked_as_firecracker_checks_them() {
+        let mut m = machine();
+        assert_eq!(m.info().state, "Not started");
+        assert_eq!(m.set_state("Paused").unwrap_err().0, BEFORE_START);
+        assert!(m.start().unwrap_err().0.contains("without kernel configuration"));
+        m.put_drive("root", drive("root", true)).unwrap();
+        assert!(m.put_drive("other", drive("other", true)).unwrap_err().0.contains("root block device already"));
+        m.put_drive("root", drive("root", false)).unwrap();
+        m.put_drive("other", drive("other", true)).unwrap();
+        assert_eq!(m.drives.len(), 2, "a drive put again replaces itself");
+        assert!(m.put_drive("x", drive("y", false)).unwrap_err().0.contains("does not match"));
+        let patch = MachineConfigBody { mem_size_mib: Some(512), ..Default::default() };
+        m.set_machine_config(patch.clone(), true).unwrap();
+        assert_eq!((m.machine_config().vcpu_count, m.machine_config().mem_size_mib), (1, 512));
+        assert!(m.set_machine_config(patch, false).unwrap_err().0.contains("required"));
+        let many = MachineConfigBody { vcpu_count: Some(64), mem_size_mib: Some(128), ..Default::default() };
+        assert!(m.set_machine_config(many, false).unwrap_err().0.contains("vCPU number"));
+        let v: Vsock = serde_json::from_value(serde_json::json!({"guest_cid": 52, "uds_path": "/v"})).unwrap();
+        assert!(m.put_vsock(v).unwrap_err().0.contains("CID 3"));
+        // Configured: a snapshot no longer loads into it.
+        let load: SnapshotLoad =
+            serde_json::from_value(serde_json::json!({"snapshot_path": "/s", "mem_file_path": "/m"})).unwrap();
+        assert!(m.load_snapshot(load).unwrap_err().0.contains("not allowed after configuring"));
+    }
+
+    #[test]
+    fn a_load_names_what_it_cannot_do_and_needs_one_memory_file() {
+        let l = |v: serde_json::Value| serde_json::from_value::<SnapshotLoad>(v).unwrap();
+        let uffd = l(
+            serde_json::json!({"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}),
+        );
+        assert!(uffd.memory().unwrap_err().0.contains("Uffd"));
+        let both = l(serde_json::json!({"snapshot_path": "/s", "mem_file_path": "/m",
+            "mem_backend": {"backend_type": "File", "backend_path": "/m"}}));
+        assert!(both.memory().unwrap_err().0.contains("Exactly one"));
+        let neither = l(serde_json::json!({"snapshot_path": "/s"}));
+        assert!(neither.memory().is_err());
+        let dirty = l(serde_json::json!({"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true}));
+        assert!(dirty.memory().unwrap_err().0.contains("Diff"));
+        let mut m = machine();
+        let missing = l(serde_json::json!({"snapshot_path": "/nonexistent/s", "mem_file_path": "/m"}));
+        assert!(m.load_snapshot(missing).unwrap_err().0.contains("Cannot read the snapshot"));
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = dir.path().join("firecracker.snap");
+        std::fs::write(&foreign, b"not ember's").unwrap();
+        let load = l(serde_json::json!({"snapshot_path": foreign, "mem_file_path": "/m"}));
+        assert!(m.load_snapshot(load).unwrap_err().0.contains("not a snapshot ember can load"));
+    }
+}
