@@ -83,23 +83,28 @@ async fn patch_vm(State(m): Shared, b: Bytes) -> Response {
     done(body::<model::VmState>("PATCH", &b).and_then(|v| m.locked().set_state(&v.state)))
 }
 
+/// Work on the machine that blocks (a boot, a snapshot's memory written or mapped): off the
+/// async thread.
+async fn blocking(
+    m: Arc<Mutex<Machine>>,
+    f: impl FnOnce(&mut Machine) -> Result<(), Fault> + Send + 'static,
+) -> Response {
+    let r = tokio::task::spawn_blocking(move || f(&mut m.locked())).await;
+    done(r.unwrap_or_else(|e| Err(Fault::new(format!("the request failed: {e}")))))
+}
+
 async fn put_snapshot_create(State(m): Shared, b: Bytes) -> Response {
-    let c = match body::<model::SnapshotCreate>("PUT", &b) {
-        Ok(c) => c,
-        Err(f) => return f.into_response(),
-    };
-    // Writes the guest's memory: off the async thread.
-    let r = tokio::task::spawn_blocking(move || m.locked().create_snapshot(c)).await;
-    done(r.unwrap_or_else(|e| Err(Fault::new(format!("snapshot/create failed: {e}")))))
+    match body::<model::SnapshotCreate>("PUT", &b) {
+        Ok(c) => blocking(m, move |m| m.create_snapshot(c)).await,
+        Err(f) => f.into_response(),
+    }
 }
 
 async fn put_snapshot_load(State(m): Shared, b: Bytes) -> Response {
-    let l = match body::<model::SnapshotLoad>("PUT", &b) {
-        Ok(l) => l,
-        Err(f) => return f.into_response(),
-    };
-    let r = tokio::task::spawn_blocking(move || m.locked().load_snapshot(l)).await;
-    done(r.unwrap_or_else(|e| Err(Fault::new(format!("snapshot/load failed: {e}")))))
+    match body::<model::SnapshotLoad>("PUT", &b) {
+        Ok(l) => blocking(m, move |m| m.load_snapshot(l)).await,
+        Err(f) => f.into_response(),
+    }
 }
 
 async fn put_logger(b: Bytes) -> Response {
@@ -112,11 +117,7 @@ async fn put_actions(State(m): Shared, b: Bytes) -> Response {
         Err(f) => return f.into_response(),
     };
     match action.action_type.as_str() {
-        // The boot blocks (the kernel is loaded, the vCPUs started): off the async thread.
-        "InstanceStart" => {
-            let r = tokio::task::spawn_blocking(move || m.locked().start()).await;
-            done(r.unwrap_or_else(|e| Err(Fault::new(format!("InstanceStart failed: {e}")))))
-        }
+        "InstanceStart" => blocking(m, Machine::start).await,
         "SendCtrlAltDel" => unsupported("SendCtrlAltDel").into_response(),
         "FlushMetrics" => unsupported("FlushMetrics (metrics)").into_response(),
         other => Fault::new(format!(

@@ -199,20 +199,25 @@ pub fn check_function(f: &str) -> Result<(), Error> {
     ember_abi::check_function(f.as_bytes()).map(|_| ()).map_err(|e| Error::bad_request(format!("function {f:?}: {e}")))
 }
 
+impl Invoke {
+    fn call(&self) -> InvokeCall<'_> {
+        InvokeCall {
+            name: &self.name,
+            handler: self.function.as_deref(),
+            payload: &self.payload,
+            timeout: self.timeout,
+            request_id: &self.request_id,
+        }
+    }
+}
+
 impl Command for Invoke {
     type Reply = Invoked;
     /// A ready clone and a quick answer are served on the caller's thread (a hop to another
     /// thread costs more than the whole call); a cold start, a busy mailbox or an answer not
     /// there within [`INLINE_SPIN`] is left to block.
     fn run(self, sup: &Arc<Supervisor>) -> Result<Step<Invoked>, Error> {
-        let call = InvokeCall {
-            name: &self.name,
-            handler: self.function.as_deref(),
-            payload: &self.payload,
-            timeout: self.timeout,
-            request_id: &self.request_id,
-        };
-        match sup.invoke_begin(&call, Take::Warm)? {
+        match sup.invoke_begin(&self.call(), Take::Warm)? {
             Some(inflight) if inflight.answered(INLINE_SPIN) => sup.invoke_finish(inflight).map(Step::Done),
             Some(inflight) => {
                 let sup = sup.clone();
@@ -220,16 +225,7 @@ impl Command for Invoke {
             }
             None => {
                 let sup = sup.clone();
-                Ok(Step::later(move || {
-                    let call = InvokeCall {
-                        name: &self.name,
-                        handler: self.function.as_deref(),
-                        payload: &self.payload,
-                        timeout: self.timeout,
-                        request_id: &self.request_id,
-                    };
-                    sup.invoke(&call, Take::Cold)
-                }))
+                Ok(Step::later(move || sup.invoke(&self.call(), Take::Cold)))
             }
         }
     }
