@@ -475,21 +475,25 @@ mod tests {
         assert!(threads.ahead.locked().is_empty(), "the thread made ahead was not used");
     }
 
+    /// A test device thread: serves `w` its commands until it is stopped.
+    fn serve_counter(commands: &Commands<u32, u32>, mut w: Counter) {
+        let epoll = Epoll::new().unwrap();
+        commands.watch(&epoll, 1).unwrap();
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            wait(&epoll, &mut events, "test-device").unwrap();
+            if !commands.serve(&mut w) {
+                return;
+            }
+        }
+    }
+
     #[test]
     fn commands_reach_the_thread_and_drop_stops_it() {
         let seen = Arc::new(AtomicUsize::new(0));
         let s = seen.clone();
         let t = DeviceThread::spawn("test-device", &Threads::new(None), move |commands: Commands<u32, u32>| {
-            let mut w = Counter { active: None, seen: s };
-            let epoll = Epoll::new().unwrap();
-            commands.watch(&epoll, 1).unwrap();
-            let mut events = [EpollEvent::default(); 4];
-            loop {
-                wait(&epoll, &mut events, "test-device").unwrap();
-                if !commands.serve(&mut w) {
-                    return;
-                }
-            }
+            serve_counter(&commands, Counter { active: None, seen: s })
         })
         .unwrap();
         t.activate(5);
@@ -506,18 +510,7 @@ mod tests {
 
     #[test]
     fn a_front_has_a_paused_state_only_once_its_thread_answered_the_pause() {
-        let serve = |commands: Commands<u32, u32>| {
-            let mut w = Counter::default();
-            let epoll = Epoll::new().unwrap();
-            commands.watch(&epoll, 1).unwrap();
-            let mut events = [EpollEvent::default(); 4];
-            loop {
-                wait(&epoll, &mut events, "test-device").unwrap();
-                if !commands.serve(&mut w) {
-                    return;
-                }
-            }
-        };
+        let serve = |commands: Commands<u32, u32>| serve_counter(&commands, Counter::default());
         let mut front = QueueFront::new(DeviceThread::spawn("test-device", &Threads::new(None), serve).unwrap());
         assert!(!front.is_active());
         front.activate("test", 0, Vec::new(), |_| 3).unwrap();
