@@ -89,6 +89,13 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     fault(http(&s, "PUT", "/boot-source", Some("")), "Empty PUT request.");
     fault(http(&s, "GET", "/no-such-path", None), "Invalid request method and/or path: GET /no-such-path.");
     fault(http(&s, "PUT", "/mmds", Some("{}")), "not supported by ember");
+    // Metrics (before InstanceStart, once); what only a running microVM takes is refused.
+    let metrics = dir.path().join("metrics.json");
+    let m = format!(r#"{{"metrics_path": "{}", "emit_id": true}}"#, metrics.display());
+    assert_eq!(http(&s, "PUT", "/metrics", Some(&m)).0, 204);
+    fault(http(&s, "PUT", "/metrics", Some(&m)), "Reinitialization of metrics not allowed.");
+    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)), "before starting");
+    fault(http(&s, "PATCH", "/drives/data", Some(r#"{"drive_id": "data"}"#)), "before starting");
     let cfg = json_of(&http(&s, "GET", "/vm/config", None).1);
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
     assert_eq!(cfg["drives"][0]["drive_id"], "data");
@@ -113,6 +120,47 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
         std::thread::sleep(Duration::from_millis(50));
     }
     echo(&vsock, "through vsock");
+    fault(http(&s, "PUT", "/logger", Some(r#"{"level": "Debug"}"#)), "after starting");
+    // The drive's backing file swapped while the guest runs: the guest sees the new size and
+    // bytes (read around its page cache).
+    assert_eq!(agent(&vsock, "drive", "vda"), format!("sectors=2048 head={}", "00".repeat(16)));
+    let data2 = dir.path().join("data2.img");
+    let mut bytes = b"swapped drive...".to_vec();
+    bytes.resize(2 << 20, 0);
+    std::fs::write(&data2, &bytes).unwrap();
+    fault(http(&s, "PATCH", "/drives/data", Some(r#"{"drive_id": "data"}"#)), "nothing to change");
+    fault(http(&s, "PATCH", "/drives/none", Some(r#"{"drive_id": "none", "path_on_host": "/x"}"#)), "no drive");
+    let missing = format!(r#"{{"drive_id": "data", "path_on_host": "{}"}}"#, dir.path().join("gone").display());
+    fault(http(&s, "PATCH", "/drives/data", Some(&missing)), "Unable to patch the block device");
+    let patch = format!(r#"{{"drive_id": "data", "path_on_host": "{}"}}"#, data2.display());
+    assert_eq!(http(&s, "PATCH", "/drives/data", Some(&patch)).0, 204, "PATCH /drives/data");
+    let want =
+        format!("sectors=4096 head={}", b"swapped drive...".iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = agent(&vsock, "drive", "vda");
+        if seen == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest never saw the new drive: {seen}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(json_of(&http(&s, "GET", "/vm/config", None).1)["drives"][0]["path_on_host"], data2.to_str().unwrap());
+    // A metrics line now: the requests so far, the vCPUs' exits and the drive's reads.
+    assert_eq!(http(&s, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)).0, 204);
+    // (Counters count per line: a line written every 60 s may have taken some of them.)
+    let lines: Vec<_> = std::fs::read_to_string(&metrics).unwrap().lines().map(json_of).collect();
+    let total = |group: &str, key: &str| lines.iter().map(|l| l[group][key].as_u64().unwrap_or(0)).sum::<u64>();
+    let line = lines.last().unwrap();
+    assert_eq!(line["id"], "fc-test");
+    assert!(total("put_api_requests", "drive_count") >= 2, "{line}");
+    assert!(total("put_api_requests", "drive_fails") >= 1, "{line}");
+    assert_eq!(total("patch_api_requests", "drive_count"), 5, "{line}");
+    assert_eq!(total("patch_api_requests", "drive_fails"), 4, "{line}");
+    assert!(total("vcpu", "exit_mmio_write") > 0, "{line}");
+    assert!(total("block_data", "read_count") >= 2, "{line}");
+    assert_eq!(total("block_data", "update_count"), 1, "{line}");
+    assert_eq!(line["block"]["read_bytes"], line["block_data"]["read_bytes"], "{line}");
     let (state, mem) = (dir.path().join("snap.state"), dir.path().join("snap.mem"));
     let create = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), mem.display());
     fault(http(&s, "PUT", "/snapshot/create", Some(&create)), "pause it first");
@@ -204,6 +252,15 @@ fn echo(vsock: &Path, text: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A call of the guest agent's built-in `function` over vsock: its answer, as text.
+fn agent(vsock: &Path, function: &str, payload: &str) -> String {
+    let mut c = ember::channel::vsock::AgentConnection::connect(vsock, Duration::from_secs(120)).unwrap();
+    let r = c.call(function, payload.as_bytes()).unwrap();
+    let text = String::from_utf8_lossy(&r.payload).into_owned();
+    assert_eq!(r.status, ember_abi::Status::Ok, "{function} {payload}: {text}");
+    text
 }
 
 /// Firecracker has no handler for SIGTERM: the process ends by it, and so does ember's.

@@ -13,6 +13,7 @@ pub mod console_input;
 pub mod control;
 pub mod debug_port;
 pub mod i8042;
+pub mod metrics;
 pub mod pit;
 pub mod serial;
 pub mod virtio;

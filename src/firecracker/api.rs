@@ -6,17 +6,23 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
+use axum::middleware::Next;
+
 use super::machine::Machine;
+use super::metrics::Metrics;
 use super::model::{self, unsupported, Fault};
 use crate::sys::Locked;
 
 type Shared = State<Arc<Mutex<Machine>>>;
+
+/// This door's OpenAPI document (`GET /openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 impl IntoResponse for Fault {
     fn into_response(self) -> Response {
@@ -71,6 +77,22 @@ async fn put_net(State(m): Shared, Path(id): Path<String>, b: Bytes) -> Response
     done(body("PUT", &b).and_then(|n| m.locked().put_net(&id, n)))
 }
 
+async fn patch_drive(State(m): Shared, Path(id): Path<String>, b: Bytes) -> Response {
+    done(body("PATCH", &b).and_then(|d| m.locked().patch_drive(&id, d)))
+}
+
+async fn patch_net(State(m): Shared, Path(id): Path<String>, b: Bytes) -> Response {
+    done(body("PATCH", &b).and_then(|n| m.locked().patch_net(&id, n)))
+}
+
+async fn put_metrics(State(m): Shared, b: Bytes) -> Response {
+    done(body("PUT", &b).and_then(|c| m.locked().configure_metrics(c)))
+}
+
+async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 async fn put_vsock(State(m): Shared, b: Bytes) -> Response {
     done(body("PUT", &b).and_then(|v| m.locked().put_vsock(v)))
 }
@@ -107,8 +129,13 @@ async fn put_snapshot_load(State(m): Shared, b: Bytes) -> Response {
     }
 }
 
-async fn put_logger(b: Bytes) -> Response {
-    done(body::<super::log::Logger>("PUT", &b).and_then(|l| super::log::configure(&l)))
+/// `PUT /logger`: before InstanceStart, as in Firecracker.
+async fn put_logger(State(m): Shared, b: Bytes) -> Response {
+    let configure = |l: super::log::Logger| {
+        m.locked().check_not_started()?;
+        super::log::configure(&l)
+    };
+    done(body::<super::log::Logger>("PUT", &b).and_then(configure))
 }
 
 async fn put_actions(State(m): Shared, b: Bytes) -> Response {
@@ -119,7 +146,7 @@ async fn put_actions(State(m): Shared, b: Bytes) -> Response {
     match action.action_type.as_str() {
         "InstanceStart" => blocking(m, Machine::start).await,
         "SendCtrlAltDel" => unsupported("SendCtrlAltDel").into_response(),
-        "FlushMetrics" => unsupported("FlushMetrics (metrics)").into_response(),
+        "FlushMetrics" => done(m.locked().flush_metrics()),
         other => Fault::new(format!(
             "unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`"
         ))
@@ -133,7 +160,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/cpu-config", "CPU templates (cpu-config)"),
     ("/entropy", "the entropy device"),
     ("/hotplug/memory", "memory hotplug"),
-    ("/metrics", "metrics"),
     ("/mmds", "MMDS"),
     ("/pmem", "pmem devices"),
     ("/serial", "the serial device's configuration"),
@@ -145,22 +171,28 @@ async fn fallback(req: Request) -> Response {
     if let Some((_, what)) = NOT_YET.iter().find(|(p, _)| path == *p || path.starts_with(&format!("{p}/"))) {
         return unsupported(what).into_response();
     }
-    // A PATCH of a drive or an interface (after boot in Firecracker): not here yet either.
-    if req.method() == Method::PATCH && (path.starts_with("/drives/") || path.starts_with("/network-interfaces/")) {
-        return unsupported("PATCH of drives and network interfaces").into_response();
-    }
     Fault::new(format!("Invalid request method and/or path: {} {}.", req.method(), path)).into_response()
 }
 
-/// The API's routes over the process's machine.
-pub fn router(machine: Arc<Mutex<Machine>>) -> Router {
+/// Counts each request in the metrics of its path, as a failure when it was refused.
+async fn count(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = next.run(req).await;
+    metrics.request(&method, &path, !response.status().is_success());
+    response
+}
+
+/// The API's routes over the process's machine, each request counted in `metrics`.
+pub fn router(machine: Arc<Mutex<Machine>>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/", get(root))
+        .route("/openapi.json", get(openapi))
         .route("/version", get(version))
         .route("/machine-config", get(get_machine_config).put(put_machine_config).patch(patch_machine_config))
         .route("/boot-source", axum::routing::put(put_boot_source))
-        .route("/drives/{id}", axum::routing::put(put_drive))
-        .route("/network-interfaces/{id}", axum::routing::put(put_net))
+        .route("/drives/{id}", axum::routing::put(put_drive).patch(patch_drive))
+        .route("/network-interfaces/{id}", axum::routing::put(put_net).patch(patch_net))
+        .route("/metrics", axum::routing::put(put_metrics))
         .route("/vsock", axum::routing::put(put_vsock))
         .route("/logger", axum::routing::put(put_logger))
         .route("/vm/config", get(get_vm_config))
@@ -171,4 +203,5 @@ pub fn router(machine: Arc<Mutex<Machine>>) -> Router {
         .fallback(any(fallback))
         .method_not_allowed_fallback(fallback)
         .with_state(machine)
+        .layer(axum::middleware::from_fn_with_state(metrics, count))
 }

@@ -4,11 +4,14 @@
 //! state it applies to, with Firecracker's fault messages.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::metrics::Metrics;
 use super::model::{
-    unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, NetworkInterface,
-    SnapshotCreate, SnapshotLoad, Vsock, FIRECRACKER_API_VERSION,
+    unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, MetricsConfig,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreate, SnapshotLoad, Vsock,
+    FIRECRACKER_API_VERSION,
 };
 use crate::config::{DriveConfig, NetConfig, VmConfig};
 use crate::devices::serial::ConsoleOut;
@@ -41,10 +44,11 @@ pub struct Machine {
     console: Option<ConsoleOut>,
     seccomp: bool,
     process_start: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Machine {
-    pub fn new(id: String, console: ConsoleOut, seccomp: bool, process_start: Instant) -> Self {
+    pub fn new(id: String, console: ConsoleOut, seccomp: bool, process_start: Instant, metrics: Arc<Metrics>) -> Self {
         Self {
             id,
             boot_source: None,
@@ -59,7 +63,18 @@ impl Machine {
             console: Some(console),
             seccomp,
             process_start,
+            metrics,
         }
+    }
+
+    /// When the process started (for its start-up time).
+    pub fn process_start(&self) -> Instant {
+        self.process_start
+    }
+
+    /// Refuses a pre-boot-only request once the microVM started.
+    pub fn check_not_started(&self) -> Result<(), Fault> {
+        self.before_start()
     }
 
     fn before_start(&self) -> Result<(), Fault> {
@@ -179,6 +194,61 @@ impl Machine {
         Ok(())
     }
 
+    /// `PATCH /drives/{id}` (after InstanceStart): serves the drive from `path_on_host` from now
+    /// on; the guest is told its capacity may have changed (what it cached is its own to drop).
+    pub fn patch_drive(&mut self, id: &str, d: PartialDrive) -> Result<(), Fault> {
+        let running = self.running.as_ref().ok_or_else(|| Fault::new(BEFORE_START))?;
+        if d.drive_id != id {
+            return Err(Fault::new("The id from the path does not match the id from the body!"));
+        }
+        if d.rate_limiter.is_some() {
+            return Err(unsupported("a drive's rate_limiter"));
+        }
+        let Some((body, path)) = self.drives.iter_mut().find(|(o, _)| o.drive_id == id) else {
+            return Err(Fault::new(format!("Unable to patch the block device: no drive {id:?}")));
+        };
+        let Some(new) = d.path_on_host else {
+            return Err(Fault::new("Unable to patch the block device: nothing to change (path_on_host)"));
+        };
+        running.replace_drive(id, &new).map_err(|e| Fault::new(format!("Unable to patch the block device: {e}")))?;
+        tracing::info!(id = %self.id, drive = %id, path = %new.display(), "drive replaced");
+        (body.path_on_host, *path) = (Some(new.clone()), new);
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` (after InstanceStart): only rate limiters change there,
+    /// which ember does not have; a body without one changes nothing.
+    pub fn patch_net(&mut self, id: &str, n: PartialNetworkInterface) -> Result<(), Fault> {
+        self.after_start()?;
+        if n.iface_id != id {
+            return Err(Fault::new("The id from the path does not match the id from the body!"));
+        }
+        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            return Err(unsupported("a network interface's rate limiters"));
+        }
+        if !self.nets.iter().any(|o| o.iface_id == id) {
+            return Err(Fault::new(format!("Unable to update the net device: no network interface {id:?}")));
+        }
+        Ok(())
+    }
+
+    /// `PUT /metrics` (before InstanceStart, once).
+    pub fn configure_metrics(&mut self, c: MetricsConfig) -> Result<(), Fault> {
+        self.before_start()?;
+        self.metrics.configure(&c)
+    }
+
+    /// `FlushMetrics` (after InstanceStart): one line now.
+    pub fn flush_metrics(&self) -> Result<(), Fault> {
+        self.after_start()?;
+        self.write_metrics().map(|_| ())
+    }
+
+    /// One metrics line (the VM's counters once it runs), if metrics are configured.
+    pub fn write_metrics(&self) -> Result<bool, Fault> {
+        self.metrics.flush(&self.id, self.running.as_ref().map(RunningVm::take_counters))
+    }
+
     /// The VM as ember describes it (Firecracker's config-file shape, which ember reads).
     fn vm_config(&self) -> Result<VmConfig, Fault> {
         let Some(b) = &self.boot_source else {
@@ -264,24 +334,29 @@ impl Machine {
 
     /// `PATCH /vm`: `Paused` or `Resumed`.
     pub fn set_state(&mut self, state: &str) -> Result<(), Fault> {
+        let t = Instant::now();
         let running = self.after_start()?;
-        match state {
+        let what = match state {
             "Paused" => {
                 running.pause().map_err(|e| Fault::new(format!("Failed to pause the microVM: {e}")))?;
                 self.paused = true;
+                ("pause_vm", "vmm_pause_vm")
             }
             "Resumed" => {
                 running.resume();
                 self.paused = false;
+                ("resume_vm", "vmm_resume_vm")
             }
             other => return Err(Fault::new(format!("unknown variant `{other}`, expected `Paused` or `Resumed`"))),
-        }
+        };
+        self.latencies(what, t, t);
         Ok(())
     }
 
     /// `PUT /snapshot/create`: a Full snapshot of the paused microVM, its state to
     /// `snapshot_path` (ember's own format) and its memory to `mem_file_path`.
     pub fn create_snapshot(&self, c: SnapshotCreate) -> Result<(), Fault> {
+        let t = Instant::now();
         let running = self.after_start()?;
         if c.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
             return Err(unsupported("a Diff snapshot"));
@@ -289,11 +364,13 @@ impl Machine {
         if !self.paused {
             return Err(Fault::new("Cannot create a snapshot of a running microVM: pause it first (PATCH /vm)"));
         }
+        let vmm = Instant::now();
         let mut state = running.state().map_err(|e| Fault::new(format!("Cannot save the microVM's state: {e}")))?;
         state.devices.vsock_path = self.vsock.as_ref().map(|v| v.uds_path.clone());
         running
             .write_snapshot(&state, &c.snapshot_path, &c.mem_file_path)
             .map_err(|e| Fault::new(format!("Cannot write the snapshot: {e}")))?;
+        self.latencies(("full_create_snapshot", "vmm_full_create_snapshot"), t, vmm);
         tracing::info!(id = %self.id, state = %c.snapshot_path.display(), "snapshot created");
         Ok(())
     }
@@ -302,6 +379,7 @@ impl Machine {
     /// files), its network interfaces on `network_overrides`' TAPs, its vsock on
     /// `vsock_override`'s path (else the one it had); paused unless `resume_vm`.
     pub fn load_snapshot(&mut self, l: SnapshotLoad) -> Result<(), Fault> {
+        let t = Instant::now();
         self.before_start()?;
         if self.configured {
             return Err(Fault::new(
@@ -322,6 +400,7 @@ impl Machine {
             let n = n.ok_or_else(|| Fault::new(format!("Invalid network override: no interface {:?}", o.iface_id)))?;
             n.host_dev_name = o.host_dev_name.clone();
         }
+        let vmm = Instant::now();
         let memory = crate::snapshot::MemoryFile::open(&mem_path, state.machine.mem_bytes)
             .map_err(|e| Fault::new(format!("Cannot load the guest memory: {e}")))?;
         let vsock = l.vsock_override.as_ref().map(|v| v.uds_path.clone()).or(state.devices.vsock_path.clone());
@@ -373,8 +452,15 @@ impl Machine {
         self.vsock = vsock.map(|uds_path| Vsock { guest_cid: GUEST_CID, uds_path, vsock_id: None });
         self.running = Some(running);
         self.paused = paused;
+        self.latencies(("load_snapshot", "vmm_load_snapshot"), t, vmm);
         tracing::info!(id = %self.id, paused, "snapshot loaded");
         Ok(())
+    }
+
+    /// Records an operation's latencies: the whole request's from `whole`, the VMM's from `vmm`.
+    fn latencies(&self, (name, vmm_name): (&'static str, &'static str), whole: Instant, vmm: Instant) {
+        self.metrics.latency(vmm_name, vmm.elapsed());
+        self.metrics.latency(name, whole.elapsed());
     }
 
     /// How the guest ended, once it has.
@@ -388,7 +474,7 @@ mod tests {
     use super::*;
 
     fn machine() -> Machine {
-        Machine::new("t".into(), Box::new(std::io::sink()), false, Instant::now())
+        Machine::new("t".into(), Box::new(std::io::sink()), false, Instant::now(), Default::default())
     }
 
     fn drive(id: &str, root: bool) -> Drive {

@@ -14,6 +14,7 @@ pub mod api;
 pub mod args;
 pub mod log;
 pub mod machine;
+pub mod metrics;
 pub mod model;
 
 use std::path::{Path, PathBuf};
@@ -99,9 +100,7 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
              confine every thread (drop the flag), or run with --no-seccomp"
         )));
     }
-    for (flag, what) in
-        [("metrics-path", "metrics"), ("metadata", "MMDS"), ("describe-snapshot", "Firecracker's snapshots")]
-    {
+    for (flag, what) in [("metadata", "MMDS"), ("describe-snapshot", "Firecracker's snapshots")] {
         if a.flag(flag) {
             return Err(generic(format!("--{flag}: {what} is not supported by ember (see docs/firecracker.md)")));
         }
@@ -120,7 +119,12 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
     let id = a.value("id").unwrap_or(args::DEFAULT_ID).to_string();
     let seccomp = !a.flag("no-seccomp");
     let console: crate::devices::serial::ConsoleOut = Box::new(std::io::stdout());
-    let machine = Arc::new(Mutex::new(Machine::new(id, console, seccomp, process_start)));
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(path) = a.value("metrics-path") {
+        let c = model::MetricsConfig { metrics_path: path.into(), ..Default::default() };
+        metrics.configure(&c).map_err(|f| generic(f.0))?;
+    }
+    let machine = Arc::new(Mutex::new(Machine::new(id, console, seccomp, process_start, metrics.clone())));
     // The API's socket before the filter (and before the VM: clients wait for it).
     let listener = match a.flag("no-api") {
         true => None,
@@ -145,8 +149,12 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
         .enable_all()
         .build()
         .map_err(|e| generic(format!("cannot start the runtime: {e}")))?;
-    let result = rt.block_on(serve(machine.clone(), listener.as_ref().map(|l| &l.0), max_body));
+    let result = rt.block_on(serve(machine.clone(), metrics, listener.as_ref().map(|l| &l.0), max_body));
     drop(listener);
+    // The last line, as Firecracker writes one at exit.
+    if let Err(f) = machine.locked().write_metrics() {
+        tracing::warn!("{}", f.0);
+    }
     let exit = result.map_err(generic)?;
     tracing::info!("the microVM ended: {exit}");
     Ok(if exit.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_GENERIC) })
@@ -164,15 +172,23 @@ impl Drop for SocketFile {
 /// Serves the API (when there is one) until the guest ends; returns how it ended.
 async fn serve(
     machine: Arc<Mutex<Machine>>,
+    metrics: Arc<metrics::Metrics>,
     listener: Option<&std::os::unix::net::UnixListener>,
     max_body: Option<usize>,
 ) -> Result<crate::vmm::exit::VmExit, String> {
     let ended = {
         let machine = machine.clone();
         async move {
+            let mut next_flush = tokio::time::Instant::now() + metrics::FLUSH_PERIOD;
             loop {
                 if let Some(exit) = machine.locked().ended() {
                     return exit;
+                }
+                if tokio::time::Instant::now() >= next_flush {
+                    next_flush += metrics::FLUSH_PERIOD;
+                    if let Err(f) = machine.locked().write_metrics() {
+                        crate::log_limited!(warn, "{}", f.0);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -182,7 +198,9 @@ async fn serve(
     let listener = listener.try_clone().map_err(|e| e.to_string())?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
     let limit = max_body.unwrap_or(args::DEFAULT_MAX_PAYLOAD);
-    let app = api::router(machine).layer(axum::extract::DefaultBodyLimit::max(limit));
+    let app = api::router(machine.clone(), metrics.clone()).layer(axum::extract::DefaultBodyLimit::max(limit));
+    let start = machine.locked().process_start();
+    metrics.started(start.elapsed(), metrics::process_cpu_time());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let server = axum::serve(listener, app).with_graceful_shutdown(async {
         let _ = rx.await;

@@ -146,6 +146,41 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
+/// `PATCH /drives/{drive_id}` (after InstanceStart): a new backing file, or rate limiter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<PathBuf>,
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}` (after InstanceStart): its rate limiters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /metrics` (and `--metrics-path`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: PathBuf,
+    /// Whether each line carries the microVM's id as `id`.
+    #[serde(default)]
+    pub emit_id: bool,
+    /// The operator's key-value pairs, under `properties` on each line.
+    #[serde(default)]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -26,6 +26,8 @@ pub struct VmControl {
     ended: Condvar,
     park: Mutex<Park>,
     park_changed: Condvar,
+    /// The vCPUs' exits, counted as they are handled.
+    pub exits: crate::devices::metrics::VcpuCounters,
 }
 
 struct Park {
@@ -45,6 +47,7 @@ impl VmControl {
             ended: Condvar::new(),
             park: Mutex::new(Park { ready: false, parked: 0, states: (0..vcpus).map(|_| None).collect() }),
             park_changed: Condvar::new(),
+            exits: Default::default(),
         }
     }
 

@@ -81,7 +81,8 @@ pub fn virtio_cmdline(count: usize) -> String {
 pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    drives: Vec<DriveConfig>,
+    /// The drives in slot order (slot `i` is drive `i`), as served now.
+    drives: Mutex<Vec<DriveConfig>>,
     nets: Vec<NetConfig>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -178,7 +179,7 @@ impl Devices {
         Ok(Self {
             serial,
             virtio,
-            drives: drives.to_vec(),
+            drives: Mutex::new(drives.to_vec()),
             nets: nets.to_vec(),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -196,10 +197,40 @@ impl Devices {
         Ok(DevicesState {
             serial: self.serial.locked().save()?,
             virtio,
-            drives: self.drives.clone(),
+            drives: self.drives.locked().clone(),
             nets: self.nets.clone(),
             vsock_path: None,
         })
+    }
+
+    /// Serves drive `drive_id` from the file at `path` from now on (its block device is told, and
+    /// tells the guest); a later snapshot records the new file.
+    pub fn replace_drive(&self, drive_id: &str, path: &std::path::Path) -> Result<(), DeviceError> {
+        let mut drives = self.drives.locked();
+        let slot = drives.iter().position(|d| d.drive_id == drive_id);
+        let Some((slot, transport)) = slot.and_then(|i| Some((i, self.virtio.get(i)?))) else {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such drive");
+            return Err(DeviceError::Io { what: format!("drive {drive_id:?}"), source });
+        };
+        transport.locked().device_mut().replace_file(path)?;
+        drives[slot].path_on_host = path.to_path_buf();
+        Ok(())
+    }
+
+    /// Every device's counters since they were last taken, by group name (`block_ID`,
+    /// `net_ID`), with each kind's total (`block`, `net`), as Firecracker reports them.
+    pub fn take_counters(&self) -> serde_json::Map<String, serde_json::Value> {
+        let groups: Vec<_> = self.virtio.iter().filter_map(|t| t.locked().device().take_counters()).collect();
+        let mut out = serde_json::Map::new();
+        for kind in ["block", "net"] {
+            let of_kind: Vec<_> =
+                groups.iter().filter(|(n, _)| n.starts_with(&format!("{kind}_"))).map(|g| &g.1).collect();
+            if !of_kind.is_empty() {
+                out.insert(kind.to_string(), crate::devices::metrics::sum(&of_kind).into());
+            }
+        }
+        out.extend(groups.into_iter().map(|(n, g)| (n, g.into())));
+        out
     }
 
     /// How many virtio devices there are (the guest's command line names each).

@@ -518,6 +518,20 @@ impl RunningVm {
         self.ctl.resume();
     }
 
+    /// Serves drive `drive_id` from the file at `path` from now on, paused or running
+    /// (Firecracker's `PATCH /drives/{id}`).
+    pub fn replace_drive(&self, drive_id: &str, path: &std::path::Path) -> Result<(), VmError> {
+        Ok(self.devices.replace_drive(drive_id, path)?)
+    }
+
+    /// The VM's counters since they were last taken (vCPU exits, each device's work), by
+    /// Firecracker's metric group names (`vcpu`, `block`, `block_ID`, `net`, `net_ID`).
+    pub fn take_counters(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = self.devices.take_counters();
+        m.insert("vcpu".into(), self.ctl.exits.take().into());
+        m
+    }
+
     /// The state of the paused VM (vCPUs as saved when they parked; VM and devices now).
     pub fn state(&self) -> Result<SnapshotState, VmError> {
         let vcpus = self.ctl.parked_states()?;

@@ -16,6 +16,7 @@ use super::vcpu_state::VcpuState;
 use super::{kvm_err, VmError};
 use crate::devices::boot_timer::BootClock;
 use crate::devices::bus::Bus;
+use crate::devices::metrics::{self, VcpuCounters};
 use crate::devices::GuestRequest;
 use crate::memory::GuestMemory;
 
@@ -188,9 +189,10 @@ impl Vcpu {
                             c.record(|t| &mut t.first_io);
                         }
                     }
-                    match handle_exit(exit, &pio, &mmio) {
+                    match handle_exit(exit, &pio, &mmio, &ctl.exits) {
                         Ok(r) => r,
                         Err(reason) => {
+                            metrics::inc(&ctl.exits.failures);
                             let reason = self.describe(&mem, reason);
                             ctl.end(reason);
                             break;
@@ -311,9 +313,15 @@ enum FatalExit {
     Unexpected(String),
 }
 
-fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<Option<GuestRequest>, FatalExit> {
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    pio: &Bus,
+    mmio: &Bus,
+    counters: &VcpuCounters,
+) -> Result<Option<GuestRequest>, FatalExit> {
     match exit {
         VcpuExit::IoIn(port, data) => {
+            metrics::inc(&counters.exit_io_in);
             if !pio.read(u64::from(port), data) {
                 data.fill(0xff);
             }
@@ -321,20 +329,25 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<Option<Guest
             Ok(None)
         }
         VcpuExit::IoOut(port, data) => {
+            metrics::inc(&counters.exit_io_out);
             tracing::trace!("out {port:#x} <- {data:02x?}");
             Ok(pio.write(u64::from(port), data).unwrap_or(None))
         }
         VcpuExit::MmioRead(addr, data) => {
+            metrics::inc(&counters.exit_mmio_read);
             if !mmio.read(addr, data) {
                 tracing::trace!("MMIO read from {addr:#x}: nothing there");
                 data.fill(0xff);
             }
             Ok(None)
         }
-        VcpuExit::MmioWrite(addr, data) => Ok(mmio.write(addr, data).unwrap_or_else(|_| {
-            tracing::trace!("MMIO write to {addr:#x}: nothing there");
-            None
-        })),
+        VcpuExit::MmioWrite(addr, data) => {
+            metrics::inc(&counters.exit_mmio_write);
+            Ok(mmio.write(addr, data).unwrap_or_else(|_| {
+                tracing::trace!("MMIO write to {addr:#x}: nothing there");
+                None
+            }))
+        }
         VcpuExit::Shutdown => Err(FatalExit::Shutdown),
         VcpuExit::InternalError => Err(FatalExit::InternalError),
         VcpuExit::FailEntry(reason, _cpu) => Err(FatalExit::FailEntry(reason)),

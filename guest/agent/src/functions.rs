@@ -184,6 +184,7 @@ impl Functions {
             "cpu-stat" => reply(out, cpu_stat(), Status::Failed),
             "clock" => reply(out, clocks(), Status::Failed),
             "touch" => reply(out, touch(payload), Status::BadRequest),
+            "drive" => reply(out, drive(payload), Status::BadRequest),
             "http-get" => reply(out, crate::net::http_get(payload), Status::Failed),
             "tcp-read" => reply(out, crate::net::tcp_transfer(payload, false), Status::Failed),
             "tcp-write" => reply(out, crate::net::tcp_transfer(payload, true), Status::Failed),
@@ -290,6 +291,27 @@ fn touch(payload: &[u8]) -> io::Result<String> {
         page[0] = 1;
     }
     Ok(format!("touched {mib} MiB"))
+}
+
+/// `drive vdX`: the disk's size in sectors as the kernel sees it now and its first 16 bytes,
+/// read around the page cache (`sectors=N head=HEX`): what a host-side swap of the drive's
+/// backing file looks like from inside.
+fn drive(payload: &[u8]) -> io::Result<String> {
+    let name = std::str::from_utf8(payload)
+        .ok()
+        .map(str::trim)
+        .filter(|n| n.len() <= 8 && n.starts_with("vd") && n.bytes().all(|b| b.is_ascii_lowercase()))
+        .ok_or_else(|| io::Error::other("drive takes a disk's name (vda, vdb, ...)"))?;
+    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size"))?.trim().to_string();
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(format!("/dev/{name}"))?;
+    // O_DIRECT wants an aligned buffer.
+    let mut raw = vec![0u8; 8192];
+    let off = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[off..off + 4096];
+    let n = std::os::unix::fs::FileExt::read_at(&f, buf, 0)?;
+    let head: String = buf[..n.min(16)].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sectors={sectors} head={head}"))
 }
 
 fn cpu_stat() -> io::Result<String> {

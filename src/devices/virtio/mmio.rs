@@ -174,6 +174,11 @@ impl MmioTransport {
     }
 
     /// Pauses a running device (see [`VirtioDevice::pause`]).
+    /// The device, to change what it serves from (a drive's file) while the VM runs.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     pub fn pause(&mut self) {
         if self.active {
             self.device.pause();

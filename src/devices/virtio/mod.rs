@@ -69,6 +69,17 @@ pub trait VirtioDevice: Send {
     /// another kind of device is refused. Called on every restored device: one whose host side
     /// does not survive a restore (vsock's connections) prepares to tell the guest.
     fn restore_state(self: Box<Self>, state: &VirtioState) -> Result<Box<dyn VirtioDevice>, VirtioStateError>;
+    /// Serves the device from another host file from now on (a drive's backing file); devices
+    /// without one refuse.
+    fn replace_file(&mut self, _path: &std::path::Path) -> Result<(), DeviceError> {
+        let source = std::io::Error::new(std::io::ErrorKind::Unsupported, "it has no backing file to replace");
+        Err(DeviceError::Io { what: DeviceKind(self.device_type()).to_string(), source })
+    }
+    /// The device's counters since they were last taken, under the name its group is reported
+    /// by (`block_ID`, `net_ID`); devices without counters have none.
+    fn take_counters(&self) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+        None
+    }
 }
 
 /// A virtio device's own state in a snapshot: one variant per kind of device, each the device's

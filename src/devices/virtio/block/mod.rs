@@ -6,6 +6,11 @@
 //! [`request`] with every field checked; a malformed chain goes back to the guest unused. At most
 //! [`REQUEST_BUDGET`] requests are served per wakeup, so one guest's queue never holds the thread.
 //!
+//! The file can be replaced while the guest runs ([`Block::replace_file`], Firecracker's `PATCH
+//! /drives/{id}`): the new file is opened on the caller's thread and handed to the device thread,
+//! which serves every later request from it and then tells the driver that the configuration (the
+//! capacity) changed.
+//!
 //! A snapshot keeps the drive's id, mode and identity (device, inode, size, modification time:
 //! [`BlockState`]): a restore whose file changed or vanished since is refused ([`BlockError`]), so
 //! a clone never reads a disk that differs from its template's.
@@ -26,9 +31,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Threads};
 use super::{
-    Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, BLOCK, INT_USED_RING, VIRTIO_F_VERSION_1,
+    Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, BLOCK, INT_CONFIG, INT_USED_RING,
+    VIRTIO_F_VERSION_1,
 };
 use crate::config::DriveConfig;
+use crate::devices::metrics::{self, BlockCounters};
 use crate::devices::{DeviceError, Persist};
 use crate::memory::GuestMemory;
 use crate::sys::Locked;
@@ -109,6 +116,9 @@ struct Activation {
     interrupt: Arc<Interrupt>,
 }
 
+/// A backing file handed to the device thread, and its capacity in sectors.
+type Replacement = Arc<Mutex<Option<(File, u64)>>>;
+
 /// A virtio-blk device.
 pub struct Block {
     drive_id: String,
@@ -118,6 +128,23 @@ pub struct Block {
     identity: DriveIdentity,
     queue_events: Vec<EventFd>,
     front: QueueFront<Activation>,
+    replacement: Replacement,
+    counters: Arc<BlockCounters>,
+}
+
+/// Opens a drive's file in its mode: a regular file, and what identifies it.
+fn open_drive(path: &Path, read_only: bool, what: impl Fn() -> String) -> Result<(File, DriveIdentity), DeviceError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(DeviceError::io(what()))?;
+    let identity = DriveIdentity::of(&file).map_err(DeviceError::io(what()))?;
+    if !file.metadata().map_err(DeviceError::io(what()))?.is_file() {
+        return Err(DeviceError::Io { what: what(), source: std::io::Error::other("not a regular file") });
+    }
+    Ok((file, identity))
 }
 
 impl Block {
@@ -128,16 +155,7 @@ impl Block {
     pub fn new(drive: &DriveConfig, threads: &Threads) -> Result<Self, DeviceError> {
         let path = &drive.path_on_host;
         let what = || format!("drive {:?} ({})", drive.drive_id, path.display());
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!drive.is_read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(DeviceError::io(what()))?;
-        let identity = DriveIdentity::of(&file).map_err(DeviceError::io(what()))?;
-        if !file.metadata().map_err(DeviceError::io(what()))?.is_file() {
-            return Err(DeviceError::Io { what: what(), source: std::io::Error::other("not a regular file") });
-        }
+        let (file, identity) = open_drive(path, drive.is_read_only, what)?;
         let mut id = [0u8; ID_BYTES];
         let n = drive.drive_id.len().min(ID_BYTES);
         id[..n].copy_from_slice(&drive.drive_id.as_bytes()[..n]);
@@ -151,7 +169,19 @@ impl Block {
             Ok((queue_event, notify, epoll))
         };
         let (queue_event, notify, epoll) = setup().map_err(DeviceError::io("virtio-blk setup"))?;
-        let worker = Worker { file, read_only: drive.is_read_only, capacity, id, notify, epoll, active: None };
+        let replacement = Replacement::default();
+        let counters = Arc::new(BlockCounters::default());
+        let worker = Worker {
+            file,
+            read_only: drive.is_read_only,
+            capacity,
+            id,
+            notify,
+            epoll,
+            active: None,
+            replacement: replacement.clone(),
+            counters: counters.clone(),
+        };
         let thread = DeviceThread::spawn(Block::THREAD, threads, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-blk thread"))?;
         Ok(Self {
@@ -162,11 +192,32 @@ impl Block {
             identity,
             queue_events: vec![queue_event],
             front: QueueFront::new(thread),
+            replacement,
+            counters,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Serves the drive from the file at `path` from now on, in the same mode (Firecracker's
+    /// `PATCH /drives/{id}`). The device thread takes the file before the next request it serves
+    /// and tells the driver that the capacity may have changed; what the guest cached of the old
+    /// file is the guest's to drop.
+    pub fn replace_file(&mut self, path: &Path) -> Result<(), DeviceError> {
+        let what = || format!("drive {:?} ({})", self.drive_id, path.display());
+        let (file, identity) = open_drive(path, self.read_only, what).inspect_err(|_| {
+            metrics::inc(&self.counters.update_fails);
+        })?;
+        metrics::inc(&self.counters.update_count);
+        let capacity = identity.size / SECTOR_SIZE;
+        *self.replacement.locked() = Some((file, capacity));
+        if let Some(evt) = self.queue_events.first() {
+            evt.write(1).map_err(DeviceError::io("virtio-blk: waking the device thread"))?;
+        }
+        (self.path, self.capacity, self.identity) = (path.to_path_buf(), capacity, identity);
+        Ok(())
     }
 }
 
@@ -227,6 +278,14 @@ impl VirtioDevice for Block {
         let VirtioState::Block(state) = state else { return Err(VirtioStateError::mismatch(state, BLOCK)) };
         Ok(Box::new(Self::restore(*self, state)?))
     }
+
+    fn replace_file(&mut self, path: &Path) -> Result<(), DeviceError> {
+        Block::replace_file(self, path)
+    }
+
+    fn take_counters(&self) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+        Some((format!("block_{}", self.drive_id), self.counters.take()))
+    }
 }
 
 impl Persist for Block {
@@ -275,6 +334,9 @@ struct Worker {
     notify: EventFd,
     epoll: Epoll,
     active: Option<Active>,
+    /// A new backing file from [`Block::replace_file`], taken at the next wakeup.
+    replacement: Replacement,
+    counters: Arc<BlockCounters>,
 }
 
 impl DeviceWorker for Worker {
@@ -313,6 +375,8 @@ impl Worker {
                     }
                     _ => {
                         let _ = self.notify.read();
+                        metrics::inc(&self.counters.queue_event_count);
+                        self.take_replacement();
                         self.process_queue();
                     }
                 }
@@ -320,10 +384,25 @@ impl Worker {
         }
     }
 
+    /// Serves from a replaced file from now on, and tells the driver its configuration changed.
+    fn take_replacement(&mut self) {
+        let Some((file, capacity)) = self.replacement.locked().take() else { return };
+        (self.file, self.capacity) = (file, capacity);
+        if let Some(a) = &self.active {
+            a.interrupt.trigger(INT_CONFIG);
+        }
+    }
+
     /// Serves up to [`REQUEST_BUDGET`] requests, then tells the guest.
     fn process_queue(&mut self) {
         let Some(a) = &self.active else { return };
-        let mut disk = Disk { file: &mut self.file, read_only: self.read_only, capacity: self.capacity, id: &self.id };
+        let mut disk = Disk {
+            file: &mut self.file,
+            read_only: self.read_only,
+            capacity: self.capacity,
+            id: &self.id,
+            counters: &self.counters,
+        };
         let mut q = a.queues.locked();
         let Some(q) = q.first_mut() else { return };
         let mut served = 0;
@@ -408,6 +487,27 @@ mod tests {
             assert!(matches!(e, VirtioStateError::Mismatch { here: "virtio-blk", .. }), "{e}");
             assert!(e.to_string().contains(state.kind()), "{e}");
         }
+    }
+
+    #[test]
+    fn a_replaced_file_changes_the_capacity_and_identity_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dev = new(&drive(dir.path(), false));
+        let bigger = dir.path().join("bigger.img");
+        std::fs::write(&bigger, vec![0u8; 1 << 20]).unwrap();
+        dev.replace_file(&bigger).unwrap();
+        let mut b = [0u8; 8];
+        dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 2048, "the new capacity");
+        assert_eq!((dev.path(), dev.save().unwrap().identity.size), (bigger.as_path(), 1 << 20));
+        let e = dev.replace_file(&dir.path().join("missing.img")).unwrap_err().to_string();
+        assert!(e.contains("missing.img"), "{e}");
+        assert_eq!(dev.path(), bigger.as_path(), "a refused replacement changes nothing");
+        let c = dev.take_counters().unwrap();
+        assert_eq!(
+            (c.0.as_str(), c.1["update_count"].as_u64(), c.1["update_fails"].as_u64()),
+            ("block_layer-0", Some(1), Some(1))
+        );
     }
 
     #[test]

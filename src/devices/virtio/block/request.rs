@@ -12,6 +12,7 @@ use std::io::{Seek, SeekFrom};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::metrics::{self, BlockCounters};
 use crate::memory::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -126,6 +127,7 @@ pub struct Disk<'a> {
     /// The drive's size in sectors.
     pub capacity: u64,
     pub id: &'a [u8; ID_BYTES],
+    pub counters: &'a BlockCounters,
 }
 
 impl Request {
@@ -158,6 +160,25 @@ impl Request {
             return (status, written);
         }
         (status, written.saturating_add(1))
+    }
+
+    /// Counts a served request in the device's counters.
+    fn count(&self, status: u8, c: &BlockCounters) {
+        if status != S_OK {
+            metrics::inc(&c.execute_fails);
+            return;
+        }
+        let bytes: u64 = self.data.iter().map(|&(_, len)| u64::from(len)).sum();
+        let (count, total) = match self.kind {
+            Kind::In => (&c.read_count, Some(&c.read_bytes)),
+            Kind::Out => (&c.write_count, Some(&c.write_bytes)),
+            Kind::Flush => (&c.flush_count, None),
+            Kind::GetId | Kind::Unsupported(_) => return,
+        };
+        metrics::inc(count);
+        if let Some(total) = total {
+            metrics::add(total, bytes);
+        }
     }
 
     /// Reads or writes the data segments at the request's sector; the bytes written into guest
@@ -195,10 +216,12 @@ pub fn serve_next(mem: &GuestMemory, q: &mut Queue, disk: &mut Disk<'_>) -> Opti
     let (used, ok) = match parse(mem, &descs) {
         Ok(req) => {
             let (status, used) = req.execute(mem, disk);
+            req.count(status, disk.counters);
             tracing::trace!("virtio-blk: {:?} sector {} -> status {status}, {used} bytes", req.kind, req.sector);
             (used, true)
         }
         Err(e) => {
+            metrics::inc(&disk.counters.invalid_reqs_count);
             crate::log_limited!(warn, "virtio-blk: malformed request returned unused: {e:?}");
             (0, false)
         }
@@ -217,7 +240,8 @@ pub fn serve_image(image: &[u8], file: &mut File) -> Vec<bool> {
     let Some((mem, mut q)) = crate::devices::virtio::ring::queue_on(image) else { return Vec::new() };
     let id = *b"fuzz-drive\0\0\0\0\0\0\0\0\0\0";
     let read_only = image.last().is_some_and(|b| b & 1 == 1);
-    let mut disk = Disk { file, read_only, capacity: 64, id: &id };
+    let counters = BlockCounters::default();
+    let mut disk = Disk { file, read_only, capacity: 64, id: &id, counters: &counters };
     std::iter::from_fn(|| serve_next(&mem, &mut q, &mut disk)).take(64).collect()
 }
 
@@ -255,7 +279,8 @@ mod tests {
     fn run(img: &[u8], file: &mut File) -> (Vec<bool>, GuestMemory) {
         let (mem, mut q) = crate::devices::virtio::ring::queue_on(img).unwrap();
         let id = *b"layer-0\0\0\0\0\0\0\0\0\0\0\0\0\0";
-        let mut disk = Disk { file, read_only: img.last() == Some(&1), capacity: 64, id: &id };
+        let counters = BlockCounters::default();
+        let mut disk = Disk { file, read_only: img.last() == Some(&1), capacity: 64, id: &id, counters: &counters };
         let out = std::iter::from_fn(|| serve_next(&mem, &mut q, &mut disk)).collect();
         (out, mem)
     }

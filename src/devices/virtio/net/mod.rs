@@ -32,6 +32,7 @@ use super::thread::{self, Commands, DeviceThread, DeviceWorker, QueueFront, Thre
 use super::{
     Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, INT_USED_RING, NET, VIRTIO_F_VERSION_1,
 };
+use crate::devices::metrics::{self, NetCounters};
 use crate::devices::{DeviceError, Persist};
 use crate::memory::GuestMemory;
 use crate::sys::Locked;
@@ -87,6 +88,7 @@ pub struct Net {
     acked: u64,
     queue_events: Vec<EventFd>,
     front: QueueFront<Activation>,
+    counters: Arc<NetCounters>,
 }
 
 impl Net {
@@ -106,6 +108,7 @@ impl Net {
             Ok((vec![rx, tx], rx_notify, tx_notify, epoll))
         };
         let (queue_events, rx_notify, tx_notify, epoll) = setup().map_err(DeviceError::io("virtio-net setup"))?;
+        let counters = Arc::new(NetCounters::default());
         let worker = Worker {
             tap,
             rx_notify,
@@ -115,10 +118,18 @@ impl Net {
             active: None,
             rx: frames::RxBuffer::default(),
             tx: Vec::new(),
+            counters: counters.clone(),
         };
         let thread = DeviceThread::spawn(Net::THREAD, threads, move |commands| worker.run(commands))
             .map_err(DeviceError::io("virtio-net thread"))?;
-        Ok(Self { iface_id: iface_id.to_owned(), mac, acked: 0, queue_events, front: QueueFront::new(thread) })
+        Ok(Self {
+            iface_id: iface_id.to_owned(),
+            mac,
+            acked: 0,
+            queue_events,
+            front: QueueFront::new(thread),
+            counters,
+        })
     }
 }
 
@@ -179,6 +190,10 @@ impl VirtioDevice for Net {
         let VirtioState::Net(state) = state else { return Err(VirtioStateError::mismatch(state, NET)) };
         Ok(Box::new(Self::restore(*self, state)?))
     }
+
+    fn take_counters(&self) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+        Some((format!("net_{}", self.iface_id), self.counters.take()))
+    }
 }
 
 impl Persist for Net {
@@ -227,6 +242,7 @@ struct Worker {
     active: Option<Active>,
     rx: frames::RxBuffer,
     tx: Vec<u8>,
+    counters: Arc<NetCounters>,
 }
 
 impl DeviceWorker for Worker {
@@ -322,11 +338,23 @@ impl Worker {
                 .and_then(|()| frames::check_tx_header(&self.tx, csum, tso4));
             match frame {
                 Ok(()) => match self.tap.write_frame(&self.tx) {
-                    Ok(true) => {}
-                    Ok(false) => crate::log_limited!(debug, "virtio-net: the TAP is full, a frame dropped"),
-                    Err(e) => crate::log_limited!(warn, "virtio-net: TAP write: {e}"),
+                    Ok(true) => {
+                        metrics::inc(&self.counters.tx_packets_count);
+                        metrics::add(&self.counters.tx_bytes_count, self.tx.len() as u64);
+                    }
+                    Ok(false) => {
+                        metrics::inc(&self.counters.tx_fails);
+                        crate::log_limited!(debug, "virtio-net: the TAP is full, a frame dropped")
+                    }
+                    Err(e) => {
+                        metrics::inc(&self.counters.tx_fails);
+                        crate::log_limited!(warn, "virtio-net: TAP write: {e}")
+                    }
                 },
-                Err(e) => crate::log_limited!(warn, "virtio-net: malformed transmit chain returned unused: {e}"),
+                Err(e) => {
+                    metrics::inc(&self.counters.tx_malformed_frames);
+                    crate::log_limited!(warn, "virtio-net: malformed transmit chain returned unused: {e}")
+                }
             }
             if q.add_used(&a.mem, head, 0).is_err() {
                 crate::log_limited!(warn, "virtio-net: cannot return a transmit chain to the guest");
@@ -380,8 +408,13 @@ impl Worker {
             let head = chain.head_index();
             let descs: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
             let used = match frames::scatter(&a.mem, &descs, self.rx.frame()) {
-                Ok(n) => n,
+                Ok(n) => {
+                    metrics::inc(&self.counters.rx_packets_count);
+                    metrics::add(&self.counters.rx_bytes_count, self.rx.frame().len() as u64);
+                    n
+                }
                 Err(e) => {
+                    metrics::inc(&self.counters.rx_fails);
                     crate::log_limited!(warn, "virtio-net: a received frame dropped: {e}");
                     0
                 }
