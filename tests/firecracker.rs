@@ -217,7 +217,19 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     assert_eq!(json_of(&http(&s4, "GET", "/", None).1)["state"], "Paused");
     assert_eq!(http(&s4, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     echo(&vsock2, "restored paused, then resumed");
-    stop(child4);
+    // Ctrl+Alt+Del: the guest reboots, which ends the microVM and its process (status 0).
+    assert_eq!(http(&s4, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+    let mut child4 = child4;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child4.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the guest did not reboot on Ctrl+Alt+Del");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!s4.exists(), "the API socket is removed at exit");
 }
 
 /// `ember firecracker --api-sock DIR/ID.sock --id ID`, its socket up.

@@ -35,7 +35,13 @@ fn body<T: DeserializeOwned>(method: &str, bytes: &Bytes) -> Result<T, Fault> {
     if bytes.is_empty() {
         return Err(Fault::new(format!("Empty {method} request.")));
     }
-    Ok(serde_json::from_slice(bytes)?)
+    let v: serde_json::Value = serde_json::from_slice(bytes)?;
+    if !v.is_object() {
+        return Err(Fault::new(
+            "An error occurred when deserializing the json body of a request: expected a JSON object.",
+        ));
+    }
+    Ok(serde_json::from_value(v)?)
 }
 
 fn done(r: Result<(), Fault>) -> Response {
@@ -145,7 +151,7 @@ async fn put_actions(State(m): Shared, b: Bytes) -> Response {
     };
     match action.action_type.as_str() {
         "InstanceStart" => blocking(m, Machine::start).await,
-        "SendCtrlAltDel" => unsupported("SendCtrlAltDel").into_response(),
+        "SendCtrlAltDel" => done(m.locked().send_ctrl_alt_del()),
         "FlushMetrics" => done(m.locked().flush_metrics()),
         other => Fault::new(format!(
             "unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`"
@@ -177,8 +183,15 @@ async fn fallback(req: Request) -> Response {
 /// Counts each request in the metrics of its path, as a failure when it was refused.
 async fn count(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
     metrics.request(&method, &path, !response.status().is_success());
+    // What axum refused before a handler ran (a path that is not UTF-8, a body over the limit)
+    // answers as Firecracker answers every refusal.
+    let json = response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|t| t == "application/json");
+    if response.status().is_client_error() && !json {
+        let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 64 << 10).await.unwrap_or_default();
+        response = Fault::new(String::from_utf8_lossy(&body).trim()).into_response();
+    }
     response
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::metrics::Metrics;
+use super::model;
 use super::model::{
     unsupported, BootSource, Drive, Fault, InstanceInfo, MachineConfig, MachineConfigBody, MetricsConfig,
     NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreate, SnapshotLoad, Vsock,
@@ -15,6 +16,7 @@ use super::model::{
 };
 use crate::config::{DriveConfig, NetConfig, VmConfig};
 use crate::devices::serial::ConsoleOut;
+use crate::sys::Locked;
 use crate::vmm::exit::VmExit;
 use crate::vmm::persist::SnapshotState;
 use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
@@ -25,6 +27,29 @@ pub const BEFORE_START: &str = "The requested operation is not supported before 
 
 /// The guest CID of ember's vsock device (Firecracker's own examples use it too).
 const GUEST_CID: u32 = 3;
+
+/// An interface as ember's VMM takes it.
+fn net_config(n: &NetworkInterface) -> NetConfig {
+    NetConfig {
+        iface_id: n.iface_id.clone(),
+        host_dev_name: n.host_dev_name.clone(),
+        guest_mac: n.guest_mac.clone(),
+        guest_ip: None,
+        gateway: None,
+    }
+}
+
+/// The process's console, shared by every VM it tries to start (one runs).
+struct SharedConsole(Arc<std::sync::Mutex<ConsoleOut>>);
+
+impl std::io::Write for SharedConsole {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.locked().write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.locked().flush()
+    }
+}
 
 /// The microVM and what it was configured with.
 pub struct Machine {
@@ -40,8 +65,8 @@ pub struct Machine {
     paused: bool,
     /// Whether any pre-boot configuration was accepted (a snapshot then cannot be loaded).
     configured: bool,
-    /// Where the guest's serial console goes (taken when it boots).
-    console: Option<ConsoleOut>,
+    /// Where the guest's serial console goes (a boot or load that fails can be tried again).
+    console: Arc<std::sync::Mutex<ConsoleOut>>,
     seccomp: bool,
     process_start: Instant,
     metrics: Arc<Metrics>,
@@ -60,7 +85,7 @@ impl Machine {
             running: None,
             paused: false,
             configured: false,
-            console: Some(console),
+            console: Arc::new(std::sync::Mutex::new(console)),
             seccomp,
             process_start,
             metrics,
@@ -70,6 +95,11 @@ impl Machine {
     /// When the process started (for its start-up time).
     pub fn process_start(&self) -> Instant {
         self.process_start
+    }
+
+    /// The serial console's writer for a VM (each attempt at a boot or load gets one).
+    fn console(&self) -> ConsoleOut {
+        Box::new(SharedConsole(self.console.clone()))
     }
 
     /// Refuses a pre-boot-only request once the microVM started.
@@ -82,13 +112,6 @@ impl Machine {
             None => Ok(()),
             Some(_) => Err(Fault::new(AFTER_START)),
         }
-    }
-
-    /// Checks that the microVM is not started, and marks it configured (a pre-boot request).
-    fn configuring(&mut self) -> Result<(), Fault> {
-        self.before_start()?;
-        self.configured = true;
-        Ok(())
     }
 
     fn after_start(&self) -> Result<&RunningVm, Fault> {
@@ -111,7 +134,9 @@ impl Machine {
     }
 
     pub fn put_boot_source(&mut self, b: BootSource) -> Result<(), Fault> {
-        self.configuring()?;
+        self.before_start()?;
+        b.check()?;
+        self.configured = true;
         self.boot_source = Some(b);
         Ok(())
     }
@@ -120,6 +145,9 @@ impl Machine {
     pub fn set_machine_config(&mut self, m: MachineConfigBody, patch: bool) -> Result<(), Fault> {
         self.before_start()?;
         m.check()?;
+        if patch && m == MachineConfigBody::default() {
+            return Err(Fault::new("Empty PATCH request."));
+        }
         if !patch && (m.vcpu_count.is_none() || m.mem_size_mib.is_none()) {
             return Err(Fault::new("vcpu_count and mem_size_mib are required"));
         }
@@ -153,7 +181,10 @@ impl Machine {
         if d.drive_id != id {
             return Err(Fault::new("The id from the path does not match the id from the body!"));
         }
+        model::checked_id(id)?;
         let path = d.check()?;
+        let mode = std::fs::OpenOptions::new().read(true).write(d.is_read_only != Some(true)).open(&path);
+        mode.map_err(|e| Fault::new(format!("Unable to create the block device: {}: {e}", path.display())))?;
         if d.is_root_device && self.drives.iter().any(|(o, _)| o.is_root_device && o.drive_id != id) {
             return Err(Fault::new("A root block device already exists!"));
         }
@@ -171,12 +202,20 @@ impl Machine {
         if n.iface_id != id {
             return Err(Fault::new("The id from the path does not match the id from the body!"));
         }
+        model::checked_id(id)?;
         if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
             return Err(unsupported("a network interface's rate limiters"));
+        }
+        if n.mtu.is_some() {
+            return Err(unsupported("a network interface's mtu"));
         }
         if self.nets.iter().any(|o| o.iface_id != id) {
             return Err(unsupported("a second network interface"));
         }
+        net_config(&n).check().map_err(|e| Fault::new(format!("Could not create the network device: {e}")))?;
+        // The TAP must be there and usable now, as Firecracker opens it here.
+        crate::devices::virtio::net::Tap::open(&n.host_dev_name)
+            .map_err(|e| Fault::new(format!("Could not create the network device: TAP {:?}: {e}", n.host_dev_name)))?;
         self.nets.retain(|o| o.iface_id != id);
         self.nets.push(n);
         self.configured = true;
@@ -188,6 +227,14 @@ impl Machine {
         self.before_start()?;
         if v.guest_cid != GUEST_CID {
             return Err(unsupported(&format!("guest_cid {} (ember's vsock device is CID {GUEST_CID})", v.guest_cid)));
+        }
+        // Firecracker binds the socket here: it must not exist, and its directory must.
+        let dir = v.uds_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if v.uds_path.symlink_metadata().is_ok() || !dir.is_dir() {
+            return Err(Fault::new(format!(
+                "Cannot create backend for vsock device: cannot bind {} (it exists, or its directory does not)",
+                v.uds_path.display()
+            )));
         }
         self.vsock = Some(v);
         self.configured = true;
@@ -232,6 +279,15 @@ impl Machine {
         Ok(())
     }
 
+    /// `SendCtrlAltDel` (after InstanceStart): Ctrl+Alt+Del on the guest's keyboard; a Linux guest
+    /// with the i8042 keyboard driver reboots, and the process ends with it.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), Fault> {
+        let running = self.after_start()?;
+        running.send_ctrl_alt_del().map_err(|e| Fault::new(format!("Failed to send CTRL+ALT+DEL: {e}")))?;
+        tracing::info!(id = %self.id, "Ctrl+Alt+Del sent");
+        Ok(())
+    }
+
     /// `PUT /metrics` (before InstanceStart, once).
     pub fn configure_metrics(&mut self, c: MetricsConfig) -> Result<(), Fault> {
         self.before_start()?;
@@ -266,17 +322,7 @@ impl Machine {
             .collect();
         // The root drive is /dev/vda, as in Firecracker.
         drives.sort_by_key(|d| !d.is_root_device);
-        let network_interfaces = self
-            .nets
-            .iter()
-            .map(|n| NetConfig {
-                iface_id: n.iface_id.clone(),
-                host_dev_name: n.host_dev_name.clone(),
-                guest_mac: n.guest_mac.clone(),
-                guest_ip: None,
-                gateway: None,
-            })
-            .collect();
+        let network_interfaces = self.nets.iter().map(net_config).collect();
         let cfg = VmConfig {
             boot_source: crate::config::BootSource {
                 kernel_image_path: b.kernel_image_path.clone(),
@@ -322,8 +368,7 @@ impl Machine {
             device_seccomp: self.seccomp,
             ..Default::default()
         };
-        let console = self.console.take().ok_or_else(|| Fault::new("the console is gone"))?;
-        let vm = Vm::boot(&cfg, &channels, console, self.process_start)
+        let vm = Vm::boot(&cfg, &channels, self.console(), self.process_start)
             .map_err(|e| Fault::new(format!("Failed to start microVM: {e}")))?;
         let options = RunOptions { seccomp: self.seccomp, ..Default::default() };
         let running = vm.start(options).map_err(|e| Fault::new(format!("Failed to start microVM: {e}")))?;
@@ -410,8 +455,7 @@ impl Machine {
             device_seccomp: self.seccomp,
             ..Default::default()
         };
-        let console = self.console.take().ok_or_else(|| Fault::new("the console is gone"))?;
-        let vm = Vm::restore(&state, &memory, 1, &channels, console)
+        let vm = Vm::restore(&state, &memory, 1, &channels, self.console())
             .map_err(|e| Fault::new(format!("Cannot restore the microVM: {e}")))?;
         let paused = l.resume_vm != Some(true);
         let options = RunOptions { seccomp: self.seccomp, start_paused: paused, ..Default::default() };
@@ -447,6 +491,7 @@ impl Machine {
                 guest_mac: n.guest_mac.clone(),
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
+                mtu: None,
             })
             .collect();
         self.vsock = vsock.map(|uds_path| Vsock { guest_cid: GUEST_CID, uds_path, vsock_id: None });
@@ -478,13 +523,23 @@ mod tests {
     }
 
     fn drive(id: &str, root: bool) -> Drive {
-        serde_json::from_value(serde_json::json!({"drive_id": id, "path_on_host": "/d", "is_root_device": root}))
+        let path = std::env::temp_dir().join(format!("ember-fc-unit-{}.img", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        serde_json::from_value(serde_json::json!({"drive_id": id, "path_on_host": path, "is_root_device": root}))
             .unwrap()
     }
 
     #[test]
     fn pre_boot_requests_are_checked_as_firecracker_checks_them() {
         let mut m = machine();
+        let missing: BootSource =
+            serde_json::from_value(serde_json::json!({"kernel_image_path": "/no/vmlinux"})).unwrap();
+        assert!(m.put_boot_source(missing).unwrap_err().0.contains("The kernel file cannot be opened"));
+        let mut gone = drive("gone", false);
+        gone.path_on_host = Some("/no/such.img".into());
+        assert!(m.put_drive("gone", gone).unwrap_err().0.contains("Unable to create the block device"));
+        assert!(m.put_drive("a-b", drive("a-b", false)).unwrap_err().0.contains("alphanumeric"));
+        assert_eq!(m.set_machine_config(MachineConfigBody::default(), true).unwrap_err().0, "Empty PATCH request.");
         assert_eq!(m.info().state, "Not started");
         assert_eq!(m.set_state("Paused").unwrap_err().0, BEFORE_START);
         assert!(m.start().unwrap_err().0.contains("without kernel configuration"));
@@ -502,6 +557,9 @@ mod tests {
         assert!(m.set_machine_config(many, false).unwrap_err().0.contains("vCPU number"));
         let v: Vsock = serde_json::from_value(serde_json::json!({"guest_cid": 52, "uds_path": "/v"})).unwrap();
         assert!(m.put_vsock(v).unwrap_err().0.contains("CID 3"));
+        let v: Vsock =
+            serde_json::from_value(serde_json::json!({"guest_cid": 3, "uds_path": "/no/dir/v.sock"})).unwrap();
+        assert!(m.put_vsock(v).unwrap_err().0.contains("Cannot create backend for vsock device"));
         // Configured: a snapshot no longer loads into it.
         let load: SnapshotLoad =
             serde_json::from_value(serde_json::json!({"snapshot_path": "/s", "mem_file_path": "/m"})).unwrap();

@@ -30,6 +30,17 @@ pub fn unsupported(what: &str) -> Fault {
     Fault(format!("{what} is not supported by ember (see docs/firecracker.md)"))
 }
 
+/// Firecracker's rule for the ids in paths (drives, network interfaces).
+pub fn checked_id(id: &str) -> Result<(), Fault> {
+    if id.len() > 64 {
+        return Err(Fault::new("API Resource IDs can only be up to 64 characters."));
+    }
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(Fault::new("API Resource IDs can only contain alphanumeric characters and underscores."));
+    }
+    Ok(())
+}
+
 /// `PUT /boot-source`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +50,20 @@ pub struct BootSource {
     pub initrd_path: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
+}
+
+impl BootSource {
+    /// The kernel (and initrd) must be readable now, as Firecracker opens them here.
+    pub fn check(&self) -> Result<(), Fault> {
+        std::fs::File::open(&self.kernel_image_path)
+            .map_err(|e| Fault::new(format!("The kernel file cannot be opened: {e}")))?;
+        if let Some(initrd) = &self.initrd_path {
+            std::fs::File::open(initrd).map_err(|e| {
+                Fault::new(format!("The initrd file cannot be opened due to invalid path or invalid permissions. {e}"))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `PUT /machine-config` (every field given) and `PATCH /machine-config` (any of them).
@@ -144,6 +169,8 @@ pub struct NetworkInterface {
     pub rx_rate_limiter: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// `PATCH /drives/{drive_id}` (after InstanceStart): a new backing file, or rate limiter.

@@ -16,7 +16,7 @@ use crate::devices::boot_timer::{BootClock, BootTimer};
 use crate::devices::bus::Bus;
 use crate::devices::control::{ControlPage, FLAG_QUIET, FLAG_SERVE};
 use crate::devices::debug_port::{DebugPort, ExitPort, DEBUG_PORT, EXIT_PORT};
-use crate::devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORTS};
+use crate::devices::i8042::{I8042Error, I8042, I8042_DATA_PORT, I8042_PORTS, KBD_IRQ};
 use crate::devices::pit::{AbsentPit, PIT_PORT, PIT_PORTS};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORTS};
 use crate::devices::virtio::block::Block;
@@ -80,6 +80,7 @@ pub fn virtio_cmdline(count: usize) -> String {
 /// The VM's devices and the buses the vCPUs reach them through.
 pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// The drives in slot order (slot `i` is drive `i`), as served now.
     drives: Mutex<Vec<DriveConfig>>,
@@ -124,7 +125,8 @@ impl Devices {
         }));
         let mut pio = Bus::new();
         pio.insert(COM1_PORT, UART_PORTS, serial.clone())?;
-        pio.insert(I8042_DATA_PORT, I8042_PORTS, Arc::new(Mutex::new(I8042::default())))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(irqfd(vm, KBD_IRQ)?, mailbox.clone())));
+        pio.insert(I8042_DATA_PORT, I8042_PORTS, i8042.clone())?;
         pio.insert(DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort::new(clock.clone()))))?;
         pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)))?;
         pio.insert(PIT_PORT, PIT_PORTS, Arc::new(Mutex::new(AbsentPit::default())))?;
@@ -178,6 +180,7 @@ impl Devices {
         }
         Ok(Self {
             serial,
+            i8042,
             virtio,
             drives: Mutex::new(drives.to_vec()),
             nets: nets.to_vec(),
@@ -215,6 +218,11 @@ impl Devices {
         transport.locked().device_mut().replace_file(path)?;
         drives[slot].path_on_host = path.to_path_buf();
         Ok(())
+    }
+
+    /// Presses Ctrl+Alt+Del on the VM's keyboard.
+    pub fn ctrl_alt_del(&self) -> Result<(), I8042Error> {
+        self.i8042.locked().ctrl_alt_del()
     }
 
     /// Every device's counters since they were last taken, by group name (`block_ID`,

@@ -524,6 +524,12 @@ impl RunningVm {
         Ok(self.devices.replace_drive(drive_id, path)?)
     }
 
+    /// Presses Ctrl+Alt+Del on the VM's keyboard (a Linux guest with the keyboard driver reboots,
+    /// which ends the VM).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), crate::devices::i8042::I8042Error> {
+        self.devices.ctrl_alt_del()
+    }
+
     /// The VM's counters since they were last taken (vCPU exits, each device's work), by
     /// Firecracker's metric group names (`vcpu`, `block`, `block_ID`, `net`, `net_ID`).
     pub fn take_counters(&self) -> serde_json::Map<String, serde_json::Value> {

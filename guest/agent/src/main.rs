@@ -8,6 +8,9 @@
 //! seed and prints `EMBER_CLONE id=N random=...`. Then, when the host asks for it (the control
 //! page's serve flag), it serves invocations on the mailbox for ever; otherwise it powers off.
 //!
+//! At any time, Ctrl+Alt+Del on the VM's keyboard (the host's `SendCtrlAltDel`) reboots the guest
+//! (keyboard.rs).
+//!
 //! The kernel passes unknown `key=value` command-line parameters to init as environment variables:
 //! - `ember_exit=panic`: exit instead of powering off (the kernel then panics: a guest-crash test).
 //! - `ember_exit=reboot`: reboot (i8042 reset) instead of powering off.
@@ -20,6 +23,7 @@ use std::process::Command;
 mod control;
 mod devmem;
 mod functions;
+mod keyboard;
 mod layers;
 mod mailbox;
 mod managed;
@@ -95,6 +99,7 @@ fn init() -> io::Result<()> {
     mount("devtmpfs", "/dev", "devtmpfs")?;
     mount("proc", "/proc", "proc")?;
     mount("sysfs", "/sys", "sysfs")?;
+    keyboard::watch(|| shutdown(libc::RB_AUTOBOOT));
     boot_timer()?;
 
     let uptime = fs::read_to_string("/proc/uptime")?;
