@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::api::{http, json_of};
+use common::netns::{ip, Netns};
 
 fn ember() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ember"))
@@ -50,60 +51,117 @@ fn wait_socket(socket: &Path) {
     }
 }
 
+/// Two network namespaces (as root), each with a TAP at 172.16.0.1/24 and a web server there that
+/// answers which namespace it is in: where a guest's interface leads. The TAPs have one MAC, as a
+/// platform gives the TAPs of a snapshot's clones (a restored guest's ARP cache holds it).
+struct Taps {
+    first: Netns,
+    second: Netns,
+}
+
+impl Taps {
+    fn new() -> Option<Self> {
+        if !common::netns::root("firecracker api (TAP network interfaces)") {
+            return None;
+        }
+        let taps = Self { first: Netns::new("f1"), second: Netns::new("f2") };
+        for (ns, tap) in [(&taps.first, "tap0"), (&taps.second, "tap1")] {
+            ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]);
+            ip(&["-n", &ns.0, "link", "set", tap, "address", "02:00:ac:10:00:01"]);
+            ip(&["-n", &ns.0, "addr", "add", "172.16.0.1/24", "dev", tap]);
+            ip(&["-n", &ns.0, "link", "set", tap, "up"]);
+            let answer = format!("HTTP/1.0 200 OK\r\n\r\nbehind {tap}");
+            let listener = ns.run(|| std::net::TcpListener::bind("172.16.0.1:8080").unwrap());
+            std::thread::spawn(move || {
+                for mut c in listener.incoming().flatten() {
+                    use std::io::{Read, Write};
+                    let mut req = [0u8; 1024];
+                    let _ = c.read(&mut req);
+                    let _ = c.write_all(answer.as_bytes());
+                }
+            });
+        }
+        Some(taps)
+    }
+}
+
+/// What the guest's agent fetches from 172.16.0.1:8080 over its network interface.
+fn fetch(vsock: &Path) -> String {
+    agent(vsock, "http-get", "172.16.0.1:8080/ 20000")
+}
+
+/// The microVM driven as Firecracker's Go SDK drives it, in its order: wait for the socket (GET
+/// /machine-config), logger and metrics, machine, boot source, drives, network interface (a TAP),
+/// vsock, InstanceStart; then pause, snapshot, resume; a load in a new process with
+/// `network_overrides` and `resume_vm`; and the shutdown it sends, SendCtrlAltDel. Without root
+/// (no TAP) the network interface is left out.
 #[test]
 fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     if !common::kvm_usable("firecracker api") {
         return;
     }
     let Some((kernel, initrd)) = common::images("firecracker api") else { return };
+    let taps = Taps::new();
     let dir = tempfile::tempdir().unwrap();
     let (s, drive, vsock) = (dir.path().join("fc.sock"), dir.path().join("data.img"), dir.path().join("v.sock"));
     std::fs::write(&drive, vec![0u8; 1 << 20]).unwrap();
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["firecracker", "--api-sock", s.to_str().unwrap(), "--id", "fc-test", "--level", "Info"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args(["firecracker", "--api-sock", s.to_str().unwrap(), "--id", "fc-test", "--level", "Info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = &taps {
+        t.first.enter(&mut cmd);
+    }
+    let mut child = Killed(cmd.spawn().unwrap());
     wait_socket(&s);
+    assert_eq!(json_of(&http(&s, "GET", "/machine-config", None).1)["vcpu_count"], 1, "the SDK's first request");
     let info = json_of(&http(&s, "GET", "/", None).1);
     assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("fc-test"), Some("Not started")));
     assert!(json_of(&http(&s, "GET", "/version", None).1)["firecracker_version"].is_string());
     // Before InstanceStart: what only a running microVM takes is refused.
     fault(http(&s, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), "before starting");
     fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), "without kernel configuration");
-    let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}"}}"#, kernel.display(), initrd.display());
-    assert_eq!(http(&s, "PUT", "/boot-source", Some(&boot)).0, 204);
+    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)), "before starting");
+    // The log, moved to a file with its level shown, and the metrics (once), as the SDK does first.
+    let log = dir.path().join("fc.log");
+    fault(http(&s, "PUT", "/logger", Some(r#"{"level": "Loud"}"#)), "Invalid log level");
+    let logger = format!(r#"{{"log_path": "{}", "level": "Info", "show_level": true}}"#, log.display());
+    assert_eq!(http(&s, "PUT", "/logger", Some(&logger)).0, 204);
+    let metrics = dir.path().join("metrics.json");
+    let m = format!(r#"{{"metrics_path": "{}", "emit_id": true}}"#, metrics.display());
+    assert_eq!(http(&s, "PUT", "/metrics", Some(&m)).0, 204);
+    fault(http(&s, "PUT", "/metrics", Some(&m)), "Reinitialization of metrics not allowed.");
+    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)), "before starting");
     assert_eq!(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
     fault(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256, "smt": true}"#)), "smt");
+    fault(http(&s, "PATCH", "/machine-config", Some("{}")), "Empty PATCH request.");
+    fault(http(&s, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/no/vmlinux"}"#)), "cannot be opened");
+    // The guest's address on its interface: ember's agent reads it from the command line.
+    let args = format!("{} ember_net=172.16.0.2/24", ember::config::default_cmdline());
+    let boot = serde_json::json!({"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": args});
+    assert_eq!(http(&s, "PUT", "/boot-source", Some(&boot.to_string())).0, 204);
     let d = format!(
         r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
         drive.display()
     );
     assert_eq!(http(&s, "PUT", "/drives/data", Some(&d)).0, 204);
     fault(http(&s, "PUT", "/drives/other", Some(&d)), "does not match");
+    fault(http(&s, "PUT", "/drives/a-b", Some(&d.replace("data", "a-b"))), "alphanumeric characters and underscores");
+    if taps.is_some() {
+        let n = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}"#;
+        assert_eq!(http(&s, "PUT", "/network-interfaces/eth0", Some(n)).0, 204);
+        fault(http(&s, "PUT", "/network-interfaces/eth0", Some(&n.replace("06:00", "zz:00"))), "bad guest_mac");
+    }
     let v = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, vsock.display());
     assert_eq!(http(&s, "PUT", "/vsock", Some(&v)).0, 204);
     fault(http(&s, "PUT", "/boot-source", Some("")), "Empty PUT request.");
+    fault(http(&s, "PUT", "/boot-source", Some("[1, 2]")), "expected a JSON object");
     fault(http(&s, "GET", "/no-such-path", None), "Invalid request method and/or path: GET /no-such-path.");
     fault(http(&s, "PUT", "/mmds", Some("{}")), "not supported by ember");
-    // Metrics (before InstanceStart, once); what only a running microVM takes is refused.
-    let metrics = dir.path().join("metrics.json");
-    let m = format!(r#"{{"metrics_path": "{}", "emit_id": true}}"#, metrics.display());
-    assert_eq!(http(&s, "PUT", "/metrics", Some(&m)).0, 204);
-    fault(http(&s, "PUT", "/metrics", Some(&m)), "Reinitialization of metrics not allowed.");
-    fault(http(&s, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)), "before starting");
     fault(http(&s, "PATCH", "/drives/data", Some(r#"{"drive_id": "data"}"#)), "before starting");
     let cfg = json_of(&http(&s, "GET", "/vm/config", None).1);
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
     assert_eq!(cfg["drives"][0]["drive_id"], "data");
-    // The log, moved to a file with its level shown (as Firecracker's SDKs configure it first).
-    let log = dir.path().join("fc.log");
-    fault(http(&s, "PUT", "/logger", Some(r#"{"level": "Loud"}"#)), "Invalid log level");
-    let logger = format!(r#"{{"log_path": "{}", "level": "Info", "show_level": true}}"#, log.display());
-    assert_eq!(http(&s, "PUT", "/logger", Some(&logger)).0, 204);
     // Boot.
     assert_eq!(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
     let logged = std::fs::read_to_string(&log).unwrap();
@@ -120,6 +178,10 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
         std::thread::sleep(Duration::from_millis(50));
     }
     echo(&vsock, "through vsock");
+    if taps.is_some() {
+        let got = fetch(&vsock);
+        assert!(got.ends_with("behind tap0"), "the guest's interface is on tap0: {got}");
+    }
     fault(http(&s, "PUT", "/logger", Some(r#"{"level": "Debug"}"#)), "after starting");
     // The drive's backing file swapped while the guest runs: the guest sees the new size and
     // bytes (read around its page cache).
@@ -161,6 +223,10 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     assert!(total("block_data", "read_count") >= 2, "{line}");
     assert_eq!(total("block_data", "update_count"), 1, "{line}");
     assert_eq!(line["block"]["read_bytes"], line["block_data"]["read_bytes"], "{line}");
+    if taps.is_some() {
+        assert!(total("net_eth0", "tx_packets_count") > 0, "{line}");
+        assert!(total("net_eth0", "rx_bytes_count") > 0, "{line}");
+    }
     let (state, mem) = (dir.path().join("snap.state"), dir.path().join("snap.mem"));
     let create = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), mem.display());
     fault(http(&s, "PUT", "/snapshot/create", Some(&create)), "pause it first");
@@ -177,7 +243,9 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     // The snapshot, loaded into a new process as Firecracker's clients do (the old process's
     // vsock socket file removed first, as Firecracker needs too).
     std::fs::remove_file(&vsock).unwrap();
-    let (s2, child2) = firecracker(dir.path(), "fc2");
+    // In the second namespace, whose TAP is tap1: the interface moves there (network_overrides).
+    let ns2 = taps.as_ref().map(|t| &t.second);
+    let (s2, child2) = firecracker(dir.path(), "fc2", ns2);
     fault(
         http(
             &s2,
@@ -187,25 +255,46 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
         ),
         "not a snapshot ember can load",
     );
-    let load = format!(
-        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
-        state.display(),
-        mem.display()
-    );
+    let mut load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    });
+    if taps.is_some() {
+        load["network_overrides"] = serde_json::json!([{"iface_id": "eth0", "host_dev_name": "tap1"}]);
+    }
+    let load = load.to_string();
     fault(http(&s2, "PUT", "/snapshot/load", Some(&load.replace("File", "Uffd"))), "Uffd");
     assert_eq!(http(&s2, "PUT", "/snapshot/load", Some(&load)).0, 204);
     assert_eq!(json_of(&http(&s2, "GET", "/", None).1)["state"], "Running");
     assert_eq!(json_of(&http(&s2, "GET", "/machine-config", None).1)["mem_size_mib"], 256);
     fault(http(&s2, "PUT", "/snapshot/load", Some(&load)), "after starting");
     echo(&vsock, "in the restored guest");
-    stop(child2);
+    if taps.is_some() {
+        let got = fetch(&vsock);
+        assert!(got.ends_with("behind tap1"), "the restored guest's interface is on tap1: {got}");
+    }
+    // The SDK's Shutdown: Ctrl+Alt+Del; the guest reboots, which ends the microVM and its process
+    // (status 0).
+    assert_eq!(http(&s2, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+    let mut child2 = child2;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child2.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the guest did not reboot on Ctrl+Alt+Del");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!s2.exists(), "the API socket is removed at exit");
     // Loaded paused, on another vsock path, with the deprecated mem_file_path; and no load into
     // a microVM that was configured first.
-    let (s3, child3) = firecracker(dir.path(), "fc3");
+    let (s3, child3) = firecracker(dir.path(), "fc3", ns2);
     assert_eq!(http(&s3, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
     fault(http(&s3, "PUT", "/snapshot/load", Some(&load)), "not allowed after configuring");
     stop(child3);
-    let (s4, child4) = firecracker(dir.path(), "fc4");
+    let (s4, child4) = firecracker(dir.path(), "fc4", ns2);
     let vsock2 = dir.path().join("v2.sock");
     let load2 = format!(
         r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"uds_path": "{}"}}}}"#,
@@ -217,32 +306,20 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     assert_eq!(json_of(&http(&s4, "GET", "/", None).1)["state"], "Paused");
     assert_eq!(http(&s4, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     echo(&vsock2, "restored paused, then resumed");
-    // Ctrl+Alt+Del: the guest reboots, which ends the microVM and its process (status 0).
-    assert_eq!(http(&s4, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
-    let mut child4 = child4;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child4.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the guest did not reboot on Ctrl+Alt+Del");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(0), "{status:?}");
-    assert!(!s4.exists(), "the API socket is removed at exit");
+    stop(child4);
 }
 
-/// `ember firecracker --api-sock DIR/ID.sock --id ID`, its socket up.
-fn firecracker(dir: &Path, id: &str) -> (std::path::PathBuf, Killed) {
+/// `ember firecracker --api-sock DIR/ID.sock --id ID` (in network namespace `ns`), its socket up.
+fn firecracker(dir: &Path, id: &str, ns: Option<&Netns>) -> (std::path::PathBuf, Killed) {
     let s = dir.join(format!("{id}.sock"));
-    let child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["firecracker", "--api-sock", s.to_str().unwrap(), "--id", id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args(["firecracker", "--api-sock", s.to_str().unwrap(), "--id", id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(ns) = ns {
+        ns.enter(&mut cmd);
+    }
+    let child = Killed(cmd.spawn().unwrap());
     wait_socket(&s);
     (s, child)
 }

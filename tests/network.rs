@@ -9,79 +9,33 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::api::{assert_error, http, image_dirs, invoke, json_of, wait_ready};
+use common::netns::{ip, ip_out, Netns};
 use ember::serve::model::FunctionSpec;
 use ember::serve::registry::Registry;
 use serde_json::{json, Value};
 
-fn ip(args: &[&str]) {
-    let s = Command::new("ip").args(args).status().expect("run ip (iproute2)");
-    assert!(s.success(), "ip {}", args.join(" "));
+/// This daemon's interfaces in the namespace (names starting with `em` or `et`).
+fn ember_links(ns: &Netns) -> Vec<String> {
+    ip_out(&["-n", &ns.0, "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("em") || n.starts_with("et"))
+        .collect()
 }
 
-fn ip_out(args: &[&str]) -> String {
-    let o = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A named network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("embt{}{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = std::fs::File::open(self.path()).unwrap();
-        std::thread::spawn(move || {
-            // SAFETY: setns with a namespace descriptor we hold; only this thread moves.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// This daemon's interfaces in the namespace (names starting with `em` or `et`).
-    fn ember_links(&self) -> Vec<String> {
-        ip_out(&["-n", &self.0, "-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with("em") || n.starts_with("et"))
-            .collect()
-    }
-
-    /// The nftables tables in the namespace.
-    fn tables(&self) -> String {
-        self.run(|| {
-            let o = Command::new("nft").args(["list", "tables"]).output().expect("run nft");
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The nftables tables in the namespace.
+fn tables(ns: &Netns) -> String {
+    ns.run(|| {
+        let o = Command::new("nft").args(["list", "tables"]).output().expect("run nft");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    })
 }
 
 /// An HTTP server inside a namespace: answers `from <peer>` and keeps the peers it saw.
@@ -129,26 +83,14 @@ impl Daemon {
     /// `egress_nat`: `routed` (clones leave with their transit addresses) or `masquerade`.
     fn start(dir: &Path, ns: &Netns, egress_nat: &str) -> Self {
         let socket = dir.join("api.sock");
-        let nsfile = std::fs::File::open(ns.path()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
         cmd.args(["serve", "--socket", socket.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
             .args(["--egress-nat", egress_nat])
             .args(image_dirs().iter().flat_map(|d| ["--images".to_string(), d.display().to_string()]))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let fd = nsfile.as_raw_fd();
-        // SAFETY: between fork and exec the child only calls setns (async-signal-safe) on a
-        // descriptor the parent keeps open until the child has started.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ns.enter(&mut cmd);
         let child = cmd.spawn().unwrap();
-        drop(nsfile);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "ember serve did not start listening");
@@ -196,10 +138,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
         return;
     }
     let Some((kernel, initrd)) = common::images("network") else { return };
-    // SAFETY: geteuid has no arguments.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!common::kvm_required(), "clone networks need root");
-        eprintln!("network: skipped (clone networks need root)");
+    if !common::netns::root("network (clone networks)") {
         return;
     }
     let dir = common::scratch("network");
@@ -330,8 +269,8 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     // SIGKILL: the workers go with the daemon and every namespace with them; the host table is
     // what is left.
     daemon.signal(libc::SIGKILL);
-    wait_for("the clones' namespaces to go", Duration::from_secs(120), || host.ember_links().is_empty());
-    assert!(host.tables().contains("ember_"), "{}", host.tables());
+    wait_for("the clones' namespaces to go", Duration::from_secs(120), || ember_links(&host).is_empty());
+    assert!(tables(&host).contains("ember_"), "{}", tables(&host));
 
     // While it is down, the template is installed as two more functions.
     let template = dir.join("state/functions/web/template");
@@ -399,7 +338,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
     assert!(rss() < before + 8 * 1024, "daemon RSS {before} -> {} KiB during a flood", rss());
 
     // Bad policies are refused with the reason, and nothing is left half made.
-    let links = host.ember_links().iter().filter(|l| l.starts_with("et")).count();
+    let links = ember_links(&host).iter().filter(|l| l.starts_with("et")).count();
     // The sets' names (their elements come and go with the pools' namespaces).
     let set_names = || {
         host.run(|| {
@@ -427,7 +366,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
         let (code, body) = register(&s, "bad", &spec(network.clone(), 1));
         assert_error((code, body), 400, why);
     }
-    assert_eq!(host.ember_links().iter().filter(|l| l.starts_with("et")).count(), links);
+    assert_eq!(ember_links(&host).iter().filter(|l| l.starts_with("et")).count(), links);
     assert_eq!(set_names(), sets, "a refused registration left a set behind");
     assert_eq!(http(&s, "GET", "/functions/bad", None).0, 404);
 
@@ -464,7 +403,7 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
         let clones: usize = ["web", "pinned", "private"].iter().map(|f| live(f)).sum();
         let (taps, namespaces, _) = fds();
         let bound = clones + spare + 3 * 4;
-        host.ember_links().iter().filter(|l| l.starts_with("em")).count() <= bound
+        ember_links(&host).iter().filter(|l| l.starts_with("em")).count() <= bound
             && taps <= bound
             && namespaces <= bound
     });
@@ -473,10 +412,10 @@ fn clones_reach_what_their_function_allows_and_nothing_else() {
 
     // DELETE takes the function's tunnel and namespaces; SIGTERM the rest.
     assert_eq!(http(&s, "DELETE", "/functions/private", None).0, 204);
-    wait_for("the tunnel to go", Duration::from_secs(120), || !host.ember_links().iter().any(|l| l.starts_with("et")));
+    wait_for("the tunnel to go", Duration::from_secs(120), || !ember_links(&host).iter().any(|l| l.starts_with("et")));
     daemon.signal(libc::SIGTERM);
-    wait_for("every namespace to go", Duration::from_secs(120), || host.ember_links().is_empty());
-    assert!(!host.tables().contains("ember_"), "{}", host.tables());
+    wait_for("every namespace to go", Duration::from_secs(120), || ember_links(&host).is_empty());
+    assert!(!tables(&host).contains("ember_"), "{}", tables(&host));
 }
 
 /// An address in the transit range, and the host's end of its /30.

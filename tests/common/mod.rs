@@ -12,6 +12,7 @@ use ember::config::{BootSource, MachineConfig, VmConfig};
 use ember::template::{MakeOptions, Template};
 
 pub mod api;
+pub mod netns;
 
 /// A guest console captured in memory.
 #[derive(Clone, Default)]
