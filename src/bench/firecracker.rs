@@ -12,6 +12,9 @@ use super::{BenchError, Summary, TableReport};
 use crate::config::VmConfig;
 use crate::serve::client::Client;
 
+/// The pause between runs (see `run`).
+const SETTLE: Duration = Duration::from_millis(100);
+
 fn failed(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(format!("{what}: {e}"))
 }
@@ -113,6 +116,9 @@ fn run(cfg: &VmConfig, runs: usize, timeout: Duration, dir: &Path) -> Result<Tab
     let (mut started, mut loads, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let _ = std::fs::remove_file(&vsock);
+        // The previous run's process and guest are gone; what the kernel still frees after them
+        // (its memory, its VM) is let finish, so that it is not measured as this run's load.
+        std::thread::sleep(SETTLE);
         let (_p, up) = start(&sock)?;
         started.push(up.as_secs_f64() * 1e3);
         let t = Instant::now();
@@ -127,6 +133,7 @@ fn run(cfg: &VmConfig, runs: usize, timeout: Duration, dir: &Path) -> Result<Tab
     let memory = crate::snapshot::MemoryFile::open(&mem, st.machine.mem_bytes).map_err(|e| failed("the memory", e))?;
     let mut in_process = Vec::new();
     for _ in 0..runs {
+        std::thread::sleep(SETTLE);
         let t = Instant::now();
         let vm = crate::vmm::Vm::restore(&st, &memory, 1, &crate::vmm::Channels::default(), Box::new(std::io::sink()))
             .and_then(|vm| vm.start(crate::vmm::RunOptions::default()))

@@ -141,14 +141,23 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
         let filter = crate::seccomp::firecracker_filter().map_err(|e| generic(format!("seccomp: {e}")))?;
         crate::seccomp::apply(&filter).map_err(|e| generic(format!("cannot confine ember with seccomp: {e}")))?;
     }
+    // What the first VM would do on the request's path, done while the process waits for it.
+    let _ = std::thread::Builder::new().name("fc-prepare".into()).spawn(|| {
+        if let Err(e) = crate::vmm::prepare_ahead() {
+            tracing::debug!("preparing ahead: {e}");
+        }
+    });
     if let Some(path) = a.value("config-file") {
         configure_from_file(&mut machine.locked(), Path::new(path)).map_err(|f| (EXIT_BAD_CONFIGURATION, f.0))?;
         machine.locked().start().map_err(|f| (EXIT_BAD_CONFIGURATION, f.0))?;
     }
+    // The blocking pool's thread (InstanceStart, snapshots) started now and kept.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(Duration::from_secs(24 * 3600))
         .build()
         .map_err(|e| generic(format!("cannot start the runtime: {e}")))?;
+    drop(rt.spawn_blocking(|| ()));
     let result = rt.block_on(serve(machine.clone(), metrics, listener.as_ref().map(|l| &l.0), max_body));
     drop(listener);
     // The last line, as Firecracker writes one at exit.

@@ -18,7 +18,9 @@ pub mod vcpu_state;
 pub mod vm_state;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::sys::Locked;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -635,7 +637,12 @@ fn guest_memory(mem_bytes: u64) -> Result<GuestMemory, VmError> {
 /// VM fd is closed.
 unsafe fn create_vm(slots: &[(u64, u64, u64)], pit: bool) -> Result<(&'static Kvm, VmFd), VmError> {
     let kvm = kvm()?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    drop(PREPARING.locked());
+    let spare = SPARE_VM.locked().take();
+    let vm = match spare {
+        Some(vm) => vm,
+        None => kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?,
+    };
     // Memory before the TSS, irqchip and PIT: the other order is much slower on some hosts
     // (registering a slot after the irqchip measured several milliseconds here).
     for (slot, &(guest_phys_addr, memory_size, userspace_addr)) in slots.iter().enumerate() {
@@ -651,6 +658,27 @@ unsafe fn create_vm(slots: &[(u64, u64, u64)], pit: bool) -> Result<(&'static Kv
         vm.create_pit2(config).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
     Ok((kvm, vm))
+}
+
+/// A VM made ahead by [`prepare_ahead`] (no memory, no irqchip yet), which the process's next VM
+/// takes instead of making its own.
+static SPARE_VM: Mutex<Option<VmFd>> = Mutex::new(None);
+/// Held while [`prepare_ahead`] runs: a VM made meanwhile waits for what it prepares instead of
+/// doing the same work beside it.
+static PREPARING: Mutex<()> = Mutex::new(());
+
+/// Does ahead, off the critical path, what a process's first VM would otherwise do on it: opens
+/// /dev/kvm, compiles the device threads' seccomp filter, and makes one VM (`KVM_CREATE_VM`) for
+/// the next VM to take. For a process that makes one VM soon, at a time it does not know yet
+/// (`ember firecracker` before its InstanceStart or snapshot load).
+pub fn prepare_ahead() -> Result<(), VmError> {
+    let _preparing = PREPARING.locked();
+    let kvm = kvm()?;
+    seccomp::shared_device_filter().map_err(|e| VmError::Shell(format!("device filter: {e}")))?;
+    vcpu::install_kick_handler()?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    *SPARE_VM.locked() = Some(vm);
+    Ok(())
 }
 
 /// This process's handle on /dev/kvm, opened on first use and kept (one handle creates any number

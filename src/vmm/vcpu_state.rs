@@ -52,6 +52,9 @@ const PVCLOCK_TSC_TIMESTAMP: u64 = 8;
 const PVCLOCK_SYSTEM_TIME: u64 = 16;
 const PVCLOCK_LEN: u64 = 32;
 
+/// The most entries one KVM_GET_MSRS reads.
+const MSR_BATCH: usize = 255;
+
 /// The MSRs this host's KVM can save for a vCPU: its MSR index list, less those that fail to read
 /// (KVM lists some that a given vCPU model rejects). Worked out once per process.
 fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
@@ -61,13 +64,21 @@ fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
     }
     let kvm = super::kvm()?;
     let listed = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    // KVM_GET_MSRS reads entries in order and stops at the first it cannot: each call takes
+    // the readable run up to the next unreadable MSR, which is left out (a few calls, not one per
+    // MSR).
     let mut ok = Vec::new();
-    for &index in listed.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-            .map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
-        if vcpu.get_msrs(&mut one).is_ok_and(|n| n == 1) {
-            ok.push(index);
-        }
+    let mut rest = listed.as_slice();
+    while !rest.is_empty() {
+        // (KVM reads at most 256 entries per call.)
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
+        let entries: Vec<kvm_msr_entry> =
+            batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm("KVM_GET_MSRS", libc::ENOMEM))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?.min(batch.len());
+        ok.extend_from_slice(&batch[..n]);
+        // The one at `n` could not be read (unless the whole batch was).
+        rest = &rest[(n + usize::from(n < batch.len())).min(rest.len())..];
     }
     Ok(LIST.get_or_init(|| ok))
 }
