@@ -24,9 +24,10 @@
 # run's scratch folder; its working folder (where relative paths land) is a small tmpfs, and its
 # address space is capped (a made-up mem_size_mib cannot take the host's memory).
 #
-# A guest that powers off ends its process, as in Firecracker (status 0); the process is started
-# again (and configured again), and counted. The run fails if a process ended otherwise (a crash,
-# a signal), logged a panic, or stopped answering.
+# A guest that powers off ends its process, as in Firecracker (status 0), and so does a snapshot
+# load that failed past its checks (status 1); the process is started again (and configured again),
+# and counted. The run fails if a process ended otherwise (a panic, a signal), logged a panic, or
+# stopped answering.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -103,8 +104,8 @@ def walk(v):
 json.dump(walk(json.load(open(src))), open(dst, "w"), indent=1)
 PY
 
-# One process at a time, in its namespaces (see the top), started again whenever its guest powered
-# off (status 0), until stop_ember; each exit status is appended to $work/exits. With `started`,
+# One process at a time, in its namespaces (see the top), started again whenever it ended as
+# Firecracker's process does (status 0 or 1, see the top), until stop_ember; each exit status is appended to $work/exits. With `started`,
 # each process is configured and booted first.
 cat >"$work/supervise.sh" <<'SUPERVISE'
 set -u
@@ -151,7 +152,9 @@ while :; do
   rc=$?
   [[ -e $work/stop ]] && exit 0
   echo "$rc" >>"$work/exits"
-  [[ $rc == 0 ]] || exit "$rc"
+  # 0: the guest powered off or rebooted; 1: Firecracker's generic error (a snapshot load that
+  # failed ends the process, as in Firecracker). Anything else (a panic's 101, a signal) ends the run.
+  [[ $rc == 0 || $rc == 1 ]] || exit "$rc"
 done
 SUPERVISE
 sandbox=(unshare --mount --propagation private --net --)
@@ -208,10 +211,10 @@ for run in $runs; do
   kill -0 "$supervisor" 2>/dev/null || { log "$run: the process died"; failed=1; }
   log "$run: $(grep -c 'microVM started' "$work/ember.log" || true) boot(s), $(grep -c 'snapshot created' "$work/ember.log" || true) snapshot(s) in the run's processes"
   restarts=0
-  [[ -s $work/exits ]] && restarts=$(grep -c '^0$' "$work/exits" || true)
-  ((restarts == 0)) || log "$run: $restarts guest(s) powered off; their process was started again"
-  if [[ -s $work/exits ]] && grep -qv '^0$' "$work/exits"; then
-    log "$run: a process ended with status $(grep -v '^0$' "$work/exits" | head -1) (a crash or a signal)"
+  [[ -s $work/exits ]] && restarts=$(grep -c '^[01]$' "$work/exits" || true)
+  ((restarts == 0)) || log "$run: $restarts process(es) ended (a guest powered off, or a load failed); started again"
+  if [[ -s $work/exits ]] && grep -qv '^[01]$' "$work/exits"; then
+    log "$run: a process ended with status $(grep -v '^[01]$' "$work/exits" | head -1) (a crash or a signal)"
     failed=1
   fi
   grep -q panicked "$work/ember.log" && { log "$run: the process panicked"; failed=1; }

@@ -255,6 +255,9 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
         ),
         "not a snapshot ember can load",
     );
+    // A load that failed past its checks ends the process, as in Firecracker (status 1).
+    assert_eq!(exited(child2).code(), Some(1));
+    let (s2, child2) = firecracker(dir.path(), "fc2b", ns2);
     let mut load = serde_json::json!({
         "snapshot_path": state,
         "mem_backend": {"backend_type": "File", "backend_path": mem},
@@ -277,15 +280,7 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     // The SDK's Shutdown: Ctrl+Alt+Del; the guest reboots, which ends the microVM and its process
     // (status 0).
     assert_eq!(http(&s2, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
-    let mut child2 = child2;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child2.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the guest did not reboot on Ctrl+Alt+Del");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exited(child2);
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!s2.exists(), "the API socket is removed at exit");
     // Loaded paused, on another vsock path, with the deprecated mem_file_path; and no load into
@@ -350,6 +345,18 @@ fn agent(vsock: &Path, function: &str, payload: &str) -> String {
     let text = String::from_utf8_lossy(&r.payload).into_owned();
     assert_eq!(r.status, ember_abi::Status::Ok, "{function} {payload}: {text}");
     text
+}
+
+/// Waits (up to two minutes) for the child to end on its own: its status.
+fn exited(mut child: Killed) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Firecracker has no handler for SIGTERM: the process ends by it, and so does ember's.

@@ -70,6 +70,8 @@ pub struct Machine {
     seccomp: bool,
     process_start: Instant,
     metrics: Arc<Metrics>,
+    /// A failure the process ends on once it has answered (a snapshot load that failed).
+    fatal: Option<VmExit>,
 }
 
 impl Machine {
@@ -89,6 +91,7 @@ impl Machine {
             seccomp,
             process_start,
             metrics,
+            fatal: None,
         }
     }
 
@@ -432,6 +435,16 @@ impl Machine {
             ));
         }
         let mem_path = l.memory()?.to_path_buf();
+        // From here on a failure ends the process once it has answered, as in Firecracker (a
+        // restore that failed may leave it in a state it cannot go on from).
+        self.restore_snapshot(l, &mem_path, t).inspect_err(|f| {
+            self.fatal = Some(VmExit::Stopped(format!("the snapshot load failed: {}", f.0)));
+        })
+    }
+
+    /// The part of a load after its checks: the state and memory read, the microVM restored and
+    /// started.
+    fn restore_snapshot(&mut self, l: SnapshotLoad, mem_path: &std::path::Path, t: Instant) -> Result<(), Fault> {
         let bytes = crate::snapshot::read_limited(&l.snapshot_path, crate::snapshot::MAX_STATE_LEN + 4096)
             .map_err(|e| Fault::new(format!("Cannot read the snapshot: {e}")))?;
         let mut state = SnapshotState::decode(&bytes, &l.snapshot_path).map_err(|e| {
@@ -446,7 +459,7 @@ impl Machine {
             n.host_dev_name = o.host_dev_name.clone();
         }
         let vmm = Instant::now();
-        let memory = crate::snapshot::MemoryFile::open(&mem_path, state.machine.mem_bytes)
+        let memory = crate::snapshot::MemoryFile::open(mem_path, state.machine.mem_bytes)
             .map_err(|e| Fault::new(format!("Cannot load the guest memory: {e}")))?;
         let vsock = l.vsock_override.as_ref().map(|v| v.uds_path.clone()).or(state.devices.vsock_path.clone());
         let channels = Channels {
@@ -510,7 +523,7 @@ impl Machine {
 
     /// How the guest ended, once it has.
     pub fn ended(&self) -> Option<VmExit> {
-        self.running.as_ref().and_then(|r| r.exit())
+        self.fatal.clone().or_else(|| self.running.as_ref().and_then(|r| r.exit()))
     }
 }
 

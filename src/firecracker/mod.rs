@@ -214,10 +214,13 @@ async fn serve(
     let server = axum::serve(listener, app).with_graceful_shutdown(async {
         let _ = rx.await;
     });
+    let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
     tokio::select! {
-        r = server => Err(format!("the API server stopped: {r:?}")),
+        r = &mut server => Err(format!("the API server stopped: {r:?}")),
         exit = ended => {
+            // Answers being written (the one that said why, when a load failed) go out first.
             let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
             Ok(exit)
         }
     }
