@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-
-use axum::middleware::Next;
 
 use super::machine::Machine;
 use super::metrics::Metrics;
