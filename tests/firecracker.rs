@@ -33,8 +33,17 @@ fn its_command_line_is_firecrackers() {
     let out = ember().args(["firecracker", "--seccomp-filter", "/tmp/f.bpf"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--seccomp-filter"));
-    // Started through a link named firecracker, as clients start it.
+    // A metrics path that cannot be opened: a clear error, no socket left behind.
     let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    let out = ember()
+        .args(["firecracker", "--api-sock", sock.to_str().unwrap(), "--metrics-path", "/nonexistent/dir/m.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Cannot initialize the metrics system"), "{out:?}");
+    assert!(!sock.exists());
+    // Started through a link named firecracker, as clients start it.
     let link = dir.path().join("firecracker");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ember"), &link).unwrap();
     let out = Command::new(&link).arg("--version").output().unwrap();

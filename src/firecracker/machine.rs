@@ -568,6 +568,10 @@ mod tests {
         assert!(m.set_machine_config(patch, false).unwrap_err().0.contains("required"));
         let many = MachineConfigBody { vcpu_count: Some(64), mem_size_mib: Some(128), ..Default::default() };
         assert!(m.set_machine_config(many, false).unwrap_err().0.contains("vCPU number"));
+        let mtu: NetworkInterface =
+            serde_json::from_value(serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}))
+                .unwrap();
+        assert!(m.put_net("eth0", mtu).unwrap_err().0.contains("mtu is not supported by ember"));
         let v: Vsock = serde_json::from_value(serde_json::json!({"guest_cid": 52, "uds_path": "/v"})).unwrap();
         assert!(m.put_vsock(v).unwrap_err().0.contains("CID 3"));
         let v: Vsock =
