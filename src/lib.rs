@@ -1,7 +1,8 @@
 //! ember: a minimal KVM microVM manager. The modules, from the ground up, as the data flows:
 //!
-//! - [`memory`], [`sys`], [`seccomp`]: the ground floor (the guest's physical layout, small system
-//!   helpers, seccomp filters); they import nothing of ember.
+//! - [`memory`], [`sys`], [`seccomp`], [`request_body`]: the ground floor (the guest's physical
+//!   layout, small system helpers, seccomp filters, how the HTTP APIs read bodies); they import
+//!   nothing of ember.
 //! - [`config`]: the machine description (Firecracker-shaped JSON or CLI flags) and the default
 //!   kernel command line.
 //! - [`snapshot`]: snapshot files as bytes (state format, memory file, working set).
@@ -28,6 +29,7 @@ pub mod firecracker;
 pub mod image;
 pub mod isolation;
 pub mod memory;
+pub mod request_body;
 pub mod scale;
 pub mod seccomp;
 pub mod serve;

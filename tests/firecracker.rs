@@ -51,6 +51,56 @@ fn its_command_line_is_firecrackers() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("Firecracker v1."), "{out:?}");
 }
 
+/// Every request's body is read before it is answered, as Firecracker's server does, whatever the
+/// path: an answer written while the client is still sending is lost when the connection closes
+/// with unread bytes (a client through a TCP bridge then saw "closed without response"). A body
+/// over `--http-api-max-payload-size` is refused with its size, once it has been read.
+#[test]
+fn a_request_is_answered_once_its_whole_body_is_read() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("fc.sock");
+    let mut cmd = ember();
+    cmd.args(["firecracker", "--api-sock", s.to_str().unwrap(), "--http-api-max-payload-size", "1000"])
+        .stdout(Stdio::null());
+    let _child = Killed(cmd.spawn().unwrap());
+    wait_socket(&s);
+    for (path, len, needle) in [
+        ("/cpu-config", 900, "not supported by ember"),
+        ("/no-such-path", 900, "Invalid request method and/or path"),
+        ("/boot-source", 900, "kernel_image_path"),
+        ("/cpu-config", 5000, "Request payload with size 5000 is larger than the limit of 1000"),
+    ] {
+        let mut c = std::os::unix::net::UnixStream::connect(&s).unwrap();
+        let body = format!("{{\"x\": \"{}\"}}", "y".repeat(len - 9));
+        assert_eq!(body.len(), len);
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(&body.as_bytes()[..len / 2]).unwrap();
+        // Half the body sent: no answer yet.
+        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut buf = [0u8; 4096];
+        match c.read(&mut buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Ok(n) => panic!("{path}: answered before its body was read: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("{path}: {e}"),
+        }
+        c.write_all(&body.as_bytes()[len / 2..]).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains("}") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "{path}: closed without an answer: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains(needle), "{path}: expected {needle:?} in {answer}");
+    }
+}
+
 /// Waits for `socket` to accept connections.
 fn wait_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);

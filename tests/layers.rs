@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Top-level modules of `src/`, lowest first; modules on one floor may not import each other.
 const FLOORS: &[&[&str]] = &[
-    &["memory", "sys", "seccomp", "svg"],
+    &["memory", "sys", "seccomp", "svg", "request_body"],
     &["config"],
     &["snapshot", "image"],
     &["channel"],

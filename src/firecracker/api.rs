@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use super::machine::Machine;
 use super::metrics::Metrics;
 use super::model::{self, unsupported, Fault};
+use crate::request_body::Refused;
 use crate::sys::Locked;
 
 type Shared = State<Arc<Mutex<Machine>>>;
@@ -179,13 +180,30 @@ async fn fallback(req: Request) -> Response {
     Fault::new(format!("Invalid request method and/or path: {} {}.", req.method(), path)).into_response()
 }
 
+/// Reads each request's whole body before it is answered, as Firecracker does (see
+/// crate::request_body); a body over `limit` is refused with its size.
+async fn whole_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    match crate::request_body::read_whole(req, limit).await {
+        Ok(req) => next.run(req).await,
+        Err(Refused::TooLarge { declared: Some(size), limit }) => Fault::new(format!(
+            "Request payload with size {size} is larger than the limit of {limit} allowed by server."
+        ))
+        .into_response(),
+        Err(Refused::TooLarge { declared: None, limit }) => {
+            Fault::new(format!("Request payload is larger than the limit of {limit} allowed by server."))
+                .into_response()
+        }
+        Err(Refused::Unreadable(e)) => Fault::new(format!("The request's body could not be read: {e}")).into_response(),
+    }
+}
+
 /// Counts each request in the metrics of its path, as a failure when it was refused.
 async fn count(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let mut response = next.run(req).await;
     metrics.request(&method, &path, !response.status().is_success());
-    // What axum refused before a handler ran (a path that is not UTF-8, a body over the limit)
-    // answers as Firecracker answers every refusal.
+    // What axum refused before a handler ran (a path that is not UTF-8) answers as Firecracker
+    // answers every refusal.
     let json = response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|t| t == "application/json");
     if response.status().is_client_error() && !json {
         let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 64 << 10).await.unwrap_or_default();
@@ -194,8 +212,9 @@ async fn count(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) ->
     response
 }
 
-/// The API's routes over the process's machine, each request counted in `metrics`.
-pub fn router(machine: Arc<Mutex<Machine>>, metrics: Arc<Metrics>) -> Router {
+/// The API's routes over the process's machine, each request counted in `metrics`, bodies up to
+/// `max_body` bytes.
+pub fn router(machine: Arc<Mutex<Machine>>, metrics: Arc<Metrics>, max_body: usize) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/openapi.json", get(openapi))
@@ -215,5 +234,7 @@ pub fn router(machine: Arc<Mutex<Machine>>, metrics: Arc<Metrics>) -> Router {
         .fallback(any(fallback))
         .method_not_allowed_fallback(fallback)
         .with_state(machine)
+        .layer(axum::middleware::from_fn_with_state(max_body, whole_body))
         .layer(axum::middleware::from_fn_with_state(metrics, count))
+        .layer(axum::extract::DefaultBodyLimit::disable())
 }

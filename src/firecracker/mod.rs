@@ -207,7 +207,7 @@ async fn serve(
     let listener = listener.try_clone().map_err(|e| e.to_string())?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
     let limit = max_body.unwrap_or(args::DEFAULT_MAX_PAYLOAD);
-    let app = api::router(machine.clone(), metrics.clone()).layer(axum::extract::DefaultBodyLimit::max(limit));
+    let app = api::router(machine.clone(), metrics.clone(), limit);
     let start = machine.locked().process_start();
     metrics.started(start.elapsed(), metrics::process_cpu_time());
     let (tx, rx) = tokio::sync::oneshot::channel();

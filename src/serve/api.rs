@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -23,6 +22,7 @@ use tracing::Instrument;
 use super::command::{self, Command, Step};
 use super::model::{Error, ErrorKind, FunctionSpec};
 use super::supervisor::Supervisor;
+use crate::request_body::Refused;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 /// The largest request body: a payload as large as the mailbox takes, base64-encoded in JSON.
@@ -301,46 +301,12 @@ fn is_json(resp: &Response) -> bool {
     resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
-/// How far over its limit a body is still read through before the 413 answer.
-const DRAIN_OVER_LIMIT: u64 = 32 << 20;
-/// How long an over-limit body is read for at most.
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
 /// The most body bytes a request to `req`'s route may carry.
 fn body_limit(req: &Request) -> usize {
     if req.uri().path().starts_with("/layers/") {
         MAX_UPLOAD
     } else {
         MAX_BODY
-    }
-}
-
-/// A request whose declared body is over its route's limit: (declared, limit).
-fn oversized(req: &Request) -> Option<(u64, u64)> {
-    let declared: u64 = req.headers().get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()?;
-    let limit = body_limit(req) as u64;
-    (declared > limit).then_some((declared, limit))
-}
-
-/// Reads a request's whole body (at most its route's limit) before it is routed, so that every
-/// answer, those of routes that ignore the body included (405, 404, acquire), comes after the
-/// body: answered earlier, the connection could not be kept alive, and a client that had sent its
-/// next request on it would see it close without an answer. Requests without a body pass as
-/// they are.
-async fn read_body(req: Request) -> Result<Request, ApiError> {
-    use http_body_util::BodyExt;
-    if axum::body::HttpBody::is_end_stream(req.body()) {
-        return Ok(req);
-    }
-    let limit = body_limit(&req);
-    let (parts, body) = req.into_parts();
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over this request's limit of {limit} bytes"),
-        )),
-        Err(e) => Err(bad_request(format!("cannot read the body: {e}"))),
     }
 }
 
@@ -359,28 +325,23 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(|| format!("ember-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = match oversized(&req) {
-        Some((declared, limit)) => {
-            // Read a body somewhat over the limit through (and drop it), for a while: a client
-            // still sending when the connection closed would never see the answer; one that
-            // stops sending gets it after DRAIN_TIME.
-            if declared <= limit + DRAIN_OVER_LIMIT {
-                use http_body_util::BodyExt;
-                let mut body = req.into_body();
-                let drain = async { while let Some(Ok(_)) = body.frame().await {} };
-                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
-            }
+    // The whole body is read before the request is routed (see crate::request_body).
+    let limit = body_limit(&req);
+    let mut resp = match crate::request_body::read_whole(req, limit).await {
+        Ok(req) => {
+            // The client's upload time is not the daemon's.
+            t = std::time::Instant::now();
+            next.run(req).instrument(span.clone()).await
+        }
+        Err(Refused::TooLarge { declared: Some(declared), limit }) => {
             let msg = format!("the body is {declared} bytes, over this request's limit of {limit} bytes");
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
         }
-        None => match read_body(req).await {
-            Ok(req) => {
-                // The client's upload time is not the daemon's.
-                t = std::time::Instant::now();
-                next.run(req).instrument(span.clone()).await
-            }
-            Err(e) => e.into_response(),
-        },
+        Err(Refused::TooLarge { declared: None, limit }) => {
+            let msg = format!("the body is over this request's limit of {limit} bytes");
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response()
+        }
+        Err(Refused::Unreadable(e)) => bad_request(format!("cannot read the body: {e}")).into_response(),
     };
     if resp.status().is_client_error() && !is_json(&resp) {
         // axum's own refusals (a body over the limit, a bad content length) come as text: every
