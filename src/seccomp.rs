@@ -624,6 +624,14 @@ pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
     seccompiler::apply_filter(filter)
 }
 
+/// [`apply`] for a filter under which the thread may open files (the daemon's, the Firecracker
+/// door's): glibc's first-use reads of files are allowed there, so nothing is primed (priming
+/// faults in a megabyte: most of a millisecond on a process's start path on some hosts). The
+/// first [`apply`] of a filter that allows no opening primes as usual.
+pub fn apply_allowing_files(filter: &BpfProgram) -> Result<(), Error> {
+    seccompiler::apply_filter(filter)
+}
+
 /// glibc's malloc reads files the first time some paths run: /sys/devices/system/cpu/online when
 /// it sets up arenas, /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks (both
 /// cached process-wide after that). The vCPU and device filters allow no opening of files, so those

@@ -508,6 +508,22 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     assert_clone_clocks(&vm, &restored, first_clock, "a clone restored into an old shell");
     vm.stop("test");
 
+    // A shell made before its snapshot was known (what `ember firecracker` makes while it waits
+    // for a load): the machine's shape only; the restore loads the vCPU state it did not.
+    let m = &template.state.machine;
+    let generic = ShellSpec::generic(m.mem_bytes, template.state.vcpus.len());
+    let shell = VmShell::new(&generic).unwrap();
+    assert!(shell.fits(&template.state), "a Linux guest's snapshot without a PIT fits its machine's generic shell");
+    let restored = RestoredAt::now();
+    let vm = template.restore_in(Some(shell), 2, &channels, Box::new(std::io::sink())).unwrap();
+    let vm = vm.start(RunOptions::default()).unwrap();
+    assert_eq!(vm.invoke("echo", b"generic", opts(FIRST_CALL)).unwrap().payload, b"generic");
+    assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
+    assert_clone_clocks(&vm, &restored, first_clock, "a clone restored into a generic shell");
+    vm.stop("test");
+    let other = ShellSpec::generic(m.mem_bytes * 2, template.state.vcpus.len());
+    assert!(!VmShell::new(&other).unwrap().fits(&template.state));
+
     // A shell made for another machine does not fit; the restore makes the VM it needs instead.
     let other = ShellSpec { mem_bytes: template.state.machine.mem_bytes * 2, ..template.shell_spec() };
     let misfit = VmShell::new(&other).unwrap();

@@ -19,6 +19,7 @@ use crate::devices::serial::ConsoleOut;
 use crate::sys::Locked;
 use crate::vmm::exit::VmExit;
 use crate::vmm::persist::SnapshotState;
+use crate::vmm::shell::VmShell;
 use crate::vmm::{Channels, RunOptions, RunningVm, Vm};
 
 /// Firecracker's words for a request made in the wrong state.
@@ -51,6 +52,10 @@ impl std::io::Write for SharedConsole {
     }
 }
 
+/// Firecracker's default machine: one vCPU, 128 MiB.
+pub const DEFAULT_VCPUS: u64 = 1;
+pub const DEFAULT_MEM_MIB: u64 = 128;
+
 /// The microVM and what it was configured with.
 pub struct Machine {
     id: String,
@@ -72,6 +77,9 @@ pub struct Machine {
     metrics: Arc<Metrics>,
     /// A failure the process ends on once it has answered (a snapshot load that failed).
     fatal: Option<VmExit>,
+    /// The thread preparing ahead, whose VM shell a snapshot load takes (when the snapshot fits
+    /// it); dropped once the microVM is booted or loaded.
+    ahead: Option<std::thread::JoinHandle<Option<VmShell>>>,
 }
 
 impl Machine {
@@ -79,8 +87,8 @@ impl Machine {
         Self {
             id,
             boot_source: None,
-            vcpu_count: 1,
-            mem_size_mib: 128,
+            vcpu_count: DEFAULT_VCPUS,
+            mem_size_mib: DEFAULT_MEM_MIB,
             drives: Vec::new(),
             nets: Vec::new(),
             vsock: None,
@@ -92,7 +100,13 @@ impl Machine {
             process_start,
             metrics,
             fatal: None,
+            ahead: None,
         }
+    }
+
+    /// The thread preparing ahead for the process's microVM (see the field).
+    pub fn set_ahead(&mut self, ahead: std::thread::JoinHandle<Option<VmShell>>) {
+        self.ahead = Some(ahead);
     }
 
     /// When the process started (for its start-up time).
@@ -377,6 +391,8 @@ impl Machine {
         let running = vm.start(options).map_err(|e| Fault::new(format!("Failed to start microVM: {e}")))?;
         tracing::info!(id = %self.id, "microVM started");
         self.running = Some(running);
+        // (The shell made ahead is for loads: dropped, or by its thread when it ends.)
+        self.ahead = None;
         Ok(())
     }
 
@@ -468,7 +484,9 @@ impl Machine {
             device_seccomp: self.seccomp,
             ..Default::default()
         };
-        let vm = Vm::restore(&state, &memory, 1, &channels, self.console())
+        // Into the shell made ahead (waiting for it when it is still being made), when it fits.
+        let shell = self.ahead.take().and_then(|t| t.join().ok().flatten());
+        let vm = Vm::restore_in(shell, &state, &memory, 1, &channels, self.console())
             .map_err(|e| Fault::new(format!("Cannot restore the microVM: {e}")))?;
         let paused = l.resume_vm != Some(true);
         let options = RunOptions { seccomp: self.seccomp, start_paused: paused, ..Default::default() };

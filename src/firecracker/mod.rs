@@ -139,14 +139,26 @@ fn run(a: &Args, process_start: Instant) -> Result<ExitCode, Failure> {
     };
     if seccomp {
         let filter = crate::seccomp::firecracker_filter().map_err(|e| generic(format!("seccomp: {e}")))?;
-        crate::seccomp::apply(&filter).map_err(|e| generic(format!("cannot confine ember with seccomp: {e}")))?;
+        crate::seccomp::apply_allowing_files(&filter)
+            .map_err(|e| generic(format!("cannot confine ember with seccomp: {e}")))?;
     }
-    // What the first VM would do on the request's path, done while the process waits for it.
-    let _ = std::thread::Builder::new().name("fc-prepare".into()).spawn(|| {
+    // What the first VM would do on the request's path, done while the process waits for it:
+    // /dev/kvm opened, filters compiled, a VM made, and a shell for a snapshot of Firecracker's
+    // default machine (one vCPU, 128 MiB) that a load may take (threads made ahead are confined:
+    // none without seccomp).
+    let ahead = std::thread::Builder::new().name("fc-prepare".into()).spawn(move || {
         if let Err(e) = crate::vmm::prepare_ahead() {
             tracing::debug!("preparing ahead: {e}");
+            return None;
         }
+        let spec =
+            crate::vmm::shell::ShellSpec::generic(machine::DEFAULT_MEM_MIB << 20, machine::DEFAULT_VCPUS as usize);
+        let spec = crate::vmm::shell::ShellSpec { threads_ahead: seccomp, ..spec };
+        crate::vmm::shell::VmShell::new(&spec).inspect_err(|e| tracing::debug!("a VM shell ahead: {e}")).ok()
     });
+    if let Ok(ahead) = ahead {
+        machine.locked().set_ahead(ahead);
+    }
     if let Some(path) = a.value("config-file") {
         configure_from_file(&mut machine.locked(), Path::new(path)).map_err(|f| (EXIT_BAD_CONFIGURATION, f.0))?;
         machine.locked().start().map_err(|f| (EXIT_BAD_CONFIGURATION, f.0))?;

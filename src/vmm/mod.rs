@@ -322,7 +322,10 @@ impl Vm {
         };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (v, s) in shell_vcpus.into_iter().zip(&state.vcpus) {
+        for ((v, s), preloaded) in shell_vcpus.into_iter().zip(&state.vcpus).zip(&spec.vcpus) {
+            if preloaded.is_none() {
+                s.preload(&v.fd)?;
+            }
             let tsc = s.finish(&v.fd)?;
             s.anchor_kvmclock(&mem, state.vm.clock.clock, tsc)?;
             vcpus.push(v);

@@ -51,7 +51,9 @@ use crate::sys::Locked;
 #[derive(Clone)]
 pub struct ShellSpec {
     pub mem_bytes: u64,
-    pub vcpus: Vec<VcpuState>,
+    /// Each vCPU's state, whose shared part the shell loads; `None` for a shell made before its
+    /// snapshot is known ([`ShellSpec::generic`]): the restore loads it.
+    pub vcpus: Vec<Option<VcpuState>>,
     pub memory: Option<Arc<MemoryFile>>,
     /// The clone's device threads, by name (started ahead, confined with the device filter).
     pub device_threads: Vec<&'static str>,
@@ -85,11 +87,27 @@ impl ShellSpec {
         let device_threads = super::devices::device_threads(state.devices.drives.len(), state.devices.nets.len());
         Self {
             mem_bytes: state.machine.mem_bytes,
-            vcpus: state.vcpus.clone(),
+            vcpus: state.vcpus.iter().cloned().map(Some).collect(),
             memory: None,
             device_threads,
             mailbox_dir: None,
             pit: state.vm.pit_in_use(),
+            threads_ahead: true,
+        }
+    }
+
+    /// A shell made before its snapshot is known, for a guest of `mem_bytes` and `vcpus` vCPUs
+    /// that uses no PIT (a Linux guest after boot) and has a vsock device: what a process that
+    /// will load some snapshot soon can make while it waits (`ember firecracker`, Firecracker's
+    /// default machine). A snapshot of another shape restores into a shell made for it.
+    pub fn generic(mem_bytes: u64, vcpus: usize) -> Self {
+        Self {
+            mem_bytes,
+            vcpus: vec![None; vcpus],
+            memory: None,
+            device_threads: super::devices::device_threads(0, 0),
+            mailbox_dir: None,
+            pit: false,
             threads_ahead: true,
         }
     }
@@ -146,11 +164,13 @@ impl VmShell {
         let mut parked = Vec::with_capacity(spec.vcpus.len());
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
-            state.preload(&v.fd)?;
+            if let Some(state) = state {
+                state.preload(&v.fd)?;
+            }
             if spec.threads_ahead {
                 parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
             }
-            if mapped.is_some() {
+            if let (Some(state), Some(_)) = (state, mapped) {
                 // Its copy-on-write fault taken now, not at the restore (which writes it).
                 state.copy_kvmclock_page(&ram)?;
             }
@@ -178,7 +198,7 @@ impl VmShell {
         s.mem_bytes == state.machine.mem_bytes
             && s.pit == state.vm.pit_in_use()
             && s.vcpus.len() == state.vcpus.len()
-            && s.vcpus.iter().zip(&state.vcpus).all(|(a, b)| a.preloads_as(b))
+            && s.vcpus.iter().zip(&state.vcpus).all(|(a, b)| a.as_ref().is_none_or(|a| a.preloads_as(b)))
     }
 
     /// Maps `memory` copy-on-write over the shell's RAM (the guest sees the template's pages from
