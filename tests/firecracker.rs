@@ -194,6 +194,9 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     assert_eq!(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
     fault(http(&s, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256, "smt": true}"#)), "smt");
     fault(http(&s, "PATCH", "/machine-config", Some("{}")), "Empty PATCH request.");
+    // Firecracker's default machine in the end (128 MiB): a load restores it into the VM shell
+    // the loading process made ahead (see below).
+    assert_eq!(http(&s, "PATCH", "/machine-config", Some(r#"{"mem_size_mib": 128}"#)).0, 204);
     fault(http(&s, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/no/vmlinux"}"#)), "cannot be opened");
     // The guest's address on its interface: ember's agent reads it from the command line.
     let args = format!("{} ember_net=172.16.0.2/24", ember::config::default_cmdline());
@@ -219,7 +222,7 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     fault(http(&s, "PUT", "/mmds", Some("{}")), "not supported by ember");
     fault(http(&s, "PATCH", "/drives/data", Some(r#"{"drive_id": "data"}"#)), "before starting");
     let cfg = json_of(&http(&s, "GET", "/vm/config", None).1);
-    assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 128);
     assert_eq!(cfg["drives"][0]["drive_id"], "data");
     // Boot.
     assert_eq!(http(&s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
@@ -294,7 +297,7 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     let diff = create.replace('}', r#", "snapshot_type": "Diff"}"#);
     fault(http(&s, "PUT", "/snapshot/create", Some(&diff)), "Diff snapshot");
     assert_eq!(http(&s, "PUT", "/snapshot/create", Some(&create)).0, 204);
-    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 256 << 20, "the guest's memory");
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 128 << 20, "the guest's memory");
     assert_eq!(http(&s, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     assert_eq!(json_of(&http(&s, "GET", "/", None).1)["state"], "Running");
     echo(&vsock, "after the snapshot");
@@ -327,9 +330,18 @@ fn a_guest_is_configured_started_paused_and_resumed_through_the_api() {
     }
     let load = load.to_string();
     fault(http(&s2, "PUT", "/snapshot/load", Some(&load.replace("File", "Uffd"))), "Uffd");
+    // (A logger may be set before a load, as in Firecracker.)
+    let log2 = dir.path().join("fc2b.log");
+    let logger = format!(r#"{{"log_path": "{}", "level": "Info"}}"#, log2.display());
+    assert_eq!(http(&s2, "PUT", "/logger", Some(&logger)).0, 204);
     assert_eq!(http(&s2, "PUT", "/snapshot/load", Some(&load)).0, 204);
     assert_eq!(json_of(&http(&s2, "GET", "/", None).1)["state"], "Running");
-    assert_eq!(json_of(&http(&s2, "GET", "/machine-config", None).1)["mem_size_mib"], 256);
+    assert_eq!(json_of(&http(&s2, "GET", "/machine-config", None).1)["mem_size_mib"], 128);
+    let logged = std::fs::read_to_string(&log2).unwrap();
+    assert!(
+        logged.lines().any(|l| l.contains("snapshot loaded") && l.contains("into_shell=true")),
+        "restored into the shell made ahead for Firecracker's default machine: {logged}"
+    );
     fault(http(&s2, "PUT", "/snapshot/load", Some(&load)), "after starting");
     echo(&vsock, "in the restored guest");
     if taps.is_some() {

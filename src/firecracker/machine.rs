@@ -486,6 +486,7 @@ impl Machine {
         };
         // Into the shell made ahead (waiting for it when it is still being made), when it fits.
         let shell = self.ahead.take().and_then(|t| t.join().ok().flatten());
+        let into_shell = shell.as_ref().is_some_and(|s| s.fits(&state));
         let vm = Vm::restore_in(shell, &state, &memory, 1, &channels, self.console())
             .map_err(|e| Fault::new(format!("Cannot restore the microVM: {e}")))?;
         let paused = l.resume_vm != Some(true);
@@ -529,7 +530,7 @@ impl Machine {
         self.running = Some(running);
         self.paused = paused;
         self.latencies(("load_snapshot", "vmm_load_snapshot"), t, vmm);
-        tracing::info!(id = %self.id, paused, "snapshot loaded");
+        tracing::info!(id = %self.id, paused, into_shell, "snapshot loaded");
         Ok(())
     }
 
