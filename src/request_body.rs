@@ -26,7 +26,8 @@ pub enum Refused {
 
 /// `req` with its whole body read (at most `limit` bytes). A request without a body passes as it
 /// is. A body declared over the limit is read through for a while (see [`DRAIN_OVER_LIMIT`]) and
-/// refused.
+/// refused; a chunked one (no declared length) is refused once it passes the limit, its rest
+/// unread.
 pub async fn read_whole(req: Request, limit: usize) -> Result<Request, Refused> {
     let declared: Option<u64> = req
         .headers()

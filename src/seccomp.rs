@@ -624,8 +624,8 @@ pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
     seccompiler::apply_filter(filter)
 }
 
-/// [`apply`] for a filter under which the thread may open files (the daemon's, the Firecracker
-/// door's): glibc's first-use reads of files are allowed there, so nothing is primed (priming
+/// [`apply`] for a filter under which the thread may open files (the Firecracker door's process
+/// filter): glibc's first-use reads of files are allowed there, so nothing is primed (priming
 /// faults in a megabyte: most of a millisecond on a process's start path on some hosts). The
 /// first [`apply`] of a filter that allows no opening primes as usual.
 pub fn apply_allowing_files(filter: &BpfProgram) -> Result<(), Error> {
