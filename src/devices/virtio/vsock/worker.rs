@@ -63,12 +63,6 @@ pub(super) struct Worker {
     /// The guest gave no receive buffer the last time one was needed.
     rx_starved: bool,
     reset_pending: bool,
-    /// A transport reset was delivered and the guest has not yet given its event buffer back
-    /// (which its driver does once it has reset its connections). Host connection requests wait
-    /// in `held` meanwhile: one the guest took before handling the reset would be reset with the
-    /// rest, silently (no RST reaches the host), and its host side would wait for nothing.
-    reset_unacked: bool,
-    held: Vec<Key>,
     /// Bytes read from a host stream on their way into a receive buffer.
     scratch: Vec<u8>,
 }
@@ -95,8 +89,6 @@ impl Worker {
             next_local_port: 1 << 30,
             rx_starved: false,
             reset_pending: false,
-            reset_unacked: false,
-            held: Vec::new(),
             scratch: Vec::new(),
         };
         worker.register_fixed()?;
@@ -140,8 +132,7 @@ impl Worker {
                             TXQ => self.process_tx(),
                             RXQ => self.rx_starved = false,
                             _ if self.reset_pending => self.send_reset_event(),
-                            // The event buffer back: the guest has handled the reset.
-                            _ => self.release_held(),
+                            _ => {}
                         }
                     }
                     TOKEN_LISTENER => self.accept(),
@@ -191,8 +182,6 @@ impl DeviceWorker for Worker {
         }
         self.control.clear();
         self.rx_starved = false;
-        self.reset_unacked = false;
-        self.held.clear();
     }
 }
 
@@ -215,19 +204,7 @@ impl Worker {
         }
         drop(queues);
         self.reset_pending = false;
-        self.reset_unacked = true;
         tracing::debug!("vsock: transport reset sent to the guest");
-    }
-
-    /// The guest has handled the transport reset (it gave its event buffer back, or sent a
-    /// packet): the host connection requests held meanwhile go to it.
-    fn release_held(&mut self) {
-        self.reset_unacked = false;
-        for key in std::mem::take(&mut self.held) {
-            if self.conns.contains_key(&key) {
-                self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_REQUEST, flags: 0 });
-            }
-        }
     }
 
     fn accept(&mut self) {
@@ -288,10 +265,7 @@ impl Worker {
         let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
         let key = (local, port);
         self.insert_conn(key, Conn::new(p.stream, token, ConnState::Connecting));
-        match self.reset_unacked {
-            true => self.held.push(key),
-            false => self.push_control(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 }),
-        }
+        self.push_control(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 });
     }
 
     fn drop_pending(&mut self, token: u64) {
