@@ -55,11 +55,22 @@ fn start(sock: &Path) -> Result<(Process, Duration), BenchError> {
     Ok((p, t.elapsed()))
 }
 
-/// One API request that must answer 204: its round trip.
+/// One API request on a new connection that must answer 204: its round trip.
 fn put(sock: &Path, method: &str, path: &str, body: &serde_json::Value) -> Result<Duration, BenchError> {
     let mut c = Client::connect(sock).map_err(|e| failed(path, e))?;
-    let r = c.json_request(method, path, Some(body)).map_err(|e| failed(path, e))?;
-    if r.status != 204 {
+    request(&mut c, method, path, Some(body), 204)
+}
+
+/// One API request on `c` that must answer `want`: its round trip.
+fn request(
+    c: &mut Client,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    want: u16,
+) -> Result<Duration, BenchError> {
+    let r = c.json_request(method, path, body).map_err(|e| failed(path, e))?;
+    if r.status != want {
         return Err(failed(path, format!("answered {}: {}", r.status, r.text())));
     }
     Ok(r.round_trip)
@@ -138,18 +149,12 @@ fn run(cfg: &VmConfig, runs: usize, timeout: Duration, dir: &Path) -> Result<Tab
         let t = Instant::now();
         let (_p, _) = start(&sock)?;
         let mut c = Client::connect(&sock).map_err(|e| failed("GET /", e))?;
-        let r = c.json_request("GET", "/", None).map_err(|e| failed("GET /", e))?;
-        if r.status != 200 {
-            return Err(failed("GET /", format!("answered {}: {}", r.status, r.text())));
-        }
+        request(&mut c, "GET", "/", None, 200)?;
         answering.push(t.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(IDLE);
         // On the connection GET / was answered on (clients keep theirs alive, as Go's does).
-        let r = c.json_request("PUT", "/snapshot/load", Some(&load)).map_err(|e| failed("/snapshot/load", e))?;
-        if r.status != 204 {
-            return Err(failed("/snapshot/load", format!("answered {}: {}", r.status, r.text())));
-        }
-        ahead_loads.push(r.round_trip.as_secs_f64() * 1e3);
+        let took = request(&mut c, "PUT", "/snapshot/load", Some(&load), 204)?;
+        ahead_loads.push(took.as_secs_f64() * 1e3);
         echo(&vsock, timeout)?;
     }
     // The same files restored in this process: what a load is without a process and an API.
