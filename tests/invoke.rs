@@ -453,6 +453,11 @@ fn assert_clone_clocks(vm: &RunningVm, restored: &RestoredAt, first: (u128, Dura
     );
 }
 
+/// A CPUID table as comparable words (function, index, flags, EAX..EDX per entry).
+fn cpuid_words(c: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<[u32; 7]> {
+    c.iter().map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]).collect()
+}
+
 /// The first clone's monotonic reading and the time its restore and read took; how long to wait
 /// before the next restore so that a clone that replayed the wait would be caught.
 fn first_clone_clock(vm: &RunningVm, restored: &RestoredAt) -> ((u128, Duration), Duration) {
@@ -514,12 +519,23 @@ fn a_clone_restored_into_a_vm_shell_made_long_before_goes_on_like_any_other() {
     let generic = ShellSpec::generic(m.mem_bytes, template.state.vcpus.len());
     let shell = VmShell::new(&generic).unwrap();
     assert!(shell.fits(&template.state), "a Linux guest's snapshot without a PIT fits its machine's generic shell");
+    // Its vCPUs have the CPUID a guest of that shape boots with, which the snapshot of one that
+    // booted still has (but for the bits KVM derives from the vCPU's state): the restore need
+    // not load it.
+    assert!(shell.holds_cpuid_of(&template.state), "a generic shell holds a booted guest's CPUID");
     let restored = RestoredAt::now();
     let vm = template.restore_in(Some(shell), 2, &channels, Box::new(std::io::sink())).unwrap();
     let vm = vm.start(RunOptions::default()).unwrap();
     assert_eq!(vm.invoke("echo", b"generic", opts(FIRST_CALL)).unwrap().payload, b"generic");
     assert_eq!(text(&vm.invoke("reverse", b"stressed", opts(CALL)).unwrap().payload), "desserts");
     assert_clone_clocks(&vm, &restored, first_clock, "a clone restored into a generic shell");
+    // Its vCPU's CPUID, derived bits included, is the snapshot's.
+    vm.pause().unwrap();
+    let now = vm.state().unwrap();
+    for (i, (a, b)) in now.vcpus.iter().zip(&template.state.vcpus).enumerate() {
+        let (a, b) = (cpuid_words(&a.cpuid), cpuid_words(&b.cpuid));
+        assert_eq!(a, b, "vCPU {i}'s CPUID after a restore into a generic shell");
+    }
     vm.stop("test");
     let other = ShellSpec::generic(m.mem_bytes * 2, template.state.vcpus.len());
     assert!(!VmShell::new(&other).unwrap().fits(&template.state));

@@ -304,7 +304,7 @@ impl Vm {
         };
         let mem = shell.map_template(memory)?;
         let mailbox = Arc::new(shell.take_mailbox(channels.mailbox.as_deref())?);
-        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, vm, spec, .. } = shell;
+        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, cpuids, vm, spec, .. } = shell;
         state.vm.restore(&vm, spec.pit)?;
         let absent_pit = (!spec.pit).then(|| Box::new(state.vm.pit));
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
@@ -322,9 +322,9 @@ impl Vm {
         };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for ((v, s), preloaded) in shell_vcpus.into_iter().zip(&state.vcpus).zip(&spec.vcpus) {
+        for (((v, s), preloaded), cpuid) in shell_vcpus.into_iter().zip(&state.vcpus).zip(&spec.vcpus).zip(&cpuids) {
             if preloaded.is_none() {
-                s.preload(&v.fd)?;
+                s.preload_over(&v.fd, cpuid.as_deref())?;
             }
             let tsc = s.finish(&v.fd)?;
             s.anchor_kvmclock(&mem, state.vm.clock.clock, tsc)?;

@@ -32,6 +32,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -121,6 +122,8 @@ pub struct VmShell {
     /// A thread per device that has one, started and confined, waiting for its device.
     pub(super) devices: Vec<ParkedDevice>,
     pub(super) vcpus: Vec<Vcpu>,
+    /// The CPUID each vCPU the spec had no state for was given (a guest of this shape's boot one).
+    pub(super) cpuids: Vec<Option<Vec<kvm_cpuid_entry2>>>,
     pub(super) vm: VmFd,
     pub(super) spec: ShellSpec,
     /// Guest RAM: the template's memory mapped private when the spec had it, else anonymous until
@@ -159,13 +162,32 @@ impl VmShell {
         // SAFETY: the RAM and mailbox ranges stay mapped (the shell's, then the clone's
         // mappings over them) until after the VM fd is closed: the shell, and the Vm made from
         // it, drop the VM fd first.
-        let (_, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr()), spec.pit) }?;
+        let (kvm, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr()), spec.pit) }?;
         let mut vcpus = Vec::with_capacity(spec.vcpus.len());
         let mut parked = Vec::with_capacity(spec.vcpus.len());
+        let mut cpuids = Vec::with_capacity(spec.vcpus.len());
+        let count = u8::try_from(spec.vcpus.len()).map_err(|_| VmError::Shell("too many vCPUs".into()))?;
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
-            if let Some(state) = state {
-                state.preload(&v.fd)?;
+            match state {
+                Some(state) => state.preload(&v.fd)?,
+                // The CPUID a guest of this shape boots with: a snapshot of one holds it but for
+                // the bits KVM derives, and its restore then need not load it (a slow ioctl).
+                None => {
+                    let supported = kvm
+                        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                        .map_err(super::kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+                    let cpuid = super::boot::cpuid::for_vcpu(&supported, i as u8, count);
+                    v.fd.set_cpuid2(&cpuid).map_err(super::kvm_err("KVM_SET_CPUID2"))?;
+                    // As KVM holds it (what a snapshot's vCPU state has from KVM_GET_CPUID2).
+                    let held =
+                        v.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                            .map_err(super::kvm_err("KVM_GET_CPUID2"))?;
+                    cpuids.push(Some(held.as_slice().to_vec()));
+                }
+            }
+            if state.is_some() {
+                cpuids.push(None);
             }
             if spec.threads_ahead {
                 parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
@@ -184,7 +206,7 @@ impl VmShell {
             }
             false => Vec::new(),
         };
-        Ok(Self { parked, devices, vcpus, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
+        Ok(Self { parked, devices, vcpus, cpuids, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
     }
 
     /// How many threads the shell started (its vCPUs' and devices', confined, waiting).
@@ -199,6 +221,17 @@ impl VmShell {
             && s.pit == state.vm.pit_in_use()
             && s.vcpus.len() == state.vcpus.len()
             && s.vcpus.iter().zip(&state.vcpus).all(|(a, b)| a.as_ref().is_none_or(|a| a.preloads_as(b)))
+    }
+
+    /// Whether the restore of `state` into this shell finds each vCPU's CPUID loaded already
+    /// (by the spec's state, or as a generic shell's boot CPUID that the snapshot still has).
+    pub fn holds_cpuid_of(&self, state: &SnapshotState) -> bool {
+        self.spec.vcpus.len() == state.vcpus.len()
+            && self.spec.vcpus.iter().zip(&self.cpuids).zip(&state.vcpus).all(|((spec, held), s)| match (spec, held) {
+                (Some(spec), _) => spec.cpuid == s.cpuid,
+                (None, Some(held)) => super::boot::cpuid::holds(held, &s.cpuid),
+                (None, None) => false,
+            })
     }
 
     /// Maps `memory` copy-on-write over the shell's RAM (the guest sees the template's pages from

@@ -124,8 +124,7 @@ impl Vcpu {
 
     /// Sets up the state the vCPU enters the kernel with.
     pub fn configure_boot(&mut self, supported_cpuid: &CpuId, count: u8, entry: EntryPoint) -> Result<(), VmError> {
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::normalize(&mut cpuid, self.index, count);
+        let cpuid = cpuid::for_vcpu(supported_cpuid, self.index, count);
         self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let msrs = msr::boot_msrs().map_err(|_| VmError::Kvm("KVM_SET_MSRS", libc::ENOMEM))?;
         let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;

@@ -9,6 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
+use super::boot::cpuid;
 use super::{kvm_err, VmError};
 use crate::memory::GuestMemory;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -177,6 +178,13 @@ impl VcpuState {
     /// deadline. [`VcpuState::finish`] loads the rest. The order follows what KVM needs: CPUID first (it
     /// shapes what the rest may contain), MSRs after the registers.
     pub fn preload(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
+        self.preload_over(vcpu, None)
+    }
+
+    /// [`VcpuState::preload`] into a vCPU already given CPUID `loaded` (by a shell made before its
+    /// snapshot was known): the CPUID is loaded again only where `loaded` would not end up as
+    /// this state's ([`cpuid::holds`]); KVM takes a vCPU's CPUID again until it first runs.
+    pub fn preload_over(&self, vcpu: &VcpuFd, loaded: Option<&[kvm_cpuid_entry2]>) -> Result<(), VmError> {
         if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
             if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
                 crate::log_limited!(
@@ -186,8 +194,10 @@ impl VcpuState {
                 );
             }
         }
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if !loaded.is_some_and(|l| cpuid::holds(l, &self.cpuid)) {
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        }
         vcpu.set_mp_state(self.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;

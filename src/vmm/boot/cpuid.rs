@@ -1,6 +1,6 @@
 //! CPUID for a vCPU: KVM's supported list, normalised for the vCPU's place in the VM.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -90,6 +90,45 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
     }
 }
 
+/// The CPUID vCPU `index` of `count` boots with: `supported` (KVM_GET_SUPPORTED_CPUID), normalised.
+pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    normalize(&mut cpuid, index, count);
+    cpuid
+}
+
+/// The CPUID bits KVM derives from a vCPU's state rather than from what the VMM set, as
+/// (leaf, sub-leaf, register, mask) with registers numbered EAX..EDX as 0..3: the APIC bit
+/// (APIC base MSR), OSXSAVE and OSPKE (CR4), the XSAVE area sizes (XCR0, IA32_XSS). KVM
+/// recomputes them whenever that state is set, so a vCPU loaded with either of two CPUIDs that
+/// differ only here ends up with the same one once its registers and MSRs are.
+const DERIVED: [(u32, u32, usize, u32); 5] = [
+    (LEAF_FEATURES, 0, 3, 1 << 9),
+    (LEAF_FEATURES, 0, 2, 1 << 27),
+    (0x7, 0, 2, 1 << 4),
+    (0xd, 0, 1, u32::MAX),
+    (0xd, 1, 1, u32::MAX),
+];
+
+/// Whether a vCPU given CPUID `loaded` and then a saved vCPU's registers and MSRs holds the CPUID
+/// `saved` (what KVM_GET_CPUID2 gave for it): the same entries, in the same order, but for the
+/// bits KVM derives from that state ([`DERIVED`]).
+pub fn holds(loaded: &[kvm_cpuid_entry2], saved: &[kvm_cpuid_entry2]) -> bool {
+    let regs = |e: &kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
+    loaded.len() == saved.len()
+        && loaded.iter().zip(saved).all(|(a, b)| {
+            let (ra, rb) = (regs(a), regs(b));
+            (a.function, a.index, a.flags) == (b.function, b.index, b.flags)
+                && (0..4).all(|r| {
+                    let derived = DERIVED
+                        .iter()
+                        .filter(|&&(f, i, reg, _)| f == a.function && i == a.index && reg == r)
+                        .fold(0, |m, &(.., mask)| m | mask);
+                    ra[r] & !derived == rb[r] & !derived
+                })
+        })
+}
+
 /// The number of APIC-id bits needed to number `count` cores.
 fn bits_for(count: u8) -> u32 {
     let n = u32::from(count.max(1));
@@ -118,6 +157,32 @@ mod tests {
         assert_eq!(s[2].ebx, 4);
         assert_eq!(s[2].eax, 2);
         assert_eq!(s[3].eax, 0);
+    }
+
+    #[test]
+    fn holds_ignores_only_the_derived_bits() {
+        let loaded = [entry(1, 0), entry(7, 0), entry(0xd, 0), entry(0xd, 1), entry(0x8000_0001, 0)];
+        let mut saved = loaded;
+        saved[0].ecx |= 1 << 27;
+        saved[0].edx |= 1 << 9;
+        saved[1].ecx |= 1 << 4;
+        saved[2].ebx = 0x340;
+        saved[3].ebx = 0x240;
+        assert!(holds(&loaded, &saved));
+        // Any other bit, entry or order differs.
+        let mut other = saved;
+        other[0].ecx |= 1 << 26;
+        assert!(!holds(&loaded, &other));
+        let mut other = saved;
+        other[2].eax = 7;
+        assert!(!holds(&loaded, &other));
+        let mut other = saved;
+        other[4].edx = 1 << 9;
+        assert!(!holds(&loaded, &other));
+        assert!(!holds(&loaded, &saved[..4]));
+        let mut other = saved;
+        other.swap(2, 3);
+        assert!(!holds(&loaded, &other));
     }
 
     #[test]
