@@ -359,6 +359,9 @@ impl Vm {
             vcpu_state::prepare(&v.fd)?;
         }
         let Vm { parked, vcpus, devices, clock, vm, absent_pit, mailbox, mem, mem_bytes } = self;
+        // Taken before the devices start: an interrupt they raise from now on wakes the vCPUs
+        // from the agent's idle park, however soon it comes.
+        let wake_seen = mailbox.wake_generation();
         devices.start();
         // Threads made ahead (confined already) when there is one per vCPU and seccomp is on;
         // otherwise one thread per vCPU now, with one filter each: each may reach its own vCPU fd
@@ -405,6 +408,7 @@ impl Vm {
                 mem: mem.clone(),
                 mailbox: mailbox.clone(),
                 seccomp: filter,
+                wake_seen,
             };
             let (v, cx) = match parked {
                 Some(p) => match p.start((v, cx)) {

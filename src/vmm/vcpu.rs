@@ -103,6 +103,10 @@ pub struct VcpuContext {
     pub mailbox: Arc<crate::channel::mailbox::Mailbox>,
     /// The seccomp filter to confine this thread with, if any.
     pub seccomp: Option<seccompiler::BpfProgram>,
+    /// The mailbox's wake generation before the VM's devices started: a wake since (a device's
+    /// interrupt, a vsock connection for the guest) is one the vCPU has yet to act on, even when
+    /// it came before the vCPU's thread ran (see [`Mailbox::idle_wait`](crate::channel::mailbox::Mailbox::idle_wait)).
+    pub wake_seen: u32,
 }
 
 /// How long after a vCPU's first wake from the idle park a timer interrupt that fell due while it
@@ -156,7 +160,7 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
     /// ends the VM is reported through `ctl`.
     pub fn run(mut self, cx: VcpuContext) {
-        let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp } = cx;
+        let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp, wake_seen } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(filter) = seccomp {
             if let Err(e) = crate::seccomp::apply(&filter) {
@@ -172,7 +176,7 @@ impl Vcpu {
             }
         }
         let mut first_io = true;
-        let mut wake_seen = mailbox.wake_generation();
+        let mut wake_seen = wake_seen;
         // The first wake from the idle park answers the call before the timer interrupt that fell
         // due meanwhile (see `defer_overdue_deadline`): it comes FIRST_WAKE_GRACE_MS later.
         let mut first_wake = true;

@@ -187,6 +187,12 @@ impl Interrupt {
         self.mailbox.wake();
     }
 
+    /// Wakes the guest's vCPU from its agent's idle park without an interrupt: to let its kernel
+    /// run work it has pending (the park stops the whole guest).
+    pub fn wake_guest(&self) {
+        self.mailbox.wake();
+    }
+
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }

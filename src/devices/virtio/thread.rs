@@ -360,8 +360,18 @@ impl<A, S> Commands<A, S> {
 /// Waits for the events of a device thread's `epoll` (retrying when interrupted); `None` when the
 /// thread cannot go on (the error is logged as `name`'s).
 pub fn wait<'a>(epoll: &Epoll, events: &'a mut [EpollEvent], name: &str) -> Option<&'a [EpollEvent]> {
+    wait_for(epoll, events, -1, name)
+}
+
+/// [`wait`], for at most `timeout_ms` (-1: no limit); no events when it passed.
+pub fn wait_for<'a>(
+    epoll: &Epoll,
+    events: &'a mut [EpollEvent],
+    timeout_ms: i32,
+    name: &str,
+) -> Option<&'a [EpollEvent]> {
     loop {
-        match epoll.wait(-1, events) {
+        match epoll.wait(timeout_ms, events) {
             Ok(n) => return Some(&events[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {

@@ -11,8 +11,10 @@
 //! returned to the guest unused. Flow control follows the virtio-vsock credit scheme in both
 //! directions. After a restore of a snapshot taken while the guest held connections, the device
 //! sends the guest a transport reset: those connections are reset (their host sides are gone) and
-//! new ones work. A snapshot with none (a template at its ready point) restores without one, so a
-//! clone does not begin by handling an interrupt. Which it is ([`VsockState`]) is what the
+//! new ones work. A host connection made before the guest has handled the reset (it gives its
+//! event buffer back) waits until it has, and wakes the guest to do it: taken before, it would be
+//! reset with the others, silently. A snapshot with none (a template at its ready point)
+//! restores without one, so a clone does not begin by handling an interrupt. Which it is ([`VsockState`]) is what the
 //! device's thread saw when it paused; a running device's thread that did not pause cannot say,
 //! and its save fails ([`VsockError`]) rather than guess.
 //!

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
@@ -34,6 +35,11 @@ const MAX_CONTROL: usize = 256;
 const MAX_CONNS: usize = 256;
 /// Host streams that have connected but not yet named a port.
 const MAX_PENDING: usize = 64;
+/// How often a worker that holds host connection requests after a transport reset looks whether
+/// the guest has handled it, and how long it holds them at most (a guest that never gives its
+/// event buffer back gets them anyway, as it would have without the hold).
+const HELD_POLL_MS: i32 = 5;
+const RESET_HOLD_MAX: Duration = Duration::from_secs(3);
 
 // Epoll tokens: the fixed fds, then one per host stream.
 const TOKEN_QUEUE: u64 = 1; // + queue index
@@ -63,6 +69,13 @@ pub(super) struct Worker {
     /// The guest gave no receive buffer the last time one was needed.
     rx_starved: bool,
     reset_pending: bool,
+    /// A transport reset was delivered and the guest has not yet given its event buffer back
+    /// (which its driver does once it has reset its connections): the event queue's available
+    /// index then, and when. Host connection requests wait in `held` meanwhile: one the guest
+    /// took before handling the reset would be reset with the rest, silently (no RST reaches the
+    /// host), and its host side would wait for nothing.
+    reset_unacked: Option<(u16, Instant)>,
+    held: Vec<Key>,
     /// Bytes read from a host stream on their way into a receive buffer.
     scratch: Vec<u8>,
 }
@@ -89,6 +102,8 @@ impl Worker {
             next_local_port: 1 << 30,
             rx_starved: false,
             reset_pending: false,
+            reset_unacked: None,
+            held: Vec::new(),
             scratch: Vec::new(),
         };
         worker.register_fixed()?;
@@ -114,7 +129,10 @@ impl Worker {
         }
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let Some(ready) = thread::wait(&self.epoll, &mut events, "vsock") else { return };
+            // While requests are held, the guest's event queue is looked at every few ms too:
+            // the buffer back is what releases them, whether or not its notification is seen.
+            let timeout = if self.held.is_empty() { -1 } else { HELD_POLL_MS };
+            let Some(ready) = thread::wait_for(&self.epoll, &mut events, timeout, "vsock") else { return };
             for ev in ready {
                 match ev.data() {
                     TOKEN_COMMAND => {
@@ -145,6 +163,9 @@ impl Worker {
                         }
                     }
                 }
+            }
+            if self.reset_unacked.is_some() {
+                self.release_if_reset_handled();
             }
             self.fill_rx();
             self.update_interests();
@@ -182,6 +203,8 @@ impl DeviceWorker for Worker {
         }
         self.control.clear();
         self.rx_starved = false;
+        self.reset_unacked = None;
+        self.held.clear();
     }
 }
 
@@ -192,6 +215,7 @@ impl Worker {
         let mut queues = queues.locked();
         let q = &mut queues[EVQ];
         let Some(mut chain) = q.pop_descriptor_chain(&mem) else { return };
+        let avail = q.avail_idx(&mem, std::sync::atomic::Ordering::Acquire).map(|i| i.0).unwrap_or(0);
         let head = chain.head_index();
         let written = match chain.next() {
             Some(d) if d.is_write_only() && d.len() >= 4 => {
@@ -204,7 +228,36 @@ impl Worker {
         }
         drop(queues);
         self.reset_pending = false;
+        self.reset_unacked = Some((avail, Instant::now()));
         tracing::debug!("vsock: transport reset sent to the guest");
+    }
+
+    /// Once the guest has handled the transport reset (its event queue has a buffer more than
+    /// when the reset was sent: the driver gives the reset's back when it is done), or after
+    /// [`RESET_HOLD_MAX`] whatever it did, the host connection requests held meanwhile go to it.
+    fn release_if_reset_handled(&mut self) {
+        let Some((avail, since)) = self.reset_unacked else { return };
+        let Some(a) = &self.active else { return };
+        let now = {
+            let queues = a.queues.locked();
+            queues[EVQ].avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire).map(|i| i.0).unwrap_or(avail)
+        };
+        if now == avail {
+            if since.elapsed() < RESET_HOLD_MAX || self.held.is_empty() {
+                return;
+            }
+            crate::log_limited!(
+                warn,
+                "vsock: the guest has not handled the transport reset in {} ms; its held connection requests go now",
+                RESET_HOLD_MAX.as_millis()
+            );
+        }
+        self.reset_unacked = None;
+        for key in std::mem::take(&mut self.held) {
+            if self.conns.contains_key(&key) {
+                self.push_control(Control { local_port: key.0, peer_port: key.1, op: OP_REQUEST, flags: 0 });
+            }
+        }
     }
 
     fn accept(&mut self) {
@@ -265,7 +318,19 @@ impl Worker {
         let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
         let key = (local, port);
         self.insert_conn(key, Conn::new(p.stream, token, ConnState::Connecting));
-        self.push_control(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 });
+        match self.reset_unacked {
+            Some(_) => {
+                let conns = &self.conns;
+                self.held.retain(|k| conns.contains_key(k));
+                self.held.push(key);
+                // A restored guest's agent parks its vCPU at once, before its kernel has run the
+                // reset's work: woken, it runs it (and gives the event buffer back).
+                if let Some(a) = &self.active {
+                    a.interrupt.wake_guest();
+                }
+            }
+            None => self.push_control(Control { local_port: local, peer_port: port, op: OP_REQUEST, flags: 0 }),
+        }
     }
 
     fn drop_pending(&mut self, token: u64) {
