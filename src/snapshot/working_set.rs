@@ -23,9 +23,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::SnapshotError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
+use super::format::CRC;
+
 pub const WORKING_SET_FILE: &str = "working-set";
 const MAGIC: &[u8; 8] = b"EMBERWS1";
-const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
 const MADV_POPULATE_READ: libc::c_int = 22;
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 const PM_PRESENT: u64 = 1 << 63;
