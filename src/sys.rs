@@ -229,6 +229,22 @@ pub fn private_file() -> std::fs::OpenOptions {
     o
 }
 
+/// Listens on a new Unix socket at `path` that only this process's user (and root) may connect
+/// to: the socket is made owner-only before it is bound, so its file is never there with wider
+/// permissions (no window between bind and a chmod; one path walk fewer). The umask applies on
+/// top, as to any file the process makes. Non-blocking.
+pub fn listen_private(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::fd::AsRawFd;
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM.nonblocking(), None)?;
+    // SAFETY: fchmod on a socket fd this function owns; no memory is passed.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(128)?;
+    Ok(std::os::fd::OwnedFd::from(socket).into())
+}
+
 /// A thread started ahead of its work: it prepares itself at once (confines itself, say), then
 /// waits for the one value its work needs. Starting work on it is then a wakeup, not a thread
 /// creation, whose stack and guard-page mappings cost a pass over every MMU notifier of the

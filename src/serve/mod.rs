@@ -267,11 +267,9 @@ fn check_socket(socket: &Path) -> Result<(), String> {
 /// Listens on `socket`, which only the daemon's own user (and root) may connect to (checked again
 /// per connection).
 fn listen(socket: &Path) -> Result<tokio::net::UnixListener, String> {
-    let listener =
-        tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-    Ok(listener)
+    crate::sys::listen_private(socket)
+        .and_then(tokio::net::UnixListener::from_std)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))
 }
 
 async fn stop_signal() {

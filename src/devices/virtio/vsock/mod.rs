@@ -33,8 +33,6 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use std::os::unix::net::UnixListener;
-
 use super::thread::{DeviceThread, NotPaused, QueueFront, Threads};
 use super::{Interrupt, QueueSnapshot, VirtioDevice, VirtioState, VirtioStateError, VIRTIO_F_VERSION_1, VSOCK};
 use crate::devices::{DeviceError, Persist};
@@ -115,11 +113,9 @@ impl Vsock {
     pub fn new(path: Option<&Path>, threads: &Threads) -> Result<Self, DeviceError> {
         let listener = match path {
             Some(p) => {
-                let l = UnixListener::bind(p).map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
                 // Only its owner may connect to the guest.
-                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                    .map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
-                l.set_nonblocking(true).map_err(DeviceError::io("vsock socket"))?;
+                let l =
+                    crate::sys::listen_private(p).map_err(DeviceError::io(format!("vsock socket {}", p.display())))?;
                 Some(l)
             }
             None => None,
