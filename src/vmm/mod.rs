@@ -261,6 +261,7 @@ impl Vm {
             drives,
             nets,
             parked: Vec::new(),
+            irqfds: Vec::new(),
         };
         let devices = Devices::create(args, None)?;
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -304,7 +305,7 @@ impl Vm {
         };
         let mem = shell.map_template(memory)?;
         let mailbox = Arc::new(shell.take_mailbox(channels.mailbox.as_deref())?);
-        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, cpuids, vm, spec, .. } = shell;
+        let VmShell { parked, devices: parked_devices, vcpus: shell_vcpus, held, irqfds, vm, spec, .. } = shell;
         state.vm.restore(&vm, spec.pit)?;
         let absent_pit = (!spec.pit).then(|| Box::new(state.vm.pit));
         let (drives, nets) = (&state.devices.drives, &state.devices.nets);
@@ -319,12 +320,13 @@ impl Vm {
             drives,
             nets,
             parked: parked_devices,
+            irqfds,
         };
         let devices = Devices::create(args, Some(&state.devices))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (((v, s), preloaded), cpuid) in shell_vcpus.into_iter().zip(&state.vcpus).zip(&spec.vcpus).zip(&cpuids) {
+        for (((v, s), preloaded), held) in shell_vcpus.into_iter().zip(&state.vcpus).zip(&spec.vcpus).zip(&held) {
             if preloaded.is_none() {
-                s.preload_over(&v.fd, cpuid.as_deref())?;
+                s.preload_over(&v.fd, held.as_ref())?;
             }
             let tsc = s.finish(&v.fd)?;
             s.anchor_kvmclock(&mem, state.vm.clock.clock, tsc)?;

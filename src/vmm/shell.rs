@@ -32,13 +32,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::persist::SnapshotState;
 use super::vcpu::{ParkedThread, Vcpu};
-use super::vcpu_state::VcpuState;
+use super::vcpu_state::{Held, VcpuState};
 use super::VmError;
 use crate::channel::mailbox::Mailbox;
 use crate::devices::virtio::thread::{ParkedDevice, Threads};
@@ -63,6 +62,8 @@ pub struct ShellSpec {
     pub mailbox_dir: Option<std::path::PathBuf>,
     /// Whether the clones get a PIT ([`VmState::pit_in_use`](super::vm_state::VmState::pit_in_use)).
     pub pit: bool,
+    /// How many virtio devices the clones have (their interrupt lines are wired ahead).
+    pub virtio_devices: usize,
     /// Whether the shell starts the clone's vCPU and device threads, confined (a clone that runs
     /// without seccomp starts its own: threads made ahead are confined).
     pub threads_ahead: bool,
@@ -93,6 +94,7 @@ impl ShellSpec {
             device_threads,
             mailbox_dir: None,
             pit: state.vm.pit_in_use(),
+            virtio_devices: state.devices.virtio.len(),
             threads_ahead: true,
         }
     }
@@ -109,6 +111,7 @@ impl ShellSpec {
             device_threads: super::devices::device_threads(0, 0),
             mailbox_dir: None,
             pit: false,
+            virtio_devices: 1,
             threads_ahead: true,
         }
     }
@@ -122,8 +125,11 @@ pub struct VmShell {
     /// A thread per device that has one, started and confined, waiting for its device.
     pub(super) devices: Vec<ParkedDevice>,
     pub(super) vcpus: Vec<Vcpu>,
-    /// The CPUID each vCPU the spec had no state for was given (a guest of this shape's boot one).
-    pub(super) cpuids: Vec<Option<Vec<kvm_cpuid_entry2>>>,
+    /// What each vCPU the spec had no state for holds: a guest of this shape's boot CPUID, the
+    /// host's TSC rate.
+    pub(super) held: Vec<Option<Held>>,
+    /// The clone's interrupt lines, wired ([`super::devices::irqfds_ahead`]).
+    pub(super) irqfds: Vec<(u32, vmm_sys_util::eventfd::EventFd)>,
     pub(super) vm: VmFd,
     pub(super) spec: ShellSpec,
     /// Guest RAM: the template's memory mapped private when the spec had it, else anonymous until
@@ -165,7 +171,7 @@ impl VmShell {
         let (kvm, vm) = unsafe { super::create_vm(&super::memory_slots(&ram, mailbox.host_addr()), spec.pit) }?;
         let mut vcpus = Vec::with_capacity(spec.vcpus.len());
         let mut parked = Vec::with_capacity(spec.vcpus.len());
-        let mut cpuids = Vec::with_capacity(spec.vcpus.len());
+        let mut held = Vec::with_capacity(spec.vcpus.len());
         let count = u8::try_from(spec.vcpus.len()).map_err(|_| VmError::Shell("too many vCPUs".into()))?;
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
@@ -180,14 +186,17 @@ impl VmShell {
                     let cpuid = super::boot::cpuid::for_vcpu(&supported, i as u8, count);
                     v.fd.set_cpuid2(&cpuid).map_err(super::kvm_err("KVM_SET_CPUID2"))?;
                     // As KVM holds it (what a snapshot's vCPU state has from KVM_GET_CPUID2).
-                    let held =
+                    let cpuid =
                         v.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                            .map_err(super::kvm_err("KVM_GET_CPUID2"))?;
-                    cpuids.push(Some(held.as_slice().to_vec()));
+                            .map_err(super::kvm_err("KVM_GET_CPUID2"))?
+                            .as_slice()
+                            .to_vec();
+                    let tsc_khz = v.fd.get_tsc_khz().map_err(super::kvm_err("KVM_GET_TSC_KHZ"))?;
+                    held.push(Some(Held { cpuid, tsc_khz }));
                 }
             }
             if state.is_some() {
-                cpuids.push(None);
+                held.push(None);
             }
             if spec.threads_ahead {
                 parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
@@ -206,7 +215,9 @@ impl VmShell {
             }
             false => Vec::new(),
         };
-        Ok(Self { parked, devices, vcpus, cpuids, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
+        let irqfds = super::devices::irqfds_ahead(&vm, spec.virtio_devices)
+            .map_err(|e| VmError::Shell(format!("interrupt lines: {e}")))?;
+        Ok(Self { parked, devices, vcpus, held, irqfds, vm, ram, mapped, mailbox: Some(mailbox), spec: spec.clone() })
     }
 
     /// How many threads the shell started (its vCPUs' and devices', confined, waiting).
@@ -227,9 +238,9 @@ impl VmShell {
     /// (by the spec's state, or as a generic shell's boot CPUID that the snapshot still has).
     pub fn holds_cpuid_of(&self, state: &SnapshotState) -> bool {
         self.spec.vcpus.len() == state.vcpus.len()
-            && self.spec.vcpus.iter().zip(&self.cpuids).zip(&state.vcpus).all(|((spec, held), s)| match (spec, held) {
+            && self.spec.vcpus.iter().zip(&self.held).zip(&state.vcpus).all(|((spec, held), s)| match (spec, held) {
                 (Some(spec), _) => spec.cpuid == s.cpuid,
-                (None, Some(held)) => super::boot::cpuid::holds(held, &s.cpuid),
+                (None, Some(held)) => super::boot::cpuid::holds(&held.cpuid, &s.cpuid),
                 (None, None) => false,
             })
     }

@@ -14,6 +14,14 @@ use super::{kvm_err, VmError};
 use crate::memory::GuestMemory;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+/// What a vCPU made before its snapshot was known holds already: the CPUID it was given (as KVM
+/// holds it) and its TSC rate (see [`VcpuState::preload_over`]).
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub tsc_khz: u32,
+}
+
 /// Everything KVM holds for one vCPU.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -181,11 +189,16 @@ impl VcpuState {
         self.preload_over(vcpu, None)
     }
 
-    /// [`VcpuState::preload`] into a vCPU already given CPUID `loaded` (by a shell made before its
-    /// snapshot was known): the CPUID is loaded again only where `loaded` would not end up as
-    /// this state's ([`cpuid::holds`]); KVM takes a vCPU's CPUID again until it first runs.
-    pub fn preload_over(&self, vcpu: &VcpuFd, loaded: Option<&[kvm_cpuid_entry2]>) -> Result<(), VmError> {
-        if vcpu.get_tsc_khz().ok() != Some(self.tsc_khz) {
+    /// [`VcpuState::preload`] into a vCPU that holds `held` already (a shell's made before its
+    /// snapshot was known): the CPUID is loaded again only where `held`'s would not end up as
+    /// this state's ([`cpuid::holds`]; KVM takes a vCPU's CPUID again until it first runs), the
+    /// TSC rate only where it differs.
+    pub fn preload_over(&self, vcpu: &VcpuFd, held: Option<&Held>) -> Result<(), VmError> {
+        let tsc_khz = match held {
+            Some(h) => Some(h.tsc_khz),
+            None => vcpu.get_tsc_khz().ok(),
+        };
+        if tsc_khz != Some(self.tsc_khz) {
             if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
                 crate::log_limited!(
                     warn,
@@ -194,7 +207,7 @@ impl VcpuState {
                 );
             }
         }
-        if !loaded.is_some_and(|l| cpuid::holds(l, &self.cpuid)) {
+        if !held.is_some_and(|h| cpuid::holds(&h.cpuid, &self.cpuid)) {
             let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VmError::Kvm("KVM_SET_CPUID2", libc::E2BIG))?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         }
