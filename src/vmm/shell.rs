@@ -173,17 +173,25 @@ impl VmShell {
         let mut parked = Vec::with_capacity(spec.vcpus.len());
         let mut held = Vec::with_capacity(spec.vcpus.len());
         let count = u8::try_from(spec.vcpus.len()).map_err(|_| VmError::Shell("too many vCPUs".into()))?;
+        let supported = match spec.vcpus.iter().any(Option::is_none) {
+            true => Some(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(super::kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            ),
+            false => None,
+        };
         for (i, state) in spec.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8)?;
-            match state {
-                Some(state) => state.preload(&v.fd)?,
+            let holds = match (state, &supported) {
+                (Some(state), _) => {
+                    state.preload(&v.fd)?;
+                    None
+                }
+                (None, None) => None,
                 // The CPUID a guest of this shape boots with: a snapshot of one holds it but for
                 // the bits KVM derives, and its restore then need not load it (a slow ioctl).
-                None => {
-                    let supported = kvm
-                        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                        .map_err(super::kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-                    let cpuid = super::boot::cpuid::for_vcpu(&supported, i as u8, count);
+                (None, Some(supported)) => {
+                    let cpuid = super::boot::cpuid::for_vcpu(supported, i as u8, count);
                     v.fd.set_cpuid2(&cpuid).map_err(super::kvm_err("KVM_SET_CPUID2"))?;
                     // As KVM holds it (what a snapshot's vCPU state has from KVM_GET_CPUID2).
                     let cpuid =
@@ -192,12 +200,10 @@ impl VmShell {
                             .as_slice()
                             .to_vec();
                     let tsc_khz = v.fd.get_tsc_khz().map_err(super::kvm_err("KVM_GET_TSC_KHZ"))?;
-                    held.push(Some(Held { cpuid, tsc_khz }));
+                    Some(Held { cpuid, tsc_khz })
                 }
-            }
-            if state.is_some() {
-                held.push(None);
-            }
+            };
+            held.push(holds);
             if spec.threads_ahead {
                 parked.push(super::vcpu::park(i as u8, crate::seccomp::vcpu_filter(v.fd.as_raw_fd())?)?);
             }

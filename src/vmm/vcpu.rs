@@ -160,7 +160,7 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops. Every exit the guest causes is handled here; anything that
     /// ends the VM is reported through `ctl`.
     pub fn run(mut self, cx: VcpuContext) {
-        let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp, wake_seen } = cx;
+        let VcpuContext { pio, mmio, ctl, clock, mem, mailbox, seccomp, mut wake_seen } = cx;
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(filter) = seccomp {
             if let Err(e) = crate::seccomp::apply(&filter) {
@@ -176,7 +176,6 @@ impl Vcpu {
             }
         }
         let mut first_io = true;
-        let mut wake_seen = wake_seen;
         // The first wake from the idle park answers the call before the timer interrupt that fell
         // due meanwhile (see `defer_overdue_deadline`): it comes FIRST_WAKE_GRACE_MS later.
         let mut first_wake = true;
