@@ -26,6 +26,13 @@ pub(crate) struct SimulateArgs {
     /// Modelled time from "restore" to a clone that can take work, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50.0)]
     restore_ms: f64,
+    /// The CPU one restore costs (restore to serving), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = sim::RESTORE_CPU_S * 1e3)]
+    restore_cpu_ms: f64,
+    /// The memory that costs as much as one core, MiB: turns restores' CPU into idle
+    /// clone-seconds.
+    #[arg(long, value_name = "MIB", default_value_t = ember::scale::fleet::CORE_MIB)]
+    core_mib: f64,
     /// The keep-alive policy's time, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     keep_alive_s: f64,
@@ -49,6 +56,10 @@ pub(crate) struct SimulateArgs {
     /// Write the trade-off curve as an SVG plot to FILE (implies --curve).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Write the report (and the trade-off curve, with --curve) to FILE as JSON: per policy, its
+    /// cold starts, idle clone-seconds, restores and their CPU, peaks and their memory.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
     /// Write each function's outcome under every policy to FILE (CSV).
     #[arg(long, value_name = "FILE")]
     per_function: Option<PathBuf>,
@@ -90,6 +101,11 @@ fn read(path: &PathBuf) -> Result<String, String> {
 }
 
 pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
+    // A report piped into a reader that stops early (`| head`) ends the command quietly, as any
+    // filter does, rather than as a failed write.
+    // SAFETY: setting a signal's disposition to its default touches no memory of ours; this
+    // command writes only to stdout and its own files, and starts no child.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     use ember::scale::{fleet, hybrid, traces};
     let fleet_flags = args.max_rate.is_some()
         || args.rate_spread.is_some()
@@ -153,6 +169,8 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
         ("--keep-alive-s", args.keep_alive_s),
         ("--host-mib", args.host_mib),
         ("--clone-mib", args.clone_mib),
+        ("--restore-cpu-ms", args.restore_cpu_ms),
+        ("--core-mib", args.core_mib),
         ("--idle-budget-mib", args.idle_budget_mib.unwrap_or(0.0)),
     ] {
         if !(v.is_finite() && v >= 0.0) {
@@ -163,7 +181,12 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
         return Err("--clone-mib and --host-mib must be more than 0".into());
     }
     let restore_s = args.restore_ms / 1e3;
-    let mut host = sim::SimHost { host: fleet::Host::with_memory(args.host_mib), clone_mib: args.clone_mib };
+    let mut host = sim::SimHost {
+        host: fleet::Host::with_memory(args.host_mib),
+        clone_mib: args.clone_mib,
+        restore_cpu_s: args.restore_cpu_ms / 1e3,
+    };
+    host.host.core_mib = args.core_mib;
     if let Some(b) = args.idle_budget_mib {
         host.host.idle_budget_mib = b;
     }
@@ -171,27 +194,27 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
     let ka = sim::keep_alive_by_function(&trace, args.keep_alive_s, restore_s);
     let hy = hybrid::hybrid_by_function(&trace, &hybrid::HybridParams::default(), restore_s);
     if let Some(path) = &args.per_function {
-        let mut csv = String::from(
-            "function,invocations,ember_cold,ember_idle_s,keep_alive_cold,keep_alive_idle_s,hybrid_cold,hybrid_idle_s\n",
-        );
+        let mut csv = String::from("function,invocations");
+        for policy in ["ember", "keep_alive", "hybrid"] {
+            csv.push_str(&format!(",{policy}_cold,{policy}_idle_s,{policy}_restores,{policy}_peak"));
+        }
+        csv.push('\n');
         for ((e, k), h) in ours.iter().zip(&ka).zip(&hy) {
-            csv.push_str(&format!(
-                "{},{},{},{:.1},{},{:.1},{},{:.1}\n",
-                e.0,
-                e.1.invocations,
-                e.1.cold_starts,
-                e.1.idle_clone_seconds,
-                k.1.cold_starts,
-                k.1.idle_clone_seconds,
-                h.1.cold_starts,
-                h.1.idle_clone_seconds
-            ));
+            csv.push_str(&format!("{},{}", e.0, e.1.invocations));
+            for o in [&e.1, &k.1, &h.1] {
+                csv.push_str(&format!(
+                    ",{},{:.1},{},{}",
+                    o.cold_starts, o.idle_clone_seconds, o.restores, o.peak_clones
+                ));
+            }
+            csv.push('\n');
         }
         std::fs::write(path, csv).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let report = sim::Report {
         trace: name,
         restore_s,
+        host: host.clone(),
         rows: vec![
             ("ember autoscaler".into(), sim::total(&ours)),
             (format!("keep-alive {:.0} s", args.keep_alive_s), sim::total(&ka)),
@@ -208,15 +231,19 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<ExitCode, String> {
         stats.budget_binding_ticks,
         stats.ticks
     );
-    if args.curve || args.plot.is_some() {
-        let curve = sim::tradeoff(&trace, &policy, &host, restore_s);
-        print!("{}", sim::curve_table(&curve));
+    let curve = (args.curve || args.plot.is_some()).then(|| sim::tradeoff(&trace, &policy, &host, restore_s));
+    if let Some(curve) = &curve {
+        print!("{}", sim::curve_table(curve, &host));
         if let Some(path) = &args.plot {
             let title = format!("{} ({} invocations)", report.trace, report.rows[0].1.invocations);
-            std::fs::write(path, sim::curve_svg(&curve, &title))
+            std::fs::write(path, sim::curve_svg(curve, &title))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             println!("plot written to {}", path.display());
         }
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report.json(curve.as_deref())).map_err(|e| e.to_string())?;
+        std::fs::write(path, json + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }

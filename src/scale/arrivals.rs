@@ -49,6 +49,8 @@ const PRIOR_HALF_LIFE_S: f64 = 60.0;
 const GAPS: usize = 3;
 /// A tick's arrival counts kept for the short windows (60 s of 100 ms ticks at most).
 const MAX_TICKS: usize = 600;
+/// The half-life of what is remembered of how long a clone stays in use per handoff.
+const OCCUPANCY_HALF_LIFE_S: f64 = 300.0;
 
 /// Exponentially forgotten counts (lazily: decayed to `at` when touched), with a half-life.
 #[derive(Clone, Debug)]
@@ -119,6 +121,13 @@ pub struct ArrivalModel {
     remembers: bool,
     /// Whether it has been ticked yet.
     ticked: bool,
+    /// Clone-seconds in use and handoffs, both forgotten with [`OCCUPANCY_HALF_LIFE_S`]: their
+    /// ratio is how long a handoff keeps a clone (Little's law), whatever the handoffs do.
+    busy_s: Decayed,
+    handoffs: Decayed,
+    /// Handoffs that ended, and those whose clone came back (recycled), forgotten alike.
+    ended: Decayed,
+    came_back: Decayed,
 }
 
 impl ArrivalModel {
@@ -145,12 +154,17 @@ impl ArrivalModel {
             ticked_at: now,
             remembers: memory_s > 0.0,
             ticked: false,
+            busy_s: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
+            handoffs: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
+            ended: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
+            came_back: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
         }
     }
 
     /// A handoff at `now` (warm or cold).
     pub fn arrival(&mut self, now: f64) {
         self.this_tick = self.this_tick.saturating_add(1);
+        self.handoffs.add(now, 1.0);
         let r = self.refill_s.max(1e-6);
         while self.recent.front().is_some_and(|&t| t <= now - r) {
             self.recent.pop_front();
@@ -197,10 +211,14 @@ impl ArrivalModel {
         self.depths[..k].iter_mut().for_each(|d| *d += 1.0);
     }
 
-    /// A tick at `now`: closes the tick's count; `refill_s` is how long a refill takes now. The
-    /// function's history starts at its first tick (a function whose template is still being
-    /// made is not ticked), unless an arrival came first.
-    pub fn tick(&mut self, now: f64, refill_s: f64) {
+    /// A tick at `now`: closes the tick's count; `refill_s` is how long a refill takes now, `busy`
+    /// the clones in use (since the last tick, as far as the model knows). The function's history
+    /// starts at its first tick (a function whose template is still being made is not ticked),
+    /// unless an arrival came first.
+    pub fn tick(&mut self, now: f64, refill_s: f64, busy: u32) {
+        if self.ticked {
+            self.busy_s.add(now, f64::from(busy) * (now - self.ticked_at).max(0.0));
+        }
         if !self.ticked && self.last_arrival.is_none() {
             self.born = now;
             self.clusters = Decayed::new(now, self.clusters.half_life);
@@ -226,6 +244,12 @@ impl ArrivalModel {
                 self.close_cluster(now);
             }
         }
+    }
+
+    /// Arrivals per second over the longest window (its arrivals less one).
+    pub fn rate_long(&self) -> f64 {
+        let w = self.windows[3].min(self.ticks.len().max(1)) as f64 * self.tick_s;
+        self.sums[3].saturating_sub(1) as f64 / w
     }
 
     /// Arrivals per second now: the rate over the longest window, or a shorter window's when it
@@ -263,6 +287,40 @@ impl ArrivalModel {
     /// How long a refill takes, as of the last tick.
     pub fn refill_s(&self) -> f64 {
         self.refill_s
+    }
+
+    /// The clones expected back within a refill of `busy` in use that come back: each done within
+    /// it with the probability an exponential occupancy of the mean seen gives.
+    pub fn returns_within_refill(&self, busy: f64) -> f64 {
+        match self.occupancy_s() {
+            Some(d) if busy > 0.0 && d > 0.0 => busy * (1.0 - (-self.refill_s / d).exp()),
+            _ => 0.0,
+        }
+    }
+
+    /// `ended` handoffs that ended by `now`, `came_back` of them with their clone back in the
+    /// pool.
+    pub fn released(&mut self, now: f64, ended: u32, came_back: u32) {
+        if ended > 0 {
+            self.ended.add(now, f64::from(ended));
+            self.came_back.add(now, f64::from(came_back.min(ended)));
+        }
+    }
+
+    /// The share of handoffs whose clone comes back (0 until one has ended).
+    pub fn return_share(&self) -> f64 {
+        let ended = self.ended.get(self.ticked_at);
+        if ended <= 0.0 {
+            return 0.0;
+        }
+        (self.came_back.get(self.ticked_at) / ended).clamp(0.0, 1.0)
+    }
+
+    /// How long a handoff keeps its clone, on average (clone-seconds in use per handoff, as of
+    /// the last tick); `None` before enough handoffs to say (the equivalent of one, forgotten).
+    pub fn occupancy_s(&self) -> Option<f64> {
+        let n = self.handoffs.get(self.ticked_at);
+        (n >= 1.0).then(|| self.busy_s.get(self.ticked_at) / n)
     }
 
     /// The pattern of clusters as of `now`.
@@ -327,10 +385,24 @@ impl ArrivalModel {
     /// How many ready clones are worth at least `price` cold starts saved per second each, with
     /// arrival rates multiplied by `headroom`, up to `cap`.
     pub fn wanted(&self, now: f64, price: f64, headroom: f64, cap: u32) -> u32 {
+        let (now_n, quiet_n) = self.wanted_parts(now, price, headroom, cap, 0.0);
+        now_n.max(quiet_n)
+    }
+
+    /// [`ArrivalModel::wanted`]'s two estimates: (now, between clusters); `busy` clones in use
+    /// that come back when done (0: none does).
+    pub fn wanted_parts(&self, now: f64, price: f64, headroom: f64, cap: u32, busy: f64) -> (u32, u32) {
         let price = price.max(1e-12);
-        // Now: Poisson arrivals within a refill at the current rate.
+        // Now: Poisson arrivals within a refill at the current rate, less the clones in use
+        // expected back within it (each done within a refill with the probability an
+        // exponential occupancy of the mean seen gives).
         let rate = self.rate_now() * headroom;
-        let now_n = poisson_wanted(rate, self.refill_s, price, cap);
+        let now_n = net_wanted(rate, self.refill_s, self.returns_within_refill(busy), price, cap);
+        (now_n, self.reserve(now, price, headroom, cap))
+    }
+
+    /// The ready clones worth `price` between clusters (see the module's description).
+    pub fn reserve(&self, now: f64, price: f64, headroom: f64, cap: u32) -> u32 {
         // Between clusters: their rate x the share that went at least k deep.
         let clusters = if self.remembers { self.cluster_rate(now) * headroom } else { 0.0 };
         // One cluster more than seen, k deep with probability 2^(1 - k) for a function just
@@ -341,7 +413,7 @@ impl ArrivalModel {
         while quiet_n < cap && clusters * self.deeper(quiet_n as usize + 1, prior) >= price {
             quiet_n += 1;
         }
-        now_n.max(quiet_n)
+        quiet_n
     }
 
     /// Arrivals expected per second now: the larger of the rate now and the clusters' rate (for
@@ -376,6 +448,71 @@ pub fn poisson_wanted(rate: f64, refill_s: f64, price: f64, cap: u32) -> u32 {
     n
 }
 
+/// [`poisson_wanted`] for a pool whose clones in use come back: Poisson arrivals at `rate` less
+/// Poisson returns with mean `returns` within a refill of `refill_s`. The k-th ready clone is
+/// worth rate x P(arrivals - returns = k - 1 within a refill) (a Skellam distribution), with the
+/// same envelope; with no returns this is [`poisson_wanted`].
+pub fn net_wanted(rate: f64, refill_s: f64, returns: f64, price: f64, cap: u32) -> u32 {
+    if returns < 1e-3 {
+        return poisson_wanted(rate, refill_s, price, cap);
+    }
+    let mean = rate * refill_s;
+    // Returns beyond this many are too unlikely to count.
+    let most = (returns + 8.0 * returns.sqrt() + 8.0).ceil() as usize;
+    let pmf = |mean: f64, n: usize| -> Vec<f64> {
+        let mut p = Vec::with_capacity(n + 1);
+        let mut v = (-mean).exp();
+        for k in 0..=n {
+            if k > 0 {
+                v *= mean / k as f64;
+            }
+            p.push(v);
+        }
+        p
+    };
+    let back = pmf(returns, most);
+    let net = |j: u32, arrivals: &[f64]| -> f64 {
+        back.iter().enumerate().map(|(r, pr)| pr * arrivals.get(j as usize + r).copied().unwrap_or(0.0)).sum()
+    };
+    // Arrivals within a refill up to what any k asked for needs.
+    let top = (mean + 12.0 * mean.sqrt() + 16.0).ceil() as usize;
+    let arrivals = pmf(mean, top + most);
+    // The most likely net count is 0 or the arrivals' mode less the returns' mean.
+    let mode = (mean - returns).floor().max(0.0) as u32;
+    let mut n = 0u32;
+    if rate * net(mode, &arrivals) >= price {
+        n = mode.min(cap);
+        while n < cap && (n as usize) < top && rate * net(n, &arrivals) >= price {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// P(X >= k) for X Poisson with `mean`.
+pub fn poisson_tail(mean: f64, k: u32) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    // From k upward while the terms count (beyond the mode they fall at least geometrically).
+    let kf = f64::from(k);
+    let mut term = (-mean + kf * mean.ln() - ln_factorial(kf)).exp();
+    let mut sum = 0.0;
+    let mut i = kf;
+    while term > sum * 1e-12 && i < kf + 10_000.0 {
+        sum += term;
+        i += 1.0;
+        term *= mean / i;
+        if i > mean && term < 1e-300 {
+            break;
+        }
+    }
+    sum.min(1.0)
+}
+
 /// ln(n!) (Stirling's series beyond small n).
 fn ln_factorial(n: f64) -> f64 {
     if n < 16.0 {
@@ -401,7 +538,7 @@ mod tests {
             while let Some(a) = next.next_if(|&a| a < t) {
                 m.arrival(a);
             }
-            m.tick(t, REFILL);
+            m.tick(t, REFILL, 0);
             each(m, t);
         }
     }

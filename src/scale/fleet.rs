@@ -20,12 +20,25 @@ pub struct Host {
     pub memory_mib: f64,
     /// Memory for ready clones, all functions together, MiB.
     pub idle_budget_mib: f64,
+    /// The memory that costs as much as one core, MiB: the host's price of CPU against memory,
+    /// which turns a restore's CPU into idle clone-seconds ([`Host::restore_cost_s`]).
+    pub core_mib: f64,
 }
+
+/// The default price of a core in memory: 9.1 GB (AWS Fargate's list prices, $0.04048 per
+/// vCPU-hour against $0.004445 per GB-hour: one a serverless platform itself pays for both).
+pub const CORE_MIB: f64 = 9.1e9 / 1_048_576.0;
 
 impl Host {
     /// A host with `memory_mib` of memory, half of it for idle clones.
     pub fn with_memory(memory_mib: f64) -> Self {
-        Self { memory_mib, idle_budget_mib: memory_mib / 2.0 }
+        Self { memory_mib, idle_budget_mib: memory_mib / 2.0, core_mib: CORE_MIB }
+    }
+
+    /// What a restore that takes `cpu_s` of CPU costs, in idle seconds of a clone of
+    /// `clone_mib`.
+    pub fn restore_cost_s(&self, cpu_s: f64, clone_mib: f64) -> f64 {
+        cpu_s * self.core_mib / clone_mib.max(1.0)
     }
 
     /// This machine (`MemTotal` of /proc/meminfo), half of its memory for idle clones; 16 GiB when
@@ -130,7 +143,7 @@ mod tests {
         for i in 1..=100 {
             let t = f64::from(i) * 0.1;
             (0..per_tick).for_each(|k| s.arrival(t - 0.1 + 0.1 * f64::from(k) / f64::from(per_tick), false));
-            s.observe(Load { busy: 0, have: 0, refill_s: 0.05 }, t);
+            s.observe(Load { busy: 0, have: 0, refill_s: 0.05, restore_cost_s: 1.0, ended: 0, came_back: 0 }, t);
         }
         s
     }
@@ -138,7 +151,7 @@ mod tests {
     #[test]
     fn an_ample_budget_gives_every_function_what_it_is_worth() {
         let (a, b) = (busy(10, PoolPolicy::default()), busy(1, PoolPolicy::default()));
-        let host = Host { memory_mib: 1e6, idle_budget_mib: 1e6 };
+        let host = Host { idle_budget_mib: 1e6, ..Host::with_memory(1e6) };
         let claims = [Claim { scaler: &a, clone_mib: 128.0 }, Claim { scaler: &b, clone_mib: 128.0 }];
         let alloc = allocate(&host, &claims);
         assert_eq!(alloc.price_per_mib, 0.0);
@@ -156,7 +169,7 @@ mod tests {
         assert!(full >= 8, "{full}");
         let claims = [Claim { scaler: &small, clone_mib: 128.0 }, Claim { scaler: &big, clone_mib: 512.0 }];
         for budget in [128.0 * f64::from(full), 512.0 * f64::from(full), 600.0 * f64::from(full)] {
-            let host = Host { memory_mib: 1e6, idle_budget_mib: budget };
+            let host = Host { idle_budget_mib: budget, ..Host::with_memory(1e6) };
             let alloc = allocate(&host, &claims);
             assert!(alloc.price_per_mib > 0.0, "{alloc:?}");
             assert!(alloc.used_mib <= budget, "{alloc:?}");
@@ -164,9 +177,9 @@ mod tests {
             assert!(alloc.targets[0] > 0, "{alloc:?}");
         }
         // A budget that holds nothing holds nothing; one that holds everything, everything.
-        let alloc = allocate(&Host { memory_mib: 1e6, idle_budget_mib: 0.0 }, &claims);
+        let alloc = allocate(&Host { idle_budget_mib: 0.0, ..Host::with_memory(1e6) }, &claims);
         assert_eq!(alloc.targets, vec![0, 0]);
-        let alloc = allocate(&Host { memory_mib: 1e6, idle_budget_mib: 1e9 }, &claims);
+        let alloc = allocate(&Host { idle_budget_mib: 1e9, ..Host::with_memory(1e6) }, &claims);
         assert_eq!(alloc.targets, vec![full, full]);
     }
 
@@ -174,7 +187,7 @@ mod tests {
     fn a_budget_short_of_one_function_trims_its_least_valuable_clones() {
         let s = busy(20, PoolPolicy::default());
         let full = s.wanted(s.policy().price());
-        let host = Host { memory_mib: 1e6, idle_budget_mib: 128.0 * f64::from(full - 2) };
+        let host = Host { idle_budget_mib: 128.0 * f64::from(full - 2), ..Host::with_memory(1e6) };
         let alloc = allocate(&host, &[Claim { scaler: &s, clone_mib: 128.0 }]);
         assert!(alloc.targets[0] <= full - 2 && alloc.targets[0] >= full / 2, "{alloc:?} of {full}");
     }
@@ -182,7 +195,7 @@ mod tests {
     #[test]
     fn min_ready_is_kept_whatever_the_budget() {
         let a = busy(5, PoolPolicy { min_ready: 3, ..Default::default() });
-        let host = Host { memory_mib: 1e6, idle_budget_mib: 0.0 };
+        let host = Host { idle_budget_mib: 0.0, ..Host::with_memory(1e6) };
         let alloc = allocate(&host, &[Claim { scaler: &a, clone_mib: 128.0 }]);
         assert_eq!(alloc.targets, vec![3]);
     }

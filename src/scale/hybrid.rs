@@ -158,7 +158,10 @@ fn one(invs: &[&Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
     let finish = |at: f64, hist: &Histogram, idle: &mut Vec<Idle>, out: &mut Outcome| {
         let (prewarm, keep) = hist.windows(p);
         if prewarm > 0.0 {
+            // Unloaded now, restored pre-warm later.
             out.restores += 1;
+            out.change(at, -1);
+            out.change(at + prewarm, 1);
             idle.push(Idle { ready: at + prewarm + restore_s, until: at + prewarm + keep });
         } else {
             idle.push(Idle { ready: at, until: at + keep });
@@ -176,6 +179,7 @@ fn one(invs: &[&Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
             let keep = c.until > now;
             if !keep {
                 out.idle_clone_seconds += (c.until - c.ready).max(0.0);
+                out.change(c.until, -1);
             }
             keep
         });
@@ -198,6 +202,7 @@ fn one(invs: &[&Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
             None => {
                 out.cold_starts += 1;
                 out.restores += 1;
+                out.change(now, 1);
                 now + restore_s
             }
         };
@@ -210,6 +215,8 @@ fn one(invs: &[&Invocation], p: &HybridParams, restore_s: f64) -> Outcome {
         finish(e, &hist, &mut idle, &mut out);
     }
     out.idle_clone_seconds += idle.iter().map(|c| (c.until.min(end) - c.ready).max(0.0)).sum::<f64>();
+    // (A clone pre-warmed beyond the horizon goes as it comes.)
+    idle.iter().for_each(|c| out.change(c.until.min(end).max(c.ready - restore_s), -1));
     out
 }
 

@@ -161,6 +161,13 @@ pub struct Load {
     pub have: u32,
     /// How long a clone takes from "restore" to serving, in seconds.
     pub refill_s: f64,
+    /// What one restore costs, in idle clone-seconds (its CPU at the host's price of CPU against
+    /// memory: see [`fleet::Host::restore_cost_s`](super::fleet::Host::restore_cost_s)).
+    pub restore_cost_s: f64,
+    /// Handoffs that ended since the last tick, and how many of their clones came back to the
+    /// pool (recycled).
+    pub ended: u32,
+    pub came_back: u32,
 }
 
 /// The scaler's state for one function.
@@ -181,6 +188,15 @@ pub struct Scaler {
     held: u32,
     /// How long the target has been below the held level.
     below_for: Duration,
+    /// The ready clones no pool goes below between ticks (the arrivals within a refill, less
+    /// the clones expected back within it; the reserve for clusters), the clones in use the pool
+    /// counts on coming back (see the module's description), and the level of the whole pool
+    /// that makes (ready + those in use), as of the last tick.
+    floor: u32,
+    recycled: u32,
+    level: u32,
+    /// What a restore costs, in idle clone-seconds, as of the last tick.
+    restore_cost_s: f64,
 }
 
 /// What the pool should do now.
@@ -200,7 +216,22 @@ impl Scaler {
         let limit = policy.max.unwrap_or(host_limit).clamp(1, MAX_POOL).max(policy.min_ready);
         let model = ArrivalModel::new(now, tick.as_secs_f64(), policy.burst_window_s, policy.peak_window_s);
         let target = policy.min_ready;
-        Self { target, surge: 0, held: target, policy, tick, model, limit, busy: 0, now, below_for: Duration::ZERO }
+        Self {
+            target,
+            surge: 0,
+            held: target,
+            policy,
+            tick,
+            model,
+            limit,
+            busy: 0,
+            now,
+            below_for: Duration::ZERO,
+            floor: target,
+            recycled: 0,
+            level: target,
+            restore_cost_s: 1.0,
+        }
     }
 
     pub fn policy(&self) -> &PoolPolicy {
@@ -226,10 +257,18 @@ impl Scaler {
         &self.model
     }
 
-    /// Clones to restore now for a pool that has `have` (ready, starting or being restored): what
-    /// the pool refills between ticks, after handoffs.
-    pub fn deficit(&self, have: u32) -> u32 {
-        self.target.max(self.surge).saturating_sub(have)
+    /// The clones in use the pool counts on coming back, as of the last tick (for /metrics).
+    pub fn recycled(&self) -> u32 {
+        self.recycled
+    }
+
+    /// Clones to restore now for a pool that has `have` (ready, starting or being restored) and
+    /// `busy` in use: what the pool refills between ticks, after handoffs. Its ready clones are
+    /// refilled up to the floor (or a surge's), its whole size up to the level (a handoff moves
+    /// a clone from ready to in use, and the pool counts on it coming back).
+    pub fn deficit(&self, have: u32, busy: u32) -> u32 {
+        let ready = self.surge.max(self.floor).saturating_sub(have);
+        ready.max(self.level.saturating_sub(have + busy.min(self.recycled)))
     }
 
     /// A handoff at `now`, `cold` when it found the pool empty. A surge of arrivals since the last
@@ -240,7 +279,8 @@ impl Scaler {
         if let Some(rate) = self.model.surge(now, cold) {
             let p = &self.policy;
             let room = self.limit.saturating_sub(self.busy);
-            let n = super::arrivals::poisson_wanted(rate * p.headroom, self.model.refill_s(), p.price(), room);
+            let back = self.model.returns_within_refill(f64::from(self.busy) * self.model.return_share());
+            let n = super::arrivals::net_wanted(rate * p.headroom, self.model.refill_s(), back, p.price(), room);
             self.surge = self.surge.max(n);
         }
     }
@@ -249,8 +289,44 @@ impl Scaler {
     pub fn observe(&mut self, load: Load, now: f64) {
         self.now = now;
         self.surge = 0;
+        self.model.tick(now, load.refill_s, self.busy);
+        self.model.released(now, load.ended, load.came_back);
         self.busy = load.busy;
-        self.model.tick(now, load.refill_s);
+        self.restore_cost_s = load.restore_cost_s.max(1e-6);
+        let price = self.policy.price();
+        (self.floor, self.recycled, _) = self.parts(price);
+    }
+
+    /// At `price`: the ready floor, the clones in use counted on coming back, and the pool's
+    /// level (see the module's description).
+    fn parts(&self, price: f64) -> (u32, u32, u32) {
+        let p = &self.policy;
+        let room = self.limit.saturating_sub(self.busy);
+        let share = self.model.return_share();
+        // The arrivals within a refill at `price` less what `busy` in use give back within it.
+        let refill_at = |busy: u32, price: f64| {
+            self.model.wanted_parts(self.now, price, p.headroom, room, f64::from(busy) * share).0
+        };
+        let (recycled, beyond) = match self.model.occupancy_s() {
+            Some(d) if share > 0.0 => {
+                // The k-th clone counted on is worth the restores it saves (the arrivals that
+                // find k - 1 in use) at the price of a restore, raised as the host raises the
+                // price of a cold start.
+                let rate = self.model.rate_long() * p.headroom * share;
+                let restore_price = price / p.price() / self.restore_cost_s;
+                let n = super::arrivals::poisson_wanted(rate, d, restore_price, self.limit);
+                (n, super::arrivals::poisson_tail(rate * d, n))
+            }
+            _ => (0, 1.0),
+        };
+        // The level: those counted on, and the refill's arrivals they would leave (needed only
+        // as often as that many are in use), or the reserve for clusters if more. The floor,
+        // once as many are in use as are counted on: the reserve, or the arrivals within a
+        // refill.
+        let reserve = self.model.reserve(self.now, price, p.headroom, room);
+        let level = (recycled + refill_at(recycled, price / beyond.max(1e-9))).max(reserve);
+        let floor = if self.busy >= recycled { reserve.max(refill_at(self.busy, price)) } else { 0 };
+        (floor, recycled, level)
     }
 
     /// The ready clones worth at least `price` cold starts saved per second each, as of the last
@@ -258,7 +334,8 @@ impl Scaler {
     pub fn wanted(&self, price: f64) -> u32 {
         let p = &self.policy;
         let room = self.limit.saturating_sub(self.busy);
-        let n = self.model.wanted(self.now, price, p.headroom, room);
+        let (floor, _, level) = self.parts(price);
+        let n = floor.max(level.saturating_sub(self.busy));
         n.max(p.min_ready).min(room)
     }
 
@@ -268,29 +345,34 @@ impl Scaler {
         let p = &self.policy;
         self.target = target.min(self.limit.saturating_sub(self.busy)).max(p.min_ready.min(self.limit));
         let target = self.target;
+        self.floor = self.floor.min(target);
+        let counted = self.busy.min(self.recycled);
+        self.level = target + counted;
+        let level = self.level;
         if target == 0 {
             // Not worth a clone: unloaded now, not in steps.
             self.held = 0;
             self.below_for = Duration::ZERO;
-        } else if target >= self.held {
-            self.held = target;
+        } else if level >= self.held {
+            self.held = level;
             self.below_for = Duration::ZERO;
         } else {
             self.below_for += self.tick;
             if self.below_for >= Duration::from_secs_f64(p.scale_in_delay_s) {
                 // Below for the whole delay: one step per tick from now on, while it stays below.
-                self.held = self.held.saturating_sub(p.scale_in_step).max(target);
+                self.held = self.held.saturating_sub(p.scale_in_step).max(level);
             }
         }
         if have < target {
             return Action::Grow(target - have);
         }
-        if have <= self.held {
+        let keep = self.held.saturating_sub(counted).max(target);
+        if have <= keep {
             return Action::Hold;
         }
         // Beyond the held level: recycled clones that came back, a quarter of them per tick, at
         // least a step.
-        let beyond = have - self.held;
+        let beyond = have - keep;
         Action::Shrink(beyond.div_ceil(4).max(p.scale_in_step.min(beyond)))
     }
 
@@ -314,7 +396,7 @@ mod tests {
 
     /// A tick's load, with a refill that takes 50 ms.
     fn load(busy: u32, have: u32) -> Load {
-        Load { busy, have, refill_s: 0.05 }
+        Load { busy, have, refill_s: 0.05, restore_cost_s: 1.0, ended: 0, came_back: 0 }
     }
 
     /// `n` arrivals spread over the tick that ends at `t`.
@@ -348,8 +430,8 @@ mod tests {
         arrivals(&mut s, 0.3, 30);
         s.tick(load(30, 10), 0.3);
         assert_eq!(s.target(), 10);
-        assert_eq!(s.deficit(4), 6);
-        assert_eq!(s.deficit(12), 0);
+        assert_eq!(s.deficit(4, 30), 6);
+        assert_eq!(s.deficit(12, 30), 0);
     }
 
     #[test]

@@ -21,13 +21,23 @@ use super::TICK;
 pub struct SimHost {
     pub host: Host,
     pub clone_mib: f64,
+    /// The CPU one restore costs, seconds (from restore to the clone serving).
+    pub restore_cpu_s: f64,
 }
+
+/// The CPU a restore costs by default, seconds: what a clone of the default guest took on the
+/// host ember is developed on, from restore to its agent serving (docs/autoscaler.md).
+pub const RESTORE_CPU_S: f64 = 0.013;
 
 impl Default for SimHost {
     /// A 512 GiB host (one that can run a fleet of a few thousand 128 MiB clones at once), half of
     /// it for idle clones of 128 MiB: 2048 of them, 4096 clones at most per function.
     fn default() -> Self {
-        Self { host: Host::with_memory(524_288.0), clone_mib: crate::config::DEFAULT_MEM_MIB as f64 }
+        Self {
+            host: Host::with_memory(524_288.0),
+            clone_mib: crate::config::DEFAULT_MEM_MIB as f64,
+            restore_cpu_s: RESTORE_CPU_S,
+        }
     }
 }
 
@@ -64,16 +74,23 @@ pub fn autoscaler_by_function(
     let index: HashMap<&str, usize> = groups.keys().enumerate().map(|(i, &n)| (n, i)).collect();
     let limit = host.host.clone_limit(host.clone_mib);
     let uses = policy.uses_allowed(true);
+    let restore_cost_s = host.host.restore_cost_s(host.restore_cpu_s, host.clone_mib);
+    let load = |p: &mut SimPool| {
+        let (ended, came_back) = (std::mem::take(&mut p.ended), std::mem::take(&mut p.came_back));
+        Load { busy: p.busy(), have: p.have(), refill_s: restore_s, restore_cost_s, ended, came_back }
+    };
     let mut fns: Vec<SimFn> = groups
         .values()
         .map(|invs| {
             // Registered before the trace starts: the pool holds what the scaler wants for a
             // function just registered (min_ready, or what it makes of knowing nothing yet).
             let mut scaler = Scaler::new(policy.clone(), TICK, -tick, limit);
-            scaler.observe(Load { busy: 0, have: 0, refill_s: restore_s }, 0.0);
+            let mut pool = SimPool { max_uses: uses, ..Default::default() };
+            scaler.observe(load(&mut pool), 0.0);
             let ready = scaler.wanted(policy.price());
             scaler.decide(ready, ready);
-            let mut pool = SimPool { max_uses: uses, ready: vec![0; ready as usize].into(), ..Default::default() };
+            pool.ready = vec![0; ready as usize].into();
+            pool.out.change(0.0, ready as i32);
             pool.out.invocations = invs.len() as u64;
             SimFn { scaler, pool, horizon: horizon(invs, restore_s) }
         })
@@ -94,13 +111,14 @@ pub fn autoscaler_by_function(
                 None => {
                     p.out.cold_starts += 1;
                     p.out.restores += 1;
+                    p.out.change(inv.arrival, 1);
                     (inv.arrival + restore_s, 0, true)
                 }
             };
             p.ends.push(Reverse((OrdF64(start + inv.duration), uses + 1)));
             f.scaler.arrival(inv.arrival, cold);
             // The daemon refills after every handoff, in the background.
-            p.restore(f.scaler.deficit(p.have()), inv.arrival + restore_s);
+            p.restore(f.scaler.deficit(p.have(), p.busy()), inv.arrival, restore_s);
             p.note_peak();
         }
         t = tick_end;
@@ -112,8 +130,7 @@ pub fn autoscaler_by_function(
         });
         for &i in &live {
             let f = &mut fns[i];
-            let load = Load { busy: f.pool.busy(), have: f.pool.have(), refill_s: restore_s };
-            f.scaler.observe(load, t);
+            f.scaler.observe(load(&mut f.pool), t);
         }
         let alloc = fleet::allocate_with(
             &host.host,
@@ -129,7 +146,7 @@ pub fn autoscaler_by_function(
             let f = &mut fns[i];
             let p = &mut f.pool;
             match f.scaler.decide(target, p.have()) {
-                Action::Grow(n) => p.restore(n, t + restore_s),
+                Action::Grow(n) => p.restore(n, t, restore_s),
                 Action::Shrink(n) => p.shrink(n),
                 Action::Hold => {}
             }
@@ -140,8 +157,12 @@ pub fn autoscaler_by_function(
         .keys()
         .zip(&mut fns)
         .map(|(name, f)| {
-            f.pool.advance(f.horizon);
-            (name.to_string(), std::mem::take(&mut f.pool.out))
+            let p = &mut f.pool;
+            p.advance(f.horizon);
+            // Counted no further: its clones go at its horizon.
+            let left = p.ready.len() + p.restoring.len() + p.ends.len();
+            p.out.change(f.horizon, -(left as i32));
+            (name.to_string(), std::mem::take(&mut p.out))
         })
         .collect();
     (rows, stats)
@@ -164,6 +185,9 @@ struct SimPool {
     /// When each busy clone finishes, and its handoffs so far.
     ends: BinaryHeap<Reverse<(OrdF64, u32)>>,
     max_uses: u32,
+    /// Handoffs that ended since the last tick, and those whose clone came back.
+    ended: u32,
+    came_back: u32,
     /// The clock.
     last: f64,
     out: Outcome,
@@ -189,8 +213,12 @@ impl SimPool {
                 self.restoring.pop();
                 self.ready.push_back(0);
             } else if let Some(Reverse((_, uses))) = self.ends.pop() {
+                self.ended += 1;
                 if uses < self.max_uses {
+                    self.came_back += 1;
                     self.ready.push_front(uses);
+                } else {
+                    self.out.change(at, -1);
                 }
             }
         }
@@ -207,14 +235,22 @@ impl SimPool {
         (self.ready.len() + self.restoring.len()) as u32
     }
 
-    fn restore(&mut self, n: u32, at: f64) {
-        self.out.restores += u64::from(n);
-        (0..n).for_each(|_| self.restoring.push(Reverse(OrdF64(at))));
+    /// Restores `n` clones at `now`, ready `restore_s` later.
+    fn restore(&mut self, n: u32, now: f64, restore_s: f64) {
+        if n > 0 {
+            self.out.restores += u64::from(n);
+            self.out.change(now, n as i32);
+        }
+        (0..n).for_each(|_| self.restoring.push(Reverse(OrdF64(now + restore_s))));
     }
 
     /// Destroys `n` clones: restoring ones first (the daemon destroys starting clones first),
     /// then the ready ones taken last.
     fn shrink(&mut self, n: u32) {
+        let gone = (n as usize).min(self.have() as usize);
+        if gone > 0 {
+            self.out.change(self.last, -(gone as i32));
+        }
         let mut n = n as usize;
         if n > 0 && !self.restoring.is_empty() {
             let mut r = std::mem::take(&mut self.restoring).into_sorted_vec();
@@ -258,6 +294,7 @@ pub fn keep_alive_by_function(trace: &[Invocation], keep_alive_s: f64, restore_s
                 let keep = since + keep_alive_s > inv.arrival;
                 if !keep {
                     out.idle_clone_seconds += keep_alive_s;
+                    out.change(since + keep_alive_s, -1);
                 }
                 keep
             });
@@ -269,6 +306,7 @@ pub fn keep_alive_by_function(trace: &[Invocation], keep_alive_s: f64, restore_s
                 None => {
                     out.cold_starts += 1;
                     out.restores += 1;
+                    out.change(inv.arrival, 1);
                     inv.arrival + restore_s
                 }
             };
@@ -276,47 +314,145 @@ pub fn keep_alive_by_function(trace: &[Invocation], keep_alive_s: f64, restore_s
             out.peak_clones = out.peak_clones.max((idle.len() + ends.len()) as u64);
         }
         // Every VM left idles until its keep-alive runs out or the trace ends.
-        let left = idle.into_iter().chain(ends.into_iter().map(|e| e.0 .0));
-        out.idle_clone_seconds += left.map(|since| ((since + keep_alive_s).min(end) - since).max(0.0)).sum::<f64>();
+        let left: Vec<f64> = idle.into_iter().chain(ends.into_iter().map(|e| e.0 .0)).collect();
+        out.idle_clone_seconds +=
+            left.iter().map(|since| ((since + keep_alive_s).min(end) - since).max(0.0)).sum::<f64>();
+        left.iter().for_each(|since| out.change((since + keep_alive_s).min(end).max(*since), -1));
         rows.push((name.to_string(), out));
     }
     rows
 }
 
-/// The report of `ember simulate`: one row per policy.
+/// The report of `ember simulate`: one row per policy, with what the host pays for each (see
+/// [`Bill`]).
 pub struct Report {
     pub trace: String,
     pub restore_s: f64,
+    pub host: SimHost,
     pub rows: Vec<(String, Outcome)>,
+}
+
+/// What a policy's outcome costs the host: idle clone-seconds, restores' CPU, the peak's memory,
+/// and the two first together in idle clone-seconds (restores priced by
+/// [`Host::restore_cost_s`]: the scaler's own objective, cold starts aside).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Bill {
+    pub policy: String,
+    pub invocations: u64,
+    pub cold_starts: u64,
+    pub cold_start_rate: f64,
+    pub idle_clone_seconds: f64,
+    pub restores: u64,
+    pub restores_per_invocation: f64,
+    pub restore_cpu_seconds: f64,
+    /// Most clones at once per function, summed over functions.
+    pub peak_clones: u64,
+    /// Most clones at once, all functions together, and their memory.
+    pub host_peak_clones: u64,
+    pub host_peak_memory_mib: f64,
+    pub bill_clone_seconds: f64,
+}
+
+impl SimHost {
+    /// What `o` costs on this host.
+    pub fn bill(&self, policy: &str, o: &Outcome) -> Bill {
+        let restore_cost_s = self.host.restore_cost_s(self.restore_cpu_s, self.clone_mib);
+        Bill {
+            policy: policy.to_string(),
+            invocations: o.invocations,
+            cold_starts: o.cold_starts,
+            cold_start_rate: o.cold_start_rate(),
+            idle_clone_seconds: o.idle_clone_seconds,
+            restores: o.restores,
+            restores_per_invocation: if o.invocations == 0 { 0.0 } else { o.restores as f64 / o.invocations as f64 },
+            restore_cpu_seconds: o.restores as f64 * self.restore_cpu_s,
+            peak_clones: o.peak_clones,
+            host_peak_clones: o.host_peak_clones,
+            host_peak_memory_mib: o.host_peak_clones as f64 * self.clone_mib,
+            bill_clone_seconds: o.idle_clone_seconds + o.restores as f64 * restore_cost_s,
+        }
+    }
+}
+
+impl Report {
+    pub fn bills(&self) -> Vec<Bill> {
+        self.rows.iter().map(|(name, o)| self.host.bill(name, o)).collect()
+    }
+
+    /// The report as JSON: the trace, the host's prices, a [`Bill`] per policy.
+    pub fn json(&self, curve: Option<&[Point]>) -> serde_json::Value {
+        let h = &self.host;
+        let curve: Option<Vec<serde_json::Value>> = curve.map(|c| {
+            c.iter()
+                .map(|p| {
+                    let mut v = serde_json::to_value(h.bill(p.policy, &p.outcome)).unwrap_or_default();
+                    v["setting"] = p.setting.clone().into();
+                    v
+                })
+                .collect()
+        });
+        serde_json::json!({
+            "trace": self.trace,
+            "restore_ms": self.restore_s * 1e3,
+            "restore_cpu_ms": h.restore_cpu_s * 1e3,
+            "clone_mib": h.clone_mib,
+            "core_mib": h.host.core_mib,
+            "restore_cost_clone_seconds": h.host.restore_cost_s(h.restore_cpu_s, h.clone_mib),
+            "policies": self.bills(),
+            "curve": curve,
+        })
+    }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let invocations = self.rows.first().map_or(0, |r| r.1.invocations);
+        let h = &self.host;
         writeln!(
             f,
-            "ember simulate: {} ({} invocations), modelled restore {:.1} ms",
+            "ember simulate: {} ({} invocations), modelled restore {:.1} ms, {:.1} ms of CPU each ({:.2} idle clone-seconds of {:.0} MiB)",
             self.trace,
             invocations,
-            self.restore_s * 1e3
+            self.restore_s * 1e3,
+            h.restore_cpu_s * 1e3,
+            h.host.restore_cost_s(h.restore_cpu_s, h.clone_mib),
+            h.clone_mib,
         )?;
         writeln!(
             f,
-            "{:<40} {:>12} {:>15} {:>18} {:>12} {:>10}",
-            "policy", "cold starts", "cold-start rate", "idle clone-seconds", "peak clones", "restores"
+            "{:<24} {:>11} {:>10} {:>13} {:>9} {:>10} {:>9} {:>9} {:>9} {:>13}",
+            "policy",
+            "cold starts",
+            "cold rate",
+            "idle clone-s",
+            "restores",
+            "restore/inv",
+            "CPU-s",
+            "peak",
+            "host peak",
+            "bill clone-s"
         )?;
-        for (name, o) in &self.rows {
+        for b in self.bills() {
             writeln!(
                 f,
-                "{name:<40} {:>12} {:>14.4}% {:>18.1} {:>12} {:>10}",
-                o.cold_starts,
-                o.cold_start_rate() * 100.0,
-                o.idle_clone_seconds,
-                o.peak_clones,
-                o.restores
+                "{:<24} {:>11} {:>9.4}% {:>13.1} {:>9} {:>10.2}% {:>9.1} {:>9} {:>9} {:>13.1}",
+                b.policy,
+                b.cold_starts,
+                b.cold_start_rate * 100.0,
+                b.idle_clone_seconds,
+                b.restores,
+                b.restores_per_invocation * 100.0,
+                b.restore_cpu_seconds,
+                b.peak_clones,
+                b.host_peak_clones,
+                b.bill_clone_seconds
             )?;
         }
-        Ok(())
+        writeln!(
+            f,
+            "(peak: most clones at once per function, summed; host peak: all functions together, {:.1} GiB for ember)",
+            self.rows.first().map_or(0.0, |r| r.1.host_peak_clones as f64 * h.clone_mib / 1024.0)
+        )
     }
 }
 
@@ -383,16 +519,19 @@ pub struct Point {
     pub outcome: Outcome,
 }
 
-/// The trade-off between cold starts and idle clone-seconds over `trace`: the autoscaler (with
-/// `policy`, on `host`) at several `cold_start_cost_s`, keep-alive at several windows, the
-/// hybrid-histogram policy at several keep-alive percentiles and histogram ranges. The runs go
-/// on as many threads as there are policies.
+/// The trade-off between cold starts, idle clone-seconds, restores and the peak over `trace`:
+/// the autoscaler (with `policy`, on `host`) at several `cold_start_cost_s` and at several prices
+/// of a restore (its CPU), keep-alive at several windows, the hybrid-histogram policy at several
+/// keep-alive percentiles and histogram ranges. The runs go on as many threads as there are
+/// policies.
 pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, restore_s: f64) -> Vec<Point> {
     let mut costs = vec![60.0, 300.0, 900.0, 3600.0, 14_400.0, 57_600.0];
     if !costs.contains(&policy.cold_start_cost_s) {
         costs.push(policy.cold_start_cost_s);
         costs.sort_by(f64::total_cmp);
     }
+    // The restore's CPU at a quarter of the host's to thirty times it.
+    let restore_prices = [0.25, 1.0, 3.0, 10.0, 30.0];
     let windows = [60.0, 300.0, 600.0, 1200.0, 3600.0, 14_400.0];
     // The hybrid policy's keep-alive percentile (the paper's is the 99th), and a shorter
     // histogram range (on traces of an hour, the range barely matters).
@@ -406,6 +545,18 @@ pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, resto
                     let outcome = autoscaler(trace, &p, host, restore_s).0;
                     let run = if c == policy.cold_start_cost_s { " (as run)" } else { "" };
                     Point { policy: "ember", setting: format!("cold_start_cost_s {c}{run}"), outcome }
+                })
+                .collect::<Vec<_>>()
+        });
+        let priced = s.spawn(|| {
+            restore_prices
+                .iter()
+                .map(|&k| {
+                    let h = SimHost { restore_cpu_s: host.restore_cpu_s * k, ..host.clone() };
+                    let outcome = autoscaler(trace, policy, &h, restore_s).0;
+                    let run = if k == 1.0 { " (as run)" } else { "" };
+                    let setting = format!("restore CPU {:.1} ms{run}", h.restore_cpu_s * 1e3);
+                    Point { policy: "ember, restore priced", setting, outcome }
                 })
                 .collect::<Vec<_>>()
         });
@@ -429,78 +580,124 @@ pub fn tradeoff(trace: &[Invocation], policy: &PoolPolicy, host: &SimHost, resto
             })
             .collect();
         out.extend(ours.join().unwrap_or_default());
+        out.extend(priced.join().unwrap_or_default());
         out.extend(hybrid.join().unwrap_or_default());
         out
     })
 }
 
-/// The trade-off curve as a table.
-pub fn curve_table(points: &[Point]) -> String {
+/// The trade-off curve as a table (the restores' CPU at `host`'s price, whatever the point's).
+pub fn curve_table(points: &[Point], host: &SimHost) -> String {
     let mut s = format!(
-        "{:<18} {:<34} {:>12} {:>15} {:>18}\n",
-        "policy", "setting", "cold starts", "cold-start rate", "idle clone-seconds"
+        "{:<22} {:<34} {:>11} {:>10} {:>13} {:>11} {:>9} {:>9}\n",
+        "policy", "setting", "cold starts", "cold rate", "idle clone-s", "restore/inv", "peak", "host peak"
     );
     for p in points {
+        let b = host.bill(p.policy, &p.outcome);
         s.push_str(&format!(
-            "{:<18} {:<34} {:>12} {:>14.4}% {:>18.0}\n",
+            "{:<22} {:<34} {:>11} {:>9.4}% {:>13.0} {:>10.2}% {:>9} {:>9}\n",
             p.policy,
             p.setting,
-            p.outcome.cold_starts,
-            p.outcome.cold_start_rate() * 100.0,
-            p.outcome.idle_clone_seconds
+            b.cold_starts,
+            b.cold_start_rate * 100.0,
+            b.idle_clone_seconds,
+            b.restores_per_invocation * 100.0,
+            b.peak_clones,
+            b.host_peak_clones
         ));
     }
     s
 }
 
-/// The trade-off curve as an SVG plot: cold-start rate (log) against idle clone-seconds (log), a
-/// line per policy, each point labelled with its setting.
+/// The trade-off curve as an SVG plot: three panels over the same axis of idle clone-seconds
+/// (log): the cold-start rate (log), restores per invocation (log) and the host's peak clones; a
+/// line per policy, each point labelled with its setting in the first panel.
 pub fn curve_svg(points: &[Point], title: &str) -> String {
     use crate::svg::{decades, Doc};
-    let (w, h, left, right, top, bottom) = (860.0, 560.0, 80.0, 220.0, 50.0, 60.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    // A cold-start rate of 0 is drawn a decade below the lowest other one.
-    let lowest = points.iter().map(|p| p.outcome.cold_start_rate()).filter(|&r| r > 0.0).fold(1.0, f64::min);
-    let floor = 10f64.powf(lowest.log10().floor() - 1.0);
-    let rate = |p: &Point| p.outcome.cold_start_rate().max(floor);
+    let (w, left, right, top, panel_h, gap, bottom) = (860.0, 80.0, 240.0, 50.0, 300.0, 50.0, 60.0);
+    let h = top + 3.0 * panel_h + 2.0 * gap + bottom;
+    let pw = w - left - right;
     let idle = |p: &Point| p.outcome.idle_clone_seconds.max(1.0);
     let (x0, x1) =
         decades(points.iter().map(idle).fold(f64::INFINITY, f64::min), points.iter().map(idle).fold(1.0, f64::max));
-    let (y0, y1) = decades(floor, points.iter().map(rate).fold(floor * 10.0, f64::max));
     let x = |v: f64| left + (v.log10() - x0) / (x1 - x0) * pw;
-    let y = |v: f64| top + ph - (v.log10() - y0) / (y1 - y0) * ph;
     let mut doc = Doc::new(w, h, title, left + pw / 2.0);
-    doc.log_x_grid((x0, x1), x, (top, ph), |m, d, _| if m == 1.0 { format!("1e{d}") } else { format!("{m}e{d}") });
-    for d in y0 as i32..=y1 as i32 {
-        let py = y(10f64.powi(d));
-        let label = if d == y0 as i32 { "0".to_string() } else { format!("{}%", 10f64.powi(d + 2)) };
-        doc.raw(format_args!(r##"<line x1="{left}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/>"##, left + pw));
-        doc.text(left - 6.0, py + 4.0, "end", "", &label);
-    }
-    doc.raw(format_args!(r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#));
-    doc.text(left + pw / 2.0, h - 16.0, "middle", "", "idle clone-seconds");
-    let mid = top + ph / 2.0;
-    doc.text(18.0, mid, "middle", &format!(r#" transform="rotate(-90 18 {mid})""#), "cold-start rate");
-    let colours = [("ember", "#d62728"), ("keep-alive", "#1f77b4"), ("hybrid histogram", "#2ca02c")];
-    for (i, (name, colour)) in colours.iter().enumerate() {
-        let mut series: Vec<&Point> = points.iter().filter(|p| p.policy == *name).collect();
-        series.sort_by(|a, b| idle(a).total_cmp(&idle(b)));
-        let path: Vec<String> = series.iter().map(|p| format!("{:.1},{:.1}", x(idle(p)), y(rate(p)))).collect();
-        doc.raw(format_args!(
-            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
-            path.join(" ")
-        ));
-        let mut labelled: Vec<(f64, f64)> = Vec::new();
-        for p in &series {
-            let (px, py) = (x(idle(p)), y(rate(p)));
-            doc.raw(format_args!(r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#));
-            // One label where points coincide.
-            if labelled.iter().any(|&(lx, ly)| (lx - px).abs() < 40.0 && (ly - py).abs() < 10.0) {
-                continue;
-            }
-            labelled.push((px, py));
-            doc.text(px + 6.0, py - 6.0, "start", &format!(r#" fill="{colour}" font-size="10""#), &p.setting);
+    let colours = [
+        ("ember", "#d62728"),
+        ("ember, restore priced", "#ff7f0e"),
+        ("keep-alive", "#1f77b4"),
+        ("hybrid histogram", "#2ca02c"),
+    ];
+    let rate =
+        |v: u64, p: &Point| if p.outcome.invocations == 0 { 0.0 } else { v as f64 / p.outcome.invocations as f64 };
+    type Measure<'a> = Box<dyn Fn(&Point) -> f64 + 'a>;
+    let panels: [(&str, bool, Measure); 3] = [
+        ("cold-start rate", true, Box::new(|p: &Point| p.outcome.cold_start_rate())),
+        ("restores per invocation", true, Box::new(move |p: &Point| rate(p.outcome.restores, p))),
+        ("host peak clones", false, Box::new(|p: &Point| p.outcome.host_peak_clones as f64)),
+    ];
+    for (i, (name, log, measure)) in panels.iter().enumerate() {
+        let ptop = top + i as f64 * (panel_h + gap);
+        // On a log axis 0 is drawn a decade below the lowest other value.
+        let lowest = points.iter().map(|p| measure(p)).filter(|&r| r > 0.0).fold(1.0, f64::min);
+        let floor = if *log { 10f64.powf(lowest.log10().floor() - 1.0) } else { 0.0 };
+        let v = |p: &Point| measure(p).max(floor);
+        let top_v = points.iter().map(|p| v(p)).fold(if *log { floor * 10.0 } else { 1.0 }, f64::max);
+        let (y0, y1) = if *log { decades(floor, top_v) } else { (0.0, top_v * 1.1) };
+        let y = |val: f64| {
+            let frac = if *log { (val.log10() - y0) / (y1 - y0) } else { (val - y0) / (y1 - y0) };
+            ptop + panel_h - frac * panel_h
+        };
+        doc.log_x_grid(
+            (x0, x1),
+            x,
+            (ptop, panel_h),
+            |m, d, _| if m == 1.0 { format!("1e{d}") } else { format!("{m}e{d}") },
+        );
+        let ticks: Vec<(f64, String)> = if *log {
+            (y0 as i32..=y1 as i32)
+                .map(|d| {
+                    let at = 10f64.powi(d);
+                    let label = if d == y0 as i32 { "0".to_string() } else { format!("{}%", 10f64.powi(d + 2)) };
+                    (at, label)
+                })
+                .collect()
+        } else {
+            (0..=4).map(|k| (y1 * f64::from(k) / 4.0, format!("{:.0}", y1 * f64::from(k) / 4.0))).collect()
+        };
+        for (at, label) in ticks {
+            let py = y(at);
+            doc.raw(format_args!(r##"<line x1="{left}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/>"##, left + pw));
+            doc.text(left - 6.0, py + 4.0, "end", "", &label);
         }
+        doc.raw(format_args!(
+            r#"<rect x="{left}" y="{ptop}" width="{pw}" height="{panel_h}" fill="none" stroke="black"/>"#
+        ));
+        let mid = ptop + panel_h / 2.0;
+        doc.text(18.0, mid, "middle", &format!(r#" transform="rotate(-90 18 {mid})""#), name);
+        for (name, colour) in colours.iter() {
+            let mut series: Vec<&Point> = points.iter().filter(|p| p.policy == *name).collect();
+            series.sort_by(|a, b| idle(a).total_cmp(&idle(b)));
+            let path: Vec<String> = series.iter().map(|p| format!("{:.1},{:.1}", x(idle(p)), y(v(p)))).collect();
+            doc.raw(format_args!(
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+                path.join(" ")
+            ));
+            let mut labelled: Vec<(f64, f64)> = Vec::new();
+            for p in &series {
+                let (px, py) = (x(idle(p)), y(v(p)));
+                doc.raw(format_args!(r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#));
+                // Settings in the first panel only; one label where points coincide.
+                if i > 0 || labelled.iter().any(|&(lx, ly)| (lx - px).abs() < 40.0 && (ly - py).abs() < 10.0) {
+                    continue;
+                }
+                labelled.push((px, py));
+                doc.text(px + 6.0, py - 6.0, "start", &format!(r#" fill="{colour}" font-size="10""#), &p.setting);
+            }
+        }
+    }
+    doc.text(left + pw / 2.0, h - 16.0, "middle", "", "idle clone-seconds");
+    for (i, (name, colour)) in colours.iter().enumerate() {
         let ly = top + 20.0 + 22.0 * i as f64;
         let lx = left + pw + 16.0;
         doc.raw(format_args!(

@@ -53,6 +53,11 @@ pub struct Outcome {
     pub peak_clones: u64,
     /// Clones restored (cold starts included).
     pub restores: u64,
+    /// Most clones at once, all functions together (set by [`total`]; for one function, its
+    /// `peak_clones`).
+    pub host_peak_clones: u64,
+    /// When clones came (+1) and went (-1): what the host's peak is taken from.
+    pub(super) changes: Vec<(f64, i32)>,
 }
 
 impl Outcome {
@@ -71,6 +76,23 @@ impl Outcome {
         self.peak_clones += o.peak_clones;
         self.restores += o.restores;
     }
+
+    /// A clone came (`+1`) or went (`-1`) at `at`.
+    pub(super) fn change(&mut self, at: f64, by: i32) {
+        self.changes.push((at, by));
+    }
+}
+
+/// The most clones at once over `changes` (at one instant, those going go first).
+fn peak_of<'a>(changes: impl Iterator<Item = &'a (f64, i32)>) -> u64 {
+    let mut all: Vec<(f64, i32)> = changes.copied().collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i64, 0i64);
+    for (_, by) in all {
+        now += i64::from(by);
+        most = most.max(now);
+    }
+    most as u64
 }
 
 pub(super) fn by_function(trace: &[Invocation]) -> BTreeMap<&str, Vec<&Invocation>> {
@@ -91,6 +113,7 @@ pub(super) fn horizon(invs: &[&Invocation], restore_s: f64) -> f64 {
 pub fn total(rows: &[(String, Outcome)]) -> Outcome {
     let mut t = Outcome::default();
     rows.iter().for_each(|r| t.add(&r.1));
+    t.host_peak_clones = peak_of(rows.iter().flat_map(|r| r.1.changes.iter()));
     t
 }
 

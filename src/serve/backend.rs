@@ -302,6 +302,16 @@ impl WorkerSlot {
         Ok(w)
     }
 
+    /// The CPU its live worker has used so far, microseconds (from its cgroup; none without a
+    /// worker, a live one or a cgroup).
+    pub fn cpu_used_us(&self) -> Option<u64> {
+        let w = self.current.locked().clone()?;
+        if w.dead() {
+            return None;
+        }
+        w.cpu_used_us()
+    }
+
     /// Lets the worker go: it exits once its last clone is gone.
     pub fn release(&self) {
         self.current.locked().take();

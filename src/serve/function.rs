@@ -18,6 +18,7 @@ use crate::template::Template;
 
 /// The refill time assumed until a clone of the function has been seen starting.
 const INITIAL_REFILL_S: f64 = 0.1;
+use crate::scale::simulate::RESTORE_CPU_S;
 
 /// The daemon's clock for the scaler: seconds since its first reading.
 pub(super) fn clock_s() -> f64 {
@@ -53,6 +54,24 @@ pub(super) struct Pool {
     pub(super) restoring: u32,
     /// Clones handed out and not yet released.
     pub(super) busy: u32,
+    /// Handoffs so far; those that ended since the scaler's last tick, and how many of their
+    /// clones came back (recycled).
+    pub(super) handoffs: u64,
+    pub(super) ended: u32,
+    pub(super) came_back: u32,
+    /// A restore's CPU being measured (see [`CpuSample`]).
+    pub(super) sample: Option<CpuSample>,
+}
+
+/// A measure of what restores cost in CPU: the function's worker's CPU (its cgroup's count,
+/// which the kernel keeps and the worker cannot change) from before a batch of restores to the
+/// moment the last of them serves, taken only while nothing else runs in the worker (no clone in
+/// use, no other clone starting, no handoff meanwhile), divided among the batch.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CpuSample {
+    pub(super) cpu_us: u64,
+    pub(super) handoffs: u64,
+    pub(super) clones: u32,
 }
 
 impl Pool {
@@ -79,6 +98,7 @@ impl Busy {
     /// Counts one more busy clone of `f` in `pool`, `f`'s pool as locked by the caller.
     pub(super) fn take(f: &Arc<Function>, pool: &mut Pool) -> Self {
         pool.busy += 1;
+        pool.handoffs += 1;
         Self { f: Some(f.clone()) }
     }
 
@@ -87,6 +107,7 @@ impl Busy {
     pub(super) fn give_back(mut self, pool: &mut Pool) {
         if self.f.take().is_some() {
             pool.busy -= 1;
+            pool.ended += 1;
         }
     }
 }
@@ -94,7 +115,10 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         if let Some(f) = self.f.take() {
-            f.pool.locked().busy -= 1;
+            let mut pool = f.pool.locked();
+            pool.busy -= 1;
+            pool.ended += 1;
+            drop(pool);
             f.pool_changed.notify_all();
         }
     }
@@ -110,6 +134,9 @@ pub(super) struct Counters {
     pub(super) replaced: AtomicU64,
     pub(super) recycled: AtomicU64,
     pub(super) expired_leases: AtomicU64,
+    /// Clones restored, and their CPU as estimated when each was restored, microseconds.
+    pub(super) restores: AtomicU64,
+    pub(super) restore_cpu_us: AtomicU64,
     /// Invocations of the function in flight now.
     pub(super) in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -118,7 +145,7 @@ pub(super) struct Counters {
 ///
 /// Lock order (a lock may be taken while holding only those before it; the daemon's own come
 /// first): `Supervisor::functions` -> `Supervisor::updates` -> `Supervisor::handed` ->
-/// `worker.spawning` -> `pool` -> the rest (`state`, `template`, `scaler`, `refill_s`,
+/// `worker.spawning` -> `pool` -> the rest (`state`, `template`, `scaler`, `refill_s`, `restore_cpu_s`,
 /// `version`, and `worker`'s own: each held alone, never two at once). A clone
 /// is never stopped (its threads joined) under any of them: it goes to the discard thread.
 pub struct Function {
@@ -134,6 +161,9 @@ pub struct Function {
     pub(super) deleted: AtomicBool,
     /// Restore to agent serving, seconds (an EWMA of what was seen): the scaler's refill time.
     pub(super) refill_s: Mutex<f64>,
+    /// The CPU one restore costs, restore to agent serving, seconds: an EWMA of what its worker
+    /// was measured to use ([`CpuSample`]), [`RESTORE_CPU_S`] until the first measure.
+    pub(super) restore_cpu_s: Mutex<f64>,
     /// The version of its template (see `Supervisor::version_of`), once made.
     pub(super) version: Mutex<Option<String>>,
     /// Most clones (ready, starting, restoring and in use) at once: the policy's `max`, or as
@@ -158,6 +188,7 @@ impl Function {
             counters: Counters::default(),
             deleted: AtomicBool::new(false),
             refill_s: Mutex::new(INITIAL_REFILL_S),
+            restore_cpu_s: Mutex::new(RESTORE_CPU_S),
             version: Mutex::new(None),
             worker: WorkerSlot::default(),
         }
@@ -196,6 +227,9 @@ impl Function {
             recycled_clones: c.recycled.load(Ordering::Relaxed),
             expired_leases: c.expired_leases.load(Ordering::Relaxed),
             refill_s: *self.refill_s.locked(),
+            restores: c.restores.load(Ordering::Relaxed),
+            restore_cpu_s: *self.restore_cpu_s.locked(),
+            restore_cpu_seconds: c.restore_cpu_us.load(Ordering::Relaxed) as f64 / 1e6,
             worker: self.worker.info(),
             network: None,
         }

@@ -191,6 +191,7 @@ impl Supervisor {
         let gone = if recycle {
             // Taken first by the next acquire: its agent is the most likely to still be polling.
             pool.ready.push_front(clone);
+            pool.came_back += 1;
             None
         } else {
             Some(clone)

@@ -90,7 +90,7 @@ impl Metrics {
     pub fn render(&self, functions: &[FunctionInfo]) -> String {
         let mut out = String::new();
         type Pick = fn(&FunctionInfo) -> f64;
-        let series: [(&str, &str, &str, Pick); 13] = [
+        let series: [(&str, &str, &str, Pick); 16] = [
             ("ember_handoffs_total", "counter", "Clones handed out (acquire and invoke).", |f| f.handoffs as f64),
             ("ember_cold_starts_total", "counter", "Handoffs that had to restore a clone on the spot.", |f| {
                 f.cold_starts as f64
@@ -120,6 +120,21 @@ impl Metrics {
             ("ember_clones_recycled_total", "counter", "Released clones that went back to the pool.", |f| {
                 f.recycled_clones as f64
             }),
+            ("ember_restores_total", "counter", "Clones restored (for the pool and for cold starts).", |f| {
+                f.restores as f64
+            }),
+            (
+                "ember_restore_cpu_seconds_total",
+                "counter",
+                "CPU its restores cost (restore to serving), as estimated when each was made.",
+                |f| f.restore_cpu_seconds,
+            ),
+            (
+                "ember_restore_cpu_seconds",
+                "gauge",
+                "CPU one restore costs now, as measured in the function's worker (the scaler's price of a restore).",
+                |f| f.restore_cpu_s,
+            ),
             ("ember_worker_restarts_total", "counter", "Workers that ended without being asked to.", |f| {
                 f.worker.as_ref().map_or(0.0, |w| w.restarts as f64)
             }),

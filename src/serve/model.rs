@@ -312,6 +312,13 @@ pub struct FunctionInfo {
     pub expired_leases: u64,
     /// Restore to agent serving, as the scaler assumes it now (seconds).
     pub refill_s: f64,
+    /// Clones restored (for the pool and for cold starts).
+    pub restores: u64,
+    /// The CPU one restore costs, restore to agent serving, as measured in the function's worker
+    /// (seconds; the scaler prices restores with it).
+    pub restore_cpu_s: f64,
+    /// The CPU all its restores cost, as estimated when each was made (seconds).
+    pub restore_cpu_seconds: f64,
     /// The process its clones run in (absent when the daemon runs them itself, or before the
     /// first clone).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::function::{clock_s, host, Busy, Function, PooledVm};
+use super::function::{clock_s, host, Busy, CpuSample, Function, PooledVm};
 use super::model::FunctionState;
 use super::supervisor::Supervisor;
 use crate::scale::fleet;
@@ -19,6 +19,8 @@ use crate::sys::Locked;
 /// timer ticks and none finishes (64 at once on 2 cores where guest kernel mode is emulated never
 /// did).
 const MAX_WARMING: usize = 8;
+/// The most CPU one restore is believed to take, seconds: a measure beyond it is not one.
+const MAX_RESTORE_CPU_S: f64 = 10.0;
 
 impl Supervisor {
     /// Takes a live clone out of the pool (ended ones are dropped and counted), marking it busy: a
@@ -35,7 +37,7 @@ impl Supervisor {
             }
             crashed.push(c);
         }
-        let have = pool.have();
+        let (have, busy) = (pool.have(), pool.busy);
         drop(pool);
         // Every handoff, warm or cold (the cold path comes here first), is an arrival.
         if arrival {
@@ -44,14 +46,14 @@ impl Supervisor {
         f.counters.replaced.fetch_add(crashed.len() as u64, Ordering::Relaxed);
         // Dropping a VM joins its threads: never on the caller's (async) thread.
         self.discard(crashed);
-        self.want_refill(f, have);
+        self.want_refill(f, have, busy);
         warm
     }
 
     /// Asks the background loop to refill pools now rather than at its next tick, if `f`'s pool
     /// (`have` clones ready, starting or being restored) is short of its target.
-    pub(super) fn want_refill(&self, f: &Function, have: u32) {
-        if self.scaling_paused.load(Ordering::Relaxed) || f.scaler.locked().deficit(have) == 0 {
+    pub(super) fn want_refill(&self, f: &Function, have: u32, busy: u32) {
+        if self.scaling_paused.load(Ordering::Relaxed) || f.scaler.locked().deficit(have, busy) == 0 {
             return;
         }
         let mut wanted = self.refill_wanted.locked();
@@ -109,7 +111,25 @@ impl Supervisor {
             drop(refill);
             pool.ready.push_back(c);
         }
+        // A measure of restores' CPU ends when its clones all serve, and is dropped if anything
+        // else ran in the worker meanwhile.
+        let sample = match pool.sample {
+            Some(s) if s.handoffs != pool.handoffs || pool.busy > 0 || !dead.is_empty() => {
+                pool.sample = None;
+                None
+            }
+            Some(_) if pool.warming.is_empty() && pool.restoring == 0 => pool.sample.take(),
+            _ => None,
+        };
         drop(pool);
+        if let (Some(s), Some(now)) = (sample, f.worker.cpu_used_us()) {
+            let each = now.saturating_sub(s.cpu_us) as f64 / 1e6 / f64::from(s.clones.max(1));
+            // (Bounded: a worker restarted meanwhile counts from 0, and is no measure.)
+            if each > 0.0 && each < MAX_RESTORE_CPU_S && now >= s.cpu_us {
+                let mut cpu = f.restore_cpu_s.locked();
+                *cpu = 0.7 * *cpu + 0.3 * each;
+            }
+        }
         if !dead.is_empty() {
             f.counters.replaced.fetch_add(dead.len() as u64, Ordering::Relaxed);
             tracing::warn!(function = %f.name, "{} ready clones had ended; replacing them", dead.len());
@@ -133,9 +153,15 @@ impl Supervisor {
     pub(super) fn grow(&self, f: &Function, n: u32, warming: &mut usize) {
         let n = (n as usize).min(MAX_WARMING.saturating_sub(*warming)) as u32;
         // Never past `max` with what is in use now (the scaler's targets are as of its last tick).
+        let cpu_us = f.worker.cpu_used_us();
         let n = {
             let mut pool = f.pool.locked();
             let n = n.min(f.max_clones.saturating_sub(pool.busy + pool.have()));
+            // Nothing else running in the worker: a measure of these restores' CPU.
+            let quiet = pool.busy == 0 && pool.warming.is_empty() && pool.restoring == 0 && pool.sample.is_none();
+            if let (Some(cpu_us), true, true) = (cpu_us, quiet, n > 0) {
+                pool.sample = Some(CpuSample { cpu_us, handoffs: pool.handoffs, clones: n });
+            }
             pool.restoring += n;
             n
         };
@@ -151,7 +177,10 @@ impl Supervisor {
                 Ok(c) if !f.deleted.load(Ordering::SeqCst) => pool.warming.push_back(c),
                 Ok(_) => {}
                 // (A guest can make this happen: its worker killed over and over. Rate-limited.)
-                Err(e) => crate::log_limited!(error, "cannot refill the pool of {}: {e}", f.name),
+                Err(e) => {
+                    pool.sample = None;
+                    crate::log_limited!(error, "cannot refill the pool of {}: {e}", f.name)
+                }
             }
             drop(pool);
             f.pool_changed.notify_all();
@@ -178,9 +207,12 @@ impl Supervisor {
         let Some((functions, mut warming)) = self.swept_functions() else { return };
         let now = clock_s();
         for f in &functions {
+            let restore_cost_s = host().restore_cost_s(*f.restore_cpu_s.locked(), f.spec.mem_mib as f64);
+            let refill_s = *f.refill_s.locked();
             let load = {
-                let pool = f.pool.locked();
-                Load { busy: pool.busy, have: pool.have(), refill_s: *f.refill_s.locked() }
+                let mut pool = f.pool.locked();
+                let (ended, came_back) = (std::mem::take(&mut pool.ended), std::mem::take(&mut pool.came_back));
+                Load { busy: pool.busy, have: pool.have(), refill_s, restore_cost_s, ended, came_back }
             };
             f.scaler.locked().observe(load, now);
         }
@@ -218,8 +250,11 @@ impl Supervisor {
     pub fn refill(&self) {
         let Some((functions, mut warming)) = self.swept_functions() else { return };
         for f in &functions {
-            let have = f.pool.locked().have();
-            let n = f.scaler.locked().deficit(have);
+            let (have, busy) = {
+                let pool = f.pool.locked();
+                (pool.have(), pool.busy)
+            };
+            let n = f.scaler.locked().deficit(have, busy);
             if n > 0 {
                 self.grow(f, n, &mut warming);
             }

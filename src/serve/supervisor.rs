@@ -201,6 +201,9 @@ impl Supervisor {
         };
         let r = self.backend.restore(job)?;
         self.metrics.restore.observe(r.took);
+        let cpu_us = (*f.restore_cpu_s.locked() * 1e6) as u64;
+        f.counters.restores.fetch_add(1, Ordering::Relaxed);
+        f.counters.restore_cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
         Ok(PooledVm { id, vm: r.vm, mailbox: r.mailbox, vsock: r.vsock, uses: 0, restored: r.at, net })
     }
 
