@@ -431,6 +431,20 @@ fn functions_are_registered_handed_out_invoked_and_survive_restarts() {
     assert!(metrics.contains(&format!("ember_handoffs_total{{function=\"rev\"}} {handoffs}")), "{metrics}");
     assert!(metrics.contains("ember_handoff_seconds_count"), "{metrics}");
     assert!(metrics.contains("ember_cold_start_ratio{function=\"rev\"}"), "{metrics}");
+    // Every clone it has had was restored (the ready ones, the cold starts' among them), each at
+    // the CPU a restore was measured (or assumed) to cost when it was made.
+    let metric = |name: &str| -> f64 {
+        let line = format!("{name}{{function=\"rev\"}} ");
+        let at = metrics.lines().find_map(|l| l.strip_prefix(line.as_str()));
+        at.unwrap_or_else(|| panic!("no {name}: {metrics}")).parse().unwrap()
+    };
+    let restores = info["restores"].as_u64().unwrap();
+    assert!(restores >= 2 && restores >= cold_before + cold, "{info}");
+    assert!(metric("ember_restores_total") >= restores as f64, "{metrics}");
+    let cpu = info["restore_cpu_s"].as_f64().unwrap();
+    assert!(cpu > 0.0 && cpu < 10.0, "{info}");
+    assert!(metric("ember_restore_cpu_seconds_total") >= info["restore_cpu_seconds"].as_f64().unwrap(), "{metrics}");
+    assert!(metric("ember_restore_cpu_seconds") > 0.0, "{metrics}");
 
     // Template files moved away under the running daemon: clones still come from the loaded template.
     let template = dir.join("state/functions/rev/template");

@@ -51,6 +51,8 @@ const GAPS: usize = 3;
 const MAX_TICKS: usize = 600;
 /// The half-life of what is remembered of how long a clone stays in use per handoff.
 const OCCUPANCY_HALF_LIFE_S: f64 = 300.0;
+/// The half-life of the arrivals a pool's level of recycled clones follows.
+const LEVEL_HALF_LIFE_S: f64 = 30.0;
 
 /// Exponentially forgotten counts (lazily: decayed to `at` when touched), with a half-life.
 #[derive(Clone, Debug)]
@@ -125,6 +127,9 @@ pub struct ArrivalModel {
     /// ratio is how long a handoff keeps a clone (Little's law), whatever the handoffs do.
     busy_s: Decayed,
     handoffs: Decayed,
+    /// Handoffs forgotten with a half-life of [`LEVEL_HALF_LIFE_S`]: the rate a pool's level is
+    /// set by.
+    lately: Decayed,
     /// Handoffs that ended, and those whose clone came back (recycled), forgotten alike.
     ended: Decayed,
     came_back: Decayed,
@@ -156,6 +161,7 @@ impl ArrivalModel {
             ticked: false,
             busy_s: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
             handoffs: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
+            lately: Decayed::new(now, LEVEL_HALF_LIFE_S),
             ended: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
             came_back: Decayed::new(now, OCCUPANCY_HALF_LIFE_S),
         }
@@ -165,6 +171,7 @@ impl ArrivalModel {
     pub fn arrival(&mut self, now: f64) {
         self.this_tick = self.this_tick.saturating_add(1);
         self.handoffs.add(now, 1.0);
+        self.lately.add(now, 1.0);
         let r = self.refill_s.max(1e-6);
         while self.recent.front().is_some_and(|&t| t <= now - r) {
             self.recent.pop_front();
@@ -246,6 +253,14 @@ impl ArrivalModel {
         }
     }
 
+    /// Arrivals per second over the last half-minutes (forgotten with a half-life of
+    /// [`LEVEL_HALF_LIFE_S`]), as of the last tick.
+    pub fn rate_level(&self) -> f64 {
+        let r = &self.lately;
+        let history = r.half_life / std::f64::consts::LN_2 * (1.0 - r.factor(self.born, self.ticked_at));
+        r.get(self.ticked_at) / history.max(self.tick_s)
+    }
+
     /// Arrivals per second over the longest window (its arrivals less one).
     pub fn rate_long(&self) -> f64 {
         let w = self.windows[3].min(self.ticks.len().max(1)) as f64 * self.tick_s;
@@ -272,8 +287,11 @@ impl ArrivalModel {
     }
 
     /// The arrival rate since the last tick, at `now`, when it is well beyond the rate now (the
-    /// onset of a burst between ticks), or whatever it is when the pool ran dry (`cold`: demand
-    /// beyond what the pool was sized for, whatever the statistics say); `None` otherwise.
+    /// onset of a burst between ticks: then as low as the arrivals seen make likely, their count
+    /// less one and less two standard deviations, at least one, so that a chance cluster on a
+    /// busy function is not taken for a burst's full rate), or whatever it is when the pool ran
+    /// dry (`cold`: demand beyond what the pool was sized for, whatever the statistics say);
+    /// `None` otherwise.
     pub fn surge(&self, now: f64, cold: bool) -> Option<f64> {
         let elapsed = (now - self.ticked_at).max(self.refill_s).max(1e-3);
         let long = self.rate_now();
@@ -281,7 +299,7 @@ impl ArrivalModel {
         if cold {
             return Some(k as f64 / elapsed);
         }
-        beyond(k, long * elapsed).then(|| k.saturating_sub(1) as f64 / elapsed)
+        beyond(k, long * elapsed).then(|| (k.saturating_sub(1) as f64 - 2.0 * (k as f64).sqrt()).max(1.0) / elapsed)
     }
 
     /// How long a refill takes, as of the last tick.
@@ -489,6 +507,60 @@ pub fn net_wanted(rate: f64, refill_s: f64, returns: f64, price: f64, cap: u32) 
     n
 }
 
+/// The clones worth counting on for a pool whose clones in use come back: arrivals at `rate`
+/// each keep one for `occupancy_s`, so that the clones in use are Poisson around rate x
+/// occupancy (an M/G/infinity queue). With k counted on, an arrival that finds k in use costs a
+/// restore; the k-th is kept while the restores it saves (rate x P(k - 1 in use)), worth
+/// `restore_cost` each, pay for the time it is idle (P(at most k - 1 in use)). Up to `cap`.
+pub fn recycled_wanted(rate: f64, occupancy_s: f64, restore_cost: f64, cap: u32) -> u32 {
+    let mean = rate * occupancy_s;
+    let value = rate * restore_cost;
+    if !(mean > 0.0 && value >= 1.0) {
+        return 0;
+    }
+    // Far below the mean the ratio P(k - 1) / P(<= k - 1) is large: start there.
+    let start = (mean - 8.0 * mean.sqrt()).floor().max(0.0);
+    let mut pmf = (-mean + start * mean.ln() - ln_factorial(start)).exp();
+    // P(<= start), summed downwards from `start` (below the mean the terms fall as they go).
+    let (mut cdf, mut term) = (0.0, pmf);
+    let mut j = start;
+    while j >= 0.0 && term > cdf * 1e-15 {
+        cdf += term;
+        term *= j / mean;
+        j -= 1.0;
+    }
+    let mut k = start as u32;
+    // The (k + 1)-th is worth keeping while value x P(k) >= P(<= k).
+    while k < cap && value * pmf >= cdf {
+        k += 1;
+        pmf *= mean / f64::from(k);
+        cdf = (cdf + pmf).min(1.0);
+    }
+    k
+}
+
+/// E[(level - X)+] for X Poisson with `mean`: the clones of a pool of `level` left idle on
+/// average when X are in use.
+pub fn poisson_shortfall(mean: f64, level: u32) -> f64 {
+    if level == 0 {
+        return 0.0;
+    }
+    // Summed downwards from level - 1 while the terms count.
+    let top = f64::from(level - 1);
+    let mut pmf = (-mean + top * mean.max(1e-300).ln() - ln_factorial(top)).exp();
+    let (mut sum, mut b) = (0.0, top);
+    while b >= 0.0 {
+        let add = (f64::from(level) - b) * pmf;
+        sum += add;
+        if b < mean && add < sum * 1e-12 {
+            break;
+        }
+        pmf *= b / mean.max(1e-300);
+        b -= 1.0;
+    }
+    sum
+}
+
 /// P(X >= k) for X Poisson with `mean`.
 pub fn poisson_tail(mean: f64, k: u32) -> f64 {
     if k == 0 {
@@ -581,10 +653,81 @@ mod tests {
         m.arrival(1.005);
         m.arrival(1.009);
         let rate = m.surge(1.009, false).expect("a surge");
-        // 3 arrivals within a refill (50 ms): (3 - 1) / 0.05.
-        assert!((rate - 40.0).abs() < 1e-9, "{rate}");
+        // 3 arrivals within a refill (50 ms): at least 1 (3 - 1 less two standard deviations).
+        assert!((rate - 20.0).abs() < 1e-9, "{rate}");
         let n = poisson_wanted(rate, REFILL, 1.0 / 3600.0, 1000);
-        assert!((8..=14).contains(&n), "{n}");
+        assert!((5..=10).contains(&n), "{n}");
+        // Twenty: (20 - 1 - 2 sqrt(20)) / 0.05.
+        (0..17).for_each(|i| m.arrival(1.01 + 0.001 * f64::from(i)));
+        let rate = m.surge(1.03, false).expect("a surge");
+        assert!((rate - (19.0 - 2.0 * 20f64.sqrt()) / 0.05).abs() < 1e-9, "{rate}");
+    }
+
+    /// P(X = k) for X Poisson with `mean`, by the definition.
+    fn pmf(mean: f64, k: u32) -> f64 {
+        (-mean + f64::from(k) * mean.ln() - ln_factorial(f64::from(k))).exp()
+    }
+
+    #[test]
+    fn poisson_tails_and_shortfalls_are_their_sums() {
+        for mean in [0.3, 4.0, 40.0, 300.0] {
+            for k in [0u32, 1, 3, (mean * 0.8) as u32, mean as u32, (mean * 1.3) as u32 + 2] {
+                let tail: f64 = (k..k + 2000).map(|j| pmf(mean, j)).sum();
+                // (Both use Stirling's series for ln(k!): agreement to 1e-6.)
+                assert!((poisson_tail(mean, k) - tail).abs() < 1e-6, "{mean} {k}: {} {tail}", poisson_tail(mean, k));
+                let short: f64 = (0..k).map(|b| f64::from(k - b) * pmf(mean, b)).sum();
+                assert!((poisson_shortfall(mean, k) - short).abs() < 1e-6 * short.max(1.0), "{mean} {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn clones_counted_on_cover_those_in_use_as_far_as_restores_are_worth() {
+        // 33 arrivals a second kept 1.2 s each: about 40 in use.
+        let n = |cost: f64| recycled_wanted(33.0, 1.2, cost, 10_000);
+        // A restore worth less than the time between arrivals: none counted on.
+        assert_eq!(n(0.01), 0);
+        // Worth an idle clone-second or so: about the clones in use and some of their spread.
+        assert!((40..=55).contains(&n(1.0)), "{}", n(1.0));
+        // Dearer restores, more clones counted on; never past the cap.
+        assert!(n(100.0) > n(1.0) && n(100.0) < 80, "{}", n(100.0));
+        assert_eq!(recycled_wanted(33.0, 1.2, 100.0, 20), 20);
+        // The k-th is kept while the restores it saves pay for its idle time.
+        let k = n(1.0);
+        let at = |k: u32| 33.0 * pmf(39.6, k - 1) >= (0..k).map(|j| pmf(39.6, j)).sum::<f64>();
+        assert!(at(k) && !at(k + 1), "{k}");
+    }
+
+    #[test]
+    fn clones_due_back_within_a_refill_lower_the_floor() {
+        let price = 1.0 / 3600.0;
+        assert_eq!(net_wanted(20.0, REFILL, 0.0, price, 1000), poisson_wanted(20.0, REFILL, price, 1000));
+        let (none, some, many) = (
+            net_wanted(20.0, REFILL, 0.0, price, 1000),
+            net_wanted(20.0, REFILL, 2.0, price, 1000),
+            net_wanted(20.0, REFILL, 20.0, price, 1000),
+        );
+        assert!(none > some && some > many, "{none} {some} {many}");
+    }
+
+    #[test]
+    fn the_occupancy_is_clone_seconds_in_use_per_handoff() {
+        // 10 arrivals a second, each in use for half a second: 5 in use at every tick.
+        let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
+        assert_eq!(m.occupancy_s(), None);
+        let mut t = 0.0;
+        for _ in 0..600 {
+            t += TICK;
+            m.arrival(t - 0.05);
+            m.tick(t, REFILL, 5);
+            m.released(t, 1, 1);
+        }
+        let d = m.occupancy_s().unwrap();
+        assert!((d - 0.5).abs() < 0.02, "{d}");
+        assert!((m.return_share() - 1.0).abs() < 1e-9);
+        // Handoffs whose clones are destroyed: none comes back.
+        m.released(t, 100_000, 0);
+        assert!(m.return_share() < 0.01, "{}", m.return_share());
     }
 
     #[test]

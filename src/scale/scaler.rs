@@ -68,6 +68,11 @@ pub struct PoolPolicy {
     pub cold_start_cost_s: f64,
 }
 
+/// The least share of arrivals the floor above a pool's recycled clones is priced for: the
+/// Poisson model of the clones in use says how often all of them are, but rates change faster
+/// than it knows (a diurnal rise, a batch), so it is trusted to 1 in 20 at most.
+const MIN_BEYOND: f64 = 0.05;
+
 /// The largest `max` a pool may have.
 pub const MAX_POOL: u32 = 10_000;
 /// The handoffs a recycled clone serves when `max_uses` is unset (then it is replaced by a fresh
@@ -307,24 +312,30 @@ impl Scaler {
         let refill_at = |busy: u32, price: f64| {
             self.model.wanted_parts(self.now, price, p.headroom, room, f64::from(busy) * share).0
         };
-        let (recycled, beyond) = match self.model.occupancy_s() {
-            Some(d) if share > 0.0 => {
-                // The k-th clone counted on is worth the restores it saves (the arrivals that
-                // find k - 1 in use) at the price of a restore, raised as the host raises the
-                // price of a cold start.
-                let rate = self.model.rate_long() * p.headroom * share;
-                let restore_price = price / p.price() / self.restore_cost_s;
-                let n = super::arrivals::poisson_wanted(rate, d, restore_price, self.limit);
-                (n, super::arrivals::poisson_tail(rate * d, n))
-            }
-            _ => (0, 1.0),
-        };
-        // The level: those counted on, and the refill's arrivals they would leave (needed only
-        // as often as that many are in use), or the reserve for clusters if more. The floor,
-        // once as many are in use as are counted on: the reserve, or the arrivals within a
-        // refill.
         let reserve = self.model.reserve(self.now, price, p.headroom, room);
-        let level = (recycled + refill_at(recycled, price / beyond.max(1e-9))).max(reserve);
+        // Without counting on any: the arrivals within a refill (or the reserve) ready, and a
+        // restore per handoff.
+        let rate_now = self.model.rate_long();
+        let restore_cost = self.restore_cost_s * p.price() / price;
+        let refilled = refill_at(0, price).max(reserve);
+        let refilling_bill = f64::from(refilled) + rate_now * restore_cost;
+        let counted = self.model.occupancy_s().filter(|_| share > 0.0).and_then(|d| {
+            // The k-th clone counted on is worth the restores it saves while it is idle, at the
+            // price of a restore, which falls as the host raises the price of a clone.
+            let rate = self.model.rate_level().max(rate_now) * p.headroom * share;
+            let n = super::arrivals::recycled_wanted(rate, d, restore_cost, self.limit);
+            let beyond = super::arrivals::poisson_tail(rate * d, n);
+            // The level: those counted on, and the refill's arrivals they would leave (needed
+            // only as often as that many are in use), or the reserve for clusters if more.
+            let level = (n + refill_at(n, price / beyond.max(MIN_BEYOND))).max(reserve);
+            // Counting on them when that is the smaller bill: the clones idle on average, and a
+            // restore for each arrival that finds them all in use.
+            let bill = super::arrivals::poisson_shortfall(rate * d, level) + rate * beyond * restore_cost;
+            (n > 0 && bill < refilling_bill).then_some((n, level))
+        });
+        let (recycled, level) = counted.unwrap_or((0, refilled));
+        // The floor, once as many are in use as are counted on: the reserve, or the arrivals
+        // within a refill.
         let floor = if self.busy >= recycled { reserve.max(refill_at(self.busy, price)) } else { 0 };
         (floor, recycled, level)
     }
@@ -526,6 +537,49 @@ mod tests {
         }
         assert_eq!(shrunk, 0, "clones destroyed under oscillating load");
         assert!(grown < 30, "{grown} clones made");
+    }
+
+    /// A pool ticked for a minute under 20 arrivals a second, each keeping its clone half a
+    /// second (10 in use), with `came_back` of every 2 that end back in the pool.
+    fn steady(came_back: u32) -> Scaler {
+        let p = PoolPolicy { min_ready: 0, max: None, ..policy() };
+        let mut s = Scaler::new(p, TICK, 0.0, 1000);
+        let mut t = 0.0;
+        for _ in 0..600 {
+            t += 0.1;
+            arrivals(&mut s, t, 2);
+            s.observe(Load { busy: 10, have: 10, refill_s: 0.05, restore_cost_s: 1.0, ended: 2, came_back }, t);
+            let target = s.wanted(s.policy().price());
+            s.decide(target, 10);
+        }
+        s
+    }
+
+    #[test]
+    fn a_pool_whose_clones_come_back_refills_its_whole_size() {
+        let s = steady(2);
+        let ready = s.target();
+        assert!(s.recycled() >= 10, "{s:?}");
+        // A handoff moves a clone from ready to in use: nothing to restore, unless the pool's
+        // whole size falls short.
+        assert_eq!(s.deficit(ready - 1, 11), 0);
+        assert_eq!(s.deficit(ready - 3, 10), 3);
+        // Clones destroyed after use (acquires): a restore for each handoff, as without recycling.
+        let s = steady(0);
+        assert_eq!(s.recycled(), 0);
+        assert_eq!(s.deficit(s.target() - 1, 11), 1);
+    }
+
+    #[test]
+    fn recycled_clones_that_come_back_stay_within_the_held_level() {
+        let mut s = steady(2);
+        // Clones in use come back between ticks: none is destroyed while the pool is at its level.
+        let ready = s.target();
+        let back = s.decide(ready, ready);
+        assert_eq!(back, Action::Hold);
+        // Far beyond the level: a quarter of the surplus per tick.
+        let have = ready + 40;
+        assert!(matches!(s.decide(ready, have), Action::Shrink(n) if n >= 8), "{s:?}");
     }
 
     #[test]

@@ -639,10 +639,10 @@ pub fn curve_svg(points: &[Point], title: &str) -> String {
     for (i, (name, log, measure)) in panels.iter().enumerate() {
         let ptop = top + i as f64 * (panel_h + gap);
         // On a log axis 0 is drawn a decade below the lowest other value.
-        let lowest = points.iter().map(|p| measure(p)).filter(|&r| r > 0.0).fold(1.0, f64::min);
+        let lowest = points.iter().map(measure).filter(|&r| r > 0.0).fold(1.0, f64::min);
         let floor = if *log { 10f64.powf(lowest.log10().floor() - 1.0) } else { 0.0 };
         let v = |p: &Point| measure(p).max(floor);
-        let top_v = points.iter().map(|p| v(p)).fold(if *log { floor * 10.0 } else { 1.0 }, f64::max);
+        let top_v = points.iter().map(&v).fold(if *log { floor * 10.0 } else { 1.0 }, f64::max);
         let (y0, y1) = if *log { decades(floor, top_v) } else { (0.0, top_v * 1.1) };
         let y = |val: f64| {
             let frac = if *log { (val.log10() - y0) / (y1 - y0) } else { (val - y0) / (y1 - y0) };
@@ -799,6 +799,99 @@ mod tests {
         assert!(reused.restores * 10 < single.restores, "{reused:?}");
         let twice = run(Some(2));
         assert!((10_000..12_000).contains(&twice.restores), "{twice:?}");
+    }
+
+    #[test]
+    fn a_steady_function_does_not_churn() {
+        // 20 a second, 100 ms each, 10 minutes: a few clones in use at once, recycled.
+        let t = generate(Shape::Steady, 600.0, 3);
+        let a = autoscaler(&t, &PoolPolicy::default(), &SimHost::default(), 0.05).0;
+        assert_eq!(a.cold_starts, 0, "{a:?}");
+        // (A restore for every 3.6 invocations before clones in use counted as the pool's.)
+        assert!((a.restores as f64) < 0.03 * t.len() as f64, "{} restores for {} invocations", a.restores, t.len());
+        // Never one clone per invocation: the clones in use stay a handful.
+        assert!(a.peak_clones < 30, "{a:?}");
+    }
+
+    #[test]
+    fn a_burst_reuses_its_recycled_clones() {
+        // A quiet function (one call a minute), then 400 calls in 4 s, 200 ms each: about 20 in
+        // use at once, each clone serving many of them.
+        let mut t: Vec<Invocation> =
+            (0..10).map(|i| Invocation { arrival: f64::from(i) * 60.0, function: "f".into(), duration: 0.2 }).collect();
+        t.extend((0..400).map(|i| Invocation {
+            arrival: 600.0 + f64::from(i) * 0.01,
+            function: "f".into(),
+            duration: 0.2,
+        }));
+        let a = autoscaler(&t, &PoolPolicy::default(), &SimHost::default(), 0.05).0;
+        assert!(a.restores < 150, "{a:?}");
+        assert!(a.peak_clones < 60, "{a:?}");
+        // Without recycling, each call of the burst is a restore.
+        let single = PoolPolicy { max_uses: Some(1), ..Default::default() };
+        assert!(autoscaler(&t, &single, &SimHost::default(), 0.05).0.restores >= 400);
+    }
+
+    #[test]
+    fn dearer_restores_mean_fewer_of_them_and_more_idle_clones() {
+        let t = generate(Shape::Diurnal, 600.0, 5);
+        let run = |cpu_ms: f64| {
+            let host = SimHost { restore_cpu_s: cpu_ms / 1e3, ..SimHost::default() };
+            autoscaler(&t, &PoolPolicy::default(), &host, 0.05).0
+        };
+        let (cheap, dear) = (run(1.0), run(400.0));
+        assert!(dear.restores < cheap.restores, "{cheap:?} {dear:?}");
+        assert!(dear.idle_clone_seconds > cheap.idle_clone_seconds, "{cheap:?} {dear:?}");
+        assert_eq!((cheap.cold_starts, dear.cold_starts), (0, 0));
+    }
+
+    #[test]
+    fn a_small_fleet_keeps_its_cold_starts_and_stops_churning() {
+        let p = super::super::traces::FleetParams { functions: 40, seconds: 900.0, seed: 5, ..Default::default() };
+        let t = super::super::traces::fleet(&p);
+        let a = autoscaler(&t, &PoolPolicy::default(), &SimHost::default(), 0.05).0;
+        let ka = keep_alive(&t, 600.0, 0.05);
+        assert!(a.cold_start_rate() < 1e-4, "{a:?}");
+        // (35 to 40% of invocations before clones in use counted as the pool's.)
+        assert!((a.restores as f64) < 0.12 * a.invocations as f64, "{a:?}");
+        assert!(a.idle_clone_seconds < ka.idle_clone_seconds, "{a:?} {ka:?}");
+    }
+
+    #[test]
+    fn the_host_peak_counts_every_function_at_once() {
+        // Two functions busy at different times: each has its peak, the host the larger one.
+        let mut t: Vec<Invocation> = (0..5)
+            .map(|i| Invocation { arrival: 1.0 + f64::from(i) * 0.01, function: "a".into(), duration: 10.0 })
+            .collect();
+        t.extend((0..3).map(|i| Invocation {
+            arrival: 2000.0 + f64::from(i) * 0.01,
+            function: "b".into(),
+            duration: 10.0,
+        }));
+        t.sort_by(|x, y| x.arrival.total_cmp(&y.arrival));
+        let ka = keep_alive(&t, 60.0, 0.05);
+        assert_eq!((ka.peak_clones, ka.host_peak_clones), (8, 5), "{ka:?}");
+        let h = super::super::hybrid::hybrid(&t, &Default::default(), 0.05);
+        assert_eq!(h.peak_clones, 8, "{h:?}");
+        assert!(h.host_peak_clones < 8 && h.host_peak_clones >= 5, "{h:?}");
+        let a = autoscaler(&t, &PoolPolicy::default(), &SimHost::default(), 0.05).0;
+        assert!(a.host_peak_clones < a.peak_clones, "{a:?}");
+    }
+
+    #[test]
+    fn the_report_bills_restores_and_the_peak() {
+        let t = generate(Shape::Steady, 120.0, 2);
+        let host = SimHost::default();
+        let rows = vec![("ember".to_string(), autoscaler(&t, &PoolPolicy::default(), &host, 0.05).0)];
+        let report = Report { trace: "steady".into(), restore_s: 0.05, host: host.clone(), rows };
+        let b = &report.bills()[0];
+        assert!((b.restore_cpu_seconds - b.restores as f64 * RESTORE_CPU_S).abs() < 1e-9, "{b:?}");
+        assert!((b.host_peak_memory_mib - b.host_peak_clones as f64 * 128.0).abs() < 1e-9, "{b:?}");
+        let cost = host.host.restore_cost_s(RESTORE_CPU_S, 128.0);
+        assert!((b.bill_clone_seconds - b.idle_clone_seconds - b.restores as f64 * cost).abs() < 1e-6, "{b:?}");
+        let json = report.json(None);
+        assert_eq!(json["policies"][0]["restores"], b.restores);
+        assert!(report.to_string().contains("host peak"), "{report}");
     }
 
     #[test]
