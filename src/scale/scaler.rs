@@ -16,6 +16,19 @@
 //! - a function that had bursts keeps a reserve for their onsets, which decays as time passes
 //!   without one.
 //!
+//! Clones in use that come back (recycled) are the cheapest refill there is, and every restore
+//! costs CPU. So the bill is priced in idle clone-seconds throughout (a cold start at
+//! `cold_start_cost_s`, a restore at [`Load::restore_cost_s`]), and a pool whose clones come back
+//! *counts on* some of them: the k-th is kept while the restores it saves (the arrivals that find
+//! k - 1 in use, the clones in use being Poisson around rate x the occupancy seen: an
+//! M/G/infinity queue) pay for the time it is idle. Its *level* is those plus the ready clones a
+//! refill's arrivals need once they are all in use (less the clones due back within the refill,
+//! priced for how often that happens); it refills its whole size up to the level (a handoff moves
+//! a clone from ready to in use, and starts no restore), keeps the clones that come back up to the
+//! level held, and below that refills its ready clones up to a *floor* once all those counted on
+//! are in use. It counts on them only when that is the smaller bill than refilling after every
+//! handoff; a function whose clones never come back is refilled as before.
+//!
 //! Scale-out is immediate (the pool restores what is missing in the background, and refills after
 //! every handoff). Scale-in is delayed and stepwise: the pool is held at its largest target until
 //! the target has stayed below that for `scale_in_delay_s`, then the held level comes down by at
