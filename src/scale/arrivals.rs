@@ -254,7 +254,7 @@ impl ArrivalModel {
     }
 
     /// Arrivals per second over the last half-minutes (forgotten with a half-life of
-    /// [`LEVEL_HALF_LIFE_S`]), as of the last tick.
+    /// 30 s), as of the last tick.
     pub fn rate_level(&self) -> f64 {
         let r = &self.lately;
         let history = r.half_life / std::f64::consts::LN_2 * (1.0 - r.factor(self.born, self.ticked_at));
