@@ -206,10 +206,10 @@ pub struct Scaler {
     held: u32,
     /// How long the target has been below the held level.
     below_for: Duration,
-    /// The ready clones no pool goes below between ticks (the arrivals within a refill, less
-    /// the clones expected back within it; the reserve for clusters), the clones in use the pool
-    /// counts on coming back (see the module's description), and the level of the whole pool
-    /// that makes (ready + those in use), as of the last tick.
+    /// The ready clones the pool refills up to between ticks once all those it counts on are in
+    /// use (the arrivals within a refill, less the clones due back within it; the reserve for
+    /// clusters), the clones in use it counts on coming back, and the level of its whole size
+    /// (ready + those in use) (see the module's description), as of the last tick.
     floor: u32,
     recycled: u32,
     level: u32,
@@ -328,14 +328,14 @@ impl Scaler {
         let reserve = self.model.reserve(self.now, price, p.headroom, room);
         // Without counting on any: the arrivals within a refill (or the reserve) ready, and a
         // restore per handoff.
-        let rate_now = self.model.rate_long();
+        let long_rate = self.model.rate_long();
         let restore_cost = self.restore_cost_s * p.price() / price;
         let refilled = refill_at(0, price).max(reserve);
-        let refilling_bill = f64::from(refilled) + rate_now * restore_cost;
+        let refilling_bill = f64::from(refilled) + long_rate * restore_cost;
         let counted = self.model.occupancy_s().filter(|_| share > 0.0).and_then(|d| {
             // The k-th clone counted on is worth the restores it saves while it is idle, at the
             // price of a restore, which falls as the host raises the price of a clone.
-            let rate = self.model.rate_level().max(rate_now) * p.headroom * share;
+            let rate = self.model.rate_level().max(long_rate) * p.headroom * share;
             let n = super::arrivals::recycled_wanted(rate, d, restore_cost, self.limit);
             let beyond = super::arrivals::poisson_tail(rate * d, n);
             // The level: those counted on, and the refill's arrivals they would leave (needed

@@ -1,6 +1,7 @@
 //! `ember simulate`: replays an invocation trace against the real autoscaler ([`Scaler`], ticked as
 //! the daemon ticks it) with a modelled restore time, and against a fixed keep-alive policy (a VM
-//! is kept for a while after each use and reused), and reports cold starts and idle clone-seconds.
+//! is kept for a while after each use and reused), and reports what each costs ([`Bill`]): cold
+//! starts, idle clone-seconds, restores and their CPU, the peaks.
 //!
 //! A trace is CSV: `arrival_s,function,duration_s` per line (`#` comments and a header line are
 //! skipped). [`generate`] makes the synthetic ones shipped in `benches/traces/`.
