@@ -401,14 +401,8 @@ impl ArrivalModel {
     }
 
     /// How many ready clones are worth at least `price` cold starts saved per second each, with
-    /// arrival rates multiplied by `headroom`, up to `cap`.
-    pub fn wanted(&self, now: f64, price: f64, headroom: f64, cap: u32) -> u32 {
-        let (now_n, quiet_n) = self.wanted_parts(now, price, headroom, cap, 0.0);
-        now_n.max(quiet_n)
-    }
-
-    /// [`ArrivalModel::wanted`]'s two estimates: (now, between clusters); `busy` clones in use
-    /// that come back when done (0: none does).
+    /// arrival rates multiplied by `headroom`, up to `cap`, by the two estimates: (now, between
+    /// clusters); `busy` clones in use that come back when done (0: none does).
     pub fn wanted_parts(&self, now: f64, price: f64, headroom: f64, cap: u32, busy: f64) -> (u32, u32) {
         let price = price.max(1e-12);
         // Now: Poisson arrivals within a refill at the current rate, less the clones in use
@@ -601,6 +595,12 @@ mod tests {
     const TICK: f64 = 0.1;
     const REFILL: f64 = 0.05;
 
+    /// The ready clones the model wants with nothing in use: the larger of its two estimates.
+    fn wanted(m: &ArrivalModel, now: f64, price: f64, headroom: f64, cap: u32) -> u32 {
+        let (now_n, reserve) = m.wanted_parts(now, price, headroom, cap, 0.0);
+        now_n.max(reserve)
+    }
+
     /// Feeds arrivals (sorted) up to `until`, ticking every 100 ms; calls `each` after every tick.
     fn run(m: &mut ArrivalModel, arrivals: &[f64], from: f64, until: f64, mut each: impl FnMut(&ArrivalModel, f64)) {
         let mut next = arrivals.iter().copied().filter(|&a| a >= from).peekable();
@@ -621,9 +621,9 @@ mod tests {
         // Worth a clone at an hour's price for a few minutes after registration (more in the
         // first minutes: see the prior below), not after 20.
         let price = 1.0 / 3600.0;
-        assert!(m.wanted(60.0, price, 1.0, 100) >= 1);
-        assert_eq!(m.wanted(300.0, price, 1.0, 100), 1);
-        assert_eq!(m.wanted(1200.0, price, 1.0, 100), 0);
+        assert!(wanted(&m, 60.0, price, 1.0, 100) >= 1);
+        assert_eq!(wanted(&m, 300.0, price, 1.0, 100), 1);
+        assert_eq!(wanted(&m, 1200.0, price, 1.0, 100), 0);
         assert_eq!(m.pattern(1200.0), Pattern::Unknown);
     }
 
@@ -634,12 +634,12 @@ mod tests {
         // deep, one clone.
         let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
         run(&mut m, &[0.05], 0.0, 0.2, |_, _| {});
-        let early = m.wanted(0.2, 1.0 / 3600.0, 1.0, 100);
+        let early = wanted(&m, 0.2, 1.0 / 3600.0, 1.0, 100);
         assert!(early >= 4, "{early}");
         let arrivals: Vec<f64> = (0..20).map(|i| 0.05 + f64::from(i) * 30.0).collect();
         let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
         run(&mut m, &arrivals, 0.0, 600.0, |_, _| {});
-        assert_eq!(m.wanted(600.0, 1.0 / 3600.0, 1.0, 100), 1);
+        assert_eq!(wanted(&m, 600.0, 1.0 / 3600.0, 1.0, 100), 1);
     }
 
     #[test]
@@ -737,14 +737,14 @@ mod tests {
         let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
         let mut dropped = Vec::new();
         run(&mut m, &arrivals, 0.0, 3600.0, |m, t| {
-            if m.wanted(t, 1.0 / 3600.0, 1.0, 100) == 0 {
+            if wanted(m, t, 1.0 / 3600.0, 1.0, 100) == 0 {
                 dropped.push(t);
             }
         });
         assert!(dropped.is_empty(), "dropped at {:?}", &dropped[..dropped.len().min(3)]);
         assert!(matches!(m.pattern(3600.0), Pattern::Rate(r) if (1.0 / 900.0..1.0 / 400.0).contains(&r)));
         // At a price of one cold start per minute of idle clone it is not worth keeping.
-        assert_eq!(m.wanted(3600.0, 1.0 / 60.0, 1.0, 100), 0);
+        assert_eq!(wanted(&m, 3600.0, 1.0 / 60.0, 1.0, 100), 0);
     }
 
     #[test]
@@ -754,7 +754,7 @@ mod tests {
         let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
         let mut warm = Vec::new();
         run(&mut m, &arrivals, 0.0, 3590.0, |m, t| {
-            if t > 1000.0 && m.wanted(t, 1.0 / 3600.0, 1.0, 100) > 0 {
+            if t > 1000.0 && wanted(m, t, 1.0 / 3600.0, 1.0, 100) > 0 {
                 warm.push(t);
             }
         });
@@ -777,20 +777,20 @@ mod tests {
         let price = 1.0 / 3600.0;
         let mut at = std::collections::BTreeMap::new();
         run(&mut m, &arrivals, 0.0, 3600.0, |m, t| {
-            at.insert((t * 10.0).round() as u64, m.wanted(t, price, 1.0, 1000));
+            at.insert((t * 10.0).round() as u64, wanted(m, t, price, 1.0, 1000));
         });
-        let wanted = |tenths: u64| at[&tenths];
-        assert!(wanted(3000) <= 1, "before the burst: {}", wanted(3000));
+        let wanted_at = |tenths: u64| at[&tenths];
+        assert!(wanted_at(3000) <= 1, "before the burst: {}", wanted_at(3000));
         // During the burst: the arrivals within a refill at 200/s, with Poisson headroom.
-        assert!(wanted(6005) >= 15, "{}", wanted(6005));
+        assert!(wanted_at(6005) >= 15, "{}", wanted_at(6005));
         // After it: a reserve for the onset of the next one (~10 arrivals within a refill), which
         // shrinks as time passes without another.
-        let reserve: Vec<u32> = [6600, 12_000, 24_000, 35_900].iter().map(|&s| wanted(s)).collect();
+        let reserve: Vec<u32> = [6600, 12_000, 24_000, 35_900].iter().map(|&s| wanted_at(s)).collect();
         assert!(reserve[0] >= 5, "{reserve:?}");
         assert!(reserve.windows(2).all(|w| w[1] <= w[0]), "{reserve:?}");
         assert!(reserve[3] < reserve[0], "{reserve:?}");
         // At a higher price the reserve is gone sooner.
-        assert!(m.wanted(3590.0, 1.0 / 600.0, 1.0, 1000) < reserve[3].max(2));
+        assert!(wanted(&m, 3590.0, 1.0 / 600.0, 1.0, 1000) < reserve[3].max(2));
     }
 
     #[test]
@@ -799,9 +799,9 @@ mod tests {
         let arrivals: Vec<f64> = (0..6000).map(|i| f64::from(i) * 0.01).collect();
         let mut m = ArrivalModel::new(0.0, TICK, 3600.0, 10.0);
         run(&mut m, &arrivals, 0.0, 60.0, |_, _| {});
-        let n = m.wanted(60.0, 1.0 / 3600.0, 1.0, 1000);
+        let n = wanted(&m, 60.0, 1.0 / 3600.0, 1.0, 1000);
         assert!((12..=20).contains(&n), "{n}");
-        assert!(m.wanted(60.0, 1.0 / 3600.0, 1.0, 10) == 10, "capped");
+        assert!(wanted(&m, 60.0, 1.0 / 3600.0, 1.0, 10) == 10, "capped");
         assert!((m.rate_now() - 100.0).abs() < 15.0, "{}", m.rate_now());
     }
 }

@@ -153,13 +153,16 @@ impl Supervisor {
     pub(super) fn grow(&self, f: &Function, n: u32, warming: &mut usize) {
         let n = (n as usize).min(MAX_WARMING.saturating_sub(*warming)) as u32;
         // Never past `max` with what is in use now (the scaler's targets are as of its last tick).
-        let cpu_us = f.worker.cpu_used_us();
+        // Nothing else running in the worker: a measure of these restores' CPU (its cgroup read
+        // only then).
+        let quiet = |pool: &super::function::Pool| {
+            pool.busy == 0 && pool.warming.is_empty() && pool.restoring == 0 && pool.sample.is_none()
+        };
+        let cpu_us = if quiet(&f.pool.locked()) { f.worker.cpu_used_us() } else { None };
         let n = {
             let mut pool = f.pool.locked();
             let n = n.min(f.max_clones.saturating_sub(pool.busy + pool.have()));
-            // Nothing else running in the worker: a measure of these restores' CPU.
-            let quiet = pool.busy == 0 && pool.warming.is_empty() && pool.restoring == 0 && pool.sample.is_none();
-            if let (Some(cpu_us), true, true) = (cpu_us, quiet, n > 0) {
+            if let (Some(cpu_us), true, true) = (cpu_us, quiet(&pool), n > 0) {
                 pool.sample = Some(CpuSample { cpu_us, handoffs: pool.handoffs, clones: n });
             }
             pool.restoring += n;
