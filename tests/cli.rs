@@ -245,6 +245,9 @@ fn serve_takes_its_settings_from_a_file_the_flags_win_and_unknown_keys_are_error
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"cold_start_cost_s": 0}"#], 1, "cold_start_cost_s");
     assert_fails(&["simulate", "--trace", trace, "--policy", r#"{"max": 0}"#], 1, "pool.max");
     assert_fails(&["simulate", "--trace", trace, "--host-mib", "0"], 1, "--host-mib");
+    assert_fails(&["simulate", "--trace", trace, "--restore-cpu-ms=-1"], 1, "--restore-cpu-ms");
+    assert_fails(&["simulate", "--trace", trace, "--core-mib", "NaN"], 1, "--core-mib");
+    assert_fails(&["simulate", "--trace", trace, "--json", "/nonexistent/dir/r.json"], 1, "/nonexistent/dir/r.json");
     assert_fails(&["simulate", "--generate", "fleet", "--functions", "0"], 1, "--functions");
     assert_fails(&["simulate", "--generate", "fleet", "--rate-spread", "NaN"], 1, "--rate-spread");
     assert_fails(&["simulate", "--generate", "steady", "--max-rate", "5"], 1, "for --generate fleet");

@@ -53,8 +53,8 @@ pub struct Outcome {
     pub peak_clones: u64,
     /// Clones restored (cold starts included).
     pub restores: u64,
-    /// Most clones at once, all functions together (set by [`total`]; for one function, its
-    /// `peak_clones`).
+    /// Most clones at once, all functions together (set by [`total`]; 0 in one function's
+    /// row).
     pub host_peak_clones: u64,
     /// When clones came (+1) and went (-1): what the host's peak is taken from.
     pub(super) changes: Vec<(f64, i32)>,

@@ -54,9 +54,8 @@ pub(super) struct Pool {
     pub(super) restoring: u32,
     /// Clones handed out and not yet released.
     pub(super) busy: u32,
-    /// Handoffs so far; those that ended since the scaler's last tick, and how many of their
-    /// clones came back (recycled).
-    pub(super) handoffs: u64,
+    /// Handoffs that ended since the scaler's last tick, and how many of their clones came back
+    /// (recycled).
     pub(super) ended: u32,
     pub(super) came_back: u32,
     /// A restore's CPU being measured (see [`CpuSample`]).
@@ -70,6 +69,7 @@ pub(super) struct Pool {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct CpuSample {
     pub(super) cpu_us: u64,
+    /// The function's handoffs so far (`Counters::handoffs`) when it began.
     pub(super) handoffs: u64,
     pub(super) clones: u32,
 }
@@ -98,7 +98,6 @@ impl Busy {
     /// Counts one more busy clone of `f` in `pool`, `f`'s pool as locked by the caller.
     pub(super) fn take(f: &Arc<Function>, pool: &mut Pool) -> Self {
         pool.busy += 1;
-        pool.handoffs += 1;
         Self { f: Some(f.clone()) }
     }
 

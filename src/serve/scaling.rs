@@ -114,7 +114,7 @@ impl Supervisor {
         // A measure of restores' CPU ends when its clones all serve, and is dropped if anything
         // else ran in the worker meanwhile.
         let sample = match pool.sample {
-            Some(s) if s.handoffs != pool.handoffs || pool.busy > 0 || !dead.is_empty() => {
+            Some(s) if s.handoffs != handoffs(f) || pool.busy > 0 || !dead.is_empty() => {
                 pool.sample = None;
                 None
             }
@@ -163,7 +163,7 @@ impl Supervisor {
             let mut pool = f.pool.locked();
             let n = n.min(f.max_clones.saturating_sub(pool.busy + pool.have()));
             if let (Some(cpu_us), true, true) = (cpu_us, quiet(&pool), n > 0) {
-                pool.sample = Some(CpuSample { cpu_us, handoffs: pool.handoffs, clones: n });
+                pool.sample = Some(CpuSample { cpu_us, handoffs: handoffs(f), clones: n });
             }
             pool.restoring += n;
             n
@@ -297,6 +297,11 @@ impl Supervisor {
             }
         })
     }
+}
+
+/// The function's handoffs so far (a handoff in flight is also one in use, `Pool::busy`).
+fn handoffs(f: &Function) -> u64 {
+    f.counters.handoffs.load(Ordering::SeqCst)
 }
 
 /// Places reserved in a pool for restores still to come (`Pool::restoring`, which `max` counts),
